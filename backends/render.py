@@ -1,0 +1,167 @@
+"""What every backend shares: scheduling the plan's DAG, and an operator table.
+
+``schedule`` turns the stores and reductions of a ``Plan`` into a list of
+statements, each computing one node once (common subexpressions are shared
+because equal nodes are equal values) under a *guard*: the host flags that
+must hold for the value to be needed. A value used under both settings of a
+flag is computed outside the ``if``. Backends print the statements with
+their own syntax; they never look at what the optimizer is.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select
+
+Guard = frozenset  # of (flag, bool)
+
+
+class IndentedBuffer:
+    """A string builder with indentation (the shape of torch Inductor's)."""
+
+    def __init__(self, tab: str = "    "):
+        self._lines: list[str] = []
+        self._level = 0
+        self._tab = tab
+
+    def writeline(self, line: str = "") -> None:
+        self._lines.append(self._tab * self._level + line if line else "")
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.writeline(line)
+
+    def splice(self, text: str) -> None:
+        for line in text.splitlines():
+            self.writeline(line)
+
+    @contextlib.contextmanager
+    def indent(self, n: int = 1):
+        self._level += n
+        try:
+            yield
+        finally:
+            self._level -= n
+
+    def getvalue(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Stmt:
+    name: str
+    node: Expr  # an Op or a Select; its operands are names of earlier statements or leaves
+    guard: Guard
+
+
+@dataclass
+class Schedule:
+    stmts: list[Stmt]
+    names: dict  # Expr -> the name (or leaf text) holding its value
+
+
+def schedule(roots: list[tuple[Expr, Guard]], leaf) -> Schedule:
+    """Statements computing every root, children first, each node once.
+
+    ``leaf(node)`` names a leaf (Const, Load, Scalar, Reduced) in the backend's syntax.
+    """
+    guards: dict[Expr, Guard] = {}
+    order: list[Expr] = []
+
+    def visit(e: Expr, g: Guard) -> None:
+        if e in guards:
+            shared = guards[e] & g
+            if shared == guards[e]:
+                return
+            guards[e] = shared
+            g = shared
+        else:
+            guards[e] = g
+        if isinstance(e, Op):
+            for a in e.args:
+                visit(a, g)
+        elif isinstance(e, Select):
+            visit(e.then, g | {(e.flag, True)})
+            visit(e.other, g | {(e.flag, False)})
+        if e not in order:
+            order.append(e)
+
+    for root, guard in roots:
+        visit(root, Guard(guard))
+    # Children were appended before parents on first visit; a re-visit that
+    # widened a guard keeps positions valid because the DAG did not change.
+    names: dict[Expr, str] = {}
+    stmts: list[Stmt] = []
+    for e in order:
+        if isinstance(e, (Const, Load, Scalar, Reduced)):
+            names[e] = leaf(e)
+            continue
+        name = f"t{len(stmts)}"
+        names[e] = name
+        stmts.append(Stmt(name, e, guards[e]))
+    return Schedule(stmts, names)
+
+
+def plan_roots(plan: Plan) -> list[tuple[Expr, Guard]]:
+    roots = []
+    for st in plan.stores:
+        roots.append((st.value, Guard({(st.when, True)} if st.when else set())))
+    return roots
+
+
+class Renderer:
+    """Maps operators to source text. Subclasses override the table or a method."""
+
+    ops: dict[str, str] = {
+        "neg": "(-{0})", "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
+        "div": "({0} / {1})", "mod": "({0} % {1})", "pow": "({0} ** {1})",
+        "eq": "({0} == {1})", "ne": "({0} != {1})", "not": "(not {0})",
+    }
+
+    def const(self, v: float) -> str:
+        return repr(float(v))
+
+    def render_op(self, node: Op, args: list[str]) -> str:
+        fmt = self.ops.get(node.op)
+        if fmt is None:
+            raise NotImplementedError(f"{type(self).__name__} has no rendering for {node.op!r}")
+        return fmt.format(*args)
+
+    def render_inline(self, e: Expr, leaf) -> str:
+        """An expression as one nested source expression (host code, small trees)."""
+        if isinstance(e, Op):
+            return self.render_op(e, [self.render_inline(a, leaf) for a in e.args])
+        if isinstance(e, Const):
+            return self.const(e.value)
+        return leaf(e)
+
+
+class PythonHost(Renderer):
+    """Host scalars and flags as plain Python over floats."""
+
+    ops = {**Renderer.ops, "sqrt": "math.sqrt({0})", "abs": "abs({0})",
+           "maximum": "max({0}, {1})", "minimum": "min({0}, {1})",
+           "sign": "math.copysign(1.0, {0})"}
+
+
+def guard_text(guard: Guard, flag_text) -> str:
+    parts = [flag_text(f) if v else f"not {flag_text(f)}" for f, v in sorted(guard)]
+    return " and ".join(parts)
+
+
+def render_host(plan: Plan, buf: IndentedBuffer, name: str = "host") -> None:
+    """``def host(h, step) -> (scalars, flags)``: all per-step host values of one group."""
+    r = PythonHost()
+    buf.writeline(f"def {name}(h, step):")
+    with buf.indent():
+        buf.writeline('"""Per-(group, step) scalars and flags, from the group\'s hyperparameters h."""')
+        for inp in plan.host_inputs:
+            if inp != "step":
+                buf.writeline(f"{inp} = h[{inp!r}]")
+        for n, e in plan.host:
+            buf.writeline(f"{n} = {r.render_inline(e, lambda x: x.name)}")
+        scal = ", ".join(f"{n!r}: {n}" for n in plan.host_inputs + tuple(n for n, _ in plan.host))
+        flags = ", ".join([f"{n!r}: bool({r.render_inline(e, lambda x: x.name)})"
+                           for n, e in plan.flags] + ["'maximize': bool(h['maximize'])"])
+        buf.writeline(f"return {{{scal}}}, {{{flags}}}")

@@ -1,0 +1,143 @@
+"""The torch backend: a plan as plain PyTorch source, one function per tensor.
+
+``update(param, grad, <buffers>, <scalars>, <flags>)`` computes the whole
+step of one tensor from its old values and then writes the buffers and the
+parameter (all loads happen before any store, so the DAG may read a buffer's
+old value after computing its new one). Eagerly it is a short chain of torch
+ops; wrapped in ``torch.compile`` it becomes one fused pass over memory.
+Arithmetic runs in float32 (float64 for float64 parameters), whatever the
+parameter dtype.
+"""
+from __future__ import annotations
+
+from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
+from curvc.backends.render import (Guard, IndentedBuffer, Renderer, Stmt, guard_text, plan_roots,
+                             schedule)
+
+
+class TorchRenderer(Renderer):
+    ops = {**Renderer.ops, "sqrt": "torch.sqrt({0})", "abs": "torch.abs({0})",
+           "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
+           "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)"}
+
+    def __init__(self, tensors: set[str]):
+        self.tensors = tensors  # names holding tensors (the rest are Python floats)
+
+    def render_op(self, node: Op, args: list[str]) -> str:
+        if node.op in ("maximum", "minimum"):
+            a, b = args
+            tensor_a, tensor_b = a in self.tensors, b in self.tensors
+            if tensor_a and tensor_b:
+                return f"torch.{node.op}({a}, {b})"
+            if not tensor_a:
+                a, b = b, a
+            return f"torch.clamp({a}, {'min' if node.op == 'maximum' else 'max'}={b})"
+        if node.op == "pow" and args[0] not in self.tensors:
+            return f"torch.pow({args[0]}, {args[1]})"
+        return super().render_op(node, args)
+
+
+def _leaf(e) -> str:
+    if isinstance(e, Const):
+        return repr(float(e.value))
+    if isinstance(e, Load):
+        return f"{e.name}_"
+    if isinstance(e, Reduced):
+        return f"reduced_{e.name}"
+    return e.name  # Scalar
+
+
+def _tensor_names(plan: Plan, sched, roots) -> set[str]:
+    """Which statement names hold tensors: anything downstream of a load or a reduction."""
+    tensors = {f"{t}_" for t in ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))}
+    tensors |= {f"reduced_{r.name}" for r in plan.reductions}
+    for st in sched.stmts:
+        node = st.node
+        operands = node.args if isinstance(node, Op) else (node.then, node.other)
+        if any(sched.names[a] in tensors for a in operands):
+            tensors.add(st.name)
+    return tensors
+
+
+def _emit_statements(buf: IndentedBuffer, stmts: list[Stmt], sched, renderer) -> None:
+    current: Guard | None = None
+    for st in stmts:
+        if st.guard != current:
+            if current:
+                buf._level -= 1
+            current = st.guard
+            if current:
+                buf.writeline(f"if {guard_text(current, str)}:")
+                buf._level += 1
+        node = st.node
+        if isinstance(node, Select):
+            text = f"{sched.names[node.then]} if {node.flag} else {sched.names[node.other]}"
+        else:
+            text = renderer.render_op(node, [sched.names[a] for a in node.args])
+        buf.writeline(f"{st.name} = {text}")
+    if current:
+        buf._level -= 1
+
+
+def _signature(plan: Plan, sched, tensor_args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    scalars = sorted({n.name for n in sched.names if isinstance(n, Scalar)})
+    reduced = sorted({n.name for n in sched.names if isinstance(n, Reduced)})
+    flags = sorted({f for st in sched.stmts for f, _ in st.guard}
+                   | {st.node.flag for st in sched.stmts if isinstance(st.node, Select)})
+    return scalars, reduced, flags
+
+
+def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
+    """``update(...)``, the step of one tensor. Returns what its signature takes."""
+    roots = plan_roots(plan)
+    sched = schedule(roots, _leaf)
+    r = TorchRenderer(_tensor_names(plan, sched, roots))
+    tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+    scalars, reduced, flags = _signature(plan, sched, tensors)
+    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when})
+    args = ", ".join(tensors + scalars + [f"reduced_{n}" for n in reduced] + flags)
+    buf.writeline(f"def update({args}):")
+    with buf.indent():
+        buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
+        buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
+        for t in tensors:
+            buf.writeline(f"{t}_ = None if {t} is None else {t}.to(cdt)")
+        _emit_statements(buf, sched.stmts, sched, r)
+        for st in plan.stores:
+            line = f"{st.target}.copy_({sched.names[st.value]})"
+            buf.writeline(f"if {st.when}: {line}" if st.when else line)
+    return {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
+
+
+def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
+    """One ``reduce_<name>(...)`` per global reduction: this tensor's partial sum."""
+    out = {}
+    for red in plan.reductions:
+        sched = schedule([(red.value, Guard())], _leaf)
+        r = TorchRenderer(_tensor_names(plan, sched, None))
+        tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+        scalars, reduced, flags = _signature(plan, sched, tensors)
+        args = ", ".join(tensors + scalars + [f"reduced_{n}" for n in reduced] + flags)
+        buf.writeline(f"def reduce_{red.name}({args}):")
+        with buf.indent():
+            buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
+            for t in tensors:
+                buf.writeline(f"{t}_ = None if {t} is None else {t}.to(cdt)")
+            _emit_statements(buf, sched.stmts, sched, r)
+            buf.writeline(f"return torch.sum({sched.names[red.value]}, dtype=cdt)")
+        buf.writeline()
+        out[red.name] = {"tensors": tensors, "scalars": scalars, "reduced": reduced,
+                         "flags": flags}
+    return out
+
+
+def render(plan: Plan) -> str:
+    """The torch section of a generated module."""
+    buf = IndentedBuffer()
+    sig = render_update(plan, buf)
+    buf.writeline()
+    buf.writeline()
+    reds = render_reductions(plan, buf)
+    buf.writeline(f"UPDATE_ARGS = {sig!r}")
+    buf.writeline(f"REDUCE_ARGS = {reds!r}")
+    return buf.getvalue()

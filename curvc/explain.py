@@ -1,0 +1,265 @@
+"""Human-readable views of the IR: a spec's row of Table 1 and its update equations.
+
+Both are derived from the IR alone (never typed per optimizer), so
+``curvc table`` regenerates the paper's Table 1 from the shipped specs and
+``curvc explain`` prints the rule a spec really implements, second-order
+structures included.
+"""
+from __future__ import annotations
+
+from curvc import ir
+
+TABLE_COLUMNS = ("Length Limitation", "Calculating Approximation", "Structure Approximation",
+                 "Iterative Approximation")
+
+
+def _approximate(opt: ir.Optimizer) -> bool:
+    """Whether the step uses an approximation H' of H (the paper's primes)."""
+    return not (opt.structure.kind == "dense" and opt.curvature.kind in ("hessian", "fisher"))
+
+
+def table_row(opt: ir.Optimizer) -> dict[str, str]:
+    """The spec's cells under the paper's four columns ('' where the paper leaves a blank)."""
+    h = "H'" if _approximate(opt) else "H"
+    length = {
+        "none": "",
+        "gradient_norm": f"||d_i||_{h} = eps*g_i",
+        "normalized": f"||d||_{h} = eps",
+        "eigen_sign": f"||d_i||_{h} = eps",
+    }[opt.length.kind]
+    ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "",
+          "fisher": "F", "gauss_newton_bartlett": "F",
+          "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
+    s = opt.structure.kind
+    if s == "kronecker":
+        sa = "L^-1/4 g R^-1/4" if opt.length.kind == "gradient_norm" else "block-diagonal"
+    else:
+        sa = {"scalar": "LI", "diagonal": "diagonal", "dense": "", "low_rank": "rank-2 update"}[s]
+    ia = []
+    if opt.curvature.kind == "hutchinson":
+        ia.append("Monte Carlo")
+    if opt.iterate.kind == "secant":
+        ia.append("iterative (secant assumption), last k pairs")
+    if opt.curvature.kind == "kfac":
+        ia.append("a a^T (x) dL/ds dL/ds^T")
+    if opt.iterate.kind == "sum":
+        ia.append("sum")
+    if opt.iterate.kind == "ema" or opt.momentum.kind != "none":
+        ia.append("momentum")
+    return dict(zip(TABLE_COLUMNS, (length, ca, sa, ", ".join(ia))))
+
+
+def _v(a) -> str:
+    return str(a) if a is not None else "?"
+
+
+def equations(opt: ir.Optimizer) -> list[str]:
+    """The update rule, one assignment per line, in the order the step runs."""
+    eq: list[str] = []
+    lr = "lr"
+    if opt.schedule.kind == "inverse_time":
+        eq.append(f"lr_t  = lr / (1 + (t-1) * {_v(opt.schedule.rate)})")
+        lr = "lr_t"
+    eq.append("g     = grad f(theta)            (negated when maximize=True)")
+    if opt.decay.kind == "l2":
+        eq.append(f"g     = g + {_v(opt.decay.rate)} * theta")
+    elif opt.decay.kind == "decoupled":
+        eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
+    s = opt.structure.kind
+    if s in ("scalar", "diagonal"):
+        eq += _elementwise(opt, lr)
+    elif s == "kronecker":
+        eq += _kronecker(opt, lr)
+    elif s == "dense":
+        eq += _dense(opt, lr)
+    else:
+        eq += _low_rank(opt, lr)
+    return eq
+
+
+def _momentum(opt: ir.Optimizer, eq: list[str]) -> str:
+    m = opt.momentum
+    if m.kind == "ema":
+        eq.append(f"m     = {_v(m.beta)} * m + (1 - {_v(m.beta)}) * g")
+        if m.bias_corrected:
+            eq.append(f"m     = m / (1 - {_v(m.beta)}^t)")
+        return "m"
+    if m.kind == "heavy_ball":
+        damp = "" if m.dampening == ir.Const(0.0) else f"(1 - {_v(m.dampening)}) * "
+        eq.append(f"b     = {_v(m.beta)} * b + {damp}g   (b = g at t = 1)")
+        if m.nesterov is not None and not (isinstance(m.nesterov, ir.Const) and not m.nesterov.value):
+            eq.append(f"m     = g + {_v(m.beta)} * b if {_v(m.nesterov)} else b")
+            return "m"
+        return "b"
+    return "g"
+
+
+def _estimate(opt: ir.Optimizer) -> str:
+    c = opt.curvature
+    est = {
+        "empirical_fisher": "g * g",
+        "hutchinson": "z * (H z),  z ~ " + (_v(c.distribution) if c.distribution else "rademacher")
+                      + (f", mean of {_v(c.samples)} probes" if c.samples else ""),
+        "gauss_newton_bartlett": "B * grad L(theta; y^ ~ softmax(logits))^2",
+        "fisher": "E_{y ~ p(y|x)} [g_y * g_y]",
+        "hessian": "diag(grad^2 f(theta))",
+    }[c.kind]
+    return f"({est})^2" if c.squared else est
+
+
+def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C") -> str:
+    it = opt.iterate
+    every = f"   (every {_v(it.every)} steps)" if it.every is not None else ""
+    if it.kind == "ema":
+        eq.append(f"{name}     = {_v(it.beta)} * {name} + (1 - {_v(it.beta)}) * {new}{every}")
+    elif it.kind == "sum":
+        init = f", {name}_0 = {_v(it.init)}" if it.init is not None else ""
+        eq.append(f"{name}     = {name} + {new}{every}{init.replace(', ', '   (') + ')' if init else ''}")
+    else:
+        eq.append(f"{name}     = {new}{every}")
+    if it.keep_max is not None and not (isinstance(it.keep_max, ir.Const) and not it.keep_max.value):
+        eq.append(f"{name}_max = max({name}_max, {name});  {name} = {name}_max   (only if {_v(it.keep_max)})")
+    if it.bias_corrected:
+        eq.append(f"{name}     = {name} / (1 - {_v(it.beta)}^t)")
+    return name
+
+
+def _preconditioner(opt: ir.Optimizer, acc: str) -> str:
+    """P as text: the accumulated curvature, rooted by the length limitation, damped."""
+    ln, d = opt.length, opt.damping
+    inner = f"({acc} + {_v(d.eps)})" if d.kind == "inside" else acc
+    if ln.kind in ("none", "normalized"):
+        p = inner
+    elif ln.kind == "eigen_sign" or (isinstance(ln.power, ir.Const) and ln.power.value == 1.0):
+        p = f"sqrt({inner})"
+    else:
+        p = f"{inner}^({_v(ln.power)}/2)"
+    if opt.clip.kind == "elementwise":
+        p = f"{_v(opt.clip.threshold)} * {p}"
+    if d.kind == "add":
+        p = f"{p} + {_v(d.eps)}"
+    elif d.kind == "floor":
+        p = f"max({p}, {_v(d.eps)})"
+    return p
+
+
+def _elementwise(opt: ir.Optimizer, lr: str) -> list[str]:
+    eq: list[str] = []
+    constant = opt.curvature.kind == "constant"
+    if not constant:
+        eq.append(f"c     = {_estimate(opt)}")
+        eq.append(f"P     = {_preconditioner(opt, _accumulate(opt, eq, 'c'))}")
+    m = _momentum(opt, eq)
+    ln = opt.length.kind
+    u = f"{m}" if constant else f"{m} / P"
+    if ln == "eigen_sign":
+        eq.append("d     = sign(" + m + ")" + ("" if constant else " / P"))
+    elif ln == "normalized":
+        norm = f"sqrt(sum({m} * {m}))" if constant else f"sqrt(sum({m} * {m} / P))"
+        eq.append(f"d     = {u} / {norm}   (sum over all parameters; d = 0 where it is 0)")
+    else:
+        eq.append(f"d     = {u}")
+    eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _clip(opt: ir.Optimizer) -> list[str]:
+    if opt.clip.kind == "elementwise":
+        return ["d     = clamp(d, -1, 1)"]
+    if opt.clip.kind == "global_norm":
+        return [f"d     = d * min(1, {_v(opt.clip.threshold)} / ||d||)   (norm over all parameters)"]
+    return []
+
+
+def _kronecker(opt: ir.Optimizer, lr: str) -> list[str]:
+    eq: list[str] = ["G     = g viewed as a matrix (dims above max_dim are blocked)"]
+    if opt.curvature.kind == "kfac":
+        eq.append("A     = a a^T      (layer inputs)")
+        eq.append("S     = ds ds^T    (gradients at layer outputs)")
+        eq.append(_accumulate_line(opt, "A", "a a^T"))
+        eq.append(_accumulate_line(opt, "S", "ds ds^T"))
+        left, right = "S", "A"
+    else:
+        eq.append(_accumulate_line(opt, "L", "G G^T"))
+        eq.append(_accumulate_line(opt, "R", "G^T G"))
+        left, right = "L", "R"
+    m = _momentum(opt, eq)
+    m = "G" if m == "g" else m
+    every = f"   (roots recomputed every {_v(opt.structure.every)} steps)" \
+        if opt.structure.every is not None else ""
+    eps = f" + {_v(opt.damping.eps)} I" if opt.damping.kind != "none" else ""
+    power = {"gradient_norm": "1/4", "none": "1/2"}.get(opt.length.kind, "1/2")
+    if opt.length.kind == "none":
+        eq.append(f"d     = ({left}{eps})^-1 {m} ({right}{eps})^-1{every}")
+    else:
+        eq.append(f"d     = ({left}{eps})^-{power} {m} ({right}{eps})^-{power}{every}"
+                  "   (order-k tensors: ^-1/(2k) per mode)")
+    eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _accumulate_line(opt: ir.Optimizer, name: str, new: str) -> str:
+    eq: list[str] = []
+    _accumulate(opt, eq, new, name)
+    return eq[0]
+
+
+def _dense(opt: ir.Optimizer, lr: str) -> list[str]:
+    eq: list[str] = []
+    c = opt.curvature.kind
+    src = {"hessian": "grad^2 f(theta)", "fisher": "E_{y ~ p(y|x)} [g_y g_y^T]",
+           "empirical_fisher": "E_data [g g^T]"}.get(c, c)
+    eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
+    if c == "fisher":
+        eq[-1] += "   (H ~ F, the paper's NGD)"
+    m = _momentum(opt, eq)
+    ln = opt.length.kind
+    damp = f" + {_v(opt.damping.eps)} I" if opt.damping.kind != "none" else ""
+    Hd = f"(H{damp})" if damp else "H"
+    if ln == "none":
+        eq.append(f"d     = {Hd}^-1 {m}")
+    elif ln == "normalized":
+        eq.append(f"d     = {Hd}^-1 {m} / sqrt({m}^T {Hd}^-1 {m})     (||d||_H = 1)")
+    elif ln == "gradient_norm":
+        eq.append(f"d     = {Hd}^-1/2 {m}                         (||d_i||_H = g_i)")
+    else:
+        eq.append(f"H     = Q diag(lambda) Q^T")
+        eq.append(f"d     = {Hd}^-1/2 Q sign(Q^T {m})             (||d_i||_H = 1)")
+    eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
+    k = _v(opt.iterate.history)
+    return [
+        "s_t   = theta_t - theta_{t-1},   y_t = g_t - g_{t-1}   (keep the last "
+        f"{k} pairs)",
+        "H0    = (s^T y / y^T y) I      (scale from the newest pair)",
+        "d     = H^-1 g by the two-loop recursion over the pairs (rank-2 update per pair)",
+        f"theta = theta - {lr} * d",
+    ]
+
+
+def explain(opt: ir.Optimizer) -> str:
+    row = table_row(opt)
+    lines = [f"{opt.name}  ({opt.file})", ""]
+    width = max(len(c) for c in TABLE_COLUMNS)
+    for col in TABLE_COLUMNS:
+        lines.append(f"  {col:<{width}}  {row[col] or '-'}")
+    lines += ["", "  update, per step t:"]
+    lines += [f"    {e}" for e in equations(opt)]
+    if opt.hypers:
+        lines += ["", "  hyperparameters: " + ", ".join(
+            f"{h.name}={_default(h.default)}" for h in opt.hypers)]
+    return "\n".join(lines) + "\n"
+
+
+def _default(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    return f"{v:g}"

@@ -1,0 +1,171 @@
+"""The IR: one frozen dataclass per column of Table 1, one ``Optimizer`` per spec.
+
+Field values are ``Const`` (a number, a boolean or an enum word written in
+the spec) or ``HyperRef`` (a named hyperparameter, optionally indexed, that
+becomes a constructor keyword). Spans ride along for error messages and are
+ignored by ``==`` and ``hash``. Passes return new nodes (``dataclasses.replace``),
+never mutate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from curvc.errors import Span, span_field
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Union[float, bool, str]
+    span: Span = span_field()
+
+    def __str__(self) -> str:
+        v = self.value
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return str(v)
+
+
+@dataclass(frozen=True)
+class HyperRef:
+    name: str
+    index: int | None = None
+    span: Span = span_field()
+
+    def __str__(self) -> str:
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+
+Arg = Union[Const, HyperRef]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A named hyperparameter: a constructor keyword with the spec's default."""
+
+    name: str
+    default: Union[float, bool, tuple]
+    span: Span = span_field()
+
+
+# --- the paper's axes --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Curvature:
+    """Calculating approximation: which matrix is estimated, and how."""
+
+    kind: str  # constant | empirical_fisher | fisher | gauss_newton_bartlett | hutchinson | hessian | secant | kfac
+    samples: Arg | None = None
+    distribution: Arg | None = None
+    spatial_average: Arg | None = None
+    squared: bool = False  # accumulate the square of the estimate (AdaHessian)
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Structure approximation: what shape the curvature matrix is given."""
+
+    kind: str  # scalar | diagonal | kronecker | dense | low_rank
+    rank: Arg | None = None
+    max_dim: Arg | None = None
+    every: Arg | None = None  # recompute the inverse root every k steps
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Iterate:
+    """Iterative approximation: how estimates are combined over steps."""
+
+    kind: str  # instant | ema | sum | secant
+    beta: Arg | None = None
+    init: Arg | None = None
+    history: Arg | None = None
+    keep_max: Arg | None = None  # also track the running maximum (AMSGrad)
+    every: Arg | None = None
+    bias_corrected: bool = False
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Length:
+    """Length limitation: which norm of the step is fixed."""
+
+    kind: str  # none | gradient_norm | normalized | eigen_sign
+    power: Arg | None = None
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Clip:
+    kind: str  # none | global_norm | elementwise
+    threshold: Arg | None = None
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Momentum:
+    kind: str  # none | ema | heavy_ball
+    beta: Arg | None = None
+    dampening: Arg | None = None
+    nesterov: Arg | None = None
+    bias_corrected: bool = False
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Decay:
+    kind: str  # none | l2 | decoupled
+    rate: Arg | None = None
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Where epsilon enters the preconditioner."""
+
+    kind: str  # none | add (after the root) | inside (before the root) | floor (max)
+    eps: Arg | None = None
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str  # constant | inverse_time
+    rate: Arg | None = None
+    span: Span = span_field()
+
+
+AXES = ("curvature", "structure", "iterate", "length", "clip", "momentum", "decay",
+        "damping", "schedule")
+
+AXIS_TYPES = {"curvature": Curvature, "structure": Structure, "iterate": Iterate,
+              "length": Length, "clip": Clip, "momentum": Momentum, "decay": Decay,
+              "damping": Damping, "schedule": Schedule}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    hypers: tuple[Hyper, ...]
+    curvature: Curvature
+    structure: Structure
+    iterate: Iterate
+    length: Length
+    clip: Clip
+    momentum: Momentum
+    decay: Decay
+    damping: Damping
+    schedule: Schedule
+    source: str = ""
+    file: str = "<spec>"
+    span: Span = span_field()
+
+    def hyper(self, name: str) -> Hyper:
+        return next(h for h in self.hypers if h.name == name)
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.hypers)

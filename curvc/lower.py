@@ -1,0 +1,391 @@
+"""Lowering: IR -> Plan.
+
+The step is built axis by axis, in the order the math composes, each axis a
+small named function (``lower_decay``, ``lower_curvature``, ...). Then
+named passes rewrite the plan (``PASSES``): hoisting scalar-only
+arithmetic to the host, then verifying that every name is defined.
+Backends only ever see the result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from curvc import check as checks, ir
+from curvc.errors import CurvError
+from curvc.plan import (Buffer, Const, Expr, Load, Op, Plan, Reduced, Reduction, Scalar,
+                        Select, Store, Validator, flat_hyper_names, walk)
+
+# Structures and curvature sources the code generator renders today. The
+# rest of Table 1 parses, checks and explains; compiling it is refused.
+ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
+GRADIENT_CURVATURES = ("constant", "empirical_fisher")
+
+
+# --- expression helpers (fold the trivial cases so plans stay readable) -----
+
+def _c(v) -> Expr:
+    return v if not isinstance(v, (int, float)) else Const(float(v))
+
+
+def add(a, b):
+    a, b = _c(a), _c(b)
+    if b == Const(0.0):
+        return a
+    return Op("add", (a, b))
+
+
+def sub(a, b):
+    return Op("sub", (_c(a), _c(b)))
+
+
+def mul(a, b):
+    a, b = _c(a), _c(b)
+    if a == Const(1.0):
+        return b
+    if b == Const(1.0):
+        return a
+    return Op("mul", (a, b))
+
+
+def div(a, b):
+    a, b = _c(a), _c(b)
+    return a if b == Const(1.0) else Op("div", (a, b))
+
+
+def op(name, *args):
+    return Op(name, tuple(_c(a) for a in args))
+
+
+# --- the builder -------------------------------------------------------------
+
+@dataclass
+class _Step:
+    """Mutable scratchpad used while lowering one optimizer; frozen into a Plan."""
+
+    opt: ir.Optimizer
+    buffers: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    host: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
+    reductions: list = field(default_factory=list)
+    stores: list = field(default_factory=list)
+
+    def arg(self, a: ir.Arg | None) -> Expr:
+        """An IR argument as a host expression."""
+        if isinstance(a, ir.HyperRef):
+            return Scalar(a.name if a.index is None else f"{a.name}_{a.index}")
+        assert isinstance(a, ir.Const) and not isinstance(a.value, str), a
+        return Const(float(a.value))
+
+    def flag(self, name: str, expr: Expr) -> str:
+        if all(n != name for n, _ in self.flags):
+            self.flags.append((name, expr))
+        return name
+
+    def bool_arg(self, name: str, a: ir.Arg) -> str | bool:
+        """A boolean argument: a flag if it names a hyperparameter, else its value."""
+        if isinstance(a, ir.HyperRef):
+            return self.flag(name, op("ne", self.arg(a), 0.0))
+        return bool(a.value)
+
+    def host_scalar(self, name: str, expr: Expr) -> Scalar:
+        self.host.append((name, expr))
+        return Scalar(name)
+
+    def buffer(self, name: str, init: Expr = Const(0.0), when: str | None = None) -> Load:
+        self.buffers.append(Buffer(name, init, when))
+        return Load(name)
+
+    def store(self, target: str, value: Expr, when: str | None = None) -> None:
+        self.stores.append(Store(target, value, when))
+
+
+def _select(flag: str | bool, then: Expr, other: Expr) -> Expr:
+    if isinstance(flag, bool):
+        return then if flag else other
+    return Select(flag, then, other)
+
+
+def _nonzero(step: _Step, name: str, a: ir.Arg) -> str | bool:
+    """Whether an EMA/momentum coefficient is in use: a flag when it is a hyperparameter."""
+    if isinstance(a, ir.HyperRef):
+        return step.flag(name, op("ne", step.arg(a), 0.0))
+    return float(a.value) != 0.0
+
+
+# --- axes, in the order the step composes them -----------------------------
+
+def lower_gradient(s: _Step) -> Expr:
+    return Select("maximize", op("neg", Load("grad")), Load("grad"))
+
+
+def lower_decay(s: _Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
+    """Returns (gradient, parameter) after weight decay."""
+    d, p = s.opt.decay, Load("param")
+    if d.kind == "l2":
+        return add(g, mul(p, s.arg(d.rate))), p
+    if d.kind == "decoupled":
+        return g, mul(p, sub(1.0, mul(lr, s.arg(d.rate))))
+    return g, p
+
+
+def lower_curvature(s: _Step, g: Expr) -> Expr | None:
+    """The per-step curvature estimate c (None for a constant curvature)."""
+    c = s.opt.curvature
+    if c.kind == "constant":
+        return None
+    if c.kind == "empirical_fisher":
+        est = mul(g, g)
+    else:
+        s.inputs.append("curvature")
+        est = Load("curvature")
+    return mul(est, est) if c.squared else est
+
+
+def _buffer_name(s: _Step, role: str) -> str:
+    # Names follow torch.optim and pytorch-optimizer so checkpoints read alike.
+    if role == "momentum":
+        return "momentum_buffer" if s.opt.momentum.kind == "heavy_ball" else "exp_avg"
+    it, c = s.opt.iterate, s.opt.curvature
+    if it.kind == "sum":
+        return "sum"
+    if it.kind == "ema" and (c.kind == "empirical_fisher" or c.squared):
+        return "exp_avg_sq"
+    return "hessian" if it.kind == "ema" else "curvature"
+
+
+def _refresh_count(s: _Step, every: ir.Arg | None) -> Expr:
+    """How many times the curvature has been accumulated by this step (for bias correction)."""
+    if every is None:
+        return Scalar("step")
+    k = s.arg(every)
+    done = sub(Scalar("step"), 1.0)
+    return s.host_scalar("refreshes", add(div(sub(done, op("mod", done, k)), k), 1.0))
+
+
+def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
+    """The accumulated curvature C, bias-corrected if asked."""
+    it = s.opt.iterate
+    if c is None:
+        return None
+    refresh: str | bool = True
+    if it.every is not None:
+        k = s.arg(it.every)
+        refresh = s.flag("refresh", op("eq", op("mod", sub(Scalar("step"), 1.0), k), 0.0))
+    name = _buffer_name(s, "curvature")
+    if it.kind == "instant":
+        if refresh is True:
+            return c
+        old = s.buffer(name)
+        s.store(name, c, when=refresh)
+        return _select(refresh, c, old)
+    if it.kind == "ema":
+        old = s.buffer(name)
+        beta = s.arg(it.beta)
+        new = add(mul(old, beta), mul(c, sub(1.0, beta)))
+    elif it.kind == "sum":
+        old = s.buffer(name, init=s.arg(it.init))
+        new = add(old, c)
+    else:
+        raise AssertionError(it.kind)
+    s.store(name, new, when=None if refresh is True else refresh)
+    acc = _select(refresh, new, old)
+    if it.keep_max is not None:
+        keep = s.bool_arg("keep_max", it.keep_max)
+        if keep is not False:
+            prev = s.buffer("max_" + name, when=keep if isinstance(keep, str) else None)
+            peak = op("maximum", prev, acc)
+            s.store("max_" + name, peak, when=keep if isinstance(keep, str) else None)
+            acc = _select(keep, peak, acc)
+    if it.bias_corrected:
+        beta = s.arg(it.beta)
+        count = _refresh_count(s, it.every)
+        acc = div(acc, s.host_scalar("curvature_bias_correction",
+                                     sub(1.0, op("pow", beta, count))))
+    return acc
+
+
+def lower_momentum(s: _Step, g: Expr) -> Expr:
+    m = s.opt.momentum
+    if m.kind == "none":
+        return g
+    name = _buffer_name(s, "momentum")
+    beta = s.arg(m.beta)
+    used = _nonzero(s, "has_" + name, m.beta)
+    when = used if isinstance(used, str) else None
+    old = s.buffer(name, when=when)
+    if m.kind == "ema":
+        new = op("lerp", old, g, sub(1.0, beta))
+        s.store(name, new, when=when)
+        out = new
+        if m.bias_corrected:
+            out = div(new, s.host_scalar("momentum_bias_correction",
+                                         sub(1.0, op("pow", beta, Scalar("step")))))
+    else:  # heavy_ball, torch.optim.SGD's convention: the buffer starts at g
+        first = s.flag("first_step", op("eq", Scalar("step"), 1.0))
+        new = Select(first, g, add(mul(old, beta), mul(g, sub(1.0, s.arg(m.dampening)))))
+        s.store(name, new, when=when)
+        nesterov = s.bool_arg("nesterov", m.nesterov) if m.nesterov is not None else False
+        out = _select(nesterov, add(g, mul(new, beta)), new)
+    return _select(used, out, g)
+
+
+def lower_preconditioner(s: _Step, acc: Expr | None) -> Expr | None:
+    """P, the (damped, rooted) curvature that divides the step; None for the identity."""
+    if acc is None:
+        return None
+    ln, dmp, clip = s.opt.length, s.opt.damping, s.opt.clip
+    eps = s.arg(dmp.eps) if dmp.kind != "none" else None
+
+    def root(x):
+        if ln.kind in ("none", "normalized"):
+            return x
+        if ln.kind == "eigen_sign":
+            return op("sqrt", x)
+        power = s.arg(ln.power)
+        if power == Const(1.0):
+            return op("sqrt", x)
+        return op("pow", x, div(power, 2.0))
+
+    if dmp.kind == "inside":
+        p = root(add(acc, eps))
+    else:
+        p = root(acc)
+    if clip.kind == "elementwise":
+        p = mul(p, s.arg(clip.threshold))
+    if dmp.kind == "add":
+        p = add(p, eps)
+    elif dmp.kind == "floor":
+        p = op("maximum", p, eps)
+    return p
+
+
+def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
+    ln = s.opt.length
+    if ln.kind == "eigen_sign":
+        u = op("sign", m)
+    else:
+        u = m
+    if precond is not None:
+        u = div(u, precond)
+    if ln.kind == "normalized":
+        # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), one global reduction
+        s.reductions.append(Reduction("norm_sq", mul(m, u) if precond is not None else mul(m, m)))
+        u = op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+    return u
+
+
+def lower_clip(s: _Step, d: Expr) -> Expr:
+    clip = s.opt.clip
+    if clip.kind == "elementwise":
+        return op("maximum", op("minimum", d, 1.0), -1.0)
+    if clip.kind == "global_norm":
+        s.reductions.append(Reduction("step_norm_sq", mul(d, d)))
+        scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", Reduced("step_norm_sq"))))
+        return mul(d, scale)
+    return d
+
+
+def lower_learning_rate(s: _Step) -> Expr:
+    sch = s.opt.schedule
+    if sch.kind == "inverse_time":
+        return s.host_scalar("lr_t", div(Scalar("lr"), add(1.0, mul(sub(Scalar("step"), 1.0),
+                                                               s.arg(sch.rate)))))
+    return Scalar("lr")
+
+
+def _refuse_unsupported(opt: ir.Optimizer) -> None:
+    if opt.structure.kind not in ELEMENTWISE_STRUCTURES:
+        raise CurvError("codegen.unsupported", opt.structure.span,
+                        what=f"structure {opt.structure.kind} ({opt.name})",
+                        why="only scalar and diagonal structures are compiled so far")
+    if opt.curvature.kind not in GRADIENT_CURVATURES:
+        raise CurvError("codegen.unsupported", opt.curvature.span,
+                        what=f"curvature {opt.curvature.kind} ({opt.name})",
+                        why="its estimator is not in the runtime yet")
+
+
+def build(opt: ir.Optimizer) -> Plan:
+    """The axes composed into one step, before any pass runs."""
+    _refuse_unsupported(opt)
+    s = _Step(opt)
+    lr = lower_learning_rate(s)
+    g = lower_gradient(s)
+    g, p = lower_decay(s, g, lr)
+    acc = lower_iterate(s, lower_curvature(s, g))
+    m = lower_momentum(s, g)
+    d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
+    s.store("param", sub(p, mul(lr, d)))
+    validators = tuple(Validator(ref.name, ref.index, cons, where)
+                       for ref, cons, where in checks.arg_constraints(opt))
+    return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
+                tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores))
+
+
+# --- passes --------------------------------------------------------------------
+
+def _is_host(e: Expr) -> bool:
+    return all(not isinstance(n, (Load, Reduced, Select)) for n in walk(e))
+
+
+def hoist_host(plan: Plan) -> Plan:
+    """Move scalar-only subexpressions (1 - beta, lr * wd, ...) to the host.
+
+    They are then computed once per group and step in Python and passed to
+    kernels as arguments, instead of once per element.
+    """
+    host = list(plan.host)
+    named: dict[Expr, Scalar] = {e: Scalar(n) for n, e in host}
+
+    def visit(e: Expr) -> Expr:
+        if isinstance(e, Op):
+            if _is_host(e):
+                if e not in named:
+                    name = f"s{len(host)}"
+                    host.append((name, e))
+                    named[e] = Scalar(name)
+                return named[e]
+            return Op(e.op, tuple(visit(a) for a in e.args))
+        if isinstance(e, Select):
+            return Select(e.flag, visit(e.then), visit(e.other))
+        return e
+
+    stores = tuple(replace(st, value=visit(st.value)) for st in plan.stores)
+    reductions = tuple(replace(r, value=visit(r.value)) for r in plan.reductions)
+    return replace(plan, host=tuple(host), stores=stores, reductions=reductions)
+
+
+def verify(plan: Plan) -> Plan:
+    """Every name an expression reads is defined; fails loudly on a lowering bug."""
+    scalars = set(plan.host_inputs)
+    for name, e in plan.host:
+        for n in walk(e):
+            assert not isinstance(n, (Load, Reduced, Select)), (name, n)
+            assert not isinstance(n, Scalar) or n.name in scalars, (name, n)
+        scalars.add(name)
+    flags = {n for n, _ in plan.flags} | {"maximize"}
+    tensors = {"param", "grad", *plan.inputs, *(b.name for b in plan.buffers)}
+    reduced = {r.name for r in plan.reductions}
+    for e in [st.value for st in plan.stores] + [r.value for r in plan.reductions]:
+        for n in walk(e):
+            if isinstance(n, Scalar):
+                assert n.name in scalars, n
+            elif isinstance(n, Load):
+                assert n.name in tensors, n
+            elif isinstance(n, Reduced):
+                assert n.name in reduced, n
+            elif isinstance(n, Select):
+                assert n.flag in flags, n
+    for st in plan.stores:
+        assert st.target == "param" or st.target in tensors, st
+    return plan
+
+
+PASSES = (("hoist_host", hoist_host), ("verify", verify))
+
+
+def lower(opt: ir.Optimizer) -> Plan:
+    plan = build(opt)
+    for _, p in PASSES:
+        plan = p(plan)
+    return plan

@@ -1,0 +1,166 @@
+"""The lowered plan: what a backend renders.
+
+A ``Plan`` is the optimizer's step with every axis of the IR resolved into
+arithmetic:
+
+* ``host``: scalar expressions evaluated in Python once per (group, step),
+  from the group's hyperparameters and the step count. They reach kernels
+  as runtime arguments, so a scheduler changing ``lr`` never recompiles.
+* ``flags``: booleans evaluated the same way; a ``Select`` on a flag is a
+  static choice (a Python ``if`` in torch, a ``tl.constexpr`` in Triton).
+* ``reductions``: elementwise expressions summed over every parameter of
+  the optimizer before the update (a global norm), with no host sync.
+* ``stores``: the new values of state buffers and of the parameter, as one
+  expression DAG over the loaded tensors; backends render it as one fused pass.
+
+Expressions are frozen dataclasses, so equal subtrees are equal values and
+backends can share them (common-subexpression elimination for free).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from curvc import ir
+
+
+# --- expressions -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+
+@dataclass(frozen=True)
+class Load:
+    """An elementwise tensor: 'param', 'grad', a state buffer, or a runtime input."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A host scalar: a hyperparameter, 'step', or an entry of ``Plan.host``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The (device) sum named by a ``Reduction``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Op:
+    op: str
+    args: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Select:
+    """``then`` if the host flag is true, else ``other``: decided once per launch."""
+
+    flag: str
+    then: "Expr"
+    other: "Expr"
+
+
+Expr = Union[Const, Load, Scalar, Reduced, Op, Select]
+
+# Elementwise and host operators, with arity. Backends map each to source.
+OPS = {
+    "neg": 1, "sqrt": 1, "abs": 1, "sign": 1,
+    "add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "maximum": 2, "minimum": 2,
+    "div_or_zero": 2,  # a / b where b > 0, else 0 (a normalized step of a zero gradient)
+    "lerp": 3,  # a + w * (b - a), torch.lerp's order of arguments
+    # host only (flags):
+    "eq": 2, "ne": 2, "mod": 2, "not": 1,
+}
+
+
+def walk(expr: Expr):
+    """Every node of an expression, children before parents, each once."""
+    seen = set()
+    stack = [(expr, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            yield node
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        if isinstance(node, Op):
+            stack.extend((a, False) for a in reversed(node.args))
+        elif isinstance(node, Select):
+            stack.extend([(node.other, False), (node.then, False)])
+
+
+# --- plan ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Buffer:
+    """A state tensor kept per parameter, shaped like it."""
+
+    name: str
+    init: Expr = Const(0.0)  # host expression: the fill value
+    when: str | None = None  # allocated only while this flag is true
+
+
+@dataclass(frozen=True)
+class Reduction:
+    name: str
+    value: Expr  # summed over all elements of all parameters
+
+
+@dataclass(frozen=True)
+class Store:
+    target: str  # 'param' or a buffer name
+    value: Expr
+    when: str | None = None  # only if this host flag is true
+
+
+@dataclass(frozen=True)
+class Validator:
+    """A runtime check of a constructor argument, mirroring torch.optim's ValueErrors."""
+
+    hyper: str
+    index: int | None
+    constraint: str
+    where: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    hypers: tuple[ir.Hyper, ...]
+    validators: tuple[Validator, ...]
+    buffers: tuple[Buffer, ...]
+    inputs: tuple[str, ...]  # elementwise inputs besides param and grad (curvature estimates)
+    host: tuple[tuple[str, Expr], ...]
+    flags: tuple[tuple[str, Expr], ...]
+    reductions: tuple[Reduction, ...]
+    stores: tuple[Store, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def host_inputs(self) -> tuple[str, ...]:
+        """Names host expressions may read: flattened hyperparameters and 'step'."""
+        return tuple(flat_hyper_names(self.hypers)) + ("step",)
+
+    def buffer(self, name: str) -> Buffer:
+        return next(b for b in self.buffers if b.name == name)
+
+
+def flat_hyper_names(hypers) -> list[str]:
+    """``betas = (a, b)`` is read as ``betas_0`` and ``betas_1``."""
+    out = []
+    for h in hypers:
+        if isinstance(h.default, tuple):
+            out.extend(f"{h.name}_{i}" for i in range(len(h.default)))
+        else:
+            out.append(h.name)
+    return out

@@ -1,0 +1,270 @@
+"""``CurvOptimizer``: the torch.optim.Optimizer every generated class extends.
+
+A generated module supplies the optimizer-specific parts as class
+attributes (its hyperparameters, buffers, the rendered ``host`` and
+``update`` functions, and optionally Triton kernels). This base class does
+the bookkeeping torch users rely on, identically for every spec:
+
+* param groups with per-group hyperparameters, ``state_dict`` /
+  ``load_state_dict``, ``zero_grad``, ``step(closure)``, hooks and LR
+  schedulers (all from ``torch.optim.Optimizer``);
+* lazy state: ``state[p]['step']`` (a float32 CPU tensor, as in torch) and
+  one tensor per buffer, allocated the first time ``p`` has a gradient;
+* buckets: the tensors of a group that share device, dtype and step count
+  are updated together, with host scalars computed once per bucket;
+* global reductions (a norm over all parameters) before the update, kept on
+  the device (no ``.item()`` in ``step``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+_TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
+
+# The constraint names of curvc.check.CONSTRAINTS, as run-time checks.
+_CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "any": ("any number", lambda v: True),
+    "nonneg": (">= 0", lambda v: v >= 0),
+    "positive": ("> 0", lambda v: v > 0),
+    "unit": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "unit_closed": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "positive_int": ("a whole number >= 1", lambda v: v >= 1 and float(v).is_integer()),
+}
+
+
+@dataclass
+class Bucket:
+    """Tensors of one group sharing (device, dtype, step): one launch's worth."""
+
+    device: torch.device
+    dtype: torch.dtype
+    step: float
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
+
+    def args(self, names):
+        """Per-tensor argument lists, in ``names`` order (param and grad included)."""
+        cols = [self.params if n == "param" else self.grads if n == "grad" else self.tensors[n]
+                for n in names]
+        return list(zip(*cols))
+
+
+class CurvOptimizer(torch.optim.Optimizer):
+    """Base of every curvc-compiled optimizer. Not used directly."""
+
+    # Filled in by the generated subclass.
+    HYPERS: tuple = ()  # (name, default)
+    VALIDATORS: tuple = ()  # (hyper, index, constraint, where)
+    BUFFERS: tuple = ()  # (name, allocated-while flag or None, init(h) -> float)
+    INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
+    REDUCTIONS: tuple = ()  # names, in order
+    host: Callable = None
+    torch_update: Callable = None
+    torch_reduce: dict = {}
+    UPDATE_ARGS: dict = {}
+    REDUCE_ARGS: dict = {}
+    triton_step: Callable | None = None
+    triton_reduce: Callable | None = None
+
+    def __init__(self, params, defaults: dict):
+        for key in ("capturable", "differentiable"):
+            if defaults.get(key):
+                raise ValueError(f"{type(self).__name__} does not support {key}=True; "
+                                 f"curvc-compiled optimizers run outside CUDA graphs and autograd")
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate(group)
+        self._compiled = None
+
+    # -- hyperparameters -------------------------------------------------------
+
+    def _validate(self, hypers: dict) -> None:
+        for name, index, constraint, where in self.VALIDATORS:
+            if name not in hypers:
+                continue
+            value = hypers[name]
+            if index is not None:
+                try:
+                    value = value[index]
+                except (TypeError, IndexError):
+                    raise ValueError(f"Invalid {name}: {hypers[name]!r} (expected a tuple with "
+                                     f"an entry at index {index})") from None
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"Invalid {name}: a tensor must have one element")
+                value = value.item()
+            label, ok = _CONSTRAINTS[constraint]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    math.isnan(value) or not ok(value):
+                at = "" if index is None else f" at index {index}"
+                raise ValueError(f"Invalid {name} parameter{at}: {value!r} "
+                                 f"(the {where} must be {label})")
+
+    def _flat_hypers(self, group: dict) -> dict:
+        h = {"maximize": bool(group.get("maximize", False))}
+        for name, default in self.HYPERS:
+            value = group[name]
+            if isinstance(default, tuple):
+                for i, v in enumerate(value):
+                    h[f"{name}_{i}"] = _number(v)
+            else:
+                h[name] = _number(value)
+        return h
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            for key in _TORCH_COMPAT:
+                group.setdefault(key, None if key in ("foreach", "fused") else False)
+
+    # -- state -------------------------------------------------------------------
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _init_state(self, p: torch.Tensor, h: dict, flags: dict) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for name, when, init in self.BUFFERS:
+            if name not in state and (when is None or flags[when]):
+                state[name] = torch.full_like(p, init(h), dtype=self._state_dtype(p),
+                                              memory_format=torch.preserve_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but state keeps the dtype it was saved with (fp32 state of bf16 params)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved:
+                continue
+            for key, value in saved[pid].items():
+                if key != "step" and isinstance(value, torch.Tensor) and \
+                        self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # -- the step ------------------------------------------------------------------
+
+    def _buckets(self, group: dict) -> list[tuple[Bucket, dict, dict]]:
+        h = self._flat_hypers(group)
+        per_step: dict[float, tuple[dict, dict]] = {}
+        buckets: dict[tuple, Bucket] = {}
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   f"use torch.optim.SparseAdam or dense gradients")
+            if torch.is_complex(p) or torch.is_complex(g):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
+                                   f"optimize torch.view_as_real(p) instead")
+            state = self.state[p]
+            step = float(state["step"]) + 1.0 if "step" in state else 1.0
+            if step not in per_step:
+                per_step[step] = self.host(h, step)
+            scalars, flags = per_step[step]
+            state = self._init_state(p, h, flags)
+            state["step"] += 1
+            key = (p.device, p.dtype, step)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(p.device, p.dtype, step,
+                                          tensors={n: [] for n, _, _ in self.BUFFERS})
+                for n in self.INPUTS:
+                    b.tensors[n] = []
+            b.params.append(p)
+            b.grads.append(g)
+            for n, _, _ in self.BUFFERS:
+                b.tensors[n].append(state.get(n))
+            for n in self.INPUTS:
+                b.tensors[n].append(self._input(n, p, state))
+        return [(b, *per_step[b.step]) for b in buckets.values()]
+
+    def _input(self, name: str, p: torch.Tensor, state: dict) -> torch.Tensor:
+        raise RuntimeError(f"{type(self).__name__} needs the elementwise input {name!r}, "
+                           f"which no estimator provided")
+
+    def _uses_triton(self, bucket: Bucket, group: dict) -> bool:
+        return (self.triton_step is not None and bucket.device.type == "cuda"
+                and group.get("fused") is not False)
+
+    def _update_fn(self, group: dict, bucket: Bucket):
+        fused = group.get("fused")
+        if fused or (fused is None and _large(bucket)):
+            return self._compiled_update()
+        return type(self).torch_update
+
+    def _compiled_update(self):
+        cls = type(self)
+        if cls.__dict__.get("_compiled_torch_update") is None:
+            cls._compiled_torch_update = torch.compile(cls.torch_update, dynamic=True)
+        return cls._compiled_torch_update
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step; ``closure`` re-evaluates the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, *item) for group in self.param_groups for item in self._buckets(group)]
+        reduced = self._reduce(work) if self.REDUCTIONS else {}
+        for group, bucket, scalars, flags in work:
+            red = reduced.get(bucket.device, {})
+            if self._uses_triton(bucket, group):
+                self.triton_step(bucket, scalars, flags, red)
+            else:
+                self._torch_step(self._update_fn(group, bucket), bucket, scalars, flags, red)
+        return loss
+
+    def _torch_step(self, update, bucket: Bucket, scalars: dict, flags: dict, reduced: dict):
+        spec = self.UPDATE_ARGS
+        kw = {n: scalars[n] for n in spec["scalars"]}
+        kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
+        kw.update({n: flags[n] for n in spec["flags"]})
+        for tensors in bucket.args(spec["tensors"]):
+            update(*tensors, **kw)
+
+    def _reduce(self, work) -> dict:
+        """Global sums over every parameter of every group, one per device, on device."""
+        totals: dict[str, torch.Tensor] = {}
+        for group, bucket, scalars, flags in work:
+            if self._uses_triton(bucket, group):
+                partial = self.triton_reduce(bucket, scalars, flags)
+            else:
+                partial = {}
+                for name in self.REDUCTIONS:
+                    spec = self.REDUCE_ARGS[name]
+                    kw = {n: scalars[n] for n in spec["scalars"]}
+                    kw.update({n: flags[n] for n in spec["flags"]})
+                    fn = self.torch_reduce[name]
+                    partial[name] = sum(fn(*t, **kw).double() for t in bucket.args(spec["tensors"]))
+            for name, value in partial.items():
+                value = value.double()
+                totals[name] = value if name not in totals else totals[name] + value.to(totals[name].device)
+        devices = {b.device for _, b, _, _ in work}
+        return {d: {n: v.to(d, non_blocking=True) for n, v in totals.items()} for d in devices}
+
+
+def _number(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+_LARGE = 1 << 20  # elements in a bucket above which the fused (compiled) CPU path pays off
+
+
+def _large(bucket: Bucket) -> bool:
+    return sum(p.numel() for p in bucket.params) >= _LARGE
