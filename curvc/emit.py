@@ -92,7 +92,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline("the spec's hyperparameters (below, with the spec's defaults), then the")
         buf.writeline("torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``")
         buf.writeline("(None: automatic; True: one fused pass per tensor; False: eager torch ops),")
-        buf.writeline("``capturable`` and ``differentiable`` (must be False).")
+        buf.writeline("``capturable`` and ``differentiable`` (must be False), and ``state_dtype``")
+        buf.writeline("(None: float32 state for low-precision parameters; 'param': the parameter's dtype).")
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
@@ -121,9 +122,9 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline()
         args = ", ".join(f"{h.name}={_literal(h.default)}" for h in opt.hypers)
         buf.writeline(f"def __init__(self, params, {args}, *, maximize=False, foreach=None, "
-                      "fused=None, capturable=False, differentiable=False):")
+                      "fused=None, capturable=False, differentiable=False, state_dtype=None):")
         with buf.indent():
             names = [h.name for h in opt.hypers] + ["maximize", "foreach", "fused", "capturable",
-                                                    "differentiable"]
+                                                    "differentiable", "state_dtype"]
             buf.writeline("defaults = dict(" + ", ".join(f"{n}={n}" for n in names) + ")")
             buf.writeline("super().__init__(params, defaults)")

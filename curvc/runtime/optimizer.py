@@ -72,6 +72,9 @@ class CurvOptimizer(torch.optim.Optimizer):
     triton_reduce: Callable | None = None
 
     def __init__(self, params, defaults: dict):
+        choice = defaults.get("state_dtype")
+        if not (choice is None or choice == "param" or isinstance(choice, torch.dtype)):
+            raise ValueError(f"Invalid state_dtype: {choice!r} (None, 'param' or a torch.dtype)")
         for key in ("capturable", "differentiable"):
             if defaults.get(key):
                 raise ValueError(f"{type(self).__name__} does not support {key}=True; "
@@ -126,16 +129,22 @@ class CurvOptimizer(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------
 
-    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return torch.promote_types(p.dtype, torch.float32)
+    def _state_dtype(self, p: torch.Tensor, group: dict) -> torch.dtype:
+        """float32 state for low-precision parameters unless the group asks otherwise."""
+        choice = group.get("state_dtype")
+        if choice is None:
+            return torch.promote_types(p.dtype, torch.float32)
+        if choice == "param":
+            return p.dtype
+        return choice
 
-    def _init_state(self, p: torch.Tensor, h: dict, flags: dict) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict, h: dict, flags: dict) -> dict:
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         for name, when, init in self.BUFFERS:
             if name not in state and (when is None or flags[when]):
-                state[name] = torch.full_like(p, init(h), dtype=self._state_dtype(p),
+                state[name] = torch.full_like(p, init(h), dtype=self._state_dtype(p, group),
                                               memory_format=torch.preserve_format)
         return state
 
@@ -174,7 +183,7 @@ class CurvOptimizer(torch.optim.Optimizer):
             if step not in per_step:
                 per_step[step] = self.host(h, step)
             scalars, flags = per_step[step]
-            state = self._init_state(p, h, flags)
+            state = self._init_state(p, group, h, flags)
             state["step"] += 1
             key = (p.device, p.dtype, step)
             b = buckets.get(key)
@@ -196,8 +205,11 @@ class CurvOptimizer(torch.optim.Optimizer):
                            f"which no estimator provided")
 
     def _uses_triton(self, bucket: Bucket, group: dict) -> bool:
-        return (self.triton_step is not None and bucket.device.type == "cuda"
-                and group.get("fused") is not False)
+        """Backend 'triton' runs Triton everywhere (CPU tensors need TRITON_INTERPRET=1);
+        'auto' runs it on CUDA tensors and the torch rendering elsewhere."""
+        if self.triton_step is None or group.get("fused") is False:
+            return False
+        return self.BACKEND == "triton" or bucket.device.type == "cuda"
 
     def _update_fn(self, group: dict, bucket: Bucket):
         fused = group.get("fused")
