@@ -350,7 +350,7 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":
-                out.append((v, specs[f.name].constraint, f"{axis} {node.kind} {f.name}"))
+                out.append((v, specs[f.name].constraint, f"the {f.name} of {axis} {node.kind}"))
     return out
 
 

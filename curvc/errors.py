@@ -34,26 +34,41 @@ def span_field():
 MESSAGES: dict[str, str] = {
     # syntax
     "syntax.unexpected_token": "unexpected {found}; expected {expected}",
-    "syntax.unexpected_char": "unexpected character {found!r}; expected {expected}",
+    "syntax.unexpected_char": "unexpected character {found}; expected {expected}",
     "syntax.unexpected_eof": "the spec ends too early; expected {expected}",
+    "syntax.empty": "the spec is empty; it must begin with `optimizer NAME`",
+    "syntax.missing_header": "a spec must begin with `optimizer NAME`, not {found}",
+    "syntax.unknown_clause": "unknown clause {found}; a line starts with 'hyper' or a clause "
+    "({clauses})",
+    "syntax.index_too_large": "the index {text} is far too large",
     # names and values
     "name.unknown_form": "unknown {clause} {name!r}",
     "name.unknown_hyper": "unknown hyperparameter {name!r}",
     "name.unknown_argument": "{clause} {form} takes no argument {name!r}; it takes {allowed}",
-    "name.unknown_modifier": "unknown modifier {name!r} for {clause} {form}; allowed: {allowed}",
-    "name.duplicate_clause": "{clause} is given twice",
+    "name.no_arguments": "{clause} {form} takes no arguments",
+    "name.unknown_modifier": "unknown modifier {name!r} for {clause} {form}; {allowed}",
+    "name.misplaced_modifier": "{clause} {form} takes no modifier {name!r}; "
+    "{name!r} applies only to {owners}",
+    "name.duplicate_clause": "the {clause} clause is given twice",
     "name.duplicate_hyper": "hyperparameter {name!r} is defined twice",
-    "name.duplicate_argument": "argument {name!r} is given twice",
-    "name.reserved_hyper": "{name!r} is reserved: every compiled optimizer takes it as a keyword argument",
-    "value.too_many_arguments": "{clause} {form} takes at most {count} positional argument(s)",
+    "name.duplicate_argument": "the argument {name!r} of {clause} {form} is given twice",
+    "name.reserved_hyper": "{name!r} cannot name a hyperparameter: {why}",
+    "name.reserved_optimizer": "{name!r} cannot name an optimizer: {why}",
+    "name.tuple_entry_clash": "hyperparameter {name!r} clashes with {tuple}[{index}]: "
+    "the compiled optimizer passes the entries of the tuple {tuple!r} as {entries}",
+    "value.too_many_arguments": "{clause} {form} takes at most {count} positional "
+    "argument{s} ({names})",
     "value.missing_argument": "{clause} {form} needs the argument {name!r}",
     "value.wrong_kind": "{what} must be {expected}, not {found}",
+    "value.not_finite": "the number {text} is too large: it overflows to infinity",
     "value.bad_index": "{name!r} is not a tuple, so it cannot be indexed",
     "value.index_out_of_range": "{name}[{index}] is out of range: {name!r} has {size} entries",
     "value.out_of_range": "{what} must be {expected}, got {value}",
-    "value.bool_expected": "{what} must be true or false",
+    "value.bool_expected": "{what} must be true or false, not {found}",
     # combinations of axes
     "combo.missing_clause": "a spec needs a {clause} clause ({why})",
+    "combo.missing_lr": "a spec needs the hyperparameter 'lr' (every step is "
+    "theta <- theta - lr * d)",
     "combo.clash": "{a} clashes with {b}: {why}",
     # code generation
     "codegen.unsupported": "code generation for {what} is not available yet ({why}); "
@@ -68,6 +83,11 @@ def suggest(name: str, candidates) -> str | None:
     """The closest candidate, for a "did you mean" hint."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return close[0] if close else None
+
+
+def _printable(line: str) -> str:
+    """A source line safe to print: control characters (\\r, \\x0c, ...) shown as '?'."""
+    return "".join(c if c == "\t" or c.isprintable() else "?" for c in line)
 
 
 class CurvError(Exception):
@@ -92,17 +112,24 @@ class CurvError(Exception):
 
     def render(self) -> str:
         span = self.span
-        if span is None or span.line == 0:
+        if span is None:
             text = f"error: {self.message}"
+        elif span.line == 0:
+            text = f"{span.file}: error: {self.message}"
         else:
             text = f"{span.file}:{span.line}:{span.column}: error: {self.message}"
-            lines = (self.source or "").splitlines()
-            if 0 < span.line <= len(lines):
-                line = lines[span.line - 1]
+            # Lines as the parser counts them: only "\n" ends a line (str.splitlines
+            # would also split at \r, \x0c, \u2028, ... and quote the wrong line).
+            lines = (self.source or "").split("\n")
+            if 0 < span.line <= len(lines) and span.column > 0:
+                line = _printable(lines[span.line - 1].removesuffix("\r"))
                 width = 1
                 if span.end_line == span.line and span.end_column > span.column:
                     width = span.end_column - span.column
-                text += f"\n    {line}\n    {' ' * (span.column - 1)}{'^' * width}"
+                # Keep tabs in the padding so the caret lines up under them.
+                pad = "".join(c if c == "\t" else " " for c in line[:span.column - 1])
+                pad += " " * max(0, span.column - 1 - len(line))
+                text += f"\n    {line.rstrip()}\n    {pad}{'^' * width}"
         if self.hint:
             text += f"\n{self.hint}"
         return text

@@ -15,7 +15,7 @@ import lark
 from lark import Lark, Token, Transformer, v_args
 
 from curvc import resources
-from curvc.errors import CurvError, Span, span_field
+from curvc.errors import CurvError, Span, span_field, suggest
 
 
 # --- AST -------------------------------------------------------------------
@@ -64,6 +64,7 @@ class Arg:
     keyword: str | None
     value: Value
     span: Span = span_field()
+    keyword_span: Span = span_field()  # the keyword alone (the whole argument for a positional one)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class _ToAST(Transformer):
     @v_args(meta=True)
     def indexed_ref(self, meta, children):
         name, index = children
+        if len(index.lstrip("0")) > 9:  # no tuple is that long (and int() of 5000 digits fails)
+            raise CurvError("syntax.index_too_large", _span(self.file, index), text=str(index))
         return Ref(str(name), int(index), _span(self.file, meta))
 
     @v_args(meta=True)
@@ -143,12 +146,13 @@ class _ToAST(Transformer):
 
     @v_args(meta=True)
     def positional_arg(self, meta, children):
-        return Arg(None, children[0], _span(self.file, meta))
+        span = _span(self.file, meta)
+        return Arg(None, children[0], span, span)
 
     @v_args(meta=True)
     def keyword_arg(self, meta, children):
         name, value = children
-        return Arg(str(name), value, _span(self.file, meta))
+        return Arg(str(name), value, _span(self.file, meta), _span(self.file, name))
 
     @v_args(meta=True)
     def every(self, meta, children):
@@ -183,55 +187,179 @@ def _parser() -> Lark:
                 maybe_placeholders=True)
 
 
-# Human names for the grammar's terminals, for "expected ..." messages.
-_TERMINAL_NAMES = {
-    "NAME": "a name", "SIGNED_NUMBER": "a number", "INT": "an integer index",
-    "CLAUSE": "a clause (curvature, structure, iterate, length, clip, momentum, decay, damping, schedule)",
-    "HYPER": "'hyper'", "OPTIMIZER": "'optimizer'", "EVERY": "'every'",
-    "TRUE": "true", "FALSE": "false", "_NL": "a new line",
-    "LPAR": "'('", "RPAR": "')'", "COMMA": "','", "EQUAL": "'='",
-    "LSQB": "'['", "RSQB": "']'", "$END": "the end of the spec",
+CLAUSES = ("curvature", "structure", "iterate", "length", "clip", "momentum", "decay",
+           "damping", "schedule")
+
+# How each terminal reads in an "expected ..." list, in the order they are listed
+# ("<word>" is where a contextual description of a name or value goes).
+_EXPECTED_NAMES = {
+    "_OPTIMIZER": "'optimizer'", "_HYPER": "'hyper'",
+    "CLAUSE": "a clause (" + ", ".join(CLAUSES) + ")",
+    "EQUAL": "'='", "LPAR": "'('", "LSQB": "'['", "<word>": "",
+    "NAME": "a name", "SIGNED_NUMBER": "a number", "INT": "an index (a whole number)",
+    "TRUE": "true", "FALSE": "false", "RSQB": "']'", "COMMA": "','", "RPAR": "')'",
+    "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
 }
+_VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
+_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR"})
 
 
-def _describe_expected(expected) -> str:
-    names = sorted({_TERMINAL_NAMES.get(t, repr(t).lower()) for t in expected})
-    if not names:
-        return "something else"
+def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def _describe_expected(accepts, prev) -> str:
+    """What the parser would have accepted, in words; ``prev`` is the token before."""
+    acc = set(accepts)
+    if len(acc) > 1:
+        acc.discard("$END")  # the end of the line (or another clause) says it better
+    prev_type = getattr(prev, "type", None)
+    words: list[str] = []
+    if _DEFAULT <= acc and prev_type == "EQUAL":
+        acc -= _DEFAULT
+        words.append("a default value (a number, true, false or a tuple like (0.9, 0.999))")
+    elif _VALUE <= acc:
+        acc -= _VALUE
+        words.append("a value (a number, true, false or a name)")
+    if "NAME" in acc:
+        if prev_type == "_OPTIMIZER":
+            acc.discard("NAME")
+            words.append("the optimizer's name")
+        elif prev_type in ("_HYPER", "COMMA") and "RPAR" not in acc:
+            acc -= {"NAME", "_NL"}  # a hyper line may break after a comma; a name must follow
+            words.append("a hyperparameter's name")
+        elif prev_type == "CLAUSE":
+            acc.discard("NAME")
+            words.append(_forms_of(str(prev)))
+        elif "_EVERY" in acc:
+            acc -= {"NAME", "_EVERY"}
+            words.append("a modifier")
+    order = list(_EXPECTED_NAMES)
+    ranked = [(order.index("<word>"), w) for w in words]
+    ranked += [(order.index(t) if t in order else len(order), _EXPECTED_NAMES.get(t, repr(t)))
+               for t in acc]
+    names = [text for _, text in sorted(ranked, key=lambda r: r[0])]
+    return _join(names) if names else "something else"
+
+
+def _forms_of(clause: str) -> str:
+    from curvc.check import FORMS  # the check pass owns the forms; imported late (no cycle)
+
+    forms = FORMS.get(clause, {})
+    return f"a {clause} form ({', '.join(forms)})" if forms else "a name"
+
+
 def _describe_token(tok: Token) -> str:
-    if tok.type == "$END":
-        return "the end of the spec"
     if tok.type == "_NL":
-        return "the end of the line"
-    return f"{str(tok)!r}"
+        return "end of line"
+    if tok.type == "$END":
+        return "end of the spec"
+    if tok.type in ("SIGNED_NUMBER", "INT"):
+        return f"number {tok}"
+    if tok.type == "NAME":
+        return f"name {str(tok)!r}"
+    return repr(str(tok))
+
+
+def _blank(text: str) -> bool:
+    """Whether ``text`` holds only white space and comments."""
+    return all(not line.split("#", 1)[0].strip() for line in text.split("\n"))
+
+
+def _end_span(source: str, file: str) -> Span:
+    """Just after the last character of the spec that is not white space or a comment."""
+    lines = source.split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        code = lines[i].split("#", 1)[0].rstrip()
+        if code:
+            return Span(file, i + 1, len(code) + 1, i + 1, len(code) + 2)
+    return Span(file, 1, 1, 1, 2)
+
+
+def _unclosed_hint(source: str, line: int, column: int) -> str | None:
+    """Name the '(' left open on ``line`` before ``column``, if any (parentheses never span lines)."""
+    lines = source.split("\n")
+    if not 0 < line <= len(lines):
+        return None
+    text = lines[line - 1][:column - 1].split("#", 1)[0]
+    opened: list[int] = []
+    for i, c in enumerate(text):
+        if c == "(":
+            opened.append(i)
+        elif c == ")" and opened:
+            opened.pop()
+    if not opened:
+        return None
+    return f"the '(' at line {line}, column {opened[-1] + 1} is never closed"
+
+
+def _prev_token(e) -> Token | None:
+    """The last token the parser shifted before the error (line breaks skipped)."""
+    ip = getattr(e, "interactive_parser", None)
+    stack = ip.parser_state.value_stack if ip is not None else []
+    for item in reversed(stack):
+        if not isinstance(item, Token):
+            return None
+        if item.type != "_NL":
+            return item
+    return None
+
+
+def _accepts(e) -> set[str]:
+    ip = getattr(e, "interactive_parser", None)
+    if ip is not None:
+        return set(ip.accepts())
+    return set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+
+
+def _syntax_error(e: lark.exceptions.UnexpectedInput, source: str, file: str) -> CurvError:
+    accepts = _accepts(e)
+    prev = _prev_token(e)
+    expected = _describe_expected(accepts, prev)
+    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+        span = Span(file, e.line, e.column, e.line, e.column + 1)
+        return CurvError("syntax.unexpected_char", span, source, found=repr(e.char),
+                         expected=expected, hint=_unclosed_hint(source, e.line, e.column))
+    tok = getattr(e, "token", None)
+    if tok is None or tok.type == "$END" or (tok.type == "_NL" and _blank(source[tok.start_pos:])):
+        if _blank(source):
+            return CurvError("syntax.empty", Span(file), source)
+        span = _end_span(source, file)
+        return CurvError("syntax.unexpected_eof", span, source, expected=expected,
+                         hint=_unclosed_hint(source, span.line, span.column))
+    span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
+                tok.end_column or tok.column + 1)
+    if tok.type == "_NL":  # point just after the line's last character, not at the newline run
+        span = Span(file, tok.line, tok.column, tok.line, tok.column + 1)
+    if "_OPTIMIZER" in accepts and prev is None:
+        return CurvError("syntax.missing_header", span, source, found=_describe_token(tok))
+    if {"_HYPER", "CLAUSE"} <= accepts:
+        if tok.type == "NAME":
+            close = suggest(str(tok), CLAUSES + ("hyper",))
+            return CurvError("syntax.unknown_clause", span, source, found=repr(str(tok)),
+                             clauses=", ".join(CLAUSES),
+                             hint=f"did you mean {close!r}?" if close else None)
+        hint = ("a spec file describes one optimizer; put another in its own file"
+                if tok.type == "_OPTIMIZER" else None)
+        return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
+                         expected=expected, hint=hint)
+    hint = _unclosed_hint(source, tok.line, tok.column) if tok.type == "_NL" else None
+    return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
+                     expected=expected, hint=hint)
 
 
 def parse(source: str, file: str = "<spec>") -> SpecAST:
     """Parse spec text; raise ``CurvError`` (never a Lark exception) on bad syntax."""
     try:
         tree = _parser().parse(source if source.endswith("\n") else source + "\n")
-    except lark.exceptions.UnexpectedToken as e:
-        tok = e.token
-        if tok.type == "$END":
-            lines = source.splitlines() or [""]
-            span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-            raise CurvError("syntax.unexpected_eof", span, source,
-                            expected=_describe_expected(e.expected)) from None
-        span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
-                    tok.end_column or tok.column + 1)
-        raise CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
-                        expected=_describe_expected(e.expected)) from None
-    except lark.exceptions.UnexpectedCharacters as e:
-        span = Span(file, e.line, e.column, e.line, e.column + 1)
-        raise CurvError("syntax.unexpected_char", span, source, found=e.char,
-                        expected=_describe_expected(e.allowed or ())) from None
-    except lark.exceptions.UnexpectedEOF as e:
-        raise CurvError("syntax.unexpected_eof", Span(file), source,
-                        expected=_describe_expected(e.expected)) from None
-    header, *statements = _ToAST(file).transform(tree)
+    except lark.exceptions.UnexpectedInput as e:
+        raise _syntax_error(e, source, file) from None
+    try:
+        header, *statements = _ToAST(file).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, CurvError):
+            raise e.orig_exc.with_source(source) from None
+        raise
     params, clauses = [], []
     for st in statements:
         if isinstance(st, tuple) and st[0] == "hyper":

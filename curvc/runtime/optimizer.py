@@ -107,7 +107,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                     math.isnan(value) or not ok(value):
                 at = "" if index is None else f" at index {index}"
                 raise ValueError(f"Invalid {name} parameter{at}: {value!r} "
-                                 f"(the {where} must be {label})")
+                                 f"({where} must be {label})")
 
     def _flat_hypers(self, group: dict) -> dict:
         h = {"maximize": bool(group.get("maximize", False))}

@@ -1,0 +1,3 @@
+from curvc.cli import main
+
+main()

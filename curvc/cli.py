@@ -1,0 +1,109 @@
+"""The ``curvc`` command: compile, check, explain, table.
+
+User mistakes print a compiler-style message (file:line:col, the line, a
+caret) and exit 1; they never show a Python traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from curvc import compiler, explain as explain_mod, resources
+from curvc.backends import BACKENDS
+from curvc.errors import CurvError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="curvc: compile optimizer specs (Table 1 of the unified curvature view) "
+                       "into torch.optim optimizers.")
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(str(err), err=True)
+    raise typer.Exit(1)
+
+
+@app.command("compile")
+def compile_cmd(
+    specs: List[str] = typer.Argument(..., help="spec files, or names of shipped specs"),
+    out: Path = typer.Option(Path("build"), "-o", "--out", help="output folder"),
+    backend: str = typer.Option("auto", "--backend", help="auto | torch | triton"),
+    dump: Optional[str] = typer.Option(None, "--dump",
+                                       help="print the program after a stage instead: "
+                                            + " | ".join(compiler.STAGES)),
+) -> None:
+    """Compile specs into Python modules (OUT/<stem>.py, each with one Optimizer class)."""
+    if backend not in BACKENDS:
+        _fail(CurvError("codegen.unknown_backend", name=backend, allowed=", ".join(BACKENDS)))
+    failed = False
+    for spec in specs:
+        try:
+            if dump:
+                source, file = compiler.read(spec)
+                typer.echo(compiler.dump(source, file, dump, backend))
+            else:
+                path = compiler.compile_file(spec, out, backend)
+                typer.echo(f"wrote {path}")
+        except (CurvError, FileNotFoundError) as e:
+            typer.echo(str(e), err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(specs: List[str] = typer.Argument(..., help="spec files or shipped names")) -> None:
+    """Parse and check specs; report every error."""
+    failed = False
+    for spec in specs:
+        try:
+            source, file = compiler.read(spec)
+            opt = compiler.to_ir(source, file)
+            typer.echo(f"{file}: ok ({opt.name})")
+        except (CurvError, FileNotFoundError) as e:
+            typer.echo(str(e), err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(spec: str = typer.Argument(..., help="a spec file or shipped name")) -> None:
+    """Print the spec's row of Table 1 and its update equations."""
+    try:
+        source, file = compiler.read(spec)
+        typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
+    except (CurvError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command()
+def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown table")) -> None:
+    """The paper's Table 1, regenerated from the shipped specs."""
+    rows = []
+    for name, path in resources.shipped_specs().items():
+        opt = compiler.to_ir(path.read_text(), str(path))
+        rows.append((opt.name, explain_mod.table_row(opt)))
+    order = {n: i for i, n in enumerate(explain_mod.PAPER_ORDER)}
+    rows.sort(key=lambda r: (order.get(r[0], len(order)), r[0]))
+    cols = ("Optimizer",) + explain_mod.TABLE_COLUMNS
+    cells = [[n] + [r[c] or "-" for c in explain_mod.TABLE_COLUMNS] for n, r in rows]
+    if markdown:
+        typer.echo("| " + " | ".join(cols) + " |")
+        typer.echo("|" + "---|" * len(cols))
+        for row in cells:
+            typer.echo("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(x) for x in col) for col in zip(cols, *cells)]
+    for row in [list(cols), ["-" * w for w in widths]] + cells:
+        typer.echo("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

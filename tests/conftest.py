@@ -1,0 +1,62 @@
+"""Shared fixtures: a small real classification problem and a training loop.
+
+The data is scikit-learn's digits set (it ships inside the package, so no
+download): 1797 8x8 images, 10 classes.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Generated modules go to a private cache, not the user's ~/.cache.
+os.environ.setdefault("CURVC_CACHE_DIR", tempfile.mkdtemp(prefix="curvc-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    return x, torch.tensor(y, dtype=torch.long)
+
+
+def make_mlp(seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, 10))
+
+
+def two_groups(model: torch.nn.Module, first: dict, second: dict) -> list[dict]:
+    """The first layer and the last layer as separate param groups."""
+    return [{"params": list(model[0].parameters()), **first},
+            {"params": list(model[2].parameters()), **second}]
+
+
+def batches(data, steps: int, batch: int = 128, seed: int = 0):
+    """A fixed sequence of minibatches, identical for every optimizer under test."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        yield x[idx], y[idx]
+
+
+def train(model, opt, data, steps: int, seed: int = 0, scheduler=None) -> list[float]:
+    losses = []
+    for xb, yb in batches(data, steps, seed=seed):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def max_relative_error(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """max over parameters of ||a - b|| / ||a||."""
+    return max(((pa - pb).norm() / pa.norm()).item()
+               for pa, pb in zip(a.parameters(), b.parameters()))
