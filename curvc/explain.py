@@ -109,12 +109,19 @@ def _estimate(opt: ir.Optimizer) -> str:
         "fisher": "E_{y ~ p(y|x)} [g_y * g_y]",
         "hessian": "diag(grad^2 f(theta))",
     }[c.kind]
-    return f"({est})^2" if c.squared else est
+    est = f"({est})^2" if c.squared else est
+    if c.scale is not None:
+        est = f"{_v(c.scale)} * {est}"
+    if c.every is not None:
+        est += f"   (estimated every {_v(c.every)} steps, reused in between)"
+    return est
 
 
 def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C") -> str:
     it = opt.iterate
-    every = f"   (every {_v(it.every)} steps)" if it.every is not None else ""
+    every = ""
+    if it.every is not None:
+        every = f"   (every {_v(it.every)} steps{', the first after ' + _v(it.every) if it.delayed else ''})"
     if it.kind == "ema":
         eq.append(f"{name}     = {_v(it.beta)} * {name} + (1 - {_v(it.beta)}) * {new}{every}")
     elif it.kind == "sum":
@@ -139,8 +146,6 @@ def _preconditioner(opt: ir.Optimizer, acc: str) -> str:
         p = f"sqrt({inner})"
     else:
         p = f"{inner}^({_v(ln.power)}/2)"
-    if opt.clip.kind == "elementwise":
-        p = f"{_v(opt.clip.threshold)} * {p}"
     if d.kind == "add":
         p = f"{p} + {_v(d.eps)}"
     elif d.kind == "floor":
@@ -171,7 +176,8 @@ def _elementwise(opt: ir.Optimizer, lr: str) -> list[str]:
 
 def _clip(opt: ir.Optimizer) -> list[str]:
     if opt.clip.kind == "elementwise":
-        return ["d     = clamp(d, -1, 1)"]
+        t = _v(opt.clip.threshold)
+        return [f"d     = clamp(d, -{t}, {t})"]
     if opt.clip.kind == "global_norm":
         return [f"d     = d * min(1, {_v(opt.clip.threshold)} / ||d||)   (norm over all parameters)"]
     return []

@@ -61,6 +61,8 @@ class Curvature:
     distribution: Arg | None = None
     spatial_average: Arg | None = None
     squared: bool = False  # accumulate the square of the estimate (AdaHessian)
+    scale: Arg | None = None  # multiply the estimate (Sophia's rho)
+    every: Arg | None = None  # estimate every k steps, reuse it in between
     span: Span = span_field()
 
 
@@ -85,6 +87,7 @@ class Iterate:
     history: Arg | None = None
     keep_max: Arg | None = None  # also track the running maximum (AMSGrad)
     every: Arg | None = None
+    delayed: bool = False  # the first refresh comes after k steps, not at step 1
     bias_corrected: bool = False
     span: Span = span_field()
 

@@ -12,13 +12,16 @@ from dataclasses import dataclass, field, replace
 
 from curvc import check as checks, ir
 from curvc.errors import CurvError
-from curvc.plan import (Buffer, Const, Expr, Load, Op, Plan, Reduced, Reduction, Scalar,
-                        Select, Store, Validator, flat_hyper_names, walk)
+from curvc.plan import (Buffer, Const, Estimator, Expr, Load, Op, Plan, Reduced, Reduction,
+                        Scalar, Select, Store, Validator, walk)
 
 # Structures and curvature sources the code generator renders today. The
 # rest of Table 1 parses, checks and explains; compiling it is refused.
 ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
 GRADIENT_CURVATURES = ("constant", "empirical_fisher")
+# Curvatures whose per-step estimate a runtime estimator computes
+# (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
+ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett")
 
 
 # --- expression helpers (fold the trivial cases so plans stay readable) -----
@@ -65,6 +68,7 @@ class _Step:
     opt: ir.Optimizer
     buffers: list = field(default_factory=list)
     inputs: list = field(default_factory=list)
+    estimator: Estimator | None = None
     host: list = field(default_factory=list)
     flags: list = field(default_factory=list)
     reductions: list = field(default_factory=list)
@@ -129,6 +133,15 @@ def lower_decay(s: _Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
     return g, p
 
 
+def _every_flag(s: _Step, name: str, every: ir.Arg, delayed: bool = False) -> str:
+    """A flag true on steps 1, k+1, 2k+1, ... (k+1, 2k+1, ... when delayed)."""
+    done = sub(Scalar("step"), 1.0)
+    due = op("eq", op("mod", done, s.arg(every)), 0.0)
+    if delayed:
+        due = op("and", due, op("gt", done, 0.0))
+    return s.flag(name, due)
+
+
 def lower_curvature(s: _Step, g: Expr) -> Expr | None:
     """The per-step curvature estimate c (None for a constant curvature)."""
     c = s.opt.curvature
@@ -137,9 +150,40 @@ def lower_curvature(s: _Step, g: Expr) -> Expr | None:
     if c.kind == "empirical_fisher":
         est = mul(g, g)
     else:
-        s.inputs.append("curvature")
-        est = Load("curvature")
-    return mul(est, est) if c.squared else est
+        est = _lower_estimator(s, c)
+    if c.squared:
+        est = mul(est, est)
+    if c.scale is not None:
+        est = mul(est, s.arg(c.scale))
+    return est
+
+
+def _lower_estimator(s: _Step, c: ir.Curvature) -> Expr:
+    """The estimate a runtime estimator provides, held between refreshes if asked."""
+    it = s.opt.iterate
+    if c.every is not None:
+        when = _every_flag(s, "estimate", c.every)
+    elif it.every is not None:  # only the refresh steps read the estimate
+        when = _every_flag(s, "refresh", it.every, it.delayed)
+    else:
+        when = None
+    args = []
+    for name in ("samples", "distribution", "spatial_average"):
+        a = getattr(c, name)
+        if a is None:
+            continue
+        if isinstance(a, ir.Const) and isinstance(a.value, (str, bool)):
+            args.append((name, a.value))
+        else:
+            args.append((name, s.arg(a)))
+    s.estimator = Estimator(c.kind, "curvature_estimate", tuple(args), when)
+    s.inputs.append("curvature_estimate")
+    fresh = Load("curvature_estimate")
+    if c.every is None:
+        return fresh
+    held = s.buffer("curvature")
+    s.store("curvature", fresh, when=when)
+    return Select(when, fresh, held)
 
 
 def _buffer_name(s: _Step, role: str) -> str:
@@ -170,8 +214,7 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
         return None
     refresh: str | bool = True
     if it.every is not None:
-        k = s.arg(it.every)
-        refresh = s.flag("refresh", op("eq", op("mod", sub(Scalar("step"), 1.0), k), 0.0))
+        refresh = _every_flag(s, "refresh", it.every, it.delayed)
     name = _buffer_name(s, "curvature")
     if it.kind == "instant":
         if refresh is True:
@@ -234,7 +277,7 @@ def lower_preconditioner(s: _Step, acc: Expr | None) -> Expr | None:
     """P, the (damped, rooted) curvature that divides the step; None for the identity."""
     if acc is None:
         return None
-    ln, dmp, clip = s.opt.length, s.opt.damping, s.opt.clip
+    ln, dmp = s.opt.length, s.opt.damping
     eps = s.arg(dmp.eps) if dmp.kind != "none" else None
 
     def root(x):
@@ -251,8 +294,6 @@ def lower_preconditioner(s: _Step, acc: Expr | None) -> Expr | None:
         p = root(add(acc, eps))
     else:
         p = root(acc)
-    if clip.kind == "elementwise":
-        p = mul(p, s.arg(clip.threshold))
     if dmp.kind == "add":
         p = add(p, eps)
     elif dmp.kind == "floor":
@@ -278,7 +319,8 @@ def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
 def lower_clip(s: _Step, d: Expr) -> Expr:
     clip = s.opt.clip
     if clip.kind == "elementwise":
-        return op("maximum", op("minimum", d, 1.0), -1.0)
+        t = s.arg(clip.threshold)
+        return op("maximum", op("minimum", d, t), op("neg", t))
     if clip.kind == "global_norm":
         s.reductions.append(Reduction("step_norm_sq", mul(d, d)))
         scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", Reduced("step_norm_sq"))))
@@ -299,7 +341,7 @@ def _refuse_unsupported(opt: ir.Optimizer) -> None:
         raise CurvError("codegen.unsupported", opt.structure.span,
                         what=f"structure {opt.structure.kind} ({opt.name})",
                         why="only scalar and diagonal structures are compiled so far")
-    if opt.curvature.kind not in GRADIENT_CURVATURES:
+    if opt.curvature.kind not in GRADIENT_CURVATURES + ESTIMATED_CURVATURES:
         raise CurvError("codegen.unsupported", opt.curvature.span,
                         what=f"curvature {opt.curvature.kind} ({opt.name})",
                         why="its estimator is not in the runtime yet")
@@ -319,7 +361,8 @@ def build(opt: ir.Optimizer) -> Plan:
     validators = tuple(Validator(ref.name, ref.index, cons, where)
                        for ref, cons, where in checks.arg_constraints(opt))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
-                tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores))
+                tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
+                s.estimator)
 
 
 # --- passes --------------------------------------------------------------------

@@ -18,7 +18,7 @@ backends can share them (common-subexpression elimination for free).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from curvc import ir
@@ -76,7 +76,7 @@ OPS = {
     "div_or_zero": 2,  # a / b where b > 0, else 0 (a normalized step of a zero gradient)
     "lerp": 3,  # a + w * (b - a), torch.lerp's order of arguments
     # host only (flags):
-    "eq": 2, "ne": 2, "mod": 2, "not": 1,
+    "eq": 2, "ne": 2, "gt": 2, "mod": 2, "not": 1, "and": 2,
 }
 
 
@@ -134,6 +134,21 @@ class Validator:
 
 
 @dataclass(frozen=True)
+class Estimator:
+    """A curvature estimator the runtime runs before the fused update.
+
+    It fills the elementwise input ``input`` on steps where the host flag
+    ``when`` is true (every step when None). ``args`` are host expressions
+    (or enum words) the estimator function takes as keywords.
+    """
+
+    kind: str  # a key of curvc.runtime.curvature.ESTIMATORS
+    input: str
+    args: tuple[tuple[str, object], ...]
+    when: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     hypers: tuple[ir.Hyper, ...]
@@ -144,7 +159,7 @@ class Plan:
     flags: tuple[tuple[str, Expr], ...]
     reductions: tuple[Reduction, ...]
     stores: tuple[Store, ...]
-    notes: tuple[str, ...] = field(default=())
+    estimator: Estimator | None = None
 
     @property
     def host_inputs(self) -> tuple[str, ...]:

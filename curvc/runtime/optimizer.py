@@ -211,17 +211,10 @@ class CurvOptimizer(torch.optim.Optimizer):
             return False
         return self.BACKEND == "triton" or bucket.device.type == "cuda"
 
-    def _update_fn(self, group: dict, bucket: Bucket):
+    def _fused(self, group: dict, bucket: Bucket) -> bool:
+        """fused=True: one compiled pass per tensor; None: so when the bucket is large."""
         fused = group.get("fused")
-        if fused or (fused is None and _large(bucket)):
-            return self._compiled_update()
-        return type(self).torch_update
-
-    def _compiled_update(self):
-        cls = type(self)
-        if cls.__dict__.get("_compiled_torch_update") is None:
-            cls._compiled_torch_update = torch.compile(cls.torch_update, dynamic=True)
-        return cls._compiled_torch_update
+        return bool(fused) or (fused is None and _large(bucket))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -237,16 +230,45 @@ class CurvOptimizer(torch.optim.Optimizer):
             if self._uses_triton(bucket, group):
                 self.triton_step(bucket, scalars, flags, red)
             else:
-                self._torch_step(self._update_fn(group, bucket), bucket, scalars, flags, red)
+                self._torch_step(group, bucket, scalars, flags, red)
         return loss
 
-    def _torch_step(self, update, bucket: Bucket, scalars: dict, flags: dict, reduced: dict):
+    def _torch_step(self, group: dict, bucket: Bucket, scalars: dict, flags: dict,
+                    reduced: dict) -> None:
         spec = self.UPDATE_ARGS
+        rows = bucket.args(spec["tensors"])
+        if self._fused(group, bucket) and all(t is None or t.is_contiguous()
+                                              for row in rows for t in row):
+            self._fused_step(rows, scalars, flags, reduced)
+            return
         kw = {n: scalars[n] for n in spec["scalars"]}
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
-        for tensors in bucket.args(spec["tensors"]):
+        update = type(self).torch_update
+        for tensors in rows:
             update(*tensors, **kw)
+
+    def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> None:
+        from curvc.runtime.fused_cpu import FusedUpdate
+        spec = self.UPDATE_ARGS
+        names = spec["scalars"] + [f"reduced_{n}" for n in spec["reduced"]]
+        present = tuple(t is not None for t in rows[0])
+        dtypes = tuple(t.dtype for t in rows[0] if t is not None)
+        sdtype = torch.promote_types(rows[0][0].dtype, torch.float32)
+        fl = tuple((n, flags[n]) for n in spec["flags"])
+        cache = type(self).__dict__.get("_fused_kernels")
+        if cache is None:
+            cache = type(self)._fused_kernels = {}
+        key = (present, dtypes, fl)
+        kernel = cache.get(key)
+        if kernel is None:
+            kernel = cache[key] = FusedUpdate(type(self).torch_update, spec["tensors"], present,
+                                              names, dict(fl), dtypes, sdtype)
+        values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
+        values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
+        s = torch.cat(values) if len(values) > 1 else values[0]
+        for row in rows:
+            kernel([t.view(-1) for t in row if t is not None], s)
 
     def _reduce(self, work) -> dict:
         """Global sums over every parameter of every group, one per device, on device."""

@@ -1,0 +1,80 @@
+"""Curvature estimators: the calculating approximations that need more than the gradient.
+
+Each returns one tensor per parameter, shaped like it: the per-step
+estimate ``c`` that the optimizer's fused update then accumulates (EMA,
+sum) and divides by. They run on the host side of ``step()`` with autograd;
+everything after them is the same fused elementwise plan as Adam's.
+
+* ``hutchinson``: the Hessian diagonal as the mean of ``z * (H z)`` over
+  random probes ``z`` (Rademacher: E[z z^T] = I, so E[z * Hz] = diag H).
+  Needs gradients that carry their graph (``backward(create_graph=True)``).
+* ``gauss_newton_bartlett``: the Fisher / Gauss-Newton diagonal from labels
+  sampled from the model's own output distribution: ``B * (grad of the
+  mean loss on the sampled labels)^2``, B the number of sampled labels
+  (Sophia-G's estimator).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rademacher_like(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """+1 or -1 with equal probability."""
+    bits = torch.randint(0, 2, p.shape, device=p.device, generator=generator)
+    return bits.to(p.dtype).mul_(2).sub_(1)
+
+
+def hutchinson(params: list[torch.Tensor], grads: list[torch.Tensor], samples: int = 1,
+               distribution: str = "rademacher", spatial_average: bool = False,
+               generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Hutchinson's estimate of diag(H), H the Hessian of the loss whose ``grads`` are given.
+
+    ``grads`` must have been produced with ``create_graph=True``. With
+    ``spatial_average`` (AdaHessian), a 4-D convolution kernel's estimate is
+    replaced by the mean of its absolute value over the kernel's spatial
+    positions, as in the AdaHessian release.
+    """
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(samples):
+        if distribution == "rademacher":
+            zs = [rademacher_like(p, generator) for p in params]
+        elif distribution == "gaussian":
+            zs = [torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=generator)
+                  for p in params]
+        else:
+            raise ValueError(f"unknown probe distribution {distribution!r}")
+        hzs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=i < samples - 1)
+        for acc, hz, z in zip(total, hzs, zs):
+            acc.addcmul_(hz, z, value=1.0 / samples)
+    if spatial_average:
+        total = [t.abs().mean(dim=(2, 3), keepdim=True).expand_as(t).contiguous()
+                 if t.dim() == 4 else t for t in total]
+    return total
+
+
+def gauss_newton_bartlett(params: list[torch.Tensor], logits: torch.Tensor, samples: int = 1,
+                          generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Sophia-G's Gauss-Newton-Bartlett estimate of the Gauss-Newton diagonal.
+
+    ``logits`` are the model's outputs on the current batch, their graph
+    still alive (call this before ``loss.backward()``, or keep the graph).
+    Labels are drawn from softmax(logits); the estimate is
+    ``B * g_hat * g_hat`` with ``g_hat`` the gradient of the mean
+    cross-entropy on the drawn labels and ``B`` the number of drawn labels.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    batch = flat.shape[0]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(samples):
+        with torch.no_grad():
+            probs = torch.softmax(flat.detach().float(), dim=-1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        loss = torch.nn.functional.cross_entropy(flat, labels)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        for acc, g in zip(total, grads):
+            if g is not None:
+                acc.addcmul_(g, g, value=batch / samples)
+    return total
+
+
+ESTIMATORS = {"hutchinson": hutchinson, "gauss_newton_bartlett": gauss_newton_bartlett}
