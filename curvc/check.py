@@ -8,8 +8,10 @@ clash and why.
 """
 from __future__ import annotations
 
+import builtins
 import keyword
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -48,13 +50,16 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "positive_int"),),
                            help="F = E_{y~p(y|x)}[g g^T], labels sampled from the model"),
         "gauss_newton_bartlett": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "positive_int"),),
+            (ArgSpec("samples", "int", 1.0, "positive_int"),
+             ArgSpec("scale", "number", 1.0, "positive")),
+            modifiers=("squared", "every"),
             help="Gauss-Newton-Bartlett: batch size * (grad of loss on sampled labels)^2"),
         "hutchinson": FormSpec(
             (ArgSpec("samples", "int", 1.0, "positive_int"),
              ArgSpec("distribution", "enum", "rademacher", choices=("rademacher", "gaussian")),
-             ArgSpec("spatial_average", "bool", False)),
-            modifiers=("squared",),
+             ArgSpec("spatial_average", "bool", False),
+             ArgSpec("scale", "number", 1.0, "positive")),
+            modifiers=("squared", "every"),
             help="Hessian diagonal: E[z * (H z)] with random probes z"),
         "hessian": FormSpec(help="the exact Hessian H (small models)"),
         "secant": FormSpec(help="secant pairs: H s ~ y with s = dtheta, y = dgrad"),
@@ -72,7 +77,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "iterate": {
         "instant": FormSpec(modifiers=("every",), help="the current estimate only"),
         "ema": FormSpec((_BETA(), ArgSpec("keep_max", "bool", False)),
-                        modifiers=("bias_corrected", "every"),
+                        modifiers=("bias_corrected", "every", "delayed"),
                         help="C <- beta*C + (1-beta)*c"),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),), modifiers=("every",),
                         help="C <- C + c"),
@@ -91,7 +96,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="positive"),),
                                 help="d <- d * min(1, C/||d||)"),
         "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"),),
-                                help="d_i = clamp(g_i / (rho * P_i), -1, 1) (Sophia)"),
+                                help="d_i = clamp(d_i, -threshold, threshold) (Sophia)"),
     },
     "momentum": {
         "none": FormSpec(),
@@ -132,11 +137,35 @@ REQUIRED_CLAUSES = {
     "length": "the paper's Length Limitation column: none, gradient_norm, normalized or eigen_sign",
 }
 
-# Names every generated optimizer takes itself, and words of the language.
-RESERVED = frozenset({
-    "params", "defaults", "self", "maximize", "foreach", "fused", "capturable",
-    "differentiable", "state", "param_groups", "step", "true", "false", "optimizer",
-    "hyper", "every"})
+# Why a modifier exists, for the error that says it is on the wrong form.
+MODIFIER_WHY = {
+    "bias_corrected": "bias correction undoes the zero start of an exponential moving average",
+    "squared": "AdaHessian accumulates the square of Hutchinson's estimate",
+    "delayed": "the first refresh after k steps (Sophia's release) needs `every k`",
+}
+
+# Hyperparameter names that would clash with something else, and why.
+_KEYWORD_ARGS = ("params", "maximize", "foreach", "fused", "capturable", "differentiable",
+                 "state_dtype")
+_OPTIMIZER_ATTRS = ("self", "defaults", "state", "param_groups", "step")
+_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every")
+RESERVED_WHY: dict[str, str] = {
+    **{n: "every compiled optimizer already takes an argument of that name"
+       for n in _KEYWORD_ARGS},
+    **{n: "torch.optim.Optimizer uses that name itself" for n in _OPTIMIZER_ATTRS},
+    **{n: "it is a word of the curv language" for n in _LANGUAGE_WORDS},
+}
+RESERVED = frozenset(RESERVED_WHY)
+
+# Names of the generated module. Hyperparameters become parameters and locals
+# of its functions, so one of these names would shadow the module's own value
+# there (and silently change the arithmetic); the optimizer's name becomes a
+# module-level class and must not replace a module the code uses.
+# The temporaries mirror the backends' naming (t0, s0, lr_t, param_, ...).
+_MODULE_GLOBALS = frozenset({"math", "torch", "triton", "tl", "CurvOptimizer"})
+_GENERATED_LOCALS = frozenset({"h", "param", "grad", "cdt", "lr_t"}) | _MODULE_GLOBALS
+_GENERATED_PATTERN = re.compile(r"[st][0-9]+|.+_")
+_BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "any": ("any number", lambda v: True),
@@ -146,6 +175,8 @@ CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "unit_closed": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "positive_int": ("a whole number >= 1", lambda v: v >= 1 and float(v).is_integer()),
 }
+_LR = ArgSpec("lr", "number", constraint="nonneg")
+_EVERY = ArgSpec("every", "int", constraint="positive_int")
 
 
 # --- AST -> IR ---------------------------------------------------------------
@@ -159,22 +190,29 @@ def check(spec: ast.SpecAST) -> ir.Optimizer:
 
 
 def _check(spec: ast.SpecAST) -> ir.Optimizer:
-    _check_identifier(spec.name, spec.name_span, "the optimizer's name")
+    _check_optimizer_name(spec.name, spec.name_span)
     hypers = _check_hypers(spec)
     by_name = {h.name: h for h in hypers}
     axes: dict[str, object] = {}
+    first: dict[str, ast.Clause] = {}
     for clause in spec.clauses:
         if clause.keyword in axes:
-            raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword)
+            raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword,
+                            hint=f"the first {clause.keyword} clause is on line "
+                                 f"{first[clause.keyword].keyword_span.line}")
+        first[clause.keyword] = clause
         axes[clause.keyword] = _check_clause(clause, by_name)
     for clause, why in REQUIRED_CLAUSES.items():
         if clause not in axes:
-            raise CurvError("combo.missing_clause", spec.name_span, clause=clause, why=why)
+            raise CurvError("combo.missing_clause", spec.name_span, clause=clause, why=why,
+                            hint=f"add a line `{clause} FORM`, FORM one of: "
+                                 f"{', '.join(FORMS[clause])}")
     for clause, form in DEFAULT_FORMS.items():
         axes.setdefault(clause, ir.AXIS_TYPES[clause](kind=form))
     if "lr" not in by_name:
-        raise CurvError("combo.missing_clause", spec.name_span, clause="hyper lr",
-                        why="every step is theta <- theta - lr * d")
+        raise CurvError("combo.missing_lr", spec.name_span,
+                        hint="add it to the hyper line: `hyper lr = 1e-3, ...`" if spec.params
+                        else "add the line `hyper lr = 1e-3`")
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
                        span=spec.name_span, **axes)
     for rule in COMBINATION_RULES:
@@ -182,23 +220,44 @@ def _check(spec: ast.SpecAST) -> ir.Optimizer:
     return opt
 
 
-def _check_identifier(name: str, span: Span, what: str) -> None:
+def _check_optimizer_name(name: str, span: Span) -> None:
     # The grammar already limits names to [A-Za-z_][A-Za-z0-9_]*; these are
-    # the identifiers that would still clash in generated Python.
-    if keyword.iskeyword(name) or name.startswith("_"):
-        raise CurvError("value.wrong_kind", span, what=what,
-                        expected="a name that is not a Python keyword and does not start with '_'",
-                        found=repr(name))
+    # the identifiers that would still break the generated module.
+    if keyword.iskeyword(name):
+        why = "it is a Python keyword, and the optimizer's name becomes a Python class name"
+    elif name.startswith("_"):
+        why = "names starting with '_' are kept for the generated code"
+    elif name in _MODULE_GLOBALS or name in _BUILTINS:
+        why = "the generated module uses that name itself"
+    else:
+        return
+    raise CurvError("name.reserved_optimizer", span, name=name, why=why)
+
+
+def _reserved_hyper_why(name: str) -> str | None:
+    if name in RESERVED_WHY:
+        return RESERVED_WHY[name]
+    if keyword.iskeyword(name):
+        return "it is a Python keyword, and hyperparameters become Python keyword arguments"
+    if name.startswith("_"):
+        return "names starting with '_' are kept for the generated code"
+    if name in _BUILTINS:
+        return f"it would hide Python's builtin {name!r} in the generated code"
+    if name in _GENERATED_LOCALS or _GENERATED_PATTERN.fullmatch(name):
+        return "the generated code uses that name for its own values"
+    return None
 
 
 def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     seen: dict[str, ir.Hyper] = {}
     for p in spec.params:
         if p.name in seen:
-            raise CurvError("name.duplicate_hyper", p.span, name=p.name)
-        if p.name in RESERVED:
-            raise CurvError("name.reserved_hyper", p.span, name=p.name)
-        _check_identifier(p.name, p.span, "a hyperparameter's name")
+            first = seen[p.name].span
+            raise CurvError("name.duplicate_hyper", p.span, name=p.name,
+                            hint=f"first defined at line {first.line}, column {first.column}")
+        why = _reserved_hyper_why(p.name)
+        if why:
+            raise CurvError("name.reserved_hyper", p.span, name=p.name, why=why)
         d = p.default
         if isinstance(d, ast.TupleLiteral):
             default = tuple(_finite(n) for n in d.values)
@@ -207,14 +266,41 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         else:
             default = _finite(d)
         seen[p.name] = ir.Hyper(p.name, default, p.span)
+    # A tuple's entries reach the generated code as NAME_0, NAME_1, ...
+    for h in seen.values():
+        if isinstance(h.default, tuple):
+            entries = [f"{h.name}_{i}" for i in range(len(h.default))]
+            for i, entry in enumerate(entries):
+                if entry in seen:
+                    raise CurvError("name.tuple_entry_clash", seen[entry].span, name=entry,
+                                    tuple=h.name, index=i, entries=", ".join(entries))
+    lr = next((p for p in spec.params if p.name == "lr"), None)
+    if lr is not None:
+        what = "the learning rate 'lr'"
+        if isinstance(lr.default, ast.TupleLiteral):
+            raise CurvError("value.wrong_kind", lr.default.span, what=what,
+                            expected="one number", found="a tuple")
+        _check_kind(seen["lr"].default, _LR, what, lr.default.span, _describe(lr.default))
     return tuple(seen.values())
 
 
 def _finite(n: ast.Number) -> float:
     if not math.isfinite(n.value):
-        raise CurvError("value.wrong_kind", n.span, what="a number", expected="finite",
-                        found=n.text)
+        raise CurvError("value.not_finite", n.span, text=n.text)
     return n.value
+
+
+def _signature(clause: ast.Clause, form: FormSpec) -> str:
+    def arg(a: ArgSpec) -> str:
+        if a.required:
+            return a.name
+        d = a.default
+        if isinstance(d, bool):
+            d = "true" if d else "false"
+        elif isinstance(d, float):
+            d = f"{d:g}"
+        return f"{a.name} = {d}"
+    return f"{clause.keyword} {clause.form}({', '.join(arg(a) for a in form.args)})"
 
 
 def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
@@ -228,10 +314,15 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
                         f"choose one of: {', '.join(forms)}")
     where = f"{clause.keyword} {clause.form}"
     values: dict[str, ir.Arg] = {}
+    if clause.args and not form.args:
+        raise CurvError("name.no_arguments", clause.args[0].keyword_span,
+                        clause=clause.keyword, form=clause.form)
     positional = [a for a in clause.args if a.keyword is None]
     if len(positional) > len(form.args):
-        raise CurvError("value.too_many_arguments", positional[len(form.args)].span,
-                        clause=clause.keyword, form=clause.form, count=len(form.args))
+        n = len(form.args)
+        raise CurvError("value.too_many_arguments", positional[n].span,
+                        clause=clause.keyword, form=clause.form, count=n,
+                        s="" if n == 1 else "s", names=", ".join(a.name for a in form.args))
     for spec_arg, arg in zip(form.args, positional):
         values[spec_arg.name] = _check_value(arg.value, spec_arg, where, hypers)
     names = {a.name: a for a in form.args}
@@ -240,30 +331,33 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
             continue
         if arg.keyword not in names:
             close = suggest(arg.keyword, names)
-            raise CurvError("name.unknown_argument", arg.span, clause=clause.keyword,
-                            form=clause.form, name=arg.keyword,
-                            allowed=", ".join(names) or "no arguments",
-                            hint=f"did you mean {close!r}?" if close else None)
+            raise CurvError("name.unknown_argument", arg.keyword_span, clause=clause.keyword,
+                            form=clause.form, name=arg.keyword, allowed=", ".join(names),
+                            hint=f"did you mean {close!r}?" if close else
+                            f"usage: {_signature(clause, form)}")
         if arg.keyword in values:
-            raise CurvError("name.duplicate_argument", arg.span, name=arg.keyword)
+            by_position = arg.keyword in [a.name for a in form.args[:len(positional)]]
+            raise CurvError("name.duplicate_argument", arg.span, name=arg.keyword,
+                            clause=clause.keyword, form=clause.form,
+                            hint=f"{arg.keyword!r} is already given by position "
+                                 f"(usage: {_signature(clause, form)})" if by_position else None)
         values[arg.keyword] = _check_value(arg.value, names[arg.keyword], where, hypers)
     for spec_arg in form.args:
         if spec_arg.name not in values:
             if spec_arg.required:
                 raise CurvError("value.missing_argument", clause.form_span,
-                                clause=clause.keyword, form=clause.form, name=spec_arg.name)
+                                clause=clause.keyword, form=clause.form, name=spec_arg.name,
+                                hint=f"usage: {_signature(clause, form)}")
             values[spec_arg.name] = ir.Const(spec_arg.default)
     flags: dict[str, object] = {}
     for mod in clause.modifiers:
         if mod.name not in form.modifiers:
-            allowed = ", ".join(form.modifiers) or "none"
-            close = suggest(mod.name, form.modifiers)
-            raise CurvError("name.unknown_modifier", mod.span, name=mod.name,
-                            clause=clause.keyword, form=clause.form, allowed=allowed,
-                            hint=f"did you mean {close!r}?" if close else None)
+            raise _bad_modifier(clause, form, mod)
+        if mod.name in flags:
+            raise CurvError("name.duplicate_modifier", mod.span, name=mod.name)
         if mod.name == "every":
-            flags["every"] = _check_value(mod.value, ArgSpec("every", "int", constraint="positive_int"),
-                                          f"{where} every", hypers)
+            flags["every"] = _check_value(mod.value, _EVERY, where, hypers,
+                                          what=f"the step count after 'every' in {where}")
         else:
             flags[mod.name] = True
     cls = ir.AXIS_TYPES[clause.keyword]
@@ -272,12 +366,37 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
     return cls(kind=clause.form, span=clause.span, **kwargs)
 
 
-def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hyper]) -> ir.Arg:
-    what = f"the {spec_arg.name!r} of {where}"
+def _bad_modifier(clause: ast.Clause, form: FormSpec, mod: ast.Modifier) -> CurvError:
+    owners = [f"{c} {f}" for c, fs in FORMS.items() for f, spec in fs.items()
+              if mod.name in spec.modifiers]
+    if owners:  # a real modifier, on the wrong form
+        return CurvError("name.misplaced_modifier", mod.span, name=mod.name,
+                         clause=clause.keyword, form=clause.form, owners=_join(owners),
+                         hint=MODIFIER_WHY.get(mod.name))
+    if mod.name in FORMS[clause.keyword]:
+        return CurvError("name.unknown_modifier", mod.span, name=mod.name,
+                         clause=clause.keyword, form=clause.form,
+                         allowed="it takes " + " or ".join(form.modifiers) if form.modifiers
+                         else "it takes no modifiers",
+                         hint=f"{mod.name!r} is another {clause.keyword} form; "
+                              "a clause takes exactly one")
+    close = suggest(mod.name, form.modifiers)
+    allowed = ("it takes " + " or ".join(form.modifiers) if form.modifiers
+               else "it takes no modifiers")
+    return CurvError("name.unknown_modifier", mod.span, name=mod.name,
+                     clause=clause.keyword, form=clause.form, allowed=allowed,
+                     hint=f"did you mean {close!r}?" if close else None)
+
+
+def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hyper],
+                 what: str | None = None) -> ir.Arg:
+    what = what or f"the {spec_arg.name!r} of {where}"
     if spec_arg.kind == "enum":
         if not isinstance(value, ast.Ref) or value.index is not None:
+            found = f"the number {value.text}" if isinstance(value, ast.Number) else (
+                f"{value.name}[{value.index}]" if isinstance(value, ast.Ref) else _describe(value))
             raise CurvError("value.wrong_kind", value.span, what=what,
-                            expected=" or ".join(spec_arg.choices), found=_describe(value))
+                            expected=" or ".join(spec_arg.choices), found=found)
         if value.name not in spec_arg.choices:
             close = suggest(value.name, spec_arg.choices)
             raise CurvError("value.wrong_kind", value.span, what=what,
@@ -294,44 +413,67 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
         default = hyper.default
         if value.index is not None:
             if not isinstance(default, tuple):
-                raise CurvError("value.bad_index", value.span, name=value.name)
+                raise CurvError("value.bad_index", value.span, name=value.name,
+                                hint=f"write {value.name} without an index")
             if value.index >= len(default):
                 raise CurvError("value.index_out_of_range", value.span, name=value.name,
-                                index=value.index, size=len(default))
+                                index=value.index, size=len(default),
+                                hint=f"indices start at 0: {_entries(value.name, default)}")
             default = default[value.index]
         elif isinstance(default, tuple):
             raise CurvError("value.wrong_kind", value.span, what=what,
-                            expected="one value", found=f"the tuple {value.name!r} (index it)")
-        _check_kind(default, spec_arg, what, value.span)
+                            expected="one value", found=f"the tuple {value.name!r}",
+                            hint=f"pick an entry: {_entries(value.name, default)}")
+        shown = f"{_show(default)} (the default of {value.name!r})"
+        _check_kind(default, spec_arg, what, value.span, shown)
         return ir.HyperRef(value.name, value.index, value.span)
     if isinstance(value, ast.Boolean):
-        _check_kind(value.value, spec_arg, what, value.span)
+        _check_kind(value.value, spec_arg, what, value.span, _describe(value))
         return ir.Const(value.value, value.span)
-    _check_kind(value.value, spec_arg, what, value.span)
+    _finite(value)
+    _check_kind(value.value, spec_arg, what, value.span, value.text)
     return ir.Const(value.value, value.span)
 
 
-def _check_kind(v, spec_arg: ArgSpec, what: str, span: Span) -> None:
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _entries(name: str, default: tuple) -> str:
+    if len(default) == 2:
+        return f"{name}[0] or {name}[1]"
+    return f"{name}[0] to {name}[{len(default) - 1}]"
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:g}"
+
+
+def _check_kind(v, spec_arg: ArgSpec, what: str, span: Span, shown: str) -> None:
+    """``shown``: how the value reads in a message (its text, or a hyper's default)."""
     if spec_arg.kind == "bool":
         if not isinstance(v, bool):
-            raise CurvError("value.bool_expected", span, what=what)
+            raise CurvError("value.bool_expected", span, what=what, found=shown)
         return
     if isinstance(v, bool):
-        raise CurvError("value.wrong_kind", span, what=what, expected="a number",
-                        found="a boolean")
+        raise CurvError("value.wrong_kind", span, what=what, expected="a number", found=shown)
     label, ok = CONSTRAINTS[spec_arg.constraint]
     if spec_arg.kind == "int" and not float(v).is_integer():
         raise CurvError("value.out_of_range", span, what=what, expected="a whole number",
-                        value=f"{v:g}")
+                        value=shown)
     if not ok(v):
-        raise CurvError("value.out_of_range", span, what=what, expected=label, value=f"{v:g}")
+        raise CurvError("value.out_of_range", span, what=what, expected=label, value=shown)
 
 
 def _describe(value) -> str:
     if isinstance(value, ast.Number):
-        return f"the number {value.text}"
+        return value.text
     if isinstance(value, ast.Boolean):
-        return "a boolean"
+        return "true" if value.value else "false"
+    if isinstance(value, ast.TupleLiteral):
+        return "a tuple"
     return repr(str(value.name))
 
 
@@ -355,18 +497,48 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
 
 
 # --- rules about combinations of axes ----------------------------------------
+#
+# Each rule names both clashing clauses and says why. The order matters only
+# for which message a spec with several clashes gets: the more specific rules
+# (an estimator that fixes the structure, the secant triple) come first.
 
 def _clash(a_node, a: str, b_node, b: str, why: str) -> CurvError:
     span = a_node.span if a_node.span.line else b_node.span
     return CurvError("combo.clash", span, a=a, b=b, why=why)
 
 
-def _rule_constant_needs_scalar(opt: ir.Optimizer) -> None:
+def _rule_estimator_fixes_structure(opt: ir.Optimizer) -> None:
     c, s = opt.curvature, opt.structure
-    if (c.kind == "constant") != (s.kind == "scalar"):
+    if c.kind in ("hutchinson", "gauss_newton_bartlett") and s.kind != "diagonal":
         raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
-                     "a constant curvature L*I is exactly the scalar structure, and the scalar "
-                     "structure has no per-coordinate curvature to estimate")
+                     f"{c.kind} estimates only the diagonal of the curvature, so it needs "
+                     "structure diagonal")
+    if c.kind == "kfac" and s.kind != "kronecker":
+        raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
+                     "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product, so it "
+                     "needs structure kronecker")
+
+
+def _rule_secant_is_low_rank(opt: ir.Optimizer) -> None:
+    nodes = (("curvature", opt.curvature, "secant"), ("structure", opt.structure, "low_rank"),
+             ("iterate", opt.iterate, "secant"))
+    present = [(axis, node) for axis, node, kind in nodes if node.kind == kind]
+    absent = [(axis, node) for axis, node, kind in nodes if node.kind != kind]
+    if present and absent:
+        raise _clash(present[0][1], f"{present[0][0]} {present[0][1].kind}", absent[0][1], " and ".join(f"{a} {n.kind}" for a, n in absent),
+                     "the secant method builds a low-rank inverse from a history of pairs, so "
+                     "it needs curvature secant, structure low_rank and iterate secant together")
+
+
+def _rule_constant_is_scalar(opt: ir.Optimizer) -> None:
+    c, s = opt.curvature, opt.structure
+    if c.kind == "constant" and s.kind != "scalar":
+        raise _clash(c, "curvature constant", s, f"structure {s.kind}",
+                     "a constant curvature is L*I, which is exactly the scalar structure")
+    if s.kind == "scalar" and c.kind != "constant":
+        raise _clash(c, f"curvature {c.kind}", s, "structure scalar",
+                     "the scalar structure is the constant L*I (folded into lr), so there is "
+                     "no curvature to estimate (use curvature constant)")
 
 
 def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
@@ -375,36 +547,8 @@ def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
             node = getattr(opt, axis)
             if node.kind not in ("instant", "none"):
                 raise _clash(node, f"{axis} {node.kind}", opt.curvature, "curvature constant",
-                             f"a constant curvature has nothing to {'accumulate' if axis == 'iterate' else 'damp'}")
-
-
-def _rule_diagonal_estimators(opt: ir.Optimizer) -> None:
-    c, s = opt.curvature, opt.structure
-    if c.kind in ("hutchinson", "gauss_newton_bartlett") and s.kind != "diagonal":
-        raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
-                     f"{c.kind} estimates only the diagonal of the curvature")
-    if c.kind == "kfac" and s.kind != "kronecker":
-        raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
-                     "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product")
-    if c.kind in ("hessian", "fisher") and s.kind == "scalar":
-        raise _clash(c, f"curvature {c.kind}", s, "structure scalar",
-                     "a scalar structure takes no estimated curvature")
-
-
-def _rule_secant_is_low_rank(opt: ir.Optimizer) -> None:
-    c, s, it = opt.curvature, opt.structure, opt.iterate
-    secant = [c.kind == "secant", s.kind == "low_rank", it.kind == "secant"]
-    if any(secant) and not all(secant):
-        raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind} with iterate {it.kind}",
-                     "the secant method builds a low-rank inverse from a history of pairs: "
-                     "it needs curvature secant, structure low_rank and iterate secant together")
-
-
-def _rule_bias_correction_needs_ema(opt: ir.Optimizer) -> None:
-    it = opt.iterate
-    if it.bias_corrected and it.kind != "ema":
-        raise _clash(it, f"iterate {it.kind}", it, "bias_corrected",
-                     "bias correction undoes the zero start of an exponential moving average")
+                             f"a constant curvature has nothing to "
+                             f"{'accumulate' if axis == 'iterate' else 'damp'}")
 
 
 def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
@@ -414,19 +558,37 @@ def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
                      "when the eigenbasis is the coordinate basis (a diagonal structure)")
 
 
-def _rule_power_needs_gradient_norm(opt: ir.Optimizer) -> None:
+def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
     ln = opt.length
     if ln.kind == "normalized" and opt.clip.kind == "global_norm":
         raise _clash(ln, "length normalized", opt.clip, "clip global_norm",
                      "a normalized step already has a fixed norm, so there is nothing to clip")
 
 
+def _rule_delayed_needs_every(opt: ir.Optimizer) -> None:
+    it = opt.iterate
+    if it.delayed and it.every is None:
+        raise _clash(it, f"iterate {it.kind} delayed", it, "no `every k`",
+                     "'delayed' moves the first of the refreshes that `every k` schedules; "
+                     "without `every k` the curvature is refreshed on every step")
+
+
+def _rule_one_refresh_schedule(opt: ir.Optimizer) -> None:
+    c, it = opt.curvature, opt.iterate
+    if c.every is not None and it.every is not None:
+        raise _clash(c, f"curvature {c.kind} every {c.every}", it, f"iterate {it.kind} every "
+                     f"{it.every}", "the estimate is either refreshed every k steps and "
+                     "accumulated every step (curvature ... every k), or estimated and "
+                     "accumulated together every k steps (iterate ... every k), not both")
+
+
 COMBINATION_RULES = (
-    _rule_constant_needs_scalar,
-    _rule_constant_has_nothing_to_iterate,
-    _rule_diagonal_estimators,
+    _rule_estimator_fixes_structure,
+    _rule_delayed_needs_every,
+    _rule_one_refresh_schedule,
     _rule_secant_is_low_rank,
-    _rule_bias_correction_needs_ema,
+    _rule_constant_is_scalar,
+    _rule_constant_has_nothing_to_iterate,
     _rule_elementwise_clip_needs_coordinates,
-    _rule_power_needs_gradient_norm,
+    _rule_normalized_step_needs_no_clip,
 )

@@ -61,7 +61,7 @@ def to_module_source(source: str, file: str = "<spec>", backend: str = "auto") -
 def dump(source: str, file: str, stage: str, backend: str = "auto") -> str:
     """The program after ``stage``, as text."""
     if stage not in STAGES:
-        raise CurvError("codegen.unknown_backend", name=stage, allowed=", ".join(STAGES))
+        raise CurvError("codegen.unknown_stage", name=stage, allowed=", ".join(STAGES))
     ast = parse_mod.parse(source, file)
     if stage == "parse":
         return pprint.pformat(ast, width=100)

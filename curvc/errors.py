@@ -44,13 +44,14 @@ MESSAGES: dict[str, str] = {
     # names and values
     "name.unknown_form": "unknown {clause} {name!r}",
     "name.unknown_hyper": "unknown hyperparameter {name!r}",
-    "name.unknown_argument": "{clause} {form} takes no argument {name!r}; it takes {allowed}",
+    "name.unknown_argument": "{clause} {form} has no argument {name!r}; its arguments: {allowed}",
     "name.no_arguments": "{clause} {form} takes no arguments",
     "name.unknown_modifier": "unknown modifier {name!r} for {clause} {form}; {allowed}",
     "name.misplaced_modifier": "{clause} {form} takes no modifier {name!r}; "
     "{name!r} applies only to {owners}",
     "name.duplicate_clause": "the {clause} clause is given twice",
     "name.duplicate_hyper": "hyperparameter {name!r} is defined twice",
+    "name.duplicate_modifier": "the modifier {name!r} is given twice",
     "name.duplicate_argument": "the argument {name!r} of {clause} {form} is given twice",
     "name.reserved_hyper": "{name!r} cannot name a hyperparameter: {why}",
     "name.reserved_optimizer": "{name!r} cannot name an optimizer: {why}",
@@ -71,9 +72,10 @@ MESSAGES: dict[str, str] = {
     "theta <- theta - lr * d)",
     "combo.clash": "{a} clashes with {b}: {why}",
     # code generation
-    "codegen.unsupported": "code generation for {what} is not available yet ({why}); "
+    "codegen.unsupported": "code generation for {what} is not available ({why}); "
     "`curvc explain` shows its update rule",
     "codegen.unknown_backend": "unknown backend {name!r}; choose one of {allowed}",
+    "codegen.unknown_stage": "unknown stage {name!r} for --dump; choose one of {allowed}",
     # loading
     "load.not_found": "no spec named {name!r}; shipped specs: {allowed}",
 }

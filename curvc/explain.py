@@ -110,7 +110,7 @@ def _estimate(opt: ir.Optimizer) -> str:
         "hessian": "diag(grad^2 f(theta))",
     }[c.kind]
     est = f"({est})^2" if c.squared else est
-    if c.scale is not None:
+    if c.scale is not None and c.scale != ir.Const(1.0):
         est = f"{_v(c.scale)} * {est}"
     if c.every is not None:
         est += f"   (estimated every {_v(c.every)} steps, reused in between)"

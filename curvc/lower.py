@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from curvc import check as checks, ir
 from curvc.errors import CurvError
 from curvc.plan import (Buffer, Const, Estimator, Expr, Load, Op, Plan, Reduced, Reduction,
-                        Scalar, Select, Store, Validator, walk)
+                        Scalar, Select, Store, Validator, flat_hyper_names, walk)
 
 # Structures and curvature sources the code generator renders today. The
 # rest of Table 1 parses, checks and explains; compiling it is refused.
@@ -73,6 +73,22 @@ class _Step:
     flags: list = field(default_factory=list)
     reductions: list = field(default_factory=list)
     stores: list = field(default_factory=list)
+    used: set = field(default_factory=set)
+    flag_names: dict = field(default_factory=dict)
+
+    def unique(self, base: str) -> str:
+        """A name for a generated value that no hyperparameter (or other value) uses.
+
+        Hyperparameters, buffers, flags and host scalars share the generated
+        functions' namespace, so a hyperparameter called ``first_step`` must
+        not be mistaken for the flag of that name.
+        """
+        taken = set(flat_hyper_names(self.opt.hypers)) | self.used
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}{i}", i + 1
+        self.used.add(name)
+        return name
 
     def arg(self, a: ir.Arg | None) -> Expr:
         """An IR argument as a host expression."""
@@ -81,10 +97,11 @@ class _Step:
         assert isinstance(a, ir.Const) and not isinstance(a.value, str), a
         return Const(float(a.value))
 
-    def flag(self, name: str, expr: Expr) -> str:
-        if all(n != name for n, _ in self.flags):
+    def flag(self, base: str, expr: Expr) -> str:
+        if base not in self.flag_names:
+            name = self.flag_names[base] = self.unique(base)
             self.flags.append((name, expr))
-        return name
+        return self.flag_names[base]
 
     def bool_arg(self, name: str, a: ir.Arg) -> str | bool:
         """A boolean argument: a flag if it names a hyperparameter, else its value."""
@@ -92,12 +109,19 @@ class _Step:
             return self.flag(name, op("ne", self.arg(a), 0.0))
         return bool(a.value)
 
-    def host_scalar(self, name: str, expr: Expr) -> Scalar:
+    def host_scalar(self, base: str, expr: Expr) -> Scalar:
+        name = self.unique(base)
         self.host.append((name, expr))
         return Scalar(name)
 
-    def buffer(self, name: str, init: Expr = Const(0.0), when: str | None = None) -> Load:
+    def buffer(self, base: str, init: Expr = Const(0.0), when: str | None = None) -> Load:
+        name = self.unique(base)
         self.buffers.append(Buffer(name, init, when))
+        return Load(name)
+
+    def input(self, base: str) -> Load:
+        name = self.unique(base)
+        self.inputs.append(name)
         return Load(name)
 
     def store(self, target: str, value: Expr, when: str | None = None) -> None:
@@ -176,13 +200,12 @@ def _lower_estimator(s: _Step, c: ir.Curvature) -> Expr:
             args.append((name, a.value))
         else:
             args.append((name, s.arg(a)))
-    s.estimator = Estimator(c.kind, "curvature_estimate", tuple(args), when)
-    s.inputs.append("curvature_estimate")
-    fresh = Load("curvature_estimate")
+    fresh = s.input("curvature_estimate")
+    s.estimator = Estimator(c.kind, fresh.name, tuple(args), when)
     if c.every is None:
         return fresh
     held = s.buffer("curvature")
-    s.store("curvature", fresh, when=when)
+    s.store(held.name, fresh, when=when)
     return Select(when, fresh, held)
 
 
@@ -220,14 +243,16 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
         if refresh is True:
             return c
         old = s.buffer(name)
-        s.store(name, c, when=refresh)
+        s.store(old.name, c, when=refresh)
         return _select(refresh, c, old)
     if it.kind == "ema":
         old = s.buffer(name)
+        name = old.name
         beta = s.arg(it.beta)
         new = add(mul(old, beta), mul(c, sub(1.0, beta)))
     elif it.kind == "sum":
         old = s.buffer(name, init=s.arg(it.init))
+        name = old.name
         new = add(old, c)
     else:
         raise AssertionError(it.kind)
@@ -238,7 +263,7 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
         if keep is not False:
             prev = s.buffer("max_" + name, when=keep if isinstance(keep, str) else None)
             peak = op("maximum", prev, acc)
-            s.store("max_" + name, peak, when=keep if isinstance(keep, str) else None)
+            s.store(prev.name, peak, when=keep if isinstance(keep, str) else None)
             acc = _select(keep, peak, acc)
     if it.bias_corrected:
         beta = s.arg(it.beta)
@@ -257,6 +282,7 @@ def lower_momentum(s: _Step, g: Expr) -> Expr:
     used = _nonzero(s, "has_" + name, m.beta)
     when = used if isinstance(used, str) else None
     old = s.buffer(name, when=when)
+    name = old.name
     if m.kind == "ema":
         new = op("lerp", old, g, sub(1.0, beta))
         s.store(name, new, when=when)

@@ -276,12 +276,12 @@ def _end_span(source: str, file: str) -> Span:
     return Span(file, 1, 1, 1, 2)
 
 
-def _unclosed_hint(source: str, line: int, column: int) -> str | None:
-    """Name the '(' left open on ``line`` before ``column``, if any (parentheses never span lines)."""
+def _unclosed_hint(source: str, line: int) -> str | None:
+    """Name the '(' that ``line`` leaves open, if any (parentheses never span lines)."""
     lines = source.split("\n")
     if not 0 < line <= len(lines):
         return None
-    text = lines[line - 1][:column - 1].split("#", 1)[0]
+    text = lines[line - 1].split("#", 1)[0]
     opened: list[int] = []
     for i, c in enumerate(text):
         if c == "(":
@@ -319,14 +319,14 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, source: str, file: str) ->
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
         span = Span(file, e.line, e.column, e.line, e.column + 1)
         return CurvError("syntax.unexpected_char", span, source, found=repr(e.char),
-                         expected=expected, hint=_unclosed_hint(source, e.line, e.column))
+                         expected=expected, hint=_unclosed_hint(source, e.line))
     tok = getattr(e, "token", None)
     if tok is None or tok.type == "$END" or (tok.type == "_NL" and _blank(source[tok.start_pos:])):
         if _blank(source):
             return CurvError("syntax.empty", Span(file), source)
         span = _end_span(source, file)
         return CurvError("syntax.unexpected_eof", span, source, expected=expected,
-                         hint=_unclosed_hint(source, span.line, span.column))
+                         hint=_unclosed_hint(source, span.line))
     span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
                 tok.end_column or tok.column + 1)
     if tok.type == "_NL":  # point just after the line's last character, not at the newline run
@@ -343,7 +343,9 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, source: str, file: str) ->
                 if tok.type == "_OPTIMIZER" else None)
         return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
                          expected=expected, hint=hint)
-    hint = _unclosed_hint(source, tok.line, tok.column) if tok.type == "_NL" else None
+    hint = _unclosed_hint(source, tok.line)
+    if tok.type == "RPAR" and accepts == {"COMMA"}:
+        hint = "a tuple has two or more entries; write a single number without parentheses"
     return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
                      expected=expected, hint=hint)
 

@@ -75,7 +75,7 @@ def test_curvc_table_prints_one_row_per_shipped_spec_in_the_papers_order():
     ("shampoo", ["L     = L + G G^T", "R     = R + G^T G", "^-1/4"]),
     ("kfac", ["A     = stat_decay * A", "(S + damping I)^-1"]),
     ("lbfgs", ["two-loop recursion"]),
-    ("sophia", ["clamp(d, -1, 1)", "P     = rho * C + 1e-15"]),
+    ("sophia", ["clamp(d, -1, 1)", "P     = C + 1e-15", "rho * B * grad L"]),
     ("newton", ["d     = H^-1 g"]),
     ("normalized_ngd", ["sqrt(g^T H^-1 g)"]),
     ("eigenbasis_normalized_ngd", ["Q sign(Q^T g)"]),
