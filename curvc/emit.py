@@ -112,6 +112,17 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 buf.writeline(f"({b.name!r}, {b.when!r}, lambda h: {init}),")
         buf.writeline(")")
         buf.writeline(f"INPUTS = {tuple(plan.inputs)!r}")
+        est = plan.estimator
+        if est is None:
+            buf.writeline("ESTIMATOR = None")
+        else:
+            args = ", ".join(
+                f"{k!r}: {v!r}" if isinstance(v, (str, bool)) else
+                f"{k!r}: {host.render_inline(v, lambda x: f'h[{x.name!r}]')}"
+                for k, v in est.args)
+            buf.writeline("# (estimator, the input it fills, on steps where this flag holds, its arguments)")
+            buf.writeline(f"ESTIMATOR = ({est.kind!r}, {est.input!r}, {est.when!r}, "
+                          f"lambda h: {{{args}}})")
         buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
         buf.writeline("host = staticmethod(host)")
         buf.writeline("torch_update = staticmethod(update)")

@@ -62,6 +62,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     VALIDATORS: tuple = ()  # (hyper, index, constraint, where)
     BUFFERS: tuple = ()  # (name, allocated-while flag or None, init(h) -> float)
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
+    ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
     REDUCTIONS: tuple = ()  # names, in order
     host: Callable = None
     torch_update: Callable = None
@@ -83,7 +84,7 @@ class CurvOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
-        self._compiled = None
+        self._estimates: dict = {}
 
     # -- hyperparameters -------------------------------------------------------
 
@@ -138,6 +139,10 @@ class CurvOptimizer(torch.optim.Optimizer):
             return p.dtype
         return choice
 
+    @property
+    def BUFFER_NAMES(self) -> tuple[str, ...]:
+        return tuple(n for n, _, _ in self.BUFFERS)
+
     def _init_state(self, p: torch.Tensor, group: dict, h: dict, flags: dict) -> dict:
         state = self.state[p]
         if "step" not in state:
@@ -165,9 +170,14 @@ class CurvOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------
 
     def _buckets(self, group: dict) -> list[tuple[Bucket, dict, dict]]:
+        """Group this param group's tensors into buckets, creating state as needed.
+
+        Everything that can fail is checked before any state changes, so an
+        error leaves the optimizer exactly as it was.
+        """
         h = self._flat_hypers(group)
         per_step: dict[float, tuple[dict, dict]] = {}
-        buckets: dict[tuple, Bucket] = {}
+        todo = []
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -178,31 +188,143 @@ class CurvOptimizer(torch.optim.Optimizer):
             if torch.is_complex(p) or torch.is_complex(g):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
                                    f"optimize torch.view_as_real(p) instead")
-            state = self.state[p]
+            state = self.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
             if step not in per_step:
                 per_step[step] = self.host(h, step)
-            scalars, flags = per_step[step]
+            flags = per_step[step][1]
+            inputs = [self._input(n, p, flags) for n in self.INPUTS]
+            todo.append((p, g, step, flags, inputs))
+        buckets: dict[tuple, Bucket] = {}
+        for p, g, step, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
             state["step"] += 1
             key = (p.device, p.dtype, step)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step,
-                                          tensors={n: [] for n, _, _ in self.BUFFERS})
-                for n in self.INPUTS:
-                    b.tensors[n] = []
+                                          tensors={n: [] for n in (*self.BUFFER_NAMES, *self.INPUTS)})
             b.params.append(p)
             b.grads.append(g)
-            for n, _, _ in self.BUFFERS:
+            for n in self.BUFFER_NAMES:
                 b.tensors[n].append(state.get(n))
-            for n in self.INPUTS:
-                b.tensors[n].append(self._input(n, p, state))
+            for n, t in zip(self.INPUTS, inputs):
+                b.tensors[n].append(t)
         return [(b, *per_step[b.step]) for b in buckets.values()]
 
-    def _input(self, name: str, p: torch.Tensor, state: dict) -> torch.Tensor:
-        raise RuntimeError(f"{type(self).__name__} needs the elementwise input {name!r}, "
-                           f"which no estimator provided")
+    def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
+        kind, _, when, _ = self.ESTIMATOR
+        if when is not None and not flags[when]:
+            return None  # not read on this step
+        est = self._estimates.get(p)
+        if est is None:
+            raise RuntimeError(self._missing_estimate_message(kind))
+        return est
+
+    # -- curvature estimators (curvc.runtime.curvature) ---------------------------
+
+    def _next_step(self) -> float:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "step" in self.state.get(p, {}):
+                    return float(self.state[p]["step"]) + 1.0
+        return 1.0
+
+    def wants_curvature(self) -> bool:
+        """Whether the next ``step()`` refreshes the curvature estimate.
+
+        On those steps the optimizer needs what its estimator needs: gradients
+        with a graph (``loss.backward(create_graph=True)``) for Hutchinson, or
+        ``estimate_curvature(logits=...)`` for Gauss-Newton-Bartlett.
+        """
+        if self.ESTIMATOR is None:
+            return False
+        when = self.ESTIMATOR[2]
+        if when is None:
+            return True
+        flags = self.host(self._flat_hypers(self.param_groups[0]), self._next_step())[1]
+        return bool(flags[when])
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def estimate_curvature(self, logits: torch.Tensor | None = None,
+                           loss: torch.Tensor | None = None) -> None:
+        """Compute this step's curvature estimate now; ``step()`` then uses it.
+
+        Gauss-Newton-Bartlett (Sophia-G) takes the model's ``logits`` on the
+        batch, before ``loss.backward()`` frees their graph. Hutchinson
+        (AdaHessian, Sophia-H) takes the ``loss`` (it differentiates twice
+        itself, so no ``create_graph`` is needed on ``backward``).
+        """
+        from curvc.runtime import curvature
+        if self.ESTIMATOR is None:
+            raise RuntimeError(f"{type(self).__name__} estimates no curvature; "
+                               "estimate_curvature() is for optimizers with an estimator")
+        kind, _, _, make_args = self.ESTIMATOR
+        args = make_args(self._flat_hypers(self.param_groups[0]))
+        params = self._trainable()
+        with torch.enable_grad():
+            if kind == "gauss_newton_bartlett":
+                if logits is None:
+                    raise TypeError(self._missing_estimate_message(kind))
+                est = curvature.gauss_newton_bartlett(params, logits, int(args["samples"]))
+            else:
+                if loss is None:
+                    raise TypeError(f"{type(self).__name__}.estimate_curvature(loss=...) needs "
+                                    "the loss whose Hessian diagonal it estimates")
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+                est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
+                                           int(args["samples"]), args["distribution"],
+                                           bool(args.get("spatial_average", False)))
+                params = [p for p, _ in pairs]
+        self._estimates = {p: e.detach() for p, e in zip(params, est)}
+
+    def set_curvature(self, estimates) -> None:
+        """Hand ``step()`` this step's curvature estimate: one tensor per parameter, in
+        ``param_groups`` order (None for parameters without one)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        estimates = list(estimates)
+        if len(estimates) != len(params):
+            raise ValueError(f"set_curvature() got {len(estimates)} tensors for "
+                             f"{len(params)} parameters")
+        for p, e in zip(params, estimates):
+            if e is not None and e.shape != p.shape:
+                raise ValueError(f"a curvature estimate of shape {tuple(e.shape)} for a "
+                                 f"parameter of shape {tuple(p.shape)}")
+        self._estimates = {p: e.detach() for p, e in zip(params, estimates) if e is not None}
+
+    def _estimate_from_graph(self) -> None:
+        """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
+        from curvc.runtime import curvature
+        pairs = [(p, p.grad) for p in self._trainable()
+                 if p.grad is not None and p.grad.grad_fn is not None]
+        if not pairs:
+            return
+        args = self.ESTIMATOR[3](self._flat_hypers(self.param_groups[0]))
+        with torch.enable_grad():
+            est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
+                                       int(args["samples"]), args["distribution"],
+                                       bool(args.get("spatial_average", False)))
+        self._estimates = {p: e.detach() for (p, _), e in zip(pairs, est)}
+
+    def _missing_estimate_message(self, kind: str) -> str:
+        name = type(self).__name__
+        if kind == "gauss_newton_bartlett":
+            return (f"{name} refreshes its curvature on this step and needs the model's logits: "
+                    f"before loss.backward(), call `if opt.wants_curvature(): "
+                    f"opt.estimate_curvature(logits=logits)` (or pass step(curvature=[...]))")
+        return (f"{name} estimates the Hessian diagonal on this step and needs second "
+                f"derivatives: call loss.backward(create_graph=opt.wants_curvature()) before "
+                f"step(), or opt.estimate_curvature(loss=loss), or pass step(curvature=[...])")
+
+    def _release_graphs(self) -> None:
+        """Drop gradients' graphs after use: p.grad -> graph -> p is a reference cycle
+        that would keep every step's graph alive."""
+        for p in self._trainable():
+            if p.grad is not None and p.grad.grad_fn is not None:
+                p.grad = p.grad.detach()
 
     def _uses_triton(self, bucket: Bucket, group: dict) -> bool:
         """Backend 'triton' runs Triton everywhere (CPU tensors need TRITON_INTERPRET=1);
@@ -217,13 +339,29 @@ class CurvOptimizer(torch.optim.Optimizer):
         return bool(fused) or (fused is None and _large(bucket))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Performs a single optimization step; ``closure`` re-evaluates the loss."""
+    def step(self, closure=None, *, curvature=None):
+        """Performs a single optimization step.
+
+        ``closure`` re-evaluates the loss; ``curvature`` (optional) is this step's
+        curvature estimate, one tensor per parameter (see ``set_curvature``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, *item) for group in self.param_groups for item in self._buckets(group)]
+        if curvature is not None:
+            self.set_curvature(curvature)
+        try:
+            if self.ESTIMATOR is not None and not self._estimates and self.wants_curvature():
+                if self.ESTIMATOR[0] == "hutchinson":
+                    self._estimate_from_graph()
+                if not self._estimates:  # refuse before any state changes
+                    raise RuntimeError(self._missing_estimate_message(self.ESTIMATOR[0]))
+            work = [(group, *item) for group in self.param_groups
+                    for item in self._buckets(group)]
+        finally:
+            if self.ESTIMATOR is not None:
+                self._release_graphs()
         reduced = self._reduce(work) if self.REDUCTIONS else {}
         for group, bucket, scalars, flags in work:
             red = reduced.get(bucket.device, {})
@@ -231,6 +369,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 self.triton_step(bucket, scalars, flags, red)
             else:
                 self._torch_step(group, bucket, scalars, flags, red)
+        self._estimates = {}
         return loss
 
     def _torch_step(self, group: dict, bucket: Bucket, scalars: dict, flags: dict,
