@@ -26,13 +26,15 @@ def rademacher_like(p: torch.Tensor, generator: torch.Generator | None = None) -
 
 def hutchinson(params: list[torch.Tensor], grads: list[torch.Tensor], samples: int = 1,
                distribution: str = "rademacher", spatial_average: bool = False,
-               generator: torch.Generator | None = None) -> list[torch.Tensor]:
+               generator: torch.Generator | None = None,
+               keep_graph: bool = False) -> list[torch.Tensor]:
     """Hutchinson's estimate of diag(H), H the Hessian of the loss whose ``grads`` are given.
 
     ``grads`` must have been produced with ``create_graph=True``. With
     ``spatial_average`` (AdaHessian), a 4-D convolution kernel's estimate is
     replaced by the mean of its absolute value over the kernel's spatial
-    positions, as in the AdaHessian release.
+    positions, as in the AdaHessian release. ``keep_graph`` leaves the
+    loss's graph alive for a later ``backward()``.
     """
     total = [torch.zeros_like(p) for p in params]
     for i in range(samples):
@@ -43,7 +45,8 @@ def hutchinson(params: list[torch.Tensor], grads: list[torch.Tensor], samples: i
                   for p in params]
         else:
             raise ValueError(f"unknown probe distribution {distribution!r}")
-        hzs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=i < samples - 1)
+        hzs = torch.autograd.grad(grads, params, grad_outputs=zs,
+                                  retain_graph=keep_graph or i < samples - 1)
         for acc, hz, z in zip(total, hzs, zs):
             acc.addcmul_(hz, z, value=1.0 / samples)
     if spatial_average:

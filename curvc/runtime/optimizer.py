@@ -277,7 +277,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                 pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
                 est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
                                            int(args["samples"]), args["distribution"],
-                                           bool(args.get("spatial_average", False)))
+                                           bool(args.get("spatial_average", False)),
+                                           keep_graph=True)  # the user's backward follows
                 params = [p for p, _ in pairs]
         self._estimates = {p: e.detach() for p, e in zip(params, est)}
 
