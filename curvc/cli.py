@@ -94,7 +94,7 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
         typer.echo("| " + " | ".join(cols) + " |")
         typer.echo("|" + "---|" * len(cols))
         for row in cells:
-            typer.echo("| " + " | ".join(row) + " |")
+            typer.echo("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
         return
     widths = [max(len(x) for x in col) for col in zip(cols, *cells)]
     for row in [list(cols), ["-" * w for w in widths]] + cells:
