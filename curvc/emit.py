@@ -124,6 +124,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
             buf.writeline(f"ESTIMATOR = ({est.kind!r}, {est.input!r}, {est.when!r}, "
                           f"lambda h: {{{args}}})")
         buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
+        buf.writeline(f"STORES = {tuple(sorted({st.target for st in plan.stores}))!r}  # what a step writes")
         buf.writeline("host = staticmethod(host)")
         buf.writeline("torch_update = staticmethod(update)")
         buf.writeline("torch_reduce = {" + ", ".join(

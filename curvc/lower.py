@@ -397,6 +397,28 @@ def _is_host(e: Expr) -> bool:
     return all(not isinstance(n, (Load, Reduced, Select)) for n in walk(e))
 
 
+def divide_by_reciprocal(plan: Plan) -> Plan:
+    """x / s -> x * (1/s) when s is a host value: one division per step, not per element.
+
+    Elementwise division is several times slower than multiplication, and an
+    optimizer step is close to memory-bound, so each one per element shows.
+    The result may differ from the division in the last bit.
+    """
+    def visit(e: Expr) -> Expr:
+        if isinstance(e, Op):
+            args = tuple(visit(a) for a in e.args)
+            if e.op == "div" and _is_host(args[1]) and not _is_host(args[0]):
+                return Op("mul", (args[0], Op("div", (Const(1.0), args[1]))))
+            return Op(e.op, args)
+        if isinstance(e, Select):
+            return Select(e.flag, visit(e.then), visit(e.other))
+        return e
+
+    stores = tuple(replace(st, value=visit(st.value)) for st in plan.stores)
+    reductions = tuple(replace(r, value=visit(r.value)) for r in plan.reductions)
+    return replace(plan, stores=stores, reductions=reductions)
+
+
 def hoist_host(plan: Plan) -> Plan:
     """Move scalar-only subexpressions (1 - beta, lr * wd, ...) to the host.
 
@@ -450,7 +472,8 @@ def verify(plan: Plan) -> Plan:
     return plan
 
 
-PASSES = (("hoist_host", hoist_host), ("verify", verify))
+PASSES = (("divide_by_reciprocal", divide_by_reciprocal), ("hoist_host", hoist_host),
+          ("verify", verify))
 
 
 def lower(opt: ir.Optimizer) -> Plan:

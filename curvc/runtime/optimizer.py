@@ -64,6 +64,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
     ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
     REDUCTIONS: tuple = ()  # names, in order
+    STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
     host: Callable = None
     torch_update: Callable = None
     torch_reduce: dict = {}
@@ -196,9 +197,10 @@ class CurvOptimizer(torch.optim.Optimizer):
             inputs = [self._input(n, p, flags) for n in self.INPUTS]
             todo.append((p, g, step, flags, inputs))
         buckets: dict[tuple, Bucket] = {}
+        steps = []
         for p, g, step, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
-            state["step"] += 1
+            steps.append(state["step"])
             key = (p.device, p.dtype, step)
             b = buckets.get(key)
             if b is None:
@@ -210,6 +212,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                 b.tensors[n].append(state.get(n))
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
+        if steps:
+            torch._foreach_add_(steps, 1.0)  # one call, not one per parameter
         return [(b, *per_step[b.step]) for b in buckets.values()]
 
     def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
@@ -407,8 +411,21 @@ class CurvOptimizer(torch.optim.Optimizer):
         values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
         values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
         s = torch.cat(values) if len(values) > 1 else values[0]
+        small = [row for row in rows if row[0].numel() < _PACK_BELOW]
         for row in rows:
-            kernel([t.view(-1) for t in row if t is not None], s)
+            if row[0].numel() >= _PACK_BELOW:
+                kernel([t.view(-1) for t in row if t is not None], s)
+        if small:
+            # Small tensors (biases, norms) share one call: gather each role into
+            # one buffer, update it, scatter back the roles the step writes.
+            columns = [[t.view(-1) for t in col] for col in zip(*small) if col[0] is not None]
+            names = [n for n, here in zip(spec["tensors"], present) if here]
+            packed = [torch.cat(col) for col in columns]
+            kernel(packed, s)
+            sizes = [t.numel() for t in columns[0]]
+            for name, col, buf in zip(names, columns, packed):
+                if name in self.STORES:
+                    torch._foreach_copy_(col, list(torch.split(buf, sizes)))
 
     def _reduce(self, work) -> dict:
         """Global sums over every parameter of every group, one per device, on device."""
@@ -438,6 +455,7 @@ def _number(v):
 
 
 _LARGE = 1 << 20  # elements in a bucket above which the fused (compiled) CPU path pays off
+_PACK_BELOW = 1 << 16  # tensors smaller than this share one fused call
 
 
 def _large(bucket: Bucket) -> bool:
