@@ -36,6 +36,18 @@ class TorchRenderer(Renderer):
             return f"torch.pow({args[0]}, {args[1]})"
         return super().render_op(node, args)
 
+    def render_select(self, node: Select, then: str, other: str) -> str:
+        return f"{then} if {node.flag} else {other}"
+
+    def render_stmt(self, st: Stmt, names: dict) -> str:
+        """The source of one statement (``names``: the schedule's names of its operands)."""
+        node = st.node
+        if isinstance(node, Select):
+            text = self.render_select(node, names[node.then], names[node.other])
+        else:
+            text = self.render_op(node, [names[a] for a in node.args])
+        return f"{st.name} = {text}"
+
 
 def _leaf(e) -> str:
     if isinstance(e, Const):
@@ -69,12 +81,7 @@ def _emit_statements(buf: IndentedBuffer, stmts: list[Stmt], sched, renderer) ->
             if current:
                 buf.writeline(f"if {guard_text(current, str)}:")
                 buf._level += 1
-        node = st.node
-        if isinstance(node, Select):
-            text = f"{sched.names[node.then]} if {node.flag} else {sched.names[node.other]}"
-        else:
-            text = renderer.render_op(node, [sched.names[a] for a in node.args])
-        buf.writeline(f"{st.name} = {text}")
+        buf.splice(renderer.render_stmt(st, sched.names))
     if current:
         buf._level -= 1
 
@@ -92,11 +99,9 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
     roots = plan_roots(plan)
     sched = schedule(roots, _leaf)
     r = TorchRenderer(_tensor_names(plan, sched, roots))
-    tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
-    scalars, reduced, flags = _signature(plan, sched, tensors)
-    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when})
-    args = ", ".join(tensors + scalars + [f"reduced_{n}" for n in reduced] + flags)
-    buf.writeline(f"def update({args}):")
+    sig = update_signature(plan, sched)
+    tensors = sig["tensors"]
+    buf.writeline(f"def update({signature_text(sig)}):")
     with buf.indent():
         buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
         buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
@@ -106,7 +111,21 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
         for st in plan.stores:
             line = f"{st.target}.copy_({sched.names[st.value]})"
             buf.writeline(f"if {st.when}: {line}" if st.when else line)
+    return sig
+
+
+def update_signature(plan: Plan, sched) -> dict:
+    """What the update of ``plan`` takes, in order (``sched``: its stores' schedule)."""
+    tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+    scalars, reduced, flags = _signature(plan, sched, tensors)
+    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when})
     return {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
+
+
+def signature_text(sig: dict) -> str:
+    """The parameter list of a function taking ``sig`` (as ``update_signature`` returns)."""
+    return ", ".join(sig["tensors"] + sig["scalars"] + [f"reduced_{n}" for n in sig["reduced"]]
+                     + sig["flags"])
 
 
 def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:

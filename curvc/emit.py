@@ -15,6 +15,7 @@ from curvc import explain, ir
 from curvc.plan import Plan, flat_hyper_names
 from curvc.version import __version__
 from curvc.backends import BACKENDS
+from curvc.backends import foreach as foreach_backend
 from curvc.backends import torch as torch_backend
 from curvc.backends.render import IndentedBuffer, PythonHost, render_host
 
@@ -70,6 +71,11 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
     buf.writeline()
     buf.splice(torch_backend.render(plan))
+    buf.writeline()
+    buf.writeline()
+    buf.writeline("# --- foreach: the same step for many small tensors at once ---")
+    buf.writeline()
+    buf.splice(foreach_backend.render(plan))
     buf.writeline()
     if backend in ("triton", "auto"):
         from curvc.backends import triton as triton_backend
@@ -130,6 +136,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline("torch_reduce = {" + ", ".join(
             f"{r.name!r}: reduce_{r.name}" for r in plan.reductions) + "}")
         buf.writeline("UPDATE_ARGS = UPDATE_ARGS")
+        buf.writeline("foreach_update = staticmethod(foreach_update)")
+        buf.writeline("FOREACH_ARGS = FOREACH_ARGS")
         buf.writeline("REDUCE_ARGS = REDUCE_ARGS")
         buf.writeline("triton_step = staticmethod(triton_step) if triton_step else None")
         buf.writeline("triton_reduce = staticmethod(triton_reduce) if triton_reduce else None")

@@ -67,6 +67,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
     host: Callable = None
     torch_update: Callable = None
+    foreach_update: Callable | None = None
     torch_reduce: dict = {}
     UPDATE_ARGS: dict = {}
     REDUCE_ARGS: dict = {}
@@ -388,9 +389,17 @@ class CurvOptimizer(torch.optim.Optimizer):
         kw = {n: scalars[n] for n in spec["scalars"]}
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
+        # Small tensors: one foreach op per step of the DAG for all of them;
+        # large ones: per tensor (foreach's list temporaries would not fit in cache).
+        small = [row for row in rows if row[0].numel() < _FOREACH_BELOW]
+        if len(small) > 1 and type(self).foreach_update is not None:
+            type(self).foreach_update(*(list(col) for col in zip(*small)), **kw)
+        else:
+            small = []
         update = type(self).torch_update
         for tensors in rows:
-            update(*tensors, **kw)
+            if not small or tensors[0].numel() >= _FOREACH_BELOW:
+                update(*tensors, **kw)
 
     def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> None:
         from curvc.runtime.fused_cpu import FusedUpdate
@@ -456,6 +465,7 @@ def _number(v):
 
 _LARGE = 1 << 20  # elements in a bucket above which the fused (compiled) CPU path pays off
 _PACK_BELOW = 1 << 16  # tensors smaller than this share one fused call
+_FOREACH_BELOW = 1 << 15  # eager path: tensors smaller than this share foreach ops
 
 
 def _large(bucket: Bucket) -> bool:
