@@ -389,17 +389,29 @@ class CurvOptimizer(torch.optim.Optimizer):
         kw = {n: scalars[n] for n in spec["scalars"]}
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
-        # Small tensors: one foreach op per step of the DAG for all of them;
-        # large ones: per tensor (foreach's list temporaries would not fit in cache).
-        small = [row for row in rows if row[0].numel() < _FOREACH_BELOW]
-        if len(small) > 1 and type(self).foreach_update is not None:
-            type(self).foreach_update(*(list(col) for col in zip(*small)), **kw)
-        else:
-            small = []
         update = type(self).torch_update
-        for tensors in rows:
-            if not small or tensors[0].numel() >= _FOREACH_BELOW:
+        if type(self).foreach_update is None:
+            for tensors in rows:
                 update(*tensors, **kw)
+            return
+        # Eager: foreach ops over cache-sized pieces. The step is elementwise, so
+        # any split of the tensors is valid; small pieces keep every temporary
+        # the DAG allocates in cache instead of fresh pages per op.
+        pieces, size = [], 0
+        for row in rows:
+            if not all(t is None or t.is_contiguous() for t in row):
+                update(*row, **kw)
+                continue
+            flat = [None if t is None else t.view(-1) for t in row]
+            n = flat[0].numel()
+            for start in range(0, max(n, 1), _PIECE):
+                pieces.append([None if t is None else t[start:start + _PIECE] for t in flat])
+                size += min(_PIECE, n - start)
+                if size >= _BATCH:
+                    type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
+                    pieces, size = [], 0
+        if pieces:
+            type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
 
     def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> None:
         from curvc.runtime.fused_cpu import FusedUpdate
@@ -465,7 +477,8 @@ def _number(v):
 
 _LARGE = 1 << 20  # elements in a bucket above which the fused (compiled) CPU path pays off
 _PACK_BELOW = 1 << 16  # tensors smaller than this share one fused call
-_FOREACH_BELOW = 1 << 15  # eager path: tensors smaller than this share foreach ops
+_PIECE = 1 << 15  # eager path: elements per foreach list entry
+_BATCH = 1 << 18  # eager path: elements per foreach call
 
 
 def _large(bucket: Bucket) -> bool:
