@@ -12,6 +12,11 @@ import torch
 # Generated modules go to a private cache, not the user's ~/.cache.
 os.environ.setdefault("CURVC_CACHE_DIR", tempfile.mkdtemp(prefix="curvc-test-cache-"))
 
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors. The
+# variable must be set before any module (torch.compile included) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def digits():

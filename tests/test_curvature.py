@@ -310,3 +310,30 @@ def test_adahessian_averages_convolution_kernels_over_their_spatial_positions():
     averaged = est.hutchinson(params, grads, 1, "rademacher", True, generator=gen)[0]
     expected = plain.abs().mean(dim=(2, 3), keepdim=True).expand_as(plain)
     torch.testing.assert_close(averaged, expected)
+
+
+@pytest.mark.parametrize("spec, kw", [
+    ("adahessian", dict(lr=0.05, weight_decay=0.01, update_each=2, hessian_power=0.8)),
+    ("sophia", dict(lr=0.01, k=2)),
+    ("sophia_h", dict(lr=0.05, update_period=3, p=0.1)),
+])
+def test_triton_kernels_equal_the_torch_rendering(spec, kw):
+    """Triton (the interpreter on CPU, or CUDA) and torch, handed the same curvature."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(), (5,), (300,), (2, 3, 5, 7), (3,)]
+    results = []
+    for backend in ("torch", "triton"):
+        Opt = curvc.load(spec, backend=backend)
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+        opt = Opt([{"params": params[:3]}, {"params": params[3:], "lr": kw["lr"] / 2}], **kw)
+        for _ in range(12):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(device)
+            hess = [torch.rand(p.shape, generator=g).to(device) for p in params]
+            opt.step(curvature=hess if opt.wants_curvature() else None)
+        results.append(params)
+    for a, b in zip(*results):
+        scale = a.abs().max().item() or 1.0
+        assert (a - b).abs().max().item() <= 1e-6 * scale

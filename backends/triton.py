@@ -1,0 +1,535 @@
+"""The Triton backend: a plan as multi-tensor ``@triton.jit`` kernels.
+
+``render(plan)`` writes the Triton section of a generated module:
+
+* ``update_kernel``: the whole step (every store of the plan) for one block
+  of one tensor. A launch covers every tensor of a bucket: the kernel reads
+  the tensor's data pointers from int64 tables (one per tensor role) and its
+  block from a block -> (tensor, first element) table. Each parameter,
+  gradient and state element is loaded once and stored once.
+* ``reduce_kernel`` (plans with global reductions): each block's partial sum
+  of every reduction, summed on the device in float64 (no host sync).
+* ``triton_step`` / ``triton_reduce``: the host side the runtime calls.
+
+Host flags are ``tl.constexpr`` (a guarded statement is a static ``if``);
+host scalars are runtime float64 arguments, so an LR scheduler never
+recompiles; reductions are read from device pointers. Arithmetic runs in
+float32 (float64 for float64 parameters), stores round to the destination
+dtype.
+
+The second half of this file, ``Tables``, is run-time support the
+generated code imports: building and caching the pointer tables. It needs
+torch, never triton, so the compiler imports this module without Triton.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
+from curvc.backends.render import Guard, IndentedBuffer, Renderer, plan_roots, schedule
+
+# --- rendering -------------------------------------------------------------------
+
+
+class TritonRenderer(Renderer):
+    """Operators as Triton expressions. Operands are always names or literals,
+    so formats may repeat them."""
+
+    ops = {**Renderer.ops,
+           "div": "_div({0}, {1})", "sqrt": "_sqrt({0})", "abs": "tl.abs({0})",
+           # torch.sign: 0 at 0 (and at NaN)
+           "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
+           # torch.maximum/clamp propagate NaN; Triton's default does not
+           "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+           "minimum": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+           # torch.lerp's two-sided formula (exact at both ends)
+           "lerp": "tl.where(tl.abs({2}) < 0.5, {0} + {2} * ({1} - {0}), "
+                   "{1} - ({1} - {0}) * (1.0 - {2}))",
+           # the inner where keeps a zero divisor out of the division
+           "div_or_zero": "tl.where({1} > 0, _div({0}, tl.where({1} > 0, {1}, 1.0)), 0.0)",
+           # powers of nonnegative curvature; exactly sqrt at 0.5, as torch.pow is
+           "pow": "tl.where({1} == 0.5, _sqrt({0}), "
+                  "tl.where({1} == 0.0, 1.0, tl.exp2({1} * tl.log2({0}))))"}
+
+
+def _leaf(e) -> str:
+    if isinstance(e, Const):
+        return repr(float(e.value))
+    if isinstance(e, Load):
+        return f"{e.name}_"
+    if isinstance(e, Reduced):
+        return f"reduced_{e.name}"
+    return e.name  # Scalar
+
+
+def _operands(node) -> tuple:
+    return node.args if isinstance(node, Op) else (node.then, node.other)
+
+
+def _load_guards(sched, roots) -> dict[str, Guard]:
+    """The flags under which each tensor must be loaded.
+
+    Only statements are guarded by ``schedule``; a load is needed wherever a
+    statement reading it runs (a Select's branch adds the Select's flag), so
+    its guard is the intersection of its users' guards, as ``schedule``
+    merges guards. A buffer whose allocation flag is off is never loaded.
+    """
+    guards: dict[str, Guard] = {}
+
+    def use(e, g: Guard) -> None:
+        if isinstance(e, Load):
+            guards[e.name] = guards[e.name] & g if e.name in guards else Guard(g)
+
+    for st in sched.stmts:
+        node = st.node
+        if isinstance(node, Select):
+            use(node.then, st.guard | {(node.flag, True)})
+            use(node.other, st.guard | {(node.flag, False)})
+        else:
+            for a in node.args:
+                use(a, st.guard)
+    for root, g in roots:
+        use(root, Guard(g))
+    return guards
+
+
+class _Kernel:
+    """What one kernel reads: computed from its schedule, rendered in order."""
+
+    def __init__(self, plan: Plan, roots, stores=()):
+        self.plan = plan
+        self.roots = roots
+        self.sched = schedule(roots, _leaf)
+        self.stores = stores
+        names = self.sched.names
+        order = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+        loaded = {n.name for n in names if isinstance(n, Load)}
+        stored = {st.target for st in stores}
+        self.tensors = [t for t in order if t in loaded or t in stored]  # roles this kernel touches
+        self.loads = _load_guards(self.sched, roots)
+        self.scalars = sorted({n.name for n in names if isinstance(n, Scalar)})
+        self.reduced = sorted({n.name for n in names if isinstance(n, Reduced)})
+        stmts = self.sched.stmts
+        self.flags = sorted({f for st in stmts for f, _ in st.guard}
+                            | {st.node.flag for st in stmts if isinstance(st.node, Select)}
+                            | {f for g in self.loads.values() for f, _ in g}
+                            | {st.when for st in stores if st.when})
+        # Values derived from reductions only stay float64 scalars (as a 0-d
+        # float64 tensor does in torch) until they meet a tensor.
+        self.wide = {f"reduced_{n}" for n in self.reduced}
+        self.narrowed = set()  # wide values that meet a tensor: cast to CDT once, as `<name>_c`
+        tensorish = {f"{t}_" for t in self.tensors}
+        for st in self.sched.stmts:
+            ops = [names[a] for a in _operands(st.node)]
+            if any(o in tensorish for o in ops):
+                tensorish.add(st.name)
+            elif any(o in self.wide for o in ops):
+                self.wide.add(st.name)
+            if st.name not in self.wide:
+                self.narrowed |= self.wide.intersection(ops)
+
+    def signature(self, buf: IndentedBuffer, extra: list[str]) -> None:
+        groups = [([f"{t}_ptrs" for t in self.tensors], "data-pointer tables, one per role"),
+                  (["numels", "block_tensor", "block_start"],
+                   "each block's tensor and first element"),
+                  ([f"{s}: tl.float64" for s in self.scalars], "host scalars (runtime values)"),
+                  ([f"reduced_{r}_ptr" for r in self.reduced], "global sums (0-d float64)"),
+                  *extra,
+                  ([f"{f}: tl.constexpr" for f in self.flags], "host flags (compile-time)"),
+                  ([f"{_dtype_arg(t)}: tl.constexpr" for t in self.tensors]
+                   + ["CDT: tl.constexpr", "BLOCK: tl.constexpr"], "element types, compute type, block size")]
+        groups = [(names, why) for names, why in groups if names]
+        for n, (names, why) in enumerate(groups):
+            buf.writeline(f"# {why}")
+            buf.writelines(_wrap(names, "):" if n == len(groups) - 1 else ","))
+
+    def prologue(self, buf: IndentedBuffer) -> None:
+        buf.writeline("pid = tl.program_id(0)")
+        buf.writeline("i = tl.load(block_tensor + pid)")
+        buf.writeline("offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)")
+        buf.writeline("mask = offs < tl.load(numels + i)")
+        for t in self.tensors:
+            buf.writeline(f"{t}_addr = tl.load({t}_ptrs + i).to(tl.pointer_type({_dtype_arg(t)}))")
+        for s in self.scalars:
+            buf.writeline(f"{s} = tl.cast({s}, CDT)")
+        for r in self.reduced:
+            buf.writeline(f"reduced_{r} = tl.load(reduced_{r}_ptr)")
+            if f"reduced_{r}" in self.narrowed:
+                buf.writeline(f"reduced_{r}_c = tl.cast(reduced_{r}, CDT)")
+        items = [(self.loads[t], [f"{t}_ = tl.load({t}_addr + offs, mask=mask).to(CDT)"])
+                 for t in self.tensors if t in self.loads]
+        _emit_guarded(buf, items)
+
+    def body(self, buf: IndentedBuffer) -> None:
+        r = TritonRenderer()
+        names = self.sched.names
+        items = []
+        for st in self.sched.stmts:
+            wide = st.name in self.wide
+            ops = [names[a] if wide or names[a] not in self.wide else f"{names[a]}_c"
+                   for a in _operands(st.node)]
+            if isinstance(st.node, Select):
+                lines = [f"if {st.node.flag}:", f"    {st.name} = {ops[0]}", "else:",
+                         f"    {st.name} = {ops[1]}"]
+            else:
+                lines = [f"{st.name} = {r.render_op(st.node, ops)}"]
+            if st.name in self.narrowed:  # float64 until here, as a 0-d tensor in torch
+                lines.append(f"{st.name}_c = tl.cast({st.name}, CDT)")
+            items.append((st.guard, lines))
+        _emit_guarded(buf, items)
+
+
+def _wrap(items: list[str], end: str, width: int = 92) -> list[str]:
+    """``items`` joined by commas over lines of at most ``width``; ``end`` closes the last."""
+    lines, line = [], ""
+    for k, item in enumerate(items):
+        piece = item + (", " if k < len(items) - 1 else end)
+        if line and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    lines.append(line)
+    return lines
+
+
+def _dtype_arg(role: str) -> str:
+    return f"{role.upper()}_T"
+
+
+def _emit_guarded(buf: IndentedBuffer, items: list[tuple[Guard, list[str]]]) -> None:
+    """Lines under static ifs, one nested ``if`` per flag (Triton folds them at
+    compile time; nesting avoids relying on ``and`` over constexprs)."""
+    current: tuple = ()
+    for guard, lines in items:
+        want = tuple(sorted(guard))
+        if want != current:
+            buf._level -= len(current)
+            for flag, value in want:
+                buf.writeline(f"if {'' if value else 'not '}{flag}:")
+                buf._level += 1
+            current = want
+        buf.writelines(lines)
+    buf._level -= len(current)
+
+
+def _store_line(target: str, value: str) -> str:
+    return f"_store({target}_addr, offs, {value}, mask, {_dtype_arg(target)})"
+
+
+def render_update(plan: Plan, buf: IndentedBuffer) -> _Kernel:
+    k = _Kernel(plan, plan_roots(plan), plan.stores)
+    buf.writeline("@triton.jit")
+    buf.writeline("def update_kernel(")
+    with buf.indent(2):
+        k.signature(buf, [])
+    with buf.indent():
+        buf.writeline("# The whole step for one BLOCK of one tensor: every value computed from")
+        buf.writeline("# the old state, then each buffer and the parameter stored once.")
+        k.prologue(buf)
+        k.body(buf)
+        names = k.sched.names
+        _emit_guarded(buf, [(Guard({(st.when, True)} if st.when else set()),
+                             [_store_line(st.target, names[st.value])]) for st in plan.stores])
+    return k
+
+
+def render_reduce(plan: Plan, buf: IndentedBuffer) -> _Kernel:
+    roots = [(red.value, Guard()) for red in plan.reductions]
+    k = _Kernel(plan, roots)
+    if k.reduced:
+        raise NotImplementedError("a reduction that reads another reduction")
+    buf.writeline("@triton.jit")
+    buf.writeline("def reduce_kernel(")
+    with buf.indent(2):
+        k.signature(buf, [(["partials"], "out: [reductions, blocks] float64")])
+    with buf.indent():
+        buf.writeline("# One block's partial sums of " + ", ".join(r.name for r in plan.reductions)
+                      + ": row r of partials holds reduction r.")
+        k.prologue(buf)
+        k.body(buf)
+        for row, red in enumerate(plan.reductions):
+            value = k.sched.names[red.value]
+            at = "pid" if row == 0 else f"{row} * tl.num_programs(0) + pid"
+            buf.writeline(f"tl.store(partials + {at}, "
+                          f"tl.sum(tl.where(mask, {value}, 0.0), axis=0).to(tl.float64))")
+    return k
+
+
+_HELPERS = '''\
+@triton.jit
+def _div(a, b):
+    # IEEE-rounded, as torch: float32 `/` is approximate on NVIDIA GPUs
+    q = a / b
+    if q.dtype == tl.float32:
+        q = tl.div_rn(a, b)
+    return q
+
+@triton.jit
+def _sqrt(x):
+    # IEEE-rounded, as torch: float32 tl.sqrt is approximate on NVIDIA GPUs
+    r = tl.sqrt(x)
+    if x.dtype == tl.float32:
+        r = tl.sqrt_rn(x)
+    return r
+
+@triton.jit
+def _store(addr, offs, x, mask, T: tl.constexpr):
+    # x rounded to nearest-even in the destination dtype T, as torch's copy_;
+    # bfloat16 by hand, since the interpreter truncates float32 -> bfloat16
+    if T == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        half = tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16)
+        tl.store(addr + offs, half.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(addr + offs, x.to(T), mask=mask)
+'''
+
+
+def _launch_args(k: _Kernel, buf: IndentedBuffer, extra: list[str]) -> None:
+    buf.writelines(_wrap([f"t.ptrs[{n!r}]" for n in k.tensors], ","))
+    buf.writeline("t.numels, t.block_tensor, t.block_start,")
+    buf.writelines(_wrap([f"{s}=float(scalars[{s!r}])" for s in k.scalars]
+                         + [f"reduced_{r}_ptr=reduced[{r!r}]" for r in k.reduced]
+                         + extra + [f"{f}=bool(flags[{f!r}])" for f in k.flags], ","))
+    buf.writelines(_wrap([f"{_dtype_arg(n)}=t.dtypes[{n!r}]" for n in k.tensors]
+                         + ["CDT=t.compute", "BLOCK=t.block", "num_warps=t.num_warps"], ")"))
+
+
+def render(plan: Plan) -> str:
+    """The Triton section of a generated module (imports cleanly without Triton)."""
+    buf = IndentedBuffer()
+    roles = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+    stored = [st.target for st in plan.stores]
+    buf.writelines(["try:", "    import triton", "    import triton.language as tl",
+                    "except ImportError:  # the torch path works without Triton",
+                    "    triton = None", "",
+                    "if triton is None:", "    triton_step = triton_reduce = None", "else:"])
+    with buf.indent():
+        buf.writeline("from curvc.backends.triton import Tables")
+        buf.writeline()
+        buf.splice(_HELPERS)
+        buf.writeline()
+        upd = render_update(plan, buf)
+        buf.writeline()
+        red = render_reduce(plan, buf) if plan.reductions else None
+        if red:
+            buf.writeline()
+        buf.writeline(f"_TABLES = Tables({roles!r}, stored={sorted(set(stored))!r})")
+        buf.writeline()
+        buf.writeline("def triton_step(bucket, scalars, flags, reduced):")
+        with buf.indent():
+            buf.writeline('"""The bucket\'s step: one update_kernel launch for all its tensors."""')
+            buf.writeline("for t in _TABLES.launches(bucket, update_kernel):")
+            with buf.indent():
+                buf.writeline("update_kernel[(t.blocks,)](")
+                with buf.indent():
+                    _launch_args(upd, buf, [])
+                buf.writeline("t.finish()")
+        buf.writeline()
+        buf.writeline("def triton_reduce(bucket, scalars, flags):")
+        with buf.indent():
+            if red is None:
+                buf.writeline('"""No global reductions in this plan."""')
+                buf.writeline("return {}")
+            else:
+                names = [r.name for r in plan.reductions]
+                rows = len(names)
+                buf.writeline('"""Partial sums over the bucket, as 0-d float64 device tensors."""')
+                buf.writeline("total = None")
+                buf.writeline("for t in _TABLES.launches(bucket, reduce_kernel):")
+                with buf.indent():
+                    buf.writeline(f"partials = t.partials({rows})")
+                    buf.writeline("reduce_kernel[(t.blocks,)](")
+                    with buf.indent():
+                        _launch_args(red, buf, ["partials=partials"])
+                    buf.writeline(f"sums = partials.view({rows}, t.blocks).sum(dim=1)")
+                    buf.writeline("total = sums if total is None else total + sums")
+                buf.writeline("if total is None:  # no elements")
+                buf.writeline(f"    total = _TABLES.zeros(bucket, {rows})")
+                buf.writeline("return {" + ", ".join(f"{n!r}: total[{i}]" for i, n in enumerate(names))
+                              + "}")
+    return buf.getvalue()
+
+
+# --- run-time support (imported by generated modules; torch only) --------------
+
+BLOCK = 1024  # elements per program on GPU: 4 warps x 8 elements per thread
+INTERPRETER_BLOCK = 256  # on the CPU interpreter: fewer lanes, and tests still cross blocks
+NUM_WARPS = 4
+CACHE_SIZE = 16  # table sets kept per generated optimizer
+
+
+def _interpreted(kernel) -> bool:
+    kernel = getattr(kernel, "__wrapped__", kernel)  # a wrapper (a launch counter) names its kernel
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _dense(t) -> bool:
+    """Whether ``t``'s elements fill its storage span without gaps or overlap."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(t) -> tuple:
+    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz != 1)
+
+
+class Launch:
+    """One kernel launch's worth of tables: tensors sharing dtypes (usually the whole bucket)."""
+
+    def __init__(self, ptrs, numels, block_tensor, block_start, blocks, dtypes, compute, block,
+                 write_back, device):
+        self.ptrs = ptrs  # role -> int64 device table of data pointers
+        self.numels, self.block_tensor, self.block_start = numels, block_tensor, block_start
+        self.blocks = blocks
+        self.dtypes = dtypes  # role -> tl dtype
+        self.compute = compute
+        self.block = block
+        self.num_warps = NUM_WARPS
+        self.device = device
+        self._write_back = write_back  # (original, staged) for non-dense tensors
+        self._keep = ()  # tensors the launch reads that nothing else holds
+
+    def partials(self, rows: int):
+        import torch
+        return torch.empty(rows * self.blocks, dtype=torch.float64, device=self.device)
+
+    def finish(self) -> None:
+        for original, staged in self._write_back:
+            original.copy_(staged)
+
+
+class Tables:
+    """Data-pointer tables for multi-tensor launches, cached on the tensors' ``data_ptr()``s.
+
+    ``launches(bucket, kernel)`` returns the launches that cover a bucket:
+    one, unless tensors of one role differ in dtype (then one per dtype mix).
+    Tensors whose layout is not dense, or differs between param, grad and
+    state, are updated through contiguous copies written back by ``finish``.
+    """
+
+    def __init__(self, roles: list[str], stored: list[str]):
+        self.roles = list(roles)
+        self.stored = set(stored)
+        self._cache: OrderedDict = OrderedDict()
+
+    def zeros(self, bucket, rows: int):
+        import torch
+        return torch.zeros(rows, dtype=torch.float64, device=bucket.device)
+
+    def _columns(self, bucket) -> list[list]:
+        cols = []
+        for role in self.roles:
+            col = bucket.params if role == "param" else bucket.grads if role == "grad" else \
+                bucket.tensors.get(role)
+            cols.append(list(col) if col is not None else [None] * len(bucket.params))
+        return cols
+
+    def launches(self, bucket, kernel) -> list[Launch]:
+        import torch
+        interpreted = _interpreted(kernel)
+        if bucket.device.type == "cpu" and not interpreted:
+            raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported, or use backend "
+                               "'torch' or 'auto'")
+        block = INTERPRETER_BLOCK if interpreted else BLOCK
+        cols = self._columns(bucket)
+        rows = list(zip(*cols))  # per tensor: (param, grad, ...)
+        groups: dict[tuple, list[int]] = {}
+        write_back: list = []
+        staged_rows = []
+        for j, row in enumerate(rows):
+            p = row[0]
+            if p.numel() == 0:
+                continue
+            present = [t for t in row if t is not None]
+            if not all(_dense(t) and _layout(t) == _layout(p) for t in present):
+                row = tuple(None if t is None else t.contiguous() for t in row)
+                write_back += [(o, s) for role, o, s in zip(self.roles, rows[j], row)
+                               if role in self.stored and o is not None and s is not o]
+            staged_rows.append(row)
+            key = tuple(None if t is None else t.dtype for t in row)
+            groups.setdefault(key, []).append(len(staged_rows) - 1)
+        if len(groups) > 1:
+            groups = self._merge(groups)
+        out = [copy.copy(self._launch([staged_rows[j] for j in members], key, bucket.device,
+                                      block, torch)) for key, members in groups.items()]
+        for launch in out:
+            # Staged copies must outlive the launch: freed earlier, their memory
+            # could be reused (by the next table, say) before the kernel reads it.
+            launch._keep = staged_rows
+        if out:
+            out[-1]._write_back = write_back  # after the last launch has written everything
+        return out
+
+    @staticmethod
+    def _merge(groups: dict) -> dict:
+        """Treat an absent tensor (None) as matching any dtype of its role."""
+        merged: dict[tuple, list[int]] = {}
+        for key, members in sorted(groups.items(), key=lambda kv: sum(k is None for k in kv[0])):
+            for mkey in merged:
+                if all(a is None or b is None or a == b for a, b in zip(key, mkey)):
+                    new = tuple(b if b is not None else a for a, b in zip(key, mkey))
+                    merged[new] = merged.pop(mkey) + members
+                    break
+            else:
+                merged[key] = list(members)
+        return merged
+
+    def _launch(self, rows, dtypes, device, block, torch) -> Launch:
+        numels = tuple(r[0].numel() for r in rows)
+        ptrs = tuple(tuple(0 if t is None else t.data_ptr() for t in r) for r in rows)
+        key = (device, block, dtypes, numels, ptrs)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        launch = self._build(rows, numels, dtypes, device, block, torch)
+        self._cache[key] = launch
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return launch
+
+    def _build(self, rows, numels, dtypes, device, block, torch) -> Launch:
+        import triton.language as tl
+        tl_types = {torch.float32: tl.float32, torch.float16: tl.float16,
+                    torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+        n = len(rows)
+        counts = torch.tensor([math.ceil(m / block) for m in numels], dtype=torch.int64)
+        blocks = int(counts.sum())
+        block_tensor = torch.repeat_interleave(torch.arange(n), counts)
+        first = torch.cumsum(counts, 0) - counts
+        block_start = (torch.arange(blocks) - first[block_tensor]) * block
+        # One host buffer, one copy to the device; every segment padded to 16
+        # bytes so each table slice is as aligned as a fresh tensor (Triton
+        # specializes pointer arguments on 16-byte alignment).
+        segments = [torch.tensor([0 if t is None else t.data_ptr() for t in col], dtype=torch.int64)
+                    for col in zip(*rows)]
+        segments += [torch.tensor(numels, dtype=torch.int64), block_tensor, block_start]
+        padded = [torch.cat([s, s.new_zeros(len(s) % 2)]) for s in segments]
+        flat = torch.cat(padded)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        views, at = [], 0
+        for s, p in zip(segments, padded):
+            views.append(flat[at:at + len(s)])
+            at += len(p)
+        role_dtypes = {}
+        for role, dt in zip(self.roles, dtypes):
+            if dt is not None and dt not in tl_types:
+                raise TypeError(f"Triton backend: unsupported dtype {dt} for {role!r}")
+            role_dtypes[role] = tl_types.get(dt, tl.float32)  # absent everywhere: never read
+        compute = tl.float64 if dtypes[0] == torch.float64 else tl.float32
+        ptrs = dict(zip(self.roles, views[:len(self.roles)]))
+        numel_t, block_tensor_t, block_start_t = views[len(self.roles):]
+        return Launch(ptrs, numel_t, block_tensor_t, block_start_t, blocks, role_dtypes, compute,
+                      block, [], device)
