@@ -13,9 +13,9 @@ import keyword
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Callable
 
 from curvc import ir, parse as ast
+from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 
 
@@ -167,14 +167,6 @@ _GENERATED_LOCALS = frozenset({"h", "param", "grad", "cdt", "lr_t"}) | _MODULE_G
 _GENERATED_PATTERN = re.compile(r"[st][0-9]+|.+_")
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
-CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "any": ("any number", lambda v: True),
-    "nonneg": ("a number >= 0", lambda v: v >= 0),
-    "positive": ("a number > 0", lambda v: v > 0),
-    "unit": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "unit_closed": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "positive_int": ("a whole number >= 1", lambda v: v >= 1 and float(v).is_integer()),
-}
 _LR = ArgSpec("lr", "number", constraint="nonneg")
 _EVERY = ArgSpec("every", "int", constraint="positive_int")
 

@@ -5,7 +5,6 @@ caret) and exit 1; they never show a Python traceback.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 

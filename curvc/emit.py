@@ -12,7 +12,7 @@ Layout of a generated module:
 from __future__ import annotations
 
 from curvc import explain, ir
-from curvc.plan import Plan, flat_hyper_names
+from curvc.plan import Plan
 from curvc.version import __version__
 from curvc.backends import BACKENDS
 from curvc.backends import foreach as foreach_backend

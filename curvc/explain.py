@@ -236,7 +236,7 @@ def _dense(opt: ir.Optimizer, lr: str) -> list[str]:
     elif ln == "gradient_norm":
         eq.append(f"d     = {Hd}^-1/2 {m}                         (||d_i||_H = g_i)")
     else:
-        eq.append(f"H     = Q diag(lambda) Q^T")
+        eq.append("H     = Q diag(lambda) Q^T")
         eq.append(f"d     = {Hd}^-1/2 Q sign(Q^T {m})             (||d_i||_H = 1)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")

@@ -150,11 +150,13 @@ def lower_gradient(s: _Step) -> Expr:
 def lower_decay(s: _Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
     """Returns (gradient, parameter) after weight decay."""
     d, p = s.opt.decay, Load("param")
+    if d.kind == "none":
+        return g, p
+    # A zero rate (the usual default) skips the term rather than adding 0 * theta.
+    used = _nonzero(s, "has_weight_decay", d.rate)
     if d.kind == "l2":
-        return add(g, mul(p, s.arg(d.rate))), p
-    if d.kind == "decoupled":
-        return g, mul(p, sub(1.0, mul(lr, s.arg(d.rate))))
-    return g, p
+        return _select(used, add(g, mul(p, s.arg(d.rate))), g), p
+    return g, _select(used, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))), p)
 
 
 def _every_flag(s: _Step, name: str, every: ir.Arg, delayed: bool = False) -> str:
@@ -273,6 +275,18 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
     return acc
 
 
+def _lerp(s: _Step, a: Expr, b: Expr, w: Expr) -> Expr:
+    """torch.lerp(a, b, w) for a host weight w, with its two formulas as a static choice.
+
+    torch picks a + w(b - a) for |w| < 0.5 and b - (b - a)(1 - w) otherwise
+    (each exact at its end); choosing on the host keeps the results bitwise
+    torch's, and a compiled kernel evaluates one formula, not both and a blend.
+    """
+    near_a = s.flag("lerp_near_start", op("gt", 0.5, op("abs", w)))
+    diff = sub(b, a)
+    return Select(near_a, add(a, mul(w, diff)), sub(b, mul(diff, sub(1.0, w))))
+
+
 def lower_momentum(s: _Step, g: Expr) -> Expr:
     m = s.opt.momentum
     if m.kind == "none":
@@ -284,7 +298,7 @@ def lower_momentum(s: _Step, g: Expr) -> Expr:
     old = s.buffer(name, when=when)
     name = old.name
     if m.kind == "ema":
-        new = op("lerp", old, g, sub(1.0, beta))
+        new = _lerp(s, old, g, sub(1.0, beta))
         s.store(name, new, when=when)
         out = new
         if m.bias_corrected:

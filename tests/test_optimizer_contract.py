@@ -4,7 +4,6 @@ import inspect
 import io
 import multiprocessing
 import os
-import subprocess
 import sys
 import textwrap
 

@@ -23,18 +23,9 @@ from typing import Callable
 
 import torch
 
+from curvc.constraints import CONSTRAINTS
+
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
-
-# The constraint names of curvc.check.CONSTRAINTS, as run-time checks.
-_CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "any": ("any number", lambda v: True),
-    "nonneg": (">= 0", lambda v: v >= 0),
-    "positive": ("> 0", lambda v: v > 0),
-    "unit": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "unit_closed": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "positive_int": ("a whole number >= 1", lambda v: v >= 1 and float(v).is_integer()),
-}
-
 
 @dataclass
 class Bucket:
@@ -105,7 +96,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 if value.numel() != 1:
                     raise ValueError(f"Invalid {name}: a tensor must have one element")
                 value = value.item()
-            label, ok = _CONSTRAINTS[constraint]
+            label, ok = CONSTRAINTS[constraint]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     math.isnan(value) or not ok(value):
                 at = "" if index is None else f" at index {index}"
