@@ -20,8 +20,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _fail(err: Exception) -> None:
-    typer.echo(str(err), err=True)
+    typer.echo(str(err) if isinstance(err, CurvError) else f"error: {err}", err=True)
     raise typer.Exit(1)
+
+
+def _for_each(specs: List[str], run) -> None:
+    """Run ``run`` on every spec, print its output or its error; exit 1 if any failed."""
+    failed = False
+    for spec in specs:
+        try:
+            typer.echo(run(spec))
+        except (CurvError, FileNotFoundError) as e:
+            typer.echo(str(e) if isinstance(e, CurvError) else f"error: {e}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("compile")
@@ -36,36 +49,22 @@ def compile_cmd(
     """Compile specs into Python modules (OUT/<stem>.py, each with one Optimizer class)."""
     if backend not in BACKENDS:
         _fail(CurvError("codegen.unknown_backend", name=backend, allowed=", ".join(BACKENDS)))
-    failed = False
-    for spec in specs:
-        try:
-            if dump:
-                source, file = compiler.read(spec)
-                typer.echo(compiler.dump(source, file, dump, backend))
-            else:
-                path = compiler.compile_file(spec, out, backend)
-                typer.echo(f"wrote {path}")
-        except (CurvError, FileNotFoundError) as e:
-            typer.echo(str(e), err=True)
-            failed = True
-    if failed:
-        raise typer.Exit(1)
+    def one(spec: str) -> str:
+        if dump:
+            return compiler.dump(*compiler.read(spec), dump, backend)
+        return f"wrote {compiler.compile_file(spec, out, backend)}"
+
+    _for_each(specs, one)
 
 
 @app.command()
 def check(specs: List[str] = typer.Argument(..., help="spec files or shipped names")) -> None:
     """Parse and check specs; report every error."""
-    failed = False
-    for spec in specs:
-        try:
-            source, file = compiler.read(spec)
-            opt = compiler.to_ir(source, file)
-            typer.echo(f"{file}: ok ({opt.name})")
-        except (CurvError, FileNotFoundError) as e:
-            typer.echo(str(e), err=True)
-            failed = True
-    if failed:
-        raise typer.Exit(1)
+    def one(spec: str) -> str:
+        source, file = compiler.read(spec)
+        return f"{file}: ok ({compiler.to_ir(source, file).name})"
+
+    _for_each(specs, one)
 
 
 @app.command()
