@@ -61,8 +61,11 @@ class Schedule:
     names: dict  # Expr -> the name (or leaf text) holding its value
 
 
-def schedule(roots: list[tuple[Expr, Guard]], leaf) -> Schedule:
+def schedule(roots: list[tuple], leaf) -> Schedule:
     """Statements computing every root, children first, each node once.
+
+    ``roots`` are (expression, guard) or (expression, guard, name) tuples;
+    a named root's statement gets that name instead of ``t<n>``.
 
     ``leaf(node)`` names a leaf (Const, Load, Scalar, Reduced) in the backend's syntax.
     """
@@ -87,8 +90,11 @@ def schedule(roots: list[tuple[Expr, Guard]], leaf) -> Schedule:
         if e not in order:
             order.append(e)
 
-    for root, guard in roots:
+    hints: dict[Expr, str] = {}
+    for root, guard, *name in roots:
         visit(root, Guard(guard))
+        if name and root not in hints and name[0] not in hints.values():
+            hints[root] = name[0]
     # Children were appended before parents on first visit; a re-visit that
     # widened a guard keeps positions valid because the DAG did not change.
     names: dict[Expr, str] = {}
@@ -97,16 +103,19 @@ def schedule(roots: list[tuple[Expr, Guard]], leaf) -> Schedule:
         if isinstance(e, (Const, Load, Scalar, Reduced)):
             names[e] = leaf(e)
             continue
-        name = f"t{len(stmts)}"
+        name = hints.get(e) or f"t{len(stmts)}"
         names[e] = name
         stmts.append(Stmt(name, e, guards[e]))
     return Schedule(stmts, names)
 
 
-def plan_roots(plan: Plan) -> list[tuple[Expr, Guard]]:
+def plan_roots(plan: Plan) -> list[tuple[Expr, Guard, str]]:
+    """The stored values, each with its guard and a readable name (``new_exp_avg_``;
+    the trailing underscore keeps it apart from every hyperparameter name)."""
     roots = []
     for st in plan.stores:
-        roots.append((st.value, Guard({(st.when, True)} if st.when else set())))
+        roots.append((st.value, Guard({(st.when, True)} if st.when else set()),
+                      f"new_{st.target}_"))
     return roots
 
 

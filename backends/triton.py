@@ -90,7 +90,7 @@ def _load_guards(sched, roots) -> dict[str, Guard]:
         else:
             for a in node.args:
                 use(a, st.guard)
-    for root, g in roots:
+    for root, g, *_ in roots:
         use(root, Guard(g))
     return guards
 
