@@ -108,8 +108,9 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     },
     "decay": {
         "none": FormSpec(),
-        "l2": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),),
-                       help="g <- g + wd*theta"),
+        "l2": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),
+                        ArgSpec("decoupled", "bool", False)),
+                       help="g <- g + wd*theta (decoupled = true: as `decay decoupled`)"),
         "decoupled": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),),
                               help="theta <- theta*(1 - lr*wd)"),
     },

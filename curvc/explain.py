@@ -66,8 +66,15 @@ def equations(opt: ir.Optimizer) -> list[str]:
         eq.append(f"lr_t  = lr / (1 + (t-1) * {_v(opt.schedule.rate)})")
         lr = "lr_t"
     eq.append("g     = grad f(theta)            (negated when maximize=True)")
-    if opt.decay.kind == "l2":
-        eq.append(f"g     = g + {_v(opt.decay.rate)} * theta")
+    dec = opt.decay
+    switch = dec.kind == "l2" and dec.decoupled is not None and dec.decoupled != ir.Const(False)
+    if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
+        eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})")
+    elif dec.kind == "l2":
+        eq.append(f"g     = g + {_v(dec.rate)} * theta"
+                  + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
+        if switch:
+            eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
         eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
     s = opt.structure.kind

@@ -122,6 +122,7 @@ class Momentum:
 class Decay:
     kind: str  # none | l2 | decoupled
     rate: Arg | None = None
+    decoupled: Arg | None = None  # l2 only: switch to decoupled decay (torch Adam's flag)
     span: Span = span_field()
 
 

@@ -154,9 +154,14 @@ def lower_decay(s: _Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
         return g, p
     # A zero rate (the usual default) skips the term rather than adding 0 * theta.
     used = _nonzero(s, "has_weight_decay", d.rate)
-    if d.kind == "l2":
-        return _select(used, add(g, mul(p, s.arg(d.rate))), g), p
-    return g, _select(used, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))), p)
+    coupled = (add(g, mul(p, s.arg(d.rate))), p)
+    decoupled = (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))))
+    switch: str | bool = d.kind == "decoupled"
+    if d.kind == "l2" and d.decoupled is not None:
+        switch = s.bool_arg("decoupled_decay", d.decoupled)
+    g_new = _select(switch, decoupled[0], coupled[0])
+    p_new = _select(switch, decoupled[1], coupled[1])
+    return _select(used, g_new, g), _select(used, p_new, p)
 
 
 def _every_flag(s: _Step, name: str, every: ir.Arg, delayed: bool = False) -> str:

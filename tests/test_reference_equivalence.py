@@ -35,6 +35,8 @@ CASES = {
              dict(eps=1e-6, weight_decay=1e-2), dict(lr=1e-3, weight_decay=1e-4)),
     "adam-amsgrad": ("adam", lambda: torch.optim.Adam, dict(lr=3e-3), dict(amsgrad=False),
                      dict(lr=1e-3, amsgrad=True)),
+    "adam-decoupled-decay": ("adam", lambda: torch.optim.Adam, dict(lr=3e-3, weight_decay=0.1),
+                             dict(weight_decay=0.0), dict(lr=1e-3, decoupled_weight_decay=True)),
     "adamw": ("adamw", lambda: torch.optim.AdamW, dict(lr=3e-3, weight_decay=0.1),
               dict(betas=(0.85, 0.95)), dict(lr=1e-3, weight_decay=0.05)),
     "adagrad": ("adagrad", lambda: torch.optim.Adagrad, dict(lr=0.05, lr_decay=1e-3),
