@@ -59,3 +59,19 @@ def test_fused_kernels_are_called_without_dynamo_guards():
     cls = curvc.load("adam", backend="torch")
     _run(cls, dict(lr=1e-2), fused=True, steps=1)
     assert all(k._direct is not None for k in cls.__dict__["_fused_kernels"].values())
+
+
+def test_a_failed_compile_warns_and_falls_back_to_the_eager_path(monkeypatch):
+    import curvc.runtime.fused_cpu as fused_cpu
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused_cpu, "FusedUpdate", broken)
+    cls = curvc.load(str(__import__("pathlib").Path(__file__).parent / "specs"
+                         / "sign_fisher_clip.curv"), backend="torch")
+    eager, _ = _run(cls, dict(lr=1e-2), fused=False)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        fused, _ = _run(cls, dict(lr=1e-2), fused=True)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(b, a)

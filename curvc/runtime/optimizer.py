@@ -18,6 +18,7 @@ the bookkeeping torch users rely on, identically for every spec:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -375,8 +376,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         rows = bucket.args(spec["tensors"])
         if self._fused(group, bucket) and all(t is None or t.is_contiguous()
                                               for row in rows for t in row):
-            self._fused_step(rows, scalars, flags, reduced)
-            return
+            if self._fused_step(rows, scalars, flags, reduced):
+                return
         kw = {n: scalars[n] for n in spec["scalars"]}
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
@@ -404,7 +405,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         if pieces:
             type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
 
-    def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> None:
+    def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> bool:
+        """The bucket's step through the compiled kernel; False if it cannot be compiled."""
         from curvc.runtime.fused_cpu import FusedUpdate
         spec = self.UPDATE_ARGS
         names = spec["scalars"] + [f"reduced_{n}" for n in spec["reduced"]]
@@ -416,10 +418,17 @@ class CurvOptimizer(torch.optim.Optimizer):
         if cache is None:
             cache = type(self)._fused_kernels = {}
         key = (present, dtypes, fl)
-        kernel = cache.get(key)
+        if key not in cache:
+            try:
+                cache[key] = FusedUpdate(type(self).torch_update, spec["tensors"], present,
+                                         names, dict(fl), dtypes, sdtype)
+            except Exception as e:  # no C++ compiler, an inductor bug, ...: stay correct
+                warnings.warn(f"{type(self).__name__}: the fused CPU step could not be compiled "
+                              f"({type(e).__name__}: {e}); using the eager torch path")
+                cache[key] = None
+        kernel = cache[key]
         if kernel is None:
-            kernel = cache[key] = FusedUpdate(type(self).torch_update, spec["tensors"], present,
-                                              names, dict(fl), dtypes, sdtype)
+            return False
         values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
         values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
         s = torch.cat(values) if len(values) > 1 else values[0]
@@ -438,6 +447,7 @@ class CurvOptimizer(torch.optim.Optimizer):
             for name, col, buf in zip(names, columns, packed):
                 if name in self.STORES:
                     torch._foreach_copy_(col, list(torch.split(buf, sizes)))
+        return True
 
     def _reduce(self, work) -> dict:
         """Global sums over every parameter of every group, one per device, on device."""
