@@ -10,9 +10,13 @@ parameter dtype.
 """
 from __future__ import annotations
 
-from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
+from curvc.plan import Const, Load, Op, Plan, Precondition, Reduced, Scalar, Select
 from curvc.backends.render import (Guard, IndentedBuffer, Renderer, Stmt, guard_text, plan_roots,
                              schedule)
+
+
+# A matrix stage's statistic -> the curvc.runtime.matrix function that runs it.
+MATRIX_FUNCTIONS = {"gradient": "kronecker"}
 
 
 class TorchRenderer(Renderer):
@@ -20,8 +24,21 @@ class TorchRenderer(Renderer):
            "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
            "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)"}
 
-    def __init__(self, tensors: set[str]):
+    def __init__(self, tensors: set[str], stages: dict | None = None):
         self.tensors = tensors  # names holding tensors (the rest are Python floats)
+        self.stages = stages or {}  # matrix stages by name
+
+    def render_precondition(self, node: Precondition, args: list[str]) -> str:
+        """A call into curvc.runtime.matrix, which keeps the factors in ``state``."""
+        stage = self.stages[node.stage]
+        statistic, value, *params = args
+        kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
+              f"accumulate={stage.accumulate!r}",
+              f"update={stage.accumulate_when or True}", f"refresh={stage.refresh or True}",
+              *(f"{n}={a}" for n, a in zip(stage.params, params)),
+              f"per_mode={stage.per_mode}"]
+        fn = MATRIX_FUNCTIONS[stage.statistic]
+        return f"matrix.{fn}(state, {statistic}, {value}, " + ", ".join(kw) + ")"
 
     def render_op(self, node: Op, args: list[str]) -> str:
         if node.op in ("maximum", "minimum"):
@@ -44,6 +61,8 @@ class TorchRenderer(Renderer):
         node = st.node
         if isinstance(node, Select):
             text = self.render_select(node, names[node.then], names[node.other])
+        elif isinstance(node, Precondition):
+            text = self.render_precondition(node, [names[a] for a in node.args])
         else:
             text = self.render_op(node, [names[a] for a in node.args])
         return f"{st.name} = {text}"
@@ -98,12 +117,17 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
     """``update(...)``, the step of one tensor. Returns what its signature takes."""
     roots = plan_roots(plan)
     sched = schedule(roots, _leaf)
-    r = TorchRenderer(_tensor_names(plan, sched, roots))
+    r = TorchRenderer(_tensor_names(plan, sched, roots), {m.name: m for m in plan.matrix})
     sig = update_signature(plan, sched)
-    tensors = sig["tensors"]
+    tensors = [t for t in sig["tensors"] if t != "state"]
     buf.writeline(f"def update({signature_text(sig)}):")
     with buf.indent():
-        buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
+        if plan.matrix:
+            buf.writeline('"""One tensor\'s step: every value computed from old state, then stored')
+            buf.writeline("(``state``, the tensor's optimizer state, holds its matrix factors, which")
+            buf.writeline('curvc.runtime.matrix updates in place)."""')
+        else:
+            buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
         buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
         for t in tensors:
             buf.writeline(f"{t}_ = None if {t} is None else {t}.to(cdt)")
@@ -118,7 +142,10 @@ def update_signature(plan: Plan, sched) -> dict:
     """What the update of ``plan`` takes, in order (``sched``: its stores' schedule)."""
     tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
     scalars, reduced, flags = _signature(plan, sched, tensors)
-    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when})
+    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when}
+                   | {f for m in plan.matrix for f in (m.refresh, m.accumulate_when) if f})
+    if plan.matrix:
+        tensors.append("state")
     return {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
 
 

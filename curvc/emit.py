@@ -63,6 +63,8 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("import torch")
     buf.writeline()
     buf.writeline("from curvc.runtime import CurvOptimizer")
+    if plan.matrix:
+        buf.writeline("from curvc.runtime import matrix")
     buf.writeline()
     buf.writeline()
     render_host(plan, buf)
@@ -73,17 +75,24 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.splice(torch_backend.render(plan))
     buf.writeline()
     buf.writeline()
-    buf.writeline("# --- foreach: the same step for many small tensors at once ---")
-    buf.writeline()
-    buf.splice(foreach_backend.render(plan))
-    buf.writeline()
-    if backend in ("triton", "auto"):
-        from curvc.backends import triton as triton_backend
-        buf.writeline("# --- triton: fused multi-tensor kernels ---")
-        buf.writeline()
-        buf.splice(triton_backend.render(plan))
-    else:
+    if not plan.elementwise:
+        # Matrix products and roots go to torch (cuBLAS/LAPACK) on every device,
+        # one tensor at a time; there is no elementwise pass to fuse across tensors.
+        buf.writeline("# --- matrix stages run per tensor through torch on every device ---")
+        buf.writeline("foreach_update = FOREACH_ARGS = None")
         buf.writeline("triton_step = triton_reduce = None")
+    else:
+        buf.writeline("# --- foreach: the same step for many small tensors at once ---")
+        buf.writeline()
+        buf.splice(foreach_backend.render(plan))
+        buf.writeline()
+        if backend in ("triton", "auto"):
+            from curvc.backends import triton as triton_backend
+            buf.writeline("# --- triton: fused multi-tensor kernels ---")
+            buf.writeline()
+            buf.splice(triton_backend.render(plan))
+        else:
+            buf.writeline("triton_step = triton_reduce = None")
     buf.writeline()
     buf.writeline()
     _emit_class(opt, plan, backend, buf)
@@ -131,6 +140,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                           f"lambda h: {{{args}}})")
         buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
         buf.writeline(f"STORES = {tuple(sorted({st.target for st in plan.stores}))!r}  # what a step writes")
+        buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix stages, one tensor at a time")
         buf.writeline("host = staticmethod(host)")
         buf.writeline("torch_update = staticmethod(update)")
         buf.writeline("torch_reduce = {" + ", ".join(

@@ -191,28 +191,36 @@ def _clip(opt: ir.Optimizer) -> list[str]:
 
 
 def _kronecker(opt: ir.Optimizer, lr: str) -> list[str]:
-    eq: list[str] = ["G     = g viewed as a matrix (dims above max_dim are blocked)"]
     if opt.curvature.kind == "kfac":
-        eq.append("A     = a a^T      (layer inputs)")
-        eq.append("S     = ds ds^T    (gradients at layer outputs)")
-        eq.append(_accumulate_line(opt, "A", "a a^T"))
-        eq.append(_accumulate_line(opt, "S", "ds ds^T"))
+        eq = ["A     = a a^T      (layer inputs)", "S     = ds ds^T    (gradients at layer outputs)",
+              _accumulate_line(opt, "A", "a a^T"), _accumulate_line(opt, "S", "ds ds^T")]
         left, right = "S", "A"
     else:
-        eq.append(_accumulate_line(opt, "L", "G G^T"))
-        eq.append(_accumulate_line(opt, "R", "G^T G"))
+        eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
+              "        g unfolded along mode i (modes longer than max_dim keep none)"]
+        eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
+        eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
         left, right = "L", "R"
     m = _momentum(opt, eq)
     m = "G" if m == "g" else m
     every = f"   (roots recomputed every {_v(opt.structure.every)} steps)" \
         if opt.structure.every is not None else ""
-    eps = f" + {_v(opt.damping.eps)} I" if opt.damping.kind != "none" else ""
-    power = {"gradient_norm": "1/4", "none": "1/2"}.get(opt.length.kind, "1/2")
+    d = opt.damping
+    inside = f"({{}} + {_v(d.eps)} I)" if d.kind == "inside" else "{}"
+    after = f" + {_v(d.eps)} I" if d.kind == "add" else ""
     if opt.length.kind == "none":
-        eq.append(f"d     = ({left}{eps})^-1 {m} ({right}{eps})^-1{every}")
+        power, per_mode = "-1", "order-k tensors: ^-1/k per mode"
     else:
-        eq.append(f"d     = ({left}{eps})^-{power} {m} ({right}{eps})^-{power}{every}"
-                  "   (order-k tensors: ^-1/(2k) per mode)")
+        power, per_mode = "-1/4", "order-k tensors: ^-1/(2k) per mode"
+    if opt.curvature.kind == "kfac":
+        per_mode = ""
+        power = "-1" if opt.length.kind == "none" else "-1/2"
+
+    def root(f: str) -> str:
+        r = f"{inside.format(f)}^{power}"
+        return f"({r}{after})" if after else r
+
+    eq.append(f"d     = {root(left)} {m} {root(right)}{every}" + (f"   ({per_mode})" if per_mode else ""))
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

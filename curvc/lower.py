@@ -12,12 +12,14 @@ from dataclasses import dataclass, field, replace
 
 from curvc import check as checks, ir
 from curvc.errors import CurvError
-from curvc.plan import (Buffer, Const, Estimator, Expr, Load, Op, Plan, Reduced, Reduction,
-                        Scalar, Select, Store, Validator, flat_hyper_names, walk)
+from curvc.plan import (Buffer, Const, Estimator, Expr, KroneckerStage, Load, Op, Plan,
+                        Precondition, Reduced, Reduction, Scalar, Select, Store, Validator,
+                        flat_hyper_names, walk)
 
 # Structures and curvature sources the code generator renders today. The
 # rest of Table 1 parses, checks and explains; compiling it is refused.
 ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
+MATRIX_STRUCTURES = ("kronecker",)
 GRADIENT_CURVATURES = ("constant", "empirical_fisher")
 # Curvatures whose per-step estimate a runtime estimator computes
 # (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
@@ -30,15 +32,28 @@ def _c(v) -> Expr:
     return v if not isinstance(v, (int, float)) else Const(float(v))
 
 
+def _fold(name, a, b):
+    """Arithmetic on two constants, done now (the host would compute the same float)."""
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const({"add": a.value + b.value, "sub": a.value - b.value,
+                      "mul": a.value * b.value}[name])
+    return None
+
+
 def add(a, b):
     a, b = _c(a), _c(b)
+    if (f := _fold("add", a, b)) is not None:
+        return f
     if b == Const(0.0):
         return a
     return Op("add", (a, b))
 
 
 def sub(a, b):
-    return Op("sub", (_c(a), _c(b)))
+    a, b = _c(a), _c(b)
+    if (f := _fold("sub", a, b)) is not None:
+        return f
+    return Op("sub", (a, b))
 
 
 def mul(a, b):
@@ -73,6 +88,7 @@ class _Step:
     flags: list = field(default_factory=list)
     reductions: list = field(default_factory=list)
     stores: list = field(default_factory=list)
+    matrix: list = field(default_factory=list)
     used: set = field(default_factory=set)
     flag_names: dict = field(default_factory=dict)
 
@@ -129,6 +145,8 @@ class _Step:
 
 
 def _select(flag: str | bool, then: Expr, other: Expr) -> Expr:
+    if then == other:
+        return then
     if isinstance(flag, bool):
         return then if flag else other
     return Select(flag, then, other)
@@ -361,6 +379,38 @@ def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
     return u
 
 
+def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
+    """d = (L_1 kron ... kron L_k)^-e m, one factor per mode of each tensor (Shampoo).
+
+    The factors accumulate the Gram matrices of the gradient's unfoldings;
+    the roots are refreshed every ``structure kronecker every k`` steps
+    (every step without it) and reused in between.
+    """
+    st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
+    refresh = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
+    accumulate_when = (_every_flag(s, "refresh", it.every, it.delayed)
+                       if it.every is not None else None)
+    # The length axis fixes the root of the whole product: P^-1/2 for a
+    # gradient-norm length (Adam's square root, Shampoo's 1/4 on 2-D tensors),
+    # P^-1 for none (Newton, natural gradient).
+    exponent = div(s.arg(ln.power), 2.0) if ln.kind == "gradient_norm" else Const(1.0)
+    eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
+    params = {
+        "beta": s.arg(it.beta) if it.kind == "ema" else Const(0.0),
+        "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
+        "exponent": exponent,
+        "eps_inside": eps if dmp.kind == "inside" else Const(0.0),
+        "eps_after": eps if dmp.kind == "add" else Const(0.0),
+        "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
+    }
+    stage = KroneckerStage(s.unique("kronecker"), "gradient", "pre_cond", "inv_pre_cond",
+                           "ema" if it.kind == "ema" else "sum", accumulate_when, refresh,
+                           per_mode=True)
+    s.matrix.append(stage)
+    return Precondition("precondition", (g, m, *(params[n] for n in stage.params)),
+                        stage=stage.name)
+
+
 def lower_clip(s: _Step, d: Expr) -> Expr:
     clip = s.opt.clip
     if clip.kind == "elementwise":
@@ -382,14 +432,41 @@ def lower_learning_rate(s: _Step) -> Expr:
 
 
 def _refuse_unsupported(opt: ir.Optimizer) -> None:
-    if opt.structure.kind not in ELEMENTWISE_STRUCTURES:
+    if opt.structure.kind not in ELEMENTWISE_STRUCTURES + MATRIX_STRUCTURES:
         raise CurvError("codegen.unsupported", opt.structure.span,
                         what=f"structure {opt.structure.kind} ({opt.name})",
-                        why="only scalar and diagonal structures are compiled so far")
+                        why="scalar, diagonal and kronecker structures are compiled so far")
+    if opt.structure.kind == "kronecker":
+        _refuse_kronecker(opt)
+        return
     if opt.curvature.kind not in GRADIENT_CURVATURES + ESTIMATED_CURVATURES:
         raise CurvError("codegen.unsupported", opt.curvature.span,
                         what=f"curvature {opt.curvature.kind} ({opt.name})",
                         why="its estimator is not in the runtime yet")
+
+
+def _refuse_kronecker(opt: ir.Optimizer) -> None:
+    """What the Kronecker code path does not cover yet, each refused with its reason."""
+    c, it, ln, dmp, clip = opt.curvature, opt.iterate, opt.length, opt.damping, opt.clip
+    refusals = [
+        (c.kind != "empirical_fisher", c, f"curvature {c.kind} with structure kronecker",
+         "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
+        (c.squared or c.scale is not None or c.every is not None, c,
+         "a modified curvature with structure kronecker", "the factors take the plain gradient"),
+        (it.kind not in ("sum", "ema") or it.bias_corrected
+         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
+         f"iterate {it.kind} with structure kronecker",
+         "Kronecker factors are summed or averaged (ema), without bias correction or a maximum"),
+        (ln.kind not in ("none", "gradient_norm"), ln, f"length {ln.kind} with structure kronecker",
+         "the step norm would need the preconditioned step twice"),
+        (dmp.kind == "floor", dmp, "damping floor with structure kronecker",
+         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
+        (clip.kind != "none", clip, f"clip {clip.kind} with structure kronecker",
+         "the step norm would need the preconditioned step twice"),
+    ]
+    for refused, node, what, why in refusals:
+        if refused:
+            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
 
 
 def build(opt: ir.Optimizer) -> Plan:
@@ -399,15 +476,18 @@ def build(opt: ir.Optimizer) -> Plan:
     lr = lower_learning_rate(s)
     g = lower_gradient(s)
     g, p = lower_decay(s, g, lr)
-    acc = lower_iterate(s, lower_curvature(s, g))
-    m = lower_momentum(s, g)
-    d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
+    if opt.structure.kind in MATRIX_STRUCTURES:
+        d = lower_kronecker(s, g, lower_momentum(s, g))
+    else:
+        acc = lower_iterate(s, lower_curvature(s, g))
+        m = lower_momentum(s, g)
+        d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
     s.store("param", sub(p, mul(lr, d)))
     validators = tuple(Validator(ref.name, ref.index, cons, where)
                        for ref, cons, where in checks.arg_constraints(opt))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
-                s.estimator)
+                s.estimator, tuple(s.matrix))
 
 
 # --- passes --------------------------------------------------------------------
@@ -428,7 +508,7 @@ def divide_by_reciprocal(plan: Plan) -> Plan:
             args = tuple(visit(a) for a in e.args)
             if e.op == "div" and _is_host(args[1]) and not _is_host(args[0]):
                 return Op("mul", (args[0], Op("div", (Const(1.0), args[1]))))
-            return Op(e.op, args)
+            return replace(e, args=args)
         if isinstance(e, Select):
             return Select(e.flag, visit(e.then), visit(e.other))
         return e
@@ -455,7 +535,7 @@ def hoist_host(plan: Plan) -> Plan:
                     host.append((name, e))
                     named[e] = Scalar(name)
                 return named[e]
-            return Op(e.op, tuple(visit(a) for a in e.args))
+            return replace(e, args=tuple(visit(a) for a in e.args))
         if isinstance(e, Select):
             return Select(e.flag, visit(e.then), visit(e.other))
         return e
@@ -488,6 +568,15 @@ def verify(plan: Plan) -> Plan:
                 assert n.flag in flags, n
     for st in plan.stores:
         assert st.target == "param" or st.target in tensors, st
+    stages = {m.name: m for m in plan.matrix}
+    for e in [st.value for st in plan.stores]:
+        for n in walk(e):
+            if isinstance(n, Precondition):
+                assert n.stage in stages and len(n.args) == 2 + len(stages[n.stage].params), n
+    for m in plan.matrix:
+        assert {m.refresh, m.accumulate_when} - {None} <= flags, m
+    for r in plan.reductions:
+        assert not any(isinstance(n, Precondition) for n in walk(r.value)), r
     return plan
 
 

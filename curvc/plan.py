@@ -67,6 +67,21 @@ class Select:
     other: "Expr"
 
 
+@dataclass(frozen=True)
+class Precondition(Op):
+    """``P^-e x`` for a curvature P with matrix structure, kept per tensor.
+
+    ``stage`` names a ``KroneckerStage`` of the plan. ``args`` are the
+    statistic the stage accumulates (the gradient), the value it
+    preconditions (the momentum), then the stage's host parameters in the
+    order of ``KroneckerStage.params``. An ``Op`` subclass, so scheduling
+    and the passes treat it as one more operator; only the torch backend
+    renders it (a call into ``curvc.runtime.matrix``).
+    """
+
+    stage: str = ""
+
+
 Expr = Union[Const, Load, Scalar, Reduced, Op, Select]
 
 # Elementwise and host operators, with arity. Backends map each to source.
@@ -149,6 +164,29 @@ class Estimator:
 
 
 @dataclass(frozen=True)
+class KroneckerStage:
+    """One Kronecker-factored preconditioner per tensor (Shampoo's L and R).
+
+    For a tensor of order k, mode i with size d_i <= max_dim keeps a d_i x d_i
+    factor ``<factors>_i`` (the Gram matrix of the statistic unfolded along
+    mode i, summed or averaged over steps) and its inverse root
+    ``<roots>_i = (factor + eps_inside I)^-e + eps_after I``, refreshed when the
+    flag ``refresh`` holds. ``e`` is ``exponent``, divided by k when
+    ``per_mode`` (the product of k Gram factors counts the gradient k times).
+    """
+
+    name: str
+    statistic: str  # 'gradient': each mode's Gram matrix of the unfolded gradient
+    factors: str  # state-key prefixes (pytorch-optimizer's names, so checkpoints read alike)
+    roots: str
+    accumulate: str  # 'sum' | 'ema'
+    accumulate_when: str | None  # flag: accumulate on this step (None: every step)
+    refresh: str | None  # flag: recompute the roots on this step (None: every step)
+    per_mode: bool
+    params: tuple[str, ...] = ("beta", "init", "exponent", "eps_inside", "eps_after", "max_dim")
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     hypers: tuple[ir.Hyper, ...]
@@ -160,6 +198,7 @@ class Plan:
     reductions: tuple[Reduction, ...]
     stores: tuple[Store, ...]
     estimator: Estimator | None = None
+    matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
@@ -168,6 +207,14 @@ class Plan:
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
+
+    def stage(self, name: str) -> KroneckerStage:
+        return next(m for m in self.matrix if m.name == name)
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether the whole step is elementwise (fusable into one pass per tensor)."""
+        return not self.matrix
 
 
 def flat_hyper_names(hypers) -> list[str]:

@@ -126,21 +126,20 @@ def test_explain_bad_spec(cli):
 
 # --- compile ----------------------------------------------------------------
 
-def test_compile_refuses_shampoo_with_the_codegen_message(cli, tmp_path):
-    result = cli("compile", "specs/shampoo.curv", "-o", str(tmp_path), "--backend", "torch")
+def test_compile_refuses_newton_with_the_codegen_message(cli, tmp_path):
+    result = cli("compile", "specs/theory/newton.curv", "-o", str(tmp_path), "--backend", "torch")
     assert_clean_failure(result)
     err = result.stderr
-    assert err.startswith("specs/shampoo.curv:")
-    assert "error: code generation for structure kronecker (Shampoo) is not available" in err
+    assert err.startswith("specs/theory/newton.curv:")
+    assert "error: code generation for structure dense (Newton) is not available" in err
     assert "`curvc explain` shows its update rule" in err
-    assert "    structure kronecker every update_freq\n" in err
-    assert not (tmp_path / "shampoo.py").exists()
+    assert not (tmp_path / "newton.py").exists()
 
 
 def test_compile_codegen_refusal_matches_the_error_case(cli, tmp_path):
-    result = cli("compile", "tests/errors/codegen_kronecker.curv", "-o", str(tmp_path),
+    result = cli("compile", "tests/errors/codegen_dense.curv", "-o", str(tmp_path),
                  "--backend", "torch")
-    assert_clean_failure(result, stderr=expected_error("codegen_kronecker"))
+    assert_clean_failure(result, stderr=expected_error("codegen_dense"))
 
 
 def test_compile_sgd_writes_an_importable_optimizer(cli, tmp_path):

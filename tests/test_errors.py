@@ -124,9 +124,9 @@ def test_every_message_of_a_spec_has_a_case():
     assert not missing, f"no case in tests/errors/ for {sorted(missing)}"
 
 
-def test_codegen_refusal_key():
-    err = run_case("codegen_kronecker")
-    assert err.key == "codegen.unsupported"
+@pytest.mark.parametrize("name", [c for c in CASES if c.startswith("codegen_")])
+def test_codegen_refusal_key(name):
+    assert run_case(name).key == "codegen.unsupported"
 
 
 def test_huge_index_is_a_curv_error():

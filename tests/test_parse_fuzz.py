@@ -9,8 +9,8 @@
     argument (literal or hyperparameter reference) and modifier the table
     allows. Check refuses them only by a combination rule; lowering only by
     ``codegen.unsupported``; what lowers emits Python that compiles; and the
-    elementwise, gradient-only ones (scalar/diagonal structure; constant or
-    empirical_fisher curvature) are imported and stepped 3 times on a tiny
+    gradient-only ones (constant or empirical_fisher curvature, any structure
+    that lowers: scalar, diagonal, kronecker) are imported and stepped 3 times on a tiny
     parameter, which must stay finite (the gradient has no zero entry, so no
     0/0 arises from an undamped g/sqrt(g*g)).
 
@@ -227,7 +227,8 @@ def valid_specs(draw):
     s = _Spec(data)
     if draw(st.integers(0, 3)):  # mostly what the code generator renders
         curvature = draw(st.sampled_from(COMPILED_CURVATURES))
-        structure = "scalar" if curvature == "constant" else "diagonal"
+        structure = ("scalar" if curvature == "constant"
+                     else draw(st.sampled_from(["diagonal", "diagonal", "kronecker"])))
     else:
         curvature = draw(st.sampled_from(sorted(check.FORMS["curvature"])))
         structure = draw(st.sampled_from(sorted(check.FORMS["structure"])))
@@ -276,7 +277,7 @@ def test_valid_specs_compile_and_step(spec):
         return
     source = curvc.to_module_source(text, FILE, "torch")
     compile(source, "<generated>", "exec")
-    if elementwise:
+    if curvature in COMPILED_CURVATURES:  # no estimator to feed: step it
         values = _step_three_times(text)
         assert all(math.isfinite(v) for v in values), f"{values}\n--- spec:\n{text}"
 

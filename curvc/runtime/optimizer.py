@@ -57,6 +57,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
     REDUCTIONS: tuple = ()  # names, in order
     STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
+    ELEMENTWISE: bool = True  # False: the plan has matrix stages (update gets the state dict)
     host: Callable = None
     torch_update: Callable = None
     foreach_update: Callable | None = None
@@ -197,14 +198,15 @@ class CurvOptimizer(torch.optim.Optimizer):
             key = (p.device, p.dtype, step)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(p.device, p.dtype, step,
-                                          tensors={n: [] for n in (*self.BUFFER_NAMES, *self.INPUTS)})
+                b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
+                    n: [] for n in (*self.BUFFER_NAMES, *self.INPUTS, "state")})
             b.params.append(p)
             b.grads.append(g)
             for n in self.BUFFER_NAMES:
                 b.tensors[n].append(state.get(n))
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
+            b.tensors["state"].append(state)  # matrix stages keep their factors there
         if steps:
             torch._foreach_add_(steps, 1.0)  # one call, not one per parameter
         return [(b, *per_step[b.step]) for b in buckets.values()]
@@ -333,6 +335,8 @@ class CurvOptimizer(torch.optim.Optimizer):
 
     def _fused(self, group: dict, bucket: Bucket) -> bool:
         """fused=True: one compiled pass per tensor; None: so when the bucket is large."""
+        if not self.ELEMENTWISE:
+            return False  # matrix stages: torch's own kernels, one tensor at a time
         fused = group.get("fused")
         return bool(fused) or (fused is None and _large(bucket))
 

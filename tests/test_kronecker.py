@@ -1,0 +1,246 @@
+"""Kronecker-structured curvature (Shampoo and hybrids) against references nobody here wrote.
+
+* ``pytorch_optimizer.Shampoo`` (the Shampoo of Gupta et al., 2018, as that
+  package implements it), in float64 so both sides are exact to rounding;
+* in float32, ours is as close to the float64 reference as the float32
+  reference itself is (the roots of near-singular factors amplify
+  rounding, so two float32 implementations legitimately drift apart);
+* the paper's equations written out below with numpy and scipy's
+  ``fractional_matrix_power``, for what pytorch_optimizer does not cover
+  (roots every k steps, EMA factors, damping, length none, max_dim).
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import curvc
+from conftest import batches, make_mlp, max_relative_error, train, two_groups
+
+scipy_linalg = pytest.importorskip("scipy.linalg")
+STEPS = 60
+
+
+def _po_shampoo():
+    return pytest.importorskip("pytorch_optimizer").Shampoo
+
+
+def _spec(tmp_path, body: str, name="Hybrid"):
+    path = tmp_path / f"{name.lower()}.curv"
+    path.write_text(f"optimizer {name}\n{body}")
+    return curvc.load(str(path), backend="torch")
+
+
+# --- against pytorch_optimizer.Shampoo -------------------------------------
+
+@pytest.mark.parametrize("g1, g2", [
+    (dict(lr=0.05), dict(lr=0.02, weight_decay=1e-2)),
+    (dict(lr=0.02, matrix_eps=1e-4), dict(lr=0.01)),
+])
+def test_shampoo_matches_pytorch_optimizer_in_float64(digits, g1, g2):
+    Ref, Ours = _po_shampoo(), curvc.load("shampoo")
+    ref_model = make_mlp().double()
+    our_model = copy.deepcopy(ref_model)
+    data = (digits[0].double(), digits[1])
+    ref_losses = train(ref_model, Ref(two_groups(ref_model, g1, g2)), data, STEPS)
+    our_losses = train(our_model, Ours(two_groups(our_model, g1, g2)), data, STEPS)
+    assert max_relative_error(ref_model, our_model) <= 1e-9
+    assert our_losses == pytest.approx(ref_losses, rel=1e-9)
+    assert our_losses[-1] < our_losses[0]  # it trains, not only matches
+
+
+def test_shampoo_in_float32_is_as_close_to_the_exact_reference_as_the_reference_is(digits):
+    Ref, Ours = _po_shampoo(), curvc.load("shampoo")
+    g1, g2 = dict(lr=0.05), dict(lr=0.02)
+    exact = make_mlp().double()
+    ref32, ours32 = make_mlp(), make_mlp()
+    train(exact, Ref(two_groups(exact, g1, g2)), (digits[0].double(), digits[1]), STEPS)
+    train(ref32, Ref(two_groups(ref32, g1, g2)), digits, STEPS)
+    train(ours32, Ours(two_groups(ours32, g1, g2)), digits, STEPS)
+    ref_drift = max_relative_error(exact.float(), ref32)
+    our_drift = max_relative_error(exact.float(), ours32)
+    assert our_drift <= 2 * ref_drift + 1e-6, (our_drift, ref_drift)
+
+
+def test_shampoo_matches_pytorch_optimizer_on_tensors_of_every_order():
+    """0-d (no factor), 1-d (one factor, root -1/2), 2-d and 4-d (root -1/8 per mode)."""
+    Ref, Ours = _po_shampoo(), curvc.load("shampoo")
+    torch.manual_seed(1)
+    shapes = [(), (5,), (4, 6), (3, 2, 2, 3)]
+    targets = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ref = [t.clone().requires_grad_() for t in start]
+    ours = [t.clone().requires_grad_() for t in start]
+    opts = [Ref(ref, lr=0.1, weight_decay=0.01), Ours(ours, lr=0.1, weight_decay=0.01)]
+    for _ in range(20):
+        for params, opt in zip((ref, ours), opts):
+            opt.zero_grad()
+            sum(((p - t) ** 4).sum() for p, t in zip(params, targets)).backward()
+            opt.step()
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-12)
+
+
+# --- against the equations, written out ------------------------------------
+
+def _reference_step(state, theta, g, *, lr, every, step, root, eps_inside=0.0, eps_after=0.0,
+                    beta=None, init=0.0, max_dim=None, per_mode=True):
+    """One Kronecker-preconditioned step in numpy: L_i accumulates G_(i) G_(i)^T,
+    R_i = (L_i + eps_inside I)^(-root/k) + eps_after I, refreshed on steps 1, 1+every, ...,
+    d = G x_1 R_1 x_2 ... x_k R_k."""
+    k = g.ndim
+    d = g.copy()
+    for i, n in enumerate(g.shape):
+        if max_dim is not None and n > max_dim:
+            continue
+        unfolded = np.moveaxis(g, i, 0).reshape(n, -1)
+        L = state.setdefault(("L", i), init * np.eye(n))
+        gram = unfolded @ unfolded.T
+        state[("L", i)] = L + gram if beta is None else beta * L + (1 - beta) * gram
+        if (step - 1) % every == 0:
+            e = root / k if per_mode else root
+            state[("R", i)] = np.real(scipy_linalg.fractional_matrix_power(
+                state[("L", i)] + eps_inside * np.eye(n), -e)) + eps_after * np.eye(n)
+        moved = np.moveaxis(d, i, 0)
+        d = np.moveaxis(np.tensordot(state[("R", i)], moved, axes=1), 0, i)
+    return theta - lr * d
+
+
+def _run_both(opt_cls, kw, ref_kw, shapes, steps=12, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = [rng.standard_normal(s) for s in shapes]
+    thetas = [rng.standard_normal(s) for s in shapes]
+    params = [torch.tensor(t, requires_grad=True) for t in thetas]
+    opt = opt_cls(params, **kw)
+    states = [{} for _ in shapes]
+    for step in range(1, steps + 1):
+        grads = [t - c for t, c in zip(thetas, targets)]
+        thetas = [_reference_step(s, t, g, step=step, **ref_kw)
+                  for s, t, g in zip(states, thetas, grads)]
+        opt.zero_grad()
+        sum(0.5 * ((p - torch.tensor(c)) ** 2).sum() for p, c in zip(params, targets)).backward()
+        opt.step()
+    for p, t in zip(params, thetas):
+        np.testing.assert_allclose(p.detach().numpy(), t, rtol=1e-8, atol=1e-10)
+
+
+def test_shampoo_roots_refreshed_every_k_steps_match_the_equations():
+    Ours = curvc.load("shampoo")
+    _run_both(Ours, dict(lr=0.05, update_freq=3, matrix_eps=1e-3),
+              dict(lr=0.05, every=3, root=0.5, init=1e-3), [(4, 6), (5,)])
+
+
+def test_ema_factors_with_damping_inside_and_length_none_match_the_equations(tmp_path):
+    """A hybrid no library ships: natural-gradient-style (L kron R + eps)^-1 from EMA factors."""
+    Ours = _spec(tmp_path, "hyper lr = 0.05, beta = 0.9, eps = 0.1, k = 2\n"
+                           "curvature empirical_fisher\nstructure kronecker every k\n"
+                           "iterate ema(beta)\nlength none\ndamping inside(eps)\n")
+    _run_both(Ours, {}, dict(lr=0.05, every=2, root=1.0, eps_inside=0.1, beta=0.9),
+              [(3, 5), (2, 2, 3)])
+
+
+def test_damping_after_the_root_and_max_dim_match_the_equations(tmp_path):
+    """``damping add`` adds eps I to each root; modes longer than max_dim keep no factor."""
+    Ours = _spec(tmp_path, "hyper lr = 0.02, eps = 0.5\n"
+                           "curvature empirical_fisher\nstructure kronecker(max_dim = 5)\n"
+                           "iterate sum(init = 0.01)\nlength gradient_norm\ndamping add(eps)\n")
+    _run_both(Ours, {}, dict(lr=0.02, every=1, root=0.5, eps_after=0.5, init=0.01, max_dim=5),
+              [(4, 7), (9,), (3,)])
+
+
+def test_momentum_is_heavy_ball_on_the_gradient_before_preconditioning(tmp_path):
+    """b = beta b + g (b = g at step 1); d = L^-1/4 b R^-1/4, with statistics from g."""
+    Ours = curvc.load("shampoo")
+    torch.manual_seed(0)
+    p = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    opt = Ours([p], lr=0.1, momentum=0.9, matrix_eps=1e-2)
+    theta, L, R, b = p.detach().numpy().copy(), 1e-2 * np.eye(3), 1e-2 * np.eye(4), None
+    for _ in range(5):
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        g = 2 * theta
+        b = g.copy() if b is None else 0.9 * b + g
+        L, R = L + g @ g.T, R + g.T @ g
+        pw = lambda m: np.real(scipy_linalg.fractional_matrix_power(m, -0.25))  # noqa: E731
+        theta = theta - 0.1 * pw(L) @ b @ pw(R)
+        opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), theta, rtol=1e-9)
+
+
+# --- the optimizer contract ---------------------------------------------------
+
+def test_checkpoint_resume_is_bitwise_the_uninterrupted_run(digits, tmp_path):
+    Ours = curvc.load("shampoo")
+    g1, g2 = dict(lr=0.05), dict(lr=0.02, update_freq=2)
+    straight, resumed = make_mlp(), make_mlp()
+    opt = Ours(two_groups(straight, g1, g2))
+    train(straight, opt, digits, 20)
+    half = Ours(two_groups(resumed, g1, g2))
+    data = list(batches(digits, 20))
+    for xb, yb in data[:10]:
+        half.zero_grad()
+        torch.nn.functional.cross_entropy(resumed(xb), yb).backward()
+        half.step()
+    torch.save({"model": resumed.state_dict(), "opt": half.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt")
+    again = make_mlp(seed=5)
+    again.load_state_dict(ck["model"])
+    opt2 = Ours(two_groups(again, g1, g2))
+    opt2.load_state_dict(ck["opt"])
+    assert set(opt2.state[again[0].weight]) >= {"pre_cond_0", "pre_cond_1", "inv_pre_cond_0",
+                                                 "inv_pre_cond_1", "step"}
+    for xb, yb in data[10:]:
+        opt2.zero_grad()
+        torch.nn.functional.cross_entropy(again(xb), yb).backward()
+        opt2.step()
+    for a, b in zip(straight.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bf16_parameters_keep_float32_factors():
+    Ours = curvc.load("shampoo")
+    p = torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True)
+    opt = Ours([p], lr=0.01)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert p.dtype == torch.bfloat16
+    assert opt.state[p]["pre_cond_0"].dtype == torch.float32
+    assert torch.isfinite(p).all()
+
+
+def test_a_zero_gradient_without_damping_leaves_the_parameter_finite(tmp_path):
+    """Singular factors take the pseudo-inverse root, not an infinity."""
+    Ours = _spec(tmp_path, "hyper lr = 0.1\ncurvature empirical_fisher\nstructure kronecker\n"
+                           "iterate sum\nlength gradient_norm\n")
+    p = torch.ones(3, 2, requires_grad=True)
+    opt = Ours([p])
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p, torch.ones(3, 2))
+    p.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    assert torch.isfinite(p).all() and p[0, 0] < 1.0
+
+
+def test_a_failed_root_keeps_the_previous_one_with_a_warning():
+    from curvc.runtime import matrix
+    state: dict = {}
+    g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    kw = dict(factors="L", roots="R", accumulate="sum", update=True, refresh=True, beta=0.0,
+              init=1e-3, exponent=0.5, eps_inside=0.0, eps_after=0.0, max_dim=100.0,
+              per_mode=True)
+    matrix.kronecker(state, g, g, **kw)
+    before = state["R_0"].clone()
+    bad = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]])
+    with pytest.warns(RuntimeWarning, match="previous root is kept"):
+        matrix.kronecker(state, bad, g, **kw)
+    assert torch.equal(state["R_0"], before)
+
+
+def test_generated_module_shows_the_matrix_stage(tmp_path):
+    out = curvc.compile_file("specs/shampoo.curv", tmp_path, backend="triton")
+    text = out.read_text()
+    assert "matrix.kronecker(state, " in text
+    assert "refresh=refresh_roots" in text
+    assert "d     = (L)^-1/4" in text or "^-1/4" in text
