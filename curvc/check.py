@@ -81,8 +81,12 @@ FORMS: dict[str, dict[str, FormSpec]] = {
                         help="C <- beta*C + (1-beta)*c"),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),), modifiers=("every",),
                         help="C <- C + c"),
-        "secant": FormSpec((ArgSpec("history", "int", constraint="positive_int"),),
-                           help="two-loop recursion over the last k pairs"),
+        "secant": FormSpec((ArgSpec("history", "int", constraint="positive_int"),
+                            ArgSpec("iterations", "int", 20.0, "positive_int"),
+                            ArgSpec("tolerance_grad", "number", 1e-7, "nonneg"),
+                            ArgSpec("tolerance_change", "number", 1e-9, "nonneg")),
+                           help="two-loop recursion over the last k pairs, up to `iterations` "
+                                "closure evaluations per step"),
     },
     "length": {
         "none": FormSpec(help="d = P^-1 g (Newton, NGD)"),

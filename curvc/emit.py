@@ -70,33 +70,59 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     render_host(plan, buf)
     buf.writeline()
     buf.writeline()
-    buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
-    buf.writeline()
-    buf.splice(torch_backend.render(plan))
-    buf.writeline()
-    buf.writeline()
-    if not plan.elementwise:
-        # Matrix products and roots go to torch (cuBLAS/LAPACK) on every device,
-        # one tensor at a time; there is no elementwise pass to fuse across tensors.
-        buf.writeline("# --- matrix stages run per tensor through torch on every device ---")
-        buf.writeline("foreach_update = FOREACH_ARGS = None")
-        buf.writeline("triton_step = triton_reduce = None")
+    if plan.secant is not None:
+        _emit_secant(plan, buf)
     else:
-        buf.writeline("# --- foreach: the same step for many small tensors at once ---")
+        buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
         buf.writeline()
-        buf.splice(foreach_backend.render(plan))
+        buf.splice(torch_backend.render(plan))
         buf.writeline()
-        if backend in ("triton", "auto"):
-            from curvc.backends import triton as triton_backend
-            buf.writeline("# --- triton: fused multi-tensor kernels ---")
-            buf.writeline()
-            buf.splice(triton_backend.render(plan))
-        else:
+        buf.writeline()
+        if not plan.elementwise:
+            # Matrix products and roots go to torch (cuBLAS/LAPACK) on every device,
+            # one tensor at a time; there is no elementwise pass to fuse across tensors.
+            buf.writeline("# --- matrix stages run per tensor through torch on every device ---")
+            buf.writeline("foreach_update = FOREACH_ARGS = None")
             buf.writeline("triton_step = triton_reduce = None")
+        else:
+            buf.writeline("# --- foreach: the same step for many small tensors at once ---")
+            buf.writeline()
+            buf.splice(foreach_backend.render(plan))
+            buf.writeline()
+            if backend in ("triton", "auto"):
+                from curvc.backends import triton as triton_backend
+                buf.writeline("# --- triton: fused multi-tensor kernels ---")
+                buf.writeline()
+                buf.splice(triton_backend.render(plan))
+            else:
+                buf.writeline("triton_step = triton_reduce = None")
     buf.writeline()
     buf.writeline()
     _emit_class(opt, plan, backend, buf)
     return buf.getvalue()
+
+
+def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
+    """A secant plan's settings; the quasi-Newton loop itself is curvc.runtime.secant."""
+    host = PythonHost()
+    sec = plan.secant
+    buf.writeline("# --- secant: a quasi-Newton step over all parameters (curvc.runtime.secant) ---")
+    buf.writeline()
+    buf.writeline("def secant(h):")
+    with buf.indent():
+        buf.writeline('"""The secant stage\'s settings from the group\'s hyperparameters h."""')
+        for field in ("history", "iterations"):
+            text = host.render_inline(getattr(sec, field), lambda x: f"h[{x.name!r}]")
+            buf.writeline(f"{field} = int({text})")
+        for field in ("tolerance_grad", "tolerance_change"):
+            text = host.render_inline(getattr(sec, field), lambda x: f"h[{x.name!r}]")
+            buf.writeline(f"{field} = float({text})")
+        buf.writeline("return dict(history=history, iterations=iterations, "
+                      "tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)")
+    buf.writeline()
+    buf.writeline()
+    buf.writeline("update = foreach_update = triton_step = triton_reduce = None")
+    buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
 
 
 def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer) -> None:
@@ -140,7 +166,9 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                           f"lambda h: {{{args}}})")
         buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
         buf.writeline(f"STORES = {tuple(sorted({st.target for st in plan.stores}))!r}  # what a step writes")
-        buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix stages, one tensor at a time")
+        buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix or secant stages")
+        if plan.secant is not None:
+            buf.writeline("secant = staticmethod(secant)  # settings of the quasi-Newton step")
         buf.writeline("host = staticmethod(host)")
         buf.writeline("torch_update = staticmethod(update)")
         buf.writeline("torch_reduce = {" + ", ".join(
@@ -153,10 +181,13 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline("triton_reduce = staticmethod(triton_reduce) if triton_reduce else None")
         buf.writeline()
         args = ", ".join(f"{h.name}={_literal(h.default)}" for h in opt.hypers)
-        buf.writeline(f"def __init__(self, params, {args}, *, maximize=False, foreach=None, "
-                      "fused=None, capturable=False, differentiable=False, state_dtype=None):")
+        extra = ["max_eval", "line_search_fn"] if plan.secant is not None else []
+        buf.writeline(f"def __init__(self, params, {args}, *, "
+                      + "".join(f"{n}=None, " for n in extra)
+                      + "maximize=False, foreach=None, fused=None, capturable=False, "
+                      "differentiable=False, state_dtype=None):")
         with buf.indent():
-            names = [h.name for h in opt.hypers] + ["maximize", "foreach", "fused", "capturable",
-                                                    "differentiable", "state_dtype"]
+            names = [h.name for h in opt.hypers] + extra + [
+                "maximize", "foreach", "fused", "capturable", "differentiable", "state_dtype"]
             buf.writeline("defaults = dict(" + ", ".join(f"{n}={n}" for n in names) + ")")
             buf.writeline("super().__init__(params, defaults)")

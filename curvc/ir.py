@@ -85,6 +85,9 @@ class Iterate:
     beta: Arg | None = None
     init: Arg | None = None
     history: Arg | None = None
+    iterations: Arg | None = None  # secant: iterations per step (closure evaluations)
+    tolerance_grad: Arg | None = None  # secant: stop when max |g_i| is below this
+    tolerance_change: Arg | None = None  # secant: stop when the step or loss change is below this
     keep_max: Arg | None = None  # also track the running maximum (AMSGrad)
     every: Arg | None = None
     delayed: bool = False  # the first refresh comes after k steps, not at step 1

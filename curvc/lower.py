@@ -13,13 +13,14 @@ from dataclasses import dataclass, field, replace
 from curvc import check as checks, ir
 from curvc.errors import CurvError
 from curvc.plan import (Buffer, Const, Estimator, Expr, KroneckerStage, Load, Op, Plan,
-                        Precondition, Reduced, Reduction, Scalar, Select, Store, Validator,
-                        flat_hyper_names, walk)
+                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
+                        Validator, flat_hyper_names, walk)
 
 # Structures and curvature sources the code generator renders today. The
 # rest of Table 1 parses, checks and explains; compiling it is refused.
 ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
 MATRIX_STRUCTURES = ("kronecker",)
+SECANT_STRUCTURES = ("low_rank",)
 GRADIENT_CURVATURES = ("constant", "empirical_fisher")
 # Curvatures whose per-step estimate a runtime estimator computes
 # (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
@@ -432,10 +433,14 @@ def lower_learning_rate(s: _Step) -> Expr:
 
 
 def _refuse_unsupported(opt: ir.Optimizer) -> None:
-    if opt.structure.kind not in ELEMENTWISE_STRUCTURES + MATRIX_STRUCTURES:
+    if opt.structure.kind not in ELEMENTWISE_STRUCTURES + MATRIX_STRUCTURES + SECANT_STRUCTURES:
         raise CurvError("codegen.unsupported", opt.structure.span,
                         what=f"structure {opt.structure.kind} ({opt.name})",
-                        why="scalar, diagonal and kronecker structures are compiled so far")
+                        why="scalar, diagonal, kronecker and low_rank structures are compiled "
+                            "so far")
+    if opt.structure.kind in SECANT_STRUCTURES:
+        _refuse_secant(opt)
+        return
     if opt.structure.kind == "kronecker":
         _refuse_kronecker(opt)
         return
@@ -469,9 +474,33 @@ def _refuse_kronecker(opt: ir.Optimizer) -> None:
             raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
 
 
+def _refuse_secant(opt: ir.Optimizer) -> None:
+    """The secant step runs on the raw gradient with the step L-BFGS takes; the
+    techniques that would change either are refused with their reason."""
+    for axis in ("momentum", "decay", "clip", "damping", "schedule"):
+        node = getattr(opt, axis)
+        if node.kind not in ("none", "constant"):
+            raise CurvError("codegen.unsupported", node.span,
+                            what=f"{axis} {node.kind} with the secant method ({opt.name})",
+                            why="the secant pairs must see the raw gradient and the steps taken; "
+                                "add the term to the loss in the closure instead")
+
+
+def lower_secant(opt: ir.Optimizer) -> SecantStage:
+    s = _Step(opt)
+    it = opt.iterate
+    return SecantStage(s.arg(it.history), s.arg(it.iterations), s.arg(it.tolerance_grad),
+                       s.arg(it.tolerance_change))
+
+
 def build(opt: ir.Optimizer) -> Plan:
     """The axes composed into one step, before any pass runs."""
     _refuse_unsupported(opt)
+    validators = tuple(Validator(ref.name, ref.index, cons, where)
+                       for ref, cons, where in checks.arg_constraints(opt))
+    if opt.structure.kind in SECANT_STRUCTURES:
+        return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
+                    secant=lower_secant(opt))
     s = _Step(opt)
     lr = lower_learning_rate(s)
     g = lower_gradient(s)
@@ -483,8 +512,6 @@ def build(opt: ir.Optimizer) -> Plan:
         m = lower_momentum(s, g)
         d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
     s.store("param", sub(p, mul(lr, d)))
-    validators = tuple(Validator(ref.name, ref.index, cons, where)
-                       for ref, cons, where in checks.arg_constraints(opt))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
                 s.estimator, tuple(s.matrix))

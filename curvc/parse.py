@@ -220,6 +220,8 @@ def _describe_expected(accepts, prev) -> str:
         words.append("a default value (a number, true, false or a tuple like (0.9, 0.999))")
     elif _VALUE <= acc:
         acc -= _VALUE
+        if prev_type == "COMMA":
+            acc.discard("_NL")  # an argument list may break after a comma; a value must follow
         words.append("a value (a number, true, false or a name)")
     if "NAME" in acc:
         if prev_type == "_OPTIMIZER":
@@ -277,20 +279,22 @@ def _end_span(source: str, file: str) -> Span:
 
 
 def _unclosed_hint(source: str, line: int) -> str | None:
-    """Name the '(' that ``line`` leaves open, if any (parentheses never span lines)."""
+    """Name the '(' still open at the end of ``line``, if any (an argument list
+    may continue on the next line after a comma, so it may have opened earlier)."""
     lines = source.split("\n")
     if not 0 < line <= len(lines):
         return None
-    text = lines[line - 1].split("#", 1)[0]
-    opened: list[int] = []
-    for i, c in enumerate(text):
-        if c == "(":
-            opened.append(i)
-        elif c == ")" and opened:
-            opened.pop()
+    opened: list[tuple[int, int]] = []
+    for n, text in enumerate(lines[:line], start=1):
+        for i, c in enumerate(text.split("#", 1)[0]):
+            if c == "(":
+                opened.append((n, i + 1))
+            elif c == ")" and opened:
+                opened.pop()
     if not opened:
         return None
-    return f"the '(' at line {line}, column {opened[-1] + 1} is never closed"
+    at_line, column = opened[-1]
+    return f"the '(' at line {at_line}, column {column} is never closed"
 
 
 def _prev_token(e) -> Token | None:

@@ -187,6 +187,23 @@ class KroneckerStage:
 
 
 @dataclass(frozen=True)
+class SecantStage:
+    """A quasi-Newton step over all parameters as one flat vector (L-BFGS).
+
+    The inverse curvature is the low-rank (two-loop) product of the last
+    ``history`` secant pairs (s = change of theta, y = change of gradient);
+    each ``step(closure)`` runs up to ``iterations`` of them, stopping early
+    on the tolerances. Every field is a host expression over the group's
+    hyperparameters. ``curvc.runtime.secant`` runs it.
+    """
+
+    history: Expr
+    iterations: Expr
+    tolerance_grad: Expr
+    tolerance_change: Expr
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     hypers: tuple[ir.Hyper, ...]
@@ -199,6 +216,7 @@ class Plan:
     stores: tuple[Store, ...]
     estimator: Estimator | None = None
     matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
+    secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
@@ -214,7 +232,7 @@ class Plan:
     @property
     def elementwise(self) -> bool:
         """Whether the whole step is elementwise (fusable into one pass per tensor)."""
-        return not self.matrix
+        return not self.matrix and self.secant is None
 
 
 def flat_hyper_names(hypers) -> list[str]:

@@ -58,6 +58,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     REDUCTIONS: tuple = ()  # names, in order
     STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
     ELEMENTWISE: bool = True  # False: the plan has matrix stages (update gets the state dict)
+    secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     host: Callable = None
     torch_update: Callable = None
     foreach_update: Callable | None = None
@@ -79,7 +80,25 @@ class CurvOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
+        if self.secant is not None:
+            self._check_secant_groups()
         self._estimates: dict = {}
+
+    def _check_secant_groups(self) -> None:
+        name = type(self).__name__
+        if len(self.param_groups) != 1:
+            raise ValueError(f"{name} doesn't support per-parameter options (parameter groups): "
+                             "the secant pairs span all parameters as one vector")
+        group = self.param_groups[0]
+        if group.get("maximize"):
+            raise ValueError(f"{name} does not support maximize=True: negate the loss the "
+                             "closure returns instead")
+        if group.get("line_search_fn") not in (None, "strong_wolfe"):
+            raise ValueError(f"Invalid line_search_fn: {group['line_search_fn']!r} "
+                             "(None or 'strong_wolfe')")
+        max_eval = group.get("max_eval")
+        if max_eval is not None and not (float(max_eval).is_integer() and max_eval >= 1):
+            raise ValueError(f"Invalid max_eval: {max_eval!r} (a positive whole number or None)")
 
     # -- hyperparameters -------------------------------------------------------
 
@@ -347,6 +366,9 @@ class CurvOptimizer(torch.optim.Optimizer):
         ``closure`` re-evaluates the loss; ``curvature`` (optional) is this step's
         curvature estimate, one tensor per parameter (see ``set_curvature``).
         """
+        if self.secant is not None:
+            from curvc.runtime import secant
+            return secant.step(self, closure, self.secant(self._flat_hypers(self.param_groups[0])))
         loss = None
         if closure is not None:
             with torch.enable_grad():
