@@ -158,7 +158,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
             buf.writeline("ESTIMATOR = None")
         else:
             args = ", ".join(
-                f"{k!r}: {v!r}" if isinstance(v, (str, bool)) else
+                f"{k!r}: {v!r}" if v is None or isinstance(v, (str, bool)) else
                 f"{k!r}: {host.render_inline(v, lambda x: f'h[{x.name!r}]')}"
                 for k, v in est.args)
             buf.writeline("# (estimator, the input it fills, on steps where this flag holds, its arguments)")

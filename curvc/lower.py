@@ -25,6 +25,9 @@ GRADIENT_CURVATURES = ("constant", "empirical_fisher")
 # Curvatures whose per-step estimate a runtime estimator computes
 # (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
 ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett")
+# Curvatures whose runtime returns the preconditioned gradient itself, per
+# layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
+PRECONDITIONING_CURVATURES = ("kfac",)
 
 
 # --- expression helpers (fold the trivial cases so plans stay readable) -----
@@ -441,10 +444,14 @@ def _refuse_unsupported(opt: ir.Optimizer) -> None:
     if opt.structure.kind in SECANT_STRUCTURES:
         _refuse_secant(opt)
         return
+    if opt.curvature.kind in PRECONDITIONING_CURVATURES:
+        _refuse_kfac(opt)
+        return
     if opt.structure.kind == "kronecker":
         _refuse_kronecker(opt)
         return
-    if opt.curvature.kind not in GRADIENT_CURVATURES + ESTIMATED_CURVATURES:
+    if opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
+                                  + PRECONDITIONING_CURVATURES):
         raise CurvError("codegen.unsupported", opt.curvature.span,
                         what=f"curvature {opt.curvature.kind} ({opt.name})",
                         why="its estimator is not in the runtime yet")
@@ -472,6 +479,38 @@ def _refuse_kronecker(opt: ir.Optimizer) -> None:
     for refused, node, what, why in refusals:
         if refused:
             raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
+
+
+def _refuse_kfac(opt: ir.Optimizer) -> None:
+    it, ln, dmp = opt.iterate, opt.length, opt.damping
+    refusals = [
+        (it.kind != "ema" or it.bias_corrected or it.delayed
+         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
+         f"iterate {it.kind} with curvature kfac",
+         "K-FAC's factors are exponential moving averages (iterate ema(beta), "
+         "optionally every k)"),
+        (ln.kind != "none", ln, f"length {ln.kind} with curvature kfac",
+         "K-FAC takes the natural-gradient step F^-1 g (length none)"),
+        (dmp.kind not in ("none", "inside"), dmp, f"damping {dmp.kind} with curvature kfac",
+         "K-FAC damps each factor before inverting it (damping inside)"),
+    ]
+    for refused, node, what, why in refusals:
+        if refused:
+            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
+
+
+def lower_kfac(s: _Step) -> Expr:
+    """g <- F^-1 g per layer, F = (A + eps I) kron (S + eps I) from the layer's inputs and
+    output gradients (curvc.runtime.kfac). The rest of the step is elementwise on it."""
+    it, st, dmp = s.opt.iterate, s.opt.structure, s.opt.damping
+    accumulate = _every_flag(s, "refresh", it.every) if it.every is not None else None
+    invert = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
+    args = (("beta", s.arg(it.beta)),
+            ("damping", s.arg(dmp.eps) if dmp.kind == "inside" else Const(0.0)),
+            ("accumulate", accumulate), ("invert", invert))
+    natural = s.input("natural_gradient")
+    s.estimator = Estimator("kfac", natural.name, args)
+    return Select("maximize", op("neg", natural), natural)
 
 
 def _refuse_secant(opt: ir.Optimizer) -> None:
@@ -503,9 +542,12 @@ def build(opt: ir.Optimizer) -> Plan:
                     secant=lower_secant(opt))
     s = _Step(opt)
     lr = lower_learning_rate(s)
-    g = lower_gradient(s)
+    natural = opt.curvature.kind in PRECONDITIONING_CURVATURES
+    g = lower_kfac(s) if natural else lower_gradient(s)
     g, p = lower_decay(s, g, lr)
-    if opt.structure.kind in MATRIX_STRUCTURES:
+    if natural:  # the runtime preconditioned g already
+        d = lower_clip(s, lower_direction(s, lower_momentum(s, g), None))
+    elif opt.structure.kind in MATRIX_STRUCTURES:
         d = lower_kronecker(s, g, lower_momentum(s, g))
     else:
         acc = lower_iterate(s, lower_curvature(s, g))

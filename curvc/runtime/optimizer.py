@@ -69,6 +69,9 @@ class CurvOptimizer(torch.optim.Optimizer):
     triton_reduce: Callable | None = None
 
     def __init__(self, params, defaults: dict):
+        model = None
+        if isinstance(params, torch.nn.Module) and self._estimator_kind() == "kfac":
+            model, params = params, params.parameters()  # K-FAC hooks the model's layers
         choice = defaults.get("state_dtype")
         if not (choice is None or choice == "param" or isinstance(choice, torch.dtype)):
             raise ValueError(f"Invalid state_dtype: {choice!r} (None, 'param' or a torch.dtype)")
@@ -83,6 +86,27 @@ class CurvOptimizer(torch.optim.Optimizer):
         if self.secant is not None:
             self._check_secant_groups()
         self._estimates: dict = {}
+        self._tracker = None
+        if model is not None:
+            self.track(model)
+
+    @classmethod
+    def _estimator_kind(cls) -> str | None:
+        return cls.ESTIMATOR[0] if cls.ESTIMATOR is not None else None
+
+    def track(self, model: torch.nn.Module) -> None:
+        """Hook ``model``'s layers so that K-FAC sees their inputs and output gradients.
+
+        Called by the constructor when it is given the model itself
+        (``KFAC(model, lr=...)``); call it after ``load_state_dict`` on a new model.
+        """
+        if self._estimator_kind() != "kfac":
+            raise RuntimeError(f"{type(self).__name__} does not track layers; track() is for "
+                               "K-FAC optimizers")
+        from curvc.runtime.kfac import LayerTracker
+        if self._tracker is not None:
+            self._tracker.remove()
+        self._tracker = LayerTracker(model)
 
     def _check_secant_groups(self) -> None:
         name = type(self).__name__
@@ -196,12 +220,7 @@ class CurvOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
-                                   f"use torch.optim.SparseAdam or dense gradients")
-            if torch.is_complex(p) or torch.is_complex(g):
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
-                                   f"optimize torch.view_as_real(p) instead")
+            self._check_grad(p, g)
             state = self.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
             if step not in per_step:
@@ -230,6 +249,14 @@ class CurvOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1.0)  # one call, not one per parameter
         return [(b, *per_step[b.step]) for b in buckets.values()]
 
+    def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                               f"use torch.optim.SparseAdam or dense gradients")
+        if torch.is_complex(p) or torch.is_complex(g):
+            raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
+                               f"optimize torch.view_as_real(p) instead")
+
     def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
         kind, _, when, _ = self.ESTIMATOR
         if when is not None and not flags[when]:
@@ -255,8 +282,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         with a graph (``loss.backward(create_graph=True)``) for Hutchinson, or
         ``estimate_curvature(logits=...)`` for Gauss-Newton-Bartlett.
         """
-        if self.ESTIMATOR is None:
-            return False
+        if self.ESTIMATOR is None or self._estimator_kind() == "kfac":
+            return False  # K-FAC's hooks need nothing from the training loop
         when = self.ESTIMATOR[2]
         if when is None:
             return True
@@ -280,6 +307,10 @@ class CurvOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} estimates no curvature; "
                                "estimate_curvature() is for optimizers with an estimator")
         kind, _, _, make_args = self.ESTIMATOR
+        if kind == "kfac":
+            raise RuntimeError(f"{type(self).__name__} gathers its statistics through hooks on "
+                               "the model's layers: pass the model to the constructor or call "
+                               "opt.track(model) once; estimate_curvature() is not needed")
         args = make_args(self._flat_hypers(self.param_groups[0]))
         params = self._trainable()
         with torch.enable_grad():
@@ -313,6 +344,27 @@ class CurvOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"a curvature estimate of shape {tuple(e.shape)} for a "
                                  f"parameter of shape {tuple(p.shape)}")
         self._estimates = {p: e.detach() for p, e in zip(params, estimates) if e is not None}
+
+    def _natural_gradients(self) -> list:
+        """K-FAC: this step's natural gradients as the plan's input; returns the
+        statistics updates to commit once the step is accepted."""
+        from curvc.runtime import kfac
+        if self._tracker is None:
+            raise RuntimeError(f"{type(self).__name__} needs the model's layers: construct it "
+                               f"with the model ({type(self).__name__}(model, ...)) or call "
+                               "opt.track(model) before the first step")
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is not None:
+                self._check_grad(p, p.grad)
+        h = self._flat_hypers(self.param_groups[0])
+        flags = self.host(h, self._next_step())[1]
+        args = self.ESTIMATOR[3](h)
+        self._estimates, updates = kfac.natural_gradients(
+            self, self._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
+            accumulate=args["accumulate"] is None or flags[args["accumulate"]],
+            invert=args["invert"] is None or flags[args["invert"]])
+        return updates
 
     def _estimate_from_graph(self) -> None:
         """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
@@ -375,8 +427,11 @@ class CurvOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if curvature is not None:
             self.set_curvature(curvature)
+        kfac_updates = ()
         try:
-            if self.ESTIMATOR is not None and not self._estimates and self.wants_curvature():
+            if self._estimator_kind() == "kfac" and curvature is None:
+                kfac_updates = self._natural_gradients()
+            elif self.ESTIMATOR is not None and not self._estimates and self.wants_curvature():
                 if self.ESTIMATOR[0] == "hutchinson":
                     self._estimate_from_graph()
                 if not self._estimates:  # refuse before any state changes
@@ -386,6 +441,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         finally:
             if self.ESTIMATOR is not None:
                 self._release_graphs()
+        for p, key, value in kfac_updates:  # the step was accepted: commit the statistics
+            self.state[p][key] = value
         reduced = self._reduce(work) if self.REDUCTIONS else {}
         for group, bucket, scalars, flags in work:
             red = reduced.get(bucket.device, {})

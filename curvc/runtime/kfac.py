@@ -1,0 +1,110 @@
+"""K-FAC (Martens & Grosse, 2015): per layer, the Fisher block as a Kronecker product.
+
+For an ``nn.Linear`` layer s = W x + b over N rows (the batch, or batch x
+sequence), with a = [x, 1] (the 1 when the layer has a bias) and ds the
+gradient of the loss at the layer's output,
+
+    A = a^T a / N                 (in+1) x (in+1)
+    S = N ds^T ds                 out x out
+
+(ds of a mean-reduced loss carries a 1/N, so S is the mean outer product of
+the per-row output gradients). The factors are exponential moving averages
+``A <- beta A + (1 - beta) A_t`` starting from the identity, updated on the
+plan's ``accumulate`` steps; their damped inverses ``(A + damping I)^-1`` and
+``(S + damping I)^-1`` are recomputed on its ``invert`` steps. The layer's
+natural gradient is
+
+    [dW db] = (S + damping I)^-1 [gW gb] (A + damping I)^-1,
+
+which the elementwise plan then treats as its gradient (weight decay,
+momentum and the learning rate follow, as in the usual K-FAC training loop).
+Tensors outside a tracked layer keep their plain gradient (an identity block).
+
+The factors and inverses live in the weight's optimizer state (``kfac_A``,
+``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``), so checkpoints carry them.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from curvc.runtime.matrix import inverse_root
+
+
+class LayerTracker:
+    """Hooks on a model's ``nn.Linear`` layers: the last input and output gradient of each."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers: list[torch.nn.Linear] = [m for m in model.modules()
+                                              if isinstance(m, torch.nn.Linear)]
+        self.inputs: dict = weakref.WeakKeyDictionary()
+        self.output_grads: dict = weakref.WeakKeyDictionary()
+        self._handles = [m.register_forward_hook(self._forward) for m in self.layers]
+
+    def _forward(self, module, args, output) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return  # an evaluation pass: nothing will be differentiated
+        self.inputs[module] = args[0].detach()
+        self.output_grads.pop(module, None)
+
+        def save(grad, module=module):
+            self.output_grads[module] = grad.detach()
+        output.register_hook(save)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
+    """(A_t, S_t) of one batch (see the module docstring)."""
+    a = x.reshape(-1, x.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    ds = ds.reshape(-1, ds.shape[-1])
+    n = a.shape[0]
+    return a.T @ a / n, ds.T @ ds * n
+
+
+def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *, beta: float,
+                      damping: float, accumulate: bool, invert: bool) -> tuple[dict, list]:
+    """({param: its natural gradient} for every param with a gradient, the state updates).
+
+    Nothing is written: the updates, ``(state, key, value)``, are applied by the
+    caller once the rest of the step has been checked, so a refused step leaves
+    the statistics as they were.
+    """
+    out = {p: p.grad for p in params if p.grad is not None}
+    updates: list = []
+    for module in tracker.layers:
+        w, b = module.weight, module.bias
+        if w not in out or (b is not None and b not in out):
+            continue  # not optimized here, or no gradient this step
+        state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
+        if accumulate:
+            x, ds = tracker.inputs.get(module), tracker.output_grads.get(module)
+            if x is None or ds is None:
+                raise RuntimeError(
+                    f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
+                    f"layer {module} ran no forward and backward pass since the last step")
+            a_t, s_t = layer_factors(module, x.to(w.dtype), ds.to(w.dtype))
+            for key, new in (("kfac_A", a_t), ("kfac_S", s_t)):
+                old = state.get(key)
+                if old is None:
+                    old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device)
+                state[key] = old * beta + new * (1.0 - beta)
+                updates.append((w, key, state[key]))
+        if "kfac_A" not in state:
+            continue  # no statistics yet: the plain gradient
+        if invert or "kfac_A_inv" not in state:
+            for key in ("kfac_A", "kfac_S"):
+                state[key + "_inv"] = inverse_root(state[key], 1.0, damping)
+                updates.append((w, key + "_inv", state[key + "_inv"]))
+        g = w.grad if b is None else torch.cat([w.grad, b.grad[:, None]], dim=1)
+        v = state["kfac_S_inv"] @ g.to(state["kfac_S_inv"].dtype) @ state["kfac_A_inv"]
+        out[w] = v[:, :w.shape[1]].to(w.grad.dtype)
+        if b is not None:
+            out[b] = v[:, w.shape[1]].to(b.grad.dtype)
+    return out, updates
