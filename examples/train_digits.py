@@ -5,9 +5,11 @@
     python examples/train_digits.py adam --lr 3e-3           # or a spec, by name or path
 
 The loop shows what each kind of curvature source needs: nothing for
-gradient-only specs (SGD, Adam, ...), the logits for Gauss-Newton-Bartlett
-(Sophia-G) and second derivatives for Hutchinson (AdaHessian, Sophia-H), on
-the steps where the optimizer refreshes its curvature.
+gradient-only specs (SGD, Adam, Shampoo, ...), the logits for
+Gauss-Newton-Bartlett (Sophia-G) and second derivatives for Hutchinson
+(AdaHessian, Sophia-H), on the steps where the optimizer refreshes its
+curvature; the model itself for K-FAC (it hooks the layers); and a closure
+for the secant method (L-BFGS evaluates the loss several times per step).
 """
 from __future__ import annotations
 
@@ -50,13 +52,26 @@ def main():
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
     Opt = optimizer_class(args.optimizer)
-    opt = Opt(model.parameters(), **({"lr": args.lr} if args.lr is not None else {}))
     estimator = Opt.ESTIMATOR[0] if Opt.ESTIMATOR else None
-    print(f"{Opt.__name__} ({estimator or 'gradient only'}), lr={opt.param_groups[0]['lr']:g}")
+    # K-FAC takes the model, to hook its layers; every other optimizer its parameters.
+    kw = {"lr": args.lr} if args.lr is not None else {}
+    if Opt.secant is not None:
+        kw["line_search_fn"] = "strong_wolfe"  # L-BFGS on minibatches needs a line search
+    opt = Opt(model if estimator == "kfac" else model.parameters(), **kw)
+    kind = estimator or ("secant, with a closure" if Opt.secant else "gradient only")
+    print(f"{Opt.__name__} ({kind}), lr={opt.param_groups[0]['lr']:g}")
 
     for epoch in range(args.epochs):
         total = 0.0
         for idx in train[torch.randperm(len(train))].split(args.batch):
+            if Opt.secant is not None:
+                def closure(idx=idx):
+                    opt.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    loss.backward()
+                    return loss
+                total += opt.step(closure).item() * len(idx)
+                continue
             opt.zero_grad()
             logits = model(x[idx])
             if estimator == "gauss_newton_bartlett" and opt.wants_curvature():

@@ -188,3 +188,21 @@ def test_checkpoint_resume_is_bitwise_the_uninterrupted_run(digits, tmp_path):
         opt2.step()
     for p, q in zip(again.parameters(), straight.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_triton_rendering_of_the_elementwise_tail_equals_the_torch_one(digits):
+    """The natural gradient is an input of the fused kernel, as Sophia's estimate is."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    models = {b: make_mlp(hidden=4) for b in ("torch", "triton")}
+    for backend, model in models.items():
+        opt = curvc.load("kfac", backend=backend)(model, lr=0.05, momentum=0.9,
+                                                  weight_decay=1e-2)
+        for xb, yb in batches(digits, 3, batch=16):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    for p, q in zip(models["triton"].parameters(), models["torch"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
