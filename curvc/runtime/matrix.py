@@ -33,6 +33,14 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0) -> tor
     if eps:
         a = a + eps * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     a = (a + a.T) / 2  # symmetric to the last bit, as eigh assumes
+    if exponent == 1.0:
+        # The plain inverse (K-FAC, Newton-like steps): a Cholesky factorization
+        # is several times cheaper than an eigendecomposition, and fails exactly
+        # when the matrix is not positive definite, where the pseudo-inverse below
+        # takes over.
+        chol, info = torch.linalg.cholesky_ex(a)
+        if not info.item():
+            return torch.cholesky_inverse(chol).to(matrix.dtype)
     w, q = torch.linalg.eigh(a)
     inv = torch.where(w > 0, w.clamp(min=torch.finfo(w.dtype).tiny).pow(-exponent),
                       torch.zeros_like(w))
