@@ -8,7 +8,7 @@ import torch
 
 import curvc
 
-SHAPES = [(), (7,), (33, 5), (2, 3, 4, 5), (1,), (300, 250)]  # the last is not packed
+SHAPES = [(), (7,), (33, 5), (2, 3, 4, 5), (1,), (300, 250)]
 
 
 def _params(seed):

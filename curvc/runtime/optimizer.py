@@ -515,21 +515,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
         values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
         s = torch.cat(values) if len(values) > 1 else values[0]
-        small = [row for row in rows if row[0].numel() < _PACK_BELOW]
+        # One call per tensor, small ones too: a call costs tens of microseconds,
+        # less than gathering small tensors into one buffer and scattering them back.
         for row in rows:
-            if row[0].numel() >= _PACK_BELOW:
-                kernel([t.view(-1) for t in row if t is not None], s)
-        if small:
-            # Small tensors (biases, norms) share one call: gather each role into
-            # one buffer, update it, scatter back the roles the step writes.
-            columns = [[t.view(-1) for t in col] for col in zip(*small) if col[0] is not None]
-            names = [n for n, here in zip(spec["tensors"], present) if here]
-            packed = [torch.cat(col) for col in columns]
-            kernel(packed, s)
-            sizes = [t.numel() for t in columns[0]]
-            for name, col, buf in zip(names, columns, packed):
-                if name in self.STORES:
-                    torch._foreach_copy_(col, list(torch.split(buf, sizes)))
+            kernel([t.view(-1) for t in row if t is not None], s)
         return True
 
     def _reduce(self, work) -> dict:
@@ -559,8 +548,7 @@ def _number(v):
     return v
 
 
-_LARGE = 1 << 20  # elements in a bucket above which the fused (compiled) CPU path pays off
-_PACK_BELOW = 1 << 16  # tensors smaller than this share one fused call
+_LARGE = 1 << 18  # elements in a bucket from which the fused (compiled) CPU path pays off
 _PIECE = 1 << 15  # eager path: elements per foreach list entry
 _BATCH = 1 << 18  # eager path: elements per foreach call
 
