@@ -7,8 +7,9 @@
 # 1. installs the wheels carried in .whl/ (lark, ...) without an index;
 # 2. makes curvc importable from this checkout without building it (the
 #    package maps backends/ into curvc.backends, so a symlinked shim does it);
-# 3. runs the CUDA-marked tests of tests/test_triton_backend.py;
-# 4. runs benchmarks/step_throughput.py when it exists.
+# 3. runs every CUDA-marked test (the Triton kernels; Shampoo, K-FAC and
+#    L-BFGS on the GPU);
+# 4. runs benchmarks/step_throughput.py.
 # Each stage has its own timeout; the whole script stays under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,11 +39,10 @@ EOF
 
 status=0
 echo "== CUDA tests"
-timeout 330 "$PY" -m pytest tests/test_triton_backend.py -m cuda -q -p no:cacheprovider \
+timeout 330 "$PY" -m pytest tests/test_triton_backend.py tests/test_kronecker.py \
+    tests/test_kfac.py tests/test_secant.py -m cuda -q -p no:cacheprovider \
     -o addopts="" || status=$?
 
-if [ -f benchmarks/step_throughput.py ]; then
-    echo "== step throughput"
-    timeout 90 "$PY" benchmarks/step_throughput.py || status=$?
-fi
+echo "== step throughput"
+timeout 90 "$PY" benchmarks/step_throughput.py || status=$?
 exit $status

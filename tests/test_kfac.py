@@ -206,3 +206,20 @@ def test_triton_rendering_of_the_elementwise_tail_equals_the_torch_one(digits):
             opt.step()
     for p, q in zip(models["triton"].parameters(), models["torch"].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kfac_on_cuda_equals_kfac_on_cpu(digits):
+    """The statistics through cuBLAS, the elementwise tail through the Triton kernel."""
+    models = {"cpu": make_mlp(hidden=16).double(), "cuda": make_mlp(hidden=16).double().cuda()}
+    for device, model in models.items():
+        opt = curvc.load("kfac")(model, lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                 stat_every=2, inverse_every=3)
+        for xb, yb in batches(digits, 10):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb.double().to(device)), yb.to(device))
+            loss.backward()
+            opt.step()
+    for p, q in zip(models["cuda"].parameters(), models["cpu"].parameters()):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-8, atol=1e-10)

@@ -244,3 +244,23 @@ def test_generated_module_shows_the_matrix_stage(tmp_path):
     assert "matrix.kronecker(state, " in text
     assert "refresh=refresh_roots" in text
     assert "d     = (L)^-1/4" in text or "^-1/4" in text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shampoo_on_cuda_equals_shampoo_on_cpu_in_float64():
+    Ours = curvc.load("shampoo")
+    torch.manual_seed(0)
+    shapes = [(), (7,), (16, 9), (3, 4, 2, 5)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [t.clone().to(device).requires_grad_() for t in start]
+        opt = Ours(params, lr=0.05, update_freq=2, weight_decay=1e-3)
+        for k in range(6):
+            opt.zero_grad()
+            sum((p ** 2 * (k + 1)).sum() for p in params).backward()
+            opt.step()
+        runs[device] = [p.detach().cpu() for p in params]
+    for a, b in zip(runs["cuda"], runs["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

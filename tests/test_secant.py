@@ -138,3 +138,19 @@ def test_generated_module_names_the_secant_settings(tmp_path):
     assert "def secant(h):" in text
     assert "history = int(h['history_size'])" in text
     assert "line_search_fn=None" in text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lbfgs_on_cuda_matches_torch_on_cuda(digits):
+    LBFGS = curvc.load("lbfgs")
+    ref_model = make_mlp(hidden=16).cuda()
+    our_model = copy.deepcopy(ref_model)
+    ref_opt = torch.optim.LBFGS(ref_model.parameters(), line_search_fn="strong_wolfe")
+    our_opt = LBFGS(our_model.parameters(), line_search_fn="strong_wolfe")
+    for xb, yb in batches(digits, 4, batch=256):
+        xb, yb = xb.cuda(), yb.cuda()
+        ref_opt.step(_closure(ref_model, ref_opt, xb, yb))
+        our_opt.step(_closure(our_model, our_opt, xb, yb))
+    for p, q in zip(our_model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
