@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from curvature_step import timed_rounds  # benchmarks/ is on sys.path when run as a script
 
 import curvc
 
@@ -31,15 +31,9 @@ def make_model(width: int, seed: int = 0) -> torch.nn.Module:
                                torch.nn.Linear(width, 10))
 
 
-def interleaved(runs: dict, rounds: int, warmup: int = 2) -> dict:
-    times = {k: [] for k in runs}
-    for r in range(warmup + rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+def interleaved(runs: dict, rounds: int) -> dict:
+    """Median seconds of each run, rounds interleaved (curvature_step's timer)."""
+    return {k: statistics.median(v) for k, v in timed_rounds(runs, rounds).items()}
 
 
 def row(name: str, ours: float, ref: float, ref_name: str) -> None:
