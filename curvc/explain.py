@@ -65,6 +65,8 @@ def equations(opt: ir.Optimizer) -> list[str]:
     if opt.schedule.kind == "inverse_time":
         eq.append(f"lr_t  = lr / (1 + (t-1) * {_v(opt.schedule.rate)})")
         lr = "lr_t"
+    if opt.structure.kind == "low_rank":
+        return _low_rank(opt, lr)
     eq.append("g     = grad f(theta)            (negated when maximize=True)")
     dec = opt.decay
     switch = dec.kind == "l2" and dec.decoupled is not None and dec.decoupled != ir.Const(False)
@@ -259,13 +261,19 @@ def _dense(opt: ir.Optimizer, lr: str) -> list[str]:
 
 
 def _low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
-    k = _v(opt.iterate.history)
+    it = opt.iterate
+    k, n = _v(it.history), _v(it.iterations) if it.iterations is not None else "20"
     return [
-        "s_t   = theta_t - theta_{t-1},   y_t = g_t - g_{t-1}   (keep the last "
-        f"{k} pairs)",
+        f"each step(closure) runs up to {n} iterations of:",
+        "g     = grad f(theta)            (the closure, re-evaluated)",
+        "s     = theta - theta_prev,   y = g - g_prev   (a pair is kept if y^T s > 1e-10; "
+        f"the last {k})",
         "H0    = (s^T y / y^T y) I      (scale from the newest pair)",
-        "d     = H^-1 g by the two-loop recursion over the pairs (rank-2 update per pair)",
-        f"theta = theta - {lr} * d",
+        "d     = -H g by the two-loop recursion over the pairs (rank-2 update per pair)",
+        f"theta = theta + t * d,   t = {lr} (the first iteration ever: min(1, 1/|g|_1) * {lr};",
+        "        with line_search_fn='strong_wolfe', the step the line search finds)",
+        f"stop early when max |g_i| <= {_v(it.tolerance_grad) if it.tolerance_grad else '1e-7'} "
+        f"or the step or loss change <= {_v(it.tolerance_change) if it.tolerance_change else '1e-9'}",
     ]
 
 
