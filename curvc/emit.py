@@ -72,6 +72,8 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline()
     if plan.secant is not None:
         _emit_secant(plan, buf)
+    elif plan.dense is not None:
+        _emit_dense(plan, buf)
     else:
         buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
         buf.writeline()
@@ -125,6 +127,27 @@ def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
     buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
 
 
+def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
+    """A dense plan's settings; the step over all parameters is curvc.runtime.dense."""
+    host = PythonHost()
+    st = plan.dense
+    buf.writeline("# --- dense: the whole curvature matrix over all parameters (curvc.runtime.dense) ---")
+    buf.writeline()
+    buf.writeline("def dense(h):")
+    with buf.indent():
+        buf.writeline('"""The dense stage\'s settings from the group\'s hyperparameters h."""')
+        buf.writeline(f"settings = dict(curvature={st.curvature!r}, accumulate={st.accumulate!r}, "
+                      f"refresh={st.refresh!r}, length={st.length!r})")
+        for field in ("samples", "beta", "init", "eps_inside", "eps_after", "power"):
+            text = host.render_inline(getattr(st, field), lambda x: f"h[{x.name!r}]")
+            buf.writeline(f"settings[{field!r}] = float({text})")
+        buf.writeline("return settings")
+    buf.writeline()
+    buf.writeline()
+    buf.writeline("update = foreach_update = triton_step = triton_reduce = None")
+    buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
+
+
 def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer) -> None:
     host = PythonHost()
     buf.writeline(f"class {opt.name}(CurvOptimizer):")
@@ -169,6 +192,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix or secant stages")
         if plan.secant is not None:
             buf.writeline("secant = staticmethod(secant)  # settings of the quasi-Newton step")
+        if plan.dense is not None:
+            buf.writeline("dense = staticmethod(dense)  # settings of the dense-curvature step")
         buf.writeline("host = staticmethod(host)")
         buf.writeline("torch_update = staticmethod(update)")
         buf.writeline("torch_reduce = {" + ", ".join(

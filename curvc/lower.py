@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from curvc import check as checks, ir
 from curvc.errors import CurvError
-from curvc.plan import (Buffer, Const, Estimator, Expr, KroneckerStage, Load, Op, Plan,
+from curvc.plan import (Buffer, Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Op, Plan,
                         Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
                         Validator, flat_hyper_names, walk)
 
@@ -21,10 +21,12 @@ from curvc.plan import (Buffer, Const, Estimator, Expr, KroneckerStage, Load, Op
 ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
 MATRIX_STRUCTURES = ("kronecker",)
 SECANT_STRUCTURES = ("low_rank",)
+DENSE_STRUCTURES = ("dense",)
+DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
 GRADIENT_CURVATURES = ("constant", "empirical_fisher")
 # Curvatures whose per-step estimate a runtime estimator computes
 # (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
-ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett")
+ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett", "fisher")
 # Curvatures whose runtime returns the preconditioned gradient itself, per
 # layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
 PRECONDITIONING_CURVATURES = ("kfac",)
@@ -436,11 +438,9 @@ def lower_learning_rate(s: _Step) -> Expr:
 
 
 def _refuse_unsupported(opt: ir.Optimizer) -> None:
-    if opt.structure.kind not in ELEMENTWISE_STRUCTURES + MATRIX_STRUCTURES + SECANT_STRUCTURES:
-        raise CurvError("codegen.unsupported", opt.structure.span,
-                        what=f"structure {opt.structure.kind} ({opt.name})",
-                        why="scalar, diagonal, kronecker and low_rank structures are compiled "
-                            "so far")
+    if opt.structure.kind in DENSE_STRUCTURES:
+        _refuse_dense(opt)
+        return
     if opt.structure.kind in SECANT_STRUCTURES:
         _refuse_secant(opt)
         return
@@ -513,6 +513,51 @@ def lower_kfac(s: _Step) -> Expr:
     return Select("maximize", op("neg", natural), natural)
 
 
+def _refuse_dense(opt: ir.Optimizer) -> None:
+    c, it, dmp = opt.curvature, opt.iterate, opt.damping
+    if c.kind not in DENSE_CURVATURES:
+        raise CurvError("codegen.unsupported", c.span,
+                        what=f"curvature {c.kind} with structure dense ({opt.name})",
+                        why="the dense structure is built from the exact Hessian, the Fisher "
+                            "or the gradient's outer product so far")
+    refusals = [
+        (c.squared or c.scale is not None or c.every is not None, c,
+         "a modified curvature with structure dense", "the dense matrix takes the plain estimate"),
+        (it.kind not in ("instant", "ema", "sum") or it.bias_corrected or it.delayed
+         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
+         f"iterate {it.kind} with structure dense",
+         "the dense matrix is the current estimate, a sum or an EMA"),
+        (dmp.kind == "floor", dmp, "damping floor with structure dense",
+         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
+    ]
+    for axis in ("momentum", "decay", "clip", "schedule"):
+        node = getattr(opt, axis)
+        refusals.append((node.kind not in ("none", "constant"), node,
+                         f"{axis} {node.kind} with structure dense",
+                         "the dense step is taken on the raw gradient, over all parameters"))
+    for refused, node, what, why in refusals:
+        if refused:
+            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
+
+
+def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
+    """The dense stage, and the host flags it reads."""
+    s = _Step(opt)
+    it, ln, dmp = opt.iterate, opt.length, opt.damping
+    refresh = _every_flag(s, "refresh", it.every) if it.every is not None else None
+    eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
+    c = opt.curvature
+    stage = DenseStage(
+        c.kind, it.kind, refresh, ln.kind,
+        samples=s.arg(c.samples) if c.samples is not None else Const(1.0),
+        beta=s.arg(it.beta) if it.kind == "ema" else Const(0.0),
+        init=s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
+        eps_inside=eps if dmp.kind == "inside" else Const(0.0),
+        eps_after=eps if dmp.kind == "add" else Const(0.0),
+        power=s.arg(ln.power) if ln.kind == "gradient_norm" else Const(1.0))
+    return stage, tuple(s.flags)
+
+
 def _refuse_secant(opt: ir.Optimizer) -> None:
     """The secant step runs on the raw gradient with the step L-BFGS takes; the
     techniques that would change either are refused with their reason."""
@@ -540,6 +585,9 @@ def build(opt: ir.Optimizer) -> Plan:
     if opt.structure.kind in SECANT_STRUCTURES:
         return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
                     secant=lower_secant(opt))
+    if opt.structure.kind in DENSE_STRUCTURES:
+        stage, flags = lower_dense(opt)
+        return Plan(opt.name, opt.hypers, validators, (), (), (), flags, (), (), dense=stage)
     s = _Step(opt)
     lr = lower_learning_rate(s)
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES

@@ -204,6 +204,33 @@ class SecantStage:
 
 
 @dataclass(frozen=True)
+class DenseStage:
+    """The whole n x n curvature over all parameters as one vector (small models).
+
+    ``curvature`` is 'hessian' (exact, from gradients that carry their graph),
+    'fisher' (from per-example gradients on labels sampled from the model's
+    logits) or 'empirical_fisher' (g g^T of the step's gradient). It is accumulated
+    (``accumulate``: 'instant' | 'ema' | 'sum') on steps where the flag
+    ``refresh`` holds (every step when None), and the step is
+    ``d = (root(C + eps_inside I) + eps_after I)^-1 g`` shaped by ``length``
+    ('none': root = C; 'gradient_norm': C^(power/2); 'normalized': d scaled to
+    ||d||_C = 1; 'eigen_sign': C^-1/2 Q sign(Q^T g)). ``curvc.runtime.dense``
+    runs it.
+    """
+
+    curvature: str
+    accumulate: str
+    refresh: str | None
+    length: str
+    samples: Expr  # labels drawn per example (fisher)
+    beta: Expr
+    init: Expr
+    eps_inside: Expr
+    eps_after: Expr
+    power: Expr
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     hypers: tuple[ir.Hyper, ...]
@@ -217,6 +244,7 @@ class Plan:
     estimator: Estimator | None = None
     matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
+    dense: DenseStage | None = None  # a whole-model dense-curvature step (no stores)
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
@@ -232,7 +260,12 @@ class Plan:
     @property
     def elementwise(self) -> bool:
         """Whether the whole step is elementwise (fusable into one pass per tensor)."""
-        return not self.matrix and self.secant is None
+        return not self.matrix and self.secant is None and self.dense is None
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether the step runs over all parameters as one vector (no stores)."""
+        return self.secant is not None or self.dense is not None
 
 
 def flat_hyper_names(hypers) -> list[str]:

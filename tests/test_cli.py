@@ -126,20 +126,22 @@ def test_explain_bad_spec(cli):
 
 # --- compile ----------------------------------------------------------------
 
-def test_compile_refuses_newton_with_the_codegen_message(cli, tmp_path):
-    result = cli("compile", "specs/theory/newton.curv", "-o", str(tmp_path), "--backend", "torch")
+def test_compile_refuses_an_uncompiled_combination_with_the_codegen_message(cli, tmp_path):
+    result = cli("compile", "tests/errors/codegen_dense_momentum.curv", "-o", str(tmp_path),
+                 "--backend", "torch")
     assert_clean_failure(result)
     err = result.stderr
-    assert err.startswith("specs/theory/newton.curv:")
-    assert "error: code generation for structure dense (Newton) is not available" in err
+    assert err.startswith("tests/errors/codegen_dense_momentum.curv:")
+    assert "error: code generation for momentum heavy_ball with structure dense (HeavyNewton) " \
+           "is not available" in err
     assert "`curvc explain` shows its update rule" in err
-    assert not (tmp_path / "newton.py").exists()
+    assert not (tmp_path / "codegen_dense_momentum.py").exists()
 
 
 def test_compile_codegen_refusal_matches_the_error_case(cli, tmp_path):
-    result = cli("compile", "tests/errors/codegen_dense.curv", "-o", str(tmp_path),
+    result = cli("compile", "tests/errors/codegen_kfac_gradient_norm.curv", "-o", str(tmp_path),
                  "--backend", "torch")
-    assert_clean_failure(result, stderr=expected_error("codegen_dense"))
+    assert_clean_failure(result, stderr=expected_error("codegen_kfac_gradient_norm"))
 
 
 def test_compile_sgd_writes_an_importable_optimizer(cli, tmp_path):

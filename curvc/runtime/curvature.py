@@ -8,6 +8,9 @@ everything after them is the same fused elementwise plan as Adam's.
 * ``hutchinson``: the Hessian diagonal as the mean of ``z * (H z)`` over
   random probes ``z`` (Rademacher: E[z z^T] = I, so E[z * Hz] = diag H).
   Needs gradients that carry their graph (``backward(create_graph=True)``).
+* ``fisher``: the Fisher with labels sampled from the model, from
+  per-example gradients (its diagonal, or the whole matrix for the dense
+  structure); small models, since it costs one gradient per example.
 * ``gauss_newton_bartlett``: the Fisher / Gauss-Newton diagonal from labels
   sampled from the model's own output distribution: ``B * (grad of the
   mean loss on the sampled labels)^2``, B the number of sampled labels
@@ -80,4 +83,70 @@ def gauss_newton_bartlett(params: list[torch.Tensor], logits: torch.Tensor, samp
     return total
 
 
-ESTIMATORS = {"hutchinson": hutchinson, "gauss_newton_bartlett": gauss_newton_bartlett}
+def sampled_label_gradients(params: list[torch.Tensor], logits: torch.Tensor,
+                            samples: int = 1,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """One row per (example, drawn label): the gradient of -log p(y|x) over all
+    parameters (flattened), for ``samples`` labels y per example drawn from the
+    model's softmax(logits).
+
+    The mean of their outer products estimates the Fisher
+    F = E_x E_{y~p(y|x)}[g g^T] (the true Fisher: labels from the model, not
+    the data). One vmapped backward pass, or one per row where autograd
+    cannot batch.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        probs = torch.softmax(flat.detach().float(), dim=-1)
+        labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    per_row = torch.nn.functional.cross_entropy(flat.repeat_interleave(samples, dim=0),
+                                                labels.reshape(-1), reduction="none")
+    return batched_rows(per_row, params)
+
+
+def batched_rows(values: torch.Tensor, params: list[torch.Tensor],
+                 chunk: int = 256) -> torch.Tensor:
+    """The gradient of each entry of the vector ``values`` with respect to ``params``,
+    flattened: one row per entry. Vmapped backward passes over ``chunk`` entries at a
+    time (the identity they take is chunk x n, not n x n), or one pass per entry where
+    autograd cannot batch."""
+    n = values.shape[0]
+    sizes = [p.numel() for p in params]
+    kw = dict(dtype=values.dtype, device=values.device)
+
+    def flatten(grads, rows):
+        return torch.cat([torch.zeros(rows, k, **kw) if g is None else g.reshape(rows, k)
+                          for g, k in zip(grads, sizes)], dim=1)
+    out = []
+    try:
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            picks = torch.zeros(rows, n, **kw)
+            picks[torch.arange(rows), start + torch.arange(rows)] = 1.0
+            out.append(flatten(torch.autograd.grad(values, params, picks, retain_graph=True,
+                                                   allow_unused=True, is_grads_batched=True),
+                               rows))
+    except RuntimeError:  # an op without a batching rule: one entry at a time
+        out = [flatten(torch.autograd.grad(values[i], params, retain_graph=True,
+                                           allow_unused=True), 1) for i in range(n)]
+    return torch.cat(out)
+
+
+def fisher_diagonal(params: list[torch.Tensor], logits: torch.Tensor, samples: int = 1,
+                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """diag F: the mean of the squared sampled-label gradients."""
+    rows = sampled_label_gradients(params, logits, samples, generator)
+    diag = rows.pow(2).mean(dim=0)
+    return [d.reshape(p.shape).to(p.dtype) for d, p in
+            zip(torch.split(diag, [p.numel() for p in params]), params)]
+
+
+def fisher_matrix(params: list[torch.Tensor], logits: torch.Tensor, samples: int = 1,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """F over all parameters as one n x n matrix (the dense structure; small models)."""
+    rows = sampled_label_gradients(params, logits, samples, generator)
+    return rows.T @ rows / rows.shape[0]
+
+
+ESTIMATORS = {"hutchinson": hutchinson, "gauss_newton_bartlett": gauss_newton_bartlett,
+              "fisher": fisher_diagonal}

@@ -59,6 +59,7 @@ class CurvOptimizer(torch.optim.Optimizer):
     STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
     ELEMENTWISE: bool = True  # False: the plan has matrix stages (update gets the state dict)
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
+    dense: Callable | None = None  # h -> settings, for a dense-curvature plan
     host: Callable = None
     torch_update: Callable = None
     foreach_update: Callable | None = None
@@ -83,7 +84,7 @@ class CurvOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
-        if self.secant is not None:
+        if self.secant is not None or self.dense is not None:
             self._check_secant_groups()
         self._estimates: dict = {}
         self._tracker = None
@@ -112,8 +113,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if len(self.param_groups) != 1:
             raise ValueError(f"{name} doesn't support per-parameter options (parameter groups): "
-                             "the secant pairs span all parameters as one vector")
+                             "its curvature spans all parameters as one vector")
         group = self.param_groups[0]
+        if self.dense is not None:
+            return
         if group.get("maximize"):
             raise ValueError(f"{name} does not support maximize=True: negate the loss the "
                              "closure returns instead")
@@ -282,6 +285,9 @@ class CurvOptimizer(torch.optim.Optimizer):
         with a graph (``loss.backward(create_graph=True)``) for Hutchinson, or
         ``estimate_curvature(logits=...)`` for Gauss-Newton-Bartlett.
         """
+        if self.dense is not None:
+            return self._dense_refresh(self._next_step()) and \
+                self.dense(self._flat_hypers(self.param_groups[0]))["curvature"] != "empirical_fisher"
         if self.ESTIMATOR is None or self._estimator_kind() == "kfac":
             return False  # K-FAC's hooks need nothing from the training loop
         when = self.ESTIMATOR[2]
@@ -303,6 +309,9 @@ class CurvOptimizer(torch.optim.Optimizer):
         itself, so no ``create_graph`` is needed on ``backward``).
         """
         from curvc.runtime import curvature
+        if self.dense is not None:
+            self._estimate_dense(logits, loss)
+            return
         if self.ESTIMATOR is None:
             raise RuntimeError(f"{type(self).__name__} estimates no curvature; "
                                "estimate_curvature() is for optimizers with an estimator")
@@ -314,10 +323,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         args = make_args(self._flat_hypers(self.param_groups[0]))
         params = self._trainable()
         with torch.enable_grad():
-            if kind == "gauss_newton_bartlett":
+            if kind in ("gauss_newton_bartlett", "fisher"):
                 if logits is None:
                     raise TypeError(self._missing_estimate_message(kind))
-                est = curvature.gauss_newton_bartlett(params, logits, int(args["samples"]))
+                est = curvature.ESTIMATORS[kind](params, logits, int(args["samples"]))
             else:
                 if loss is None:
                     raise TypeError(f"{type(self).__name__}.estimate_curvature(loss=...) needs "
@@ -344,6 +353,60 @@ class CurvOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"a curvature estimate of shape {tuple(e.shape)} for a "
                                  f"parameter of shape {tuple(p.shape)}")
         self._estimates = {p: e.detach() for p, e in zip(params, estimates) if e is not None}
+
+    def _dense_refresh(self, step: float) -> bool:
+        flag = self.dense(self._flat_hypers(self.param_groups[0]))["refresh"]
+        return flag is None or self.host(self._flat_hypers(self.param_groups[0]), step)[1][flag]
+
+    def _dense_step(self, closure, curvature):
+        from curvc.runtime import dense
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self.param_groups[0]["params"]
+        if all(p.grad is None for p in params):
+            self._release_graphs()  # torch.optim's rule: no gradients, no step
+            self._estimates = {}
+            return loss
+        try:
+            for p in params:
+                if p.grad is not None:
+                    self._check_grad(p, p.grad)
+            settings = self.dense(self._flat_hypers(self.param_groups[0]))
+            refresh = self._dense_refresh(self._next_step())
+            matrix = None
+            if curvature is not None:
+                matrix = torch.as_tensor(curvature)
+                n = sum(p.numel() for p in params)
+                if matrix.shape != (n, n):
+                    raise ValueError(f"step(curvature=...) of {type(self).__name__} takes one "
+                                     f"{n} x {n} matrix, got shape {tuple(matrix.shape)}")
+            elif refresh and settings["curvature"] == "empirical_fisher":
+                g = dense.flat_grad(params).detach()
+                matrix = torch.outer(g, g)
+            elif refresh:
+                matrix = self._estimates.get("dense")
+                if matrix is None and settings["curvature"] == "fisher":
+                    raise RuntimeError(self._missing_estimate_message("fisher"))
+                if matrix is None and all(p.grad is None or p.grad.grad_fn is not None
+                                          for p in params):
+                    with torch.enable_grad():
+                        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                        matrix = dense.hessian(params, grads).detach()
+                if matrix is None:
+                    raise RuntimeError(
+                        f"{type(self).__name__} needs the Hessian on this step: call "
+                        "loss.backward(create_graph=opt.wants_curvature()) before step(), or "
+                        "opt.estimate_curvature(loss=loss), or pass step(curvature=H)")
+        finally:
+            self._release_graphs()
+            self._estimates = {}
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad.detach()
+        dense.step(self, settings, refresh, matrix)
+        return loss
 
     def _natural_gradients(self) -> list:
         """K-FAC: this step's natural gradients as the plan's input; returns the
@@ -380,9 +443,29 @@ class CurvOptimizer(torch.optim.Optimizer):
                                        bool(args.get("spatial_average", False)))
         self._estimates = {p: e.detach() for (p, _), e in zip(pairs, est)}
 
+    def _estimate_dense(self, logits, loss) -> None:
+        """The dense structure's matrix for this step: the Hessian from ``loss``, or
+        the Fisher from ``logits``."""
+        from curvc.runtime import curvature, dense
+        settings = self.dense(self._flat_hypers(self.param_groups[0]))
+        params = self.param_groups[0]["params"]
+        kind = settings["curvature"]
+        with torch.enable_grad():
+            if kind == "hessian" and loss is not None:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                matrix = dense.hessian(params, grads)
+            elif kind == "fisher" and logits is not None:
+                matrix = curvature.fisher_matrix(params, logits, int(settings["samples"]))
+            else:
+                wanted = "loss=" if kind == "hessian" else "logits="
+                raise TypeError(f"{type(self).__name__}.estimate_curvature() needs {wanted}... "
+                                f"for its {kind} curvature")
+        self._estimates = {"dense": matrix.detach()}
+
     def _missing_estimate_message(self, kind: str) -> str:
         name = type(self).__name__
-        if kind == "gauss_newton_bartlett":
+        if kind in ("gauss_newton_bartlett", "fisher"):
             return (f"{name} refreshes its curvature on this step and needs the model's logits: "
                     f"before loss.backward(), call `if opt.wants_curvature(): "
                     f"opt.estimate_curvature(logits=logits)` (or pass step(curvature=[...]))")
@@ -421,6 +504,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         if self.secant is not None:
             from curvc.runtime import secant
             return secant.step(self, closure, self.secant(self._flat_hypers(self.param_groups[0])))
+        if self.dense is not None:
+            return self._dense_step(closure, curvature)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -1,0 +1,89 @@
+"""The dense structure: the whole n x n curvature over all parameters (small models).
+
+This is the paper's theory rows as code: Newton (the Hessian, d = H^-1 g),
+its normalized and sign variants, and hybrids such as full-matrix Adagrad
+(the gradient's outer products summed, d = (C + eps I)^-1/2 g). The matrix
+costs n^2 memory and an eigendecomposition per step, so it is meant for
+models of up to a few thousand parameters: toy problems, the last layer of
+a network, or checking what the diagonal and Kronecker structures
+approximate.
+
+With C = Q diag(w) Q^T (eigendecomposition of the accumulated, damped
+curvature) and g the gradient over all parameters as one vector:
+
+    none           d = Q diag(1/w) Q^T g                      (Newton)
+    gradient_norm  d = Q diag(w^-power/2) Q^T g               (||d_i||_C = g_i)
+    normalized     d = C^-1 g / sqrt(g^T C^-1 g)              (||d||_C = 1)
+    eigen_sign     d = Q diag(w^-1/2) sign(Q^T g)             (||d_i||_C = 1)
+
+``damping add(eps)`` adds eps to the root's eigenvalues; eigenvalues that
+are not positive get 0 (the pseudo-inverse), so an indefinite Hessian
+takes no step along its negative directions rather than a step uphill.
+"""
+from __future__ import annotations
+
+import torch
+
+from curvc.runtime.curvature import batched_rows
+from curvc.runtime.secant import flat_grad, move
+
+
+def hessian(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """The exact Hessian, from gradients that carry their graph: row i is the
+    gradient of g_i (vmapped backward passes, a chunk of rows at a time)."""
+    return batched_rows(torch.cat([g.reshape(-1) for g in grads]), params)
+
+
+def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
+    """d for the accumulated curvature c and the gradient g (see the module docstring)."""
+    a = c.to(torch.float64)
+    a = (a + a.T) / 2
+    if s["eps_inside"]:
+        a = a + s["eps_inside"] * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    w, q = torch.linalg.eigh(a)
+    # Eigenvalues at rounding level are zero (numpy's pinv rule): a Fisher of softmax
+    # outputs is singular along the logits' shared shift, and 1/1e-17 is no step.
+    positive = w > w.abs().max() * w.numel() * torch.finfo(w.dtype).eps
+    w = w.clamp(min=torch.finfo(w.dtype).tiny)
+    root = {"none": w, "normalized": w, "gradient_norm": w.pow(s["power"] / 2),
+            "eigen_sign": w.sqrt()}[s["length"]]
+    inv = torch.where(positive, 1.0 / (root + s["eps_after"]), torch.zeros_like(w))
+    coords = q.T @ g.to(torch.float64)
+    if s["length"] == "eigen_sign":
+        coords = torch.sign(coords)
+    d = q @ (inv * coords)
+    if s["length"] == "normalized":
+        norm_sq = g.to(torch.float64).dot(d)
+        d = d / norm_sq.sqrt() if norm_sq > 0 else torch.zeros_like(d)
+    return d.to(g.dtype)
+
+
+def step(opt, settings: dict, refresh: bool, curvature: torch.Tensor | None) -> None:
+    """One step of a dense optimizer ``opt`` (one param group): accumulate this
+    step's curvature (when ``refresh``), then move every parameter."""
+    group = opt.param_groups[0]
+    params = group["params"]
+    state = opt.state[params[0]]
+    g = flat_grad(params)
+    if group.get("maximize"):
+        g = -g
+    acc = state.get("curvature")
+    if refresh:
+        kind = settings["accumulate"]
+        if acc is None:
+            acc = torch.zeros_like(curvature)
+            if kind == "sum":
+                acc += settings["init"] * torch.eye(acc.shape[0], dtype=acc.dtype, device=acc.device)
+        if kind == "instant":
+            acc = curvature
+        elif kind == "ema":
+            acc = acc * settings["beta"] + curvature * (1.0 - settings["beta"])
+        else:
+            acc = acc + curvature
+    d = direction(acc, g, settings)
+    state["curvature"] = acc
+    for p in params:
+        st = opt.state[p]
+        st["step"] = st.get("step", torch.tensor(0.0)) + 1
+    with torch.no_grad():
+        move(params, -float(group["lr"]), d)
