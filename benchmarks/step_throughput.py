@@ -1,7 +1,9 @@
 """Optimizer step throughput: curvc-compiled optimizers against torch.optim, side by side.
 
 Prints, for Adam, Adagrad and SignGD, on (a) GPT-2-small's parameter shapes
-(124M parameters in 148 tensors) and (b) one large tensor: parameters
+(124M parameters in 148 tensors), (b) one large tensor and (c) a small MLP
+(784-256-256-10, 269K parameters in 6 tensors, where per-call overhead
+rather than memory bandwidth sets the pace): parameters
 updated per second, and the ratio of each method's step time to
 ``torch.optim.Adam(fused=True)`` (the anchor) and to the same optimizer's
 ``foreach`` implementation, all measured in one process with the methods'
@@ -31,6 +33,10 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
                    (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return shapes + [(d,), (d,)]
+
+
+def small_mlp_shapes() -> list[tuple[int, ...]]:
+    return [(256, 784), (256,), (256, 256), (256,), (10, 256), (10,)]
 
 
 def make_params(shapes, device, dtype, seed=0):
@@ -136,6 +142,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="Adam,Adagrad,SignGD")
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
     dtype = torch.float32
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}"
@@ -143,13 +150,16 @@ def main():
     copy_bw = copy_bandwidth(args.big, args.device, dtype) if args.device == "cuda" else None
     if copy_bw:
         print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
-    suites = [("GPT-2-small shapes", gpt2_small_shapes())]
+    # (title, shapes, rounds): a small model's step takes microseconds, so many rounds
+    suites = [("GPT-2-small shapes", gpt2_small_shapes(), args.rounds)]
     if not args.skip_big:
-        suites.append((f"one tensor of {args.big} elements", [(args.big,)]))
-    for title, shapes in suites:
+        suites.append((f"one tensor of {args.big} elements", [(args.big,)], args.rounds))
+    if not args.skip_small:
+        suites.append(("a small MLP", small_mlp_shapes(), args.rounds * 100))
+    for title, shapes, rounds in suites:
         print(f"\n=== {title}")
         for name in args.only.split(","):
-            entries = bench(name, shapes, args.device, dtype, args.rounds, args.warmup)
+            entries = bench(name, shapes, args.device, dtype, rounds, args.warmup)
             if copy_bw:
                 numel = sum(torch.Size(s).numel() for s in shapes)
                 ours = entries[-1]

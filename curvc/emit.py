@@ -104,48 +104,43 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     return buf.getvalue()
 
 
-def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
-    """A secant plan's settings; the quasi-Newton loop itself is curvc.runtime.secant."""
+def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
+                   fields: list[tuple[str, str, object]]) -> None:
+    """A whole-model stage's settings function ``name(h)``: the ``fixed`` values
+    spelled out, each (field, cast, expression) rendered from the hyperparameters h.
+    The stage's step itself lives in curvc.runtime."""
     host = PythonHost()
-    sec = plan.secant
-    buf.writeline("# --- secant: a quasi-Newton step over all parameters (curvc.runtime.secant) ---")
+    buf.writeline(f"# --- {name}: {comment} (curvc.runtime.{name}) ---")
     buf.writeline()
-    buf.writeline("def secant(h):")
+    buf.writeline(f"def {name}(h):")
     with buf.indent():
-        buf.writeline('"""The secant stage\'s settings from the group\'s hyperparameters h."""')
-        for field in ("history", "iterations"):
-            text = host.render_inline(getattr(sec, field), lambda x: f"h[{x.name!r}]")
-            buf.writeline(f"{field} = int({text})")
-        for field in ("tolerance_grad", "tolerance_change"):
-            text = host.render_inline(getattr(sec, field), lambda x: f"h[{x.name!r}]")
-            buf.writeline(f"{field} = float({text})")
-        buf.writeline("return dict(history=history, iterations=iterations, "
-                      "tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)")
-    buf.writeline()
-    buf.writeline()
-    buf.writeline("update = foreach_update = triton_step = triton_reduce = None")
-    buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
-
-
-def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
-    """A dense plan's settings; the step over all parameters is curvc.runtime.dense."""
-    host = PythonHost()
-    st = plan.dense
-    buf.writeline("# --- dense: the whole curvature matrix over all parameters (curvc.runtime.dense) ---")
-    buf.writeline()
-    buf.writeline("def dense(h):")
-    with buf.indent():
-        buf.writeline('"""The dense stage\'s settings from the group\'s hyperparameters h."""')
-        buf.writeline(f"settings = dict(curvature={st.curvature!r}, accumulate={st.accumulate!r}, "
-                      f"refresh={st.refresh!r}, length={st.length!r})")
-        for field in ("samples", "beta", "init", "eps_inside", "eps_after", "power"):
-            text = host.render_inline(getattr(st, field), lambda x: f"h[{x.name!r}]")
-            buf.writeline(f"settings[{field!r}] = float({text})")
+        buf.writeline(f'"""The {name} stage\'s settings from the group\'s hyperparameters h."""')
+        buf.writeline("settings = dict(" + ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + ")")
+        for field, cast, expr in fields:
+            text = host.render_inline(expr, lambda x: f"h[{x.name!r}]")
+            buf.writeline(f"settings[{field!r}] = {cast}({text})")
         buf.writeline("return settings")
     buf.writeline()
     buf.writeline()
     buf.writeline("update = foreach_update = triton_step = triton_reduce = None")
     buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
+
+
+def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
+    sec = plan.secant
+    _emit_settings(buf, "secant", "a quasi-Newton step over all parameters", {},
+                   [("history", "int", sec.history), ("iterations", "int", sec.iterations),
+                    ("tolerance_grad", "float", sec.tolerance_grad),
+                    ("tolerance_change", "float", sec.tolerance_change)])
+
+
+def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
+    st = plan.dense
+    _emit_settings(buf, "dense", "the whole curvature matrix over all parameters",
+                   dict(curvature=st.curvature, accumulate=st.accumulate, refresh=st.refresh,
+                        length=st.length),
+                   [(f, "float", getattr(st, f)) for f in
+                    ("samples", "beta", "init", "eps_inside", "eps_after", "power")])
 
 
 def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer) -> None:

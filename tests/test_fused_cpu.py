@@ -3,6 +3,8 @@
 Compiling takes seconds per (spec, flags), so these tests use few specs and
 share compiled kernels through the class-level cache.
 """
+import copy
+
 import pytest
 import torch
 
@@ -75,3 +77,61 @@ def test_a_failed_compile_warns_and_falls_back_to_the_eager_path(monkeypatch):
         fused, _ = _run(cls, dict(lr=1e-2), fused=True)
     for a, b in zip(eager, fused):
         torch.testing.assert_close(b, a)
+
+
+def test_fused_kernels_skip_the_aot_wrapper_once_verified():
+    cls = curvc.load("adam", backend="torch")
+    _run(cls, dict(lr=1e-2), fused=True, steps=1)
+    assert all(k._raw is not None for k in cls.__dict__["_fused_kernels"].values())
+
+
+def test_a_raw_call_that_writes_differently_is_not_used():
+    """The check that guards the unwrapped call: a generated call that skips the
+    in-place writes (as if the wrapper did them) is refused."""
+    from curvc.runtime.fused_cpu import _verified_raw_call
+
+    class Wrapped:
+        def __call__(self, n, p, s, step):
+            p.sub_(s[0]); step.add_(1)
+
+        def current_callable(self, args):
+            args.clear()  # writes nothing: the mutation lived in the wrapper
+
+    order = [("n",), ("t", 0), ("s",), ("c",)]
+    assert _verified_raw_call(Wrapped(), order, (torch.float32,), 1, torch.float32) is None
+
+    class Faithful(Wrapped):
+        def current_callable(self, args):
+            n, p, s, step = args
+            args.clear()
+            p.sub_(s[0]); step.add_(1)
+
+    assert _verified_raw_call(Faithful(), order, (torch.float32,), 1, torch.float32) is not None
+
+
+def test_fused_steps_count_every_step_and_accept_old_step_formats():
+    """The compiled pass bumps each parameter's float32 step counter; a checkpoint whose
+    counters are ints (old torch) or float64 tensors resumes on the fused path as on
+    the eager one."""
+    cls = curvc.load("adam", backend="torch")
+    params, opt = _run(cls, dict(lr=1e-2), fused=True, steps=4)
+    assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 4.0
+               for s in opt.state.values())
+    saved = opt.state_dict()
+    for i, s in saved["state"].items():
+        s["step"] = 4 if i % 2 else torch.tensor(4.0, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        o = cls(ps, lr=1e-2, fused=fused)
+        o.load_state_dict(copy.deepcopy(saved))  # torch's loading aliases the tensors
+        g = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            o.step()
+        assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 6.0
+                   for s in o.state.values())
+        results.append(ps)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -37,6 +37,7 @@ class Bucket:
     step: float
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+    steps: list = field(default_factory=list)  # the per-parameter step counters to bump
     tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
 
     def args(self, names):
@@ -182,7 +183,10 @@ class CurvOptimizer(torch.optim.Optimizer):
 
     @property
     def BUFFER_NAMES(self) -> tuple[str, ...]:
-        return tuple(n for n, _, _ in self.BUFFERS)
+        names = type(self).__dict__.get("_buffer_names")
+        if names is None:
+            names = type(self)._buffer_names = tuple(n for n, _, _ in self.BUFFERS)
+        return names
 
     def _init_state(self, p: torch.Tensor, group: dict, h: dict, flags: dict) -> dict:
         state = self.state[p]
@@ -195,7 +199,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but state keeps the dtype it was saved with (fp32 state of bf16 params)."""
+        """As torch's, but state keeps the dtype it was saved with (fp32 state of bf16
+        params), and every step counter becomes a float32 CPU scalar tensor, whatever
+        form it was saved in (an int from old checkpoints, a CUDA tensor from
+        torch's fused or capturable optimizers)."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -203,6 +210,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         for pid, p in zip(ids, params):
             if pid not in saved:
                 continue
+            step = self.state[p].get("step")
+            if step is not None and not (isinstance(step, torch.Tensor) and step.is_cpu
+                                         and step.dtype == torch.float32 and step.dim() == 0):
+                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
             for key, value in saved[pid].items():
                 if key != "step" and isinstance(value, torch.Tensor) and \
                         self.state[p][key].dtype != value.dtype:
@@ -232,24 +243,22 @@ class CurvOptimizer(torch.optim.Optimizer):
             inputs = [self._input(n, p, flags) for n in self.INPUTS]
             todo.append((p, g, step, flags, inputs))
         buckets: dict[tuple, Bucket] = {}
-        steps = []
+        names = self.BUFFER_NAMES
         for p, g, step, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
-            steps.append(state["step"])
             key = (p.device, p.dtype, step)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
-                    n: [] for n in (*self.BUFFER_NAMES, *self.INPUTS, "state")})
+                    n: [] for n in (*names, *self.INPUTS, "state")})
             b.params.append(p)
             b.grads.append(g)
-            for n in self.BUFFER_NAMES:
+            b.steps.append(state["step"])
+            for n in names:
                 b.tensors[n].append(state.get(n))
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
-        if steps:
-            torch._foreach_add_(steps, 1.0)  # one call, not one per parameter
         return [(b, *per_step[b.step]) for b in buckets.values()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -533,6 +542,7 @@ class CurvOptimizer(torch.optim.Optimizer):
             red = reduced.get(bucket.device, {})
             if self._uses_triton(bucket, group):
                 self.triton_step(bucket, scalars, flags, red)
+                torch._foreach_add_(bucket.steps, 1.0)  # host-side counters, one call
             else:
                 self._torch_step(group, bucket, scalars, flags, red)
         self._estimates = {}
@@ -544,8 +554,9 @@ class CurvOptimizer(torch.optim.Optimizer):
         rows = bucket.args(spec["tensors"])
         if self._fused(group, bucket) and all(t is None or t.is_contiguous()
                                               for row in rows for t in row):
-            if self._fused_step(rows, scalars, flags, reduced):
-                return
+            if self._fused_step(rows, bucket.steps, scalars, flags, reduced):
+                return  # the compiled pass bumped the step counters
+        torch._foreach_add_(bucket.steps, 1.0)
         kw = {n: scalars[n] for n in spec["scalars"]}
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
@@ -573,7 +584,7 @@ class CurvOptimizer(torch.optim.Optimizer):
         if pieces:
             type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
 
-    def _fused_step(self, rows, scalars: dict, flags: dict, reduced: dict) -> bool:
+    def _fused_step(self, rows, steps: list, scalars: dict, flags: dict, reduced: dict) -> bool:
         """The bucket's step through the compiled kernel; False if it cannot be compiled."""
         from curvc.runtime.fused_cpu import FusedUpdate
         spec = self.UPDATE_ARGS
@@ -597,13 +608,18 @@ class CurvOptimizer(torch.optim.Optimizer):
         kernel = cache[key]
         if kernel is None:
             return False
-        values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
-        values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
-        s = torch.cat(values) if len(values) > 1 else values[0]
-        # One call per tensor, small ones too: a call costs tens of microseconds,
-        # less than gathering small tensors into one buffer and scattering them back.
-        for row in rows:
-            kernel([t.view(-1) for t in row if t is not None], s)
+        if spec["reduced"]:  # device values: keep them on the device, no .item()
+            values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
+            values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
+            s = torch.cat(values)
+        else:
+            s = kernel.set_scalars([scalars[n] for n in spec["scalars"]])
+        # One call per tensor, small ones too: a call costs microseconds, less than
+        # gathering small tensors into one buffer and scattering them back.
+        if not all(c.dtype == torch.float32 and c.dim() == 0 and c.is_cpu for c in steps):
+            return False  # a counter loaded in another form: the eager path bumps it
+        for row, count in zip(rows, steps):
+            kernel([t if t.dim() == 1 else t.view(-1) for t in row if t is not None], s, count)
         return True
 
     def _reduce(self, work) -> dict:
