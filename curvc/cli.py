@@ -81,11 +81,13 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
 def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown table")) -> None:
     """The paper's Table 1, regenerated from the shipped specs."""
     rows = []
+    order = {n: i for i, n in enumerate(explain_mod.PAPER_ORDER)}
     for name, path in resources.shipped_specs().items():
         opt = compiler.to_ir(path.read_text(), str(path))
-        rows.append((opt.name, explain_mod.table_row(opt)))
-    order = {n: i for i, n in enumerate(explain_mod.PAPER_ORDER)}
-    rows.sort(key=lambda r: (order.get(r[0], len(order)), r[0]))
+        # the paper's order, then its other variants, then the hybrids
+        key = (path.parent.name == "hybrids", order.get(opt.name, len(order)), opt.name)
+        rows.append((key, opt.name, explain_mod.table_row(opt)))
+    rows = [(n, r) for _, n, r in sorted(rows, key=lambda x: x[0])]
     cols = ("Optimizer",) + explain_mod.TABLE_COLUMNS
     cells = [[n] + [r[c] or "-" for c in explain_mod.TABLE_COLUMNS] for n, r in rows]
     if markdown:

@@ -6,10 +6,14 @@
 
 The loop shows what each kind of curvature source needs: nothing for
 gradient-only specs (SGD, Adam, Shampoo, ...), the logits for
-Gauss-Newton-Bartlett (Sophia-G) and second derivatives for Hutchinson
-(AdaHessian, Sophia-H), on the steps where the optimizer refreshes its
-curvature; the model itself for K-FAC (it hooks the layers); and a closure
-for the secant method (L-BFGS evaluates the loss several times per step).
+Gauss-Newton-Bartlett (Sophia-G) and the sampled-label Fisher (FisherAdam),
+second derivatives for Hutchinson (AdaHessian, Sophia-H), on the steps where
+the optimizer refreshes its curvature; the model itself for K-FAC (it hooks the layers); a closure
+for the secant method (L-BFGS evaluates the loss several times per step);
+and the loss or the logits for the dense structure (Newton, NGD), which
+keeps an n x n matrix and so trains a linear classifier (650 parameters).
+
+    python examples/train_digits.py damped_newton    # specs/hybrids/damped_newton.curv
 """
 from __future__ import annotations
 
@@ -50,15 +54,21 @@ def main():
     perm = torch.randperm(len(x))
     train, test = perm[:1500], perm[1500:]
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
     Opt = optimizer_class(args.optimizer)
+    dense = Opt.dense is not None
+    if dense:  # n x n curvature and an eigendecomposition per step: a small model
+        model = torch.nn.Linear(64, 10)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                                    torch.nn.Linear(64, 10))
     estimator = Opt.ESTIMATOR[0] if Opt.ESTIMATOR else None
     # K-FAC takes the model, to hook its layers; every other optimizer its parameters.
     kw = {"lr": args.lr} if args.lr is not None else {}
     if Opt.secant is not None:
         kw["line_search_fn"] = "strong_wolfe"  # L-BFGS on minibatches needs a line search
     opt = Opt(model if estimator == "kfac" else model.parameters(), **kw)
-    kind = estimator or ("secant, with a closure" if Opt.secant else "gradient only")
+    kind = estimator or ("secant, with a closure" if Opt.secant else
+                         "dense, over all parameters" if dense else "gradient only")
     print(f"{Opt.__name__} ({kind}), lr={opt.param_groups[0]['lr']:g}")
 
     for epoch in range(args.epochs):
@@ -74,9 +84,12 @@ def main():
                 continue
             opt.zero_grad()
             logits = model(x[idx])
-            if estimator == "gauss_newton_bartlett" and opt.wants_curvature():
+            if estimator in ("gauss_newton_bartlett", "fisher") and opt.wants_curvature():
                 opt.estimate_curvature(logits=logits)  # labels sampled from the model
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            if dense and opt.wants_curvature():
+                # The Hessian from the loss, or the Fisher from the logits: it takes what it needs.
+                opt.estimate_curvature(logits=logits, loss=loss)
             # Hutchinson needs second derivatives on the steps that refresh it.
             loss.backward(create_graph=estimator == "hutchinson" and opt.wants_curvature())
             opt.step()

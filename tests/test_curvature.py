@@ -316,6 +316,7 @@ def test_adahessian_averages_convolution_kernels_over_their_spatial_positions():
     ("adahessian", dict(lr=0.05, weight_decay=0.01, update_each=2, hessian_power=0.8)),
     ("sophia", dict(lr=0.01, k=2)),
     ("sophia_h", dict(lr=0.05, update_period=3, p=0.1)),
+    ("fisher_adam", dict(lr=0.01, betas=(0.8, 0.99))),
 ])
 def test_triton_kernels_equal_the_torch_rendering(spec, kw):
     """Triton (the interpreter on CPU, or CUDA) and torch, handed the same curvature."""

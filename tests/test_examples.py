@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("spec, lr", [
     ("adam", "3e-3"), ("sophia", "3e-3"), ("adahessian", "0.1"), ("shampoo", "0.03"),
-    ("kfac", "0.05"), ("lbfgs", "1"),
+    ("kfac", "0.05"), ("lbfgs", "1"), ("damped_newton", "1"), ("fisher_adam", "1e-2"),
 ])
 def test_train_digits_learns(spec, lr, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_digits.py"), spec,

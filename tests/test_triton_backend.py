@@ -132,6 +132,7 @@ CASES = {
     "sum_normalized_hb": ("sum_normalized_hb", dict(lr=0.05, momentum=0.9, nesterov=True,
                                                     weight_decay=0.01, lr_decay=0.05),
                           dict(momentum=0.0)),
+    "sign_adagrad": ("sign_adagrad", dict(lr=0.01, rho=0.5, eps=1e-8), dict(rho=2.0)),
     "every_keep_max_pow": ("every_keep_max_pow", dict(lr=0.01, power=0.5, k=3, amsgrad=True),
                            dict(power=1.0, amsgrad=False, k=2)),
 }
