@@ -299,3 +299,31 @@ def test_synthetic_beyond_update():
             for n, v in [("fill_s", 1.0), ("fill_r", 2.0), ("fill_c", 3.0),
                          ("fill_sel", 1.0 if f else 4.0)]:
                 assert torch.equal(outs[n][i], torch.full_like(outs[n][i], v)), (n, f)
+
+
+def test_eager_path_on_awkward_layouts_matches_torch_adam():
+    """The optimizer's eager path passes small tensors to the foreach ops whole and splits
+    large ones into pieces: transposed and strided parameters, gradients laid out unlike
+    their parameters, a 0-d and an empty one, and one larger than a piece all follow
+    torch.optim.Adam's per-parameter loop."""
+    import curvc
+    from curvc.runtime.optimizer import _PIECE
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(7, 5, generator=gen).t(), torch.randn(20, generator=gen)[::2],
+            torch.randn((), generator=gen), torch.randn(0, generator=gen),
+            torch.randn(3, 2, 4, generator=gen), torch.randn(_PIECE * 2 + 7, generator=gen)]
+    ours = [p.clone().requires_grad_() if p.dim() != 1 or p.is_contiguous() else
+            p.detach().requires_grad_() for p in base]
+    theirs = [p.detach().clone().requires_grad_() for p in base]
+    Adam = curvc.load("adam", backend="torch")
+    a = Adam(ours, lr=0.01, weight_decay=0.1, fused=False)
+    b = torch.optim.Adam(theirs, lr=0.01, weight_decay=0.1, foreach=False)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g.t().contiguous().t() if g.dim() == 2 else g  # column-major gradients
+            q.grad = g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        rel_close(p.detach(), q.detach(), f"param {tuple(p.shape)}")

@@ -567,22 +567,31 @@ class CurvOptimizer(torch.optim.Optimizer):
             return
         # Eager: foreach ops over cache-sized pieces. The step is elementwise, so
         # any split of the tensors is valid; small pieces keep every temporary
-        # the DAG allocates in cache instead of fresh pages per op.
+        # the DAG allocates in cache instead of fresh pages per op. Tensors that
+        # fit in one piece go whole (foreach ops take any shape and strides; a
+        # view or a slice per tensor would cost more than a small tensor's update),
+        # except 0-d ones, kept 1-D as everywhere else (type promotion differs).
+        foreach = type(self).foreach_update
         pieces, size = [], 0
         for row in rows:
-            if not all(t is None or t.is_contiguous() for t in row):
+            n = row[0].numel()
+            if n <= _PIECE and row[0].dim():
+                split = [row]
+            elif all(t is None or t.is_contiguous() for t in row):
+                flat = [None if t is None else t.view(-1) for t in row]
+                split = [[None if t is None else t[start:start + _PIECE] for t in flat]
+                         for start in range(0, max(n, 1), _PIECE)]
+            else:
                 update(*row, **kw)
                 continue
-            flat = [None if t is None else t.view(-1) for t in row]
-            n = flat[0].numel()
-            for start in range(0, max(n, 1), _PIECE):
-                pieces.append([None if t is None else t[start:start + _PIECE] for t in flat])
-                size += min(_PIECE, n - start)
+            for piece in split:
+                pieces.append(piece)
+                size += min(_PIECE, n)
                 if size >= _BATCH:
-                    type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
+                    foreach(*(list(c) for c in zip(*pieces)), **kw)
                     pieces, size = [], 0
         if pieces:
-            type(self).foreach_update(*(list(c) for c in zip(*pieces)), **kw)
+            foreach(*(list(c) for c in zip(*pieces)), **kw)
 
     def _fused_step(self, rows, steps: list, scalars: dict, flags: dict, reduced: dict) -> bool:
         """The bucket's step through the compiled kernel; False if it cannot be compiled."""
