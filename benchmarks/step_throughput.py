@@ -54,8 +54,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def methods(name: str, device: str):
-    """(label, factory(params) -> optimizer) for one optimizer family."""
+def methods(name: str, device: str, eager: bool = False):
+    """(label, factory(params) -> optimizer) for one optimizer family; with ``eager``
+    also torch's and curvc's unfused defaults (a small model's default path)."""
     po = None
     try:
         import pytorch_optimizer as po
@@ -68,6 +69,9 @@ def methods(name: str, device: str):
     if name == "Adam":
         out.append(("torch Adam foreach", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)))
         out.append(("curvc Adam", lambda ps: ours(ps, lr=1e-3, fused=True)))
+        if eager:
+            out.append(("torch Adam default (foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3)))
+            out.append(("curvc Adam fused=False", lambda ps: ours(ps, lr=1e-3, fused=False)))
     elif name == "Adagrad":
         out.append(("torch Adagrad fused", lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True)))
         out.append(("torch Adagrad foreach",
@@ -81,10 +85,10 @@ def methods(name: str, device: str):
     return out
 
 
-def bench(name, shapes, device, dtype, rounds, warmup):
+def bench(name, shapes, device, dtype, rounds, warmup, eager=False):
     numel = sum(torch.Size(s).numel() for s in shapes)
     entries = []
-    for label, factory in methods(name, device):
+    for label, factory in methods(name, device, eager):
         params = make_params(shapes, device, dtype)
         t0 = time.perf_counter()
         opt = factory(params)
@@ -151,18 +155,18 @@ def main():
     if copy_bw:
         print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
     # (title, shapes, rounds): a small model's step takes microseconds, so many rounds
-    suites = [("GPT-2-small shapes", gpt2_small_shapes(), args.rounds)]
+    suites = [("GPT-2-small shapes", gpt2_small_shapes(), args.rounds, False)]
     if not args.skip_big:
-        suites.append((f"one tensor of {args.big} elements", [(args.big,)], args.rounds))
+        suites.append((f"one tensor of {args.big} elements", [(args.big,)], args.rounds, False))
     if not args.skip_small:
-        suites.append(("a small MLP", small_mlp_shapes(), args.rounds * 100))
-    for title, shapes, rounds in suites:
+        suites.append(("a small MLP", small_mlp_shapes(), args.rounds * 100, True))
+    for title, shapes, rounds, eager in suites:
         print(f"\n=== {title}")
         for name in args.only.split(","):
-            entries = bench(name, shapes, args.device, dtype, rounds, args.warmup)
+            entries = bench(name, shapes, args.device, dtype, rounds, args.warmup, eager)
             if copy_bw:
                 numel = sum(torch.Size(s).numel() for s in shapes)
-                ours = entries[-1]
+                ours = next(e for e in entries if e["label"].startswith("curvc"))
                 bw = BYTES_PER_ELEMENT[name] * numel / statistics.median(ours["times"])
                 print(f"  {ours['label']}: {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy bandwidth")
             del entries
