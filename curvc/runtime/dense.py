@@ -28,10 +28,13 @@ from curvc.runtime.curvature import batched_rows
 from curvc.runtime.secant import flat_grad, move
 
 
-def hessian(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+def hessian(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> torch.Tensor:
     """The exact Hessian, from gradients that carry their graph: row i is the
-    gradient of g_i (vmapped backward passes, a chunk of rows at a time)."""
-    return batched_rows(torch.cat([g.reshape(-1) for g in grads]), params)
+    gradient of g_i (vmapped backward passes, a chunk of rows at a time). A
+    parameter without a gradient (None) has zero rows and columns."""
+    flat = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None
+            else g.reshape(-1) for p, g in zip(params, grads)]
+    return batched_rows(torch.cat(flat), params)
 
 
 def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
@@ -52,9 +55,10 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
     if s["length"] == "eigen_sign":
         coords = torch.sign(coords)
     d = q @ (inv * coords)
-    if s["length"] == "normalized":
+    if s["length"] == "normalized":  # no host sync: a zero norm gives a zero step
         norm_sq = g.to(torch.float64).dot(d)
-        d = d / norm_sq.sqrt() if norm_sq > 0 else torch.zeros_like(d)
+        d = torch.where(norm_sq > 0, d / norm_sq.clamp(min=torch.finfo(d.dtype).tiny).sqrt(),
+                        torch.zeros_like(d))
     return d.to(g.dtype)
 
 
@@ -82,8 +86,7 @@ def step(opt, settings: dict, refresh: bool, curvature: torch.Tensor | None) -> 
             acc = acc + curvature
     d = direction(acc, g, settings)
     state["curvature"] = acc
-    for p in params:
-        st = opt.state[p]
-        st["step"] = st.get("step", torch.tensor(0.0)) + 1
+    counters = [opt.state[p].setdefault("step", torch.tensor(0.0)) for p in params]
+    torch._foreach_add_(counters, 1.0)  # in place, like the elementwise path's counters
     with torch.no_grad():
         move(params, -float(group["lr"]), d)

@@ -295,8 +295,9 @@ class CurvOptimizer(torch.optim.Optimizer):
         ``estimate_curvature(logits=...)`` for Gauss-Newton-Bartlett.
         """
         if self.dense is not None:
-            return self._dense_refresh(self._next_step()) and \
-                self.dense(self._flat_hypers(self.param_groups[0]))["curvature"] != "empirical_fisher"
+            settings = self.dense(self._flat_hypers(self.param_groups[0]))
+            return settings["curvature"] != "empirical_fisher" and \
+                self._dense_refresh(self._next_step(), settings)
         if self.ESTIMATOR is None or self._estimator_kind() == "kfac":
             return False  # K-FAC's hooks need nothing from the training loop
         when = self.ESTIMATOR[2]
@@ -363,8 +364,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                                  f"parameter of shape {tuple(p.shape)}")
         self._estimates = {p: e.detach() for p, e in zip(params, estimates) if e is not None}
 
-    def _dense_refresh(self, step: float) -> bool:
-        flag = self.dense(self._flat_hypers(self.param_groups[0]))["refresh"]
+    def _dense_refresh(self, step: float, settings: dict) -> bool:
+        flag = settings["refresh"]
         return flag is None or self.host(self._flat_hypers(self.param_groups[0]), step)[1][flag]
 
     def _dense_step(self, closure, curvature):
@@ -383,7 +384,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._check_grad(p, p.grad)
             settings = self.dense(self._flat_hypers(self.param_groups[0]))
-            refresh = self._dense_refresh(self._next_step())
+            refresh = self._dense_refresh(self._next_step(), settings)
             matrix = None
             if curvature is not None:
                 matrix = torch.as_tensor(curvature)
@@ -401,8 +402,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 if matrix is None and all(p.grad is None or p.grad.grad_fn is not None
                                           for p in params):
                     with torch.enable_grad():
-                        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-                        matrix = dense.hessian(params, grads).detach()
+                        matrix = dense.hessian(params, [p.grad for p in params]).detach()
                 if matrix is None:
                     raise RuntimeError(
                         f"{type(self).__name__} needs the Hessian on this step: call "
@@ -462,7 +462,6 @@ class CurvOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             if kind == "hessian" and loss is not None:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
                 matrix = dense.hessian(params, grads)
             elif kind == "fisher" and logits is not None:
                 matrix = curvature.fisher_matrix(params, logits, int(settings["samples"]))
