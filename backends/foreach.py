@@ -182,6 +182,8 @@ class ForeachRenderer(TorchRenderer):
             if kinds[0] == kinds[1] == LIST and kinds[2] in (LIST, SCALAR):
                 return f"{_F}lerp({a}, {b}, {w})"
             return None
+        if op == "keep_if":  # no foreach where: update's torch.where per tensor
+            return None
         a, b = args
         ka, kb = kinds
         if op in ("add", "mul"):  # list (+|*) list, list, scalar or 0-d tensor; commutative

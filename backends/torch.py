@@ -22,7 +22,8 @@ MATRIX_FUNCTIONS = {"gradient": "kronecker"}
 class TorchRenderer(Renderer):
     ops = {**Renderer.ops, "sqrt": "torch.sqrt({0})", "abs": "torch.abs({0})",
            "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
-           "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)"}
+           "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)",
+           "keep_if": "torch.where({0} != 0, {1}, {2})"}
 
     def __init__(self, tensors: set[str], stages: dict | None = None):
         self.tensors = tensors  # names holding tensors (the rest are Python floats)

@@ -49,6 +49,8 @@ class TritonRenderer(Renderer):
                    "{1} - ({1} - {0}) * (1.0 - {2}))",
            # the inner where keeps a zero divisor out of the division
            "div_or_zero": "tl.where({1} > 0, _div({0}, tl.where({1} > 0, {1}, 1.0)), 0.0)",
+           # the old value, bit for bit, where the 0-d skip value is set
+           "keep_if": "tl.where({0} != 0, {1}, {2})",
            # powers of nonnegative curvature; exactly sqrt at 0.5, as torch.pow is
            "pow": "tl.where({1} == 0.5, _sqrt({0}), "
                   "tl.where({1} == 0.0, 1.0, tl.exp2({1} * tl.log2({0}))))"}

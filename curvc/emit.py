@@ -154,7 +154,9 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline("torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``")
         buf.writeline("(None: automatic; True: one fused pass per tensor; False: eager torch ops),")
         buf.writeline("``capturable`` and ``differentiable`` (must be False), and ``state_dtype``")
-        buf.writeline("(None: float32 state for low-precision parameters; 'param': the parameter's dtype).")
+        buf.writeline("(None: float32 state for low-precision parameters; 'param': the parameter's dtype),")
+        buf.writeline("and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as")
+        buf.writeline("torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.")
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
@@ -205,9 +207,10 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline(f"def __init__(self, params, {args}, *, "
                       + "".join(f"{n}=None, " for n in extra)
                       + "maximize=False, foreach=None, fused=None, capturable=False, "
-                      "differentiable=False, state_dtype=None):")
+                      "differentiable=False, state_dtype=None, nonfinite='propagate'):")
         with buf.indent():
             names = [h.name for h in opt.hypers] + extra + [
-                "maximize", "foreach", "fused", "capturable", "differentiable", "state_dtype"]
+                "maximize", "foreach", "fused", "capturable", "differentiable", "state_dtype",
+                "nonfinite"]
             buf.writeline("defaults = dict(" + ", ".join(f"{n}={n}" for n in names) + ")")
             buf.writeline("super().__init__(params, defaults)")

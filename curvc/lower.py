@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 
 from curvc import check as checks, ir
 from curvc.errors import CurvError
-from curvc.plan import (Buffer, Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Op, Plan,
-                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
-                        Validator, flat_hyper_names, walk)
+from curvc.plan import (NONFINITE_FLAG, NONFINITE_VALUE, Buffer, Const, DenseStage, Estimator,
+                        Expr, KroneckerStage, Load, Op, Plan, Precondition, Reduced, Reduction,
+                        Scalar, SecantStage, Select, Store, Validator, flat_hyper_names, walk)
 
 # Structures and curvature sources the code generator renders today. The
 # rest of Table 1 parses, checks and explains; compiling it is refused.
@@ -662,6 +662,21 @@ def hoist_host(plan: Plan) -> Plan:
     return replace(plan, host=tuple(host), stores=stores, reductions=reductions)
 
 
+def keep_on_nonfinite(plan: Plan) -> Plan:
+    """Every store becomes ``old if flagged else new`` when the runtime asks for it.
+
+    A step with a non-finite gradient (``nonfinite="skip"``) or one a GradScaler
+    found infs in must leave the parameters and every buffer as they were,
+    without a host sync: the runtime passes a 0-d device value (nonzero: skip)
+    and turns the host flag on; with the flag off (``nonfinite="propagate"``, no
+    scaler) the Select is a static branch and the step is unchanged.
+    """
+    flag = Reduced(NONFINITE_VALUE)
+    stores = tuple(replace(st, value=Select(NONFINITE_FLAG, Op("keep_if", (
+        flag, Load(st.target), st.value)), st.value)) for st in plan.stores)
+    return replace(plan, stores=stores)
+
+
 def verify(plan: Plan) -> Plan:
     """Every name an expression reads is defined; fails loudly on a lowering bug."""
     scalars = set(plan.host_inputs)
@@ -670,9 +685,9 @@ def verify(plan: Plan) -> Plan:
             assert not isinstance(n, (Load, Reduced, Select)), (name, n)
             assert not isinstance(n, Scalar) or n.name in scalars, (name, n)
         scalars.add(name)
-    flags = {n for n, _ in plan.flags} | {"maximize"}
+    flags = {n for n, _ in plan.flags} | {"maximize", NONFINITE_FLAG}  # the runtime's flags
     tensors = {"param", "grad", *plan.inputs, *(b.name for b in plan.buffers)}
-    reduced = {r.name for r in plan.reductions}
+    reduced = {r.name for r in plan.reductions} | {NONFINITE_VALUE}
     for e in [st.value for st in plan.stores] + [r.value for r in plan.reductions]:
         for n in walk(e):
             if isinstance(n, Scalar):
@@ -698,7 +713,7 @@ def verify(plan: Plan) -> Plan:
 
 
 PASSES = (("divide_by_reciprocal", divide_by_reciprocal), ("hoist_host", hoist_host),
-          ("verify", verify))
+          ("keep_on_nonfinite", keep_on_nonfinite), ("verify", verify))
 
 
 def lower(opt: ir.Optimizer) -> Plan:

@@ -12,6 +12,11 @@ arithmetic:
   the optimizer before the update (a global norm), with no host sync.
 * ``stores``: the new values of state buffers and of the parameter, as one
   expression DAG over the loaded tensors; backends render it as one fused pass.
+  Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/lower.py):
+  ``Select(NONFINITE_FLAG, keep_if(Reduced(NONFINITE_VALUE), old, new), new)``,
+  so a step the runtime flags (``nonfinite="skip"``, a GradScaler's found_inf)
+  stores the old values, decided on the device; the host flag is off otherwise,
+  and the step is today's.
 
 Expressions are frozen dataclasses, so equal subtrees are equal values and
 backends can share them (common-subexpression elimination for free).
@@ -84,12 +89,19 @@ class Precondition(Op):
 
 Expr = Union[Const, Load, Scalar, Reduced, Op, Select]
 
+# The runtime's skip-this-step signal (curvc/runtime/amp.py): a host flag, on when
+# a step may be skipped, and a 0-d device value, nonzero on a step to skip. Like
+# ``maximize``, neither is computed by the plan's host code: the runtime supplies both.
+NONFINITE_FLAG = "nonfinite_skip"
+NONFINITE_VALUE = "nonfinite"
+
 # Elementwise and host operators, with arity. Backends map each to source.
 OPS = {
     "neg": 1, "sqrt": 1, "abs": 1, "sign": 1,
     "add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "maximum": 2, "minimum": 2,
     "div_or_zero": 2,  # a / b where b > 0, else 0 (a normalized step of a zero gradient)
     "lerp": 3,  # a + w * (b - a), torch.lerp's order of arguments
+    "keep_if": 3,  # keep_if(flag, old, new): old where the 0-d flag is nonzero, else new
     # host only (flags):
     "eq": 2, "ne": 2, "gt": 2, "mod": 2, "not": 1, "and": 2,
 }

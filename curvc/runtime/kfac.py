@@ -69,8 +69,13 @@ def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
 
 
 def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *, beta: float,
-                      damping: float, accumulate: bool, invert: bool) -> tuple[dict, list]:
+                      damping: float, accumulate: bool, invert: bool,
+                      grad_scale: torch.Tensor | None = None) -> tuple[dict, list]:
     """({param: its natural gradient} for every param with a gradient, the state updates).
+
+    ``grad_scale``: the GradScaler scale the recorded output gradients carry (the
+    backward pass was of ``scale * loss``); S_t is divided by its square. The
+    parameters' gradients must already be unscaled.
 
     Nothing is written: the updates, ``(state, key, value)``, are applied by the
     caller once the rest of the step has been checked, so a refused step leaves
@@ -90,6 +95,8 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
                     f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
                     f"layer {module} ran no forward and backward pass since the last step")
             a_t, s_t = layer_factors(module, x.to(w.dtype), ds.to(w.dtype))
+            if grad_scale is not None:
+                s_t = s_t / grad_scale.to(s_t.device, s_t.dtype) ** 2
             for key, new in (("kfac_A", a_t), ("kfac_S", s_t)):
                 old = state.get(key)
                 if old is None:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from curvc.constraints import CONSTRAINTS
+from curvc.runtime import amp
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
 
@@ -69,6 +70,8 @@ class CurvOptimizer(torch.optim.Optimizer):
     REDUCE_ARGS: dict = {}
     triton_step: Callable | None = None
     triton_reduce: Callable | None = None
+    # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict):
         model = None
@@ -85,6 +88,7 @@ class CurvOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
+        amp.validate(self, defaults)
         if self.secant is not None or self.dense is not None:
             self._check_secant_groups()
         self._estimates: dict = {}
@@ -167,6 +171,7 @@ class CurvOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
+            group.setdefault("nonfinite", self.defaults.setdefault("nonfinite", "propagate"))
             for key in _TORCH_COMPAT:
                 group.setdefault(key, None if key in ("foreach", "fused") else False)
 
@@ -371,7 +376,11 @@ class CurvOptimizer(torch.optim.Optimizer):
     def _dense_step(self, closure, curvature):
         from curvc.runtime import dense
         loss = None
+        guard = amp.StepGuard(self)
         if closure is not None:
+            if guard.scaled:
+                raise RuntimeError("a closure re-evaluates the gradients after GradScaler "
+                                   "checked them: call scaler.step(opt) without one")
             with torch.enable_grad():
                 loss = closure()
         params = self.param_groups[0]["params"]
@@ -380,6 +389,7 @@ class CurvOptimizer(torch.optim.Optimizer):
             self._estimates = {}
             return loss
         try:
+            guard.unscale_grads()  # before g g^T; raise mode: a non-finite gradient stops here
             for p in params:
                 if p.grad is not None:
                     self._check_grad(p, p.grad)
@@ -403,21 +413,29 @@ class CurvOptimizer(torch.optim.Optimizer):
                                           for p in params):
                     with torch.enable_grad():
                         matrix = dense.hessian(params, [p.grad for p in params]).detach()
+                    matrix, = guard.unscale_from_graph([matrix])  # rows of a scaled gradient
                 if matrix is None:
                     raise RuntimeError(
                         f"{type(self).__name__} needs the Hessian on this step: call "
                         "loss.backward(create_graph=opt.wants_curvature()) before step(), or "
                         "opt.estimate_curvature(loss=loss), or pass step(curvature=H)")
+            guard.check([("the curvature matrix", "value", matrix)])
         finally:
             self._release_graphs()
             self._estimates = {}
+        if guard.skips_on_host():  # the matrix and the counters stay as they were
+            for p in params:
+                if p.grad is not None:
+                    p.grad = p.grad.detach()
+            guard.count_skip(params)
+            return loss
         for p in params:
             if p.grad is not None:
                 p.grad = p.grad.detach()
         dense.step(self, settings, refresh, matrix)
         return loss
 
-    def _natural_gradients(self) -> list:
+    def _natural_gradients(self, guard: amp.StepGuard) -> list:
         """K-FAC: this step's natural gradients as the plan's input; returns the
         statistics updates to commit once the step is accepted."""
         from curvc.runtime import kfac
@@ -435,10 +453,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         self._estimates, updates = kfac.natural_gradients(
             self, self._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
             accumulate=args["accumulate"] is None or flags[args["accumulate"]],
-            invert=args["invert"] is None or flags[args["invert"]])
+            invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale())
         return updates
 
-    def _estimate_from_graph(self) -> None:
+    def _estimate_from_graph(self, guard: amp.StepGuard) -> None:
         """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
         from curvc.runtime import curvature
         pairs = [(p, p.grad) for p in self._trainable()
@@ -450,7 +468,8 @@ class CurvOptimizer(torch.optim.Optimizer):
             est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
                                        int(args["samples"]), args["distribution"],
                                        bool(args.get("spatial_average", False)))
-        self._estimates = {p: e.detach() for (p, _), e in zip(pairs, est)}
+        est = guard.unscale_from_graph([e.detach() for e in est])  # z Hz of a scaled loss
+        self._estimates = {p: e for (p, _), e in zip(pairs, est)}
 
     def _estimate_dense(self, logits, loss) -> None:
         """The dense structure's matrix for this step: the Hessian from ``loss``, or
@@ -510,33 +529,50 @@ class CurvOptimizer(torch.optim.Optimizer):
         curvature estimate, one tensor per parameter (see ``set_curvature``).
         """
         if self.secant is not None:
-            from curvc.runtime import secant
-            return secant.step(self, closure, self.secant(self._flat_hypers(self.param_groups[0])))
+            settings = self.secant(self._flat_hypers(self.param_groups[0]))
+            return amp.secant_step(self, closure, settings)
         if self.dense is not None:
             return self._dense_step(closure, curvature)
         loss = None
+        guard = amp.StepGuard(self)
         if closure is not None:
+            if guard.scaled:
+                raise RuntimeError("a closure re-evaluates the gradients after GradScaler "
+                                   "checked them: call scaler.step(opt) without one")
             with torch.enable_grad():
                 loss = closure()
         if curvature is not None:
             self.set_curvature(curvature)
         kfac_updates = ()
+        skip = False
         try:
+            guard.unscale_grads()  # raise mode: a non-finite gradient stops here
             if self._estimator_kind() == "kfac" and curvature is None:
-                kfac_updates = self._natural_gradients()
+                skip = guard.skips_on_host()  # K-FAC's statistics: decided before they are built
+                kfac_updates = () if skip else self._natural_gradients(guard)
             elif self.ESTIMATOR is not None and not self._estimates and self.wants_curvature():
                 if self.ESTIMATOR[0] == "hutchinson":
-                    self._estimate_from_graph()
+                    self._estimate_from_graph(guard)
                 if not self._estimates:  # refuse before any state changes
                     raise RuntimeError(self._missing_estimate_message(self.ESTIMATOR[0]))
-            work = [(group, *item) for group in self.param_groups
-                    for item in self._buckets(group)]
+            guard.check([(self._index(p), "curvature estimate", e)
+                         for p, e in self._estimates.items()])
+            kfac = self._estimator_kind() == "kfac" and curvature is None  # decided on the host
+            # Kronecker factors and K-FAC statistics live outside the plan: the host decides.
+            skip = skip or ((kfac or not self.ELEMENTWISE) and guard.skips_on_host())
+            work = [] if skip else [(group, *item) for group in self.param_groups
+                                    for item in self._buckets(group)]
         finally:
             if self.ESTIMATOR is not None:
                 self._release_graphs()
+        if skip:
+            guard.count_skip(self._trainable())
+            self._estimates = {}
+            return loss
         for p, key, value in kfac_updates:  # the step was accepted: commit the statistics
             self.state[p][key] = value
         reduced = self._reduce(work) if self.REDUCTIONS else {}
+        guard.inject(work, reduced, device_side=self.ELEMENTWISE and not kfac)
         for group, bucket, scalars, flags in work:
             red = reduced.get(bucket.device, {})
             if self._uses_triton(bucket, group):
@@ -544,8 +580,14 @@ class CurvOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(bucket.steps, 1.0)  # host-side counters, one call
             else:
                 self._torch_step(group, bucket, scalars, flags, red)
+        guard.finish(work)
         self._estimates = {}
         return loss
+
+    def _index(self, p: torch.Tensor) -> int:
+        """``p``'s position over all param groups (what an error names)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
+                    if q is p)
 
     def _torch_step(self, group: dict, bucket: Bucket, scalars: dict, flags: dict,
                     reduced: dict) -> None:
@@ -616,12 +658,15 @@ class CurvOptimizer(torch.optim.Optimizer):
         kernel = cache[key]
         if kernel is None:
             return False
-        if spec["reduced"]:  # device values: keep them on the device, no .item()
+        unread = [] if flags.get(amp.NONFINITE_FLAG) else [amp.NONFINITE_VALUE]
+        if [n for n in spec["reduced"] if n not in unread]:
+            # device values: keep them on the device, no .item()
             values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
             values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
             s = torch.cat(values)
-        else:
-            s = kernel.set_scalars([scalars[n] for n in spec["scalars"]])
+        else:  # the skip value is unread with its flag off
+            s = kernel.set_scalars([scalars[n] for n in spec["scalars"]]
+                                   + [0.0] * len(spec["reduced"]))
         # One call per tensor, small ones too: a call costs microseconds, less than
         # gathering small tensors into one buffer and scattering them back.
         if not all(c.dtype == torch.float32 and c.dim() == 0 and c.is_cpu for c in steps):
