@@ -111,7 +111,13 @@ class StepGuard:
             self._flag(device).add_(bad.to(torch.float32))
 
     def _raise_if_any(self, items) -> None:
-        finite = [bool(torch.isfinite(t).all()) for _, _, t in items]  # host sync: raise mode
+        per_device: dict = {}  # one host read per device: raise mode's sync
+        for n, (_, _, t) in enumerate(items):
+            per_device.setdefault(t.device, []).append((n, torch.isfinite(t).all()))
+        finite = [True] * len(items)
+        for flags in per_device.values():
+            for (n, _), ok in zip(flags, torch.stack([f for _, f in flags]).tolist()):
+                finite[n] = ok
         for (i, what, t), ok in zip(items, finite):
             if not ok:
                 raise ValueError(f"{type(self.opt).__name__}: the {what} of {self._where(i)} "
