@@ -151,7 +151,8 @@ MODIFIER_WHY = {
 
 # Hyperparameter names that would clash with something else, and why.
 _KEYWORD_ARGS = ("params", "maximize", "foreach", "fused", "capturable", "differentiable",
-                 "state_dtype", "nonfinite", "nonfinite_skip")  # the last: a flag of the update
+                 "state_dtype", "nonfinite",
+                 "nonfinite_skip", "reduced_nonfinite")  # the step's skip flag and value
 _OPTIMIZER_ATTRS = ("self", "defaults", "state", "param_groups", "step")
 _LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every")
 RESERVED_WHY: dict[str, str] = {

@@ -7,6 +7,7 @@ names the parameter and changes nothing. The reference for ``skip`` is the
 same run without the poisoned batch; for ``propagate`` it is torch.optim.Adam.
 """
 import copy
+import inspect
 import os
 
 import pytest
@@ -21,14 +22,14 @@ POISONED = 2  # the (0-based) step whose first gradient gets a NaN
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """Small enough for the dense specs (an n x n matrix over 63 parameters)."""
+    """Small enough for the dense specs (an n x n matrix over 35 parameters)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
 
 
 def tiny_batches(steps: int, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps, 16, 6, generator=g)
+    x = torch.randn(steps, 16, 4, generator=g)
     y = torch.randint(0, 3, (steps, 16), generator=g)
     return list(zip(x, y))
 
@@ -130,7 +131,7 @@ def _run(name, batches, skip_index=None, poison_index=None, backend="torch", **k
 
 @pytest.mark.parametrize("name", SPECS)
 def test_skip_leaves_everything_and_later_steps_run_as_if_the_step_never_happened(name):
-    batches = tiny_batches(5)
+    batches = tiny_batches(POISONED + 2)
     model, opt = _run(name, batches, poison_index=POISONED, nonfinite="skip")
     ref_model, ref_opt = _run(name, batches, skip_index=POISONED, nonfinite="skip")
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
@@ -241,3 +242,38 @@ def test_skip_in_the_per_tensor_update_of_a_strided_parameter():
     assert float(state.pop("skipped_steps")) == 1.0 and float(ref_state.pop("skipped_steps")) == 0
     assert state.keys() == ref_state.keys() and all(
         torch.equal(state[k], ref_state[k]) for k in state)
+
+
+def _without_the_skip_pass(name, tmp_path, monkeypatch) -> type:
+    """The spec compiled as before the nonfinite policy: no keep_on_nonfinite pass."""
+    import importlib.util
+    from curvc import compiler, lower
+    monkeypatch.setattr(lower, "PASSES", tuple(
+        (n, p) for n, p in lower.PASSES if n != "keep_on_nonfinite"))
+    source, file = compiler.read(name)
+    path = tmp_path / f"{name}_unguarded.py"
+    path.write_text(compiler.to_module_source(source, file, "torch"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return next(v for v in vars(module).values() if isinstance(v, type)
+                and issubclass(v, torch.optim.Optimizer) and v.__module__ == path.stem)
+
+
+def _has_stores(name) -> bool:
+    cls = curvc.load(name, backend="torch")
+    return cls.secant is None and cls.dense is None  # whole-model steps have no stores
+
+
+@pytest.mark.parametrize("name", [n for n in SPECS if _has_stores(n)])
+def test_propagate_is_bitwise_the_step_without_the_skip_pass(name, tmp_path, monkeypatch):
+    Unguarded = _without_the_skip_pass(name, tmp_path, monkeypatch)
+    assert "nonfinite" not in inspect.getsource(Unguarded.torch_update)
+    runs = []
+    for cls in (Unguarded, curvc.load(name, backend="torch")):
+        model = tiny_model()
+        opt = cls(model if cls._estimator_kind() == "kfac" else model.parameters())
+        for i, batch in enumerate(tiny_batches(4)):
+            train_step(opt, model, batch, i)
+        runs.append(snapshot(model, opt))
+    assert_same(*runs)

@@ -77,7 +77,8 @@ class StepGuard:
         In raise mode, a non-finite gradient raises here, before anything changes."""
         if not self.active:
             return
-        named = [(i, p, p.grad) for i, p in enumerate(self.params()) if p.grad is not None]
+        named = [(i, p, p.grad) for i, p in enumerate(self.params()) if p.grad is not None
+                 and not (p.grad.is_sparse or torch.is_complex(p.grad))]  # refused later
         if self.scale is not None:
             groups: dict = {}
             for _, p, g in named:
