@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_nonfinite import (SPECS, curvature_kind, make, poison, snapshot, assert_same,
+from test_nonfinite import (SPECS, curvature_kind, make, snapshot, assert_same,
                             tiny_batches, tiny_model, train_step)
 
 SCALE = 1024.0
@@ -164,3 +164,27 @@ def test_lbfgs_under_a_gradscaler_is_refused_clearly():
     closure()
     with pytest.raises(RuntimeError, match="GradScaler does not support"):
         s.step(opt, closure)
+
+
+def test_an_estimate_from_the_unscaled_loss_is_taken_as_it_is():
+    """estimate_curvature(loss=...) gets the unscaled loss: nothing to unscale."""
+    runs = []
+    for scaled in (True, False):
+        model = tiny_model()
+        opt = make("adahessian", model)
+        s = scaler()
+        for i, (xb, yb) in enumerate(tiny_batches(3)):
+            torch.manual_seed(1000 + i)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.estimate_curvature(loss=loss)
+            if scaled:
+                s.scale(loss).backward()
+                s.step(opt)
+                s.update()
+            else:
+                loss.backward()
+                opt.step()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        assert relative(p, q) < 1e-6
