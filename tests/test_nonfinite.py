@@ -277,3 +277,15 @@ def test_propagate_is_bitwise_the_step_without_the_skip_pass(name, tmp_path, mon
             train_step(opt, model, batch, i)
         runs.append(snapshot(model, opt))
     assert_same(*runs)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_store_of_every_plan_keeps_its_old_value_behind_the_runtime_flag(name):
+    from curvc import compiler
+    from curvc.plan import NONFINITE_FLAG, NONFINITE_VALUE, Load, Op, Reduced, Select
+    plan = compiler.to_plan(compiler.to_ir(*compiler.read(name)))
+    for st in plan.stores:
+        v = st.value
+        assert isinstance(v, Select) and v.flag == NONFINITE_FLAG, st.target
+        assert v.then == Op("keep_if", (Reduced(NONFINITE_VALUE), Load(st.target), v.other))
+    assert plan.stores or plan.whole_model
