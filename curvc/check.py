@@ -233,7 +233,7 @@ def _check_optimizer_name(name: str, span: Span) -> None:
     elif name in names.MODULE_IMPORTS:
         why = "the generated module imports a module or class under that name"
     elif name in _BUILTINS:
-        why = f"the generated module reads Python's builtin {name!r}, which the class would hide"
+        why = f"the class becomes a module global and would hide Python's builtin {name!r}"
     else:
         return
     raise CurvError("name.reserved_optimizer", span, name=name, why=why)
