@@ -66,6 +66,7 @@ MESSAGES: dict[str, str] = {
     "value.index_out_of_range": "{name}[{index}] is out of range: {name!r} has {size} entries",
     "value.out_of_range": "{what} must be {expected}, got {value}",
     "value.bool_expected": "{what} must be true or false, not {found}",
+    "value.underflow": "the number {text} is too small: it underflows to 0",
     # combinations of axes
     "combo.missing_clause": "a spec needs a {clause} clause ({why})",
     "combo.missing_lr": "a spec needs the hyperparameter 'lr' (every step is "
