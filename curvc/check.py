@@ -172,7 +172,6 @@ _GENERATED_LOCALS = frozenset({"h", "param", "grad", "cdt", "lr_t"}) | _MODULE_G
 _GENERATED_PATTERN = re.compile(r"[st][0-9]+|.+_")
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
-_NONZERO_DIGIT = re.compile(r"[1-9]")  # in a number's digits before the exponent
 _LR = ArgSpec("lr", "number", constraint="nonneg")
 _EVERY = ArgSpec("every", "int", constraint="count_every")
 
@@ -285,9 +284,11 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
 def _finite(n: ast.Number) -> float:
     if not math.isfinite(n.value):
         raise CurvError("value.not_finite", n.span, text=n.text)
-    if n.value == 0 and _NONZERO_DIGIT.search(n.text.split("e")[0].split("E")[0]):
-        raise CurvError("value.underflow", n.span, text=n.text,
-                        hint="the smallest number above 0 is about 5e-324; write 0 for zero")
+    if n.value == 0:
+        digits = n.text.lower().split("e")[0]  # before the exponent
+        if any(d in digits for d in "123456789"):
+            raise CurvError("value.underflow", n.span, text=n.text,
+                            hint="the smallest number above 0 is about 5e-324; write 0 for zero")
     return n.value
 
 
