@@ -25,7 +25,7 @@ class ArgSpec:
     name: str
     kind: str  # number | int | bool | enum
     default: object = None  # None: required
-    constraint: str = "any"  # any | nonneg | positive | unit | unit_closed | positive_int
+    constraint: str = "any"  # a key of constraints.CONSTRAINTS (count_* for bounded counts)
     choices: tuple[str, ...] = ()
 
     @property
@@ -46,15 +46,15 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "curvature": {
         "constant": FormSpec(help="L*I: the a-priori smoothness constant (folded into lr)"),
         "empirical_fisher": FormSpec(help="F~ = E_data[g g^T]; its diagonal is g*g"),
-        "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "positive_int"),),
+        "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "count_samples"),),
                            help="F = E_{y~p(y|x)}[g g^T], labels sampled from the model"),
         "gauss_newton_bartlett": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "positive_int"),
+            (ArgSpec("samples", "int", 1.0, "count_samples"),
              ArgSpec("scale", "number", 1.0, "positive")),
             modifiers=("squared", "every"),
             help="Gauss-Newton-Bartlett: batch size * (grad of loss on sampled labels)^2"),
         "hutchinson": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "positive_int"),
+            (ArgSpec("samples", "int", 1.0, "count_samples"),
              ArgSpec("distribution", "enum", "rademacher", choices=("rademacher", "gaussian")),
              ArgSpec("spatial_average", "bool", False),
              ArgSpec("scale", "number", 1.0, "positive")),
@@ -67,7 +67,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "structure": {
         "scalar": FormSpec(help="L*I"),
         "diagonal": FormSpec(help="diag(lambda_1..lambda_n)"),
-        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "positive_int"),),
+        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
                               modifiers=("every",),
                               help="L kron R per tensor (block-diagonal over tensors)"),
         "dense": FormSpec(help="the whole n x n matrix"),
@@ -80,8 +80,8 @@ FORMS: dict[str, dict[str, FormSpec]] = {
                         help="C <- beta*C + (1-beta)*c"),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),), modifiers=("every",),
                         help="C <- C + c"),
-        "secant": FormSpec((ArgSpec("history", "int", constraint="positive_int"),
-                            ArgSpec("iterations", "int", 20.0, "positive_int"),
+        "secant": FormSpec((ArgSpec("history", "int", constraint="count_history"),
+                            ArgSpec("iterations", "int", 20.0, "count_iterations"),
                             ArgSpec("tolerance_grad", "number", 1e-7, "nonneg"),
                             ArgSpec("tolerance_change", "number", 1e-9, "nonneg")),
                            help="two-loop recursion over the last k pairs, up to `iterations` "
@@ -169,7 +169,7 @@ RESERVED = frozenset(RESERVED_WHY)
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 _LR = ArgSpec("lr", "number", constraint="nonneg")
-_EVERY = ArgSpec("every", "int", constraint="positive_int")
+_EVERY = ArgSpec("every", "int", constraint="count_every")
 
 
 # --- AST -> IR ---------------------------------------------------------------
@@ -288,6 +288,11 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
 def _finite(n: ast.Number) -> float:
     if not math.isfinite(n.value):
         raise CurvError("value.not_finite", n.span, text=n.text)
+    if n.value == 0:
+        digits = n.text.lower().split("e")[0]  # before the exponent
+        if any(d in digits for d in "123456789"):
+            raise CurvError("value.underflow", n.span, text=n.text,
+                            hint="the smallest number above 0 is about 5e-324; write 0 for zero")
     return n.value
 
 
@@ -489,7 +494,7 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         node = getattr(opt, axis)
         form = FORMS[axis][node.kind]
         specs = {a.name: a for a in form.args}
-        specs["every"] = ArgSpec("every", "int", constraint="positive_int")
+        specs["every"] = _EVERY
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":

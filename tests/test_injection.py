@@ -154,8 +154,11 @@ def test_spec_text_cannot_inject(where):
 
 
 # Outcomes pinned, so a refusal silently turning into acceptance is noticed.
+# A \r ends a line as in a file read with universal newlines (so CR-only files
+# parse): the payload after it is a line of code, refused by the parser.
+CR_ENDS_THE_COMMENT = {"comment_cr", "comment_cr_inline", "comment_crlf_file", "comment_at_eof"}
 # A hyperparameter called `eval` is harmless: spec names enter generated code prefixed.
-ACCEPTED = {k for k in ATTEMPTS if k.startswith("comment_")} | {"hyper_eval"}
+ACCEPTED = ({k for k in ATTEMPTS if k.startswith("comment_")} | {"hyper_eval"}) - CR_ENDS_THE_COMMENT
 
 
 @pytest.mark.parametrize("where", sorted(ATTEMPTS))
@@ -204,7 +207,7 @@ def test_file_name_in_error_messages(file):
 
 def test_payload_comment_text_is_kept_escaped():
     """The spec is quoted in the module header, escaped, one comment line per spec line."""
-    text = curvc.to_module_source(f"# a\rb\u2028c\x0cd\x00 {PAYLOAD}\n" + SGD, "inj.curv",
+    text = curvc.to_module_source(f"# a\u2028b\x1cc\x0cd\x00 {PAYLOAD}\n" + SGD, "inj.curv",
                                   "torch")
     # Every line boundary Python's str.splitlines knows starts a new comment line.
     assert "#   # a\n#   b\n#   c\n#   d\\x00 setattr(" in text
