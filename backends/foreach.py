@@ -1,6 +1,6 @@
 """The foreach backend: a plan as ``torch._foreach_*`` source, one call per node per bucket.
 
-``foreach_update(param, grad, <buffers/inputs>, <scalars>, <reduced_*>, <flags>)``
+``_foreach_update(param, grad, <buffers/inputs>, <scalars>, <reductions>, <flags>)``
 takes the same arguments as the torch backend's ``update``, in the same order
 (``FOREACH_ARGS`` lists them), except that every tensor argument is a *list*:
 one tensor per parameter of a bucket (same dtype and device for the params).
@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 
 from curvc.plan import Const, Op, Plan, Scalar, Select
-from curvc.backends.render import IndentedBuffer, plan_roots, schedule
+from curvc.backends.render import (IndentedBuffer, flag_name, plan_roots, reduced_name,
+                                   schedule)
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
                                   update_signature)
 
@@ -240,7 +241,8 @@ class ForeachRenderer(TorchRenderer):
     def render_select(self, node: Select, then: str, other: str) -> str:
         kt, ko = self.kind(then), self.kind(other)
         result = LIST if LIST in (kt, ko) else TENSOR if TENSOR in (kt, ko) else SCALAR
-        return f"{self.broadcast(then, result)} if {node.flag} else {self.broadcast(other, result)}"
+        return (f"{self.broadcast(then, result)} if {flag_name(node.flag)} "
+                f"else {self.broadcast(other, result)}")
 
     def broadcast(self, name: str, kind: str) -> str:
         """``name``'s value as a ``kind`` value (a Select may mix kinds)."""
@@ -259,7 +261,7 @@ def _kinds(plan: Plan, sched) -> dict[str, str]:
     and a statement is a list if an operand is, else a 0-d tensor if an operand is."""
     loads = ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))
     kinds = {f"{t}_": LIST for t in loads}
-    kinds.update({f"reduced_{r.name}": TENSOR for r in plan.reductions})
+    kinds.update({reduced_name(r.name): TENSOR for r in plan.reductions})
     for st in sched.stmts:
         node = st.node
         operands = node.args if isinstance(node, Op) else (node.then, node.other)
@@ -295,7 +297,7 @@ def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
     body = IndentedBuffer()
     _emit_statements(body, sched.stmts, sched, r)
     sig = update_signature(plan, sched)
-    buf.writeline(f"def foreach_update({signature_text(sig)}):")
+    buf.writeline(f"def _foreach_update({signature_text(sig)}):")
     with buf.indent():
         buf.writeline('"""A bucket\'s step: ``update`` over lists, one foreach op per node."""')
         buf.writeline("if not param:")
@@ -317,7 +319,7 @@ def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
             else:  # a store of a host scalar or a 0-d tensor: fill every tensor with it
                 line = f"for _e in {st.target}: _e.fill_({value})"
             if st.when:
-                line = f"if {st.when}:" + ("\n    " if kind != LIST else " ") + line
+                line = f"if {flag_name(st.when)}:" + ("\n    " if kind != LIST else " ") + line
             buf.splice(line)
     return sig
 
@@ -331,5 +333,5 @@ def render(plan: Plan) -> str:
     sig = render_foreach_update(plan, buf)
     buf.writeline()
     buf.writeline()
-    buf.writeline(f"FOREACH_ARGS = {sig!r}")
+    buf.writeline(f"_FOREACH_ARGS = {sig!r}")
     return buf.getvalue()

@@ -17,6 +17,35 @@ from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select
 Guard = frozenset  # of (flag, bool)
 
 
+# --- the generated code's namespace -------------------------------------------
+#
+# A spec's names (its hyperparameters, flattened: ``betas_0``) and the plan's own
+# (host scalars, flags, reductions) enter generated functions only under these
+# prefixes, and no name a backend generates for itself starts with one. So no
+# spec name can shadow a backend's local, a module global or a builtin, and the
+# backends need no list of forbidden names. Tensor roles (``param``, ``exp_avg``)
+# are the plan's state keys, named by the compiler, and stay as they are.
+
+SCALAR, FLAG, REDUCED = "h_", "f_", "r_"
+
+
+def scalar_name(name: str) -> str:
+    """A host scalar (hyperparameter, step, or computed per step) in generated code."""
+    return SCALAR + name
+
+
+def flag_name(name: str) -> str:
+    """A host flag in generated code."""
+    return FLAG + name
+
+
+def reduced_name(name: str) -> str:
+    """A global reduction's (0-d tensor) value in generated code."""
+    return REDUCED + name
+
+
+
+
 class IndentedBuffer:
     """A string builder with indentation (the shape of torch Inductor's)."""
 
@@ -155,23 +184,25 @@ class PythonHost(Renderer):
            "sign": "math.copysign(1.0, {0})"}
 
 
-def guard_text(guard: Guard, flag_text) -> str:
-    parts = [flag_text(f) if v else f"not {flag_text(f)}" for f, v in sorted(guard)]
+def guard_text(guard: Guard) -> str:
+    parts = [flag_name(f) if v else f"not {flag_name(f)}" for f, v in sorted(guard)]
     return " and ".join(parts)
 
 
-def render_host(plan: Plan, buf: IndentedBuffer, name: str = "host") -> None:
+def render_host(plan: Plan, buf: IndentedBuffer, name: str = "_host") -> None:
     """``def host(h, step) -> (scalars, flags)``: all per-step host values of one group."""
     r = PythonHost()
     buf.writeline(f"def {name}(h, step):")
     with buf.indent():
         buf.writeline('"""Per-(group, step) scalars and flags, from the group\'s hyperparameters h."""')
         for inp in plan.host_inputs:
-            if inp != "step":
-                buf.writeline(f"{inp} = h[{inp!r}]")
+            source = "step" if inp == "step" else f"h[{inp!r}]"
+            buf.writeline(f"{scalar_name(inp)} = {source}")
+        leaf = lambda x: scalar_name(x.name)  # noqa: E731
         for n, e in plan.host:
-            buf.writeline(f"{n} = {r.render_inline(e, lambda x: x.name)}")
-        scal = ", ".join(f"{n!r}: {n}" for n in plan.host_inputs + tuple(n for n, _ in plan.host))
-        flags = ", ".join([f"{n!r}: bool({r.render_inline(e, lambda x: x.name)})"
+            buf.writeline(f"{scalar_name(n)} = {r.render_inline(e, leaf)}")
+        names = plan.host_inputs + tuple(n for n, _ in plan.host)
+        scal = ", ".join(f"{n!r}: {scalar_name(n)}" for n in names)
+        flags = ", ".join([f"{n!r}: bool({r.render_inline(e, leaf)})"
                            for n, e in plan.flags] + ["'maximize': bool(h['maximize'])"])
         buf.writeline(f"return {{{scal}}}, {{{flags}}}")

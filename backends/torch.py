@@ -1,6 +1,6 @@
 """The torch backend: a plan as plain PyTorch source, one function per tensor.
 
-``update(param, grad, <buffers>, <scalars>, <flags>)`` computes the whole
+``_update(param, grad, <buffers>, <scalars>, <flags>)`` computes the whole
 step of one tensor from its old values and then writes the buffers and the
 parameter (all loads happen before any store, so the DAG may read a buffer's
 old value after computing its new one). Eagerly it is a short chain of torch
@@ -11,8 +11,8 @@ parameter dtype.
 from __future__ import annotations
 
 from curvc.plan import Const, Load, Op, Plan, Precondition, Reduced, Scalar, Select
-from curvc.backends.render import (Guard, IndentedBuffer, Renderer, Stmt, guard_text, plan_roots,
-                             schedule)
+from curvc.backends.render import (Guard, IndentedBuffer, Renderer, Stmt, flag_name, guard_text,
+                                   plan_roots, reduced_name, scalar_name, schedule)
 
 
 # A matrix stage's statistic -> the curvc.runtime.matrix function that runs it.
@@ -35,7 +35,8 @@ class TorchRenderer(Renderer):
         statistic, value, *params = args
         kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
               f"accumulate={stage.accumulate!r}",
-              f"update={stage.accumulate_when or True}", f"refresh={stage.refresh or True}",
+              f"update={_flag_or_true(stage.accumulate_when)}",
+              f"refresh={_flag_or_true(stage.refresh)}",
               *(f"{n}={a}" for n, a in zip(stage.params, params)),
               f"per_mode={stage.per_mode}"]
         fn = MATRIX_FUNCTIONS[stage.statistic]
@@ -55,7 +56,7 @@ class TorchRenderer(Renderer):
         return super().render_op(node, args)
 
     def render_select(self, node: Select, then: str, other: str) -> str:
-        return f"{then} if {node.flag} else {other}"
+        return f"{then} if {flag_name(node.flag)} else {other}"
 
     def render_stmt(self, st: Stmt, names: dict) -> str:
         """The source of one statement (``names``: the schedule's names of its operands)."""
@@ -69,20 +70,24 @@ class TorchRenderer(Renderer):
         return f"{st.name} = {text}"
 
 
+def _flag_or_true(flag: str | None) -> str:
+    return "True" if flag is None else flag_name(flag)
+
+
 def _leaf(e) -> str:
     if isinstance(e, Const):
         return repr(float(e.value))
     if isinstance(e, Load):
         return f"{e.name}_"
     if isinstance(e, Reduced):
-        return f"reduced_{e.name}"
-    return e.name  # Scalar
+        return reduced_name(e.name)
+    return scalar_name(e.name)
 
 
 def _tensor_names(plan: Plan, sched, roots) -> set[str]:
     """Which statement names hold tensors: anything downstream of a load or a reduction."""
     tensors = {f"{t}_" for t in ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))}
-    tensors |= {f"reduced_{r.name}" for r in plan.reductions}
+    tensors |= {reduced_name(r.name) for r in plan.reductions}
     for st in sched.stmts:
         node = st.node
         operands = node.args if isinstance(node, Op) else (node.then, node.other)
@@ -99,7 +104,7 @@ def _emit_statements(buf: IndentedBuffer, stmts: list[Stmt], sched, renderer) ->
                 buf._level -= 1
             current = st.guard
             if current:
-                buf.writeline(f"if {guard_text(current, str)}:")
+                buf.writeline(f"if {guard_text(current)}:")
                 buf._level += 1
         buf.splice(renderer.render_stmt(st, sched.names))
     if current:
@@ -121,7 +126,7 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
     r = TorchRenderer(_tensor_names(plan, sched, roots), {m.name: m for m in plan.matrix})
     sig = update_signature(plan, sched)
     tensors = [t for t in sig["tensors"] if t != "state"]
-    buf.writeline(f"def update({signature_text(sig)}):")
+    buf.writeline(f"def _update({signature_text(sig)}):")
     with buf.indent():
         if plan.matrix:
             buf.writeline('"""One tensor\'s step: every value computed from old state, then stored')
@@ -135,7 +140,7 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
         _emit_statements(buf, sched.stmts, sched, r)
         for st in plan.stores:
             line = f"{st.target}.copy_({sched.names[st.value]})"
-            buf.writeline(f"if {st.when}: {line}" if st.when else line)
+            buf.writeline(f"if {flag_name(st.when)}: {line}" if st.when else line)
     return sig
 
 
@@ -152,8 +157,9 @@ def update_signature(plan: Plan, sched) -> dict:
 
 def signature_text(sig: dict) -> str:
     """The parameter list of a function taking ``sig`` (as ``update_signature`` returns)."""
-    return ", ".join(sig["tensors"] + sig["scalars"] + [f"reduced_{n}" for n in sig["reduced"]]
-                     + sig["flags"])
+    return ", ".join(sig["tensors"] + [scalar_name(n) for n in sig["scalars"]]
+                     + [reduced_name(n) for n in sig["reduced"]]
+                     + [flag_name(n) for n in sig["flags"]])
 
 
 def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
@@ -164,8 +170,8 @@ def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
         r = TorchRenderer(_tensor_names(plan, sched, None))
         tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
         scalars, reduced, flags = _signature(plan, sched, tensors)
-        args = ", ".join(tensors + scalars + [f"reduced_{n}" for n in reduced] + flags)
-        buf.writeline(f"def reduce_{red.name}({args}):")
+        sig = {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
+        buf.writeline(f"def _reduce_{red.name}({signature_text(sig)}):")
         with buf.indent():
             buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
             for t in tensors:
@@ -185,6 +191,6 @@ def render(plan: Plan) -> str:
     buf.writeline()
     buf.writeline()
     reds = render_reductions(plan, buf)
-    buf.writeline(f"UPDATE_ARGS = {sig!r}")
-    buf.writeline(f"REDUCE_ARGS = {reds!r}")
+    buf.writeline(f"_UPDATE_ARGS = {sig!r}")
+    buf.writeline(f"_REDUCE_ARGS = {reds!r}")
     return buf.getvalue()

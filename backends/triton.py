@@ -2,14 +2,18 @@
 
 ``render(plan)`` writes the Triton section of a generated module:
 
-* ``update_kernel``: the whole step (every store of the plan) for one block
+* ``_update_kernel``: the whole step (every store of the plan) for one block
   of one tensor. A launch covers every tensor of a bucket: the kernel reads
   the tensor's data pointers from int64 tables (one per tensor role) and its
   block from a block -> (tensor, first element) table. Each parameter,
   gradient and state element is loaded once and stored once.
-* ``reduce_kernel`` (plans with global reductions): each block's partial sum
+* ``_reduce_kernel`` (plans with global reductions): each block's partial sum
   of every reduction, summed on the device in float64 (no host sync).
-* ``triton_step`` / ``triton_reduce``: the host side the runtime calls.
+* ``_triton_step`` / ``_triton_reduce``: the host side the runtime calls.
+
+Spec values enter kernels under the prefixed names of ``render.scalar_name`` and
+``render.flag_name`` (``h_lr``, ``f_maximize``), so no spec name can take one of
+the kernel's own locals (``pid``, ``i``, ``offs``, ``mask``, ``BLOCK``, ...).
 
 Host flags are ``tl.constexpr`` (a guarded statement is a static ``if``);
 host scalars are runtime float64 arguments, so an LR scheduler never
@@ -28,7 +32,8 @@ import math
 from collections import OrderedDict
 
 from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
-from curvc.backends.render import Guard, IndentedBuffer, Renderer, plan_roots, schedule
+from curvc.backends.render import (Guard, IndentedBuffer, Renderer, flag_name, plan_roots,
+                                   reduced_name, scalar_name, schedule)
 
 # --- rendering -------------------------------------------------------------------
 
@@ -62,8 +67,8 @@ def _leaf(e) -> str:
     if isinstance(e, Load):
         return f"{e.name}_"
     if isinstance(e, Reduced):
-        return f"reduced_{e.name}"
-    return e.name  # Scalar
+        return reduced_name(e.name)
+    return scalar_name(e.name)
 
 
 def _operands(node) -> tuple:
@@ -120,7 +125,7 @@ class _Kernel:
                             | {st.when for st in stores if st.when})
         # Values derived from reductions only stay float64 scalars (as a 0-d
         # float64 tensor does in torch) until they meet a tensor.
-        self.wide = {f"reduced_{n}" for n in self.reduced}
+        self.wide = {reduced_name(n) for n in self.reduced}
         self.narrowed = set()  # wide values that meet a tensor: cast to CDT once, as `<name>_c`
         tensorish = {f"{t}_" for t in self.tensors}
         for st in self.sched.stmts:
@@ -136,10 +141,12 @@ class _Kernel:
         groups = [([f"{t}_ptrs" for t in self.tensors], "data-pointer tables, one per role"),
                   (["numels", "block_tensor", "block_start"],
                    "each block's tensor and first element"),
-                  ([f"{s}: tl.float64" for s in self.scalars], "host scalars (runtime values)"),
-                  ([f"reduced_{r}_ptr" for r in self.reduced], "global sums (0-d float64)"),
+                  ([f"{scalar_name(s)}: tl.float64" for s in self.scalars],
+                   "host scalars (runtime values)"),
+                  ([f"{reduced_name(r)}_ptr" for r in self.reduced], "global sums (0-d float64)"),
                   *extra,
-                  ([f"{f}: tl.constexpr" for f in self.flags], "host flags (compile-time)"),
+                  ([f"{flag_name(f)}: tl.constexpr" for f in self.flags],
+                   "host flags (compile-time)"),
                   ([f"{_dtype_arg(t)}: tl.constexpr" for t in self.tensors]
                    + ["CDT: tl.constexpr", "BLOCK: tl.constexpr"], "element types, compute type, block size")]
         groups = [(names, why) for names, why in groups if names]
@@ -154,12 +161,12 @@ class _Kernel:
         buf.writeline("mask = offs < tl.load(numels + i)")
         for t in self.tensors:
             buf.writeline(f"{t}_addr = tl.load({t}_ptrs + i).to(tl.pointer_type({_dtype_arg(t)}))")
-        for s in self.scalars:
+        for s in map(scalar_name, self.scalars):
             buf.writeline(f"{s} = tl.cast({s}, CDT)")
-        for r in self.reduced:
-            buf.writeline(f"reduced_{r} = tl.load(reduced_{r}_ptr)")
-            if f"reduced_{r}" in self.narrowed:
-                buf.writeline(f"reduced_{r}_c = tl.cast(reduced_{r}, CDT)")
+        for r in map(reduced_name, self.reduced):
+            buf.writeline(f"{r} = tl.load({r}_ptr)")
+            if r in self.narrowed:
+                buf.writeline(f"{r}_c = tl.cast({r}, CDT)")
         items = [(self.loads[t], [f"{t}_ = tl.load({t}_addr + offs, mask=mask).to(CDT)"])
                  for t in self.tensors if t in self.loads]
         _emit_guarded(buf, items)
@@ -173,7 +180,7 @@ class _Kernel:
             ops = [names[a] if wide or names[a] not in self.wide else f"{names[a]}_c"
                    for a in _operands(st.node)]
             if isinstance(st.node, Select):
-                lines = [f"if {st.node.flag}:", f"    {st.name} = {ops[0]}", "else:",
+                lines = [f"if {flag_name(st.node.flag)}:", f"    {st.name} = {ops[0]}", "else:",
                          f"    {st.name} = {ops[1]}"]
             else:
                 lines = [f"{st.name} = {r.render_op(st.node, ops)}"]
@@ -209,7 +216,7 @@ def _emit_guarded(buf: IndentedBuffer, items: list[tuple[Guard, list[str]]]) -> 
         if want != current:
             buf._level -= len(current)
             for flag, value in want:
-                buf.writeline(f"if {'' if value else 'not '}{flag}:")
+                buf.writeline(f"if {'' if value else 'not '}{flag_name(flag)}:")
                 buf._level += 1
             current = want
         buf.writelines(lines)
@@ -223,7 +230,7 @@ def _store_line(target: str, value: str) -> str:
 def render_update(plan: Plan, buf: IndentedBuffer) -> _Kernel:
     k = _Kernel(plan, plan_roots(plan), plan.stores)
     buf.writeline("@triton.jit")
-    buf.writeline("def update_kernel(")
+    buf.writeline("def _update_kernel(")
     with buf.indent(2):
         k.signature(buf, [])
     with buf.indent():
@@ -243,7 +250,7 @@ def render_reduce(plan: Plan, buf: IndentedBuffer) -> _Kernel:
     if k.reduced:
         raise NotImplementedError("a reduction that reads another reduction")
     buf.writeline("@triton.jit")
-    buf.writeline("def reduce_kernel(")
+    buf.writeline("def _reduce_kernel(")
     with buf.indent(2):
         k.signature(buf, [(["partials"], "out: [reductions, blocks] float64")])
     with buf.indent():
@@ -293,9 +300,9 @@ def _store(addr, offs, x, mask, T: tl.constexpr):
 def _launch_args(k: _Kernel, buf: IndentedBuffer, extra: list[str]) -> None:
     buf.writelines(_wrap([f"t.ptrs[{n!r}]" for n in k.tensors], ","))
     buf.writeline("t.numels, t.block_tensor, t.block_start,")
-    buf.writelines(_wrap([f"{s}=float(scalars[{s!r}])" for s in k.scalars]
-                         + [f"reduced_{r}_ptr=reduced[{r!r}]" for r in k.reduced]
-                         + extra + [f"{f}=bool(flags[{f!r}])" for f in k.flags], ","))
+    buf.writelines(_wrap([f"{scalar_name(s)}=float(scalars[{s!r}])" for s in k.scalars]
+                         + [f"{reduced_name(r)}_ptr=reduced[{r!r}]" for r in k.reduced]
+                         + extra + [f"{flag_name(f)}=bool(flags[{f!r}])" for f in k.flags], ","))
     buf.writelines(_wrap([f"{_dtype_arg(n)}=t.dtypes[{n!r}]" for n in k.tensors]
                          + ["CDT=t.compute", "BLOCK=t.block", "num_warps=t.num_warps"], ")"))
 
@@ -308,9 +315,9 @@ def render(plan: Plan) -> str:
     buf.writelines(["try:", "    import triton", "    import triton.language as tl",
                     "except ImportError:  # the torch path works without Triton",
                     "    triton = None", "",
-                    "if triton is None:", "    triton_step = triton_reduce = None", "else:"])
+                    "if triton is None:", "    _triton_step = _triton_reduce = None", "else:"])
     with buf.indent():
-        buf.writeline("from curvc.backends.triton import Tables")
+        buf.writeline("from curvc.backends.triton import Tables as _Tables")
         buf.writeline()
         buf.splice(_HELPERS)
         buf.writeline()
@@ -319,19 +326,19 @@ def render(plan: Plan) -> str:
         red = render_reduce(plan, buf) if plan.reductions else None
         if red:
             buf.writeline()
-        buf.writeline(f"_TABLES = Tables({roles!r}, stored={sorted(set(stored))!r})")
+        buf.writeline(f"_TABLES = _Tables({roles!r}, stored={sorted(set(stored))!r})")
         buf.writeline()
-        buf.writeline("def triton_step(bucket, scalars, flags, reduced):")
+        buf.writeline("def _triton_step(bucket, scalars, flags, reduced):")
         with buf.indent():
-            buf.writeline('"""The bucket\'s step: one update_kernel launch for all its tensors."""')
-            buf.writeline("for t in _TABLES.launches(bucket, update_kernel):")
+            buf.writeline('"""The bucket\'s step: one _update_kernel launch for all its tensors."""')
+            buf.writeline("for t in _TABLES.launches(bucket, _update_kernel):")
             with buf.indent():
-                buf.writeline("update_kernel[(t.blocks,)](")
+                buf.writeline("_update_kernel[(t.blocks,)](")
                 with buf.indent():
                     _launch_args(upd, buf, [])
                 buf.writeline("t.finish()")
         buf.writeline()
-        buf.writeline("def triton_reduce(bucket, scalars, flags):")
+        buf.writeline("def _triton_reduce(bucket, scalars, flags):")
         with buf.indent():
             if red is None:
                 buf.writeline('"""No global reductions in this plan."""')
@@ -341,10 +348,10 @@ def render(plan: Plan) -> str:
                 rows = len(names)
                 buf.writeline('"""Partial sums over the bucket, as 0-d float64 device tensors."""')
                 buf.writeline("total = None")
-                buf.writeline("for t in _TABLES.launches(bucket, reduce_kernel):")
+                buf.writeline("for t in _TABLES.launches(bucket, _reduce_kernel):")
                 with buf.indent():
                     buf.writeline(f"partials = t.partials({rows})")
-                    buf.writeline("reduce_kernel[(t.blocks,)](")
+                    buf.writeline("_reduce_kernel[(t.blocks,)](")
                     with buf.indent():
                         _launch_args(red, buf, ["partials=partials"])
                     buf.writeline(f"sums = partials.view({rows}, t.blocks).sum(dim=1)")

@@ -11,10 +11,9 @@ from __future__ import annotations
 import builtins
 import keyword
 import math
-import re
 from dataclasses import dataclass, fields
 
-from curvc import ir, parse as ast
+from curvc import ir, names, parse as ast
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 
@@ -26,7 +25,7 @@ class ArgSpec:
     name: str
     kind: str  # number | int | bool | enum
     default: object = None  # None: required
-    constraint: str = "any"  # any | nonneg | positive | unit | unit_closed | positive_int
+    constraint: str = "any"  # a key of constraints.CONSTRAINTS (count_* for bounded counts)
     choices: tuple[str, ...] = ()
 
     @property
@@ -47,15 +46,15 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "curvature": {
         "constant": FormSpec(help="L*I: the a-priori smoothness constant (folded into lr)"),
         "empirical_fisher": FormSpec(help="F~ = E_data[g g^T]; its diagonal is g*g"),
-        "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "positive_int"),),
+        "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "count_samples"),),
                            help="F = E_{y~p(y|x)}[g g^T], labels sampled from the model"),
         "gauss_newton_bartlett": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "positive_int"),
+            (ArgSpec("samples", "int", 1.0, "count_samples"),
              ArgSpec("scale", "number", 1.0, "positive")),
             modifiers=("squared", "every"),
             help="Gauss-Newton-Bartlett: batch size * (grad of loss on sampled labels)^2"),
         "hutchinson": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "positive_int"),
+            (ArgSpec("samples", "int", 1.0, "count_samples"),
              ArgSpec("distribution", "enum", "rademacher", choices=("rademacher", "gaussian")),
              ArgSpec("spatial_average", "bool", False),
              ArgSpec("scale", "number", 1.0, "positive")),
@@ -68,7 +67,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "structure": {
         "scalar": FormSpec(help="L*I"),
         "diagonal": FormSpec(help="diag(lambda_1..lambda_n)"),
-        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "positive_int"),),
+        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
                               modifiers=("every",),
                               help="L kron R per tensor (block-diagonal over tensors)"),
         "dense": FormSpec(help="the whole n x n matrix"),
@@ -81,8 +80,8 @@ FORMS: dict[str, dict[str, FormSpec]] = {
                         help="C <- beta*C + (1-beta)*c"),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),), modifiers=("every",),
                         help="C <- C + c"),
-        "secant": FormSpec((ArgSpec("history", "int", constraint="positive_int"),
-                            ArgSpec("iterations", "int", 20.0, "positive_int"),
+        "secant": FormSpec((ArgSpec("history", "int", constraint="count_history"),
+                            ArgSpec("iterations", "int", 20.0, "count_iterations"),
                             ArgSpec("tolerance_grad", "number", 1e-7, "nonneg"),
                             ArgSpec("tolerance_change", "number", 1e-9, "nonneg")),
                            help="two-loop recursion over the last k pairs, up to `iterations` "
@@ -149,32 +148,28 @@ MODIFIER_WHY = {
     "delayed": "the first refresh after k steps (Sophia's release) needs `every k`",
 }
 
-# Hyperparameter names that would clash with something else, and why.
-_KEYWORD_ARGS = ("params", "maximize", "foreach", "fused", "capturable", "differentiable",
-                 "state_dtype", "nonfinite",
-                 "nonfinite_skip", "reduced_nonfinite")  # the step's skip flag and value
-_OPTIMIZER_ATTRS = ("self", "defaults", "state", "param_groups", "step")
+# Hyperparameter names that would clash with something else, and why. Inside
+# generated functions a spec's names are prefixed by the backends, so only the
+# places where a name is the API itself are listed: the constructor's arguments
+# (curvc.names, shared with the emitter) and the words of the language.
 _LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every")
 RESERVED_WHY: dict[str, str] = {
     **{n: "every compiled optimizer already takes an argument of that name"
-       for n in _KEYWORD_ARGS},
-    **{n: "torch.optim.Optimizer uses that name itself" for n in _OPTIMIZER_ATTRS},
+       for n in sorted(names.keyword_names() - {n for kws in names.STRUCTURE_KEYWORDS.values()
+                                                for n, _ in kws})},
+    "params": "every compiled optimizer already takes an argument of that name",
+    "self": "it is the constructor's first argument",
+    "step": "the step count t is read under that name",
     **{n: "it is a word of the curv language" for n in _LANGUAGE_WORDS},
 }
 RESERVED = frozenset(RESERVED_WHY)
 
-# Names of the generated module. Hyperparameters become parameters and locals
-# of its functions, so one of these names would shadow the module's own value
-# there (and silently change the arithmetic); the optimizer's name becomes a
-# module-level class and must not replace a module the code uses.
-# The temporaries mirror the backends' naming (t0, s0, lr_t, param_, ...).
-_MODULE_GLOBALS = frozenset({"math", "torch", "triton", "tl", "CurvOptimizer"})
-_GENERATED_LOCALS = frozenset({"h", "param", "grad", "cdt", "lr_t"}) | _MODULE_GLOBALS
-_GENERATED_PATTERN = re.compile(r"[st][0-9]+|.+_")
+# The optimizer's name becomes a module-level class, bound after the code that
+# reads the module's imports and Python's builtins by name.
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 _LR = ArgSpec("lr", "number", constraint="nonneg")
-_EVERY = ArgSpec("every", "int", constraint="positive_int")
+_EVERY = ArgSpec("every", "int", constraint="count_every")
 
 
 # --- AST -> IR ---------------------------------------------------------------
@@ -213,9 +208,19 @@ def _check(spec: ast.SpecAST) -> ir.Optimizer:
                         else "add the line `hyper lr = 1e-3`")
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
                        span=spec.name_span, **axes)
+    _check_structure_keywords(opt)
     for rule in COMBINATION_RULES:
         rule(opt)
     return opt
+
+
+def _check_structure_keywords(opt: ir.Optimizer) -> None:
+    """A hyperparameter may not take a keyword the structure's driver adds (L-BFGS's)."""
+    for name, _ in names.STRUCTURE_KEYWORDS.get(opt.structure.kind, ()):
+        if name in opt.hyper_names:
+            raise CurvError("name.reserved_hyper", opt.hyper(name).span, name=name,
+                            why=f"the compiled optimizer of structure {opt.structure.kind} "
+                                "already takes an argument of that name")
 
 
 def _check_optimizer_name(name: str, span: Span) -> None:
@@ -225,8 +230,10 @@ def _check_optimizer_name(name: str, span: Span) -> None:
         why = "it is a Python keyword, and the optimizer's name becomes a Python class name"
     elif name.startswith("_"):
         why = "names starting with '_' are kept for the generated code"
-    elif name in _MODULE_GLOBALS or name in _BUILTINS:
-        why = "the generated module uses that name itself"
+    elif name in names.MODULE_IMPORTS:
+        why = "the generated module imports a module or class under that name"
+    elif name in _BUILTINS:
+        why = f"the class becomes a module global and would hide Python's builtin {name!r}"
     else:
         return
     raise CurvError("name.reserved_optimizer", span, name=name, why=why)
@@ -239,10 +246,6 @@ def _reserved_hyper_why(name: str) -> str | None:
         return "it is a Python keyword, and hyperparameters become Python keyword arguments"
     if name.startswith("_"):
         return "names starting with '_' are kept for the generated code"
-    if name in _BUILTINS:
-        return f"it would hide Python's builtin {name!r} in the generated code"
-    if name in _GENERATED_LOCALS or _GENERATED_PATTERN.fullmatch(name):
-        return "the generated code uses that name for its own values"
     return None
 
 
@@ -285,6 +288,11 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
 def _finite(n: ast.Number) -> float:
     if not math.isfinite(n.value):
         raise CurvError("value.not_finite", n.span, text=n.text)
+    if n.value == 0:
+        digits = n.text.lower().split("e")[0]  # before the exponent
+        if any(d in digits for d in "123456789"):
+            raise CurvError("value.underflow", n.span, text=n.text,
+                            hint="the smallest number above 0 is about 5e-324; write 0 for zero")
     return n.value
 
 
@@ -486,7 +494,7 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         node = getattr(opt, axis)
         form = FORMS[axis][node.kind]
         specs = {a.name: a for a in form.args}
-        specs["every"] = ArgSpec("every", "int", constraint="positive_int")
+        specs["every"] = _EVERY
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":

@@ -11,7 +11,7 @@ Layout of a generated module:
 """
 from __future__ import annotations
 
-from curvc import explain, ir
+from curvc import explain, ir, names
 from curvc.plan import Plan
 from curvc.version import __version__
 from curvc.backends import BACKENDS
@@ -84,8 +84,8 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
             # Matrix products and roots go to torch (cuBLAS/LAPACK) on every device,
             # one tensor at a time; there is no elementwise pass to fuse across tensors.
             buf.writeline("# --- matrix stages run per tensor through torch on every device ---")
-            buf.writeline("foreach_update = FOREACH_ARGS = None")
-            buf.writeline("triton_step = triton_reduce = None")
+            buf.writeline("_foreach_update = _FOREACH_ARGS = None")
+            buf.writeline("_triton_step = _triton_reduce = None")
         else:
             buf.writeline("# --- foreach: the same step for many small tensors at once ---")
             buf.writeline()
@@ -97,11 +97,25 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
                 buf.writeline()
                 buf.splice(triton_backend.render(plan))
             else:
-                buf.writeline("triton_step = triton_reduce = None")
+                buf.writeline("_triton_step = _triton_reduce = None")
     buf.writeline()
     buf.writeline()
     _emit_class(opt, plan, backend, buf)
     return buf.getvalue()
+
+
+def _wrap_call(head: str, items: list[str], end: str, width: int = 96) -> list[str]:
+    """``head`` + comma-separated ``items`` + ``end`` on lines of at most ``width``."""
+    lines, line = [], head
+    for k, item in enumerate(items):
+        piece = item + (", " if k < len(items) - 1 else end)
+        if len(line) + len(piece) > width and line != head:
+            lines.append(line.rstrip())
+            line = " " * 8 + piece
+        else:
+            line += piece
+    lines.append(line)
+    return lines
 
 
 def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
@@ -112,7 +126,7 @@ def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
     host = PythonHost()
     buf.writeline(f"# --- {name}: {comment} (curvc.runtime.{name}) ---")
     buf.writeline()
-    buf.writeline(f"def {name}(h):")
+    buf.writeline(f"def _{name}(h):")
     with buf.indent():
         buf.writeline(f'"""The {name} stage\'s settings from the group\'s hyperparameters h."""')
         buf.writeline("settings = dict(" + ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + ")")
@@ -122,8 +136,8 @@ def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
         buf.writeline("return settings")
     buf.writeline()
     buf.writeline()
-    buf.writeline("update = foreach_update = triton_step = triton_reduce = None")
-    buf.writeline("UPDATE_ARGS = REDUCE_ARGS = FOREACH_ARGS = {}")
+    buf.writeline("_update = _foreach_update = _triton_step = _triton_reduce = None")
+    buf.writeline("_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}")
 
 
 def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
@@ -188,29 +202,27 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline(f"STORES = {tuple(sorted({st.target for st in plan.stores}))!r}  # what a step writes")
         buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix or secant stages")
         if plan.secant is not None:
-            buf.writeline("secant = staticmethod(secant)  # settings of the quasi-Newton step")
+            buf.writeline("secant = staticmethod(_secant)  # settings of the quasi-Newton step")
         if plan.dense is not None:
-            buf.writeline("dense = staticmethod(dense)  # settings of the dense-curvature step")
-        buf.writeline("host = staticmethod(host)")
-        buf.writeline("torch_update = staticmethod(update)")
+            buf.writeline("dense = staticmethod(_dense)  # settings of the dense-curvature step")
+        buf.writeline("host = staticmethod(_host)")
+        buf.writeline("torch_update = staticmethod(_update)")
         buf.writeline("torch_reduce = {" + ", ".join(
-            f"{r.name!r}: reduce_{r.name}" for r in plan.reductions) + "}")
-        buf.writeline("UPDATE_ARGS = UPDATE_ARGS")
-        buf.writeline("foreach_update = staticmethod(foreach_update)")
-        buf.writeline("FOREACH_ARGS = FOREACH_ARGS")
-        buf.writeline("REDUCE_ARGS = REDUCE_ARGS")
-        buf.writeline("triton_step = staticmethod(triton_step) if triton_step else None")
-        buf.writeline("triton_reduce = staticmethod(triton_reduce) if triton_reduce else None")
+            f"{r.name!r}: _reduce_{r.name}" for r in plan.reductions) + "}")
+        buf.writeline("UPDATE_ARGS = _UPDATE_ARGS")
+        buf.writeline("foreach_update = staticmethod(_foreach_update) if _foreach_update else None")
+        buf.writeline("FOREACH_ARGS = _FOREACH_ARGS")
+        buf.writeline("REDUCE_ARGS = _REDUCE_ARGS")
+        buf.writeline("triton_step = staticmethod(_triton_step) if _triton_step else None")
+        buf.writeline("triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None")
         buf.writeline()
-        args = ", ".join(f"{h.name}={_literal(h.default)}" for h in opt.hypers)
-        extra = ["max_eval", "line_search_fn"] if plan.secant is not None else []
-        buf.writeline(f"def __init__(self, params, {args}, *, "
-                      + "".join(f"{n}=None, " for n in extra)
-                      + "maximize=False, foreach=None, fused=None, capturable=False, "
-                      "differentiable=False, state_dtype=None, nonfinite='propagate'):")
+        keywords = names.constructor_keywords(opt.structure.kind)
+        args = [f"{h.name}={_literal(h.default)}" for h in opt.hypers]
+        args += ["*"] + [f"{n}={d!r}" for n, d in keywords]
+        buf.writelines(_wrap_call("def __init__(", ["self", "params"] + args, "):"))
         with buf.indent():
-            names = [h.name for h in opt.hypers] + extra + [
-                "maximize", "foreach", "fused", "capturable", "differentiable", "state_dtype",
-                "nonfinite"]
-            buf.writeline("defaults = dict(" + ", ".join(f"{n}={n}" for n in names) + ")")
-            buf.writeline("super().__init__(params, defaults)")
+            # Only `self` and the arguments are read here: a hyperparameter may be
+            # called `dict` or `super` without shadowing anything this body needs.
+            every = [h.name for h in opt.hypers] + [n for n, _ in keywords]
+            buf.writelines(_wrap_call("self._construct(params, {",
+                                      [f"{n!r}: {n}" for n in every], "})"))

@@ -66,6 +66,7 @@ MESSAGES: dict[str, str] = {
     "value.index_out_of_range": "{name}[{index}] is out of range: {name!r} has {size} entries",
     "value.out_of_range": "{what} must be {expected}, got {value}",
     "value.bool_expected": "{what} must be true or false, not {found}",
+    "value.underflow": "the number {text} is too small: it underflows to 0",
     # combinations of axes
     "combo.missing_clause": "a spec needs a {clause} clause ({why})",
     "combo.missing_lr": "a spec needs the hyperparameter 'lr' (every step is "
@@ -83,13 +84,85 @@ MESSAGES: dict[str, str] = {
 
 def suggest(name: str, candidates) -> str | None:
     """The closest candidate, for a "did you mean" hint."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    # A ratio >= 0.6 needs len(name) <= 2.33 * len(candidate); skipping longer
+    # names changes no answer and keeps difflib from indexing a 100 MB word.
+    if not candidates or len(name) > 3 * max(len(c) for c in candidates):
+        return None
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return close[0] if close else None
+
+
+# An error quotes at most this many characters of the spec's text, in a field
+# (a name, a number) and in the quoted line, so a 100 MB literal gives a short message.
+QUOTE_LIMIT = 200
+# The fields that carry the spec's own text; the others are the compiler's words
+# (why, allowed, expected, ...), clipped only far above anything it writes.
+_SPEC_TEXT_FIELDS = frozenset({"found", "text", "name", "value", "tuple", "entries"})
+_FIELD_LIMIT = 10 * QUOTE_LIMIT
+ELLIPSIS = "..."
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text``, its middle replaced by '...' when longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    head = (limit - len(ELLIPSIS)) // 2
+    tail = limit - len(ELLIPSIS) - head
+    return text[:head] + ELLIPSIS + text[len(text) - tail:]
+
+
+def _clip_field(name: str, value):
+    if not isinstance(value, str):
+        return value
+    return clip(value, QUOTE_LIMIT if name in _SPEC_TEXT_FIELDS else _FIELD_LIMIT)
 
 
 def _printable(line: str) -> str:
     """A source line safe to print: control characters (\\r, \\x0c, ...) shown as '?'."""
     return "".join(c if c == "\t" or c.isprintable() else "?" for c in line)
+
+
+def _line(source: str, number: int) -> str | None:
+    """Line ``number`` (1-based) of ``source``, lines ended by "\\n" only as the parser
+    counts them (str.splitlines would also split at \\x0c, \\u2028, ... and quote the
+    wrong line). Counts newlines chunk by chunk in C, so a 20 MB spec costs no list."""
+    start, chunk = 0, 1 << 16
+    remaining = number - 1
+    while remaining:
+        block_end = min(len(source), start + chunk)
+        found = source.count("\n", start, block_end)
+        if found >= remaining:
+            for _ in range(remaining):
+                start = source.index("\n", start) + 1
+            break
+        if block_end == len(source):
+            return None
+        remaining -= found
+        start = block_end
+    end = source.find("\n", start)
+    return source[start:] if end < 0 else source[start:end]
+
+
+def _quote(line: str, column: int, width: int) -> tuple[str, str]:
+    """The quoted line and its caret line; a long line shows a window around the caret."""
+    first = column - 1  # 0-based index of the caret's first character
+    shown, lead = line, ""
+    if len(line) > QUOTE_LIMIT:
+        begin = max(0, min(first - QUOTE_LIMIT // 4, len(line) - QUOTE_LIMIT))
+        shown = line[begin:begin + QUOTE_LIMIT]
+        if begin:
+            shown, lead = ELLIPSIS + shown, ELLIPSIS
+        if begin + QUOTE_LIMIT < len(line):
+            shown += ELLIPSIS
+        first -= begin
+    shown = _printable(shown)
+    width = max(1, min(width, QUOTE_LIMIT - first))
+    # Keep tabs in the padding so the caret lines up under them.
+    body = shown[len(lead):]
+    pad = " " * len(lead) + "".join(c if c == "\t" else " " for c in body[:first])
+    pad += " " * max(0, first - len(body))
+    return shown.rstrip(), pad + "^" * width
 
 
 class CurvError(Exception):
@@ -100,9 +173,10 @@ class CurvError(Exception):
         self.key = key
         self.span = span
         self.source = source
-        self.hint = hint
-        self.fields = fields
-        self.message = MESSAGES[key].format(**fields)
+        # Fields and hints may carry the spec's text (a name, a number): clipped.
+        self.hint = clip(hint, _FIELD_LIMIT) if hint else hint
+        self.fields = {k: _clip_field(k, v) for k, v in fields.items()}
+        self.message = MESSAGES[key].format(**self.fields)
         super().__init__(self.render())
 
     def with_source(self, source: str) -> "CurvError":
@@ -120,18 +194,13 @@ class CurvError(Exception):
             text = f"{span.file}: error: {self.message}"
         else:
             text = f"{span.file}:{span.line}:{span.column}: error: {self.message}"
-            # Lines as the parser counts them: only "\n" ends a line (str.splitlines
-            # would also split at \r, \x0c, \u2028, ... and quote the wrong line).
-            lines = (self.source or "").split("\n")
-            if 0 < span.line <= len(lines) and span.column > 0:
-                line = _printable(lines[span.line - 1].removesuffix("\r"))
+            line = _line(self.source or "", span.line) if span.column > 0 else None
+            if line is not None:
                 width = 1
                 if span.end_line == span.line and span.end_column > span.column:
                     width = span.end_column - span.column
-                # Keep tabs in the padding so the caret lines up under them.
-                pad = "".join(c if c == "\t" else " " for c in line[:span.column - 1])
-                pad += " " * max(0, span.column - 1 - len(line))
-                text += f"\n    {line.rstrip()}\n    {pad}{'^' * width}"
+                quoted, caret = _quote(line.removesuffix("\r"), span.column, width)
+                text += f"\n    {quoted}\n    {caret}"
         if self.hint:
             text += f"\n{self.hint}"
         return text

@@ -643,12 +643,21 @@ def hoist_host(plan: Plan) -> Plan:
     """
     host = list(plan.host)
     named: dict[Expr, Scalar] = {e: Scalar(n) for n, e in host}
+    # host scalars share one namespace with the (flattened) hyperparameters
+    taken = set(plan.host_inputs) | {n for n, _ in host}
+
+    def fresh() -> str:
+        i = len(host)
+        while f"s{i}" in taken:
+            i += 1
+        taken.add(f"s{i}")
+        return f"s{i}"
 
     def visit(e: Expr) -> Expr:
         if isinstance(e, Op):
             if _is_host(e):
                 if e not in named:
-                    name = f"s{len(host)}"
+                    name = fresh()
                     host.append((name, e))
                     named[e] = Scalar(name)
                 return named[e]

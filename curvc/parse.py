@@ -8,6 +8,7 @@ It decides nothing about meaning: that is ``check``'s job.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -128,9 +129,10 @@ class _ToAST(Transformer):
     @v_args(meta=True)
     def indexed_ref(self, meta, children):
         name, index = children
-        if len(index.lstrip("0")) > 9:  # no tuple is that long (and int() of 5000 digits fails)
+        digits = index.lstrip("0") or "0"  # int() refuses over 4300 digits, zeros included
+        if len(digits) > 9:  # no tuple is that long
             raise CurvError("syntax.index_too_large", _span(self.file, index), text=str(index))
-        return Ref(str(name), int(index), _span(self.file, meta))
+        return Ref(str(name), int(digits), _span(self.file, meta))
 
     @v_args(meta=True)
     def tuple_literal(self, meta, children):
@@ -263,37 +265,62 @@ def _describe_token(tok: Token) -> str:
     return repr(str(tok))
 
 
-def _blank(text: str) -> bool:
-    """Whether ``text`` holds only white space and comments."""
-    return all(not line.split("#", 1)[0].strip() for line in text.split("\n"))
+# A line holding code: something other than white space before any '#'.
+_CODE_LINE = re.compile(r"^[^\S\n]*[^\s#]", re.MULTILINE)
+_PAREN_OR_COMMENT = re.compile(r"#[^\n]*|[()]")
 
 
-def _end_span(source: str, file: str) -> Span:
-    """Just after the last character of the spec that is not white space or a comment."""
-    lines = source.split("\n")
-    for i in range(len(lines) - 1, -1, -1):
-        code = lines[i].split("#", 1)[0].rstrip()
+def _blank(text: str, start: int = 0) -> bool:
+    """Whether ``text[start:]`` (``start`` at a line end) holds only white space and comments."""
+    return _CODE_LINE.search(text, start) is None
+
+
+def _line_start(text: str, pos: int) -> int:
+    return text.rfind("\n", 0, pos) + 1
+
+
+def _position(text: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of offset ``pos``."""
+    return text.count("\n", 0, pos) + 1, pos - _line_start(text, pos) + 1
+
+
+def _end_span(text: str, file: str, last: Token | None) -> Span:
+    """Just after the last character of the spec that is not white space or a comment.
+
+    ``last`` is the line end the parser read last: the one after the last line of
+    code (with the blank and comment lines after it, one ``_NL`` token)."""
+    if last is not None and last.start_pos is not None:
+        start = _line_start(text, last.start_pos)
+        code = text[start:last.start_pos].split("#", 1)[0].rstrip()
         if code:
-            return Span(file, i + 1, len(code) + 1, i + 1, len(code) + 2)
+            return Span(file, last.line, len(code) + 1, last.line, len(code) + 2)
     return Span(file, 1, 1, 1, 2)
 
 
-def _unclosed_hint(source: str, line: int) -> str | None:
-    """Name the '(' still open at the end of ``line``, if any (an argument list
-    may continue on the next line after a comma, so it may have opened earlier)."""
-    lines = source.split("\n")
-    if not 0 < line <= len(lines):
-        return None
-    opened: list[tuple[int, int]] = []
-    for n, text in enumerate(lines[:line], start=1):
-        for i, c in enumerate(text.split("#", 1)[0]):
-            if c == "(":
-                opened.append((n, i + 1))
-            elif c == ")" and opened:
-                opened.pop()
+def _open_paren(e) -> Token | None:
+    """The '(' the parser has read and not yet closed, if any (it is on its stack)."""
+    ip = getattr(e, "interactive_parser", None)
+    stack = ip.parser_state.value_stack if ip is not None else []
+    return next((t for t in stack if isinstance(t, Token) and t.type == "LPAR"), None)
+
+
+def _unclosed_hint(text: str, e, pos: int) -> str | None:
+    """Name the '(' still open at the end of the line holding offset ``pos``, if any
+    (an argument list may continue on the next line after a comma, so it may have
+    opened earlier). Every '(' before the open one the parser holds is closed, so
+    the scan starts at that one, or at the line itself."""
+    lpar = _open_paren(e)
+    start = _line_start(text, min(pos, lpar.start_pos) if lpar is not None else pos)
+    end = text.find("\n", pos)
+    opened: list[int] = []
+    for m in _PAREN_OR_COMMENT.finditer(text, start, len(text) if end < 0 else end):
+        if m.group() == "(":
+            opened.append(m.start())
+        elif m.group() == ")" and opened:
+            opened.pop()
     if not opened:
         return None
-    at_line, column = opened[-1]
+    at_line, column = _position(text, opened[-1])
     return f"the '(' at line {at_line}, column {column} is never closed"
 
 
@@ -323,14 +350,14 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, source: str, file: str) ->
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
         span = Span(file, e.line, e.column, e.line, e.column + 1)
         return CurvError("syntax.unexpected_char", span, source, found=repr(e.char),
-                         expected=expected, hint=_unclosed_hint(source, e.line))
+                         expected=expected, hint=_unclosed_hint(source, e, e.pos_in_stream))
     tok = getattr(e, "token", None)
-    if tok is None or tok.type == "$END" or (tok.type == "_NL" and _blank(source[tok.start_pos:])):
+    if tok is None or tok.type == "$END" or (tok.type == "_NL" and _blank(source, tok.start_pos)):
         if _blank(source):
             return CurvError("syntax.empty", Span(file), source)
-        span = _end_span(source, file)
-        return CurvError("syntax.unexpected_eof", span, source, expected=expected,
-                         hint=_unclosed_hint(source, span.line))
+        span = _end_span(source, file, tok)
+        hint = _unclosed_hint(source, e, tok.start_pos) if tok is not None else None
+        return CurvError("syntax.unexpected_eof", span, source, expected=expected, hint=hint)
     span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
                 tok.end_column or tok.column + 1)
     if tok.type == "_NL":  # point just after the line's last character, not at the newline run
@@ -347,19 +374,55 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, source: str, file: str) ->
                 if tok.type == "_OPTIMIZER" else None)
         return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
                          expected=expected, hint=hint)
-    hint = _unclosed_hint(source, tok.line)
+    hint = _unclosed_hint(source, e, tok.start_pos)
     if tok.type == "RPAR" and accepts == {"COMMA"}:
         hint = "a tuple has two or more entries; write a single number without parentheses"
     return CurvError("syntax.unexpected_token", span, source, found=_describe_token(tok),
                      expected=expected, hint=hint)
 
 
+def normalize(source: str) -> str:
+    """The text the parser reads: no UTF-8 byte order mark, and every line ended by
+    "\\n" (\\r\\n from Windows, a lone \\r from old Macs), as Python's universal
+    newlines read a file; so line numbers are the ones an editor shows, and columns
+    are unchanged."""
+    return source.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+_COMMENT = re.compile(r"#[^\n]*")
+_CHUNK = 1 << 20
+
+
+def _spaces(m: re.Match) -> str:
+    return " " * (m.end() - m.start())
+
+
+def _blank_comments(text: str) -> str:
+    """``text`` with each comment replaced by as many spaces: every offset, line and
+    column stays, and a run of blank and comment lines lexes as one ``_NL`` token.
+    (A terminal for "line ends and comments" repeats a group, and Python's re keeps
+    backtracking state per repetition: hundreds of bytes per line; and a token per
+    comment line costs lark ~20 us.) Done a megabyte of whole lines at a time, as
+    re.sub holds every piece of its result until it joins them."""
+    if "#" not in text:
+        return text
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", min(start + _CHUNK, len(text) - 1))
+        end = len(text) if end < 0 else end + 1
+        out.append(_COMMENT.sub(_spaces, text[start:end]))
+        start = end
+    return "".join(out)
+
+
 def parse(source: str, file: str = "<spec>") -> SpecAST:
     """Parse spec text; raise ``CurvError`` (never a Lark exception) on bad syntax."""
+    source = normalize(source)
+    text = source if source.endswith("\n") else source + "\n"
     try:
-        tree = _parser().parse(source if source.endswith("\n") else source + "\n")
+        tree = _parser().parse(_blank_comments(text))
     except lark.exceptions.UnexpectedInput as e:
-        raise _syntax_error(e, source, file) from None
+        raise _syntax_error(e, text, file) from None
     try:
         header, *statements = _ToAST(file).transform(tree)
     except lark.exceptions.VisitError as e:

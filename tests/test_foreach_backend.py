@@ -20,6 +20,7 @@ from curvc.backends import foreach as foreach_backend
 from curvc.backends import torch as torch_backend
 from curvc.backends.render import IndentedBuffer
 from curvc.compiler import _load_cached, read, to_ir, to_plan
+from curvc.runtime.optimizer import _arguments
 from curvc.plan import Buffer, Const, Load, Op, Plan, Reduced, Reduction, Scalar, Select, Store
 
 SPECS = Path(__file__).parent / "specs"
@@ -67,12 +68,12 @@ def generated(spec: str):
     source, file = spec_source(spec)
     cls = _load_cached(source, file, "torch")
     mod = sys.modules[cls.__module__]
-    if getattr(mod, "foreach_update", None) is not None:  # once emit includes the section
-        return cls, mod, mod.foreach_update, mod.FOREACH_ARGS
+    if getattr(mod, "_foreach_update", None) is not None:  # once emit includes the section
+        return cls, mod, mod._foreach_update, mod._FOREACH_ARGS
     ns = dict(vars(mod))
     text = foreach_backend.render(to_plan(to_ir(source, file)))
     exec(compile(text, f"<foreach {spec}>", "exec"), ns)
-    return cls, mod, ns["foreach_update"], ns["FOREACH_ARGS"]
+    return cls, mod, ns["_foreach_update"], ns["_FOREACH_ARGS"]
 
 
 def make_params(dtype, gen) -> list[torch.Tensor]:
@@ -139,23 +140,20 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
         # Reductions: summed over the bucket from the (identical) old values, as the runtime does.
         reduced = {}
         for rname, spec_r in cls.REDUCE_ARGS.items():
-            kw = {n: scalars[n] for n in spec_r["scalars"]}
-            kw.update({n: flags[n] for n in spec_r["flags"]})
+            args_r = _arguments(spec_r, scalars, {}, flags)
             cols = dict(zip(cls.UPDATE_ARGS["tensors"], lists(state_b, params_b)))
             rows = zip(*[[None] * len(params_b) if cols[n] is None else cols[n]
                          for n in spec_r["tensors"]])
-            reduced[rname] = sum(mod.__dict__[f"reduce_{rname}"](*row, **kw).double()
+            reduced[rname] = sum(mod.__dict__[f"_reduce_{rname}"](*row, *args_r).double()
                                  for row in rows)
         reduced["nonfinite"] = torch.zeros((), dtype=torch.float64)  # the runtime's skip signal,
         flags = {**flags, "nonfinite_skip": False}  # off (curvc.runtime.amp)
-        kw = {n: scalars[n] for n in fargs["scalars"]}
-        kw.update({f"reduced_{n}": reduced[n] for n in fargs["reduced"]})
-        kw.update({n: flags[n] for n in fargs["flags"]})
+        args = _arguments(fargs, scalars, reduced, flags)
 
-        foreach_update(*lists(state_a, params_a), **kw)
+        foreach_update(*lists(state_a, params_a), *args)
         cols_b = [[None] * len(params_b) if c is None else c for c in lists(state_b, params_b)]
         for row in zip(*cols_b):
-            cls.torch_update(*row, **kw)
+            cls.torch_update(*row, *args)
 
         after = [g for g in grads] + [t for v in inputs.values() if v for t in v]
         assert all(torch.equal(x, y) for x, y in zip(after, frozen)), "inputs were modified"
@@ -172,8 +170,8 @@ def test_section_shape():
     """The section defines foreach_update with update's argument order, and FOREACH_ARGS."""
     source, file = spec_source("adam")
     text = foreach_backend.render(to_plan(to_ir(source, file)))
-    assert "def foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg," in text
-    assert "FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq'," in text
+    assert "def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg," in text
+    assert "_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq'," in text
     # In-place ops write only into temporaries (t<N>), and copies only into stores.
     for m in re.finditer(r"(\w+)_\((\w+)", text):
         if m.group(1) != "_foreach_copy":
@@ -248,7 +246,9 @@ def test_synthetic_operators(dtype, flag):
     ns = {"torch": torch, "math": __import__("math")}
     exec(buf.getvalue(), ns)
     exec(foreach_backend.render(plan), ns)
-    update, foreach_update = ns["update"], ns["foreach_update"]
+    update, foreach_update = ns["_update"], ns["_foreach_update"]
+    args = _arguments(ns["_FOREACH_ARGS"], {"s": 0.7}, {"r": torch.tensor(0.3, dtype=torch.float64),
+                      "r0": torch.tensor(0.0, dtype=torch.float64)}, {"f": flag})
     text = foreach_backend.render(plan)
     # Only combinations without a foreach overload loop in Python: div_or_zero of two
     # lists or with a scalar dividend, maximum/minimum/pow/lerp with a 0-d tensor operand.
@@ -260,18 +260,16 @@ def test_synthetic_operators(dtype, flag):
     a = [positive_like(torch.empty(s), gen, dtype) for s in shapes]
     b = [torch.randn(s, generator=gen).clamp(min=0).to(dtype) for s in shapes]  # zeros
     c = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    kw = dict(s=0.7, reduced_r=torch.tensor(0.3, dtype=torch.float64),
-              reduced_r0=torch.tensor(0.0, dtype=torch.float64), f=flag)
     sdt = torch.promote_types(dtype, torch.float32)
     out_a = {n: [torch.zeros(t.shape, dtype=sdt) for t in a] for n in exprs}
     out_b = {n: [t.clone() for t in v] for n, v in out_a.items()}
     param_a = [t.clone() for t in a]
     frozen = [t.clone() for t in a + b + c]
-    foreach_update(param_a, [t.clone() for t in a], a, b, c, *out_a.values(), **kw)
+    foreach_update(param_a, [t.clone() for t in a], a, b, c, *out_a.values(), *args)
     assert all(torch.equal(x, y) for x, y in zip(a + b + c, frozen))
     for i in range(len(shapes)):
         update(a[i].clone(), a[i].clone(), a[i], b[i], c[i], *(v[i] for v in out_b.values()),
-               **kw)
+               *args)
     for n in exprs:
         for i, (x, y) in enumerate(zip(out_a[n], out_b[n])):
             assert torch.equal(torch.isnan(x), torch.isnan(y)), (n, i)
@@ -292,9 +290,9 @@ def test_synthetic_beyond_update():
     c_list[1][0] = float("inf")  # 0, not nan, where the divisor is 0
     outs = {n: [torch.full_like(t, -1.0, dtype=torch.bfloat16) for t in c_list] for n in exprs}
     for f in (True, False):
-        ns["foreach_update"](c_list, c_list, None, None, c_list, *outs.values(), s=0.5, z=0.0,
-                             reduced_r=torch.tensor(4.0, dtype=torch.float64),
-                             f=f)
+        args = _arguments(ns["_FOREACH_ARGS"], {"s": 0.5, "z": 0.0},
+                          {"r": torch.tensor(4.0, dtype=torch.float64)}, {"f": f})
+        ns["_foreach_update"](c_list, c_list, None, None, c_list, *outs.values(), *args)
         for i, t in enumerate(c_list):
             assert torch.equal(outs["ls"][i], (t / 0.5).bfloat16())
             assert torch.equal(outs["lz"][i], torch.zeros_like(outs["lz"][i]))

@@ -10,10 +10,8 @@ be refused with ``CurvError``, or produce a module that
 * holds the payload only inside ``#`` comments (checked on Python's own
   tokens, so a payload inside a string or in code is caught).
 
-Names are identifiers by grammar, so they cannot carry code, but they can
-*shadow* names of the generated module; the last tests compile specs whose
-extra hyperparameter takes each identifier the generated code uses, and
-require a refusal or unchanged arithmetic.
+Names are identifiers by grammar, so they cannot carry code; that they cannot
+shadow the generated module's names either is tests/test_namespaces.py's sweep.
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ import builtins
 import importlib.util
 import io
 import itertools
-import keyword
 import tokenize
 from pathlib import Path
 
@@ -157,7 +154,11 @@ def test_spec_text_cannot_inject(where):
 
 
 # Outcomes pinned, so a refusal silently turning into acceptance is noticed.
-ACCEPTED = {k for k in ATTEMPTS if k.startswith("comment_")}
+# A \r ends a line as in a file read with universal newlines (so CR-only files
+# parse): the payload after it is a line of code, refused by the parser.
+CR_ENDS_THE_COMMENT = {"comment_cr", "comment_cr_inline", "comment_crlf_file", "comment_at_eof"}
+# A hyperparameter called `eval` is harmless: spec names enter generated code prefixed.
+ACCEPTED = ({k for k in ATTEMPTS if k.startswith("comment_")} | {"hyper_eval"}) - CR_ENDS_THE_COMMENT
 
 
 @pytest.mark.parametrize("where", sorted(ATTEMPTS))
@@ -206,7 +207,7 @@ def test_file_name_in_error_messages(file):
 
 def test_payload_comment_text_is_kept_escaped():
     """The spec is quoted in the module header, escaped, one comment line per spec line."""
-    text = curvc.to_module_source(f"# a\rb\u2028c\x0cd\x00 {PAYLOAD}\n" + SGD, "inj.curv",
+    text = curvc.to_module_source(f"# a\u2028b\x1cc\x0cd\x00 {PAYLOAD}\n" + SGD, "inj.curv",
                                   "torch")
     # Every line boundary Python's str.splitlines knows starts a new comment line.
     assert "#   # a\n#   b\n#   c\n#   d\\x00 setattr(" in text
@@ -214,70 +215,4 @@ def test_payload_comment_text_is_kept_escaped():
         if MARKER in line:
             assert line.lstrip().startswith("#"), line
 
-
-# --- names that shadow the generated module's own names -----------------------
-
-SHADOW_SPECS = {
-    "sgd": ("optimizer SGD\nhyper lr = 0.1, momentum = 0.9, dampening = 0.1, nesterov = true, "
-            "{x} = 0.01\ncurvature constant\nstructure scalar\nlength none\n"
-            "momentum heavy_ball(momentum, dampening = dampening, nesterov = nesterov)\n"
-            "decay l2({x})\nschedule inverse_time({x})\n"),
-    "adam": ("optimizer Adam\nhyper lr = 0.1, betas = (0.9, 0.99), eps = 1e-8, amsgrad = true, "
-             "{x} = 0.01\ncurvature empirical_fisher\nstructure diagonal\n"
-             "iterate ema(betas[1], keep_max = amsgrad) bias_corrected\n"
-             "momentum ema(betas[0]) bias_corrected\nlength gradient_norm\ndamping add(eps)\n"
-             "decay decoupled({x})\nclip global_norm(1)\n"),
-    "adagrad": ("optimizer Adagrad\nhyper lr = 0.1, eps = 1e-10, init = 0.1, {x} = 0.01\n"
-                "curvature empirical_fisher\nstructure diagonal\niterate sum(init = init)\n"
-                "length gradient_norm(power = 1.5)\ndamping floor(eps)\ndecay l2({x})\n"
-                "schedule inverse_time({x})\nclip elementwise(2)\n"),
-    "normalized": ("optimizer Normalized\nhyper lr = 0.1, m = 0.9, {x} = 0.01\n"
-                   "curvature constant\nstructure scalar\nlength normalized\nmomentum ema(m)\n"
-                   "decay decoupled({x})\n"),
-}
-NEUTRAL = "neutral_rate"
-
-def _run(source: str) -> list[float]:
-    namespace = {"__name__": "curvc_shadow_probe"}
-    exec(compile(curvc.to_module_source(source, "shadow.curv", "torch"), "<generated>", "exec"),
-         namespace)
-    cls = next(v for v in namespace.values()
-               if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
-               and v.__module__ == "curvc_shadow_probe")
-    p = torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25]))
-    opt = cls([p], fused=False)
-    for k in range(3):
-        p.grad = torch.tensor([0.5, -1.0, 2.0]) * (k + 1)
-        opt.step()
-    return p.detach().tolist()
-
-
-def _identifiers(source: str) -> set[str]:
-    text = curvc.to_module_source(source, "shadow.curv", "torch")
-    return {t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
-            if t.type == tokenize.NAME and not keyword.iskeyword(t.string)}
-
-
-SHADOW_NAMES = sorted(set(itertools.chain.from_iterable(
-    _identifiers(s.format(x=NEUTRAL)) for s in SHADOW_SPECS.values())) - {NEUTRAL})
-
-
-@pytest.fixture(scope="module")
-def reference_results():
-    return {k: _run(s.format(x=NEUTRAL)) for k, s in SHADOW_SPECS.items()}
-
-
-@pytest.mark.parametrize("name", SHADOW_NAMES)
-def test_hyper_names_cannot_shadow_generated_names(name, reference_results):
-    for key, spec in SHADOW_SPECS.items():
-        try:
-            got = _run(spec.format(x=name))
-        except CurvError:
-            continue  # refused by check: fine
-        assert got == reference_results[key], (key, name)
-
-
-def test_shadow_names_cover_the_generated_module():
-    # The probe must see the module's real vocabulary, not an empty list.
-    for must in ("torch", "math", "param", "grad", "h", "CurvOptimizer", "lr", "dict", "super"):
-        assert must in SHADOW_NAMES, must
+# Names that would shadow the generated module's own: tests/test_namespaces.py.

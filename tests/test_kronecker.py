@@ -246,7 +246,7 @@ def test_generated_module_shows_the_matrix_stage(tmp_path):
     out = curvc.compile_file("specs/shampoo.curv", tmp_path, backend="triton")
     text = out.read_text()
     assert "matrix.kronecker(state, " in text
-    assert "refresh=refresh_roots" in text
+    assert "refresh=f_refresh_roots" in text
     assert "d     = (L)^-1/4" in text or "^-1/4" in text
 
 

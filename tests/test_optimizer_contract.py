@@ -168,7 +168,7 @@ def test_generated_source_is_visible_to_inspect_and_tracebacks(Adam):
     src = inspect.getsource(Adam)
     assert src.startswith("class Adam(CurvOptimizer)")
     module_src = inspect.getsource(sys.modules[Adam.__module__])
-    assert "def update(" in module_src and "# The spec:" in module_src
+    assert "def _update(" in module_src and "# The spec:" in module_src
     assert os.path.exists(inspect.getsourcefile(Adam))
 
 

@@ -13,11 +13,18 @@
     that lowers: scalar, diagonal, kronecker) are imported and stepped 3 times on a tiny
     parameter, which must stay finite (the gradient has no zero entry, so no
     0/0 arises from an undamped g/sqrt(g*g)).
+(c) Large and odd inputs: long literals and lines, indices and numbers of
+    thousands of digits, a byte order mark, \\n, \\r\\n and \\r line ends mixed,
+    long runs of blank and comment lines. The result is the spec's IR or a
+    ``CurvError`` whose message stays short (~200 characters of a line quoted)
+    with its caret under the faulty character; blank runs, line ends and a BOM
+    never change a spec's meaning.
 
 Example counts are modest: the file runs in well under a minute.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -150,6 +157,147 @@ def test_shipped_specs_with_token_mutations(text, data):
 def test_shipped_specs_check():
     for text in SHIPPED:
         curvc.to_ir(text, FILE)
+
+
+# --- (c) large and odd inputs --------------------------------------------------
+
+MAX_MESSAGE = 5000  # characters in a rendered error, whatever the input's size
+MAX_QUOTED = 4 + 200 + 2 * 3  # indent, ~200 characters of the line, '...' on each side
+LOCATED = re.compile(rf"{re.escape(FILE)}:(\d+):(\d+): error: ")
+LINE_ENDS = ["\n", "\r\n", "\r"]
+BLANK_LINES = ["\n", "   \n", "\t\n", "# a comment\n", "#\n", "  # indented ( comment\n"]
+INDEXED = [t for t in SHIPPED if re.search(r"\w\[[01]\]", t)]
+NUMBERED = [t for t in SHIPPED if re.search(r"= [0-9.e-]+", t)]
+
+
+def _editor_lines(text: str) -> list[str]:
+    """The lines an editor shows: a BOM is no character, \r\n, \r and \n end a line."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def assert_bounded(text: str):
+    """The IR of ``text``, or None after a CurvError of bounded size that quotes
+    the faulty line with the caret under the faulty character."""
+    try:
+        return curvc.to_ir(text, FILE)
+    except CurvError as e:
+        err = e
+    rendered = str(err)
+    assert err.key in curvc.errors.MESSAGES
+    assert len(rendered) <= MAX_MESSAGE, (err.key, len(rendered))
+    lines = rendered.split("\n")
+    located = LOCATED.match(lines[0])
+    assert located or lines[0].startswith(f"{FILE}: error: "), lines[0][:300]
+    if located:
+        quoted, caret_line = lines[1], lines[2]
+        assert quoted.startswith("    ") and set(caret_line.strip()) == {"^"}, rendered[:600]
+        assert len(quoted) <= MAX_QUOTED and len(caret_line) <= MAX_QUOTED, err.key
+        line, column = int(located[1]), int(located[2])
+        source_line = _editor_lines(text)[line - 1]
+        caret = caret_line.index("^")
+        if column <= len(source_line) and caret < len(quoted):
+            assert quoted[caret] in (source_line[column - 1], "?"), (err.key, line, column)
+    return None
+
+
+def _same_meaning(a, b) -> bool:
+    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
+
+
+def _with_line_ends(data, text: str) -> str:
+    """``text`` with each line end drawn from \n, \r\n and \r (one style or mixed)."""
+    style = data.draw(st.sampled_from(["lf", "crlf", "cr", "mixed"]))
+    if style != "mixed":
+        return text.replace("\n", {"lf": "\n", "crlf": "\r\n", "cr": "\r"}[style])
+    lines = text.split("\n")
+    ends = [data.draw(st.sampled_from(LINE_ENDS)) for _ in lines[:-1]]
+    return "".join(line + end for line, end in zip(lines, ends)) + lines[-1]
+
+
+@st.composite
+def blank_runs(draw, text: str):
+    """``text`` with runs of blank, white-space and comment lines at line boundaries."""
+    lines = text.split("\n")
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(lines) - 1))
+        run = draw(st.sampled_from(BLANK_LINES)) * draw(st.integers(1, 50_000))
+        lines[at] = run + lines[at] if at == 0 else lines[at] + "\n" + run.rstrip("\n")
+    return "\n".join(lines)
+
+
+@SLOW
+@given(st.sampled_from(SHIPPED), st.data())
+def test_blank_runs_line_ends_and_a_bom_keep_the_meaning(text, data):
+    changed = _with_line_ends(data, data.draw(blank_runs(text)))
+    if data.draw(st.booleans()):
+        changed = "\ufeff" + changed
+    opt = assert_bounded(changed)
+    assert opt is not None, changed[:300]
+    assert _same_meaning(opt, curvc.to_ir(text, FILE))
+
+
+LONG_CHARS = ["x", "1", "0", "9", ".", "e", "_", "#", " ", "\t", "$", "\u00e9", "(", ",", "[", "\x0c"]
+
+
+@SLOW
+@given(st.sampled_from(SHIPPED), st.sampled_from(LONG_CHARS), st.integers(100, 200_000),
+       st.data())
+def test_long_literals_and_lines_give_short_errors(text, char, count, data):
+    at = data.draw(st.integers(0, len(text)))
+    changed = text[:at] + char * count + text[at:]
+    if data.draw(st.booleans()):
+        changed = _with_line_ends(data, changed)
+    assert_bounded(changed)
+
+
+@SLOW
+@given(st.sampled_from(INDEXED), st.integers(0, 10_000),
+       st.sampled_from(["0", "1", "2", "9", "12345678901", "9" * 5000]), st.data())
+def test_indices_of_thousands_of_digits(text, zeros, digits, data):
+    matches = list(re.finditer(r"(\w)\[([01])\]", text))
+    m = data.draw(st.sampled_from(matches))
+    changed = text[:m.start(2)] + "0" * zeros + digits + text[m.end(2):]
+    opt = assert_bounded(changed)
+    if digits in ("0", "1"):  # leading zeros change nothing
+        same = text[:m.start(2)] + digits + text[m.end(2):]
+        assert opt is not None and _same_meaning(opt, curvc.to_ir(same, FILE))
+
+
+HUGE_NUMBERS = [
+    lambda n: "9" * n,                    # overflows to infinity past ~309 digits
+    lambda n: "0." + "0" * n + "1",       # underflows to 0 past ~324 zeros
+    lambda n: "1e-" + "9" * min(n, 400),  # underflows
+    lambda n: "1e" + "9" * min(n, 400),   # overflows
+    lambda n: "1" + "0" * n + "e-" + str(n),  # exactly 1
+    lambda n: "0" * n + ".5",             # exactly 0.5
+    lambda n: "0" * n + "e-99999",        # exactly 0, written as 0
+]
+
+
+@SLOW
+@given(st.sampled_from(NUMBERED), st.sampled_from(range(len(HUGE_NUMBERS))),
+       st.integers(1, 100_000), st.data())
+def test_numbers_of_thousands_of_digits(text, form, n, data):
+    matches = list(re.finditer(r"(?<== )[0-9.e-]+", text))
+    m = data.draw(st.sampled_from(matches))
+    assert_bounded(text[:m.start()] + HUGE_NUMBERS[form](n) + text[m.end():])
+
+
+def test_the_generators_reach_success_and_refusal():
+    """Guard against generators whose inputs are all refused (or all accepted)."""
+    outcomes = []
+
+    @settings(max_examples=30, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(NUMBERED), st.sampled_from(range(len(HUGE_NUMBERS))),
+           st.integers(1, 2000), st.data())
+    def probe(text, form, n, data):
+        m = data.draw(st.sampled_from(list(re.finditer(r"(?<== )[0-9.e-]+", text))))
+        outcomes.append(assert_bounded(text[:m.start()] + HUGE_NUMBERS[form](n) + text[m.end():])
+                        is not None)
+
+    probe()
+    assert any(outcomes) and not all(outcomes)
 
 
 # --- (b) valid specs from the FORMS table ----------------------------------

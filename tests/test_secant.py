@@ -135,7 +135,7 @@ def test_bad_arguments_raise_value_errors(make, match):
 
 def test_generated_module_names_the_secant_settings(tmp_path):
     text = curvc.compile_file("specs/lbfgs.curv", tmp_path).read_text()
-    assert "def secant(h):" in text
+    assert "def _secant(h):" in text
     assert "settings['history'] = int(h['history_size'])" in text
     assert "line_search_fn=None" in text
 

@@ -227,7 +227,7 @@ def test_mixed_state_dtypes_in_one_bucket(monkeypatch):
     pa, oa, kernels = run("triton", count=True)
     pb, ob, _ = run("torch")
     assert_same_state(oa, pa, ob, pb, rel=1e-6)
-    assert kernels["update_kernel"].launches == 3 * 2 * 2  # steps x groups x dtype mixes
+    assert kernels["_update_kernel"].launches == 3 * 2 * 2  # steps x groups x dtype mixes
 
 
 # --- launches --------------------------------------------------------------------
@@ -257,7 +257,7 @@ class Counted:
 def counted(monkeypatch, cls) -> dict[str, Counted]:
     module = sys.modules[cls.__module__]
     out = {}
-    for name in ("update_kernel", "reduce_kernel"):
+    for name in ("_update_kernel", "_reduce_kernel"):
         if hasattr(module, name):
             out[name] = Counted(getattr(module, name))
             monkeypatch.setattr(module, name, out[name])
@@ -285,9 +285,9 @@ def test_launches_do_not_grow_with_tensors(monkeypatch, spec):
     few = _launches_per_step(monkeypatch, cls, 3)
     many = _launches_per_step(monkeypatch, cls, 30)
     assert few == many
-    assert few["update_kernel"] == 1
+    assert few["_update_kernel"] == 1
     if spec == "sign_fisher_clip":
-        assert few["reduce_kernel"] == 1
+        assert few["_reduce_kernel"] == 1
 
 
 def _lr_change(monkeypatch, device):
@@ -298,17 +298,17 @@ def _lr_change(monkeypatch, device):
     schedule = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)  # noqa: E731
     hypers = dict(lr=0.01, amsgrad=True)
     pa, oa = trajectory(cls, device=device, hypers=hypers, steps=2)
-    before = set(kernels["update_kernel"].specializations)
+    before = set(kernels["_update_kernel"].specializations)
     pa, oa = trajectory(cls, device=device, hypers=hypers, steps=6, schedule=schedule)
     assert oa.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 6)
-    assert kernels["update_kernel"].specializations == before
+    assert kernels["_update_kernel"].specializations == before
     pb, ob = trajectory(load("adam", "torch"), device=device, hypers=hypers, steps=6,
                         schedule=schedule)
     assert_same_state(oa, pa, ob, pb, rel=1e-6)
     # Host scalars are runtime float64 arguments, never compile-time constants.
-    params = inspect.signature(kernels["update_kernel"].__wrapped__.fn).parameters
-    assert params["lr"].annotation is tl.float64
-    after = set(kernels["update_kernel"].specializations)
+    params = inspect.signature(kernels["_update_kernel"].__wrapped__.fn).parameters
+    assert params["h_lr"].annotation is tl.float64
+    after = set(kernels["_update_kernel"].specializations)
     monkeypatch.undo()
     return before, after
 
@@ -340,7 +340,7 @@ def test_section_imports_without_triton(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
     module = _import_file(path, "adam_without_triton")
-    assert module.triton_step is None and module.triton_reduce is None
+    assert module._triton_step is None and module._triton_reduce is None
     assert module.Adam.triton_step is None
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
@@ -362,7 +362,7 @@ for path, flag, dtype in json.loads(sys.argv[1]):
     spec.loader.exec_module(module)
     param_t = getattr(tl, dtype)
     compute = tl.float64 if dtype == "float64" else tl.float32
-    for name in ("update_kernel", "reduce_kernel"):
+    for name in ("_update_kernel", "_reduce_kernel"):
         kernel = getattr(module, name, None)
         if kernel is None:
             continue
@@ -375,7 +375,7 @@ for path, flag, dtype in json.loads(sys.argv[1]):
             elif p.annotation is tl.float64:
                 signature[arg] = "fp64"
             else:  # tables of int64, float64 sums and partials
-                signature[arg] = "*fp64" if arg == "partials" or arg.startswith("reduced_") else "*i64"
+                signature[arg] = ("*fp64" if arg == "partials" or arg.startswith("r_") else "*i64")
         compiled = triton.compile(ASTSource(kernel, signature, constants),
                                   target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm
@@ -447,7 +447,7 @@ def test_cuda_launches_and_compiles(monkeypatch):
     cls = load("sign_fisher_clip", "triton")
     assert _launches_per_step(monkeypatch, cls, 3, "cuda") == \
         _launches_per_step(monkeypatch, cls, 30, "cuda")
-    kernel = sys.modules[load("adam", "triton").__module__].update_kernel
+    kernel = sys.modules[load("adam", "triton").__module__]._update_kernel
 
     def compiled():  # Triton 3.x: device -> (kernel cache, ...); None where it differs
         try:

@@ -50,7 +50,8 @@ class FusedUpdate:
             it = iter(args[:-2])
             tensors = [next(it) if here else None for here in present]
             s, step = args[-2], args[-1]
-            update(*tensors, **{n: s[i] for i, n in enumerate(scalar_names)}, **flag_kw)
+            # positional, in the signature's order: scalars, reductions, flags
+            update(*tensors, *(s[i] for i in range(n_scalars)), *flag_kw.values())
             step.add_(1.0)
 
         captured = []

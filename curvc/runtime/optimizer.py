@@ -73,6 +73,11 @@ class CurvOptimizer(torch.optim.Optimizer):
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 
+    def _construct(self, params, defaults: dict) -> None:
+        """What a generated ``__init__`` calls (through ``self``, the one name its body
+        reads besides its arguments, so no hyperparameter's name can shadow it)."""
+        CurvOptimizer.__init__(self, params, defaults)
+
     def __init__(self, params, defaults: dict):
         model = None
         if isinstance(params, torch.nn.Module) and self._estimator_kind() == "kfac":
@@ -598,13 +603,11 @@ class CurvOptimizer(torch.optim.Optimizer):
             if self._fused_step(rows, bucket.steps, scalars, flags, reduced):
                 return  # the compiled pass bumped the step counters
         torch._foreach_add_(bucket.steps, 1.0)
-        kw = {n: scalars[n] for n in spec["scalars"]}
-        kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
-        kw.update({n: flags[n] for n in spec["flags"]})
+        args = _arguments(spec, scalars, reduced, flags)
         update = type(self).torch_update
         if type(self).foreach_update is None:
             for tensors in rows:
-                update(*tensors, **kw)
+                update(*tensors, *args)
             return
         # Eager: foreach ops over cache-sized pieces. The step is elementwise, so
         # any split of the tensors is valid; small pieces keep every temporary
@@ -623,16 +626,16 @@ class CurvOptimizer(torch.optim.Optimizer):
                 split = [[None if t is None else t[start:start + _PIECE] for t in flat]
                          for start in range(0, max(n, 1), _PIECE)]
             else:
-                update(*row, **kw)
+                update(*row, *args)
                 continue
             for piece in split:
                 pieces.append(piece)
                 size += min(_PIECE, n)
                 if size >= _BATCH:
-                    foreach(*(list(c) for c in zip(*pieces)), **kw)
+                    foreach(*(list(c) for c in zip(*pieces)), *args)
                     pieces, size = [], 0
         if pieces:
-            foreach(*(list(c) for c in zip(*pieces)), **kw)
+            foreach(*(list(c) for c in zip(*pieces)), *args)
 
     def _fused_step(self, rows, steps: list, scalars: dict, flags: dict, reduced: dict) -> bool:
         """The bucket's step through the compiled kernel; False if it cannot be compiled."""
@@ -685,15 +688,21 @@ class CurvOptimizer(torch.optim.Optimizer):
                 partial = {}
                 for name in self.REDUCTIONS:
                     spec = self.REDUCE_ARGS[name]
-                    kw = {n: scalars[n] for n in spec["scalars"]}
-                    kw.update({n: flags[n] for n in spec["flags"]})
+                    args = _arguments(spec, scalars, {}, flags)
                     fn = self.torch_reduce[name]
-                    partial[name] = sum(fn(*t, **kw).double() for t in bucket.args(spec["tensors"]))
+                    partial[name] = sum(fn(*t, *args).double() for t in bucket.args(spec["tensors"]))
             for name, value in partial.items():
                 value = value.double()
                 totals[name] = value if name not in totals else totals[name] + value.to(totals[name].device)
         devices = {b.device for _, b, _, _ in work}
         return {d: {n: v.to(d, non_blocking=True) for n, v in totals.items()} for d in devices}
+
+
+def _arguments(spec: dict, scalars: dict, reduced: dict, flags: dict) -> list:
+    """A generated function's arguments after its tensors, in its signature's order
+    (positional: the rendered parameter names are the backend's, not the plan's)."""
+    return ([scalars[n] for n in spec["scalars"]] + [reduced[n] for n in spec["reduced"]]
+            + [flags[n] for n in spec["flags"]])
 
 
 def _number(v):
