@@ -305,15 +305,10 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
 
 
 def _lerp(s: _Step, a: Expr, b: Expr, w: Expr) -> Expr:
-    """torch.lerp(a, b, w) for a host weight w, with its two formulas as a static choice.
-
-    torch picks a + w(b - a) for |w| < 0.5 and b - (b - a)(1 - w) otherwise
-    (each exact at its end); choosing on the host keeps the results bitwise
-    torch's, and a compiled kernel evaluates one formula, not both and a blend.
-    """
-    near_a = s.flag("lerp_near_start", op("gt", 0.5, op("abs", w)))
-    diff = sub(b, a)
-    return Select(near_a, add(a, mul(w, diff)), sub(b, mul(diff, sub(1.0, w))))
+    """torch.lerp(a, b, w) for a host weight w: torch's own formula (a + w(b - a) for
+    |w| < 0.5, else b - (b - a)(1 - w), each exact at its end), so the moving average
+    is bitwise torch's, and one foreach op on the eager path."""
+    return op("lerp", a, b, w)
 
 
 def lower_momentum(s: _Step, g: Expr) -> Expr:
