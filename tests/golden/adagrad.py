@@ -101,29 +101,22 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, f_has_weigh
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
-    _s_weight_decay, _s_lr_t, = torch.tensor([h_weight_decay, h_lr_t], dtype=cdt, device=param[0].device).unbind()
     if f_maximize:
         t0 = torch._foreach_neg(grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_weight_decay:
-        t2 = torch._foreach_mul(param_, _s_weight_decay)
-        torch._foreach_add_(t2, t1)
-        t3 = t2
-    t4 = t3 if f_has_weight_decay else t1
-    t5 = torch._foreach_mul(t4, t4)
-    torch._foreach_add_(t5, sum_)
-    new_sum_ = t5
-    t7 = torch._foreach_sqrt(new_sum_)
-    torch._foreach_add_(t7, h_eps)
-    t8 = t7
-    t9 = torch._foreach_div(t4, t8)
-    torch._foreach_mul_(t9, _s_lr_t)
-    t10 = t9
-    torch._foreach_neg_(t10)
-    torch._foreach_add_(t10, param_)
-    new_param_ = t10
-    torch._foreach_copy_(sum, new_sum_)
-    torch._foreach_copy_(param, new_param_)
+        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+    t3 = t2 if f_has_weight_decay else t1
+    t4 = torch._foreach_mul(t3, t3)
+    torch._foreach_add_(sum_, t4)
+    new_sum_ = sum_
+    t6 = torch._foreach_sqrt(new_sum_)
+    torch._foreach_add_(t6, h_eps)
+    t7 = t6
+    torch._foreach_addcdiv_(param_, t3, t7, value=-h_lr_t)
+    new_param_ = param_
+    if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': [], 'flags': ['has_weight_decay', 'maximize']}

@@ -61,17 +61,16 @@ def _host(h, step):
     h_momentum_bias_correction = (1.0 - (h_betas_0 ** h_step))
     h_s2 = (1.0 - h_betas_1)
     h_s3 = (1.0 - h_betas_0)
-    h_s4 = (1.0 - (1.0 - h_betas_0))
-    h_s5 = (1.0 - (h_lr * h_weight_decay))
-    h_s6 = (1.0 / h_momentum_bias_correction)
-    h_s7 = (1.0 / h_curvature_bias_correction)
-    h_s8 = (h_hessian_power / 2.0)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'hessian_power': h_hessian_power, 'update_each': h_update_each, 'n_samples': h_n_samples, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'estimate': bool((((h_step - 1.0) % h_update_each) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s4 = (1.0 - (h_lr * h_weight_decay))
+    h_s5 = (1.0 / h_momentum_bias_correction)
+    h_s6 = (1.0 / h_curvature_bias_correction)
+    h_s7 = (h_hessian_power / 2.0)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'hessian_power': h_hessian_power, 'update_each': h_update_each, 'n_samples': h_n_samples, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'estimate': bool((((h_step - 1.0) % h_update_each) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_s8, f_estimate, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize):
+def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -89,34 +88,26 @@ def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_b
         t5 = (-grad_)
     t6 = t5 if f_maximize else grad_
     if f_has_exp_avg:
-        t7 = (t6 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t8 = (h_s3 * t7)
-        t9 = (exp_avg_ + t8)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t10 = (t7 * h_s4)
-        t11 = (t6 - t10)
-    if f_has_exp_avg:
-        new_exp_avg_ = t9 if f_lerp_near_start else t11
+        new_exp_avg_ = torch.lerp(exp_avg_, t6, h_s3)
     if f_has_weight_decay:
-        t13 = (param_ * h_s5)
-    t14 = t13 if f_has_weight_decay else param_
+        t8 = (param_ * h_s4)
+    t9 = t8 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t15 = (new_exp_avg_ * h_s6)
-    t16 = t15 if f_has_exp_avg else t6
-    t17 = (new_exp_avg_sq_ * h_s7)
-    t18 = (t17 ** h_s8)
-    t19 = (t18 + h_eps)
-    t20 = (t16 / t19)
-    t21 = (h_lr * t20)
-    new_param_ = (t14 - t21)
+        t10 = (new_exp_avg_ * h_s5)
+    t11 = t10 if f_has_exp_avg else t6
+    t12 = (new_exp_avg_sq_ * h_s6)
+    t13 = (t12 ** h_s7)
+    t14 = (t13 + h_eps)
+    t15 = (t11 / t14)
+    t16 = (h_lr * t15)
+    new_param_ = (t9 - t16)
     if f_estimate: curvature.copy_(curvature_estimate_)
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7', 's8'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -131,7 +122,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_s8, f_estimate, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize):
+def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -142,55 +133,38 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     curvature_ = _foreach_cast(curvature, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s2, _s_s3, _s_s4, _s_s5, _s_s6, _s_s7, _s_lr, = torch.tensor([h_betas_1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_lr], dtype=cdt, device=param[0].device).unbind()
-    t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+    t0 = exp_avg_sq_
     t1 = curvature_estimate_ if f_estimate else curvature_
-    t2 = torch._foreach_mul(t1, t1)
-    torch._foreach_mul_(t2, _s_s2)
-    t3 = t2
-    torch._foreach_add_(t0, t3)
+    torch._foreach_addcmul_(t0, t1, t1, value=h_s2)
     new_exp_avg_sq_ = t0
     if f_maximize:
-        t5 = torch._foreach_neg(grad_)
-    t6 = t5 if f_maximize else grad_
+        t3 = torch._foreach_neg(grad_)
+    t4 = t3 if f_maximize else grad_
     if f_has_exp_avg:
-        t7 = torch._foreach_sub(t6, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t8 = torch._foreach_mul(t7, _s_s3)
-        torch._foreach_add_(t8, exp_avg_)
-        t9 = t8
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t7, _s_s4)
-        t10 = t7
-        torch._foreach_neg_(t10)
-        torch._foreach_add_(t10, t6)
-        t11 = t10
-    if f_has_exp_avg:
-        new_exp_avg_ = t9 if f_lerp_near_start else t11
+        torch._foreach_lerp_(exp_avg_, t4, h_s3)
+        new_exp_avg_ = exp_avg_
     if f_has_weight_decay:
-        t13 = torch._foreach_mul(param_, _s_s5)
-    t14 = t13 if f_has_weight_decay else param_
+        t6 = torch._foreach_mul(param_, _s_s4)
+    t7 = t6 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t15 = torch._foreach_mul(new_exp_avg_, _s_s6)
-    t16 = t15 if f_has_exp_avg else t6
-    t17 = torch._foreach_mul(new_exp_avg_sq_, _s_s7)
-    torch._foreach_pow_(t17, h_s8)
-    t18 = t17
-    torch._foreach_add_(t18, h_eps)
-    t19 = t18
-    t20 = torch._foreach_div(t16, t19)
-    torch._foreach_mul_(t20, _s_lr)
-    t21 = t20
-    torch._foreach_neg_(t21)
-    torch._foreach_add_(t21, t14)
-    new_param_ = t21
+        t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
+    t9 = t8 if f_has_exp_avg else t4
+    t10 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+    torch._foreach_pow_(t10, h_s7)
+    t11 = t10
+    torch._foreach_add_(t11, h_eps)
+    t12 = t11
+    torch._foreach_addcdiv_(t7, t9, t12, value=-h_lr)
+    new_param_ = t7
     if f_estimate: torch._foreach_copy_(curvature, curvature_estimate_)
-    torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7', 's8'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -243,10 +217,9 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
-            h_s8: tl.float64,
             # host flags (compile-time)
             f_estimate: tl.constexpr, f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             CURVATURE_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
@@ -272,7 +245,6 @@ else:
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
         h_s7 = tl.cast(h_s7, CDT)
-        h_s8 = tl.cast(h_s8, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_estimate:
@@ -297,38 +269,25 @@ else:
         else:
             t6 = grad_
         if f_has_exp_avg:
-            t7 = (t6 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t8 = (h_s3 * t7)
-                t9 = (exp_avg_ + t8)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t10 = (t7 * h_s4)
-                t11 = (t6 - t10)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t9
-            else:
-                new_exp_avg_ = t11
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
         if f_has_weight_decay:
-            t13 = (param_ * h_s5)
+            t8 = (param_ * h_s4)
         if f_has_weight_decay:
-            t14 = t13
+            t9 = t8
         else:
-            t14 = param_
+            t9 = param_
         if f_has_exp_avg:
-            t15 = (new_exp_avg_ * h_s6)
+            t10 = (new_exp_avg_ * h_s5)
         if f_has_exp_avg:
-            t16 = t15
+            t11 = t10
         else:
-            t16 = t6
-        t17 = (new_exp_avg_sq_ * h_s7)
-        t18 = tl.where(h_s8 == 0.5, _sqrt(t17), tl.where(h_s8 == 0.0, 1.0, tl.exp2(h_s8 * tl.log2(t17))))
-        t19 = (t18 + h_eps)
-        t20 = _div(t16, t19)
-        t21 = (h_lr * t20)
-        new_param_ = (t14 - t21)
+            t11 = t6
+        t12 = (new_exp_avg_sq_ * h_s6)
+        t13 = tl.where(h_s7 == 0.5, _sqrt(t12), tl.where(h_s7 == 0.0, 1.0, tl.exp2(h_s7 * tl.log2(t12))))
+        t14 = (t13 + h_eps)
+        t15 = _div(t11, t14)
+        t16 = (h_lr * t15)
+        new_param_ = (t9 - t16)
         if f_estimate:
             _store(curvature_addr, offs, curvature_estimate_, mask, CURVATURE_T)
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
@@ -348,10 +307,9 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_s7=float(scalars['s7']), h_s8=float(scalars['s8']), f_estimate=bool(flags['estimate']),
+                h_s7=float(scalars['s7']), f_estimate=bool(flags['estimate']),
                 f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], CURVATURE_T=t.dtypes['curvature'],
                 EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
@@ -378,8 +336,8 @@ class AdaHessian(CurvOptimizer):
     HYPERS = (('lr', 0.15), ('betas', (0.9, 0.999)), ('eps', 0.0001), ('weight_decay', 0.0), ('hessian_power', 1.0), ('update_each', 1.0), ('n_samples', 1.0), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
-        ('n_samples', None, 'positive_int', 'the samples of curvature hutchinson'),
-        ('update_each', None, 'positive_int', 'the every of curvature hutchinson'),
+        ('n_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
+        ('update_each', None, 'count_every', 'the every of curvature hutchinson'),
         ('betas', 1, 'unit', 'the beta of iterate ema'),
         ('hessian_power', None, 'positive', 'the power of length gradient_norm'),
         ('betas', 0, 'unit', 'the beta of momentum ema'),

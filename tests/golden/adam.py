@@ -59,16 +59,15 @@ def _host(h, step):
     h_momentum_bias_correction = (1.0 - (h_betas_0 ** h_step))
     h_s2 = (1.0 - h_betas_1)
     h_s3 = (1.0 - h_betas_0)
-    h_s4 = (1.0 - (1.0 - h_betas_0))
-    h_s5 = (1.0 - (h_lr * h_weight_decay))
-    h_s6 = (1.0 / h_momentum_bias_correction)
-    h_s7 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s4 = (1.0 - (h_lr * h_weight_decay))
+    h_s5 = (1.0 / h_momentum_bias_correction)
+    h_s6 = (1.0 / h_curvature_bias_correction)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_lerp_near_start, f_maximize):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -92,37 +91,29 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
     if f_keep_max:
         new_max_exp_avg_sq_ = torch.maximum(max_exp_avg_sq_, new_exp_avg_sq_)
     if f_has_exp_avg:
-        t11 = (t6 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t12 = (h_s3 * t11)
-        t13 = (exp_avg_ + t12)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t14 = (t11 * h_s4)
-        t15 = (t6 - t14)
-    if f_has_exp_avg:
-        new_exp_avg_ = t13 if f_lerp_near_start else t15
+        new_exp_avg_ = torch.lerp(exp_avg_, t6, h_s3)
     if f_decoupled_decay and f_has_weight_decay:
-        t17 = (param_ * h_s5)
+        t12 = (param_ * h_s4)
     if f_has_weight_decay:
-        t18 = t17 if f_decoupled_decay else param_
-    t19 = t18 if f_has_weight_decay else param_
+        t13 = t12 if f_decoupled_decay else param_
+    t14 = t13 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t20 = (new_exp_avg_ * h_s6)
-    t21 = t20 if f_has_exp_avg else t6
-    t22 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t23 = (t22 * h_s7)
-    t24 = torch.sqrt(t23)
-    t25 = (t24 + h_eps)
-    t26 = (t21 / t25)
-    t27 = (h_lr * t26)
-    new_param_ = (t19 - t27)
+        t15 = (new_exp_avg_ * h_s5)
+    t16 = t15 if f_has_exp_avg else t6
+    t17 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+    t18 = (t17 * h_s6)
+    t19 = torch.sqrt(t18)
+    t20 = (t19 + h_eps)
+    t21 = (t16 / t20)
+    t22 = (h_lr * t21)
+    new_param_ = (t14 - t22)
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'lerp_near_start', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -137,7 +128,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_lerp_near_start, f_maximize):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -147,66 +138,48 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_weight_decay, _s_s2, _s_s3, _s_s4, _s_s5, _s_s6, _s_s7, _s_lr, = torch.tensor([h_betas_1, h_weight_decay, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_lr], dtype=cdt, device=param[0].device).unbind()
-    t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+    t0 = exp_avg_sq_
     if f_maximize:
         t1 = torch._foreach_neg(grad_)
     t2 = t1 if f_maximize else grad_
     if not f_decoupled_decay and f_has_weight_decay:
-        t3 = torch._foreach_mul(param_, _s_weight_decay)
-        torch._foreach_add_(t3, t2)
-        t4 = t3
+        t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
     if f_has_weight_decay:
-        t5 = t2 if f_decoupled_decay else t4
-    t6 = t5 if f_has_weight_decay else t2
-    t7 = torch._foreach_mul(t6, t6)
-    torch._foreach_mul_(t7, _s_s2)
-    t8 = t7
-    torch._foreach_add_(t0, t8)
+        t4 = t2 if f_decoupled_decay else t3
+    t5 = t4 if f_has_weight_decay else t2
+    torch._foreach_addcmul_(t0, t5, t5, value=h_s2)
     new_exp_avg_sq_ = t0
     if f_keep_max:
-        new_max_exp_avg_sq_ = torch._foreach_maximum(max_exp_avg_sq_, new_exp_avg_sq_)
+        torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
+        new_max_exp_avg_sq_ = max_exp_avg_sq_
     if f_has_exp_avg:
-        t11 = torch._foreach_sub(t6, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t12 = torch._foreach_mul(t11, _s_s3)
-        torch._foreach_add_(t12, exp_avg_)
-        t13 = t12
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t11, _s_s4)
-        t14 = t11
-        torch._foreach_neg_(t14)
-        torch._foreach_add_(t14, t6)
-        t15 = t14
-    if f_has_exp_avg:
-        new_exp_avg_ = t13 if f_lerp_near_start else t15
+        torch._foreach_lerp_(exp_avg_, t5, h_s3)
+        new_exp_avg_ = exp_avg_
     if f_decoupled_decay and f_has_weight_decay:
-        t17 = torch._foreach_mul(param_, _s_s5)
+        t9 = torch._foreach_mul(param_, _s_s4)
     if f_has_weight_decay:
-        t18 = t17 if f_decoupled_decay else param_
-    t19 = t18 if f_has_weight_decay else param_
+        t10 = t9 if f_decoupled_decay else param_
+    t11 = t10 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t20 = torch._foreach_mul(new_exp_avg_, _s_s6)
-    t21 = t20 if f_has_exp_avg else t6
-    t22 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t23 = torch._foreach_mul(t22, _s_s7)
-    torch._foreach_sqrt_(t23)
-    t24 = t23
-    torch._foreach_add_(t24, h_eps)
-    t25 = t24
-    t26 = torch._foreach_div(t21, t25)
-    torch._foreach_mul_(t26, _s_lr)
-    t27 = t26
-    torch._foreach_neg_(t27)
-    torch._foreach_add_(t27, t19)
-    new_param_ = t27
-    torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_keep_max: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+        t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
+    t13 = t12 if f_has_exp_avg else t5
+    t14 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+    t15 = torch._foreach_mul(t14, _s_s6)
+    torch._foreach_sqrt_(t15)
+    t16 = t15
+    torch._foreach_add_(t16, h_eps)
+    t17 = t16
+    torch._foreach_addcdiv_(t11, t13, t17, value=-h_lr)
+    new_param_ = t11
+    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'lerp_near_start', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -257,12 +230,11 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
-            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
             h_weight_decay: tl.float64,
             # host flags (compile-time)
             f_decoupled_decay: tl.constexpr, f_has_exp_avg: tl.constexpr,
-            f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
             MAX_EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
@@ -286,7 +258,6 @@ else:
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
-        h_s7 = tl.cast(h_s7, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
@@ -321,48 +292,35 @@ else:
         if f_keep_max:
             new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_, propagate_nan=tl.PropagateNan.ALL)
         if f_has_exp_avg:
-            t11 = (t6 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t12 = (h_s3 * t11)
-                t13 = (exp_avg_ + t12)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t14 = (t11 * h_s4)
-                t15 = (t6 - t14)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t13
-            else:
-                new_exp_avg_ = t15
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t17 = (param_ * h_s5)
+                t12 = (param_ * h_s4)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t18 = t17
+                t13 = t12
             else:
-                t18 = param_
+                t13 = param_
         if f_has_weight_decay:
-            t19 = t18
+            t14 = t13
         else:
-            t19 = param_
+            t14 = param_
         if f_has_exp_avg:
-            t20 = (new_exp_avg_ * h_s6)
+            t15 = (new_exp_avg_ * h_s5)
         if f_has_exp_avg:
-            t21 = t20
+            t16 = t15
         else:
-            t21 = t6
+            t16 = t6
         if f_keep_max:
-            t22 = new_max_exp_avg_sq_
+            t17 = new_max_exp_avg_sq_
         else:
-            t22 = new_exp_avg_sq_
-        t23 = (t22 * h_s7)
-        t24 = _sqrt(t23)
-        t25 = (t24 + h_eps)
-        t26 = _div(t21, t25)
-        t27 = (h_lr * t26)
-        new_param_ = (t19 - t27)
+            t17 = new_exp_avg_sq_
+        t18 = (t17 * h_s6)
+        t19 = _sqrt(t18)
+        t20 = (t19 + h_eps)
+        t21 = _div(t16, t20)
+        t22 = (h_lr * t21)
+        new_param_ = (t14 - t22)
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         if f_keep_max:
             _store(max_exp_avg_sq_addr, offs, new_max_exp_avg_sq_, mask, MAX_EXP_AVG_SQ_T)
@@ -382,10 +340,10 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_s7=float(scalars['s7']), h_weight_decay=float(scalars['weight_decay']),
+                h_weight_decay=float(scalars['weight_decay']),
                 f_decoupled_decay=bool(flags['decoupled_decay']), f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
                 MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)

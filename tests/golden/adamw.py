@@ -56,16 +56,15 @@ def _host(h, step):
     h_momentum_bias_correction = (1.0 - (h_betas_0 ** h_step))
     h_s2 = (1.0 - h_betas_1)
     h_s3 = (1.0 - h_betas_0)
-    h_s4 = (1.0 - (1.0 - h_betas_0))
-    h_s5 = (1.0 - (h_lr * h_weight_decay))
-    h_s6 = (1.0 / h_momentum_bias_correction)
-    h_s7 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s4 = (1.0 - (h_lr * h_weight_decay))
+    h_s5 = (1.0 / h_momentum_bias_correction)
+    h_s6 = (1.0 / h_curvature_bias_correction)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_lerp_near_start, f_maximize):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -83,35 +82,27 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
     if f_keep_max:
         new_max_exp_avg_sq_ = torch.maximum(max_exp_avg_sq_, new_exp_avg_sq_)
     if f_has_exp_avg:
-        t7 = (t2 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t8 = (h_s3 * t7)
-        t9 = (exp_avg_ + t8)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t10 = (t7 * h_s4)
-        t11 = (t2 - t10)
-    if f_has_exp_avg:
-        new_exp_avg_ = t9 if f_lerp_near_start else t11
+        new_exp_avg_ = torch.lerp(exp_avg_, t2, h_s3)
     if f_has_weight_decay:
-        t13 = (param_ * h_s5)
-    t14 = t13 if f_has_weight_decay else param_
+        t8 = (param_ * h_s4)
+    t9 = t8 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t15 = (new_exp_avg_ * h_s6)
-    t16 = t15 if f_has_exp_avg else t2
-    t17 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t18 = (t17 * h_s7)
-    t19 = torch.sqrt(t18)
-    t20 = (t19 + h_eps)
-    t21 = (t16 / t20)
-    t22 = (h_lr * t21)
-    new_param_ = (t14 - t22)
+        t10 = (new_exp_avg_ * h_s5)
+    t11 = t10 if f_has_exp_avg else t2
+    t12 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+    t13 = (t12 * h_s6)
+    t14 = torch.sqrt(t13)
+    t15 = (t14 + h_eps)
+    t16 = (t11 / t15)
+    t17 = (h_lr * t16)
+    new_param_ = (t9 - t17)
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'lerp_near_start', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -126,7 +117,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_lerp_near_start, f_maximize):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -136,57 +127,41 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s2, _s_s3, _s_s4, _s_s5, _s_s6, _s_s7, _s_lr, = torch.tensor([h_betas_1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_lr], dtype=cdt, device=param[0].device).unbind()
-    t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+    t0 = exp_avg_sq_
     if f_maximize:
         t1 = torch._foreach_neg(grad_)
     t2 = t1 if f_maximize else grad_
-    t3 = torch._foreach_mul(t2, t2)
-    torch._foreach_mul_(t3, _s_s2)
-    t4 = t3
-    torch._foreach_add_(t0, t4)
+    torch._foreach_addcmul_(t0, t2, t2, value=h_s2)
     new_exp_avg_sq_ = t0
     if f_keep_max:
-        new_max_exp_avg_sq_ = torch._foreach_maximum(max_exp_avg_sq_, new_exp_avg_sq_)
+        torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
+        new_max_exp_avg_sq_ = max_exp_avg_sq_
     if f_has_exp_avg:
-        t7 = torch._foreach_sub(t2, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t8 = torch._foreach_mul(t7, _s_s3)
-        torch._foreach_add_(t8, exp_avg_)
-        t9 = t8
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t7, _s_s4)
-        t10 = t7
-        torch._foreach_neg_(t10)
-        torch._foreach_add_(t10, t2)
-        t11 = t10
-    if f_has_exp_avg:
-        new_exp_avg_ = t9 if f_lerp_near_start else t11
+        torch._foreach_lerp_(exp_avg_, t2, h_s3)
+        new_exp_avg_ = exp_avg_
     if f_has_weight_decay:
-        t13 = torch._foreach_mul(param_, _s_s5)
-    t14 = t13 if f_has_weight_decay else param_
+        t6 = torch._foreach_mul(param_, _s_s4)
+    t7 = t6 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t15 = torch._foreach_mul(new_exp_avg_, _s_s6)
-    t16 = t15 if f_has_exp_avg else t2
-    t17 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t18 = torch._foreach_mul(t17, _s_s7)
-    torch._foreach_sqrt_(t18)
-    t19 = t18
-    torch._foreach_add_(t19, h_eps)
-    t20 = t19
-    t21 = torch._foreach_div(t16, t20)
-    torch._foreach_mul_(t21, _s_lr)
-    t22 = t21
-    torch._foreach_neg_(t22)
-    torch._foreach_add_(t22, t14)
-    new_param_ = t22
-    torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_keep_max: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+        t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
+    t9 = t8 if f_has_exp_avg else t2
+    t10 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+    t11 = torch._foreach_mul(t10, _s_s6)
+    torch._foreach_sqrt_(t11)
+    t12 = t11
+    torch._foreach_add_(t12, h_eps)
+    t13 = t12
+    torch._foreach_addcdiv_(t7, t9, t13, value=-h_lr)
+    new_param_ = t7
+    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'lerp_near_start', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -237,10 +212,10 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
-            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
             MAX_EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
@@ -264,7 +239,6 @@ else:
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
-        h_s7 = tl.cast(h_s7, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
@@ -285,42 +259,29 @@ else:
         if f_keep_max:
             new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_, propagate_nan=tl.PropagateNan.ALL)
         if f_has_exp_avg:
-            t7 = (t2 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t8 = (h_s3 * t7)
-                t9 = (exp_avg_ + t8)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t10 = (t7 * h_s4)
-                t11 = (t2 - t10)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t9
-            else:
-                new_exp_avg_ = t11
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t2 - exp_avg_), t2 - (t2 - exp_avg_) * (1.0 - h_s3))
         if f_has_weight_decay:
-            t13 = (param_ * h_s5)
+            t8 = (param_ * h_s4)
         if f_has_weight_decay:
-            t14 = t13
+            t9 = t8
         else:
-            t14 = param_
+            t9 = param_
         if f_has_exp_avg:
-            t15 = (new_exp_avg_ * h_s6)
+            t10 = (new_exp_avg_ * h_s5)
         if f_has_exp_avg:
-            t16 = t15
+            t11 = t10
         else:
-            t16 = t2
+            t11 = t2
         if f_keep_max:
-            t17 = new_max_exp_avg_sq_
+            t12 = new_max_exp_avg_sq_
         else:
-            t17 = new_exp_avg_sq_
-        t18 = (t17 * h_s7)
-        t19 = _sqrt(t18)
-        t20 = (t19 + h_eps)
-        t21 = _div(t16, t20)
-        t22 = (h_lr * t21)
-        new_param_ = (t14 - t22)
+            t12 = new_exp_avg_sq_
+        t13 = (t12 * h_s6)
+        t14 = _sqrt(t13)
+        t15 = (t14 + h_eps)
+        t16 = _div(t11, t15)
+        t17 = (h_lr * t16)
+        new_param_ = (t9 - t17)
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         if f_keep_max:
             _store(max_exp_avg_sq_addr, offs, new_max_exp_avg_sq_, mask, MAX_EXP_AVG_SQ_T)
@@ -340,9 +301,9 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_s7=float(scalars['s7']), f_has_exp_avg=bool(flags['has_exp_avg']),
+                f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
                 MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)

@@ -53,15 +53,14 @@ def _host(h, step):
     h_momentum_bias_correction = (1.0 - (h_betas_0 ** h_step))
     h_s2 = (1.0 - h_betas_1)
     h_s3 = (1.0 - h_betas_0)
-    h_s4 = (1.0 - (1.0 - h_betas_0))
-    h_s5 = (1.0 / h_momentum_bias_correction)
-    h_s6 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}, {'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s4 = (1.0 / h_momentum_bias_correction)
+    h_s5 = (1.0 / h_curvature_bias_correction)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5}, {'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_lerp_near_start, f_maximize):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -76,29 +75,21 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
         t3 = (-grad_)
     t4 = t3 if f_maximize else grad_
     if f_has_exp_avg:
-        t5 = (t4 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t6 = (h_s3 * t5)
-        t7 = (exp_avg_ + t6)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t8 = (t5 * h_s4)
-        t9 = (t4 - t8)
-    if f_has_exp_avg:
-        new_exp_avg_ = t7 if f_lerp_near_start else t9
-        t11 = (new_exp_avg_ * h_s5)
-    t12 = t11 if f_has_exp_avg else t4
-    t13 = (new_hessian_ * h_s6)
-    t14 = torch.sqrt(t13)
-    t15 = (t14 + h_eps)
-    t16 = (t12 / t15)
-    t17 = (h_lr * t16)
-    new_param_ = (param_ - t17)
+        new_exp_avg_ = torch.lerp(exp_avg_, t4, h_s3)
+        t6 = (new_exp_avg_ * h_s4)
+    t7 = t6 if f_has_exp_avg else t4
+    t8 = (new_hessian_ * h_s5)
+    t9 = torch.sqrt(t8)
+    t10 = (t9 + h_eps)
+    t11 = (t7 / t10)
+    t12 = (h_lr * t11)
+    new_param_ = (param_ - t12)
     hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'lerp_near_start', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -113,7 +104,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_lerp_near_start, f_maximize):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -123,47 +114,32 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s2, _s_s3, _s_s4, _s_s5, _s_s6, _s_lr, = torch.tensor([h_betas_1, h_s2, h_s3, h_s4, h_s5, h_s6, h_lr], dtype=cdt, device=param[0].device).unbind()
-    t0 = torch._foreach_mul(hessian_, _s_betas_1)
-    t1 = torch._foreach_mul(curvature_estimate_, _s_s2)
-    torch._foreach_add_(t0, t1)
+    _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+    torch._foreach_mul_(hessian_, _s_betas_1)
+    t0 = hessian_
+    torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
     new_hessian_ = t0
     if f_maximize:
-        t3 = torch._foreach_neg(grad_)
-    t4 = t3 if f_maximize else grad_
+        t2 = torch._foreach_neg(grad_)
+    t3 = t2 if f_maximize else grad_
     if f_has_exp_avg:
-        t5 = torch._foreach_sub(t4, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t6 = torch._foreach_mul(t5, _s_s3)
-        torch._foreach_add_(t6, exp_avg_)
-        t7 = t6
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t5, _s_s4)
-        t8 = t5
-        torch._foreach_neg_(t8)
-        torch._foreach_add_(t8, t4)
-        t9 = t8
-    if f_has_exp_avg:
-        new_exp_avg_ = t7 if f_lerp_near_start else t9
-        t11 = torch._foreach_mul(new_exp_avg_, _s_s5)
-    t12 = t11 if f_has_exp_avg else t4
-    t13 = torch._foreach_mul(new_hessian_, _s_s6)
-    torch._foreach_sqrt_(t13)
-    t14 = t13
-    torch._foreach_add_(t14, h_eps)
-    t15 = t14
-    t16 = torch._foreach_div(t12, t15)
-    torch._foreach_mul_(t16, _s_lr)
-    t17 = t16
-    torch._foreach_neg_(t17)
-    torch._foreach_add_(t17, param_)
-    new_param_ = t17
-    torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+        torch._foreach_lerp_(exp_avg_, t3, h_s3)
+        new_exp_avg_ = exp_avg_
+        t5 = torch._foreach_mul(new_exp_avg_, _s_s4)
+    t6 = t5 if f_has_exp_avg else t3
+    t7 = torch._foreach_mul(new_hessian_, _s_s5)
+    torch._foreach_sqrt_(t7)
+    t8 = t7
+    torch._foreach_add_(t8, h_eps)
+    t9 = t8
+    torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
+    new_param_ = param_
+    if new_hessian_ is not hessian: torch._foreach_copy_(hessian, new_hessian_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'lerp_near_start', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -214,9 +190,9 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
-            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
+            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -238,7 +214,6 @@ else:
         h_s3 = tl.cast(h_s3, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
-        h_s6 = tl.cast(h_s6, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         curvature_estimate_ = tl.load(curvature_estimate_addr + offs, mask=mask).to(CDT)
@@ -255,31 +230,18 @@ else:
         else:
             t4 = grad_
         if f_has_exp_avg:
-            t5 = (t4 - exp_avg_)
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t4 - exp_avg_), t4 - (t4 - exp_avg_) * (1.0 - h_s3))
+            t6 = (new_exp_avg_ * h_s4)
         if f_has_exp_avg:
-            if f_lerp_near_start:
-                t6 = (h_s3 * t5)
-                t7 = (exp_avg_ + t6)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t8 = (t5 * h_s4)
-                t9 = (t4 - t8)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t7
-            else:
-                new_exp_avg_ = t9
-            t11 = (new_exp_avg_ * h_s5)
-        if f_has_exp_avg:
-            t12 = t11
+            t7 = t6
         else:
-            t12 = t4
-        t13 = (new_hessian_ * h_s6)
-        t14 = _sqrt(t13)
-        t15 = (t14 + h_eps)
-        t16 = _div(t12, t15)
-        t17 = (h_lr * t16)
-        new_param_ = (param_ - t17)
+            t7 = t4
+        t8 = (new_hessian_ * h_s5)
+        t9 = _sqrt(t8)
+        t10 = (t9 + h_eps)
+        t11 = _div(t7, t10)
+        t12 = (h_lr * t11)
+        new_param_ = (param_ - t12)
         _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
@@ -296,9 +258,8 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                f_has_exp_avg=bool(flags['has_exp_avg']), f_lerp_near_start=bool(flags['lerp_near_start']),
-                f_maximize=bool(flags['maximize']),
+                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']),
+                f_has_exp_avg=bool(flags['has_exp_avg']), f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)

@@ -101,8 +101,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
         t0 = torch._foreach_neg(grad_)
     t1 = t0 if f_maximize else grad_
     t2 = torch._foreach_mul(t1, t1)
-    torch._foreach_add_(t2, sum_)
-    new_sum_ = t2
+    torch._foreach_add_(sum_, t2)
+    new_sum_ = sum_
     t4 = torch._foreach_sign(t1)
     t5 = torch._foreach_sqrt(new_sum_)
     torch._foreach_add_(t5, h_eps)
@@ -115,11 +115,10 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
     t9 = t8
     torch._foreach_mul_(t9, _s_lr)
     t10 = t9
-    torch._foreach_neg_(t10)
-    torch._foreach_add_(t10, param_)
-    new_param_ = t10
-    torch._foreach_copy_(sum, new_sum_)
-    torch._foreach_copy_(param, new_param_)
+    torch._foreach_sub_(param_, t10)
+    new_param_ = param_
+    if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': [], 'flags': ['maximize']}

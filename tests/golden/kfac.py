@@ -108,28 +108,23 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     grad_ = _foreach_cast(grad, cdt)
     natural_gradient_ = _foreach_cast(natural_gradient, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
-    _s_weight_decay, _s_momentum, _s_lr, = torch.tensor([h_weight_decay, h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
     if f_maximize:
         t0 = torch._foreach_neg(natural_gradient_)
     t1 = t0 if f_maximize else natural_gradient_
     if f_has_weight_decay:
-        t2 = torch._foreach_mul(param_, _s_weight_decay)
-        torch._foreach_add_(t2, t1)
-        t3 = t2
-    t4 = t3 if f_has_weight_decay else t1
+        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+    t3 = t2 if f_has_weight_decay else t1
     if not f_first_step and f_has_momentum_buffer:
-        t5 = torch._foreach_mul(momentum_buffer_, _s_momentum)
-        torch._foreach_add_(t5, t4)
-        t6 = t5
+        t4 = torch._foreach_add(t3, momentum_buffer_, alpha=h_momentum)
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t4 if f_first_step else t6
-    t8 = new_momentum_buffer_ if f_has_momentum_buffer else t4
-    t9 = torch._foreach_mul(t8, _s_lr)
-    torch._foreach_neg_(t9)
-    torch._foreach_add_(t9, param_)
-    new_param_ = t9
+        new_momentum_buffer_ = t3 if f_first_step else t4
+    t6 = new_momentum_buffer_ if f_has_momentum_buffer else t3
+    t7 = torch._foreach_mul(t6, _s_lr)
+    torch._foreach_sub_(param_, t7)
+    new_param_ = param_
     if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-    torch._foreach_copy_(param, new_param_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
@@ -275,9 +270,9 @@ class KFAC(CurvOptimizer):
     HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001), ('weight_decay', 0.0), ('stat_every', 10.0), ('inverse_every', 100.0), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
-        ('inverse_every', None, 'positive_int', 'the every of structure kronecker'),
+        ('inverse_every', None, 'count_every', 'the every of structure kronecker'),
         ('stat_decay', None, 'unit', 'the beta of iterate ema'),
-        ('stat_every', None, 'positive_int', 'the every of iterate ema'),
+        ('stat_every', None, 'count_every', 'the every of iterate ema'),
         ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
         ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
         ('damping', None, 'nonneg', 'the eps of damping inside'),

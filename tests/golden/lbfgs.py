@@ -83,8 +83,8 @@ class LBFGS(CurvOptimizer):
     HYPERS = (('lr', 1.0), ('max_iter', 20.0), ('tolerance_grad', 1e-07), ('tolerance_change', 1e-09), ('history_size', 100.0), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
-        ('history_size', None, 'positive_int', 'the history of iterate secant'),
-        ('max_iter', None, 'positive_int', 'the iterations of iterate secant'),
+        ('history_size', None, 'count_history', 'the history of iterate secant'),
+        ('max_iter', None, 'count_iterations', 'the iterations of iterate secant'),
         ('tolerance_grad', None, 'nonneg', 'the tolerance_grad of iterate secant'),
         ('tolerance_change', None, 'nonneg', 'the tolerance_change of iterate secant'),
     )

@@ -105,35 +105,30 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
-    _s_weight_decay, _s_momentum, _s_s0, _s_lr, = torch.tensor([h_weight_decay, h_momentum, h_s0, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
     if f_maximize:
         t0 = torch._foreach_neg(grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_weight_decay:
-        t2 = torch._foreach_mul(param_, _s_weight_decay)
-        torch._foreach_add_(t2, t1)
-        t3 = t2
-    t4 = t3 if f_has_weight_decay else t1
+        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+    t3 = t2 if f_has_weight_decay else t1
     if not f_first_step and f_has_momentum_buffer:
-        t5 = torch._foreach_mul(momentum_buffer_, _s_momentum)
-        t6 = torch._foreach_mul(t4, _s_s0)
-        torch._foreach_add_(t5, t6)
-        t7 = t5
+        torch._foreach_mul_(momentum_buffer_, _s_momentum)
+        t4 = momentum_buffer_
+        torch._foreach_add_(t4, t3, alpha=h_s0)
+        t5 = t4
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t4 if f_first_step else t7
+        new_momentum_buffer_ = t3 if f_first_step else t5
     if f_has_momentum_buffer and f_nesterov2:
-        t9 = torch._foreach_mul(new_momentum_buffer_, _s_momentum)
-        torch._foreach_add_(t9, t4)
-        t10 = t9
+        t7 = torch._foreach_add(t3, new_momentum_buffer_, alpha=h_momentum)
     if f_has_momentum_buffer:
-        t11 = t10 if f_nesterov2 else new_momentum_buffer_
-    t12 = t11 if f_has_momentum_buffer else t4
-    t13 = torch._foreach_mul(t12, _s_lr)
-    torch._foreach_neg_(t13)
-    torch._foreach_add_(t13, param_)
-    new_param_ = t13
-    if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-    torch._foreach_copy_(param, new_param_)
+        t8 = t7 if f_nesterov2 else new_momentum_buffer_
+    t9 = t8 if f_has_momentum_buffer else t3
+    t10 = torch._foreach_mul(t9, _s_lr)
+    torch._foreach_sub_(param_, t10)
+    new_param_ = param_
+    if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2']}

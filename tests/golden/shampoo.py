@@ -110,7 +110,7 @@ class Shampoo(CurvOptimizer):
     HYPERS = (('lr', 0.001), ('momentum', 0.0), ('weight_decay', 0.0), ('update_freq', 1.0), ('matrix_eps', 1e-06), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
-        ('update_freq', None, 'positive_int', 'the every of structure kronecker'),
+        ('update_freq', None, 'count_every', 'the every of structure kronecker'),
         ('matrix_eps', None, 'nonneg', 'the init of iterate sum'),
         ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
         ('weight_decay', None, 'nonneg', 'the rate of decay l2'),

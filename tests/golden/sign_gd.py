@@ -44,14 +44,13 @@ def _host(h, step):
     h_weight_decay = h['weight_decay']
     h_step = step
     h_s0 = (1.0 - h_momentum)
-    h_s1 = (1.0 - (1.0 - h_momentum))
-    h_s2 = (1.0 - (h_lr * h_weight_decay))
-    return {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_exp_avg': bool((h_momentum != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_momentum)))), 'maximize': bool(h['maximize'])}
+    h_s1 = (1.0 - (h_lr * h_weight_decay))
+    return {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step, 's0': h_s0, 's1': h_s1}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_exp_avg': bool((h_momentum != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, h_s2, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize):
+def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -61,27 +60,19 @@ def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, h_s2, f_has_exp_avg, f_has_w
         t0 = (-grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_exp_avg:
-        t2 = (t1 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t3 = (h_s0 * t2)
-        t4 = (exp_avg_ + t3)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t5 = (t2 * h_s1)
-        t6 = (t1 - t5)
-    if f_has_exp_avg:
-        new_exp_avg_ = t4 if f_lerp_near_start else t6
+        new_exp_avg_ = torch.lerp(exp_avg_, t1, h_s0)
     if f_has_weight_decay:
-        t8 = (param_ * h_s2)
-    t9 = t8 if f_has_weight_decay else param_
-    t10 = new_exp_avg_ if f_has_exp_avg else t1
-    t11 = torch.sign(t10)
-    t12 = (h_lr * t11)
-    new_param_ = (t9 - t12)
+        t3 = (param_ * h_s1)
+    t4 = t3 if f_has_weight_decay else param_
+    t5 = new_exp_avg_ if f_has_exp_avg else t1
+    t6 = torch.sign(t5)
+    t7 = (h_lr * t6)
+    new_param_ = (t4 - t7)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1', 's2'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -96,7 +87,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, h_s2, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize):
+def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -104,39 +95,27 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, h_s2, f_has_exp_avg,
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_s0, _s_s1, _s_s2, _s_lr, = torch.tensor([h_s0, h_s1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
     if f_maximize:
         t0 = torch._foreach_neg(grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_exp_avg:
-        t2 = torch._foreach_sub(t1, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t3 = torch._foreach_mul(t2, _s_s0)
-        torch._foreach_add_(t3, exp_avg_)
-        t4 = t3
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t2, _s_s1)
-        t5 = t2
-        torch._foreach_neg_(t5)
-        torch._foreach_add_(t5, t1)
-        t6 = t5
-    if f_has_exp_avg:
-        new_exp_avg_ = t4 if f_lerp_near_start else t6
+        torch._foreach_lerp_(exp_avg_, t1, h_s0)
+        new_exp_avg_ = exp_avg_
     if f_has_weight_decay:
-        t8 = torch._foreach_mul(param_, _s_s2)
-    t9 = t8 if f_has_weight_decay else param_
-    t10 = new_exp_avg_ if f_has_exp_avg else t1
-    t11 = torch._foreach_sign(t10)
-    torch._foreach_mul_(t11, _s_lr)
-    t12 = t11
-    torch._foreach_neg_(t12)
-    torch._foreach_add_(t12, t9)
-    new_param_ = t12
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+        t3 = torch._foreach_mul(param_, _s_s1)
+    t4 = t3 if f_has_weight_decay else param_
+    t5 = new_exp_avg_ if f_has_exp_avg else t1
+    t6 = torch._foreach_sign(t5)
+    torch._foreach_mul_(t6, _s_lr)
+    t7 = t6
+    torch._foreach_sub_(t4, t7)
+    new_param_ = t4
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1', 's2'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -186,10 +165,9 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_lr: tl.float64, h_s0: tl.float64, h_s1: tl.float64, h_s2: tl.float64,
+            h_lr: tl.float64, h_s0: tl.float64, h_s1: tl.float64,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -205,7 +183,6 @@ else:
         h_lr = tl.cast(h_lr, CDT)
         h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
-        h_s2 = tl.cast(h_s2, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_has_exp_avg:
@@ -217,33 +194,20 @@ else:
         else:
             t1 = grad_
         if f_has_exp_avg:
-            t2 = (t1 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t3 = (h_s0 * t2)
-                t4 = (exp_avg_ + t3)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t5 = (t2 * h_s1)
-                t6 = (t1 - t5)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t4
-            else:
-                new_exp_avg_ = t6
+            new_exp_avg_ = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_), t1 - (t1 - exp_avg_) * (1.0 - h_s0))
         if f_has_weight_decay:
-            t8 = (param_ * h_s2)
+            t3 = (param_ * h_s1)
         if f_has_weight_decay:
-            t9 = t8
+            t4 = t3
         else:
-            t9 = param_
+            t4 = param_
         if f_has_exp_avg:
-            t10 = new_exp_avg_
+            t5 = new_exp_avg_
         else:
-            t10 = t1
-        t11 = tl.where(t10 > 0, 1.0, tl.where(t10 < 0, -1.0, 0.0))
-        t12 = (h_lr * t11)
-        new_param_ = (t9 - t12)
+            t5 = t1
+        t6 = tl.where(t5 > 0, 1.0, tl.where(t5 < 0, -1.0, 0.0))
+        t7 = (h_lr * t6)
+        new_param_ = (t4 - t7)
         if f_has_exp_avg:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
@@ -257,9 +221,8 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['exp_avg'],
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_has_exp_avg=bool(flags['has_exp_avg']),
+                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_T=t.dtypes['exp_avg'],
                 CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()

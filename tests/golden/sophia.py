@@ -58,15 +58,14 @@ def _host(h, step):
     h_step = step
     h_s0 = (1.0 - h_betas_1)
     h_s1 = (1.0 - h_betas_0)
-    h_s2 = (1.0 - (1.0 - h_betas_0))
-    h_s3 = (1.0 - (h_lr * h_weight_decay))
-    h_s4 = (-1.0)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'rho': h_rho, 'weight_decay': h_weight_decay, 'k': h_k, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool(((((h_step - 1.0) % h_k) == 0.0) and ((h_step - 1.0) > 0.0))), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s2 = (1.0 - (h_lr * h_weight_decay))
+    h_s3 = (-1.0)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'rho': h_rho, 'weight_decay': h_weight_decay, 'k': h_k, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool(((((h_step - 1.0) % h_k) == 0.0) and ((h_step - 1.0) > 0.0))), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, h_s4, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -83,32 +82,24 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, 
         t4 = (-grad_)
     t5 = t4 if f_maximize else grad_
     if f_has_exp_avg:
-        t6 = (t5 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t7 = (h_s1 * t6)
-        t8 = (exp_avg_ + t7)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t9 = (t6 * h_s2)
-        t10 = (t5 - t9)
-    if f_has_exp_avg:
-        new_exp_avg_ = t8 if f_lerp_near_start else t10
+        new_exp_avg_ = torch.lerp(exp_avg_, t5, h_s1)
     if f_has_weight_decay:
-        t12 = (param_ * h_s3)
-    t13 = t12 if f_has_weight_decay else param_
-    t14 = new_exp_avg_ if f_has_exp_avg else t5
-    t15 = new_hessian_ if f_refresh else hessian_
-    t16 = (t15 + 1e-15)
-    t17 = (t14 / t16)
-    t18 = torch.clamp(t17, max=1.0)
-    t19 = torch.clamp(t18, min=h_s4)
-    t20 = (h_lr * t19)
-    new_param_ = (t13 - t20)
+        t7 = (param_ * h_s2)
+    t8 = t7 if f_has_weight_decay else param_
+    t9 = new_exp_avg_ if f_has_exp_avg else t5
+    t10 = new_hessian_ if f_refresh else hessian_
+    t11 = (t10 + 1e-15)
+    t12 = (t9 / t11)
+    t13 = torch.clamp(t12, max=1.0)
+    t14 = torch.clamp(t13, min=h_s3)
+    t15 = (h_lr * t14)
+    new_param_ = (t8 - t15)
     if f_refresh: hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3', 's4'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -123,7 +114,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, h_s4, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -133,53 +124,39 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_rho, _s_s0, _s_s1, _s_s2, _s_s3, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s0, h_s1, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
     if f_refresh:
         t0 = torch._foreach_mul(hessian_, _s_betas_1)
         t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
-        torch._foreach_mul_(t1, _s_s0)
-        t2 = t1
-        torch._foreach_add_(t0, t2)
+        torch._foreach_add_(t0, t1, alpha=h_s0)
         new_hessian_ = t0
     if f_maximize:
-        t4 = torch._foreach_neg(grad_)
-    t5 = t4 if f_maximize else grad_
+        t3 = torch._foreach_neg(grad_)
+    t4 = t3 if f_maximize else grad_
     if f_has_exp_avg:
-        t6 = torch._foreach_sub(t5, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t7 = torch._foreach_mul(t6, _s_s1)
-        torch._foreach_add_(t7, exp_avg_)
-        t8 = t7
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t6, _s_s2)
-        t9 = t6
-        torch._foreach_neg_(t9)
-        torch._foreach_add_(t9, t5)
-        t10 = t9
-    if f_has_exp_avg:
-        new_exp_avg_ = t8 if f_lerp_near_start else t10
+        torch._foreach_lerp_(exp_avg_, t4, h_s1)
+        new_exp_avg_ = exp_avg_
     if f_has_weight_decay:
-        t12 = torch._foreach_mul(param_, _s_s3)
-    t13 = t12 if f_has_weight_decay else param_
-    t14 = new_exp_avg_ if f_has_exp_avg else t5
-    t15 = new_hessian_ if f_refresh else hessian_
-    t16 = torch._foreach_add(t15, 1e-15)
-    t17 = torch._foreach_div(t14, t16)
-    torch._foreach_clamp_max_(t17, 1.0)
-    t18 = t17
-    torch._foreach_clamp_min_(t18, h_s4)
-    t19 = t18
-    torch._foreach_mul_(t19, _s_lr)
-    t20 = t19
-    torch._foreach_neg_(t20)
-    torch._foreach_add_(t20, t13)
-    new_param_ = t20
+        t6 = torch._foreach_mul(param_, _s_s2)
+    t7 = t6 if f_has_weight_decay else param_
+    t8 = new_exp_avg_ if f_has_exp_avg else t4
+    t9 = new_hessian_ if f_refresh else hessian_
+    t10 = torch._foreach_add(t9, 1e-15)
+    t11 = torch._foreach_div(t8, t10)
+    torch._foreach_clamp_max_(t11, 1.0)
+    t12 = t11
+    torch._foreach_clamp_min_(t12, h_s3)
+    t13 = t12
+    torch._foreach_mul_(t13, _s_lr)
+    t14 = t13
+    torch._foreach_sub_(t7, t14)
+    new_param_ = t7
     if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3', 's4'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -230,10 +207,10 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_lr: tl.float64, h_rho: tl.float64, h_s0: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
+            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr, f_refresh: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -255,7 +232,6 @@ else:
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
-        h_s4 = tl.cast(h_s4, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_refresh:
@@ -275,40 +251,27 @@ else:
         else:
             t5 = grad_
         if f_has_exp_avg:
-            t6 = (t5 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t7 = (h_s1 * t6)
-                t8 = (exp_avg_ + t7)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t9 = (t6 * h_s2)
-                t10 = (t5 - t9)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t8
-            else:
-                new_exp_avg_ = t10
+            new_exp_avg_ = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t5 - exp_avg_), t5 - (t5 - exp_avg_) * (1.0 - h_s1))
         if f_has_weight_decay:
-            t12 = (param_ * h_s3)
+            t7 = (param_ * h_s2)
         if f_has_weight_decay:
-            t13 = t12
+            t8 = t7
         else:
-            t13 = param_
+            t8 = param_
         if f_has_exp_avg:
-            t14 = new_exp_avg_
+            t9 = new_exp_avg_
         else:
-            t14 = t5
+            t9 = t5
         if f_refresh:
-            t15 = new_hessian_
+            t10 = new_hessian_
         else:
-            t15 = hessian_
-        t16 = (t15 + 1e-15)
-        t17 = _div(t14, t16)
-        t18 = tl.minimum(t17, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        t19 = tl.maximum(t18, h_s4, propagate_nan=tl.PropagateNan.ALL)
-        t20 = (h_lr * t19)
-        new_param_ = (t13 - t20)
+            t10 = hessian_
+        t11 = (t10 + 1e-15)
+        t12 = _div(t9, t11)
+        t13 = tl.minimum(t12, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        t14 = tl.maximum(t13, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t15 = (h_lr * t14)
+        new_param_ = (t8 - t15)
         if f_refresh:
             _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
@@ -326,10 +289,9 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_lr=float(scalars['lr']),
                 h_rho=float(scalars['rho']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
+                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
                 f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
@@ -358,7 +320,7 @@ class Sophia(CurvOptimizer):
         ('lr', None, 'nonneg', 'the learning rate'),
         ('rho', None, 'positive', 'the scale of curvature gauss_newton_bartlett'),
         ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('k', None, 'positive_int', 'the every of iterate ema'),
+        ('k', None, 'count_every', 'the every of iterate ema'),
         ('betas', 0, 'unit', 'the beta of momentum ema'),
         ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
     )

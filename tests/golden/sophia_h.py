@@ -57,15 +57,14 @@ def _host(h, step):
     h_step = step
     h_s0 = (1.0 - h_betas_1)
     h_s1 = (1.0 - h_betas_0)
-    h_s2 = (1.0 - (1.0 - h_betas_0))
-    h_s3 = (1.0 - (h_lr * h_weight_decay))
-    h_s4 = (-h_p)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'weight_decay': h_weight_decay, 'p': h_p, 'update_period': h_update_period, 'num_samples': h_num_samples, 'eps': h_eps, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool((((h_step - 1.0) % h_update_period) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'lerp_near_start': bool((0.5 > abs((1.0 - h_betas_0)))), 'maximize': bool(h['maximize'])}
+    h_s2 = (1.0 - (h_lr * h_weight_decay))
+    h_s3 = (-h_p)
+    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'weight_decay': h_weight_decay, 'p': h_p, 'update_period': h_update_period, 'num_samples': h_num_samples, 'eps': h_eps, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool((((h_step - 1.0) % h_update_period) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, h_s4, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -81,32 +80,24 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
         t3 = (-grad_)
     t4 = t3 if f_maximize else grad_
     if f_has_exp_avg:
-        t5 = (t4 - exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t6 = (h_s1 * t5)
-        t7 = (exp_avg_ + t6)
-    if f_has_exp_avg and not f_lerp_near_start:
-        t8 = (t5 * h_s2)
-        t9 = (t4 - t8)
-    if f_has_exp_avg:
-        new_exp_avg_ = t7 if f_lerp_near_start else t9
+        new_exp_avg_ = torch.lerp(exp_avg_, t4, h_s1)
     if f_has_weight_decay:
-        t11 = (param_ * h_s3)
-    t12 = t11 if f_has_weight_decay else param_
-    t13 = new_exp_avg_ if f_has_exp_avg else t4
-    t14 = new_hessian_ if f_refresh else hessian_
-    t15 = torch.clamp(t14, min=h_eps)
-    t16 = (t13 / t15)
-    t17 = torch.clamp(t16, max=h_p)
-    t18 = torch.clamp(t17, min=h_s4)
-    t19 = (h_lr * t18)
-    new_param_ = (t12 - t19)
+        t6 = (param_ * h_s2)
+    t7 = t6 if f_has_weight_decay else param_
+    t8 = new_exp_avg_ if f_has_exp_avg else t4
+    t9 = new_hessian_ if f_refresh else hessian_
+    t10 = torch.clamp(t9, min=h_eps)
+    t11 = (t8 / t10)
+    t12 = torch.clamp(t11, max=h_p)
+    t13 = torch.clamp(t12, min=h_s3)
+    t14 = (h_lr * t13)
+    new_param_ = (t7 - t14)
     if f_refresh: hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3', 's4'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -121,7 +112,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, h_s4, f_has_exp_avg, f_has_weight_decay, f_lerp_near_start, f_maximize, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -131,51 +122,38 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s0, _s_s1, _s_s2, _s_s3, _s_lr, = torch.tensor([h_betas_1, h_s0, h_s1, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
     if f_refresh:
         t0 = torch._foreach_mul(hessian_, _s_betas_1)
-        t1 = torch._foreach_mul(curvature_estimate_, _s_s0)
-        torch._foreach_add_(t0, t1)
+        torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
         new_hessian_ = t0
     if f_maximize:
-        t3 = torch._foreach_neg(grad_)
-    t4 = t3 if f_maximize else grad_
+        t2 = torch._foreach_neg(grad_)
+    t3 = t2 if f_maximize else grad_
     if f_has_exp_avg:
-        t5 = torch._foreach_sub(t4, exp_avg_)
-    if f_has_exp_avg and f_lerp_near_start:
-        t6 = torch._foreach_mul(t5, _s_s1)
-        torch._foreach_add_(t6, exp_avg_)
-        t7 = t6
-    if f_has_exp_avg and not f_lerp_near_start:
-        torch._foreach_mul_(t5, _s_s2)
-        t8 = t5
-        torch._foreach_neg_(t8)
-        torch._foreach_add_(t8, t4)
-        t9 = t8
-    if f_has_exp_avg:
-        new_exp_avg_ = t7 if f_lerp_near_start else t9
+        torch._foreach_lerp_(exp_avg_, t3, h_s1)
+        new_exp_avg_ = exp_avg_
     if f_has_weight_decay:
-        t11 = torch._foreach_mul(param_, _s_s3)
-    t12 = t11 if f_has_weight_decay else param_
-    t13 = new_exp_avg_ if f_has_exp_avg else t4
-    t14 = new_hessian_ if f_refresh else hessian_
-    t15 = torch._foreach_clamp_min(t14, h_eps)
-    t16 = torch._foreach_div(t13, t15)
-    torch._foreach_clamp_max_(t16, h_p)
-    t17 = t16
-    torch._foreach_clamp_min_(t17, h_s4)
-    t18 = t17
-    torch._foreach_mul_(t18, _s_lr)
-    t19 = t18
-    torch._foreach_neg_(t19)
-    torch._foreach_add_(t19, t12)
-    new_param_ = t19
+        t5 = torch._foreach_mul(param_, _s_s2)
+    t6 = t5 if f_has_weight_decay else param_
+    t7 = new_exp_avg_ if f_has_exp_avg else t3
+    t8 = new_hessian_ if f_refresh else hessian_
+    t9 = torch._foreach_clamp_min(t8, h_eps)
+    t10 = torch._foreach_div(t7, t9)
+    torch._foreach_clamp_max_(t10, h_p)
+    t11 = t10
+    torch._foreach_clamp_min_(t11, h_s3)
+    t12 = t11
+    torch._foreach_mul_(t12, _s_lr)
+    t13 = t12
+    torch._foreach_sub_(t6, t13)
+    new_param_ = t6
     if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    torch._foreach_copy_(param, new_param_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3', 's4'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'lerp_near_start', 'maximize', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -226,10 +204,10 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_p: tl.float64,
-            h_s0: tl.float64, h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
+            h_s0: tl.float64, h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_lerp_near_start: tl.constexpr, f_maximize: tl.constexpr, f_refresh: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -252,7 +230,6 @@ else:
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
-        h_s4 = tl.cast(h_s4, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_refresh:
@@ -271,40 +248,27 @@ else:
         else:
             t4 = grad_
         if f_has_exp_avg:
-            t5 = (t4 - exp_avg_)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                t6 = (h_s1 * t5)
-                t7 = (exp_avg_ + t6)
-        if f_has_exp_avg:
-            if not f_lerp_near_start:
-                t8 = (t5 * h_s2)
-                t9 = (t4 - t8)
-        if f_has_exp_avg:
-            if f_lerp_near_start:
-                new_exp_avg_ = t7
-            else:
-                new_exp_avg_ = t9
+            new_exp_avg_ = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t4 - exp_avg_), t4 - (t4 - exp_avg_) * (1.0 - h_s1))
         if f_has_weight_decay:
-            t11 = (param_ * h_s3)
+            t6 = (param_ * h_s2)
         if f_has_weight_decay:
-            t12 = t11
+            t7 = t6
         else:
-            t12 = param_
+            t7 = param_
         if f_has_exp_avg:
-            t13 = new_exp_avg_
+            t8 = new_exp_avg_
         else:
-            t13 = t4
+            t8 = t4
         if f_refresh:
-            t14 = new_hessian_
+            t9 = new_hessian_
         else:
-            t14 = hessian_
-        t15 = tl.maximum(t14, h_eps, propagate_nan=tl.PropagateNan.ALL)
-        t16 = _div(t13, t15)
-        t17 = tl.minimum(t16, h_p, propagate_nan=tl.PropagateNan.ALL)
-        t18 = tl.maximum(t17, h_s4, propagate_nan=tl.PropagateNan.ALL)
-        t19 = (h_lr * t18)
-        new_param_ = (t12 - t19)
+            t9 = hessian_
+        t10 = tl.maximum(t9, h_eps, propagate_nan=tl.PropagateNan.ALL)
+        t11 = _div(t8, t10)
+        t12 = tl.minimum(t11, h_p, propagate_nan=tl.PropagateNan.ALL)
+        t13 = tl.maximum(t12, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t14 = (h_lr * t13)
+        new_param_ = (t7 - t14)
         if f_refresh:
             _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
@@ -323,9 +287,8 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_p=float(scalars['p']), h_s0=float(scalars['s0']),
                 h_s1=float(scalars['s1']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                h_s4=float(scalars['s4']), f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']),
-                f_lerp_near_start=bool(flags['lerp_near_start']), f_maximize=bool(flags['maximize']),
+                f_has_exp_avg=bool(flags['has_exp_avg']),
+                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
                 f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
@@ -352,9 +315,9 @@ class SophiaH(CurvOptimizer):
     HYPERS = (('lr', 0.06), ('betas', (0.96, 0.99)), ('weight_decay', 0.0), ('p', 0.01), ('update_period', 10.0), ('num_samples', 1.0), ('eps', 1e-12), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
-        ('num_samples', None, 'positive_int', 'the samples of curvature hutchinson'),
+        ('num_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
         ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('update_period', None, 'positive_int', 'the every of iterate ema'),
+        ('update_period', None, 'count_every', 'the every of iterate ema'),
         ('p', None, 'positive', 'the threshold of clip elementwise'),
         ('betas', 0, 'unit', 'the beta of momentum ema'),
         ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
