@@ -546,6 +546,22 @@ def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
                 raise _clash(node, f"{axis} {node.kind}", opt.curvature, "curvature constant",
                              f"a constant curvature has nothing to "
                              f"{'accumulate' if axis == 'iterate' else 'damp'}")
+        if opt.iterate.every is not None:
+            raise _clash(opt.iterate, f"iterate instant every {opt.iterate.every}", opt.curvature,
+                         "curvature constant", "a constant curvature has nothing to refresh")
+
+
+def _rule_secant_has_no_root(opt: ir.Optimizer) -> None:
+    # The secant method's H^-1 exists only as the two-loop recursion applied to a
+    # vector: forming a root or an eigenbasis of it is what the low-rank structure avoids.
+    ln = opt.length
+    needs = {"gradient_norm": "the root H^-power/2", "eigen_sign": "the eigenbasis Q and H^-1/2"}
+    if opt.structure.kind == "low_rank" and ln.kind in needs:
+        raise _clash(ln, f"length {ln.kind}", opt.structure, "structure low_rank",
+                     f"the secant method only applies H^-1 to a vector (the two-loop recursion "
+                     f"over the last k pairs) and never forms H, so {needs[ln.kind]} that "
+                     f"{ln.kind} takes do not exist for it; the step length comes from lr or "
+                     "the line search (length none)")
 
 
 def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
@@ -584,6 +600,7 @@ COMBINATION_RULES = (
     _rule_delayed_needs_every,
     _rule_one_refresh_schedule,
     _rule_secant_is_low_rank,
+    _rule_secant_has_no_root,
     _rule_constant_is_scalar,
     _rule_constant_has_nothing_to_iterate,
     _rule_elementwise_clip_needs_coordinates,
