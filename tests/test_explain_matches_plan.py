@@ -13,6 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 import curvc
 from curvc import explain, resources
@@ -193,3 +194,31 @@ def test_a_spec_curvc_does_not_compile_is_explained_from_its_ir_and_says_so():
     path = Path(__file__).parent / "errors" / "codegen_kronecker_normalized.curv"
     out = explain.explain(curvc.to_ir(path.read_text(), str(path)))
     assert "not compiled (length normalized with structure kronecker" in out
+
+
+def _inverse_root(m, x):
+    w, q = torch.linalg.eigh(m)
+    return q @ torch.diag(w ** -x) @ q.T
+
+
+@pytest.mark.parametrize("power", ["0.5", "1", "2", "3"])
+def test_the_shampoo_exponent_explain_prints_is_the_one_the_step_takes(tmp_path, power):
+    """One step on a 3x2 matrix, against d = L^-x G R^-x with x parsed from explain."""
+    name = f"shampoo: length    gradient_norm(power = {power})"
+    opt_ir, plan = _compile(VARIANTS[name])
+    d = _line(explain.equations(opt_ir, plan), "d     = ")
+    x = float(Fraction(re.search(r"L\^-(\S+) ", d).group(1)))
+    spec = tmp_path / f"shampoo_{power.replace('.', '_')}.curv"
+    spec.write_text(VARIANTS[name])
+    Shampoo = curvc.load(spec, backend="torch")
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2, dtype=torch.float64)
+    w0 = w.detach().clone()
+    opt = Shampoo([w], lr=0.1, matrix_eps=1e-2)
+    w.grad = g.clone()
+    opt.step()
+    left = 1e-2 * torch.eye(3, dtype=torch.float64) + g @ g.T  # L_0 = matrix_eps I
+    right = 1e-2 * torch.eye(2, dtype=torch.float64) + g.T @ g
+    expected = w0 - 0.1 * _inverse_root(left, x) @ g @ _inverse_root(right, x)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=1e-12)
