@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import math
 
-from curvc.plan import Const, Op, Plan, Scalar, Select
+from dataclasses import replace
+
+from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select, walk
 from curvc.backends.render import (IndentedBuffer, flag_name, plan_roots, reduced_name,
                                    schedule)
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
@@ -50,6 +52,12 @@ from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signat
 LIST, TENSOR, SCALAR = "list", "tensor", "scalar"  # a value's kind (see the module docstring)
 
 _F = "torch._foreach_"
+
+
+# The fused ops (made by ``fuse``, below): operands are lists, the last a host scalar.
+FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
+         "add_scaled": "{f}add{in_place}({0}, {1}, alpha={2})",
+         "subcdiv": "{f}addcdiv{in_place}({0}, {1}, {2}, value=-{3})"}
 
 
 class ForeachRenderer(TorchRenderer):
@@ -77,6 +85,19 @@ class ForeachRenderer(TorchRenderer):
             self.last_use[sched.names[store.value]] = math.inf
         self.refs: dict[str, frozenset] = {}  # list -> the temporaries whose tensors it may be
         self.owned: dict[str, bool] = {}  # list -> whether it is surely one of those temporaries
+        # State the step overwrites anyway (the parameter, stored buffers) may hold
+        # temporaries once its old value is dead: the store then finds the new value
+        # already in place and skips its copy. Each with the flag its store waits for,
+        # which must hold wherever it is written (else a skipped store would leave the
+        # temporary behind).
+        self.store_when: dict[str, str | None] = {}
+        writable = {"param", *(b.name for b in plan.buffers)}
+        for store in plan.stores:
+            if store.target in writable:
+                name = f"{store.target}_"
+                self.store_when[name] = store.when
+                self.refs[name] = frozenset({name})
+                self.owned[name] = True
         # Lists downstream of a 0-d reduction: a 0-d parameter's entry may be float64 there
         # (type promotion), so writing it into a float32 temporary would round differently.
         self.wide: set[str] = set()
@@ -85,6 +106,14 @@ class ForeachRenderer(TorchRenderer):
         """Whether nothing reads the tensors of ``name`` after statement ``i``."""
         mine = self.refs[name]
         return all(self.last_use.get(n, -1) <= i for n, r in self.refs.items() if r & mine)
+
+    def _writable_under(self, name: str, guard) -> bool:
+        """Whether the state among ``name``'s tensors is stored whenever ``guard`` holds."""
+        for ref in self.refs[name]:
+            when = self.store_when.get(ref)
+            if when is not None and (when, True) not in guard:
+                return False
+        return True
 
     def render_stmt(self, st, names: dict) -> str:
         if self.kind(st.name) != LIST:
@@ -101,7 +130,8 @@ class ForeachRenderer(TorchRenderer):
         reuse = None
         if st.name not in self.wide:
             i = self.index[st.name]
-            dying = {o for o in lists if self.owned.get(o) and self._dies(o, i)}
+            dying = {o for o in lists if self.owned.get(o) and self._dies(o, i)
+                     and self._writable_under(o, st.guard)}
             reuse = self._inplace(node.op, ops, [self.kind(o) for o in ops], dying)
         self.owned[st.name] = True
         if reuse is None:
@@ -118,6 +148,10 @@ class ForeachRenderer(TorchRenderer):
             return None
         if op in ("neg", "sqrt", "abs", "sign"):
             return args[0], [f"{_F}{op}_({args[0]})"]
+        if op in FUSED:  # written into the accumulated operand, the first
+            if args[0] not in dying:
+                return None
+            return args[0], [FUSED[op].format(*args, f=_F, in_place="_")]
         if op == "lerp":
             a, b, w = args
             if a in dying and kinds[1] == LIST and kinds[2] in (LIST, SCALAR):
@@ -178,6 +212,8 @@ class ForeachRenderer(TorchRenderer):
         """One foreach call (or a short chain) for ``op``; None where no overload fits."""
         if op in ("neg", "sqrt", "abs", "sign"):
             return f"{_F}{op}({args[0]})"
+        if op in FUSED:
+            return FUSED[op].format(*args, f=_F, in_place="")
         if op == "lerp":
             a, b, w = args
             if kinds[0] == kinds[1] == LIST and kinds[2] in (LIST, SCALAR):
@@ -284,8 +320,87 @@ def _foreach_cast(tensors, cdt):
 '''
 
 
+# --- fusing chains into torch's multi-operand foreach ops ---------------------------
+#
+# The eager path's cost is a fixed overhead per foreach call (a Python call and a
+# parallel region per tensor), so fewer, fatter calls win: a + b*c*s is one
+# _foreach_addcmul, a + b*s one _foreach_add(alpha=s), a - s*(b/c) one
+# _foreach_addcdiv. Rounding may differ from the separate ops in the last bit
+# (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
+
+def _host_scalar(e) -> bool:
+    return isinstance(e, (Scalar, Const))
+
+
+def _is_list(e) -> bool:
+    """Whether ``e`` is a list in this backend: downstream of a load, of no reduction."""
+    found = False
+    for n in walk(e):
+        if isinstance(n, Reduced):
+            return False
+        found = found or isinstance(n, Load)
+    return found
+
+
+def fuse(plan: Plan) -> Plan:
+    """The plan with foreach-fusable chains as single ops (fused only where the inner
+    node has no other use, so nothing is computed twice)."""
+    uses: dict = {}
+    roots = [st.value for st in plan.stores] + [r.value for r in plan.reductions]
+    nodes = {n: None for root in roots for n in walk(root)}  # each node once, over all roots
+    for n in nodes:
+        for a in (n.args if isinstance(n, Op) else (n.then, n.other)
+                  if isinstance(n, Select) else ()):
+            uses[a] = uses.get(a, 0) + 1
+    once = lambda e: uses.get(e, 0) <= 1  # noqa: E731
+    memo: dict = {}
+
+    def visit(e):
+        if e in memo:
+            return memo[e]
+        out = e
+        if isinstance(e, Select):
+            out = Select(e.flag, visit(e.then), visit(e.other))
+        elif isinstance(e, Op):
+            out = _fused(Op(e.op, tuple(visit(a) for a in e.args)), e, once)
+        memo[e] = out
+        return out
+
+    return replace(plan, stores=tuple(replace(st, value=visit(st.value)) for st in plan.stores))
+
+
+def _fused(new: Op, old: Op, once) -> Op:
+    """One fusion rule applied at ``new`` (``old``: the same node before its operands were
+    rewritten, whose operands' use counts decide)."""
+    if new.op == "add":
+        for i in (0, 1):
+            a, m = new.args[i], new.args[1 - i]
+            om = old.args[1 - i]
+            if not (_is_list(a) and isinstance(m, Op) and m.op == "mul" and once(om)):
+                continue
+            for j in (0, 1):
+                inner, s = m.args[j], m.args[1 - j]
+                if not _host_scalar(s) or not _is_list(inner):
+                    continue
+                if isinstance(inner, Op) and inner.op == "mul" and once(om.args[j]) and \
+                        all(_is_list(x) for x in inner.args):
+                    return Op("addcmul", (a, *inner.args, s))
+                return Op("add_scaled", (a, inner, s))
+    if new.op == "sub":
+        a, m = new.args
+        om = old.args[1]
+        if _is_list(a) and isinstance(m, Op) and m.op == "mul" and once(om):
+            for j in (0, 1):
+                d, s = m.args[j], m.args[1 - j]
+                if _host_scalar(s) and isinstance(d, Op) and d.op == "div" and \
+                        once(om.args[j]) and all(_is_list(x) for x in d.args):
+                    return Op("subcdiv", (a, *d.args, s))
+    return new
+
+
 def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
+    plan = fuse(plan)
     sched = schedule(plan_roots(plan), _leaf)
     kinds = _kinds(plan, sched)
     # Generated names start with '_' (kept from hyperparameter names by curvc.check).
@@ -314,12 +429,16 @@ def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
         for st in plan.stores:
             value = sched.names[st.value]
             kind = r.kind(value)
+            conditions = [flag_name(st.when)] if st.when else []
+            if kind == LIST and f"{st.target}_" in r.refs.get(value, ()):
+                # already written in place, unless the state needed a compute-dtype copy
+                conditions.append(f"{value} is not {st.target}")
             if kind == LIST:
                 line = f"torch._foreach_copy_({st.target}, {value})"
             else:  # a store of a host scalar or a 0-d tensor: fill every tensor with it
                 line = f"for _e in {st.target}: _e.fill_({value})"
-            if st.when:
-                line = f"if {flag_name(st.when)}:" + ("\n    " if kind != LIST else " ") + line
+            if conditions:
+                line = f"if {' and '.join(conditions)}:" + ("\n    " if kind != LIST else " ") + line
             buf.splice(line)
     return sig
 

@@ -555,6 +555,48 @@ def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
                 raise _clash(node, f"{axis} {node.kind}", opt.curvature, "curvature constant",
                              f"a constant curvature has nothing to "
                              f"{'accumulate' if axis == 'iterate' else 'damp'}")
+        if opt.iterate.every is not None:
+            raise _clash(opt.iterate, f"iterate instant every {opt.iterate.every}", opt.curvature,
+                         "curvature constant", "a constant curvature has nothing to refresh")
+
+
+def _rule_secant_has_no_root(opt: ir.Optimizer) -> None:
+    # The secant method's H^-1 exists only as the two-loop recursion applied to a
+    # vector: forming a root or an eigenbasis of it is what the low-rank structure avoids.
+    ln = opt.length
+    needs = {"gradient_norm": "the root H^-power/2", "eigen_sign": "the eigenbasis Q and H^-1/2"}
+    if opt.structure.kind == "low_rank" and ln.kind in needs:
+        raise _clash(ln, f"length {ln.kind}", opt.structure, "structure low_rank",
+                     f"the secant method only applies H^-1 to a vector (the two-loop recursion "
+                     f"over the last k pairs) and never forms H, so {needs[ln.kind]} that "
+                     f"{ln.kind} takes do not exist for it; the step length comes from lr or "
+                     "the line search (length none)")
+
+
+# Curvature estimates whose entries can be negative (Hutchinson's z * Hz, the Hessian's
+# diagonal) and the lengths that take a root of them; a root of a negative entry is NaN.
+SIGNED_CURVATURES = ("hutchinson", "hessian")
+ROOT_LENGTHS = {"gradient_norm": "P^-power/2", "eigen_sign": "P^-1/2",
+                "normalized": "sqrt(g^T P^-1 g)"}
+
+
+def _rule_no_root_of_a_signed_estimate(opt: ir.Optimizer) -> None:
+    c, ln = opt.curvature, opt.length
+    if (c.kind not in SIGNED_CURVATURES or c.squared or ln.kind not in ROOT_LENGTHS
+            or opt.structure.kind not in ("scalar", "diagonal")):
+        return
+    fix = ("square the estimate, as AdaHessian does (`curvature hutchinson(...) squared`), or "
+           if c.kind == "hutchinson" else "use structure dense (its roots skip non-positive "
+           "eigenvalues), or ")
+    raise CurvError(
+        "combo.clash", c.span if c.span.line else ln.span, a=f"curvature {c.kind}",
+        b=f"length {ln.kind}",
+        why=f"the {c.kind} estimate of the diagonal can be negative, and {ln.kind} takes "
+            f"{ROOT_LENGTHS[ln.kind]} of it, which is NaN for a negative entry (damping does "
+            "not make it safe: a floor or an eps added after the root comes too late, and an "
+            "eps inside the root is a fixed shift that a negative entry can exceed)",
+        hint=fix + "take no root: `length none` with a clip (`clip elementwise(...)`), "
+                   "as Sophia-H does")
 
 
 def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
@@ -590,9 +632,11 @@ def _rule_one_refresh_schedule(opt: ir.Optimizer) -> None:
 
 COMBINATION_RULES = (
     _rule_estimator_fixes_structure,
+    _rule_no_root_of_a_signed_estimate,
     _rule_delayed_needs_every,
     _rule_one_refresh_schedule,
     _rule_secant_is_low_rank,
+    _rule_secant_has_no_root,
     _rule_constant_is_scalar,
     _rule_constant_has_nothing_to_iterate,
     _rule_elementwise_clip_needs_coordinates,

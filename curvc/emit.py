@@ -44,13 +44,13 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("# Do not edit: change the spec and recompile (`curvc compile`).")
     buf.writeline('"""' + f"{opt.name}, compiled by curvc.")
     buf.writeline()
-    for col, cell in explain.table_row(opt).items():
+    for col, cell in explain.table_row(opt, plan).items():
         buf.writeline(f"{col}: {cell or '-'}")
     buf.writeline()
     buf.writeline("Update, per step t (elementwise unless noted):")
     buf.writeline()
     with buf.indent():
-        for line in explain.equations(opt):
+        for line in explain.equations(opt, plan):
             buf.writeline(line.replace("\\", "/"))
     buf.writeline('"""')
     buf.writeline()

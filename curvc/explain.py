@@ -1,13 +1,21 @@
-"""Human-readable views of the IR: a spec's row of Table 1 and its update equations.
+"""Human-readable views of a spec: its row of Table 1 and its update equations.
 
-Both are derived from the IR alone (never typed per optimizer), so
-``curvc table`` regenerates the paper's Table 1 from the shipped specs and
-``curvc explain`` prints the rule a spec really implements, second-order
-structures included.
+Both are derived (never typed per optimizer): the shape of each equation from
+the IR, and every number lowering decides (roots and exponents, where eps
+enters, what a bias correction counts) from the lowered plan, the same
+object the code is generated from. So ``curvc table`` regenerates the
+paper's Table 1 from the shipped specs and ``curvc explain`` prints the rule
+the generated code implements. A spec curvc does not compile is explained
+from its IR alone, and says so.
 """
 from __future__ import annotations
 
+from fractions import Fraction
+
 from curvc import ir
+from curvc import lower as lower_mod
+from curvc.plan import Plan
+from curvc.plan_numbers import Numbers, Root, numbers
 
 # The order of the paper's Table 1, for listing shipped specs.
 PAPER_ORDER = ("Newton", "NGD", "NormalizedNGD", "GNNormalizedNGD", "EigenbasisNormalizedNGD",
@@ -18,13 +26,22 @@ TABLE_COLUMNS = ("Length Limitation", "Calculating Approximation", "Structure Ap
                  "Iterative Approximation")
 
 
+def _half(e: str) -> str:
+    """e/2 as text: Shampoo's per-factor exponent of a matrix whose product has root e."""
+    try:
+        return str(Fraction(e) / 2)
+    except ValueError:
+        return f"({e})/2"
+
+
 def _approximate(opt: ir.Optimizer) -> bool:
     """Whether the step uses an approximation H' of H (the paper's primes)."""
     return not (opt.structure.kind == "dense" and opt.curvature.kind in ("hessian", "fisher"))
 
 
-def table_row(opt: ir.Optimizer) -> dict[str, str]:
-    """The spec's cells under the paper's four columns ('' where the paper leaves a blank)."""
+def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
+    """The spec's cells under the paper's four columns ('' where the paper leaves a blank);
+    ``plan``: the spec's lowered plan (lowered here when not given)."""
     h = "H'" if _approximate(opt) else "H"
     length = {
         "none": "",
@@ -37,7 +54,9 @@ def table_row(opt: ir.Optimizer) -> dict[str, str]:
           "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
     s = opt.structure.kind
     if s == "kronecker":
-        sa = "L^-1/4 g R^-1/4" if opt.length.kind == "gradient_norm" else "block-diagonal"
+        matrix = numbers(opt, plan).matrix
+        x = _half(matrix.exponent) if matrix else None
+        sa = f"L^-{x} g R^-{x}" if x and opt.curvature.kind != "kfac" else "block-diagonal"
     else:
         sa = {"scalar": "LI", "diagonal": "diagonal", "dense": "", "low_rank": "rank-2 update"}[s]
     ia = []
@@ -58,8 +77,10 @@ def _v(a) -> str:
     return str(a) if a is not None else "?"
 
 
-def equations(opt: ir.Optimizer) -> list[str]:
-    """The update rule, one assignment per line, in the order the step runs."""
+def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
+    """The update rule, one assignment per line, in the order the step runs; its numbers
+    from ``plan``, the spec's lowered plan (lowered here when not given)."""
+    nums = numbers(opt, plan)
     eq: list[str] = []
     lr = "lr"
     if opt.schedule.kind == "inverse_time":
@@ -81,22 +102,25 @@ def equations(opt: ir.Optimizer) -> list[str]:
         eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
     s = opt.structure.kind
     if s in ("scalar", "diagonal"):
-        eq += _elementwise(opt, lr)
+        eq += _elementwise(opt, lr, nums)
     elif s == "kronecker":
-        eq += _kronecker(opt, lr)
+        eq += _kronecker(opt, lr, nums)
     elif s == "dense":
-        eq += _dense(opt, lr)
+        eq += _dense(opt, lr, nums)
     else:
         eq += _low_rank(opt, lr)
-    return eq
+    return eq + [f"        ({note})" for note in nums.notes]
 
 
-def _momentum(opt: ir.Optimizer, eq: list[str]) -> str:
+def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
+    return [f"{name}     = {name} / (1 - {beta}^{n})" for b, beta, n in nums.counts if b == buffer]
+
+
+def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
     m = opt.momentum
     if m.kind == "ema":
         eq.append(f"m     = {_v(m.beta)} * m + (1 - {_v(m.beta)}) * g")
-        if m.bias_corrected:
-            eq.append(f"m     = m / (1 - {_v(m.beta)}^t)")
+        eq += _bias_correction(nums, "momentum", "m")
         return "m"
     if m.kind == "heavy_ball":
         damp = "" if m.dampening == ir.Const(0.0) else f"(1 - {_v(m.dampening)}) * "
@@ -126,7 +150,8 @@ def _estimate(opt: ir.Optimizer) -> str:
     return est
 
 
-def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C") -> str:
+def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C",
+                nums: Numbers = Numbers()) -> str:
     it = opt.iterate
     every = ""
     if it.every is not None:
@@ -140,35 +165,33 @@ def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C") -> 
         eq.append(f"{name}     = {new}{every}")
     if it.keep_max is not None and not (isinstance(it.keep_max, ir.Const) and not it.keep_max.value):
         eq.append(f"{name}_max = max({name}_max, {name});  {name} = {name}_max   (only if {_v(it.keep_max)})")
-    if it.bias_corrected:
-        eq.append(f"{name}     = {name} / (1 - {_v(it.beta)}^t)")
+    eq += _bias_correction(nums, "curvature", name)
     return name
 
 
-def _preconditioner(opt: ir.Optimizer, acc: str) -> str:
-    """P as text: the accumulated curvature, rooted by the length limitation, damped."""
-    ln, d = opt.length, opt.damping
-    inner = f"({acc} + {_v(d.eps)})" if d.kind == "inside" else acc
-    if ln.kind in ("none", "normalized"):
+def _preconditioner(root: Root, acc: str) -> str:
+    """P as text: the accumulated curvature, rooted and damped as the plan does it."""
+    inner = f"{acc} + {root.inside}" if root.inside else acc
+    if root.exponent is None:
         p = inner
-    elif ln.kind == "eigen_sign" or (isinstance(ln.power, ir.Const) and ln.power.value == 1.0):
+    elif root.exponent == "1/2":
         p = f"sqrt({inner})"
     else:
-        p = f"{inner}^({_v(ln.power)}/2)"
-    if d.kind == "add":
-        p = f"{p} + {_v(d.eps)}"
-    elif d.kind == "floor":
-        p = f"max({p}, {_v(d.eps)})"
+        p = f"({inner})^({root.exponent})" if root.inside else f"{inner}^({root.exponent})"
+    if root.after:
+        p = f"{p} + {root.after}"
+    if root.floor:
+        p = f"max({p}, {root.floor})"
     return p
 
 
-def _elementwise(opt: ir.Optimizer, lr: str) -> list[str]:
+def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq: list[str] = []
-    constant = opt.curvature.kind == "constant"
+    constant = nums.root is None
     if not constant:
         eq.append(f"c     = {_estimate(opt)}")
-        eq.append(f"P     = {_preconditioner(opt, _accumulate(opt, eq, 'c'))}")
-    m = _momentum(opt, eq)
+        eq.append(f"P     = {_preconditioner(nums.root, _accumulate(opt, eq, 'c', nums=nums))}")
+    m = _momentum(opt, eq, nums)
     ln = opt.length.kind
     u = f"{m}" if constant else f"{m} / P"
     if ln == "eigen_sign":
@@ -192,31 +215,35 @@ def _clip(opt: ir.Optimizer) -> list[str]:
     return []
 
 
-def _kronecker(opt: ir.Optimizer, lr: str) -> list[str]:
+def _per_mode(e: str) -> str:
+    """The exponent of each of an order-k tensor's k factors, for a product rooted at e."""
+    try:
+        f = Fraction(e)
+    except ValueError:
+        return f"^-({e})/k"
+    return f"^-{f.numerator}/k" if f.denominator == 1 else f"^-{f.numerator}/({f.denominator}k)"
+
+
+def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    root_ = nums.matrix
     if opt.curvature.kind == "kfac":
         eq = ["A     = a a^T      (layer inputs)", "S     = ds ds^T    (gradients at layer outputs)",
               _accumulate_line(opt, "A", "a a^T"), _accumulate_line(opt, "S", "ds ds^T")]
-        left, right = "S", "A"
+        left, right, power, per_mode = "S", "A", f"-{root_.exponent}", ""
     else:
         eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
               "        g unfolded along mode i (modes longer than max_dim keep none)"]
         eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
         eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
         left, right = "L", "R"
-    m = _momentum(opt, eq)
+        power = f"-{_half(root_.exponent)}"  # a matrix: two factors share the root
+        per_mode = f"order-k tensors: {_per_mode(root_.exponent)} per mode"
+    m = _momentum(opt, eq, nums)
     m = "G" if m == "g" else m
     every = f"   (roots recomputed every {_v(opt.structure.every)} steps)" \
         if opt.structure.every is not None else ""
-    d = opt.damping
-    inside = f"({{}} + {_v(d.eps)} I)" if d.kind == "inside" else "{}"
-    after = f" + {_v(d.eps)} I" if d.kind == "add" else ""
-    if opt.length.kind == "none":
-        power, per_mode = "-1", "order-k tensors: ^-1/k per mode"
-    else:
-        power, per_mode = "-1/4", "order-k tensors: ^-1/(2k) per mode"
-    if opt.curvature.kind == "kfac":
-        per_mode = ""
-        power = "-1" if opt.length.kind == "none" else "-1/2"
+    inside = f"({{}} + {root_.inside} I)" if root_.inside else "{}"
+    after = f" + {root_.after} I" if root_.after else ""
 
     def root(f: str) -> str:
         r = f"{inside.format(f)}^{power}"
@@ -234,7 +261,16 @@ def _accumulate_line(opt: ir.Optimizer, name: str, new: str) -> str:
     return eq[0]
 
 
-def _dense(opt: ir.Optimizer, lr: str) -> list[str]:
+def _dense_inverse(root: Root) -> str:
+    """(H + eps_inside I)^-e, or (H^e + eps_after I)^-1, as the plan damps it."""
+    e = root.exponent
+    if root.after:
+        return f"(H{'' if e == '1' else '^' + e} + {root.after} I)^-1"
+    h = f"(H + {root.inside} I)" if root.inside else "H"
+    return f"{h}^-{e}"
+
+
+def _dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq: list[str] = []
     c = opt.curvature.kind
     src = {"hessian": "grad^2 f(theta)", "fisher": "E_{y ~ p(y|x)} [g_y g_y^T]",
@@ -242,19 +278,18 @@ def _dense(opt: ir.Optimizer, lr: str) -> list[str]:
     eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
     if c == "fisher":
         eq[-1] += "   (H ~ F, the paper's NGD)"
-    m = _momentum(opt, eq)
+    m = _momentum(opt, eq, nums)
     ln = opt.length.kind
-    damp = f" + {_v(opt.damping.eps)} I" if opt.damping.kind != "none" else ""
-    Hd = f"(H{damp})" if damp else "H"
+    inv = _dense_inverse(nums.matrix)
     if ln == "none":
-        eq.append(f"d     = {Hd}^-1 {m}")
+        eq.append(f"d     = {inv} {m}")
     elif ln == "normalized":
-        eq.append(f"d     = {Hd}^-1 {m} / sqrt({m}^T {Hd}^-1 {m})     (||d||_H = 1)")
+        eq.append(f"d     = {inv} {m} / sqrt({m}^T {inv} {m})     (||d||_H = 1)")
     elif ln == "gradient_norm":
-        eq.append(f"d     = {Hd}^-1/2 {m}                         (||d_i||_H = g_i)")
+        eq.append(f"d     = {inv} {m}                         (||d_i||_H = g_i)")
     else:
         eq.append("H     = Q diag(lambda) Q^T")
-        eq.append(f"d     = {Hd}^-1/2 Q sign(Q^T {m})             (||d_i||_H = 1)")
+        eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
@@ -277,14 +312,20 @@ def _low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
     ]
 
 
-def explain(opt: ir.Optimizer) -> str:
-    row = table_row(opt)
+def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
+    nums = numbers(opt, plan)
+    if plan is None and nums.not_compiled is None:
+        plan = lower_mod.lower(opt)
+    row = table_row(opt, plan)
     lines = [f"{opt.name}  ({opt.file})", ""]
     width = max(len(c) for c in TABLE_COLUMNS)
     for col in TABLE_COLUMNS:
         lines.append(f"  {col:<{width}}  {row[col] or '-'}")
-    lines += ["", "  update, per step t:"]
-    lines += [f"    {e}" for e in equations(opt)]
+    if nums.not_compiled:
+        lines += ["", f"  not compiled ({nums.not_compiled}); the rule the spec asks for:"]
+    else:
+        lines += ["", "  update, per step t:"]
+    lines += [f"    {e}" for e in equations(opt, plan)]
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
             f"{h.name}={_default(h.default)}" for h in opt.hypers)]

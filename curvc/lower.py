@@ -305,15 +305,10 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
 
 
 def _lerp(s: _Step, a: Expr, b: Expr, w: Expr) -> Expr:
-    """torch.lerp(a, b, w) for a host weight w, with its two formulas as a static choice.
-
-    torch picks a + w(b - a) for |w| < 0.5 and b - (b - a)(1 - w) otherwise
-    (each exact at its end); choosing on the host keeps the results bitwise
-    torch's, and a compiled kernel evaluates one formula, not both and a blend.
-    """
-    near_a = s.flag("lerp_near_start", op("gt", 0.5, op("abs", w)))
-    diff = sub(b, a)
-    return Select(near_a, add(a, mul(w, diff)), sub(b, mul(diff, sub(1.0, w))))
+    """torch.lerp(a, b, w) for a host weight w: torch's own formula (a + w(b - a) for
+    |w| < 0.5, else b - (b - a)(1 - w), each exact at its end), so the moving average
+    is bitwise torch's, and one foreach op on the eager path."""
+    return op("lerp", a, b, w)
 
 
 def lower_momentum(s: _Step, g: Expr) -> Expr:
@@ -482,8 +477,13 @@ def _refuse_kronecker(opt: ir.Optimizer) -> None:
 
 
 def _refuse_kfac(opt: ir.Optimizer) -> None:
-    it, ln, dmp = opt.iterate, opt.length, opt.damping
+    it, ln, dmp, st = opt.iterate, opt.length, opt.damping, opt.structure
+    max_dim = next(a for a in checks.FORMS["structure"]["kronecker"].args if a.name == "max_dim")
     refusals = [
+        (st.max_dim is not None and st.max_dim != ir.Const(max_dim.default), st,
+         "structure kronecker(max_dim) with curvature kfac",
+         "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
+         "Shampoo's per-mode factors"),
         (it.kind != "ema" or it.bias_corrected or it.delayed
          or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
          f"iterate {it.kind} with curvature kfac",
@@ -561,6 +561,12 @@ def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
 def _refuse_secant(opt: ir.Optimizer) -> None:
     """The secant step runs on the raw gradient with the step L-BFGS takes; the
     techniques that would change either are refused with their reason."""
+    ln = opt.length
+    if ln.kind != "none":  # gradient_norm and eigen_sign are refused by check
+        raise CurvError("codegen.unsupported", ln.span,
+                        what=f"length {ln.kind} with the secant method ({opt.name})",
+                        why="the secant step is d = H^-1 g, sized by lr or the line search; "
+                            "dividing it by sqrt(g^T H^-1 g) is not implemented")
     for axis in ("momentum", "decay", "clip", "damping", "schedule"):
         node = getattr(opt, axis)
         if node.kind not in ("none", "constant"):

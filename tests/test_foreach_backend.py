@@ -172,12 +172,19 @@ def test_section_shape():
     text = foreach_backend.render(to_plan(to_ir(source, file)))
     assert "def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg," in text
     assert "_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq'," in text
-    # In-place ops write only into temporaries (t<N>), and copies only into stores.
-    for m in re.finditer(r"(\w+)_\((\w+)", text):
-        if m.group(1) != "_foreach_copy":
-            assert m.group(1).startswith("_foreach_") and re.fullmatch(r"t\d+", m.group(2)), m[0]
+    # In-place ops write only into temporaries (t<N>) and into the compute-dtype lists of
+    # the state the step stores (never into the gradient); copies only into stores.
     stored = re.findall(r"torch\._foreach_copy_\((\w+),", text)
     assert stored == ["exp_avg_sq", "max_exp_avg_sq", "exp_avg", "param"]
+    for m in re.finditer(r"(\w+)_\((\w+)", text):
+        if m.group(1) != "_foreach_copy":
+            target = m.group(2)
+            assert m.group(1).startswith("_foreach_"), m[0]
+            assert re.fullmatch(r"t\d+", target) or target[:-1] in stored, m[0]
+    # Chains fold into torch's multi-operand foreach ops: one call each.
+    for fused in ("_foreach_addcmul_(", "_foreach_lerp_(", "_foreach_addcdiv_("):
+        assert fused in text, fused
+    assert text.count("torch._foreach_") - text.count("torch._foreach_copy_") <= 12
 
 
 # --- operator combinations no shipped spec uses ------------------------------------

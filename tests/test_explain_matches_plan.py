@@ -1,0 +1,224 @@
+"""`curvc explain` (and every generated module's header) prints the numbers of the code.
+
+For every shipped spec (hybrids and theory rows included) and for power, damping and
+refresh variants, the exponents, the place of eps and the bias-correction counts
+explain prints are compared with the lowered plan. The plan is read here on its own
+terms (its KroneckerStage arguments, the pow/sqrt it applies to tensors, its
+DenseStage fields, its host scalars), never through explain's helpers; explain's text
+is parsed with regular expressions.
+"""
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvc
+from curvc import explain, resources
+from curvc.plan import Const, Load, Op, Precondition, Scalar, walk
+
+SHIPPED = resources.shipped_specs()
+
+
+def _variant(name: str, old: str, new: str) -> tuple[str, str]:
+    text = SHIPPED[name].read_text()
+    assert old in text, (name, old)
+    return f"{name}: {new}", text.replace(old, new)
+
+
+VARIANTS = dict(
+    [(name, SHIPPED[name].read_text()) for name in SHIPPED]
+    + [_variant(name, "length    gradient_norm", f"length    gradient_norm(power = {p})")
+       for name in ("shampoo", "adam", "gn_normalized_ngd") for p in ("0.5", "1", "2", "3")]
+    + [_variant("shampoo", "length    gradient_norm",
+                f"length    gradient_norm(power = 3)\ndamping   {d}(1e-3)") for d in ("inside", "add")]
+    + [_variant("adam", "damping   add(eps)", f"damping   {d}(eps)") for d in ("inside", "floor")]
+    + [_variant("gn_normalized_ngd", "length    gradient_norm",
+                f"length    gradient_norm(power = 3)\ndamping   {d}(1e-3)") for d in ("inside", "add")]
+    + [_variant("adam", "keep_max = amsgrad) bias_corrected",
+                "keep_max = amsgrad) bias_corrected every 3")]
+)
+
+
+def _compile(text):
+    opt = curvc.to_ir(text)
+    return opt, curvc.to_plan(opt)
+
+
+# --- reading the plan ------------------------------------------------------------
+
+def _hyper_values(plan) -> dict:
+    out = {"step": 7.0}  # any step: only used to evaluate host expressions
+    for h in plan.hypers:
+        if isinstance(h.default, tuple):
+            out.update({f"{h.name}_{i}": float(v) for i, v in enumerate(h.default)})
+        else:
+            out[h.name] = float(h.default)
+    return out
+
+
+def _evaluate(plan, e) -> float:
+    """A host expression's value, with the hyperparameters at their defaults."""
+    host, values = dict(plan.host), _hyper_values(plan)
+    if isinstance(e, Const):
+        return e.value
+    if isinstance(e, Scalar):
+        return _evaluate(plan, host[e.name]) if e.name in host else values[e.name]
+    a, b = (_evaluate(plan, x) for x in e.args)
+    return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b, "pow": a ** b,
+            "mod": math.fmod(a, b)}[e.op]
+
+
+def _param_nodes(plan):
+    return list(walk(next(st.value for st in plan.stores if st.target == "param")))
+
+
+def _reads_tensor(e) -> bool:
+    return any(isinstance(n, Load) for n in walk(e))
+
+
+def _tensor_roots(plan) -> list[tuple[float, bool]]:
+    """(exponent, eps inside) of each sqrt/pow the step applies to a tensor."""
+    out = []
+    for n in _param_nodes(plan):
+        if isinstance(n, Op) and n.op in ("sqrt", "pow") and _reads_tensor(n.args[0]):
+            x = n.args[0]
+            inside = isinstance(x, Op) and x.op == "add" and not _reads_tensor(x.args[1])
+            out.append((0.5 if n.op == "sqrt" else _evaluate(plan, n.args[1]), inside))
+    return out
+
+
+def _kronecker_args(plan) -> dict:
+    node = next(n for n in _param_nodes(plan) if isinstance(n, Precondition))
+    stage = plan.stage(node.stage)
+    assert stage.per_mode  # each of a matrix's 2 factors takes the product's root / 2
+    return {k: _evaluate(plan, v) for k, v in zip(stage.params, node.args[2:])}
+
+
+# --- reading explain ---------------------------------------------------------------
+
+def _line(lines, start):
+    return next(line for line in lines if line.startswith(start))
+
+
+def _number(text: str, plan) -> float:
+    """An exponent as explain prints it: '1/4', '3/2' or 'hessian_power/2'."""
+    return float(eval(text, {"__builtins__": {}}, _hyper_values(plan)))  # noqa: S307 - our text
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_explain_prints_the_exponents_of_the_plan(name):
+    opt, plan = _compile(VARIANTS[name])
+    lines = explain.equations(opt, plan)
+    assert lines == explain.equations(opt)  # lowering it again changes nothing
+    header = curvc.to_module_source(VARIANTS[name]).split('"""')[1]
+    for line in lines:  # the module header prints the same
+        assert line.replace("\\", "/") in header, line
+    if plan.matrix:
+        args = _kronecker_args(plan)
+        d = _line(lines, "d     = ")
+        for factor in ("L", "R"):  # (F + inside I)^-x, or (F^-x + after I)
+            m = re.search(rf"{factor}( \+ (\S+) I\))?\^-(\S+?)( \+ (\S+) I\))?(?: |$)", d)
+            assert m, (factor, d)
+            assert Fraction(m.group(3)) == Fraction(args["exponent"] / 2).limit_denominator(64)
+            assert (m.group(2) is not None) == (args["eps_inside"] != 0), d
+            assert (m.group(5) is not None) == (args["eps_after"] != 0), d
+    elif plan.dense is not None:
+        st = plan.dense
+        # curvc.runtime.dense: w^(power/2) for gradient_norm, sqrt for eigen_sign, w otherwise
+        expected = {"gradient_norm": _evaluate(plan, st.power) / 2,
+                    "eigen_sign": 0.5}.get(st.length, 1.0)
+        d = _line(lines, "d     = ")
+        after = re.search(r"\(H(\^(\S+))? \+ \S+ I\)\^-1 ", d)
+        if _evaluate(plan, st.eps_after):
+            assert after, d
+            assert Fraction(after.group(2) or "1") == Fraction(expected).limit_denominator(64)
+        else:
+            m = re.search(r"(H|\(H \+ \S+ I\))\^-(\S+) ", d)
+            assert m, d
+            assert Fraction(m.group(2)) == Fraction(expected).limit_denominator(64)
+            assert (m.group(1) != "H") == (_evaluate(plan, st.eps_inside) != 0), d
+    elif plan.estimator is not None and plan.estimator.kind == "kfac":
+        # curvc.runtime.kfac inverts each damped factor (exponent 1) and the plan takes
+        # length none: the step is (S + damping I)^-1 G (A + damping I)^-1
+        damping = _evaluate(plan, dict(plan.estimator.args)["damping"])
+        d = _line(lines, "d     = ")
+        pattern = r"\(S \+ \S+ I\)\^-1 \S+ \(A \+ \S+ I\)\^-1" if damping else r"S\^-1 \S+ A\^-1"
+        assert re.search(pattern, d), d
+    elif plan.secant is None:
+        roots = _tensor_roots(plan)
+        p = [line for line in lines if line.startswith("P     = ")]
+        if not p:
+            assert not roots
+            return
+        p = p[0][len("P     = "):]
+        m = re.search(r"sqrt\((.*?)\)|\^\((.*?)\)", p)
+        if not roots:
+            assert m is None, p
+            return
+        ((exponent, inside),) = set(roots)
+        assert m, p
+        shown = 0.5 if m.group(1) is not None else _number(m.group(2), plan)
+        assert shown == pytest.approx(exponent), p
+        base = m.group(1) if m.group(1) is not None else p[:m.start()]  # what the root is of
+        assert (" + " in base) == inside, p
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if "bias_corrected" in VARIANTS[n]])
+def test_explain_prints_what_each_bias_correction_counts(name):
+    opt, plan = _compile(VARIANTS[name])
+    lines = explain.equations(opt, plan)
+    host = dict(plan.host)
+    for buffer, var in (("curvature", "C"), ("momentum", "m")):
+        corrections = [e for n, e in host.items() if n.startswith(f"{buffer}_bias_correction")]
+        shown = [line for line in lines if line.startswith(f"{var}     = {var} / (1 - ")]
+        assert len(shown) == len(corrections), (buffer, lines)
+        for e, line in zip(corrections, shown):
+            count = e.args[1].args[1]  # 1 - beta^count
+            by_step = count == Scalar("step")
+            assert line.endswith("^t)") == by_step, line
+
+
+def test_shampoo_with_power_2_is_documented_with_the_exponent_it_runs():
+    """The defect: `gradient_norm(power = 2)` ran exponent 1 and was shown as L^-1/4."""
+    name = "shampoo: length    gradient_norm(power = 2)"
+    opt, plan = _compile(VARIANTS[name])
+    assert _kronecker_args(plan)["exponent"] == 1.0
+    assert "d     = L^-1/2 b R^-1/2" in "\n".join(explain.equations(opt, plan))
+    assert explain.table_row(opt, plan)["Structure Approximation"] == "L^-1/2 g R^-1/2"
+
+
+def test_a_spec_curvc_does_not_compile_is_explained_from_its_ir_and_says_so():
+    path = Path(__file__).parent / "errors" / "codegen_kronecker_normalized.curv"
+    out = explain.explain(curvc.to_ir(path.read_text(), str(path)))
+    assert "not compiled (length normalized with structure kronecker" in out
+
+
+def _inverse_root(m, x):
+    w, q = torch.linalg.eigh(m)
+    return q @ torch.diag(w ** -x) @ q.T
+
+
+@pytest.mark.parametrize("power", ["0.5", "1", "2", "3"])
+def test_the_shampoo_exponent_explain_prints_is_the_one_the_step_takes(tmp_path, power):
+    """One step on a 3x2 matrix, against d = L^-x G R^-x with x parsed from explain."""
+    name = f"shampoo: length    gradient_norm(power = {power})"
+    opt_ir, plan = _compile(VARIANTS[name])
+    d = _line(explain.equations(opt_ir, plan), "d     = ")
+    x = float(Fraction(re.search(r"L\^-(\S+) ", d).group(1)))
+    spec = tmp_path / f"shampoo_{power.replace('.', '_')}.curv"
+    spec.write_text(VARIANTS[name])
+    Shampoo = curvc.load(spec, backend="torch")
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2, dtype=torch.float64)
+    w0 = w.detach().clone()
+    opt = Shampoo([w], lr=0.1, matrix_eps=1e-2)
+    w.grad = g.clone()
+    opt.step()
+    left = 1e-2 * torch.eye(3, dtype=torch.float64) + g @ g.T  # L_0 = matrix_eps I
+    right = 1e-2 * torch.eye(2, dtype=torch.float64) + g.T @ g
+    expected = w0 - 0.1 * _inverse_root(left, x) @ g @ _inverse_root(right, x)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=1e-12)
