@@ -43,7 +43,7 @@ import math
 
 from dataclasses import replace
 
-from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select, walk
+from curvc.plan import NONFINITE_FLAG, Const, Load, Op, Plan, Reduced, Scalar, Select, walk
 from curvc.backends.render import (IndentedBuffer, flag_name, plan_roots, reduced_name,
                                    schedule)
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
@@ -400,7 +400,50 @@ def _fused(new: Op, old: Op, once) -> Op:
 
 def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
-    plan = fuse(plan)
+    fused = fuse(plan)
+    sig = update_signature(fused, schedule(plan_roots(fused), _leaf))
+    buf.writeline(f"def _foreach_update({signature_text(sig)}):")
+    with buf.indent():
+        buf.writeline('"""A bucket\'s step: ``update`` over lists, one foreach op per node."""')
+        buf.writeline("if not param:")
+        buf.writeline("    return")
+        buf.writeline("cdt = torch.promote_types(param[0].dtype, torch.float32)")
+        for t in sig["tensors"]:
+            buf.writeline(f"{t}_ = _foreach_cast({t}, cdt)")
+        variants = _skip_variants(plan)
+        if variants is None:
+            _render_body(fused, buf)
+        else:
+            # One body per setting of the skip flag: the skipping one reads the old state
+            # at the end (keep_if), which would keep the other from writing it in place.
+            for head, variant in zip((f"if {flag_name(NONFINITE_FLAG)}:", "else:"), variants):
+                buf.writeline(head)
+                with buf.indent():
+                    _render_body(fuse(variant), buf)
+    return sig
+
+
+def _skip_variants(plan: Plan) -> tuple[Plan, Plan] | None:
+    """The plan with the skip flag (curvc.lower.keep_on_nonfinite) on, then off; None
+    if it has none."""
+    if not any(isinstance(n, Select) and n.flag == NONFINITE_FLAG
+               for st in plan.stores for n in walk(st.value)):
+        return None
+
+    def resolve(e, on: bool):
+        if isinstance(e, Select):
+            if e.flag == NONFINITE_FLAG:
+                return resolve(e.then if on else e.other, on)
+            return Select(e.flag, resolve(e.then, on), resolve(e.other, on))
+        if isinstance(e, Op):
+            return replace(e, args=tuple(resolve(a, on) for a in e.args))
+        return e
+    return tuple(replace(plan, stores=tuple(replace(st, value=resolve(st.value, on))
+                                            for st in plan.stores)) for on in (True, False))
+
+
+def _render_body(plan: Plan, buf: IndentedBuffer) -> None:
+    """The statements and stores of one (fused) plan, after the casts."""
     sched = schedule(plan_roots(plan), _leaf)
     kinds = _kinds(plan, sched)
     # Generated names start with '_' (kept from hyperparameter names by curvc.check).
@@ -411,36 +454,26 @@ def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
     r.prepare(sched, plan)
     body = IndentedBuffer()
     _emit_statements(body, sched.stmts, sched, r)
-    sig = update_signature(plan, sched)
-    buf.writeline(f"def _foreach_update({signature_text(sig)}):")
-    with buf.indent():
-        buf.writeline('"""A bucket\'s step: ``update`` over lists, one foreach op per node."""')
-        buf.writeline("if not param:")
-        buf.writeline("    return")
-        buf.writeline("cdt = torch.promote_types(param[0].dtype, torch.float32)")
-        for t in sig["tensors"]:
-            buf.writeline(f"{t}_ = _foreach_cast({t}, cdt)")
-        if r.scalar_tensors:
-            names = "".join(f"{v}, " for v in r.scalar_tensors.values())
-            values = ", ".join(r.scalar_tensors)
-            buf.writeline(f"{names}= torch.tensor([{values}], dtype=cdt, "
-                          f"device=param[0].device).unbind()")
-        buf.splice(body.getvalue().rstrip("\n"))
-        for st in plan.stores:
-            value = sched.names[st.value]
-            kind = r.kind(value)
-            conditions = [flag_name(st.when)] if st.when else []
-            if kind == LIST and f"{st.target}_" in r.refs.get(value, ()):
-                # already written in place, unless the state needed a compute-dtype copy
-                conditions.append(f"{value} is not {st.target}")
-            if kind == LIST:
-                line = f"torch._foreach_copy_({st.target}, {value})"
-            else:  # a store of a host scalar or a 0-d tensor: fill every tensor with it
-                line = f"for _e in {st.target}: _e.fill_({value})"
-            if conditions:
-                line = f"if {' and '.join(conditions)}:" + ("\n    " if kind != LIST else " ") + line
-            buf.splice(line)
-    return sig
+    if r.scalar_tensors:
+        names = "".join(f"{v}, " for v in r.scalar_tensors.values())
+        values = ", ".join(r.scalar_tensors)
+        buf.writeline(f"{names}= torch.tensor([{values}], dtype=cdt, "
+                      f"device=param[0].device).unbind()")
+    buf.splice(body.getvalue().rstrip("\n"))
+    for st in plan.stores:
+        value = sched.names[st.value]
+        kind = r.kind(value)
+        conditions = [flag_name(st.when)] if st.when else []
+        if kind == LIST and f"{st.target}_" in r.refs.get(value, ()):
+            # already written in place, unless the state needed a compute-dtype copy
+            conditions.append(f"{value} is not {st.target}")
+        if kind == LIST:
+            line = f"torch._foreach_copy_({st.target}, {value})"
+        else:  # a store of a host scalar or a 0-d tensor: fill every tensor with it
+            line = f"for _e in {st.target}: _e.fill_({value})"
+        if conditions:
+            line = f"if {' and '.join(conditions)}:" + ("\n    " if kind != LIST else " ") + line
+        buf.splice(line)
 
 
 def render(plan: Plan) -> str:

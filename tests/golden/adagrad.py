@@ -54,7 +54,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, f_has_weight_decay, f_maximize):
+def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -68,17 +68,23 @@ def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, f_has_weight_decay,
         t3 = (t1 + t2)
     t4 = t3 if f_has_weight_decay else t1
     t5 = (t4 * t4)
-    new_sum_ = (sum_ + t5)
-    t7 = torch.sqrt(new_sum_)
-    t8 = (t7 + h_eps)
-    t9 = (t4 / t8)
-    t10 = (h_lr_t * t9)
-    new_param_ = (param_ - t10)
+    t6 = (sum_ + t5)
+    if f_nonfinite_skip:
+        t7 = torch.where(r_nonfinite != 0, sum_, t6)
+    new_sum_ = t7 if f_nonfinite_skip else t6
+    t9 = torch.sqrt(t6)
+    t10 = (t9 + h_eps)
+    t11 = (t4 / t10)
+    t12 = (h_lr_t * t11)
+    t13 = (param_ - t12)
+    if f_nonfinite_skip:
+        t14 = torch.where(r_nonfinite != 0, param_, t13)
+    new_param_ = t14 if f_nonfinite_skip else t13
     sum.copy_(new_sum_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': [], 'flags': ['has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -93,7 +99,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -101,25 +107,45 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, f_has_weigh
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    t1 = t0 if f_maximize else grad_
-    if f_has_weight_decay:
-        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
-    t3 = t2 if f_has_weight_decay else t1
-    t4 = torch._foreach_mul(t3, t3)
-    torch._foreach_add_(sum_, t4)
-    new_sum_ = sum_
-    t6 = torch._foreach_sqrt(new_sum_)
-    torch._foreach_add_(t6, h_eps)
-    t7 = t6
-    torch._foreach_addcdiv_(param_, t3, t7, value=-h_lr_t)
-    new_param_ = param_
-    if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        t4 = torch._foreach_mul(t3, t3)
+        torch._foreach_add_(t4, sum_)
+        t5 = t4
+        new_sum_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(sum_, t5)]
+        torch._foreach_sqrt_(t5)
+        t7 = t5
+        torch._foreach_add_(t7, h_eps)
+        t8 = t7
+        t9 = torch._foreach_addcdiv(param_, t3, t8, value=-h_lr_t)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
+        torch._foreach_copy_(sum, new_sum_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        t4 = torch._foreach_mul(t3, t3)
+        torch._foreach_add_(sum_, t4)
+        new_sum_ = sum_
+        t6 = torch._foreach_sqrt(new_sum_)
+        torch._foreach_add_(t6, h_eps)
+        t7 = t6
+        torch._foreach_addcdiv_(param_, t3, t7, value=-h_lr_t)
+        new_param_ = param_
+        if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': [], 'flags': ['has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -170,8 +196,10 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_eps: tl.float64, h_lr_t: tl.float64, h_weight_decay: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, SUM_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -187,6 +215,8 @@ else:
         h_eps = tl.cast(h_eps, CDT)
         h_lr_t = tl.cast(h_lr_t, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         sum_ = tl.load(sum_addr + offs, mask=mask).to(CDT)
@@ -204,12 +234,24 @@ else:
         else:
             t4 = t1
         t5 = (t4 * t4)
-        new_sum_ = (sum_ + t5)
-        t7 = _sqrt(new_sum_)
-        t8 = (t7 + h_eps)
-        t9 = _div(t4, t8)
-        t10 = (h_lr_t * t9)
-        new_param_ = (param_ - t10)
+        t6 = (sum_ + t5)
+        if f_nonfinite_skip:
+            t7 = tl.where(r_nonfinite_c != 0, sum_, t6)
+        if f_nonfinite_skip:
+            new_sum_ = t7
+        else:
+            new_sum_ = t6
+        t9 = _sqrt(t6)
+        t10 = (t9 + h_eps)
+        t11 = _div(t4, t10)
+        t12 = (h_lr_t * t11)
+        t13 = (param_ - t12)
+        if f_nonfinite_skip:
+            t14 = tl.where(r_nonfinite_c != 0, param_, t13)
+        if f_nonfinite_skip:
+            new_param_ = t14
+        else:
+            new_param_ = t13
         _store(sum_addr, offs, new_sum_, mask, SUM_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
@@ -222,8 +264,9 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['sum'],
                 t.numels, t.block_tensor, t.block_start,
                 h_eps=float(scalars['eps']), h_lr_t=float(scalars['lr_t']),
-                h_weight_decay=float(scalars['weight_decay']),
+                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
@@ -241,7 +284,9 @@ class Adagrad(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -273,8 +318,8 @@ class Adagrad(CurvOptimizer):
 
     def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
             initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None):
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'lr_decay': lr_decay, 'weight_decay': weight_decay,
                 'initial_accumulator_value': initial_accumulator_value, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -70,7 +70,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize):
+def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -79,35 +79,49 @@ def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_b
     curvature_ = None if curvature is None else curvature.to(cdt)
     exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
     exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
-    t0 = (exp_avg_sq_ * h_betas_1)
-    t1 = curvature_estimate_ if f_estimate else curvature_
-    t2 = (t1 * t1)
-    t3 = (t2 * h_s2)
-    new_exp_avg_sq_ = (t0 + t3)
+    if f_estimate and f_nonfinite_skip:
+        t0 = torch.where(r_nonfinite != 0, curvature_, curvature_estimate_)
+    if f_estimate:
+        new_curvature_ = t0 if f_nonfinite_skip else curvature_estimate_
+    t2 = (exp_avg_sq_ * h_betas_1)
+    t3 = curvature_estimate_ if f_estimate else curvature_
+    t4 = (t3 * t3)
+    t5 = (t4 * h_s2)
+    t6 = (t2 + t5)
+    if f_nonfinite_skip:
+        t7 = torch.where(r_nonfinite != 0, exp_avg_sq_, t6)
+    new_exp_avg_sq_ = t7 if f_nonfinite_skip else t6
     if f_maximize:
-        t5 = (-grad_)
-    t6 = t5 if f_maximize else grad_
+        t9 = (-grad_)
+    t10 = t9 if f_maximize else grad_
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t6, h_s3)
+        t11 = torch.lerp(exp_avg_, t10, h_s3)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t12 = torch.where(r_nonfinite != 0, exp_avg_, t11)
+    if f_has_exp_avg:
+        new_exp_avg_ = t12 if f_nonfinite_skip else t11
     if f_has_weight_decay:
-        t8 = (param_ * h_s4)
-    t9 = t8 if f_has_weight_decay else param_
+        t14 = (param_ * h_s4)
+    t15 = t14 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t10 = (new_exp_avg_ * h_s5)
-    t11 = t10 if f_has_exp_avg else t6
-    t12 = (new_exp_avg_sq_ * h_s6)
-    t13 = (t12 ** h_s7)
-    t14 = (t13 + h_eps)
-    t15 = (t11 / t14)
-    t16 = (h_lr * t15)
-    new_param_ = (t9 - t16)
-    if f_estimate: curvature.copy_(curvature_estimate_)
+        t16 = (t11 * h_s5)
+    t17 = t16 if f_has_exp_avg else t10
+    t18 = (t6 * h_s6)
+    t19 = (t18 ** h_s7)
+    t20 = (t19 + h_eps)
+    t21 = (t17 / t20)
+    t22 = (h_lr * t21)
+    t23 = (t15 - t22)
+    if f_nonfinite_skip:
+        t24 = torch.where(r_nonfinite != 0, param_, t23)
+    new_param_ = t24 if f_nonfinite_skip else t23
+    if f_estimate: curvature.copy_(new_curvature_)
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': ['nonfinite'], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -122,7 +136,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -133,38 +147,73 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     curvature_ = _foreach_cast(curvature, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
-    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
-    t0 = exp_avg_sq_
-    t1 = curvature_estimate_ if f_estimate else curvature_
-    torch._foreach_addcmul_(t0, t1, t1, value=h_s2)
-    new_exp_avg_sq_ = t0
-    if f_maximize:
-        t3 = torch._foreach_neg(grad_)
-    t4 = t3 if f_maximize else grad_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t4, h_s3)
-        new_exp_avg_ = exp_avg_
-    if f_has_weight_decay:
-        t6 = torch._foreach_mul(param_, _s_s4)
-    t7 = t6 if f_has_weight_decay else param_
-    if f_has_exp_avg:
-        t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
-    t9 = t8 if f_has_exp_avg else t4
-    t10 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
-    torch._foreach_pow_(t10, h_s7)
-    t11 = t10
-    torch._foreach_add_(t11, h_eps)
-    t12 = t11
-    torch._foreach_addcdiv_(t7, t9, t12, value=-h_lr)
-    new_param_ = t7
-    if f_estimate: torch._foreach_copy_(curvature, curvature_estimate_)
-    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        if f_estimate:
+            new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(curvature_, curvature_estimate_)]
+        t1 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+        t2 = curvature_estimate_ if f_estimate else curvature_
+        torch._foreach_addcmul_(t1, t2, t2, value=h_s2)
+        t3 = t1
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_sq_, t3)]
+        if f_maximize:
+            t5 = torch._foreach_neg(grad_)
+        t6 = t5 if f_maximize else grad_
+        if f_has_exp_avg:
+            t7 = torch._foreach_lerp(exp_avg_, t6, h_s3)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t7)]
+        if f_has_weight_decay:
+            t9 = torch._foreach_mul(param_, _s_s4)
+        t10 = t9 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            torch._foreach_mul_(t7, _s_s5)
+            t11 = t7
+        t12 = t11 if f_has_exp_avg else t6
+        torch._foreach_mul_(t3, _s_s6)
+        t13 = t3
+        torch._foreach_pow_(t13, h_s7)
+        t14 = t13
+        torch._foreach_add_(t14, h_eps)
+        t15 = t14
+        t16 = torch._foreach_addcdiv(t10, t12, t15, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
+        if f_estimate: torch._foreach_copy_(curvature, new_curvature_)
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+        t0 = exp_avg_sq_
+        t1 = curvature_estimate_ if f_estimate else curvature_
+        torch._foreach_addcmul_(t0, t1, t1, value=h_s2)
+        new_exp_avg_sq_ = t0
+        if f_maximize:
+            t3 = torch._foreach_neg(grad_)
+        t4 = t3 if f_maximize else grad_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t4, h_s3)
+            new_exp_avg_ = exp_avg_
+        if f_has_weight_decay:
+            t6 = torch._foreach_mul(param_, _s_s4)
+        t7 = t6 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
+        t9 = t8 if f_has_exp_avg else t4
+        t10 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        torch._foreach_pow_(t10, h_s7)
+        t11 = t10
+        torch._foreach_add_(t11, h_eps)
+        t12 = t11
+        torch._foreach_addcdiv_(t7, t9, t12, value=-h_lr)
+        new_param_ = t7
+        if f_estimate: torch._foreach_copy_(curvature, curvature_estimate_)
+        if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': [], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': ['nonfinite'], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -217,9 +266,11 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_estimate: tl.constexpr, f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             CURVATURE_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
@@ -245,51 +296,80 @@ else:
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
         h_s7 = tl.cast(h_s7, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_estimate:
             curvature_estimate_ = tl.load(curvature_estimate_addr + offs, mask=mask).to(CDT)
-        if not f_estimate:
-            curvature_ = tl.load(curvature_addr + offs, mask=mask).to(CDT)
+        curvature_ = tl.load(curvature_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
         if f_has_exp_avg:
             exp_avg_ = tl.load(exp_avg_addr + offs, mask=mask).to(CDT)
-        t0 = (exp_avg_sq_ * h_betas_1)
         if f_estimate:
-            t1 = curvature_estimate_
-        else:
-            t1 = curvature_
-        t2 = (t1 * t1)
-        t3 = (t2 * h_s2)
-        new_exp_avg_sq_ = (t0 + t3)
-        if f_maximize:
-            t5 = (-grad_)
-        if f_maximize:
-            t6 = t5
-        else:
-            t6 = grad_
-        if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
-        if f_has_weight_decay:
-            t8 = (param_ * h_s4)
-        if f_has_weight_decay:
-            t9 = t8
-        else:
-            t9 = param_
-        if f_has_exp_avg:
-            t10 = (new_exp_avg_ * h_s5)
-        if f_has_exp_avg:
-            t11 = t10
-        else:
-            t11 = t6
-        t12 = (new_exp_avg_sq_ * h_s6)
-        t13 = tl.where(h_s7 == 0.5, _sqrt(t12), tl.where(h_s7 == 0.0, 1.0, tl.exp2(h_s7 * tl.log2(t12))))
-        t14 = (t13 + h_eps)
-        t15 = _div(t11, t14)
-        t16 = (h_lr * t15)
-        new_param_ = (t9 - t16)
+            if f_nonfinite_skip:
+                t0 = tl.where(r_nonfinite_c != 0, curvature_, curvature_estimate_)
         if f_estimate:
-            _store(curvature_addr, offs, curvature_estimate_, mask, CURVATURE_T)
+            if f_nonfinite_skip:
+                new_curvature_ = t0
+            else:
+                new_curvature_ = curvature_estimate_
+        t2 = (exp_avg_sq_ * h_betas_1)
+        if f_estimate:
+            t3 = curvature_estimate_
+        else:
+            t3 = curvature_
+        t4 = (t3 * t3)
+        t5 = (t4 * h_s2)
+        t6 = (t2 + t5)
+        if f_nonfinite_skip:
+            t7 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t6)
+        if f_nonfinite_skip:
+            new_exp_avg_sq_ = t7
+        else:
+            new_exp_avg_sq_ = t6
+        if f_maximize:
+            t9 = (-grad_)
+        if f_maximize:
+            t10 = t9
+        else:
+            t10 = grad_
+        if f_has_exp_avg:
+            t11 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t10 - exp_avg_), t10 - (t10 - exp_avg_) * (1.0 - h_s3))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t12 = tl.where(r_nonfinite_c != 0, exp_avg_, t11)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t12
+            else:
+                new_exp_avg_ = t11
+        if f_has_weight_decay:
+            t14 = (param_ * h_s4)
+        if f_has_weight_decay:
+            t15 = t14
+        else:
+            t15 = param_
+        if f_has_exp_avg:
+            t16 = (t11 * h_s5)
+        if f_has_exp_avg:
+            t17 = t16
+        else:
+            t17 = t10
+        t18 = (t6 * h_s6)
+        t19 = tl.where(h_s7 == 0.5, _sqrt(t18), tl.where(h_s7 == 0.0, 1.0, tl.exp2(h_s7 * tl.log2(t18))))
+        t20 = (t19 + h_eps)
+        t21 = _div(t17, t20)
+        t22 = (h_lr * t21)
+        t23 = (t15 - t22)
+        if f_nonfinite_skip:
+            t24 = tl.where(r_nonfinite_c != 0, param_, t23)
+        if f_nonfinite_skip:
+            new_param_ = t24
+        else:
+            new_param_ = t23
+        if f_estimate:
+            _store(curvature_addr, offs, new_curvature_, mask, CURVATURE_T)
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         if f_has_exp_avg:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
@@ -307,9 +387,10 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_s7=float(scalars['s7']), f_estimate=bool(flags['estimate']),
-                f_has_exp_avg=bool(flags['has_exp_avg']),
+                h_s7=float(scalars['s7']), r_nonfinite_ptr=reduced['nonfinite'],
+                f_estimate=bool(flags['estimate']), f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], CURVATURE_T=t.dtypes['curvature'],
                 EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
@@ -329,7 +410,9 @@ class AdaHessian(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -367,8 +450,9 @@ class AdaHessian(CurvOptimizer):
 
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=0.0001, weight_decay=0.0,
             hessian_power=1.0, update_each=1.0, n_samples=1.0, *, maximize=False, foreach=None,
-            fused=None, capturable=False, differentiable=False, state_dtype=None):
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'hessian_power': hessian_power, 'update_each': update_each, 'n_samples': n_samples,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

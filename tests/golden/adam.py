@@ -67,7 +67,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -87,33 +87,47 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
     t6 = t5 if f_has_weight_decay else t2
     t7 = (t6 * t6)
     t8 = (t7 * h_s2)
-    new_exp_avg_sq_ = (t0 + t8)
+    t9 = (t0 + t8)
+    if f_nonfinite_skip:
+        t10 = torch.where(r_nonfinite != 0, exp_avg_sq_, t9)
+    new_exp_avg_sq_ = t10 if f_nonfinite_skip else t9
     if f_keep_max:
-        new_max_exp_avg_sq_ = torch.maximum(max_exp_avg_sq_, new_exp_avg_sq_)
+        t12 = torch.maximum(max_exp_avg_sq_, t9)
+    if f_keep_max and f_nonfinite_skip:
+        t13 = torch.where(r_nonfinite != 0, max_exp_avg_sq_, t12)
+    if f_keep_max:
+        new_max_exp_avg_sq_ = t13 if f_nonfinite_skip else t12
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t6, h_s3)
+        t15 = torch.lerp(exp_avg_, t6, h_s3)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t16 = torch.where(r_nonfinite != 0, exp_avg_, t15)
+    if f_has_exp_avg:
+        new_exp_avg_ = t16 if f_nonfinite_skip else t15
     if f_decoupled_decay and f_has_weight_decay:
-        t12 = (param_ * h_s4)
+        t18 = (param_ * h_s4)
     if f_has_weight_decay:
-        t13 = t12 if f_decoupled_decay else param_
-    t14 = t13 if f_has_weight_decay else param_
+        t19 = t18 if f_decoupled_decay else param_
+    t20 = t19 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t15 = (new_exp_avg_ * h_s5)
-    t16 = t15 if f_has_exp_avg else t6
-    t17 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t18 = (t17 * h_s6)
-    t19 = torch.sqrt(t18)
-    t20 = (t19 + h_eps)
-    t21 = (t16 / t20)
-    t22 = (h_lr * t21)
-    new_param_ = (t14 - t22)
+        t21 = (t15 * h_s5)
+    t22 = t21 if f_has_exp_avg else t6
+    t23 = t12 if f_keep_max else t9
+    t24 = (t23 * h_s6)
+    t25 = torch.sqrt(t24)
+    t26 = (t25 + h_eps)
+    t27 = (t22 / t26)
+    t28 = (h_lr * t27)
+    t29 = (t20 - t28)
+    if f_nonfinite_skip:
+        t30 = torch.where(r_nonfinite != 0, param_, t29)
+    new_param_ = t30 if f_nonfinite_skip else t29
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -128,7 +142,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -138,48 +152,91 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
-    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
-    t0 = exp_avg_sq_
-    if f_maximize:
-        t1 = torch._foreach_neg(grad_)
-    t2 = t1 if f_maximize else grad_
-    if not f_decoupled_decay and f_has_weight_decay:
-        t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
-    if f_has_weight_decay:
-        t4 = t2 if f_decoupled_decay else t3
-    t5 = t4 if f_has_weight_decay else t2
-    torch._foreach_addcmul_(t0, t5, t5, value=h_s2)
-    new_exp_avg_sq_ = t0
-    if f_keep_max:
-        torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
-        new_max_exp_avg_sq_ = max_exp_avg_sq_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t5, h_s3)
-        new_exp_avg_ = exp_avg_
-    if f_decoupled_decay and f_has_weight_decay:
-        t9 = torch._foreach_mul(param_, _s_s4)
-    if f_has_weight_decay:
-        t10 = t9 if f_decoupled_decay else param_
-    t11 = t10 if f_has_weight_decay else param_
-    if f_has_exp_avg:
-        t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
-    t13 = t12 if f_has_exp_avg else t5
-    t14 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t15 = torch._foreach_mul(t14, _s_s6)
-    torch._foreach_sqrt_(t15)
-    t16 = t15
-    torch._foreach_add_(t16, h_eps)
-    t17 = t16
-    torch._foreach_addcdiv_(t11, t13, t17, value=-h_lr)
-    new_param_ = t11
-    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+        if f_maximize:
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        if not f_decoupled_decay and f_has_weight_decay:
+            t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
+        if f_has_weight_decay:
+            t4 = t2 if f_decoupled_decay else t3
+        t5 = t4 if f_has_weight_decay else t2
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s2)
+        t6 = t0
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_sq_, t6)]
+        if f_keep_max:
+            t8 = torch._foreach_maximum(max_exp_avg_sq_, t6)
+            new_max_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(max_exp_avg_sq_, t8)]
+        if f_has_exp_avg:
+            t10 = torch._foreach_lerp(exp_avg_, t5, h_s3)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t10)]
+        if f_decoupled_decay and f_has_weight_decay:
+            t12 = torch._foreach_mul(param_, _s_s4)
+        if f_has_weight_decay:
+            t13 = t12 if f_decoupled_decay else param_
+        t14 = t13 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            torch._foreach_mul_(t10, _s_s5)
+            t15 = t10
+        t16 = t15 if f_has_exp_avg else t5
+        t17 = t8 if f_keep_max else t6
+        torch._foreach_mul_(t17, _s_s6)
+        t18 = t17
+        torch._foreach_sqrt_(t18)
+        t19 = t18
+        torch._foreach_add_(t19, h_eps)
+        t20 = t19
+        t21 = torch._foreach_addcdiv(t14, t16, t20, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t21)]
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_keep_max: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+        t0 = exp_avg_sq_
+        if f_maximize:
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        if not f_decoupled_decay and f_has_weight_decay:
+            t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
+        if f_has_weight_decay:
+            t4 = t2 if f_decoupled_decay else t3
+        t5 = t4 if f_has_weight_decay else t2
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s2)
+        new_exp_avg_sq_ = t0
+        if f_keep_max:
+            torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
+            new_max_exp_avg_sq_ = max_exp_avg_sq_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t5, h_s3)
+            new_exp_avg_ = exp_avg_
+        if f_decoupled_decay and f_has_weight_decay:
+            t9 = torch._foreach_mul(param_, _s_s4)
+        if f_has_weight_decay:
+            t10 = t9 if f_decoupled_decay else param_
+        t11 = t10 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
+        t13 = t12 if f_has_exp_avg else t5
+        t14 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+        t15 = torch._foreach_mul(t14, _s_s6)
+        torch._foreach_sqrt_(t15)
+        t16 = t15
+        torch._foreach_add_(t16, h_eps)
+        t17 = t16
+        torch._foreach_addcdiv_(t11, t13, t17, value=-h_lr)
+        new_param_ = t11
+        if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': [], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -232,9 +289,12 @@ else:
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
             h_weight_decay: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_decoupled_decay: tl.constexpr, f_has_exp_avg: tl.constexpr,
             f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
             MAX_EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
@@ -259,6 +319,8 @@ else:
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
@@ -288,39 +350,67 @@ else:
             t6 = t2
         t7 = (t6 * t6)
         t8 = (t7 * h_s2)
-        new_exp_avg_sq_ = (t0 + t8)
+        t9 = (t0 + t8)
+        if f_nonfinite_skip:
+            t10 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t9)
+        if f_nonfinite_skip:
+            new_exp_avg_sq_ = t10
+        else:
+            new_exp_avg_sq_ = t9
         if f_keep_max:
-            new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_, propagate_nan=tl.PropagateNan.ALL)
+            t12 = tl.maximum(max_exp_avg_sq_, t9, propagate_nan=tl.PropagateNan.ALL)
+        if f_keep_max:
+            if f_nonfinite_skip:
+                t13 = tl.where(r_nonfinite_c != 0, max_exp_avg_sq_, t12)
+        if f_keep_max:
+            if f_nonfinite_skip:
+                new_max_exp_avg_sq_ = t13
+            else:
+                new_max_exp_avg_sq_ = t12
         if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+            t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t16 = tl.where(r_nonfinite_c != 0, exp_avg_, t15)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t16
+            else:
+                new_exp_avg_ = t15
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t12 = (param_ * h_s4)
+                t18 = (param_ * h_s4)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t13 = t12
+                t19 = t18
             else:
-                t13 = param_
+                t19 = param_
         if f_has_weight_decay:
-            t14 = t13
+            t20 = t19
         else:
-            t14 = param_
+            t20 = param_
         if f_has_exp_avg:
-            t15 = (new_exp_avg_ * h_s5)
+            t21 = (t15 * h_s5)
         if f_has_exp_avg:
-            t16 = t15
+            t22 = t21
         else:
-            t16 = t6
+            t22 = t6
         if f_keep_max:
-            t17 = new_max_exp_avg_sq_
+            t23 = t12
         else:
-            t17 = new_exp_avg_sq_
-        t18 = (t17 * h_s6)
-        t19 = _sqrt(t18)
-        t20 = (t19 + h_eps)
-        t21 = _div(t16, t20)
-        t22 = (h_lr * t21)
-        new_param_ = (t14 - t22)
+            t23 = t9
+        t24 = (t23 * h_s6)
+        t25 = _sqrt(t24)
+        t26 = (t25 + h_eps)
+        t27 = _div(t22, t26)
+        t28 = (h_lr * t27)
+        t29 = (t20 - t28)
+        if f_nonfinite_skip:
+            t30 = tl.where(r_nonfinite_c != 0, param_, t29)
+        if f_nonfinite_skip:
+            new_param_ = t30
+        else:
+            new_param_ = t29
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         if f_keep_max:
             _store(max_exp_avg_sq_addr, offs, new_max_exp_avg_sq_, mask, MAX_EXP_AVG_SQ_T)
@@ -340,10 +430,10 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_weight_decay=float(scalars['weight_decay']),
+                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']), f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_maximize=bool(flags['maximize']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
                 MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)
@@ -362,7 +452,9 @@ class Adam(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -396,8 +488,9 @@ class Adam(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
             amsgrad=False, decoupled_weight_decay=False, *, maximize=False, foreach=None,
-            fused=None, capturable=False, differentiable=False, state_dtype=None):
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'amsgrad': amsgrad, 'decoupled_weight_decay': decoupled_weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -64,7 +64,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -78,31 +78,45 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
     t2 = t1 if f_maximize else grad_
     t3 = (t2 * t2)
     t4 = (t3 * h_s2)
-    new_exp_avg_sq_ = (t0 + t4)
+    t5 = (t0 + t4)
+    if f_nonfinite_skip:
+        t6 = torch.where(r_nonfinite != 0, exp_avg_sq_, t5)
+    new_exp_avg_sq_ = t6 if f_nonfinite_skip else t5
     if f_keep_max:
-        new_max_exp_avg_sq_ = torch.maximum(max_exp_avg_sq_, new_exp_avg_sq_)
+        t8 = torch.maximum(max_exp_avg_sq_, t5)
+    if f_keep_max and f_nonfinite_skip:
+        t9 = torch.where(r_nonfinite != 0, max_exp_avg_sq_, t8)
+    if f_keep_max:
+        new_max_exp_avg_sq_ = t9 if f_nonfinite_skip else t8
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t2, h_s3)
+        t11 = torch.lerp(exp_avg_, t2, h_s3)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t12 = torch.where(r_nonfinite != 0, exp_avg_, t11)
+    if f_has_exp_avg:
+        new_exp_avg_ = t12 if f_nonfinite_skip else t11
     if f_has_weight_decay:
-        t8 = (param_ * h_s4)
-    t9 = t8 if f_has_weight_decay else param_
+        t14 = (param_ * h_s4)
+    t15 = t14 if f_has_weight_decay else param_
     if f_has_exp_avg:
-        t10 = (new_exp_avg_ * h_s5)
-    t11 = t10 if f_has_exp_avg else t2
-    t12 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t13 = (t12 * h_s6)
-    t14 = torch.sqrt(t13)
-    t15 = (t14 + h_eps)
-    t16 = (t11 / t15)
-    t17 = (h_lr * t16)
-    new_param_ = (t9 - t17)
+        t16 = (t11 * h_s5)
+    t17 = t16 if f_has_exp_avg else t2
+    t18 = t8 if f_keep_max else t5
+    t19 = (t18 * h_s6)
+    t20 = torch.sqrt(t19)
+    t21 = (t20 + h_eps)
+    t22 = (t17 / t21)
+    t23 = (h_lr * t22)
+    t24 = (t15 - t23)
+    if f_nonfinite_skip:
+        t25 = torch.where(r_nonfinite != 0, param_, t24)
+    new_param_ = t25 if f_nonfinite_skip else t24
     exp_avg_sq.copy_(new_exp_avg_sq_)
     if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -117,7 +131,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -127,41 +141,77 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
-    torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
-    t0 = exp_avg_sq_
-    if f_maximize:
-        t1 = torch._foreach_neg(grad_)
-    t2 = t1 if f_maximize else grad_
-    torch._foreach_addcmul_(t0, t2, t2, value=h_s2)
-    new_exp_avg_sq_ = t0
-    if f_keep_max:
-        torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
-        new_max_exp_avg_sq_ = max_exp_avg_sq_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t2, h_s3)
-        new_exp_avg_ = exp_avg_
-    if f_has_weight_decay:
-        t6 = torch._foreach_mul(param_, _s_s4)
-    t7 = t6 if f_has_weight_decay else param_
-    if f_has_exp_avg:
-        t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
-    t9 = t8 if f_has_exp_avg else t2
-    t10 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-    t11 = torch._foreach_mul(t10, _s_s6)
-    torch._foreach_sqrt_(t11)
-    t12 = t11
-    torch._foreach_add_(t12, h_eps)
-    t13 = t12
-    torch._foreach_addcdiv_(t7, t9, t13, value=-h_lr)
-    new_param_ = t7
-    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
+        if f_maximize:
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        torch._foreach_addcmul_(t0, t2, t2, value=h_s2)
+        t3 = t0
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_sq_, t3)]
+        if f_keep_max:
+            t5 = torch._foreach_maximum(max_exp_avg_sq_, t3)
+            new_max_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(max_exp_avg_sq_, t5)]
+        if f_has_exp_avg:
+            t7 = torch._foreach_lerp(exp_avg_, t2, h_s3)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t7)]
+        if f_has_weight_decay:
+            t9 = torch._foreach_mul(param_, _s_s4)
+        t10 = t9 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            torch._foreach_mul_(t7, _s_s5)
+            t11 = t7
+        t12 = t11 if f_has_exp_avg else t2
+        t13 = t5 if f_keep_max else t3
+        torch._foreach_mul_(t13, _s_s6)
+        t14 = t13
+        torch._foreach_sqrt_(t14)
+        t15 = t14
+        torch._foreach_add_(t15, h_eps)
+        t16 = t15
+        t17 = torch._foreach_addcdiv(t10, t12, t16, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_keep_max: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+        t0 = exp_avg_sq_
+        if f_maximize:
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        torch._foreach_addcmul_(t0, t2, t2, value=h_s2)
+        new_exp_avg_sq_ = t0
+        if f_keep_max:
+            torch._foreach_maximum_(max_exp_avg_sq_, new_exp_avg_sq_)
+            new_max_exp_avg_sq_ = max_exp_avg_sq_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t2, h_s3)
+            new_exp_avg_ = exp_avg_
+        if f_has_weight_decay:
+            t6 = torch._foreach_mul(param_, _s_s4)
+        t7 = t6 if f_has_weight_decay else param_
+        if f_has_exp_avg:
+            t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
+        t9 = t8 if f_has_exp_avg else t2
+        t10 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+        t11 = torch._foreach_mul(t10, _s_s6)
+        torch._foreach_sqrt_(t11)
+        t12 = t11
+        torch._foreach_add_(t12, h_eps)
+        t13 = t12
+        torch._foreach_addcdiv_(t7, t9, t13, value=-h_lr)
+        new_param_ = t7
+        if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -213,9 +263,11 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr,
-            f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
             MAX_EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
@@ -239,6 +291,8 @@ else:
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
@@ -255,33 +309,61 @@ else:
             t2 = grad_
         t3 = (t2 * t2)
         t4 = (t3 * h_s2)
-        new_exp_avg_sq_ = (t0 + t4)
+        t5 = (t0 + t4)
+        if f_nonfinite_skip:
+            t6 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t5)
+        if f_nonfinite_skip:
+            new_exp_avg_sq_ = t6
+        else:
+            new_exp_avg_sq_ = t5
         if f_keep_max:
-            new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_, propagate_nan=tl.PropagateNan.ALL)
-        if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t2 - exp_avg_), t2 - (t2 - exp_avg_) * (1.0 - h_s3))
-        if f_has_weight_decay:
-            t8 = (param_ * h_s4)
-        if f_has_weight_decay:
-            t9 = t8
-        else:
-            t9 = param_
-        if f_has_exp_avg:
-            t10 = (new_exp_avg_ * h_s5)
-        if f_has_exp_avg:
-            t11 = t10
-        else:
-            t11 = t2
+            t8 = tl.maximum(max_exp_avg_sq_, t5, propagate_nan=tl.PropagateNan.ALL)
         if f_keep_max:
-            t12 = new_max_exp_avg_sq_
+            if f_nonfinite_skip:
+                t9 = tl.where(r_nonfinite_c != 0, max_exp_avg_sq_, t8)
+        if f_keep_max:
+            if f_nonfinite_skip:
+                new_max_exp_avg_sq_ = t9
+            else:
+                new_max_exp_avg_sq_ = t8
+        if f_has_exp_avg:
+            t11 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t2 - exp_avg_), t2 - (t2 - exp_avg_) * (1.0 - h_s3))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t12 = tl.where(r_nonfinite_c != 0, exp_avg_, t11)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t12
+            else:
+                new_exp_avg_ = t11
+        if f_has_weight_decay:
+            t14 = (param_ * h_s4)
+        if f_has_weight_decay:
+            t15 = t14
         else:
-            t12 = new_exp_avg_sq_
-        t13 = (t12 * h_s6)
-        t14 = _sqrt(t13)
-        t15 = (t14 + h_eps)
-        t16 = _div(t11, t15)
-        t17 = (h_lr * t16)
-        new_param_ = (t9 - t17)
+            t15 = param_
+        if f_has_exp_avg:
+            t16 = (t11 * h_s5)
+        if f_has_exp_avg:
+            t17 = t16
+        else:
+            t17 = t2
+        if f_keep_max:
+            t18 = t8
+        else:
+            t18 = t5
+        t19 = (t18 * h_s6)
+        t20 = _sqrt(t19)
+        t21 = (t20 + h_eps)
+        t22 = _div(t17, t21)
+        t23 = (h_lr * t22)
+        t24 = (t15 - t23)
+        if f_nonfinite_skip:
+            t25 = tl.where(r_nonfinite_c != 0, param_, t24)
+        if f_nonfinite_skip:
+            new_param_ = t25
+        else:
+            new_param_ = t24
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         if f_keep_max:
             _store(max_exp_avg_sq_addr, offs, new_max_exp_avg_sq_, mask, MAX_EXP_AVG_SQ_T)
@@ -301,9 +383,9 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                f_has_exp_avg=bool(flags['has_exp_avg']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_maximize=bool(flags['maximize']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
                 MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)
@@ -322,7 +404,9 @@ class AdamW(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -356,7 +440,8 @@ class AdamW(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
             amsgrad=False, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None):
+            differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'amsgrad': amsgrad, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype})
+                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite})

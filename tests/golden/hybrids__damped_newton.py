@@ -68,7 +68,9 @@ class DampedNewton(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -96,7 +98,7 @@ class DampedNewton(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=1.0, lam=0.01, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None):
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'lam': lam, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
-                'state_dtype': state_dtype})
+                'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -60,7 +60,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -70,26 +70,36 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
     exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
     t0 = (hessian_ * h_betas_1)
     t1 = (curvature_estimate_ * h_s2)
-    new_hessian_ = (t0 + t1)
+    t2 = (t0 + t1)
+    if f_nonfinite_skip:
+        t3 = torch.where(r_nonfinite != 0, hessian_, t2)
+    new_hessian_ = t3 if f_nonfinite_skip else t2
     if f_maximize:
-        t3 = (-grad_)
-    t4 = t3 if f_maximize else grad_
+        t5 = (-grad_)
+    t6 = t5 if f_maximize else grad_
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t4, h_s3)
-        t6 = (new_exp_avg_ * h_s4)
-    t7 = t6 if f_has_exp_avg else t4
-    t8 = (new_hessian_ * h_s5)
-    t9 = torch.sqrt(t8)
-    t10 = (t9 + h_eps)
-    t11 = (t7 / t10)
-    t12 = (h_lr * t11)
-    new_param_ = (param_ - t12)
+        t7 = torch.lerp(exp_avg_, t6, h_s3)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t8 = torch.where(r_nonfinite != 0, exp_avg_, t7)
+    if f_has_exp_avg:
+        new_exp_avg_ = t8 if f_nonfinite_skip else t7
+        t10 = (t7 * h_s4)
+    t11 = t10 if f_has_exp_avg else t6
+    t12 = (t2 * h_s5)
+    t13 = torch.sqrt(t12)
+    t14 = (t13 + h_eps)
+    t15 = (t11 / t14)
+    t16 = (h_lr * t15)
+    t17 = (param_ - t16)
+    if f_nonfinite_skip:
+        t18 = torch.where(r_nonfinite != 0, param_, t17)
+    new_param_ = t18 if f_nonfinite_skip else t17
     hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -104,7 +114,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -114,32 +124,59 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
-    torch._foreach_mul_(hessian_, _s_betas_1)
-    t0 = hessian_
-    torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
-    new_hessian_ = t0
-    if f_maximize:
-        t2 = torch._foreach_neg(grad_)
-    t3 = t2 if f_maximize else grad_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t3, h_s3)
-        new_exp_avg_ = exp_avg_
-        t5 = torch._foreach_mul(new_exp_avg_, _s_s4)
-    t6 = t5 if f_has_exp_avg else t3
-    t7 = torch._foreach_mul(new_hessian_, _s_s5)
-    torch._foreach_sqrt_(t7)
-    t8 = t7
-    torch._foreach_add_(t8, h_eps)
-    t9 = t8
-    torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
-    new_param_ = param_
-    if new_hessian_ is not hessian: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+        t0 = torch._foreach_mul(hessian_, _s_betas_1)
+        torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
+        t1 = t0
+        new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(hessian_, t1)]
+        if f_maximize:
+            t3 = torch._foreach_neg(grad_)
+        t4 = t3 if f_maximize else grad_
+        if f_has_exp_avg:
+            t5 = torch._foreach_lerp(exp_avg_, t4, h_s3)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
+            torch._foreach_mul_(t5, _s_s4)
+            t7 = t5
+        t8 = t7 if f_has_exp_avg else t4
+        torch._foreach_mul_(t1, _s_s5)
+        t9 = t1
+        torch._foreach_sqrt_(t9)
+        t10 = t9
+        torch._foreach_add_(t10, h_eps)
+        t11 = t10
+        t12 = torch._foreach_addcdiv(param_, t8, t11, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+        torch._foreach_mul_(hessian_, _s_betas_1)
+        t0 = hessian_
+        torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
+        new_hessian_ = t0
+        if f_maximize:
+            t2 = torch._foreach_neg(grad_)
+        t3 = t2 if f_maximize else grad_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t3, h_s3)
+            new_exp_avg_ = exp_avg_
+            t5 = torch._foreach_mul(new_exp_avg_, _s_s4)
+        t6 = t5 if f_has_exp_avg else t3
+        t7 = torch._foreach_mul(new_hessian_, _s_s5)
+        torch._foreach_sqrt_(t7)
+        t8 = t7
+        torch._foreach_add_(t8, h_eps)
+        t9 = t8
+        torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
+        new_param_ = param_
+        if new_hessian_ is not hessian: torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -191,8 +228,10 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -214,6 +253,8 @@ else:
         h_s3 = tl.cast(h_s3, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         curvature_estimate_ = tl.load(curvature_estimate_addr + offs, mask=mask).to(CDT)
@@ -222,26 +263,46 @@ else:
             exp_avg_ = tl.load(exp_avg_addr + offs, mask=mask).to(CDT)
         t0 = (hessian_ * h_betas_1)
         t1 = (curvature_estimate_ * h_s2)
-        new_hessian_ = (t0 + t1)
-        if f_maximize:
-            t3 = (-grad_)
-        if f_maximize:
-            t4 = t3
+        t2 = (t0 + t1)
+        if f_nonfinite_skip:
+            t3 = tl.where(r_nonfinite_c != 0, hessian_, t2)
+        if f_nonfinite_skip:
+            new_hessian_ = t3
         else:
-            t4 = grad_
-        if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t4 - exp_avg_), t4 - (t4 - exp_avg_) * (1.0 - h_s3))
-            t6 = (new_exp_avg_ * h_s4)
-        if f_has_exp_avg:
-            t7 = t6
+            new_hessian_ = t2
+        if f_maximize:
+            t5 = (-grad_)
+        if f_maximize:
+            t6 = t5
         else:
-            t7 = t4
-        t8 = (new_hessian_ * h_s5)
-        t9 = _sqrt(t8)
-        t10 = (t9 + h_eps)
-        t11 = _div(t7, t10)
-        t12 = (h_lr * t11)
-        new_param_ = (param_ - t12)
+            t6 = grad_
+        if f_has_exp_avg:
+            t7 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t8 = tl.where(r_nonfinite_c != 0, exp_avg_, t7)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t8
+            else:
+                new_exp_avg_ = t7
+            t10 = (t7 * h_s4)
+        if f_has_exp_avg:
+            t11 = t10
+        else:
+            t11 = t6
+        t12 = (t2 * h_s5)
+        t13 = _sqrt(t12)
+        t14 = (t13 + h_eps)
+        t15 = _div(t11, t14)
+        t16 = (h_lr * t15)
+        t17 = (param_ - t16)
+        if f_nonfinite_skip:
+            t18 = tl.where(r_nonfinite_c != 0, param_, t17)
+        if f_nonfinite_skip:
+            new_param_ = t18
+        else:
+            new_param_ = t17
         _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
@@ -258,8 +319,9 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']),
+                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_has_exp_avg=bool(flags['has_exp_avg']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -278,7 +340,9 @@ class FisherAdam(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -310,7 +374,8 @@ class FisherAdam(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.01, betas=(0.9, 0.999), eps=1e-08, *, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -50,7 +50,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
+def _update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -60,20 +60,26 @@ def _update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
         t0 = (-grad_)
     t1 = t0 if f_maximize else grad_
     t2 = (t1 * t1)
-    new_sum_ = (sum_ + t2)
-    t4 = torch.sign(t1)
-    t5 = torch.sqrt(new_sum_)
-    t6 = (t5 + h_eps)
-    t7 = (t4 / t6)
-    t8 = torch.clamp(t7, max=h_rho)
-    t9 = torch.clamp(t8, min=h_s0)
-    t10 = (h_lr * t9)
-    new_param_ = (param_ - t10)
+    t3 = (sum_ + t2)
+    if f_nonfinite_skip:
+        t4 = torch.where(r_nonfinite != 0, sum_, t3)
+    new_sum_ = t4 if f_nonfinite_skip else t3
+    t6 = torch.sign(t1)
+    t7 = torch.sqrt(t3)
+    t8 = (t7 + h_eps)
+    t9 = (t6 / t8)
+    t10 = torch.clamp(t9, max=h_rho)
+    t11 = torch.clamp(t10, min=h_s0)
+    t12 = (h_lr * t11)
+    t13 = (param_ - t12)
+    if f_nonfinite_skip:
+        t14 = torch.where(r_nonfinite != 0, param_, t13)
+    new_param_ = t14 if f_nonfinite_skip else t13
     sum.copy_(new_sum_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': [], 'flags': ['maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -88,7 +94,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
+def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -96,32 +102,61 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, f_maximize):
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
-    _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    t1 = t0 if f_maximize else grad_
-    t2 = torch._foreach_mul(t1, t1)
-    torch._foreach_add_(sum_, t2)
-    new_sum_ = sum_
-    t4 = torch._foreach_sign(t1)
-    t5 = torch._foreach_sqrt(new_sum_)
-    torch._foreach_add_(t5, h_eps)
-    t6 = t5
-    torch._foreach_div_(t4, t6)
-    t7 = t4
-    torch._foreach_clamp_max_(t7, h_rho)
-    t8 = t7
-    torch._foreach_clamp_min_(t8, h_s0)
-    t9 = t8
-    torch._foreach_mul_(t9, _s_lr)
-    t10 = t9
-    torch._foreach_sub_(param_, t10)
-    new_param_ = param_
-    if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        t2 = torch._foreach_mul(t1, t1)
+        torch._foreach_add_(t2, sum_)
+        t3 = t2
+        new_sum_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(sum_, t3)]
+        t5 = torch._foreach_sign(t1)
+        torch._foreach_sqrt_(t3)
+        t6 = t3
+        torch._foreach_add_(t6, h_eps)
+        t7 = t6
+        torch._foreach_div_(t5, t7)
+        t8 = t5
+        torch._foreach_clamp_max_(t8, h_rho)
+        t9 = t8
+        torch._foreach_clamp_min_(t9, h_s0)
+        t10 = t9
+        torch._foreach_mul_(t10, _s_lr)
+        t11 = t10
+        torch._foreach_neg_(t11)
+        torch._foreach_add_(t11, param_)
+        t12 = t11
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        torch._foreach_copy_(sum, new_sum_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        t2 = torch._foreach_mul(t1, t1)
+        torch._foreach_add_(sum_, t2)
+        new_sum_ = sum_
+        t4 = torch._foreach_sign(t1)
+        t5 = torch._foreach_sqrt(new_sum_)
+        torch._foreach_add_(t5, h_eps)
+        t6 = t5
+        torch._foreach_div_(t4, t6)
+        t7 = t4
+        torch._foreach_clamp_max_(t7, h_rho)
+        t8 = t7
+        torch._foreach_clamp_min_(t8, h_s0)
+        t9 = t8
+        torch._foreach_mul_(t9, _s_lr)
+        t10 = t9
+        torch._foreach_sub_(param_, t10)
+        new_param_ = param_
+        if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': [], 'flags': ['maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -172,8 +207,10 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_eps: tl.float64, h_lr: tl.float64, h_rho: tl.float64, h_s0: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
-            f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, SUM_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -190,6 +227,8 @@ else:
         h_lr = tl.cast(h_lr, CDT)
         h_rho = tl.cast(h_rho, CDT)
         h_s0 = tl.cast(h_s0, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         sum_ = tl.load(sum_addr + offs, mask=mask).to(CDT)
@@ -200,15 +239,27 @@ else:
         else:
             t1 = grad_
         t2 = (t1 * t1)
-        new_sum_ = (sum_ + t2)
-        t4 = tl.where(t1 > 0, 1.0, tl.where(t1 < 0, -1.0, 0.0))
-        t5 = _sqrt(new_sum_)
-        t6 = (t5 + h_eps)
-        t7 = _div(t4, t6)
-        t8 = tl.minimum(t7, h_rho, propagate_nan=tl.PropagateNan.ALL)
-        t9 = tl.maximum(t8, h_s0, propagate_nan=tl.PropagateNan.ALL)
-        t10 = (h_lr * t9)
-        new_param_ = (param_ - t10)
+        t3 = (sum_ + t2)
+        if f_nonfinite_skip:
+            t4 = tl.where(r_nonfinite_c != 0, sum_, t3)
+        if f_nonfinite_skip:
+            new_sum_ = t4
+        else:
+            new_sum_ = t3
+        t6 = tl.where(t1 > 0, 1.0, tl.where(t1 < 0, -1.0, 0.0))
+        t7 = _sqrt(t3)
+        t8 = (t7 + h_eps)
+        t9 = _div(t6, t8)
+        t10 = tl.minimum(t9, h_rho, propagate_nan=tl.PropagateNan.ALL)
+        t11 = tl.maximum(t10, h_s0, propagate_nan=tl.PropagateNan.ALL)
+        t12 = (h_lr * t11)
+        t13 = (param_ - t12)
+        if f_nonfinite_skip:
+            t14 = tl.where(r_nonfinite_c != 0, param_, t13)
+        if f_nonfinite_skip:
+            new_param_ = t14
+        else:
+            new_param_ = t13
         _store(sum_addr, offs, new_sum_, mask, SUM_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
@@ -221,7 +272,8 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['sum'],
                 t.numels, t.block_tensor, t.block_start,
                 h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_rho=float(scalars['rho']),
-                h_s0=float(scalars['s0']), f_maximize=bool(flags['maximize']),
+                h_s0=float(scalars['s0']), r_nonfinite_ptr=reduced['nonfinite'],
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'], CDT=t.compute,
                 BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
@@ -239,7 +291,9 @@ class SignAdagrad(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -268,7 +322,8 @@ class SignAdagrad(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.01, eps=1e-10, rho=1.0, *, maximize=False, foreach=None,
-            fused=None, capturable=False, differentiable=False, state_dtype=None):
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'eps': eps, 'rho': rho, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -58,7 +58,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
+def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -76,15 +76,22 @@ def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_
         t5 = (momentum_buffer_ * h_momentum)
         t6 = (t5 + t4)
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t4 if f_first_step else t6
-    t8 = new_momentum_buffer_ if f_has_momentum_buffer else t4
-    t9 = (h_lr * t8)
-    new_param_ = (param_ - t9)
+        t7 = t4 if f_first_step else t6
+    if f_has_momentum_buffer and f_nonfinite_skip:
+        t8 = torch.where(r_nonfinite != 0, momentum_buffer_, t7)
+    if f_has_momentum_buffer:
+        new_momentum_buffer_ = t8 if f_nonfinite_skip else t7
+    t10 = t7 if f_has_momentum_buffer else t4
+    t11 = (h_lr * t10)
+    t12 = (param_ - t11)
+    if f_nonfinite_skip:
+        t13 = torch.where(r_nonfinite != 0, param_, t12)
+    new_param_ = t13 if f_nonfinite_skip else t12
     if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -99,7 +106,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -108,26 +115,48 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     grad_ = _foreach_cast(grad, cdt)
     natural_gradient_ = _foreach_cast(natural_gradient, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
-    _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_maximize:
-        t0 = torch._foreach_neg(natural_gradient_)
-    t1 = t0 if f_maximize else natural_gradient_
-    if f_has_weight_decay:
-        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
-    t3 = t2 if f_has_weight_decay else t1
-    if not f_first_step and f_has_momentum_buffer:
-        t4 = torch._foreach_add(t3, momentum_buffer_, alpha=h_momentum)
-    if f_has_momentum_buffer:
-        new_momentum_buffer_ = t3 if f_first_step else t4
-    t6 = new_momentum_buffer_ if f_has_momentum_buffer else t3
-    t7 = torch._foreach_mul(t6, _s_lr)
-    torch._foreach_sub_(param_, t7)
-    new_param_ = param_
-    if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(natural_gradient_)
+        t1 = t0 if f_maximize else natural_gradient_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            t4 = torch._foreach_add(t3, momentum_buffer_, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            t5 = t3 if f_first_step else t4
+            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(momentum_buffer_, t5)]
+        t7 = t5 if f_has_momentum_buffer else t3
+        t8 = torch._foreach_mul(t7, _s_lr)
+        torch._foreach_neg_(t8)
+        torch._foreach_add_(t8, param_)
+        t9 = t8
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
+        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(natural_gradient_)
+        t1 = t0 if f_maximize else natural_gradient_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            t4 = torch._foreach_add(t3, momentum_buffer_, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            new_momentum_buffer_ = t3 if f_first_step else t4
+        t6 = new_momentum_buffer_ if f_has_momentum_buffer else t3
+        t7 = torch._foreach_mul(t6, _s_lr)
+        torch._foreach_sub_(param_, t7)
+        new_param_ = param_
+        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -178,9 +207,11 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_lr: tl.float64, h_momentum: tl.float64, h_weight_decay: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_first_step: tl.constexpr, f_has_momentum_buffer: tl.constexpr,
-            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, NATURAL_GRADIENT_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
             CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -196,11 +227,12 @@ else:
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         natural_gradient_ = tl.load(natural_gradient_addr + offs, mask=mask).to(CDT)
-        if not f_first_step:
-            if f_has_momentum_buffer:
-                momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
+        if f_has_momentum_buffer:
+            momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
         if f_maximize:
             t0 = (-natural_gradient_)
         if f_maximize:
@@ -220,15 +252,29 @@ else:
                 t6 = (t5 + t4)
         if f_has_momentum_buffer:
             if f_first_step:
-                new_momentum_buffer_ = t4
+                t7 = t4
             else:
-                new_momentum_buffer_ = t6
+                t7 = t6
         if f_has_momentum_buffer:
-            t8 = new_momentum_buffer_
+            if f_nonfinite_skip:
+                t8 = tl.where(r_nonfinite_c != 0, momentum_buffer_, t7)
+        if f_has_momentum_buffer:
+            if f_nonfinite_skip:
+                new_momentum_buffer_ = t8
+            else:
+                new_momentum_buffer_ = t7
+        if f_has_momentum_buffer:
+            t10 = t7
         else:
-            t8 = t4
-        t9 = (h_lr * t8)
-        new_param_ = (param_ - t9)
+            t10 = t4
+        t11 = (h_lr * t10)
+        t12 = (param_ - t11)
+        if f_nonfinite_skip:
+            t13 = tl.where(r_nonfinite_c != 0, param_, t12)
+        if f_nonfinite_skip:
+            new_param_ = t13
+        else:
+            new_param_ = t12
         if f_has_momentum_buffer:
             _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
@@ -242,9 +288,11 @@ else:
                 t.ptrs['param'], t.ptrs['natural_gradient'], t.ptrs['momentum_buffer'],
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_momentum=float(scalars['momentum']),
-                h_weight_decay=float(scalars['weight_decay']), f_first_step=bool(flags['first_step']),
+                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
+                f_first_step=bool(flags['first_step']),
                 f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], NATURAL_GRADIENT_T=t.dtypes['natural_gradient'],
                 MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
@@ -263,7 +311,9 @@ class KFAC(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -298,9 +348,10 @@ class KFAC(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.9, stat_decay=0.95, damping=0.001,
             weight_decay=0.0, stat_every=10.0, inverse_every=100.0, *, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'stat_decay': stat_decay,
                 'damping': damping, 'weight_decay': weight_decay, 'stat_every': stat_every,
                 'inverse_every': inverse_every, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
-                'state_dtype': state_dtype})
+                'state_dtype': state_dtype, 'nonfinite': nonfinite})

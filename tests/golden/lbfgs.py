@@ -76,7 +76,9 @@ class LBFGS(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -108,9 +110,10 @@ class LBFGS(CurvOptimizer):
 
     def __init__(self, params, lr=1.0, max_iter=20.0, tolerance_grad=1e-07, tolerance_change=1e-09,
             history_size=100.0, *, max_eval=None, line_search_fn=None, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'max_iter': max_iter, 'tolerance_grad': tolerance_grad,
                 'tolerance_change': tolerance_change, 'history_size': history_size,
                 'max_eval': max_eval, 'line_search_fn': line_search_fn, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -40,7 +40,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, h_lr, r_norm_sq, f_maximize):
+def _update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -51,7 +51,10 @@ def _update(param, grad, h_lr, r_norm_sq, f_maximize):
     t2 = torch.sqrt(r_norm_sq)
     t3 = torch.where(t2 > 0, t1 / t2, 0.0)
     t4 = (h_lr * t3)
-    new_param_ = (param_ - t4)
+    t5 = (param_ - t4)
+    if f_nonfinite_skip:
+        t6 = torch.where(r_nonfinite != 0, param_, t5)
+    new_param_ = t6 if f_nonfinite_skip else t5
     param.copy_(new_param_)
 
 
@@ -65,7 +68,7 @@ def _reduce_norm_sq(param, grad, f_maximize):
     t2 = (t1 * t1)
     return torch.sum(t2, dtype=cdt)
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['norm_sq'], 'flags': ['maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {'norm_sq': {'tensors': ['param', 'grad'], 'scalars': [], 'reduced': [], 'flags': ['maximize']}}
 
 
@@ -80,25 +83,37 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, h_lr, r_norm_sq, f_maximize):
+def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
     cdt = torch.promote_types(param[0].dtype, torch.float32)
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
-    _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    t1 = t0 if f_maximize else grad_
-    t2 = torch.sqrt(r_norm_sq)
-    t3 = torch._foreach_div(t1, torch.where(t2 > 0, t2, torch.inf))
-    t4 = torch._foreach_mul(t3, _s_lr)
-    new_param_ = torch._foreach_sub(param_, t4)
-    torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        t2 = torch.sqrt(r_norm_sq)
+        t3 = torch._foreach_div(t1, torch.where(t2 > 0, t2, torch.inf))
+        t4 = torch._foreach_mul(t3, _s_lr)
+        t5 = torch._foreach_sub(param_, t4)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t5)]
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        t2 = torch.sqrt(r_norm_sq)
+        t3 = torch._foreach_div(t1, torch.where(t2 > 0, t2, torch.inf))
+        t4 = torch._foreach_mul(t3, _s_lr)
+        new_param_ = torch._foreach_sub(param_, t4)
+        torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['norm_sq'], 'flags': ['maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -150,9 +165,9 @@ else:
             # host scalars (runtime values)
             h_lr: tl.float64,
             # global sums (0-d float64)
-            r_norm_sq_ptr,
+            r_nonfinite_ptr, r_norm_sq_ptr,
             # host flags (compile-time)
-            f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
@@ -164,6 +179,8 @@ else:
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
         h_lr = tl.cast(h_lr, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         r_norm_sq = tl.load(r_norm_sq_ptr)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
@@ -177,7 +194,13 @@ else:
         t2_c = tl.cast(t2, CDT)
         t3 = tl.where(t2_c > 0, _div(t1, tl.where(t2_c > 0, t2_c, 1.0)), 0.0)
         t4 = (h_lr * t3)
-        new_param_ = (param_ - t4)
+        t5 = (param_ - t4)
+        if f_nonfinite_skip:
+            t6 = tl.where(r_nonfinite_c != 0, param_, t5)
+        if f_nonfinite_skip:
+            new_param_ = t6
+        else:
+            new_param_ = t5
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
     @triton.jit
@@ -216,8 +239,9 @@ else:
             _update_kernel[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['grad'],
                 t.numels, t.block_tensor, t.block_start,
-                h_lr=float(scalars['lr']), r_norm_sq_ptr=reduced['norm_sq'],
-                f_maximize=bool(flags['maximize']),
+                h_lr=float(scalars['lr']), r_nonfinite_ptr=reduced['nonfinite'],
+                r_norm_sq_ptr=reduced['norm_sq'], f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
             t.finish()
@@ -247,7 +271,9 @@ class NormalizedGD(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -273,6 +299,7 @@ class NormalizedGD(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.01, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None):
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype})
+                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite})

@@ -51,7 +51,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2):
+def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -69,20 +69,27 @@ def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay
         t6 = (t4 * h_s0)
         t7 = (t5 + t6)
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t4 if f_first_step else t7
-    if f_has_momentum_buffer and f_nesterov2:
-        t9 = (new_momentum_buffer_ * h_momentum)
-        t10 = (t4 + t9)
+        t8 = t4 if f_first_step else t7
+    if f_has_momentum_buffer and f_nonfinite_skip:
+        t9 = torch.where(r_nonfinite != 0, momentum_buffer_, t8)
     if f_has_momentum_buffer:
-        t11 = t10 if f_nesterov2 else new_momentum_buffer_
-    t12 = t11 if f_has_momentum_buffer else t4
-    t13 = (h_lr * t12)
-    new_param_ = (param_ - t13)
+        new_momentum_buffer_ = t9 if f_nonfinite_skip else t8
+    if f_has_momentum_buffer and f_nesterov2:
+        t11 = (t8 * h_momentum)
+        t12 = (t4 + t11)
+    if f_has_momentum_buffer:
+        t13 = t12 if f_nesterov2 else t8
+    t14 = t13 if f_has_momentum_buffer else t4
+    t15 = (h_lr * t14)
+    t16 = (param_ - t15)
+    if f_nonfinite_skip:
+        t17 = torch.where(r_nonfinite != 0, param_, t16)
+    new_param_ = t17 if f_nonfinite_skip else t16
     if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -97,7 +104,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2):
+def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -105,33 +112,61 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
-    _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    t1 = t0 if f_maximize else grad_
-    if f_has_weight_decay:
-        t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
-    t3 = t2 if f_has_weight_decay else t1
-    if not f_first_step and f_has_momentum_buffer:
-        torch._foreach_mul_(momentum_buffer_, _s_momentum)
-        t4 = momentum_buffer_
-        torch._foreach_add_(t4, t3, alpha=h_s0)
-        t5 = t4
-    if f_has_momentum_buffer:
-        new_momentum_buffer_ = t3 if f_first_step else t5
-    if f_has_momentum_buffer and f_nesterov2:
-        t7 = torch._foreach_add(t3, new_momentum_buffer_, alpha=h_momentum)
-    if f_has_momentum_buffer:
-        t8 = t7 if f_nesterov2 else new_momentum_buffer_
-    t9 = t8 if f_has_momentum_buffer else t3
-    t10 = torch._foreach_mul(t9, _s_lr)
-    torch._foreach_sub_(param_, t10)
-    new_param_ = param_
-    if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            t4 = torch._foreach_mul(momentum_buffer_, _s_momentum)
+            torch._foreach_add_(t4, t3, alpha=h_s0)
+            t5 = t4
+        if f_has_momentum_buffer:
+            t6 = t3 if f_first_step else t5
+            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(momentum_buffer_, t6)]
+        if f_has_momentum_buffer and f_nesterov2:
+            t8 = torch._foreach_add(t3, t6, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            t9 = t8 if f_nesterov2 else t6
+        t10 = t9 if f_has_momentum_buffer else t3
+        t11 = torch._foreach_mul(t10, _s_lr)
+        torch._foreach_neg_(t11)
+        torch._foreach_add_(t11, param_)
+        t12 = t11
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        t3 = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            torch._foreach_mul_(momentum_buffer_, _s_momentum)
+            t4 = momentum_buffer_
+            torch._foreach_add_(t4, t3, alpha=h_s0)
+            t5 = t4
+        if f_has_momentum_buffer:
+            new_momentum_buffer_ = t3 if f_first_step else t5
+        if f_has_momentum_buffer and f_nesterov2:
+            t7 = torch._foreach_add(t3, new_momentum_buffer_, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            t8 = t7 if f_nesterov2 else new_momentum_buffer_
+        t9 = t8 if f_has_momentum_buffer else t3
+        t10 = torch._foreach_mul(t9, _s_lr)
+        torch._foreach_sub_(param_, t10)
+        new_param_ = param_
+        if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -182,9 +217,12 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_lr: tl.float64, h_momentum: tl.float64, h_s0: tl.float64, h_weight_decay: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_first_step: tl.constexpr, f_has_momentum_buffer: tl.constexpr,
             f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr, f_nesterov2: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
             CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -201,11 +239,12 @@ else:
         h_momentum = tl.cast(h_momentum, CDT)
         h_s0 = tl.cast(h_s0, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
-        if not f_first_step:
-            if f_has_momentum_buffer:
-                momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
+        if f_has_momentum_buffer:
+            momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
         if f_maximize:
             t0 = (-grad_)
         if f_maximize:
@@ -226,24 +265,38 @@ else:
                 t7 = (t5 + t6)
         if f_has_momentum_buffer:
             if f_first_step:
-                new_momentum_buffer_ = t4
+                t8 = t4
             else:
-                new_momentum_buffer_ = t7
+                t8 = t7
+        if f_has_momentum_buffer:
+            if f_nonfinite_skip:
+                t9 = tl.where(r_nonfinite_c != 0, momentum_buffer_, t8)
+        if f_has_momentum_buffer:
+            if f_nonfinite_skip:
+                new_momentum_buffer_ = t9
+            else:
+                new_momentum_buffer_ = t8
         if f_has_momentum_buffer:
             if f_nesterov2:
-                t9 = (new_momentum_buffer_ * h_momentum)
-                t10 = (t4 + t9)
+                t11 = (t8 * h_momentum)
+                t12 = (t4 + t11)
         if f_has_momentum_buffer:
             if f_nesterov2:
-                t11 = t10
+                t13 = t12
             else:
-                t11 = new_momentum_buffer_
+                t13 = t8
         if f_has_momentum_buffer:
-            t12 = t11
+            t14 = t13
         else:
-            t12 = t4
-        t13 = (h_lr * t12)
-        new_param_ = (param_ - t13)
+            t14 = t4
+        t15 = (h_lr * t14)
+        t16 = (param_ - t15)
+        if f_nonfinite_skip:
+            t17 = tl.where(r_nonfinite_c != 0, param_, t16)
+        if f_nonfinite_skip:
+            new_param_ = t17
+        else:
+            new_param_ = t16
         if f_has_momentum_buffer:
             _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
@@ -258,10 +311,10 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_momentum=float(scalars['momentum']),
                 h_s0=float(scalars['s0']), h_weight_decay=float(scalars['weight_decay']),
-                f_first_step=bool(flags['first_step']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_first_step=bool(flags['first_step']),
                 f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nesterov2=bool(flags['nesterov2']),
+                f_nesterov2=bool(flags['nesterov2']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
@@ -280,7 +333,9 @@ class SGD(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -311,8 +366,8 @@ class SGD(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
             nesterov=False, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None):
+            differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'dampening': dampening,
                 'weight_decay': weight_decay, 'nesterov': nesterov, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

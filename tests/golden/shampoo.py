@@ -58,7 +58,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_s0, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_refresh_roots):
+def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh_roots):
     """One tensor's step: every value computed from old state, then stored
     (``state``, the tensor's optimizer state, holds its matrix factors, which
     curvc.runtime.matrix updates in place)."""
@@ -77,16 +77,23 @@ def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum,
         t5 = (momentum_buffer_ * h_momentum)
         t6 = (t5 + t4)
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t4 if f_first_step else t6
-    t8 = new_momentum_buffer_ if f_has_momentum_buffer else t4
-    t9 = matrix.kronecker(state, t4, t8, factors='pre_cond', roots='inv_pre_cond', accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps, exponent=h_s0, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
-    t10 = (h_lr * t9)
-    new_param_ = (param_ - t10)
+        t7 = t4 if f_first_step else t6
+    if f_has_momentum_buffer and f_nonfinite_skip:
+        t8 = torch.where(r_nonfinite != 0, momentum_buffer_, t7)
+    if f_has_momentum_buffer:
+        new_momentum_buffer_ = t8 if f_nonfinite_skip else t7
+    t10 = t7 if f_has_momentum_buffer else t4
+    t11 = matrix.kronecker(state, t4, t10, factors='pre_cond', roots='inv_pre_cond', accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps, exponent=h_s0, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
+    t12 = (h_lr * t11)
+    t13 = (param_ - t12)
+    if f_nonfinite_skip:
+        t14 = torch.where(r_nonfinite != 0, param_, t13)
+    new_param_ = t14 if f_nonfinite_skip else t13
     if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'], 'scalars': ['lr', 'matrix_eps', 'momentum', 's0', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'refresh_roots']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'], 'scalars': ['lr', 'matrix_eps', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh_roots']}
 _REDUCE_ARGS = {}
 
 
@@ -103,7 +110,9 @@ class Shampoo(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -135,8 +144,8 @@ class Shampoo(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.0, weight_decay=0.0, update_freq=1.0,
             matrix_eps=1e-06, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None):
+            differentiable=False, state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'update_freq': update_freq, 'matrix_eps': matrix_eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

@@ -50,7 +50,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay, f_maximize):
+def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -60,19 +60,26 @@ def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_
         t0 = (-grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t1, h_s0)
+        t2 = torch.lerp(exp_avg_, t1, h_s0)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t3 = torch.where(r_nonfinite != 0, exp_avg_, t2)
+    if f_has_exp_avg:
+        new_exp_avg_ = t3 if f_nonfinite_skip else t2
     if f_has_weight_decay:
-        t3 = (param_ * h_s1)
-    t4 = t3 if f_has_weight_decay else param_
-    t5 = new_exp_avg_ if f_has_exp_avg else t1
-    t6 = torch.sign(t5)
-    t7 = (h_lr * t6)
-    new_param_ = (t4 - t7)
+        t5 = (param_ * h_s1)
+    t6 = t5 if f_has_weight_decay else param_
+    t7 = t2 if f_has_exp_avg else t1
+    t8 = torch.sign(t7)
+    t9 = (h_lr * t8)
+    t10 = (t6 - t9)
+    if f_nonfinite_skip:
+        t11 = torch.where(r_nonfinite != 0, param_, t10)
+    new_param_ = t11 if f_nonfinite_skip else t10
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -87,7 +94,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -95,27 +102,49 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    t1 = t0 if f_maximize else grad_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t1, h_s0)
-        new_exp_avg_ = exp_avg_
-    if f_has_weight_decay:
-        t3 = torch._foreach_mul(param_, _s_s1)
-    t4 = t3 if f_has_weight_decay else param_
-    t5 = new_exp_avg_ if f_has_exp_avg else t1
-    t6 = torch._foreach_sign(t5)
-    torch._foreach_mul_(t6, _s_lr)
-    t7 = t6
-    torch._foreach_sub_(t4, t7)
-    new_param_ = t4
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_exp_avg:
+            t2 = torch._foreach_lerp(exp_avg_, t1, h_s0)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t2)]
+        if f_has_weight_decay:
+            t4 = torch._foreach_mul(param_, _s_s1)
+        t5 = t4 if f_has_weight_decay else param_
+        t6 = t2 if f_has_exp_avg else t1
+        t7 = torch._foreach_sign(t6)
+        torch._foreach_mul_(t7, _s_lr)
+        t8 = t7
+        torch._foreach_neg_(t8)
+        torch._foreach_add_(t8, t5)
+        t9 = t8
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t1, h_s0)
+            new_exp_avg_ = exp_avg_
+        if f_has_weight_decay:
+            t3 = torch._foreach_mul(param_, _s_s1)
+        t4 = t3 if f_has_weight_decay else param_
+        t5 = new_exp_avg_ if f_has_exp_avg else t1
+        t6 = torch._foreach_sign(t5)
+        torch._foreach_mul_(t6, _s_lr)
+        t7 = t6
+        torch._foreach_sub_(t4, t7)
+        new_param_ = t4
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -166,8 +195,11 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_lr: tl.float64, h_s0: tl.float64, h_s1: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -183,6 +215,8 @@ else:
         h_lr = tl.cast(h_lr, CDT)
         h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_has_exp_avg:
@@ -194,20 +228,34 @@ else:
         else:
             t1 = grad_
         if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_), t1 - (t1 - exp_avg_) * (1.0 - h_s0))
-        if f_has_weight_decay:
-            t3 = (param_ * h_s1)
-        if f_has_weight_decay:
-            t4 = t3
-        else:
-            t4 = param_
+            t2 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_), t1 - (t1 - exp_avg_) * (1.0 - h_s0))
         if f_has_exp_avg:
-            t5 = new_exp_avg_
+            if f_nonfinite_skip:
+                t3 = tl.where(r_nonfinite_c != 0, exp_avg_, t2)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t3
+            else:
+                new_exp_avg_ = t2
+        if f_has_weight_decay:
+            t5 = (param_ * h_s1)
+        if f_has_weight_decay:
+            t6 = t5
         else:
-            t5 = t1
-        t6 = tl.where(t5 > 0, 1.0, tl.where(t5 < 0, -1.0, 0.0))
-        t7 = (h_lr * t6)
-        new_param_ = (t4 - t7)
+            t6 = param_
+        if f_has_exp_avg:
+            t7 = t2
+        else:
+            t7 = t1
+        t8 = tl.where(t7 > 0, 1.0, tl.where(t7 < 0, -1.0, 0.0))
+        t9 = (h_lr * t8)
+        t10 = (t6 - t9)
+        if f_nonfinite_skip:
+            t11 = tl.where(r_nonfinite_c != 0, param_, t10)
+        if f_nonfinite_skip:
+            new_param_ = t11
+        else:
+            new_param_ = t10
         if f_has_exp_avg:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
@@ -221,8 +269,9 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['exp_avg'],
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                f_has_exp_avg=bool(flags['has_exp_avg']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_T=t.dtypes['exp_avg'],
                 CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
@@ -240,7 +289,9 @@ class SignGD(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -269,7 +320,8 @@ class SignGD(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0.0, *, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})

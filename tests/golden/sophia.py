@@ -65,7 +65,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -77,29 +77,40 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, 
         t0 = (hessian_ * h_betas_1)
         t1 = (curvature_estimate_ * h_rho)
         t2 = (t1 * h_s0)
-        new_hessian_ = (t0 + t2)
+        t3 = (t0 + t2)
+    if f_nonfinite_skip and f_refresh:
+        t4 = torch.where(r_nonfinite != 0, hessian_, t3)
+    if f_refresh:
+        new_hessian_ = t4 if f_nonfinite_skip else t3
     if f_maximize:
-        t4 = (-grad_)
-    t5 = t4 if f_maximize else grad_
+        t6 = (-grad_)
+    t7 = t6 if f_maximize else grad_
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t5, h_s1)
+        t8 = torch.lerp(exp_avg_, t7, h_s1)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t9 = torch.where(r_nonfinite != 0, exp_avg_, t8)
+    if f_has_exp_avg:
+        new_exp_avg_ = t9 if f_nonfinite_skip else t8
     if f_has_weight_decay:
-        t7 = (param_ * h_s2)
-    t8 = t7 if f_has_weight_decay else param_
-    t9 = new_exp_avg_ if f_has_exp_avg else t5
-    t10 = new_hessian_ if f_refresh else hessian_
-    t11 = (t10 + 1e-15)
-    t12 = (t9 / t11)
-    t13 = torch.clamp(t12, max=1.0)
-    t14 = torch.clamp(t13, min=h_s3)
-    t15 = (h_lr * t14)
-    new_param_ = (t8 - t15)
+        t11 = (param_ * h_s2)
+    t12 = t11 if f_has_weight_decay else param_
+    t13 = t8 if f_has_exp_avg else t7
+    t14 = t3 if f_refresh else hessian_
+    t15 = (t14 + 1e-15)
+    t16 = (t13 / t15)
+    t17 = torch.clamp(t16, max=1.0)
+    t18 = torch.clamp(t17, min=h_s3)
+    t19 = (h_lr * t18)
+    t20 = (t12 - t19)
+    if f_nonfinite_skip:
+        t21 = torch.where(r_nonfinite != 0, param_, t20)
+    new_param_ = t21 if f_nonfinite_skip else t20
     if f_refresh: hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -114,7 +125,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -124,39 +135,74 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_refresh:
-        t0 = torch._foreach_mul(hessian_, _s_betas_1)
-        t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
-        torch._foreach_add_(t0, t1, alpha=h_s0)
-        new_hessian_ = t0
-    if f_maximize:
-        t3 = torch._foreach_neg(grad_)
-    t4 = t3 if f_maximize else grad_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t4, h_s1)
-        new_exp_avg_ = exp_avg_
-    if f_has_weight_decay:
-        t6 = torch._foreach_mul(param_, _s_s2)
-    t7 = t6 if f_has_weight_decay else param_
-    t8 = new_exp_avg_ if f_has_exp_avg else t4
-    t9 = new_hessian_ if f_refresh else hessian_
-    t10 = torch._foreach_add(t9, 1e-15)
-    t11 = torch._foreach_div(t8, t10)
-    torch._foreach_clamp_max_(t11, 1.0)
-    t12 = t11
-    torch._foreach_clamp_min_(t12, h_s3)
-    t13 = t12
-    torch._foreach_mul_(t13, _s_lr)
-    t14 = t13
-    torch._foreach_sub_(t7, t14)
-    new_param_ = t7
-    if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_refresh:
+            t0 = torch._foreach_mul(hessian_, _s_betas_1)
+            t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
+            torch._foreach_add_(t0, t1, alpha=h_s0)
+            t2 = t0
+            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(hessian_, t2)]
+        if f_maximize:
+            t4 = torch._foreach_neg(grad_)
+        t5 = t4 if f_maximize else grad_
+        if f_has_exp_avg:
+            t6 = torch._foreach_lerp(exp_avg_, t5, h_s1)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t6)]
+        if f_has_weight_decay:
+            t8 = torch._foreach_mul(param_, _s_s2)
+        t9 = t8 if f_has_weight_decay else param_
+        t10 = t6 if f_has_exp_avg else t5
+        t11 = t2 if f_refresh else hessian_
+        t12 = torch._foreach_add(t11, 1e-15)
+        t13 = torch._foreach_div(t10, t12)
+        torch._foreach_clamp_max_(t13, 1.0)
+        t14 = t13
+        torch._foreach_clamp_min_(t14, h_s3)
+        t15 = t14
+        torch._foreach_mul_(t15, _s_lr)
+        t16 = t15
+        torch._foreach_neg_(t16)
+        torch._foreach_add_(t16, t9)
+        t17 = t16
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
+        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_refresh:
+            t0 = torch._foreach_mul(hessian_, _s_betas_1)
+            t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
+            torch._foreach_add_(t0, t1, alpha=h_s0)
+            new_hessian_ = t0
+        if f_maximize:
+            t3 = torch._foreach_neg(grad_)
+        t4 = t3 if f_maximize else grad_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t4, h_s1)
+            new_exp_avg_ = exp_avg_
+        if f_has_weight_decay:
+            t6 = torch._foreach_mul(param_, _s_s2)
+        t7 = t6 if f_has_weight_decay else param_
+        t8 = new_exp_avg_ if f_has_exp_avg else t4
+        t9 = new_hessian_ if f_refresh else hessian_
+        t10 = torch._foreach_add(t9, 1e-15)
+        t11 = torch._foreach_div(t8, t10)
+        torch._foreach_clamp_max_(t11, 1.0)
+        t12 = t11
+        torch._foreach_clamp_min_(t12, h_s3)
+        t13 = t12
+        torch._foreach_mul_(t13, _s_lr)
+        t14 = t13
+        torch._foreach_sub_(t7, t14)
+        new_param_ = t7
+        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -208,9 +254,11 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_lr: tl.float64, h_rho: tl.float64, h_s0: tl.float64,
             h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
-            f_refresh: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -232,6 +280,8 @@ else:
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_refresh:
@@ -243,35 +293,57 @@ else:
             t0 = (hessian_ * h_betas_1)
             t1 = (curvature_estimate_ * h_rho)
             t2 = (t1 * h_s0)
-            new_hessian_ = (t0 + t2)
-        if f_maximize:
-            t4 = (-grad_)
-        if f_maximize:
-            t5 = t4
-        else:
-            t5 = grad_
-        if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t5 - exp_avg_), t5 - (t5 - exp_avg_) * (1.0 - h_s1))
-        if f_has_weight_decay:
-            t7 = (param_ * h_s2)
-        if f_has_weight_decay:
-            t8 = t7
-        else:
-            t8 = param_
-        if f_has_exp_avg:
-            t9 = new_exp_avg_
-        else:
-            t9 = t5
+            t3 = (t0 + t2)
+        if f_nonfinite_skip:
+            if f_refresh:
+                t4 = tl.where(r_nonfinite_c != 0, hessian_, t3)
         if f_refresh:
-            t10 = new_hessian_
+            if f_nonfinite_skip:
+                new_hessian_ = t4
+            else:
+                new_hessian_ = t3
+        if f_maximize:
+            t6 = (-grad_)
+        if f_maximize:
+            t7 = t6
         else:
-            t10 = hessian_
-        t11 = (t10 + 1e-15)
-        t12 = _div(t9, t11)
-        t13 = tl.minimum(t12, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        t14 = tl.maximum(t13, h_s3, propagate_nan=tl.PropagateNan.ALL)
-        t15 = (h_lr * t14)
-        new_param_ = (t8 - t15)
+            t7 = grad_
+        if f_has_exp_avg:
+            t8 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t7 - exp_avg_), t7 - (t7 - exp_avg_) * (1.0 - h_s1))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t9 = tl.where(r_nonfinite_c != 0, exp_avg_, t8)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t9
+            else:
+                new_exp_avg_ = t8
+        if f_has_weight_decay:
+            t11 = (param_ * h_s2)
+        if f_has_weight_decay:
+            t12 = t11
+        else:
+            t12 = param_
+        if f_has_exp_avg:
+            t13 = t8
+        else:
+            t13 = t7
+        if f_refresh:
+            t14 = t3
+        else:
+            t14 = hessian_
+        t15 = (t14 + 1e-15)
+        t16 = _div(t13, t15)
+        t17 = tl.minimum(t16, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        t18 = tl.maximum(t17, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t19 = (h_lr * t18)
+        t20 = (t12 - t19)
+        if f_nonfinite_skip:
+            t21 = tl.where(r_nonfinite_c != 0, param_, t20)
+        if f_nonfinite_skip:
+            new_param_ = t21
+        else:
+            new_param_ = t20
         if f_refresh:
             _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
@@ -289,10 +361,10 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_lr=float(scalars['lr']),
                 h_rho=float(scalars['rho']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
+                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_refresh=bool(flags['refresh']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']), f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -311,7 +383,9 @@ class Sophia(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -346,7 +420,8 @@ class Sophia(CurvOptimizer):
 
     def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10.0,
             *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-            state_dtype=None):
+            state_dtype=None, nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'rho': rho, 'weight_decay': weight_decay,
                 'k': k, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype})
+                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite})

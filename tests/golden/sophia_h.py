@@ -64,7 +64,7 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -75,29 +75,40 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
     if f_refresh:
         t0 = (hessian_ * h_betas_1)
         t1 = (curvature_estimate_ * h_s0)
-        new_hessian_ = (t0 + t1)
+        t2 = (t0 + t1)
+    if f_nonfinite_skip and f_refresh:
+        t3 = torch.where(r_nonfinite != 0, hessian_, t2)
+    if f_refresh:
+        new_hessian_ = t3 if f_nonfinite_skip else t2
     if f_maximize:
-        t3 = (-grad_)
-    t4 = t3 if f_maximize else grad_
+        t5 = (-grad_)
+    t6 = t5 if f_maximize else grad_
     if f_has_exp_avg:
-        new_exp_avg_ = torch.lerp(exp_avg_, t4, h_s1)
+        t7 = torch.lerp(exp_avg_, t6, h_s1)
+    if f_has_exp_avg and f_nonfinite_skip:
+        t8 = torch.where(r_nonfinite != 0, exp_avg_, t7)
+    if f_has_exp_avg:
+        new_exp_avg_ = t8 if f_nonfinite_skip else t7
     if f_has_weight_decay:
-        t6 = (param_ * h_s2)
-    t7 = t6 if f_has_weight_decay else param_
-    t8 = new_exp_avg_ if f_has_exp_avg else t4
-    t9 = new_hessian_ if f_refresh else hessian_
-    t10 = torch.clamp(t9, min=h_eps)
-    t11 = (t8 / t10)
-    t12 = torch.clamp(t11, max=h_p)
-    t13 = torch.clamp(t12, min=h_s3)
-    t14 = (h_lr * t13)
-    new_param_ = (t7 - t14)
+        t10 = (param_ * h_s2)
+    t11 = t10 if f_has_weight_decay else param_
+    t12 = t7 if f_has_exp_avg else t6
+    t13 = t2 if f_refresh else hessian_
+    t14 = torch.clamp(t13, min=h_eps)
+    t15 = (t12 / t14)
+    t16 = torch.clamp(t15, max=h_p)
+    t17 = torch.clamp(t16, min=h_s3)
+    t18 = (h_lr * t17)
+    t19 = (t11 - t18)
+    if f_nonfinite_skip:
+        t20 = torch.where(r_nonfinite != 0, param_, t19)
+    new_param_ = t20 if f_nonfinite_skip else t19
     if f_refresh: hessian.copy_(new_hessian_)
     if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -112,7 +123,7 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -122,38 +133,72 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
-    if f_refresh:
-        t0 = torch._foreach_mul(hessian_, _s_betas_1)
-        torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
-        new_hessian_ = t0
-    if f_maximize:
-        t2 = torch._foreach_neg(grad_)
-    t3 = t2 if f_maximize else grad_
-    if f_has_exp_avg:
-        torch._foreach_lerp_(exp_avg_, t3, h_s1)
-        new_exp_avg_ = exp_avg_
-    if f_has_weight_decay:
-        t5 = torch._foreach_mul(param_, _s_s2)
-    t6 = t5 if f_has_weight_decay else param_
-    t7 = new_exp_avg_ if f_has_exp_avg else t3
-    t8 = new_hessian_ if f_refresh else hessian_
-    t9 = torch._foreach_clamp_min(t8, h_eps)
-    t10 = torch._foreach_div(t7, t9)
-    torch._foreach_clamp_max_(t10, h_p)
-    t11 = t10
-    torch._foreach_clamp_min_(t11, h_s3)
-    t12 = t11
-    torch._foreach_mul_(t12, _s_lr)
-    t13 = t12
-    torch._foreach_sub_(t6, t13)
-    new_param_ = t6
-    if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_nonfinite_skip:
+        _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_refresh:
+            t0 = torch._foreach_mul(hessian_, _s_betas_1)
+            torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
+            t1 = t0
+            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(hessian_, t1)]
+        if f_maximize:
+            t3 = torch._foreach_neg(grad_)
+        t4 = t3 if f_maximize else grad_
+        if f_has_exp_avg:
+            t5 = torch._foreach_lerp(exp_avg_, t4, h_s1)
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
+        if f_has_weight_decay:
+            t7 = torch._foreach_mul(param_, _s_s2)
+        t8 = t7 if f_has_weight_decay else param_
+        t9 = t5 if f_has_exp_avg else t4
+        t10 = t1 if f_refresh else hessian_
+        t11 = torch._foreach_clamp_min(t10, h_eps)
+        t12 = torch._foreach_div(t9, t11)
+        torch._foreach_clamp_max_(t12, h_p)
+        t13 = t12
+        torch._foreach_clamp_min_(t13, h_s3)
+        t14 = t13
+        torch._foreach_mul_(t14, _s_lr)
+        t15 = t14
+        torch._foreach_neg_(t15)
+        torch._foreach_add_(t15, t8)
+        t16 = t15
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
+        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        if f_refresh:
+            t0 = torch._foreach_mul(hessian_, _s_betas_1)
+            torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
+            new_hessian_ = t0
+        if f_maximize:
+            t2 = torch._foreach_neg(grad_)
+        t3 = t2 if f_maximize else grad_
+        if f_has_exp_avg:
+            torch._foreach_lerp_(exp_avg_, t3, h_s1)
+            new_exp_avg_ = exp_avg_
+        if f_has_weight_decay:
+            t5 = torch._foreach_mul(param_, _s_s2)
+        t6 = t5 if f_has_weight_decay else param_
+        t7 = new_exp_avg_ if f_has_exp_avg else t3
+        t8 = new_hessian_ if f_refresh else hessian_
+        t9 = torch._foreach_clamp_min(t8, h_eps)
+        t10 = torch._foreach_div(t7, t9)
+        torch._foreach_clamp_max_(t10, h_p)
+        t11 = t10
+        torch._foreach_clamp_min_(t11, h_s3)
+        t12 = t11
+        torch._foreach_mul_(t12, _s_lr)
+        t13 = t12
+        torch._foreach_sub_(t6, t13)
+        new_param_ = t6
+        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -205,9 +250,11 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_p: tl.float64,
             h_s0: tl.float64, h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
-            f_refresh: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
@@ -230,6 +277,8 @@ else:
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_refresh:
@@ -240,35 +289,57 @@ else:
         if f_refresh:
             t0 = (hessian_ * h_betas_1)
             t1 = (curvature_estimate_ * h_s0)
-            new_hessian_ = (t0 + t1)
-        if f_maximize:
-            t3 = (-grad_)
-        if f_maximize:
-            t4 = t3
-        else:
-            t4 = grad_
-        if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t4 - exp_avg_), t4 - (t4 - exp_avg_) * (1.0 - h_s1))
-        if f_has_weight_decay:
-            t6 = (param_ * h_s2)
-        if f_has_weight_decay:
-            t7 = t6
-        else:
-            t7 = param_
-        if f_has_exp_avg:
-            t8 = new_exp_avg_
-        else:
-            t8 = t4
+            t2 = (t0 + t1)
+        if f_nonfinite_skip:
+            if f_refresh:
+                t3 = tl.where(r_nonfinite_c != 0, hessian_, t2)
         if f_refresh:
-            t9 = new_hessian_
+            if f_nonfinite_skip:
+                new_hessian_ = t3
+            else:
+                new_hessian_ = t2
+        if f_maximize:
+            t5 = (-grad_)
+        if f_maximize:
+            t6 = t5
         else:
-            t9 = hessian_
-        t10 = tl.maximum(t9, h_eps, propagate_nan=tl.PropagateNan.ALL)
-        t11 = _div(t8, t10)
-        t12 = tl.minimum(t11, h_p, propagate_nan=tl.PropagateNan.ALL)
-        t13 = tl.maximum(t12, h_s3, propagate_nan=tl.PropagateNan.ALL)
-        t14 = (h_lr * t13)
-        new_param_ = (t7 - t14)
+            t6 = grad_
+        if f_has_exp_avg:
+            t7 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s1))
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                t8 = tl.where(r_nonfinite_c != 0, exp_avg_, t7)
+        if f_has_exp_avg:
+            if f_nonfinite_skip:
+                new_exp_avg_ = t8
+            else:
+                new_exp_avg_ = t7
+        if f_has_weight_decay:
+            t10 = (param_ * h_s2)
+        if f_has_weight_decay:
+            t11 = t10
+        else:
+            t11 = param_
+        if f_has_exp_avg:
+            t12 = t7
+        else:
+            t12 = t6
+        if f_refresh:
+            t13 = t2
+        else:
+            t13 = hessian_
+        t14 = tl.maximum(t13, h_eps, propagate_nan=tl.PropagateNan.ALL)
+        t15 = _div(t12, t14)
+        t16 = tl.minimum(t15, h_p, propagate_nan=tl.PropagateNan.ALL)
+        t17 = tl.maximum(t16, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t18 = (h_lr * t17)
+        t19 = (t11 - t18)
+        if f_nonfinite_skip:
+            t20 = tl.where(r_nonfinite_c != 0, param_, t19)
+        if f_nonfinite_skip:
+            new_param_ = t20
+        else:
+            new_param_ = t19
         if f_refresh:
             _store(hessian_addr, offs, new_hessian_, mask, HESSIAN_T)
         if f_has_exp_avg:
@@ -287,9 +358,9 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_p=float(scalars['p']), h_s0=float(scalars['s0']),
                 h_s1=float(scalars['s1']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                f_has_exp_avg=bool(flags['has_exp_avg']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_refresh=bool(flags['refresh']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']), f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -308,7 +379,9 @@ class SophiaH(CurvOptimizer):
     torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
     (None: automatic; True: one fused pass per tensor; False: eager torch ops),
     ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
+    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
+    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
     """
 
     BACKEND = 'auto'
@@ -345,8 +418,9 @@ class SophiaH(CurvOptimizer):
 
     def __init__(self, params, lr=0.06, betas=(0.96, 0.99), weight_decay=0.0, p=0.01,
             update_period=10.0, num_samples=1.0, eps=1e-12, *, maximize=False, foreach=None,
-            fused=None, capturable=False, differentiable=False, state_dtype=None):
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate'):
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay, 'p': p,
                 'update_period': update_period, 'num_samples': num_samples, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
