@@ -143,15 +143,21 @@ def usable_dir() -> tuple[Path, str | None]:
         return root, os_reason(e)
     if not stat.S_ISDIR(st.st_mode):
         return root, "it is not a folder"
-    if st.st_uid != os.geteuid():
+    if _euid() is not None and st.st_uid != _euid():
         return root, "it belongs to another user"
     if st.st_mode & 0o022:
         return root, "other users can write to it"
     return root, None
 
 
+def _euid() -> int | None:
+    return os.geteuid() if hasattr(os, "geteuid") else None
+
+
 def _private(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    """A regular file of ours that nobody else can write."""
+    owner_ok = _euid() is None or st.st_uid == _euid()
+    return stat.S_ISREG(st.st_mode) and owner_ok and not st.st_mode & 0o022
 
 
 def os_reason(e: OSError) -> str:

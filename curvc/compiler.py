@@ -43,12 +43,15 @@ def read(spec: str | Path) -> tuple[str, str]:
     """A spec's text and file name; an unreadable or non-text file is a CurvError."""
     path = resolve(spec)
     try:
-        # Universal newlines, as the parser's spans count lines.
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CurvError("load.not_utf8", file=path, byte=e.object[e.start], offset=e.start)
+        data = path.read_bytes()
     except OSError as e:
-        raise CurvError("load.unreadable", file=path, why=cache.os_reason(e))
+        raise CurvError("load.unreadable", file=path, why=cache.os_reason(e)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file's own offset
+        raise CurvError("load.not_utf8", file=path, byte=data[e.start], offset=e.start) from None
+    # Universal newlines, as open() in text mode would give (the parser counts "\n" lines).
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\0" in text:
         raise CurvError("load.binary", file=path)
     return text, str(path)

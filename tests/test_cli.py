@@ -236,17 +236,26 @@ def test_an_unreadable_spec(cli, tmp_path, monkeypatch):
     spec = tmp_path / "secret.curv"
     spec.write_text((ROOT / "specs" / "sgd.curv").read_text())
     if IS_ROOT:  # root reads through any mode bits: make the read itself fail
-        real = Path.read_text
+        real = Path.read_bytes
 
-        def read_text(self, *args, **kwargs):
+        def read_bytes(self):
             if self == spec:
                 raise PermissionError(13, "Permission denied", str(self))
-            return real(self, *args, **kwargs)
-        monkeypatch.setattr(Path, "read_text", read_text)
+            return real(self)
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
     else:
         spec.chmod(0)
     result = cli("check", str(spec))
     assert_clean_failure(result, stderr=f"error: cannot read {spec}: permission denied\n")
+
+
+def test_a_non_utf8_byte_deep_in_a_large_spec_is_located_exactly(cli, tmp_path):
+    good = (ROOT / "specs" / "sgd.curv").read_bytes() + b"# " + b"x" * 20000 + b"\n"
+    spec = tmp_path / "big.curv"
+    spec.write_bytes(good + b"# \xff\n")
+    result = cli("check", str(spec))
+    assert_clean_failure(result)
+    assert f"(byte 0xff at offset {len(good) + 2})" in result.stderr
 
 
 def test_compile_into_a_read_only_folder(cli, tmp_path, monkeypatch):
