@@ -200,7 +200,7 @@ def read_verified(path: Path, key: str) -> tuple[str, str] | None:
     if match is None or match["key"] != key or hashlib.sha256(body).hexdigest() != match["sha"]:
         return None
     try:
-        return match["cls"], data.decode("utf-8")
+        return match["cls"], data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         return None
 
