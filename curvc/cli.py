@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from curvc import compiler, explain as explain_mod, resources
+from curvc import cache, compiler, explain as explain_mod, resources
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError
 
@@ -19,8 +19,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "into torch.optim optimizers.")
 
 
+def _message(err: Exception) -> str:
+    """One line (or a compiler-style block) for the user; never a traceback."""
+    if isinstance(err, CurvError):
+        return str(err)
+    if isinstance(err, OSError):  # compiler turns its own into CurvErrors; a safety net
+        where = f"{err.filename}: " if err.filename else ""
+        return f"error: {where}{cache.os_reason(err)}"
+    return f"error: {err}"
+
+
 def _fail(err: Exception) -> None:
-    typer.echo(str(err) if isinstance(err, CurvError) else f"error: {err}", err=True)
+    typer.echo(_message(err), err=True)
     raise typer.Exit(1)
 
 
@@ -30,8 +40,8 @@ def _for_each(specs: List[str], run) -> None:
     for spec in specs:
         try:
             typer.echo(run(spec))
-        except (CurvError, FileNotFoundError) as e:
-            typer.echo(str(e) if isinstance(e, CurvError) else f"error: {e}", err=True)
+        except (CurvError, OSError) as e:
+            typer.echo(_message(e), err=True)
             failed = True
     if failed:
         raise typer.Exit(1)
@@ -73,7 +83,7 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
     try:
         source, file = compiler.read(spec)
         typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
-    except (CurvError, FileNotFoundError) as e:
+    except (CurvError, OSError) as e:
         _fail(e)
 
 
@@ -83,7 +93,7 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
     rows = []
     order = {n: i for i, n in enumerate(explain_mod.PAPER_ORDER)}
     for name, path in resources.shipped_specs().items():
-        opt = compiler.to_ir(path.read_text(), str(path))
+        opt = compiler.to_ir(*compiler.read(path))
         # the paper's order, then its other variants, then the hybrids
         key = (path.parent.name == "hybrids", order.get(opt.name, len(order)), opt.name)
         rows.append((key, opt.name, explain_mod.table_row(opt)))
