@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -108,7 +109,31 @@ class CurvOptimizer(torch.optim.Optimizer):
         from curvc.runtime.kfac import LayerTracker
         if self._tracker is not None:
             self._tracker.remove()
-        self._tracker = LayerTracker(model)
+        # Weakly: the model's hooks must not keep this optimizer alive.
+        self._tracker = LayerTracker(model, wanted=weakref.WeakMethod(self._kfac_accumulates))
+
+    def _kfac_accumulates(self) -> bool:
+        """Whether the next step accumulates K-FAC statistics (asked by the tracker)."""
+        h = self._flat_hypers(self.param_groups[0])
+        flag = self.ESTIMATOR[3](h)["accumulate"]
+        return flag is None or bool(self.host(h, self._next_step())[1][flag])
+
+    def close(self) -> None:
+        """Remove the hooks this optimizer put on the model (K-FAC's layer tracker).
+
+        They also go when the optimizer is garbage-collected; ``close()`` (or a
+        ``with`` block) removes them now. A K-FAC optimizer needs ``track(model)``
+        before it steps again. A no-op for optimizers without hooks.
+        """
+        tracker, self._tracker = getattr(self, "_tracker", None), None
+        if tracker is not None:
+            tracker.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _check_secant_groups(self) -> None:
         name = type(self).__name__
@@ -536,6 +561,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                 self._release_graphs()
         for p, key, value in kfac_updates:  # the step was accepted: commit the statistics
             self.state[p][key] = value
+        if self._tracker is not None and curvature is None:
+            self._tracker.clear()  # consumed: the next step gathers its own
         reduced = self._reduce(work) if self.REDUCTIONS else {}
         for group, bucket, scalars, flags in work:
             red = reduced.get(bucket.device, {})
