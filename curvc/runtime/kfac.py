@@ -27,6 +27,7 @@ The factors and inverses live in the weight's optimizer state (``kfac_A``,
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -110,11 +111,11 @@ def _remove_hooks(handles) -> None:
 
 def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
     """(A_t, S_t) of one batch (see the module docstring)."""
-    a = x.reshape(-1, x.shape[-1])
+    n = math.prod(x.shape[:-1])  # rows, spelled out: reshape(-1, 0) is ambiguous
+    a = x.reshape(n, x.shape[-1])
     if module.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    ds = ds.reshape(-1, ds.shape[-1])
-    n = a.shape[0]
+        a = torch.cat([a, a.new_ones(n, 1)], dim=1)
+    ds = ds.reshape(n, ds.shape[-1])
     return a.T @ a / n, ds.T @ ds * n
 
 

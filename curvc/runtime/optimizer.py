@@ -367,12 +367,11 @@ class CurvOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"{type(self).__name__}.estimate_curvature(loss=...) needs "
                                     "the loss whose Hessian diagonal it estimates")
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-                est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
-                                           int(args["samples"]), args["distribution"],
+                # A parameter the loss does not reach (None) has a zero Hessian row too.
+                est = curvature.hutchinson(params, list(grads), int(args["samples"]),
+                                           args["distribution"],
                                            bool(args.get("spatial_average", False)),
                                            keep_graph=True)  # the user's backward follows
-                params = [p for p, _ in pairs]
         self._estimates = {p: e.detach() for p, e in zip(params, est)}
 
     def set_curvature(self, estimates) -> None:
@@ -424,8 +423,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                 matrix = self._estimates.get("dense")
                 if matrix is None and settings["curvature"] == "fisher":
                     raise RuntimeError(self._missing_estimate_message("fisher"))
-                if matrix is None and all(p.grad is None or p.grad.grad_fn is not None
-                                          for p in params):
+                if matrix is None and any(p.grad is not None and p.grad.grad_fn is not None
+                                          for p in params):  # a constant one: zero rows
                     with torch.enable_grad():
                         matrix = dense.hessian(params, [p.grad for p in params]).detach()
                 if matrix is None:
@@ -466,10 +465,9 @@ class CurvOptimizer(torch.optim.Optimizer):
     def _estimate_from_graph(self) -> None:
         """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
         from curvc.runtime import curvature
-        pairs = [(p, p.grad) for p in self._trainable()
-                 if p.grad is not None and p.grad.grad_fn is not None]
-        if not pairs:
-            return
+        pairs = [(p, p.grad) for p in self._trainable() if p.grad is not None]
+        if all(g.grad_fn is None for _, g in pairs):
+            return  # no graph at all: backward() ran without create_graph
         args = self.ESTIMATOR[3](self._flat_hypers(self.param_groups[0]))
         with torch.enable_grad():
             est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
