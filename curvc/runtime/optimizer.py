@@ -227,7 +227,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         """As torch's, but state keeps the dtype it was saved with (fp32 state of bf16
         params), and every step counter becomes a float32 CPU scalar tensor, whatever
         form it was saved in (an int from old checkpoints, a CUDA tensor from
-        torch's fused or capturable optimizers)."""
+        torch's fused or capturable optimizers). A tensor whose shape does not fit its
+        parameter (a checkpoint of another model) is refused first, with nothing loaded."""
+        from curvc.runtime import state_shapes
+        state_shapes.check(self, state_dict)
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
