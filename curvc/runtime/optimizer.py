@@ -579,8 +579,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                     reduced: dict) -> None:
         spec = self.UPDATE_ARGS
         rows = bucket.args(spec["tensors"])
-        if self._fused(group, bucket) and all(t is None or t.is_contiguous()
-                                              for row in rows for t in row):
+        if self._fused(group, bucket) and _plain_dense_cpu(rows):
             if self._fused_step(rows, bucket.steps, scalars, flags, reduced):
                 return  # the compiled pass bumped the step counters
         torch._foreach_add_(bucket.steps, 1.0)
@@ -588,7 +587,8 @@ class CurvOptimizer(torch.optim.Optimizer):
         kw.update({f"reduced_{n}": reduced[n] for n in spec["reduced"]})
         kw.update({n: flags[n] for n in spec["flags"]})
         update = type(self).torch_update
-        if type(self).foreach_update is None:
+        if type(self).foreach_update is None or not _all_plain(rows):
+            # Subclasses (DTensor) take per-tensor ops: their foreach coverage varies.
             for tensors in rows:
                 update(*tensors, **kw)
             return
@@ -688,6 +688,30 @@ def _number(v):
 _LARGE = 1 << 18  # elements in a bucket from which the fused (compiled) CPU path pays off
 _PIECE = 1 << 15  # eager path: elements per foreach list entry
 _BATCH = 1 << 18  # eager path: elements per foreach call
+
+
+def _plain_dense_cpu(rows) -> bool:
+    """Whether a bucket may take the compiled CPU kernel, whose raw call checks nothing:
+    plain tensors (no subclass such as DTensor) in contiguous strided CPU memory (not
+    meta: no memory at all), every row with the first row's dtypes and buffers."""
+    layout = [None if t is None else t.dtype for t in rows[0]]
+    for row in rows:
+        for t, dtype in zip(row, layout):
+            if t is None or dtype is None:
+                if t is not dtype:
+                    return False
+                continue
+            if type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu" or \
+                    t.layout != torch.strided or not t.is_contiguous():
+                return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _all_plain(rows) -> bool:
+    return all(t is None or type(t) in _PLAIN for row in rows for t in row)
 
 
 def _large(bucket: Bucket) -> bool:
