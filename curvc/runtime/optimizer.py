@@ -535,6 +535,11 @@ class CurvOptimizer(torch.optim.Optimizer):
         ``closure`` re-evaluates the loss; ``curvature`` (optional) is this step's
         curvature estimate, one tensor per parameter (see ``set_curvature``).
         """
+        if torch.compiler.is_compiling():
+            # Under torch.compile the step runs outside dynamo (a graph break), through
+            # curvc's own fused or eager paths: traced, it would guard on every float
+            # hyperparameter and recompile whenever a scheduler moves lr.
+            return torch.compiler.disable(CurvOptimizer.step)(self, closure, curvature=curvature)
         if self.secant is not None:
             from curvc.runtime import secant
             return secant.step(self, closure, self.secant(self._flat_hypers(self.param_groups[0])))
