@@ -190,6 +190,10 @@ class CurvOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # A copy or an unpickled optimizer: torch's __getstate__ keeps only the state and
+        # the groups; a K-FAC copy needs track(model) (hooks belong to one optimizer).
+        self.__dict__.setdefault("_estimates", {})
+        self.__dict__.setdefault("_tracker", None)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             for key in _TORCH_COMPAT:
