@@ -16,6 +16,7 @@ between. They are computed in float64 and stored in the state's dtype.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -57,10 +58,7 @@ def mode_product(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
 def _unfold(moved: torch.Tensor) -> torch.Tensor:
     """A tensor as a (first dim) x (the rest) matrix; sizes spelled out, since -1 is
     ambiguous when a dimension is 0."""
-    rest = 1
-    for d in moved.shape[1:]:
-        rest *= d
-    return moved.reshape(moved.shape[0], rest)
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))
 
 
 def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, factors: str,

@@ -431,7 +431,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 if matrix is None and settings["curvature"] == "fisher":
                     raise RuntimeError(self._missing_estimate_message("fisher"))
                 if matrix is None and any(p.grad is not None and p.grad.grad_fn is not None
-                                          for p in params):  # a constant one: zero rows
+                                          for p in params):  # constant ones: zero rows
                     with torch.enable_grad():
                         matrix = dense.hessian(params, [p.grad for p in params]).detach()
                 if matrix is None:
