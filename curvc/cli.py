@@ -1,4 +1,4 @@
-"""The ``curvc`` command: compile, check, explain, table.
+"""The ``curvc`` command: compile, check, explain, table, analyze.
 
 User mistakes print a compiler-style message (file:line:col, the line, a
 caret) and exit 1; they never show a Python traceback.
@@ -109,6 +109,31 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
     widths = [max(len(x) for x in col) for col in zip(cols, *cells)]
     for row in [list(cols), ["-" * w for w in widths]] + cells:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def analyze(
+    specs: List[str] = typer.Argument(..., help="spec files or shipped names"),
+    problem: str = typer.Option("quadratic:n=50,cond=1e4", "--problem",
+                                help="quadratic:n=50,cond=1e4[,seed=0] or mlp:digits[,hidden=16]"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="also the minibatch noise (N_b) "
+                                        "over batches of this size"),
+    samples: int = typer.Option(32, "--samples", help="minibatches drawn for --batch"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write Delta_d^i and ||d_i||_H^2 "
+                                        "against the eigenvalues to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """The paper's one-step analysis: what each spec's first step does to the local model."""
+    from curvc import analyze as analyze_mod
+    try:
+        prob = analyze_mod.problem(problem)
+        results = analyze_mod.analyze_all(specs, prob, batch=batch, samples=samples)
+        if plot is not None:
+            analyze_mod.plot(results, str(plot), prob)
+    except (CurvError, FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
+        _fail(e)
+    typer.echo(analyze_mod.to_json(results, prob) if as_json
+               else analyze_mod.table(results, prob, batch))
 
 
 def main() -> None:
