@@ -177,7 +177,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 value = value.item()
             label, ok = CONSTRAINTS[constraint]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    math.isnan(value) or not ok(value):
+                    not _finite_number(value) or not ok(value):
                 at = "" if index is None else f" at index {index}"
                 raise ValueError(f"Invalid {name} parameter{at}: {value!r} "
                                  f"({where} must be {label})")
@@ -695,6 +695,14 @@ def _arguments(spec: dict, scalars: dict, reduced: dict, flags: dict) -> list:
     (positional: the rendered parameter names are the backend's, not the plan's)."""
     return ([scalars[n] for n in spec["scalars"]] + [reduced[n] for n in spec["reduced"]]
             + [flags[n] for n in spec["flags"]])
+
+
+def _finite_number(v) -> bool:
+    """Not NaN, and not an int too large for a float (math.isnan(10**400) raises)."""
+    try:
+        return not math.isnan(v)
+    except OverflowError:
+        return False
 
 
 def _number(v):
