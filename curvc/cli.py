@@ -1,4 +1,4 @@
-"""The ``curvc`` command: compile, check, explain, table, analyze.
+"""The ``curvc`` command: compile, check, explain, table, analyze, list.
 
 User mistakes print a compiler-style message (file:line:col, the line, a
 caret) and exit 1; they never show a Python traceback.
@@ -85,6 +85,50 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
         typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
     except (CurvError, OSError) as e:
         _fail(e)
+
+
+def _description(text: str) -> str:
+    """A spec's one-line description: the first sentence of its leading comment."""
+    words = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    first = " ".join(w for w in words if w)
+    end = first.find(". ")
+    first = first if end < 0 else first[:end + 1]
+    if len(first) > 90:  # one line in a terminal
+        first = first[:87].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return first
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Every shipped spec: its name for curvc.load, class, description and row of Table 1."""
+    for name in compiler.available():
+        source, file = compiler.read(name)
+        opt = compiler.to_ir(source, file)
+        row = explain_mod.table_row(opt)
+        # Table 1's cells, '-' where the paper leaves one empty (Newton's row is all '-')
+        cells = "; ".join(f"{c.split()[0].lower()}: {row[c] or '-'}"
+                          for c in explain_mod.TABLE_COLUMNS)
+        typer.echo(f"{name:<34}{opt.name:<26}{_description(source)}")
+        typer.echo(f"{'':<34}{cells}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from curvc.version import __version__
+        typer.echo(f"curvc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print curvc's version and exit")) -> None:
+    """curvc: compile optimizer specs (Table 1 of the unified curvature view) into
+    torch.optim optimizers."""
 
 
 @app.command()

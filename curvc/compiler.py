@@ -13,7 +13,7 @@ from pathlib import Path
 from curvc import cache, check as check_mod, emit as emit_mod, ir, lower as lower_mod
 from curvc import parse as parse_mod, resources
 from curvc.backends import BACKENDS
-from curvc.errors import CurvError
+from curvc.errors import CurvError, suggest
 from curvc.plan import Plan
 
 STAGES = ("parse", "check", "lower", "emit")
@@ -28,15 +28,29 @@ def resolve(spec: str | Path) -> Path:
         if not p.is_file():
             raise CurvError("load.not_a_file", file=p)
         return p
+    names = _shipped_by_name()
+    key = str(spec)
+    found = names.get(key) or names.get(key.lower())  # 'Adam' is 'adam'
+    if found is not None:
+        return found
+    close = suggest(key.lower(), names)
+    raise CurvError("load.not_found", name=key, allowed=", ".join(available()),
+                    hint=f"did you mean {close!r}?" if close else None)
+
+
+def _shipped_by_name() -> dict[str, Path]:
+    """Shipped specs by relative name ('theory/newton') and by file stem ('newton')."""
     shipped = resources.shipped_specs()
     root = resources.specs_dir()
     by_rel = {str(path.relative_to(root).with_suffix("")): path for path in shipped.values()}
-    key = str(spec)
-    if key in by_rel:
-        return by_rel[key]
-    if key in shipped:
-        return shipped[key]
-    raise CurvError("load.not_found", name=key, allowed=", ".join(sorted(shipped)))
+    return {**shipped, **by_rel}
+
+
+def available() -> list[str]:
+    """The names of the shipped specs, as ``curvc.load`` takes them ('adam', 'theory/newton')."""
+    root = resources.specs_dir()
+    return sorted(str(p.relative_to(root).with_suffix(""))
+                  for p in resources.shipped_specs().values())
 
 
 def read(spec: str | Path) -> tuple[str, str]:
