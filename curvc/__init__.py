@@ -13,7 +13,8 @@ emits a ``torch.optim.Optimizer`` subclass::
 from curvc.compiler import (available, compile_file, load, resolve, to_ir, to_module_source,
                             to_plan)
 from curvc.errors import CurvError
+from curvc.groups import param_groups
 from curvc.version import __version__
 
-__all__ = ["CurvError", "available", "compile_file", "load", "resolve", "to_ir", "to_module_source",
+__all__ = ["CurvError", "available", "compile_file", "load", "param_groups", "resolve", "to_ir", "to_module_source",
            "to_plan", "__version__"]

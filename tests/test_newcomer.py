@@ -40,3 +40,18 @@ def test_load_ignores_case_and_suggests_a_close_name():
         curvc.load("adamm")
     with pytest.raises(CurvError, match="did you mean 'theory/newton'|did you mean 'newton'"):
         curvc.load("newtn")
+
+
+def test_param_groups_keep_biases_and_norm_layers_out_of_weight_decay():
+    import torch
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3),
+                                torch.nn.Linear(3, 2, bias=False))
+    groups = curvc.param_groups(model, weight_decay=0.1)
+    assert [p.shape for p in groups[0]["params"]] == [(3, 4), (2, 3)]  # the two weights
+    assert groups[0]["weight_decay"] == 0.1
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == ["0.bias", "1.bias", "1.weight"]
+    assert groups[1]["weight_decay"] == 0.0
+    opt = curvc.load("adamw")(groups, lr=1e-2)  # a drop-in for torch's param groups
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+    assert len(curvc.param_groups(torch.nn.Linear(2, 2, bias=False))) == 1  # no empty group
