@@ -9,12 +9,16 @@ import functools
 import hashlib
 import pprint
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from curvc import cache, check as check_mod, emit as emit_mod, ir, lower as lower_mod
 from curvc import parse as parse_mod, resources
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError, suggest
 from curvc.plan import Plan
+
+if TYPE_CHECKING:  # importing the runtime would import torch; `curvc check` needs neither
+    from curvc.runtime.optimizer import CurvOptimizer
 
 STAGES = ("parse", "check", "lower", "emit")
 
@@ -115,7 +119,7 @@ def _load_cached(source: str, file: str, backend: str):
     return cache.load_class(cache.cache_key(source, backend, file), build)
 
 
-def load(spec: str | Path, backend: str = "auto"):
+def load(spec: str | Path, backend: str = "auto") -> type[CurvOptimizer]:
     """The optimizer class a spec describes, compiled (once per process) and imported.
 
     ``spec`` is a path to a ``.curv`` file or the name of a shipped spec::

@@ -1,7 +1,10 @@
 """Param groups the usual way: no weight decay on biases and normalisation layers."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `import curvc` stays free of torch's import time
+    import torch
 
 
 def param_groups(model: torch.nn.Module, no_decay: tuple[str, ...] = ("bias", "norm"),
