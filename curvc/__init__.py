@@ -10,9 +10,11 @@ emits a ``torch.optim.Optimizer`` subclass::
     Adam = curvc.load("adam")                 # a shipped spec, by name
     Mine = curvc.load("path/to/mine.curv")    # or any spec file
 """
-from curvc.compiler import compile_file, load, resolve, to_ir, to_module_source, to_plan
+from curvc.compiler import (available, compile_file, load, resolve, to_ir, to_module_source,
+                            to_plan)
 from curvc.errors import CurvError
+from curvc.groups import param_groups
 from curvc.version import __version__
 
-__all__ = ["CurvError", "compile_file", "load", "resolve", "to_ir", "to_module_source",
+__all__ = ["CurvError", "available", "compile_file", "load", "param_groups", "resolve", "to_ir", "to_module_source",
            "to_plan", "__version__"]

@@ -1,4 +1,4 @@
-"""The ``curvc`` command: compile, check, explain, table.
+"""The ``curvc`` command: compile, check, explain, table, analyze, list.
 
 User mistakes print a compiler-style message (file:line:col, the line, a
 caret) and exit 1; they never show a Python traceback.
@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from curvc import compiler, explain as explain_mod, resources
+from curvc import cache, compiler, explain as explain_mod, resources
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError
 
@@ -19,8 +19,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "into torch.optim optimizers.")
 
 
+def _message(err: Exception) -> str:
+    """One line (or a compiler-style block) for the user; never a traceback."""
+    if isinstance(err, CurvError):
+        return str(err)
+    if isinstance(err, OSError):  # compiler turns its own into CurvErrors; a safety net
+        where = f"{err.filename}: " if err.filename else ""
+        return f"error: {where}{cache.os_reason(err)}"
+    return f"error: {err}"
+
+
 def _fail(err: Exception) -> None:
-    typer.echo(str(err) if isinstance(err, CurvError) else f"error: {err}", err=True)
+    typer.echo(_message(err), err=True)
     raise typer.Exit(1)
 
 
@@ -30,8 +40,8 @@ def _for_each(specs: List[str], run) -> None:
     for spec in specs:
         try:
             typer.echo(run(spec))
-        except (CurvError, FileNotFoundError) as e:
-            typer.echo(str(e) if isinstance(e, CurvError) else f"error: {e}", err=True)
+        except (CurvError, OSError) as e:
+            typer.echo(_message(e), err=True)
             failed = True
     if failed:
         raise typer.Exit(1)
@@ -73,8 +83,52 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
     try:
         source, file = compiler.read(spec)
         typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
-    except (CurvError, FileNotFoundError) as e:
+    except (CurvError, OSError) as e:
         _fail(e)
+
+
+def _description(text: str) -> str:
+    """A spec's one-line description: the first sentence of its leading comment."""
+    words = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    first = " ".join(w for w in words if w)
+    end = first.find(". ")
+    first = first if end < 0 else first[:end + 1]
+    if len(first) > 90:  # one line in a terminal
+        first = first[:87].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return first
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Every shipped spec: its name for curvc.load, class, description and row of Table 1."""
+    for name in compiler.available():
+        source, file = compiler.read(name)
+        opt = compiler.to_ir(source, file)
+        row = explain_mod.table_row(opt)
+        # Table 1's cells, '-' where the paper leaves one empty (Newton's row is all '-')
+        cells = "; ".join(f"{c.split()[0].lower()}: {row[c] or '-'}"
+                          for c in explain_mod.TABLE_COLUMNS)
+        typer.echo(f"{name:<34}{opt.name:<26}{_description(source)}")
+        typer.echo(f"{'':<34}{cells}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from curvc.version import __version__
+        typer.echo(f"curvc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print curvc's version and exit")) -> None:
+    """curvc: compile optimizer specs (Table 1 of the unified curvature view) into
+    torch.optim optimizers."""
 
 
 @app.command()
@@ -83,7 +137,7 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
     rows = []
     order = {n: i for i, n in enumerate(explain_mod.PAPER_ORDER)}
     for name, path in resources.shipped_specs().items():
-        opt = compiler.to_ir(path.read_text(), str(path))
+        opt = compiler.to_ir(*compiler.read(path))
         # the paper's order, then its other variants, then the hybrids
         key = (path.parent.name == "hybrids", order.get(opt.name, len(order)), opt.name)
         rows.append((key, opt.name, explain_mod.table_row(opt)))
@@ -99,6 +153,31 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
     widths = [max(len(x) for x in col) for col in zip(cols, *cells)]
     for row in [list(cols), ["-" * w for w in widths]] + cells:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def analyze(
+    specs: List[str] = typer.Argument(..., help="spec files or shipped names"),
+    problem: str = typer.Option("quadratic:n=50,cond=1e4", "--problem",
+                                help="quadratic:n=50,cond=1e4[,seed=0] or mlp:digits[,hidden=16]"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="also the minibatch noise (N_b) "
+                                        "over batches of this size"),
+    samples: int = typer.Option(32, "--samples", help="minibatches drawn for --batch"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write Delta_d^i and ||d_i||_H^2 "
+                                        "against the eigenvalues to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """The paper's one-step analysis: what each spec's first step does to the local model."""
+    from curvc import analyze as analyze_mod
+    try:
+        prob = analyze_mod.problem(problem)
+        results = analyze_mod.analyze_all(specs, prob, batch=batch, samples=samples)
+        if plot is not None:
+            analyze_mod.plot(results, str(plot), prob)
+    except (CurvError, FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
+        _fail(e)
+    typer.echo(analyze_mod.to_json(results, prob) if as_json
+               else analyze_mod.table(results, prob, batch))
 
 
 def main() -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import pprint
-import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from curvc import cache, check as check_mod, emit as emit_mod, ir, lower as lower_mod
 from curvc import parse as parse_mod, resources
-from curvc.errors import CurvError
+from curvc.backends import BACKENDS
+from curvc.errors import CurvError, suggest
 from curvc.plan import Plan
+
+if TYPE_CHECKING:  # importing the runtime would import torch; `curvc check` needs neither
+    from curvc.runtime.optimizer import CurvOptimizer
 
 STAGES = ("parse", "check", "lower", "emit")
 
@@ -24,22 +28,51 @@ def resolve(spec: str | Path) -> Path:
     p = Path(spec)
     if p.suffix == ".curv" or p.exists():
         if not p.exists():
-            raise FileNotFoundError(f"no such spec file: {p}")
+            raise CurvError("load.no_such_file", file=p)
+        if not p.is_file():
+            raise CurvError("load.not_a_file", file=p)
         return p
+    names = _shipped_by_name()
+    key = str(spec)
+    found = names.get(key) or names.get(key.lower())  # 'Adam' is 'adam'
+    if found is not None:
+        return found
+    close = suggest(key.lower(), names)
+    raise CurvError("load.not_found", name=key, allowed=", ".join(available()),
+                    hint=f"did you mean {close!r}?" if close else None)
+
+
+def _shipped_by_name() -> dict[str, Path]:
+    """Shipped specs by relative name ('theory/newton') and by file stem ('newton')."""
     shipped = resources.shipped_specs()
     root = resources.specs_dir()
     by_rel = {str(path.relative_to(root).with_suffix("")): path for path in shipped.values()}
-    key = str(spec)
-    if key in by_rel:
-        return by_rel[key]
-    if key in shipped:
-        return shipped[key]
-    raise CurvError("load.not_found", name=key, allowed=", ".join(sorted(shipped)))
+    return {**shipped, **by_rel}
+
+
+def available() -> list[str]:
+    """The names of the shipped specs, as ``curvc.load`` takes them ('adam', 'theory/newton')."""
+    root = resources.specs_dir()
+    return sorted(str(p.relative_to(root).with_suffix(""))
+                  for p in resources.shipped_specs().values())
 
 
 def read(spec: str | Path) -> tuple[str, str]:
+    """A spec's text and file name; an unreadable or non-text file is a CurvError."""
     path = resolve(spec)
-    return path.read_text(), str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CurvError("load.unreadable", file=path, why=cache.os_reason(e)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file's own offset
+        raise CurvError("load.not_utf8", file=path, byte=data[e.start], offset=e.start) from None
+    # Universal newlines, as open() in text mode would give (the parser counts "\n" lines).
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\0" in text:
+        raise CurvError("load.binary", file=path)
+    return text, str(path)
 
 
 def to_ir(source: str, file: str = "<spec>") -> ir.Optimizer:
@@ -74,23 +107,19 @@ def dump(source: str, file: str, stage: str, backend: str = "auto") -> str:
     return emit_mod.emit(opt, plan, backend)
 
 
-def module_name(opt_name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", opt_name).lower()
-
-
 @functools.lru_cache(maxsize=None)
 def _load_cached(source: str, file: str, backend: str):
-    opt = to_ir(source, file)
-    text = emit_mod.emit(opt, to_plan(opt), backend)
-    key = cache.cache_key(source, backend)
-    path = cache.cache_dir() / f"{module_name(opt.name)}_{key[:16]}.py"
-    if not path.exists() or path.read_text() != text:
-        cache.write_atomic(path, text)
-    module = cache.import_path(path, f"curvc_generated.{path.stem}")
-    return getattr(module, opt.name)
+    """The class, from the verified cache file when there is one (no compile at all)."""
+    def build() -> tuple[str, str]:
+        opt = to_ir(source, file)
+        return opt.name, emit_mod.emit(opt, to_plan(opt), backend)
+
+    if backend not in BACKENDS:  # before the cache, which would only miss
+        raise CurvError("codegen.unknown_backend", name=backend, allowed=", ".join(BACKENDS))
+    return cache.load_class(cache.cache_key(source, backend, file), build)
 
 
-def load(spec: str | Path, backend: str = "auto"):
+def load(spec: str | Path, backend: str = "auto") -> type[CurvOptimizer]:
     """The optimizer class a spec describes, compiled (once per process) and imported.
 
     ``spec`` is a path to a ``.curv`` file or the name of a shipped spec::
@@ -103,14 +132,21 @@ def load(spec: str | Path, backend: str = "auto"):
 
 
 def compile_file(spec: str | Path, out_dir: str | Path = "build", backend: str = "auto") -> Path:
-    """Write the generated module for ``spec`` to ``out_dir/<stem>.py``."""
+    """Write the generated module for ``spec`` to ``out_dir/<stem>.py`` (mode 0644)."""
     source, file = read(spec)
     text = to_module_source(source, file, backend)
-    out = Path(out_dir) / f"{Path(file).stem}.py"
-    cache.write_atomic(out, text)
-    init = Path(out_dir) / "__init__.py"
-    if not init.exists():
-        cache.write_atomic(init, "")
+    out_dir = Path(out_dir)
+    out = out_dir / f"{Path(file).stem}.py"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_atomic(out, text)
+        init = out_dir / "__init__.py"
+        if not init.exists():
+            cache.write_atomic(init, "")
+    except FileExistsError:
+        raise CurvError("output.not_a_folder", path=out_dir) from None
+    except OSError as e:
+        raise CurvError("output.unwritable", path=out, why=cache.os_reason(e)) from None
     return out
 
 

@@ -79,6 +79,19 @@ MESSAGES: dict[str, str] = {
     "codegen.unknown_stage": "unknown stage {name!r} for --dump; choose one of {allowed}",
     # loading
     "load.not_found": "no spec named {name!r}; shipped specs: {allowed}",
+    # files: reading specs, writing modules, the cache
+    "load.no_such_file": "no such spec file: {file}",
+    "load.not_a_file": "{file} is not a spec file (it is a folder or a device)",
+    "load.unreadable": "cannot read {file}: {why}",
+    "load.not_utf8": "{file} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); "
+    "a spec is a UTF-8 text file",
+    "load.binary": "{file} is a binary file (it contains NUL bytes), not a spec",
+    "output.not_a_folder": "the output folder {path} is a file; -o names a folder",
+    "output.unwritable": "cannot write {path}: {why}",
+    "cache.unusable": "not caching compiled optimizers in {path} ({why}); compiling in memory "
+    "(set CURVC_CACHE_DIR to a folder of your own)",
+    "cache.unwritable": "cannot write to the cache {path} ({why}); compiling in memory "
+    "(set CURVC_CACHE_DIR to a folder of your own)",
 }
 
 

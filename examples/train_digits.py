@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--lr", type=float, default=None, help="default: the spec's")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop after this many optimizer steps (a quick smoke run); default: all")
     args = ap.parse_args()
 
     from sklearn.datasets import load_digits
@@ -71,9 +73,14 @@ def main():
                          "dense, over all parameters" if dense else "gradient only")
     print(f"{Opt.__name__} ({kind}), lr={opt.param_groups[0]['lr']:g}")
 
+    steps_left = len(train) * args.epochs if args.steps is None else args.steps
     for epoch in range(args.epochs):
-        total = 0.0
-        for idx in train[torch.randperm(len(train))].split(args.batch):
+        if steps_left <= 0:
+            break
+        batches = train[torch.randperm(len(train))].split(args.batch)[:steps_left]
+        steps_left -= len(batches)
+        total, seen = 0.0, sum(len(idx) for idx in batches)
+        for idx in batches:
             if Opt.secant is not None:
                 def closure(idx=idx):
                     opt.zero_grad()
@@ -96,7 +103,7 @@ def main():
             total += loss.item() * len(idx)
         with torch.no_grad():
             acc = (model(x[test]).argmax(-1) == y[test]).float().mean().item()
-        print(f"epoch {epoch + 1:2d}  train loss {total / len(train):.4f}  test accuracy {acc:.3f}")
+        print(f"epoch {epoch + 1:2d}  train loss {total / seen:.4f}  test accuracy {acc:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ runs ``python -m curvc`` in a subprocess, as a shell would.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,7 @@ def test_check_bad_spec_prints_the_message_on_stderr(cli, case):
 def test_check_bad_spec_in_a_subprocess():
     case = "syntax_unclosed_paren"
     proc = subprocess.run([sys.executable, "-m", "curvc", "check", f"tests/errors/{case}.curv"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600)  # a hang guard only
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == expected_error(case)
@@ -194,3 +196,120 @@ def test_compile_bad_spec(cli, tmp_path):
     result = cli("compile", "tests/errors/value_every_zero.curv", "-o", str(tmp_path))
     assert_clean_failure(result, stderr=expected_error("value_every_zero"))
     assert not (tmp_path / "value_every_zero.py").exists()
+
+
+# --- files: what a user may hand over, and where output may go -------------------------
+# Each gets one line on stderr and exit 1: never a traceback, never a lost file.
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+NOT_UTF8 = b"optimizer Mine\nhyper lr = 0.1  # caf\xe9\ncurvature constant\n"
+BINARY = b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00>\x00"
+
+
+@pytest.mark.parametrize("command", [["check"], ["explain"], ["compile", "--backend", "torch"],
+                                     ["compile", "--dump", "parse"]])
+def test_a_folder_as_spec(cli, command):
+    result = cli(*command, "tests")
+    assert_clean_failure(result, stderr="error: tests is not a spec file "
+                                        "(it is a folder or a device)\n")
+
+
+@pytest.mark.parametrize("command", [["check"], ["explain"], ["compile", "--backend", "torch"]])
+def test_a_spec_that_is_not_utf8(cli, tmp_path, command):
+    spec = tmp_path / "latin1.curv"
+    spec.write_bytes(NOT_UTF8)
+    result = cli(*command, str(spec))
+    offset = NOT_UTF8.index(b"\xe9")
+    assert_clean_failure(result, stderr=f"error: {spec} is not UTF-8 text (byte 0xe9 at offset "
+                                        f"{offset}); a spec is a UTF-8 text file\n")
+
+
+def test_a_binary_file_as_spec(cli, tmp_path):
+    spec = tmp_path / "a.out"
+    spec.write_bytes(BINARY)
+    result = cli("check", str(spec))
+    assert_clean_failure(result, stderr=f"error: {spec} is a binary file (it contains NUL "
+                                        "bytes), not a spec\n")
+
+
+def test_an_unreadable_spec(cli, tmp_path, monkeypatch):
+    spec = tmp_path / "secret.curv"
+    spec.write_text((ROOT / "specs" / "sgd.curv").read_text())
+    if IS_ROOT:  # root reads through any mode bits: make the read itself fail
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == spec:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    else:
+        spec.chmod(0)
+    result = cli("check", str(spec))
+    assert_clean_failure(result, stderr=f"error: cannot read {spec}: permission denied\n")
+
+
+def test_a_non_utf8_byte_deep_in_a_large_spec_is_located_exactly(cli, tmp_path):
+    good = (ROOT / "specs" / "sgd.curv").read_bytes() + b"# " + b"x" * 20000 + b"\n"
+    spec = tmp_path / "big.curv"
+    spec.write_bytes(good + b"# \xff\n")
+    result = cli("check", str(spec))
+    assert_clean_failure(result)
+    assert f"(byte 0xff at offset {len(good) + 2})" in result.stderr
+
+
+def test_compile_into_a_read_only_folder(cli, tmp_path, monkeypatch):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    if IS_ROOT:  # root writes through any mode bits: refuse the write itself
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    else:
+        out.chmod(0o555)
+    result = cli("compile", "specs/sgd.curv", "-o", str(out), "--backend", "torch")
+    assert_clean_failure(result, stderr=f"error: cannot write {out / 'sgd.py'}: "
+                                        "permission denied\n")
+
+
+def test_compile_onto_an_existing_file_leaves_it_alone(cli, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes\n")
+    result = cli("compile", "specs/sgd.curv", "-o", str(out), "--backend", "torch")
+    assert_clean_failure(result, stderr=f"error: the output folder {out} is a file; "
+                                        "-o names a folder\n")
+    assert out.read_text() == "my notes\n"
+
+
+def test_compile_a_spec_whose_file_name_is_240_characters(cli, tmp_path):
+    stem = "s" * 240
+    spec = tmp_path / f"{stem}.curv"
+    spec.write_text((ROOT / "specs" / "sgd.curv").read_text())
+    result = cli("compile", str(spec), "-o", str(tmp_path / "build"), "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "build" / f"{stem}.py").is_file()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o000, 0o644), (0o077, 0o600)])
+def test_compiled_files_are_0644_at_most(cli, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        result = cli("compile", "specs/sgd.curv", "-o", str(tmp_path), "--backend", "torch")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for name in ("sgd.py", "__init__.py"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_bad_files_in_a_subprocess_print_one_line_each(tmp_path):
+    latin1, binary = tmp_path / "latin1.curv", tmp_path / "a.out"
+    latin1.write_bytes(NOT_UTF8)
+    binary.write_bytes(BINARY)
+    proc = subprocess.run([sys.executable, "-m", "curvc", "check", "tests", str(latin1),
+                           str(binary), "specs/sgd.curv"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=3600)  # a hang guard only
+    assert proc.returncode == 1
+    assert proc.stdout == "specs/sgd.curv: ok (SGD)\n"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), proc.stderr

@@ -119,6 +119,10 @@ def test_every_message_of_a_spec_has_a_case():
     """Each message a spec can cause is pinned by at least one case."""
     not_from_specs = {"codegen.unknown_backend", "codegen.unknown_stage", "load.not_found",
                       "syntax.index_too_large"}  # CLI options and a 10-digit index: tested elsewhere
+    # reading and writing files, the cache: tests/test_cli.py and tests/test_cache.py
+    not_from_specs |= {"load.no_such_file", "load.not_a_file", "load.unreadable", "load.not_utf8",
+                       "load.binary", "output.not_a_folder", "output.unwritable",
+                       "cache.unusable", "cache.unwritable"}
     used = {key for _, key, _ in _keys_and_frames()}
     missing = set(errors.MESSAGES) - not_from_specs - used
     assert not missing, f"no case in tests/errors/ for {sorted(missing)}"

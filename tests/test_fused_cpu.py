@@ -135,3 +135,118 @@ def test_fused_steps_count_every_step_and_accept_old_step_formats():
         results.append(ps)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+# --- what may not take the compiled kernel ---------------------------------------
+# Its raw call trusts the memory it is given: a meta tensor (no memory) or a DTensor
+# (a wrapper without storage) crashed the process, and a row of other dtypes was read
+# as the first row's. Crashes are run in a subprocess, so that they fail the test
+# instead of killing pytest.
+
+def _in_subprocess(script: str) -> str:
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=600)
+    assert done.returncode == 0, f"exit status {done.returncode}\n{done.stderr[-3000:]}"
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_meta_parameters_of_a_large_bucket_step_like_torch_adam():
+    """torch.optim.Adam on meta tensors is a no-op on them and counts the step."""
+    out = _in_subprocess("""
+        import torch, curvc
+        n = 1 << 18  # the size from which the default (fused=None) compiles the step
+        states = []
+        for make in (torch.optim.Adam, curvc.load("adam")):
+            p = torch.nn.Parameter(torch.empty(n, device="meta"))
+            opt = make([p])
+            for _ in range(2):
+                p.grad = torch.empty(n, device="meta")
+                opt.step()
+            st = opt.state[p]
+            states.append(sorted((k, str(v.device), tuple(v.shape), str(v.dtype),
+                                  float(v) if v.device.type == "cpu" else None)
+                                 for k, v in st.items()) + [str(p.device)])
+        print(states[0] == states[1], states[1])
+    """)
+    assert out.startswith("True"), out
+
+
+def test_fused_true_on_dtensor_parameters_takes_the_eager_path_and_matches_torch_adam():
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    out = _in_subprocess("""
+        import socket, torch, torch.distributed as dist
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        dist.init_process_group("gloo", rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{port}")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        import curvc
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(0)
+        start = torch.randn(64, 8, generator=g)
+        grads = [torch.randn(64, 8, generator=g) for _ in range(3)]
+        ours = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        ref = torch.nn.Parameter(start.clone())
+        opt = curvc.load("adam")([ours], lr=0.1, fused=True)
+        ropt = torch.optim.Adam([ref], lr=0.1)
+        for grad in grads:
+            ours.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            ref.grad = grad.clone()
+            opt.step()
+            ropt.step()
+        err = ((ours.full_tensor() - ref).abs().max() / ref.abs().max()).item()
+        dist.destroy_process_group()
+        print(err)
+    """)
+    assert float(out) <= 1e-6
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass with no behaviour of its own."""
+
+
+def test_fused_true_on_a_tensor_subclass_matches_torch_adam():
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(300, 250, generator=g), [torch.randn(300, 250, generator=g)
+                                                         for _ in range(3)]
+    ours = torch.nn.Parameter(torch.Tensor._make_subclass(_Tagged, start.clone()))
+    ref = torch.nn.Parameter(start.clone())
+    opt = curvc.load("adam", backend="torch")([ours], lr=0.1, fused=True)
+    ropt = torch.optim.Adam([ref], lr=0.1)
+    for grad in grads:
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ropt.step()
+    torch.testing.assert_close(torch.Tensor(ours.detach()), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bucket_with_state_of_other_dtypes_takes_the_eager_path():
+    """A checkpoint can give one parameter float64 state and another float32: the kernel
+    compiled for the first layout must not read the other's memory (it gave NaN). As
+    torch.optim.Adam, which casts the loaded state to the parameter's dtype."""
+    Adam = curvc.load("adam", backend="torch")
+    results = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=0.1),
+                 lambda ps: Adam(ps, lr=0.1, fused=True)):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(1000, generator=g)) for _ in range(2)]
+        opt = make(params)
+        for p in params:
+            p.grad = torch.randn(1000, generator=g)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved["state"][1][key] = saved["state"][1][key].double()
+        opt.load_state_dict(saved)
+        for p in params:
+            p.grad = torch.randn(1000, generator=g)
+        opt.step()
+        results.append(params)
+    for ref, ours in zip(*results):
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)

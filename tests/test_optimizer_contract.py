@@ -216,3 +216,20 @@ def test_load_finds_shipped_specs_by_name_and_files_by_path(tmp_path):
     assert curvc.load("sgd", backend="torch").__name__ == "SGD"
     with pytest.raises(curvc.CurvError, match="no spec named"):
         curvc.load("adamm")
+
+
+def test_a_deep_copied_optimizer_steps_and_a_kfac_copy_asks_for_its_model(Adam):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    q = twin.param_groups[0]["params"][0]
+    q.grad = torch.ones(3)
+    twin.step()
+    assert float(twin.state[q]["step"]) == 2.0 and float(opt.state[p]["step"]) == 1.0
+    kfac = copy.deepcopy(curvc.load("kfac")(make_mlp(hidden=4)))
+    weight = kfac.param_groups[0]["params"][0]
+    weight.grad = torch.zeros_like(weight)
+    with pytest.raises(RuntimeError, match=r"opt\.track\(model\)"):
+        kfac.step()  # the copy has no hooks on any model

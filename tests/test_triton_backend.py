@@ -400,7 +400,7 @@ def test_kernels_compile_for_gpu(tmp_path):
     jobs.append((str(tmp_path / "adam.py"), True, "float64"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=3600)  # a hang guard only
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("compiled") >= len(jobs)
 

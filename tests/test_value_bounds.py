@@ -89,6 +89,7 @@ RUNTIME_REFUSALS = [
     ("lbfgs", {"history_size": 1e12}),
     ("lbfgs", {"max_iter": 1e7}),
     ("shampoo", {"update_freq": 1e15}),
+    ("adahessian", {"n_samples": 10 ** 400}),  # a Python int no float can hold
 ]
 
 

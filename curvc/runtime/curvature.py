@@ -33,25 +33,32 @@ def hutchinson(params: list[torch.Tensor], grads: list[torch.Tensor], samples: i
                keep_graph: bool = False) -> list[torch.Tensor]:
     """Hutchinson's estimate of diag(H), H the Hessian of the loss whose ``grads`` are given.
 
-    ``grads`` must have been produced with ``create_graph=True``. With
+    ``grads`` must have been produced with ``create_graph=True``. A gradient
+    without a graph (or None) is constant: its parameter enters the loss
+    linearly or not at all, so its Hessian row and its estimate are 0. With
     ``spatial_average`` (AdaHessian), a 4-D convolution kernel's estimate is
     replaced by the mean of its absolute value over the kernel's spatial
     positions, as in the AdaHessian release. ``keep_graph`` leaves the
     loss's graph alive for a later ``backward()``.
     """
     total = [torch.zeros_like(p) for p in params]
-    for i in range(samples):
+    live = [i for i, g in enumerate(grads) if g is not None and g.grad_fn is not None]
+    for i in range(samples if live else 0):
+        # Probes for the live parameters only: H z restricted to them is all that is
+        # not 0 (a constant gradient's row, and by symmetry its column, are 0).
         if distribution == "rademacher":
-            zs = [rademacher_like(p, generator) for p in params]
+            zs = [rademacher_like(params[j], generator) for j in live]
         elif distribution == "gaussian":
-            zs = [torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=generator)
-                  for p in params]
+            zs = [torch.randn(params[j].shape, device=params[j].device,
+                              dtype=params[j].dtype, generator=generator) for j in live]
         else:
             raise ValueError(f"unknown probe distribution {distribution!r}")
-        hzs = torch.autograd.grad(grads, params, grad_outputs=zs,
-                                  retain_graph=keep_graph or i < samples - 1)
-        for acc, hz, z in zip(total, hzs, zs):
-            acc.addcmul_(hz, z, value=1.0 / samples)
+        hzs = torch.autograd.grad([grads[j] for j in live], [params[j] for j in live],
+                                  grad_outputs=zs, retain_graph=keep_graph or i < samples - 1,
+                                  allow_unused=True)
+        for j, hz, z in zip(live, hzs, zs):
+            if hz is not None:  # None: no path from the gradients back to it, H z is 0 there
+                total[j].addcmul_(hz, z, value=1.0 / samples)
     if spatial_average:
         total = [t.abs().mean(dim=(2, 3), keepdim=True).expand_as(t).contiguous()
                  if t.dim() == 4 else t for t in total]

@@ -8,7 +8,9 @@ gradient of the loss at the layer's output,
     S = N ds^T ds                 out x out
 
 (ds of a mean-reduced loss carries a 1/N, so S is the mean outer product of
-the per-row output gradients). The factors are exponential moving averages
+the per-row output gradients). A layer applied several times in one
+forward pass (weight sharing) sums the (A, S) of its calls, as curvlinops'
+KFAC does. The factors are exponential moving averages
 ``A <- beta A + (1 - beta) A_t`` starting from the identity, updated on the
 plan's ``accumulate`` steps; their damped inverses ``(A + damping I)^-1`` and
 ``(S + damping I)^-1`` are recomputed on its ``invert`` steps. The layer's
@@ -25,6 +27,7 @@ The factors and inverses live in the weight's optimizer state (``kfac_A``,
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -33,38 +36,86 @@ from curvc.runtime.matrix import inverse_root
 
 
 class LayerTracker:
-    """Hooks on a model's ``nn.Linear`` layers: the last input and output gradient of each."""
+    """Hooks on a model's ``nn.Linear`` layers: per layer, the sums of the factors
+    (A_t, S_t) of every call since the last step.
 
-    def __init__(self, model: torch.nn.Module):
+    A layer applied c times per forward pass adds the factors of each call,
+    each normalised by its own rows (curvlinops' KFAC sums them the same way):
+    A_t = sum_c a_c^T a_c / N_c, S_t = sum_c N_c ds_c^T ds_c. A call counts
+    once its output gradient arrives, so a forward pass nothing differentiates
+    (an evaluation with grad enabled) adds nothing. ``wanted`` (a weak
+    reference to a callable, e.g. a ``weakref.WeakMethod``; None: always) says
+    whether the next step accumulates statistics; it is asked once per step,
+    at the first forward pass, so steps that do not accumulate cost no matrix
+    products.
+
+    The hooks hold the tracker weakly, and are removed when it is collected
+    (with the optimizer that owns it) or on ``remove()``.
+    """
+
+    def __init__(self, model: torch.nn.Module, wanted=None):
         self.layers: list[torch.nn.Linear] = [m for m in model.modules()
                                               if isinstance(m, torch.nn.Linear)]
-        self.inputs: dict = weakref.WeakKeyDictionary()
-        self.output_grads: dict = weakref.WeakKeyDictionary()
-        self._handles = [m.register_forward_hook(self._forward) for m in self.layers]
+        self._sums: dict = weakref.WeakKeyDictionary()  # module -> (A_t, S_t)
+        self._wanted = wanted
+        self._recording: bool | None = None  # asked of ``wanted`` at the first forward
+        me = weakref.ref(self)  # the model must not keep the tracker (or its optimizer) alive
+
+        def forward(module, args, output):
+            tracker = me()
+            if tracker is not None:
+                tracker._forward(module, args, output)
+        handles = [m.register_forward_hook(forward) for m in self.layers]
+        self._finalizer = weakref.finalize(self, _remove_hooks, handles)
 
     def _forward(self, module, args, output) -> None:
-        if not (torch.is_grad_enabled() and output.requires_grad):
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.requires_grad):
             return  # an evaluation pass: nothing will be differentiated
-        self.inputs[module] = args[0].detach()
-        self.output_grads.pop(module, None)
+        if self._recording is None:
+            wanted = self._wanted() if self._wanted is not None else None
+            self._recording = wanted is None or bool(wanted())
+        if not self._recording:
+            return
+        x, me = args[0].detach(), weakref.ref(self)
 
-        def save(grad, module=module):
-            self.output_grads[module] = grad.detach()
-        output.register_hook(save)
+        def on_grad(grad):
+            tracker = me()
+            if tracker is not None:
+                tracker._add(module, x, grad.detach())
+        output.register_hook(on_grad)
+
+    def _add(self, module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor) -> None:
+        dtype = module.weight.dtype
+        a_t, s_t = layer_factors(module, x.to(dtype), ds.to(dtype))
+        old = self._sums.get(module)
+        self._sums[module] = (a_t, s_t) if old is None else (old[0] + a_t, old[1] + s_t)
+
+    def factors(self, module: torch.nn.Linear):
+        """(A_t, S_t) summed over the layer's calls since the last step, or None."""
+        return self._sums.get(module)
+
+    def clear(self) -> None:
+        """A step used the statistics: the next one gathers its own."""
+        self._sums = weakref.WeakKeyDictionary()
+        self._recording = None
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._finalizer()
+
+
+def _remove_hooks(handles) -> None:
+    for h in handles:
+        h.remove()
 
 
 def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
     """(A_t, S_t) of one batch (see the module docstring)."""
-    a = x.reshape(-1, x.shape[-1])
+    n = math.prod(x.shape[:-1])  # rows, spelled out: reshape(-1, 0) is ambiguous
+    a = x.reshape(n, x.shape[-1])
     if module.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    ds = ds.reshape(-1, ds.shape[-1])
-    n = a.shape[0]
+        a = torch.cat([a, a.new_ones(n, 1)], dim=1)
+    ds = ds.reshape(n, ds.shape[-1])
     return a.T @ a / n, ds.T @ ds * n
 
 
@@ -89,12 +140,12 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
             continue  # not optimized here, or no gradient this step
         state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
         if accumulate:
-            x, ds = tracker.inputs.get(module), tracker.output_grads.get(module)
-            if x is None or ds is None:
+            sums = tracker.factors(module)
+            if sums is None:
                 raise RuntimeError(
                     f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
                     f"layer {module} ran no forward and backward pass since the last step")
-            a_t, s_t = layer_factors(module, x.to(w.dtype), ds.to(w.dtype))
+            a_t, s_t = sums
             if grad_scale is not None:
                 s_t = s_t / grad_scale.to(s_t.device, s_t.dtype) ** 2
             for key, new in (("kfac_A", a_t), ("kfac_S", s_t)):

@@ -16,6 +16,7 @@ between. They are computed in float64 and stored in the state's dtype.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -50,8 +51,14 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0) -> tor
 def mode_product(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
     """x multiplied along ``mode`` by the (symmetric) matrix m."""
     moved = x.movedim(mode, 0)
-    out = (m @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+    out = (m @ _unfold(moved)).reshape(moved.shape)
     return out.movedim(0, mode)
+
+
+def _unfold(moved: torch.Tensor) -> torch.Tensor:
+    """A tensor as a (first dim) x (the rest) matrix; sizes spelled out, since -1 is
+    ambiguous when a dimension is 0."""
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))
 
 
 def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, factors: str,
@@ -66,6 +73,8 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
     keep no factor (the identity), as an embedding's vocabulary would cost
     a vocabulary-squared matrix.
     """
+    if value.numel() == 0:
+        return value  # a zero-size tensor (Linear(4, 0)): nothing to precondition
     order = value.dim()
     e = exponent / order if per_mode and order else exponent
     out = value
@@ -77,7 +86,7 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
         if factor is None:
             factor = state[key] = torch.eye(d, dtype=value.dtype, device=value.device).mul_(init)
         if update:
-            u = statistic.movedim(i, 0).reshape(d, -1).to(factor.dtype)
+            u = _unfold(statistic.movedim(i, 0)).to(factor.dtype)
             if accumulate == "sum":
                 factor.addmm_(u, u.T)
             else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -117,7 +118,31 @@ class CurvOptimizer(torch.optim.Optimizer):
         from curvc.runtime.kfac import LayerTracker
         if self._tracker is not None:
             self._tracker.remove()
-        self._tracker = LayerTracker(model)
+        # Weakly: the model's hooks must not keep this optimizer alive.
+        self._tracker = LayerTracker(model, wanted=weakref.WeakMethod(self._kfac_accumulates))
+
+    def _kfac_accumulates(self) -> bool:
+        """Whether the next step accumulates K-FAC statistics (asked by the tracker)."""
+        h = self._flat_hypers(self.param_groups[0])
+        flag = self.ESTIMATOR[3](h)["accumulate"]
+        return flag is None or bool(self.host(h, self._next_step())[1][flag])
+
+    def close(self) -> None:
+        """Remove the hooks this optimizer put on the model (K-FAC's layer tracker).
+
+        They also go when the optimizer is garbage-collected; ``close()`` (or a
+        ``with`` block) removes them now. A K-FAC optimizer needs ``track(model)``
+        before it steps again. A no-op for optimizers without hooks.
+        """
+        tracker, self._tracker = getattr(self, "_tracker", None), None
+        if tracker is not None:
+            tracker.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _check_secant_groups(self) -> None:
         name = type(self).__name__
@@ -156,7 +181,7 @@ class CurvOptimizer(torch.optim.Optimizer):
                 value = value.item()
             label, ok = CONSTRAINTS[constraint]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    math.isnan(value) or not ok(value):
+                    not _finite_number(value) or not ok(value):
                 at = "" if index is None else f" at index {index}"
                 raise ValueError(f"Invalid {name} parameter{at}: {value!r} "
                                  f"({where} must be {label})")
@@ -174,6 +199,10 @@ class CurvOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # A copy or an unpickled optimizer: torch's __getstate__ keeps only the state and
+        # the groups; a K-FAC copy needs track(model) (hooks belong to one optimizer).
+        self.__dict__.setdefault("_estimates", {})
+        self.__dict__.setdefault("_tracker", None)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("nonfinite", self.defaults.setdefault("nonfinite", "propagate"))
@@ -212,7 +241,10 @@ class CurvOptimizer(torch.optim.Optimizer):
         """As torch's, but state keeps the dtype it was saved with (fp32 state of bf16
         params), and every step counter becomes a float32 CPU scalar tensor, whatever
         form it was saved in (an int from old checkpoints, a CUDA tensor from
-        torch's fused or capturable optimizers)."""
+        torch's fused or capturable optimizers). A tensor whose shape does not fit its
+        parameter (a checkpoint of another model) is refused first, with nothing loaded."""
+        from curvc.runtime import state_shapes
+        state_shapes.check(self, state_dict)
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -352,12 +384,11 @@ class CurvOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"{type(self).__name__}.estimate_curvature(loss=...) needs "
                                     "the loss whose Hessian diagonal it estimates")
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-                est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
-                                           int(args["samples"]), args["distribution"],
+                # A parameter the loss does not reach (None) has a zero Hessian row too.
+                est = curvature.hutchinson(params, list(grads), int(args["samples"]),
+                                           args["distribution"],
                                            bool(args.get("spatial_average", False)),
                                            keep_graph=True)  # the user's backward follows
-                params = [p for p, _ in pairs]
         self._estimates = {p: e.detach() for p, e in zip(params, est)}
 
     def set_curvature(self, estimates) -> None:
@@ -414,8 +445,8 @@ class CurvOptimizer(torch.optim.Optimizer):
                 matrix = self._estimates.get("dense")
                 if matrix is None and settings["curvature"] == "fisher":
                     raise RuntimeError(self._missing_estimate_message("fisher"))
-                if matrix is None and all(p.grad is None or p.grad.grad_fn is not None
-                                          for p in params):
+                if matrix is None and any(p.grad is not None and p.grad.grad_fn is not None
+                                          for p in params):  # constant ones: zero rows
                     with torch.enable_grad():
                         matrix = dense.hessian(params, [p.grad for p in params]).detach()
                     matrix, = guard.unscale_from_graph([matrix])  # rows of a scaled gradient
@@ -464,10 +495,9 @@ class CurvOptimizer(torch.optim.Optimizer):
     def _estimate_from_graph(self, guard: amp.StepGuard) -> None:
         """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
         from curvc.runtime import curvature
-        pairs = [(p, p.grad) for p in self._trainable()
-                 if p.grad is not None and p.grad.grad_fn is not None]
-        if not pairs:
-            return
+        pairs = [(p, p.grad) for p in self._trainable() if p.grad is not None]
+        if all(g.grad_fn is None for _, g in pairs):
+            return  # no graph at all: backward() ran without create_graph
         args = self.ESTIMATOR[3](self._flat_hypers(self.param_groups[0]))
         with torch.enable_grad():
             est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
@@ -533,6 +563,11 @@ class CurvOptimizer(torch.optim.Optimizer):
         ``closure`` re-evaluates the loss; ``curvature`` (optional) is this step's
         curvature estimate, one tensor per parameter (see ``set_curvature``).
         """
+        if torch.compiler.is_compiling():
+            # Under torch.compile the step runs outside dynamo (a graph break), through
+            # curvc's own fused or eager paths: traced, it would guard on every float
+            # hyperparameter and recompile whenever a scheduler moves lr.
+            return torch.compiler.disable(CurvOptimizer.step)(self, closure, curvature=curvature)
         if self.secant is not None:
             settings = self.secant(self._flat_hypers(self.param_groups[0]))
             return amp.secant_step(self, closure, settings)
@@ -573,9 +608,13 @@ class CurvOptimizer(torch.optim.Optimizer):
         if skip:
             guard.count_skip(self._trainable())
             self._estimates = {}
+            if self._tracker is not None and curvature is None:
+                self._tracker.clear()  # the skipped batch's statistics go with it
             return loss
         for p, key, value in kfac_updates:  # the step was accepted: commit the statistics
             self.state[p][key] = value
+        if self._tracker is not None and curvature is None:
+            self._tracker.clear()  # consumed: the next step gathers its own
         reduced = self._reduce(work) if self.REDUCTIONS else {}
         guard.inject(work, reduced, device_side=self.ELEMENTWISE and not kfac)
         for group, bucket, scalars, flags in work:
@@ -598,14 +637,14 @@ class CurvOptimizer(torch.optim.Optimizer):
                     reduced: dict) -> None:
         spec = self.UPDATE_ARGS
         rows = bucket.args(spec["tensors"])
-        if self._fused(group, bucket) and all(t is None or t.is_contiguous()
-                                              for row in rows for t in row):
+        if self._fused(group, bucket) and _plain_dense_cpu(rows):
             if self._fused_step(rows, bucket.steps, scalars, flags, reduced):
                 return  # the compiled pass bumped the step counters
         torch._foreach_add_(bucket.steps, 1.0)
         args = _arguments(spec, scalars, reduced, flags)
         update = type(self).torch_update
-        if type(self).foreach_update is None:
+        if type(self).foreach_update is None or not _all_plain(rows):
+            # Subclasses (DTensor) take per-tensor ops: their foreach coverage varies.
             for tensors in rows:
                 update(*tensors, *args)
             return
@@ -705,6 +744,14 @@ def _arguments(spec: dict, scalars: dict, reduced: dict, flags: dict) -> list:
             + [flags[n] for n in spec["flags"]])
 
 
+def _finite_number(v) -> bool:
+    """Not NaN, and not an int too large for a float (math.isnan(10**400) raises)."""
+    try:
+        return not math.isnan(v)
+    except OverflowError:
+        return False
+
+
 def _number(v):
     if isinstance(v, torch.Tensor):
         return v.item()
@@ -714,6 +761,30 @@ def _number(v):
 _LARGE = 1 << 18  # elements in a bucket from which the fused (compiled) CPU path pays off
 _PIECE = 1 << 15  # eager path: elements per foreach list entry
 _BATCH = 1 << 18  # eager path: elements per foreach call
+
+
+def _plain_dense_cpu(rows) -> bool:
+    """Whether a bucket may take the compiled CPU kernel, whose raw call checks nothing:
+    plain tensors (no subclass such as DTensor) in contiguous strided CPU memory (not
+    meta: no memory at all), every row with the first row's dtypes and buffers."""
+    layout = [None if t is None else t.dtype for t in rows[0]]
+    for row in rows:
+        for t, dtype in zip(row, layout):
+            if t is None or dtype is None:
+                if t is not dtype:
+                    return False
+                continue
+            if type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu" or \
+                    t.layout != torch.strided or not t.is_contiguous():
+                return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _all_plain(rows) -> bool:
+    return all(t is None or type(t) in _PLAIN for row in rows for t in row)
 
 
 def _large(bucket: Bucket) -> bool:

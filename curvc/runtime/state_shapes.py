@@ -1,0 +1,88 @@
+"""Checkpoint validation: every saved tensor must fit the parameter it is loaded for.
+
+torch.optim loads a state dict without looking at shapes, and a checkpoint
+from another model then fails at the next ``step()``, with torch's raw error,
+after every step counter has advanced. ``load_state_dict`` calls
+``check(opt, state_dict)`` first, so a mismatch is a ValueError that names the
+parameter, the key and both shapes, and the optimizer is left as it was.
+
+The expected shapes, per parameter p (n: the elements of all parameters, for
+the methods whose state is one flat vector or matrix):
+
+* the elementwise buffers (the class's ``BUFFERS``): p's shape;
+* Kronecker factors and roots ``pre_cond_i`` / ``inv_pre_cond_i``: d_i x d_i;
+* K-FAC's ``kfac_S(_inv)``: out x out; ``kfac_A(_inv)``: in x in, or
+  (in + 1) x (in + 1) for a layer with a bias;
+* the dense structure's ``curvature``: n x n; the secant method's
+  ``d``, ``prev_flat_grad`` and its history: n.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+_KRONECKER = re.compile(r"(?:inv_)?pre_cond_(\d+)$")
+_SECANT_VECTORS = ("d", "prev_flat_grad")
+_SECANT_HISTORY = ("old_dirs", "old_stps")
+
+
+def check(opt, state_dict: dict) -> None:
+    """Raise ValueError if a tensor of ``state_dict`` does not fit its parameter."""
+    saved, groups = state_dict.get("state", {}), state_dict.get("param_groups", [])
+    if len(groups) != len(opt.param_groups) or any(
+            len(g["params"]) != len(o["params"]) for g, o in zip(groups, opt.param_groups)):
+        return  # torch's own load refuses these, before it changes anything
+    ids = [i for g in groups for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    n = sum(p.numel() for p in params)
+    for index, (pid, p) in enumerate(zip(ids, params)):
+        for key, value in saved.get(pid, {}).items():
+            for item in (value if key in _SECANT_HISTORY and opt.secant is not None
+                         else [value]):
+                if not isinstance(item, torch.Tensor):
+                    continue
+                expected = _expected(opt, p, key, n)
+                if expected is None or (not isinstance(expected, str)
+                                        and tuple(item.shape) in expected):
+                    continue
+                wanted = expected if isinstance(expected, str) else \
+                    " or ".join(str(e) for e in expected)
+                raise ValueError(
+                    f"{type(opt).__name__}.load_state_dict: the state of parameter "
+                    f"{index} (shape {tuple(p.shape)}) does not fit: {key!r} has shape "
+                    f"{tuple(item.shape)}, expected {wanted}; was the checkpoint saved "
+                    "for another model? Nothing was loaded")
+
+
+def _expected(opt, p: torch.Tensor, key: str, n: int) -> list[tuple] | str | None:
+    """The shapes ``key`` may have for parameter ``p``; a string: none (why); None:
+    not checked."""
+    if key in opt.BUFFER_NAMES:
+        return [tuple(p.shape)]
+    if opt.dense is not None and key == "curvature":
+        return [(n, n)]
+    if opt.secant is not None and key in (*_SECANT_VECTORS, *_SECANT_HISTORY):
+        return [(n,)]
+    match = _KRONECKER.match(key)
+    if match:
+        mode = int(match.group(1))
+        return [(p.shape[mode], p.shape[mode])] if mode < p.dim() else \
+            f"none (the parameter has no dimension {mode})"
+    if key.startswith("kfac_"):
+        return _kfac_shapes(opt, p, key)
+    return None
+
+
+def _kfac_shapes(opt, p: torch.Tensor, key: str) -> list[tuple] | str:
+    if p.dim() != 2:
+        return "none (K-FAC factors belong to a Linear layer's 2-D weight)"
+    out, inp = p.shape
+    if key.startswith("kfac_S"):
+        return [(out, out)]
+    tracker = getattr(opt, "_tracker", None)
+    module = next((m for m in getattr(tracker, "layers", ()) if m.weight is p), None)
+    if module is not None:
+        k = inp + (module.bias is not None)
+        return [(k, k)]
+    return [(inp + 1, inp + 1), (inp, inp)]  # the layer (its bias) is not known yet
