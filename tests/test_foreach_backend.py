@@ -20,7 +20,7 @@ from curvc.backends import foreach as foreach_backend
 from curvc.backends import torch as torch_backend
 from curvc.backends.render import IndentedBuffer
 from curvc.compiler import _load_cached, read, to_ir, to_plan
-from curvc.runtime.optimizer import _arguments
+from curvc.runtime.elementwise_step import _arguments
 from curvc.plan import Buffer, Const, Load, Op, Plan, Reduced, Reduction, Scalar, Select, Store
 
 SPECS = Path(__file__).parent / "specs"
@@ -316,7 +316,7 @@ def test_eager_path_on_awkward_layouts_matches_torch_adam():
     their parameters, a 0-d and an empty one, and one larger than a piece all follow
     torch.optim.Adam's per-parameter loop."""
     import curvc
-    from curvc.runtime.optimizer import _PIECE
+    from curvc.runtime.elementwise_step import _PIECE
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(7, 5, generator=gen).t(), torch.randn(20, generator=gen)[::2],
             torch.randn((), generator=gen), torch.randn(0, generator=gen),
