@@ -4,7 +4,7 @@ A mixin of ``CurvOptimizer`` (curvc/runtime/optimizer.py). A bucket's tensors go
 the generated ``triton_step`` on CUDA (or with backend 'triton'), else to the
 compiled CPU kernel (``fused_cpu``) when the bucket is large or ``fused=True`` and
 its tensors are plain dense CPU memory, else to the generated foreach function over
-cache-sized pieces; global reductions are summed on the device first.
+pieces of at most _PIECE elements; global reductions are summed on the device first.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ class ElementwiseSteps:
             for tensors in rows:
                 update(*tensors, *args)
             return
-        # Eager: foreach ops over cache-sized pieces. The step is elementwise, so
-        # any split of the tensors is valid; small pieces keep every temporary
-        # the DAG allocates in cache instead of fresh pages per op. Tensors that
+        # Eager: foreach ops over pieces (_PIECE). The step is elementwise, so any
+        # split of the tensors is valid; pieces bound the temporaries a call
+        # allocates for a very large tensor. Tensors that
         # fit in one piece go whole (foreach ops take any shape and strides; a
         # view or a slice per tensor would cost more than a small tensor's update),
         # except 0-d ones, kept 1-D as everywhere else (type promotion differs).
