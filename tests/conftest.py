@@ -4,13 +4,22 @@ The data is scikit-learn's digits set (it ships inside the package, so no
 download): 1797 8x8 images, 10 classes.
 """
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
-# Generated modules go to a private cache, not the user's ~/.cache.
-os.environ.setdefault("CURVC_CACHE_DIR", tempfile.mkdtemp(prefix="curvc-test-cache-"))
+# Generated modules go to a private cache, not the user's ~/.cache, removed at the end.
+_OWN_CACHE = None
+if "CURVC_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["CURVC_CACHE_DIR"] = tempfile.mkdtemp(prefix="curvc-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 # Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors. The
 # variable must be set before any module (torch.compile included) imports triton.

@@ -31,7 +31,8 @@ def run(name, steps=4, scaled=False, **kw):
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def _trains_on_minibatches(name) -> bool:

@@ -247,6 +247,8 @@ def test_estimate_curvature_from_the_loss_needs_no_create_graph(digits):
     assert losses[-1] < losses[0]
 
 
+# walking gc.get_objects() touches torch.distributed's deprecated reduce_op alias
+@pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning")
 def test_create_graph_training_does_not_leak_graphs(digits):
     AdaHessian = curvc.load("adahessian", backend="torch")
     model = make_mlp(hidden=8)
@@ -267,7 +269,7 @@ def test_create_graph_training_does_not_leak_graphs(digits):
 
 
 @pytest.mark.parametrize("spec, lr", [("adahessian", 0.05), ("sophia_h", 0.05), ("sophia", 3e-3)])
-def test_second_order_specs_train_digits_about_as_well_as_adam(spec, lr, digits, capsys):
+def test_second_order_specs_train_digits_about_as_well_as_adam(spec, lr, digits):
     steps = 150
     adam_model = make_mlp()
     adam_losses = train(adam_model, torch.optim.Adam(adam_model.parameters(), lr=3e-3), digits,
@@ -291,10 +293,8 @@ def test_second_order_specs_train_digits_about_as_well_as_adam(spec, lr, digits,
         opt.step()
         losses.append(loss.item())
     final, adam_final = sum(losses[-10:]) / 10, sum(adam_losses[-10:]) / 10
-    with capsys.disabled():
-        print(f"\n  {spec}: final training loss {final:.3f}   Adam: {adam_final:.3f}")
-    assert final < losses[0] / 3
-    assert final < 2.5 * adam_final + 0.05
+    assert final < losses[0] / 3, (spec, final, losses[0])
+    assert final < 2.5 * adam_final + 0.05, (spec, final, adam_final)
 
 
 def test_adahessian_averages_convolution_kernels_over_their_spatial_positions():
