@@ -253,3 +253,17 @@ def test_a_bucket_with_state_of_other_dtypes_takes_the_eager_path():
         results.append(params)
     for ref, ours in zip(*results):
         torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_one_time_compile_says_so_on_stderr(capfd, monkeypatch):
+    monkeypatch.delenv("CURVC_QUIET", raising=False)
+    cls = curvc.load("adagrad", backend="torch")
+    cls.__dict__.get("_fused_kernels", {}).clear()
+    _run(cls, dict(lr=1e-2), fused=True, steps=2)
+    err = capfd.readouterr().err
+    assert "compiling Adagrad's fused CPU step for" in err and "compiled in" in err
+    assert err.count("compiling") == 1  # once, not per step
+    monkeypatch.setenv("CURVC_QUIET", "1")
+    cls.__dict__["_fused_kernels"].clear()
+    _run(cls, dict(lr=1e-2), fused=True, steps=1)
+    assert "compiling" not in capfd.readouterr().err

@@ -8,6 +8,9 @@ pieces of at most _PIECE elements; global reductions are summed on the device fi
 """
 from __future__ import annotations
 
+import os
+import sys
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -93,12 +96,19 @@ class ElementwiseSteps:
             cache = type(self)._fused_kernels = {}
         key = (present, dtypes, fl)
         if key not in cache:
+            name = type(self).__name__
+            _status(f"curvc: compiling {name}'s fused CPU step for {len(rows)} tensors, once "
+                    "(a few seconds; fused=False skips it)")
+            start = time.perf_counter()
             try:
                 cache[key] = FusedUpdate(type(self).torch_update, spec["tensors"], present,
                                          names, dict(fl), dtypes, sdtype)
+                _status(f"curvc: {name}'s fused CPU step compiled in "
+                        f"{time.perf_counter() - start:.1f} s")
             except Exception as e:  # no C++ compiler, an inductor bug, ...: stay correct
-                warnings.warn(f"{type(self).__name__}: the fused CPU step could not be compiled "
+                warnings.warn(f"{name}: the fused CPU step could not be compiled "
                               f"({type(e).__name__}: {e}); using the eager torch path")
+                _status(f"curvc: {name} falls back to the eager torch path (see the warning)")
                 cache[key] = None
         kernel = cache[key]
         if kernel is None:
@@ -138,6 +148,13 @@ class ElementwiseSteps:
                 totals[name] = value if name not in totals else totals[name] + value.to(totals[name].device)
         devices = {b.device for _, b, _, _ in work}
         return {d: {n: v.to(d, non_blocking=True) for n, v in totals.items()} for d in devices}
+
+
+def _status(line: str) -> None:
+    """A one-time status line on stderr (the fused compile takes seconds, once), unless
+    CURVC_QUIET is set."""
+    if not os.environ.get("CURVC_QUIET"):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _arguments(spec: dict, scalars: dict, reduced: dict, flags: dict) -> list:
