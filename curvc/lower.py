@@ -10,26 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from curvc import check as checks, ir
-from curvc.errors import CurvError
+from curvc import check as checks, ir, rules
 from curvc.plan import (NONFINITE_FLAG, NONFINITE_VALUE, Buffer, Const, DenseStage, Estimator,
                         Expr, KroneckerStage, Load, Op, Plan, Precondition, Reduced, Reduction,
                         Scalar, SecantStage, Select, Store, Validator, flat_hyper_names, walk)
-
-# Structures and curvature sources the code generator renders today. The
-# rest of Table 1 parses, checks and explains; compiling it is refused.
-ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
-MATRIX_STRUCTURES = ("kronecker",)
-SECANT_STRUCTURES = ("low_rank",)
-DENSE_STRUCTURES = ("dense",)
-DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
-GRADIENT_CURVATURES = ("constant", "empirical_fisher")
-# Curvatures whose per-step estimate a runtime estimator computes
-# (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
-ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett", "fisher")
-# Curvatures whose runtime returns the preconditioned gradient itself, per
-# layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
-PRECONDITIONING_CURVATURES = ("kfac",)
+from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, PRECONDITIONING_CURVATURES,
+                         SECANT_STRUCTURES)
 
 
 # --- expression helpers (fold the trivial cases so plans stay readable) -----
@@ -432,73 +418,6 @@ def lower_learning_rate(s: _Step) -> Expr:
     return Scalar("lr")
 
 
-def _refuse_unsupported(opt: ir.Optimizer) -> None:
-    if opt.structure.kind in DENSE_STRUCTURES:
-        _refuse_dense(opt)
-        return
-    if opt.structure.kind in SECANT_STRUCTURES:
-        _refuse_secant(opt)
-        return
-    if opt.curvature.kind in PRECONDITIONING_CURVATURES:
-        _refuse_kfac(opt)
-        return
-    if opt.structure.kind == "kronecker":
-        _refuse_kronecker(opt)
-        return
-    if opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
-                                  + PRECONDITIONING_CURVATURES):
-        raise CurvError("codegen.unsupported", opt.curvature.span,
-                        what=f"curvature {opt.curvature.kind} ({opt.name})",
-                        why="its estimator is not in the runtime yet")
-
-
-def _refuse_kronecker(opt: ir.Optimizer) -> None:
-    """What the Kronecker code path does not cover yet, each refused with its reason."""
-    c, it, ln, dmp, clip = opt.curvature, opt.iterate, opt.length, opt.damping, opt.clip
-    refusals = [
-        (c.kind != "empirical_fisher", c, f"curvature {c.kind} with structure kronecker",
-         "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
-        (c.squared or c.scale is not None or c.every is not None, c,
-         "a modified curvature with structure kronecker", "the factors take the plain gradient"),
-        (it.kind not in ("sum", "ema") or it.bias_corrected
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with structure kronecker",
-         "Kronecker factors are summed or averaged (ema), without bias correction or a maximum"),
-        (ln.kind not in ("none", "gradient_norm"), ln, f"length {ln.kind} with structure kronecker",
-         "the step norm would need the preconditioned step twice"),
-        (dmp.kind == "floor", dmp, "damping floor with structure kronecker",
-         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
-        (clip.kind != "none", clip, f"clip {clip.kind} with structure kronecker",
-         "the step norm would need the preconditioned step twice"),
-    ]
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
-
-
-def _refuse_kfac(opt: ir.Optimizer) -> None:
-    it, ln, dmp, st = opt.iterate, opt.length, opt.damping, opt.structure
-    max_dim = next(a for a in checks.FORMS["structure"]["kronecker"].args if a.name == "max_dim")
-    refusals = [
-        (st.max_dim is not None and st.max_dim != ir.Const(max_dim.default), st,
-         "structure kronecker(max_dim) with curvature kfac",
-         "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
-         "Shampoo's per-mode factors"),
-        (it.kind != "ema" or it.bias_corrected or it.delayed
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with curvature kfac",
-         "K-FAC's factors are exponential moving averages (iterate ema(beta), "
-         "optionally every k)"),
-        (ln.kind != "none", ln, f"length {ln.kind} with curvature kfac",
-         "K-FAC takes the natural-gradient step F^-1 g (length none)"),
-        (dmp.kind not in ("none", "inside"), dmp, f"damping {dmp.kind} with curvature kfac",
-         "K-FAC damps each factor before inverting it (damping inside)"),
-    ]
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
-
-
 def lower_kfac(s: _Step) -> Expr:
     """g <- F^-1 g per layer, F = (A + eps I) kron (S + eps I) from the layer's inputs and
     output gradients (curvc.runtime.kfac). The rest of the step is elementwise on it."""
@@ -511,33 +430,6 @@ def lower_kfac(s: _Step) -> Expr:
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
     return Select("maximize", op("neg", natural), natural)
-
-
-def _refuse_dense(opt: ir.Optimizer) -> None:
-    c, it, dmp = opt.curvature, opt.iterate, opt.damping
-    if c.kind not in DENSE_CURVATURES:
-        raise CurvError("codegen.unsupported", c.span,
-                        what=f"curvature {c.kind} with structure dense ({opt.name})",
-                        why="the dense structure is built from the exact Hessian, the Fisher "
-                            "or the gradient's outer product so far")
-    refusals = [
-        (c.squared or c.scale is not None or c.every is not None, c,
-         "a modified curvature with structure dense", "the dense matrix takes the plain estimate"),
-        (it.kind not in ("instant", "ema", "sum") or it.bias_corrected or it.delayed
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with structure dense",
-         "the dense matrix is the current estimate, a sum or an EMA"),
-        (dmp.kind == "floor", dmp, "damping floor with structure dense",
-         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
-    ]
-    for axis in ("momentum", "decay", "clip", "schedule"):
-        node = getattr(opt, axis)
-        refusals.append((node.kind not in ("none", "constant"), node,
-                         f"{axis} {node.kind} with structure dense",
-                         "the dense step is taken on the raw gradient, over all parameters"))
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
 
 
 def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
@@ -558,24 +450,6 @@ def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
     return stage, tuple(s.flags)
 
 
-def _refuse_secant(opt: ir.Optimizer) -> None:
-    """The secant step runs on the raw gradient with the step L-BFGS takes; the
-    techniques that would change either are refused with their reason."""
-    ln = opt.length
-    if ln.kind != "none":  # gradient_norm and eigen_sign are refused by check
-        raise CurvError("codegen.unsupported", ln.span,
-                        what=f"length {ln.kind} with the secant method ({opt.name})",
-                        why="the secant step is d = H^-1 g, sized by lr or the line search; "
-                            "dividing it by sqrt(g^T H^-1 g) is not implemented")
-    for axis in ("momentum", "decay", "clip", "damping", "schedule"):
-        node = getattr(opt, axis)
-        if node.kind not in ("none", "constant"):
-            raise CurvError("codegen.unsupported", node.span,
-                            what=f"{axis} {node.kind} with the secant method ({opt.name})",
-                            why="the secant pairs must see the raw gradient and the steps taken; "
-                                "add the term to the loss in the closure instead")
-
-
 def lower_secant(opt: ir.Optimizer) -> SecantStage:
     s = _Step(opt)
     it = opt.iterate
@@ -585,7 +459,7 @@ def lower_secant(opt: ir.Optimizer) -> SecantStage:
 
 def build(opt: ir.Optimizer) -> Plan:
     """The axes composed into one step, before any pass runs."""
-    _refuse_unsupported(opt)
+    rules.refuse_uncompiled(opt)
     validators = tuple(Validator(ref.name, ref.index, cons, where)
                        for ref, cons, where in checks.arg_constraints(opt))
     if opt.structure.kind in SECANT_STRUCTURES:
