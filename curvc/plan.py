@@ -12,7 +12,7 @@ arithmetic:
   the optimizer before the update (a global norm), with no host sync.
 * ``stores``: the new values of state buffers and of the parameter, as one
   expression DAG over the loaded tensors; backends render it as one fused pass.
-  Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/lower.py):
+  Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/passes.py):
   ``Select(NONFINITE_FLAG, keep_if(Reduced(NONFINITE_VALUE), old, new), new)``,
   so a step the runtime flags (``nonfinite="skip"``, a GradScaler's found_inf)
   stores the old values, decided on the device; the host flag is off otherwise,
