@@ -1,175 +1,28 @@
 """The check pass: AST -> IR, or a ``CurvError`` that points at the fault.
 
 Which forms, arguments and modifiers each clause accepts is data
-(``FORMS``), so the grammar stays tiny and every unknown word gets a
-"did you mean". After the forms are known, ``COMBINATION_RULES`` refuse
-specs whose axes contradict each other, each rule saying which clauses
-clash and why.
+(``curvc.language.FORMS``), so the grammar stays tiny and every unknown word
+gets a "did you mean". After the forms are known, the combination rules
+(``curvc.rules.COMBINATION_RULES``) refuse specs whose axes contradict each
+other, each rule saying which clauses clash and why.
 """
 from __future__ import annotations
 
 import builtins
 import keyword
 import math
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
-from curvc import ir, names, parse as ast
+from curvc import ir, names, parse as ast, rules
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
+from curvc.language import (CLAUSES, DEFAULT_FORMS, EVERY, FORMS, LR, MODIFIER_WHY,
+                            REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
-
-# --- what each clause accepts ------------------------------------------------
-
-@dataclass(frozen=True)
-class ArgSpec:
-    name: str
-    kind: str  # number | int | bool | enum
-    default: object = None  # None: required
-    constraint: str = "any"  # a key of constraints.CONSTRAINTS (count_* for bounded counts)
-    choices: tuple[str, ...] = ()
-
-    @property
-    def required(self) -> bool:
-        return self.default is None
-
-
-@dataclass(frozen=True)
-class FormSpec:
-    args: tuple[ArgSpec, ...] = ()
-    modifiers: tuple[str, ...] = ()  # bare words and 'every'
-    help: str = ""
-
-
-_BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
-
-FORMS: dict[str, dict[str, FormSpec]] = {
-    "curvature": {
-        "constant": FormSpec(help="L*I: the a-priori smoothness constant (folded into lr)"),
-        "empirical_fisher": FormSpec(help="F~ = E_data[g g^T]; its diagonal is g*g"),
-        "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "count_samples"),),
-                           help="F = E_{y~p(y|x)}[g g^T], labels sampled from the model"),
-        "gauss_newton_bartlett": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "count_samples"),
-             ArgSpec("scale", "number", 1.0, "positive")),
-            modifiers=("squared", "every"),
-            help="Gauss-Newton-Bartlett: batch size * (grad of loss on sampled labels)^2"),
-        "hutchinson": FormSpec(
-            (ArgSpec("samples", "int", 1.0, "count_samples"),
-             ArgSpec("distribution", "enum", "rademacher", choices=("rademacher", "gaussian")),
-             ArgSpec("spatial_average", "bool", False),
-             ArgSpec("scale", "number", 1.0, "positive")),
-            modifiers=("squared", "every"),
-            help="Hessian diagonal: E[z * (H z)] with random probes z"),
-        "hessian": FormSpec(help="the exact Hessian H (small models)"),
-        "secant": FormSpec(help="secant pairs: H s ~ y with s = dtheta, y = dgrad"),
-        "kfac": FormSpec(help="F~ per layer as (a a^T) kron (dL/ds dL/ds^T)"),
-    },
-    "structure": {
-        "scalar": FormSpec(help="L*I"),
-        "diagonal": FormSpec(help="diag(lambda_1..lambda_n)"),
-        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
-                              modifiers=("every",),
-                              help="L kron R per tensor (block-diagonal over tensors)"),
-        "dense": FormSpec(help="the whole n x n matrix"),
-        "low_rank": FormSpec(help="rank-2 updates from the secant pairs (their number: iterate secant)"),
-    },
-    "iterate": {
-        "instant": FormSpec(modifiers=("every",), help="the current estimate only"),
-        "ema": FormSpec((_BETA(), ArgSpec("keep_max", "bool", False)),
-                        modifiers=("bias_corrected", "every", "delayed"),
-                        help="C <- beta*C + (1-beta)*c"),
-        "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),), modifiers=("every",),
-                        help="C <- C + c"),
-        "secant": FormSpec((ArgSpec("history", "int", constraint="count_history"),
-                            ArgSpec("iterations", "int", 20.0, "count_iterations"),
-                            ArgSpec("tolerance_grad", "number", 1e-7, "nonneg"),
-                            ArgSpec("tolerance_change", "number", 1e-9, "nonneg")),
-                           help="two-loop recursion over the last k pairs, up to `iterations` "
-                                "closure evaluations per step"),
-    },
-    "length": {
-        "none": FormSpec(help="d = P^-1 g (Newton, NGD)"),
-        "gradient_norm": FormSpec((ArgSpec("power", "number", 1.0, "positive"),),
-                                  help="||d_i||_P = eps*g_i: d = P^-1/2 g (Adam, Adagrad)"),
-        "normalized": FormSpec(help="||d||_P = eps: d = P^-1 g / sqrt(g^T P^-1 g)"),
-        "eigen_sign": FormSpec(help="||d_i||_P = eps: d = P^-1/2 Q sign(Q^T g) (sign GD)"),
-    },
-    "clip": {
-        "none": FormSpec(),
-        "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="positive"),),
-                                help="d <- d * min(1, C/||d||)"),
-        "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"),),
-                                help="d_i = clamp(d_i, -threshold, threshold) (Sophia)"),
-    },
-    "momentum": {
-        "none": FormSpec(),
-        "ema": FormSpec((_BETA(),), modifiers=("bias_corrected",),
-                        help="m <- beta*m + (1-beta)*g"),
-        "heavy_ball": FormSpec((_BETA(), ArgSpec("dampening", "number", 0.0, "unit_closed"),
-                                ArgSpec("nesterov", "bool", False)),
-                               help="b <- beta*b + (1-dampening)*g (b = g on the first step)"),
-    },
-    "decay": {
-        "none": FormSpec(),
-        "l2": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),
-                        ArgSpec("decoupled", "bool", False)),
-                       help="g <- g + wd*theta (decoupled = true: as `decay decoupled`)"),
-        "decoupled": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),),
-                              help="theta <- theta*(1 - lr*wd)"),
-    },
-    "damping": {
-        "none": FormSpec(),
-        "add": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),),
-                        help="P <- P + eps, after the root"),
-        "inside": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),),
-                           help="P <- (C + eps)^power, before the root"),
-        "floor": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),),
-                          help="P <- max(P, eps)"),
-    },
-    "schedule": {
-        "constant": FormSpec(),
-        "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),),
-                                 help="lr_t = lr / (1 + (t-1)*rate)"),
-    },
-}
-
-DEFAULT_FORMS = {"iterate": "instant", "clip": "none", "momentum": "none", "decay": "none",
-                 "damping": "none", "schedule": "constant"}
-REQUIRED_CLAUSES = {
-    "curvature": "the paper's Calculating Approximation column",
-    "structure": "the paper's Structure Approximation column",
-    "length": "the paper's Length Limitation column: none, gradient_norm, normalized or eigen_sign",
-}
-
-# Why a modifier exists, for the error that says it is on the wrong form.
-MODIFIER_WHY = {
-    "bias_corrected": "bias correction undoes the zero start of an exponential moving average",
-    "squared": "AdaHessian accumulates the square of Hutchinson's estimate",
-    "delayed": "the first refresh after k steps (Sophia's release) needs `every k`",
-}
-
-# Hyperparameter names that would clash with something else, and why. Inside
-# generated functions a spec's names are prefixed by the backends, so only the
-# places where a name is the API itself are listed: the constructor's arguments
-# (curvc.names, shared with the emitter) and the words of the language.
-_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every")
-RESERVED_WHY: dict[str, str] = {
-    **{n: "every compiled optimizer already takes an argument of that name"
-       for n in sorted(names.keyword_names() - {n for kws in names.STRUCTURE_KEYWORDS.values()
-                                                for n, _ in kws})},
-    "params": "every compiled optimizer already takes an argument of that name",
-    "self": "it is the constructor's first argument",
-    "step": "the step count t is read under that name",
-    **{n: "it is a word of the curv language" for n in _LANGUAGE_WORDS},
-}
-RESERVED = frozenset(RESERVED_WHY)
 
 # The optimizer's name becomes a module-level class, bound after the code that
 # reads the module's imports and Python's builtins by name.
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
-
-_LR = ArgSpec("lr", "number", constraint="nonneg")
-_EVERY = ArgSpec("every", "int", constraint="count_every")
 
 
 # --- AST -> IR ---------------------------------------------------------------
@@ -209,8 +62,7 @@ def _check(spec: ast.SpecAST) -> ir.Optimizer:
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
                        span=spec.name_span, **axes)
     _check_structure_keywords(opt)
-    for rule in COMBINATION_RULES:
-        rule(opt)
+    rules.check_combinations(opt)
     return opt
 
 
@@ -281,7 +133,7 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         if isinstance(lr.default, ast.TupleLiteral):
             raise CurvError("value.wrong_kind", lr.default.span, what=what,
                             expected="one number", found="a tuple")
-        _check_kind(seen["lr"].default, _LR, what, lr.default.span, _describe(lr.default))
+        _check_kind(seen["lr"].default, LR, what, lr.default.span, _describe(lr.default))
     return tuple(seen.values())
 
 
@@ -362,7 +214,7 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
         if mod.name in flags:
             raise CurvError("name.duplicate_modifier", mod.span, name=mod.name)
         if mod.name == "every":
-            flags["every"] = _check_value(mod.value, _EVERY, where, hypers,
+            flags["every"] = _check_value(mod.value, EVERY, where, hypers,
                                           what=f"the step count after 'every' in {where}")
         else:
             flags[mod.name] = True
@@ -490,155 +342,13 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
     (``lr=-1``, ``betas=(1.2, 0.9)``) raises ``ValueError`` like torch.optim does.
     """
     out = [(ir.HyperRef("lr"), "nonneg", "the learning rate")]
-    for axis in ir.AXES:
+    for axis in CLAUSES:
         node = getattr(opt, axis)
         form = FORMS[axis][node.kind]
         specs = {a.name: a for a in form.args}
-        specs["every"] = _EVERY
+        specs["every"] = EVERY
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":
                 out.append((v, specs[f.name].constraint, f"the {f.name} of {axis} {node.kind}"))
     return out
-
-
-# --- rules about combinations of axes ----------------------------------------
-#
-# Each rule names both clashing clauses and says why. The order matters only
-# for which message a spec with several clashes gets: the more specific rules
-# (an estimator that fixes the structure, the secant triple) come first.
-
-def _clash(a_node, a: str, b_node, b: str, why: str) -> CurvError:
-    span = a_node.span if a_node.span.line else b_node.span
-    return CurvError("combo.clash", span, a=a, b=b, why=why)
-
-
-def _rule_estimator_fixes_structure(opt: ir.Optimizer) -> None:
-    c, s = opt.curvature, opt.structure
-    if c.kind in ("hutchinson", "gauss_newton_bartlett") and s.kind != "diagonal":
-        raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
-                     f"{c.kind} estimates only the diagonal of the curvature, so it needs "
-                     "structure diagonal")
-    if c.kind == "kfac" and s.kind != "kronecker":
-        raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
-                     "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product, so it "
-                     "needs structure kronecker")
-
-
-def _rule_secant_is_low_rank(opt: ir.Optimizer) -> None:
-    nodes = (("curvature", opt.curvature, "secant"), ("structure", opt.structure, "low_rank"),
-             ("iterate", opt.iterate, "secant"))
-    present = [(axis, node) for axis, node, kind in nodes if node.kind == kind]
-    absent = [(axis, node) for axis, node, kind in nodes if node.kind != kind]
-    if present and absent:
-        raise _clash(present[0][1], f"{present[0][0]} {present[0][1].kind}", absent[0][1], " and ".join(f"{a} {n.kind}" for a, n in absent),
-                     "the secant method builds a low-rank inverse from a history of pairs, so "
-                     "it needs curvature secant, structure low_rank and iterate secant together")
-
-
-def _rule_constant_is_scalar(opt: ir.Optimizer) -> None:
-    c, s = opt.curvature, opt.structure
-    if c.kind == "constant" and s.kind != "scalar":
-        raise _clash(c, "curvature constant", s, f"structure {s.kind}",
-                     "a constant curvature is L*I, which is exactly the scalar structure")
-    if s.kind == "scalar" and c.kind != "constant":
-        raise _clash(c, f"curvature {c.kind}", s, "structure scalar",
-                     "the scalar structure is the constant L*I (folded into lr), so there is "
-                     "no curvature to estimate (use curvature constant)")
-
-
-def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
-    if opt.curvature.kind == "constant":
-        for axis in ("iterate", "damping"):
-            node = getattr(opt, axis)
-            if node.kind not in ("instant", "none"):
-                raise _clash(node, f"{axis} {node.kind}", opt.curvature, "curvature constant",
-                             f"a constant curvature has nothing to "
-                             f"{'accumulate' if axis == 'iterate' else 'damp'}")
-        if opt.iterate.every is not None:
-            raise _clash(opt.iterate, f"iterate instant every {opt.iterate.every}", opt.curvature,
-                         "curvature constant", "a constant curvature has nothing to refresh")
-
-
-def _rule_secant_has_no_root(opt: ir.Optimizer) -> None:
-    # The secant method's H^-1 exists only as the two-loop recursion applied to a
-    # vector: forming a root or an eigenbasis of it is what the low-rank structure avoids.
-    ln = opt.length
-    needs = {"gradient_norm": "the root H^-power/2", "eigen_sign": "the eigenbasis Q and H^-1/2"}
-    if opt.structure.kind == "low_rank" and ln.kind in needs:
-        raise _clash(ln, f"length {ln.kind}", opt.structure, "structure low_rank",
-                     f"the secant method only applies H^-1 to a vector (the two-loop recursion "
-                     f"over the last k pairs) and never forms H, so {needs[ln.kind]} that "
-                     f"{ln.kind} takes do not exist for it; the step length comes from lr or "
-                     "the line search (length none)")
-
-
-# Curvature estimates whose entries can be negative (Hutchinson's z * Hz, the Hessian's
-# diagonal) and the lengths that take a root of them; a root of a negative entry is NaN.
-SIGNED_CURVATURES = ("hutchinson", "hessian")
-ROOT_LENGTHS = {"gradient_norm": "P^-power/2", "eigen_sign": "P^-1/2",
-                "normalized": "sqrt(g^T P^-1 g)"}
-
-
-def _rule_no_root_of_a_signed_estimate(opt: ir.Optimizer) -> None:
-    c, ln = opt.curvature, opt.length
-    if (c.kind not in SIGNED_CURVATURES or c.squared or ln.kind not in ROOT_LENGTHS
-            or opt.structure.kind not in ("scalar", "diagonal")):
-        return
-    fix = ("square the estimate, as AdaHessian does (`curvature hutchinson(...) squared`), or "
-           if c.kind == "hutchinson" else "use structure dense (its roots skip non-positive "
-           "eigenvalues), or ")
-    raise CurvError(
-        "combo.clash", c.span if c.span.line else ln.span, a=f"curvature {c.kind}",
-        b=f"length {ln.kind}",
-        why=f"the {c.kind} estimate of the diagonal can be negative, and {ln.kind} takes "
-            f"{ROOT_LENGTHS[ln.kind]} of it, which is NaN for a negative entry (damping does "
-            "not make it safe: a floor or an eps added after the root comes too late, and an "
-            "eps inside the root is a fixed shift that a negative entry can exceed)",
-        hint=fix + "take no root: `length none` with a clip (`clip elementwise(...)`), "
-                   "as Sophia-H does")
-
-
-def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
-    if opt.clip.kind == "elementwise" and opt.structure.kind not in ("diagonal", "scalar"):
-        raise _clash(opt.clip, "clip elementwise", opt.structure, f"structure {opt.structure.kind}",
-                     "clipping coordinate by coordinate approximates eigenbasis clipping only "
-                     "when the eigenbasis is the coordinate basis (a diagonal structure)")
-
-
-def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
-    ln = opt.length
-    if ln.kind == "normalized" and opt.clip.kind == "global_norm":
-        raise _clash(ln, "length normalized", opt.clip, "clip global_norm",
-                     "a normalized step already has a fixed norm, so there is nothing to clip")
-
-
-def _rule_delayed_needs_every(opt: ir.Optimizer) -> None:
-    it = opt.iterate
-    if it.delayed and it.every is None:
-        raise _clash(it, f"iterate {it.kind} delayed", it, "no `every k`",
-                     "'delayed' moves the first of the refreshes that `every k` schedules; "
-                     "without `every k` the curvature is refreshed on every step")
-
-
-def _rule_one_refresh_schedule(opt: ir.Optimizer) -> None:
-    c, it = opt.curvature, opt.iterate
-    if c.every is not None and it.every is not None:
-        raise _clash(c, f"curvature {c.kind} every {c.every}", it, f"iterate {it.kind} every "
-                     f"{it.every}", "the estimate is either refreshed every k steps and "
-                     "accumulated every step (curvature ... every k), or estimated and "
-                     "accumulated together every k steps (iterate ... every k), not both")
-
-
-COMBINATION_RULES = (
-    _rule_estimator_fixes_structure,
-    _rule_no_root_of_a_signed_estimate,
-    _rule_delayed_needs_every,
-    _rule_one_refresh_schedule,
-    _rule_secant_is_low_rank,
-    _rule_secant_has_no_root,
-    _rule_constant_is_scalar,
-    _rule_constant_has_nothing_to_iterate,
-    _rule_elementwise_clip_needs_coordinates,
-    _rule_normalized_step_needs_no_clip,
-)

@@ -6,7 +6,6 @@ program after it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import pprint
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -148,7 +147,3 @@ def compile_file(spec: str | Path, out_dir: str | Path = "build", backend: str =
     except OSError as e:
         raise CurvError("output.unwritable", path=out, why=cache.os_reason(e)) from None
     return out
-
-
-def source_hash(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()

@@ -199,7 +199,6 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
             buf.writeline(f"ESTIMATOR = ({est.kind!r}, {est.input!r}, {est.when!r}, "
                           f"lambda h: {{{args}}})")
         buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
-        buf.writeline(f"STORES = {tuple(sorted({st.target for st in plan.stores}))!r}  # what a step writes")
         buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix or secant stages")
         if plan.secant is not None:
             buf.writeline("secant = staticmethod(_secant)  # settings of the quasi-Newton step")
@@ -211,7 +210,6 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
             f"{r.name!r}: _reduce_{r.name}" for r in plan.reductions) + "}")
         buf.writeline("UPDATE_ARGS = _UPDATE_ARGS")
         buf.writeline("foreach_update = staticmethod(_foreach_update) if _foreach_update else None")
-        buf.writeline("FOREACH_ARGS = _FOREACH_ARGS")
         buf.writeline("REDUCE_ARGS = _REDUCE_ARGS")
         buf.writeline("triton_step = staticmethod(_triton_step) if _triton_step else None")
         buf.writeline("triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None")

@@ -71,7 +71,6 @@ class Structure:
     """Structure approximation: what shape the curvature matrix is given."""
 
     kind: str  # scalar | diagonal | kronecker | dense | low_rank
-    rank: Arg | None = None
     max_dim: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
     span: Span = span_field()
@@ -145,9 +144,7 @@ class Schedule:
     span: Span = span_field()
 
 
-AXES = ("curvature", "structure", "iterate", "length", "clip", "momentum", "decay",
-        "damping", "schedule")
-
+# One per clause of the language (curvc.language.CLAUSES, in that order).
 AXIS_TYPES = {"curvature": Curvature, "structure": Structure, "iterate": Iterate,
               "length": Length, "clip": Clip, "momentum": Momentum, "decay": Decay,
               "damping": Damping, "schedule": Schedule}

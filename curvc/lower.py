@@ -2,34 +2,22 @@
 
 The step is built axis by axis, in the order the math composes, each axis a
 small named function (``lower_decay``, ``lower_curvature``, ...). Then
-named passes rewrite the plan (``PASSES``): hoisting scalar-only
-arithmetic to the host, then verifying that every name is defined.
-Backends only ever see the result.
+the named passes of ``curvc.passes`` rewrite the plan (``PASSES``):
+hoisting scalar-only arithmetic to the host, guarding every store by the
+runtime's skip flag, then verifying that every name is defined. Backends
+only ever see the result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from curvc import check as checks, ir
-from curvc.errors import CurvError
-from curvc.plan import (NONFINITE_FLAG, NONFINITE_VALUE, Buffer, Const, DenseStage, Estimator,
-                        Expr, KroneckerStage, Load, Op, Plan, Precondition, Reduced, Reduction,
-                        Scalar, SecantStage, Select, Store, Validator, flat_hyper_names, walk)
-
-# Structures and curvature sources the code generator renders today. The
-# rest of Table 1 parses, checks and explains; compiling it is refused.
-ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
-MATRIX_STRUCTURES = ("kronecker",)
-SECANT_STRUCTURES = ("low_rank",)
-DENSE_STRUCTURES = ("dense",)
-DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
-GRADIENT_CURVATURES = ("constant", "empirical_fisher")
-# Curvatures whose per-step estimate a runtime estimator computes
-# (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
-ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett", "fisher")
-# Curvatures whose runtime returns the preconditioned gradient itself, per
-# layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
-PRECONDITIONING_CURVATURES = ("kfac",)
+from curvc import check as checks, ir, rules
+from curvc.passes import PASSES
+from curvc.plan import (Buffer, Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Op, Plan,
+                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
+                        Validator, flat_hyper_names)
+from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, PRECONDITIONING_CURVATURES,
+                         SECANT_STRUCTURES)
 
 
 # --- expression helpers (fold the trivial cases so plans stay readable) -----
@@ -432,73 +420,6 @@ def lower_learning_rate(s: _Step) -> Expr:
     return Scalar("lr")
 
 
-def _refuse_unsupported(opt: ir.Optimizer) -> None:
-    if opt.structure.kind in DENSE_STRUCTURES:
-        _refuse_dense(opt)
-        return
-    if opt.structure.kind in SECANT_STRUCTURES:
-        _refuse_secant(opt)
-        return
-    if opt.curvature.kind in PRECONDITIONING_CURVATURES:
-        _refuse_kfac(opt)
-        return
-    if opt.structure.kind == "kronecker":
-        _refuse_kronecker(opt)
-        return
-    if opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
-                                  + PRECONDITIONING_CURVATURES):
-        raise CurvError("codegen.unsupported", opt.curvature.span,
-                        what=f"curvature {opt.curvature.kind} ({opt.name})",
-                        why="its estimator is not in the runtime yet")
-
-
-def _refuse_kronecker(opt: ir.Optimizer) -> None:
-    """What the Kronecker code path does not cover yet, each refused with its reason."""
-    c, it, ln, dmp, clip = opt.curvature, opt.iterate, opt.length, opt.damping, opt.clip
-    refusals = [
-        (c.kind != "empirical_fisher", c, f"curvature {c.kind} with structure kronecker",
-         "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
-        (c.squared or c.scale is not None or c.every is not None, c,
-         "a modified curvature with structure kronecker", "the factors take the plain gradient"),
-        (it.kind not in ("sum", "ema") or it.bias_corrected
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with structure kronecker",
-         "Kronecker factors are summed or averaged (ema), without bias correction or a maximum"),
-        (ln.kind not in ("none", "gradient_norm"), ln, f"length {ln.kind} with structure kronecker",
-         "the step norm would need the preconditioned step twice"),
-        (dmp.kind == "floor", dmp, "damping floor with structure kronecker",
-         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
-        (clip.kind != "none", clip, f"clip {clip.kind} with structure kronecker",
-         "the step norm would need the preconditioned step twice"),
-    ]
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
-
-
-def _refuse_kfac(opt: ir.Optimizer) -> None:
-    it, ln, dmp, st = opt.iterate, opt.length, opt.damping, opt.structure
-    max_dim = next(a for a in checks.FORMS["structure"]["kronecker"].args if a.name == "max_dim")
-    refusals = [
-        (st.max_dim is not None and st.max_dim != ir.Const(max_dim.default), st,
-         "structure kronecker(max_dim) with curvature kfac",
-         "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
-         "Shampoo's per-mode factors"),
-        (it.kind != "ema" or it.bias_corrected or it.delayed
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with curvature kfac",
-         "K-FAC's factors are exponential moving averages (iterate ema(beta), "
-         "optionally every k)"),
-        (ln.kind != "none", ln, f"length {ln.kind} with curvature kfac",
-         "K-FAC takes the natural-gradient step F^-1 g (length none)"),
-        (dmp.kind not in ("none", "inside"), dmp, f"damping {dmp.kind} with curvature kfac",
-         "K-FAC damps each factor before inverting it (damping inside)"),
-    ]
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
-
-
 def lower_kfac(s: _Step) -> Expr:
     """g <- F^-1 g per layer, F = (A + eps I) kron (S + eps I) from the layer's inputs and
     output gradients (curvc.runtime.kfac). The rest of the step is elementwise on it."""
@@ -511,33 +432,6 @@ def lower_kfac(s: _Step) -> Expr:
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
     return Select("maximize", op("neg", natural), natural)
-
-
-def _refuse_dense(opt: ir.Optimizer) -> None:
-    c, it, dmp = opt.curvature, opt.iterate, opt.damping
-    if c.kind not in DENSE_CURVATURES:
-        raise CurvError("codegen.unsupported", c.span,
-                        what=f"curvature {c.kind} with structure dense ({opt.name})",
-                        why="the dense structure is built from the exact Hessian, the Fisher "
-                            "or the gradient's outer product so far")
-    refusals = [
-        (c.squared or c.scale is not None or c.every is not None, c,
-         "a modified curvature with structure dense", "the dense matrix takes the plain estimate"),
-        (it.kind not in ("instant", "ema", "sum") or it.bias_corrected or it.delayed
-         or (it.keep_max is not None and it.keep_max != ir.Const(False)), it,
-         f"iterate {it.kind} with structure dense",
-         "the dense matrix is the current estimate, a sum or an EMA"),
-        (dmp.kind == "floor", dmp, "damping floor with structure dense",
-         "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"),
-    ]
-    for axis in ("momentum", "decay", "clip", "schedule"):
-        node = getattr(opt, axis)
-        refusals.append((node.kind not in ("none", "constant"), node,
-                         f"{axis} {node.kind} with structure dense",
-                         "the dense step is taken on the raw gradient, over all parameters"))
-    for refused, node, what, why in refusals:
-        if refused:
-            raise CurvError("codegen.unsupported", node.span, what=f"{what} ({opt.name})", why=why)
 
 
 def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
@@ -558,24 +452,6 @@ def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
     return stage, tuple(s.flags)
 
 
-def _refuse_secant(opt: ir.Optimizer) -> None:
-    """The secant step runs on the raw gradient with the step L-BFGS takes; the
-    techniques that would change either are refused with their reason."""
-    ln = opt.length
-    if ln.kind != "none":  # gradient_norm and eigen_sign are refused by check
-        raise CurvError("codegen.unsupported", ln.span,
-                        what=f"length {ln.kind} with the secant method ({opt.name})",
-                        why="the secant step is d = H^-1 g, sized by lr or the line search; "
-                            "dividing it by sqrt(g^T H^-1 g) is not implemented")
-    for axis in ("momentum", "decay", "clip", "damping", "schedule"):
-        node = getattr(opt, axis)
-        if node.kind not in ("none", "constant"):
-            raise CurvError("codegen.unsupported", node.span,
-                            what=f"{axis} {node.kind} with the secant method ({opt.name})",
-                            why="the secant pairs must see the raw gradient and the steps taken; "
-                                "add the term to the loss in the closure instead")
-
-
 def lower_secant(opt: ir.Optimizer) -> SecantStage:
     s = _Step(opt)
     it = opt.iterate
@@ -585,7 +461,7 @@ def lower_secant(opt: ir.Optimizer) -> SecantStage:
 
 def build(opt: ir.Optimizer) -> Plan:
     """The axes composed into one step, before any pass runs."""
-    _refuse_unsupported(opt)
+    rules.refuse_uncompiled(opt)
     validators = tuple(Validator(ref.name, ref.index, cons, where)
                        for ref, cons, where in checks.arg_constraints(opt))
     if opt.structure.kind in SECANT_STRUCTURES:
@@ -611,124 +487,6 @@ def build(opt: ir.Optimizer) -> Plan:
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
                 s.estimator, tuple(s.matrix))
-
-
-# --- passes --------------------------------------------------------------------
-
-def _is_host(e: Expr) -> bool:
-    return all(not isinstance(n, (Load, Reduced, Select)) for n in walk(e))
-
-
-def divide_by_reciprocal(plan: Plan) -> Plan:
-    """x / s -> x * (1/s) when s is a host value: one division per step, not per element.
-
-    Elementwise division is several times slower than multiplication, and an
-    optimizer step is close to memory-bound, so each one per element shows.
-    The result may differ from the division in the last bit.
-    """
-    def visit(e: Expr) -> Expr:
-        if isinstance(e, Op):
-            args = tuple(visit(a) for a in e.args)
-            if e.op == "div" and _is_host(args[1]) and not _is_host(args[0]):
-                return Op("mul", (args[0], Op("div", (Const(1.0), args[1]))))
-            return replace(e, args=args)
-        if isinstance(e, Select):
-            return Select(e.flag, visit(e.then), visit(e.other))
-        return e
-
-    stores = tuple(replace(st, value=visit(st.value)) for st in plan.stores)
-    reductions = tuple(replace(r, value=visit(r.value)) for r in plan.reductions)
-    return replace(plan, stores=stores, reductions=reductions)
-
-
-def hoist_host(plan: Plan) -> Plan:
-    """Move scalar-only subexpressions (1 - beta, lr * wd, ...) to the host.
-
-    They are then computed once per group and step in Python and passed to
-    kernels as arguments, instead of once per element.
-    """
-    host = list(plan.host)
-    named: dict[Expr, Scalar] = {e: Scalar(n) for n, e in host}
-    # host scalars share one namespace with the (flattened) hyperparameters
-    taken = set(plan.host_inputs) | {n for n, _ in host}
-
-    def fresh() -> str:
-        i = len(host)
-        while f"s{i}" in taken:
-            i += 1
-        taken.add(f"s{i}")
-        return f"s{i}"
-
-    def visit(e: Expr) -> Expr:
-        if isinstance(e, Op):
-            if _is_host(e):
-                if e not in named:
-                    name = fresh()
-                    host.append((name, e))
-                    named[e] = Scalar(name)
-                return named[e]
-            return replace(e, args=tuple(visit(a) for a in e.args))
-        if isinstance(e, Select):
-            return Select(e.flag, visit(e.then), visit(e.other))
-        return e
-
-    stores = tuple(replace(st, value=visit(st.value)) for st in plan.stores)
-    reductions = tuple(replace(r, value=visit(r.value)) for r in plan.reductions)
-    return replace(plan, host=tuple(host), stores=stores, reductions=reductions)
-
-
-def keep_on_nonfinite(plan: Plan) -> Plan:
-    """Every store becomes ``old if flagged else new`` when the runtime asks for it.
-
-    A step with a non-finite gradient (``nonfinite="skip"``) or one a GradScaler
-    found infs in must leave the parameters and every buffer as they were,
-    without a host sync: the runtime passes a 0-d device value (nonzero: skip)
-    and turns the host flag on; with the flag off (``nonfinite="propagate"``, no
-    scaler) the Select is a static branch and the step is unchanged.
-    """
-    flag = Reduced(NONFINITE_VALUE)
-    stores = tuple(replace(st, value=Select(NONFINITE_FLAG, Op("keep_if", (
-        flag, Load(st.target), st.value)), st.value)) for st in plan.stores)
-    return replace(plan, stores=stores)
-
-
-def verify(plan: Plan) -> Plan:
-    """Every name an expression reads is defined; fails loudly on a lowering bug."""
-    scalars = set(plan.host_inputs)
-    for name, e in plan.host:
-        for n in walk(e):
-            assert not isinstance(n, (Load, Reduced, Select)), (name, n)
-            assert not isinstance(n, Scalar) or n.name in scalars, (name, n)
-        scalars.add(name)
-    flags = {n for n, _ in plan.flags} | {"maximize", NONFINITE_FLAG}  # the runtime's flags
-    tensors = {"param", "grad", *plan.inputs, *(b.name for b in plan.buffers)}
-    reduced = {r.name for r in plan.reductions} | {NONFINITE_VALUE}
-    for e in [st.value for st in plan.stores] + [r.value for r in plan.reductions]:
-        for n in walk(e):
-            if isinstance(n, Scalar):
-                assert n.name in scalars, n
-            elif isinstance(n, Load):
-                assert n.name in tensors, n
-            elif isinstance(n, Reduced):
-                assert n.name in reduced, n
-            elif isinstance(n, Select):
-                assert n.flag in flags, n
-    for st in plan.stores:
-        assert st.target == "param" or st.target in tensors, st
-    stages = {m.name: m for m in plan.matrix}
-    for e in [st.value for st in plan.stores]:
-        for n in walk(e):
-            if isinstance(n, Precondition):
-                assert n.stage in stages and len(n.args) == 2 + len(stages[n.stage].params), n
-    for m in plan.matrix:
-        assert {m.refresh, m.accumulate_when} - {None} <= flags, m
-    for r in plan.reductions:
-        assert not any(isinstance(n, Precondition) for n in walk(r.value)), r
-    return plan
-
-
-PASSES = (("divide_by_reciprocal", divide_by_reciprocal), ("hoist_host", hoist_host),
-          ("keep_on_nonfinite", keep_on_nonfinite), ("verify", verify))
 
 
 def lower(opt: ir.Optimizer) -> Plan:

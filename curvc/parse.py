@@ -17,6 +17,7 @@ from lark import Lark, Token, Transformer, v_args
 
 from curvc import resources
 from curvc.errors import CurvError, Span, span_field, suggest
+from curvc.language import CLAUSES, FORMS
 
 
 # --- AST -------------------------------------------------------------------
@@ -189,9 +190,6 @@ def _parser() -> Lark:
                 maybe_placeholders=True)
 
 
-CLAUSES = ("curvature", "structure", "iterate", "length", "clip", "momentum", "decay",
-           "damping", "schedule")
-
 # How each terminal reads in an "expected ..." list, in the order they are listed
 # ("<word>" is where a contextual description of a name or value goes).
 _EXPECTED_NAMES = {
@@ -247,8 +245,6 @@ def _describe_expected(accepts, prev) -> str:
 
 
 def _forms_of(clause: str) -> str:
-    from curvc.check import FORMS  # the check pass owns the forms; imported late (no cycle)
-
     forms = FORMS.get(clause, {})
     return f"a {clause} form ({', '.join(forms)})" if forms else "a name"
 

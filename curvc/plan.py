@@ -12,7 +12,7 @@ arithmetic:
   the optimizer before the update (a global norm), with no host sync.
 * ``stores``: the new values of state buffers and of the parameter, as one
   expression DAG over the loaded tensors; backends render it as one fused pass.
-  Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/lower.py):
+  Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/passes.py):
   ``Select(NONFINITE_FLAG, keep_if(Reduced(NONFINITE_VALUE), old, new), new)``,
   so a step the runtime flags (``nonfinite="skip"``, a GradScaler's found_inf)
   stores the old values, decided on the device; the host flag is off otherwise,
@@ -59,6 +59,12 @@ class Reduced:
 
 @dataclass(frozen=True)
 class Op:
+    """An operator (each backend maps ``op`` to source). Besides arithmetic:
+    ``div_or_zero`` is a / b where b > 0, else 0 (a normalized step of a zero
+    gradient); ``lerp`` is a + w * (b - a) in torch.lerp's order of arguments;
+    ``keep_if(flag, old, new)`` is old where the 0-d flag is nonzero, else new;
+    ``eq``, ``ne``, ``gt``, ``mod``, ``not`` and ``and`` occur in host expressions only."""
+
     op: str
     args: tuple["Expr", ...]
 
@@ -94,17 +100,6 @@ Expr = Union[Const, Load, Scalar, Reduced, Op, Select]
 # ``maximize``, neither is computed by the plan's host code: the runtime supplies both.
 NONFINITE_FLAG = "nonfinite_skip"
 NONFINITE_VALUE = "nonfinite"
-
-# Elementwise and host operators, with arity. Backends map each to source.
-OPS = {
-    "neg": 1, "sqrt": 1, "abs": 1, "sign": 1,
-    "add": 2, "sub": 2, "mul": 2, "div": 2, "pow": 2, "maximum": 2, "minimum": 2,
-    "div_or_zero": 2,  # a / b where b > 0, else 0 (a normalized step of a zero gradient)
-    "lerp": 3,  # a + w * (b - a), torch.lerp's order of arguments
-    "keep_if": 3,  # keep_if(flag, old, new): old where the 0-d flag is nonzero, else new
-    # host only (flags):
-    "eq": 2, "ne": 2, "gt": 2, "mod": 2, "not": 1, "and": 2,
-}
 
 
 def walk(expr: Expr):
@@ -262,9 +257,6 @@ class Plan:
     def host_inputs(self) -> tuple[str, ...]:
         """Names host expressions may read: flattened hyperparameters and 'step'."""
         return tuple(flat_hyper_names(self.hypers)) + ("step",)
-
-    def buffer(self, name: str) -> Buffer:
-        return next(b for b in self.buffers if b.name == name)
 
     def stage(self, name: str) -> KroneckerStage:
         return next(m for m in self.matrix if m.name == name)

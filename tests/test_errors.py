@@ -15,8 +15,8 @@ To (re)write the ``.err`` files from what the compiler prints now::
 
 then read every changed file (``git diff tests/errors``) before committing:
 a message that is unclear or a caret in the wrong place is a bug to fix in
-``curvc/parse.py``, ``curvc/check.py`` or ``curvc/errors.py``, not a file to
-accept.
+``curvc/parse.py``, ``curvc/check.py``, ``curvc/rules.py`` or ``curvc/errors.py``,
+not a file to accept.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import curvc
-from curvc import check, errors
+from curvc import errors, rules
 from curvc.errors import CurvError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +111,24 @@ def _keys_and_frames():
 def test_every_combination_rule_has_a_case():
     seen = {frame for _, key, frames in _keys_and_frames() if key == "combo.clash"
             for frame in frames}
-    missing = [rule.__name__ for rule in check.COMBINATION_RULES if rule.__name__ not in seen]
+    missing = [rule.__name__ for rule in rules.COMBINATION_RULES if rule.__name__ not in seen]
     assert not missing, f"no case in tests/errors/ triggers {missing}"
+
+
+def test_every_refusal_has_a_case():
+    """Each code-generation refusal is the one some case meets (most are named for it)."""
+    seen = {}
+    for name in CASES:
+        if name.startswith("codegen_"):
+            refusal = rules.first_refusal(curvc.to_ir(_read(CASES_DIR / f"{name}.curv"), name))
+            seen.setdefault(refusal.name, []).append(name)
+    names = [r.name for r in rules.REFUSALS]
+    assert len(set(names)) == len(names), "two refusals share a name"
+    missing = [n for n in names if n not in seen]
+    assert not missing, f"no case in tests/errors/ meets the refusals {missing}"
+    for n in names:  # a case named for a rule is refused by that rule
+        if (CASES_DIR / f"codegen_{n}.curv").exists():
+            assert f"codegen_{n}" in seen[n], (n, seen[n])
 
 
 def test_every_message_of_a_spec_has_a_case():

@@ -1,7 +1,7 @@
 """No clause is silently dropped: every clause, argument and modifier a spec
 writes either changes the generated plan or is refused.
 
-Specs are built from ``curvc.check.FORMS``: every form of every clause, with
+Specs are built from ``curvc.language.FORMS``: every form of every clause, with
 its required arguments, each optional argument written at its default and at
 another value (a hyperparameter for a boolean), and each set of its
 modifiers. The sweep starts from every curvature x structure x iterate x
@@ -29,11 +29,10 @@ from collections import defaultdict
 import pytest
 
 import curvc
-from curvc import check, parse
+from curvc import check, language, parse
 from curvc.errors import CurvError
 
-AXES = ("curvature", "structure", "iterate", "length", "clip", "momentum", "decay", "damping",
-        "schedule")
+AXES = language.CLAUSES
 MAIN = AXES[:5]
 
 # A boolean hyperparameter, so a boolean argument can be a runtime flag.
@@ -50,7 +49,7 @@ def _show(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _other(arg: check.ArgSpec) -> str:
+def _other(arg: language.ArgSpec) -> str:
     """A value of an optional argument other than its default, within its constraint."""
     d = arg.default
     if arg.kind == "bool":
@@ -72,7 +71,7 @@ class Variant:
 
 
 def variants(axis: str, form: str) -> list[Variant]:
-    spec = check.FORMS[axis][form]
+    spec = language.FORMS[axis][form]
     required = {a.name: REQUIRED[a.constraint][0] for a in spec.args if a.required}
 
     def make(args: dict, mods=(), defaults=()) -> Variant:
@@ -96,8 +95,8 @@ def variants(axis: str, form: str) -> list[Variant]:
     return out
 
 
-VARIANTS = {ax: [v for form in check.FORMS[ax] for v in variants(ax, form)] for ax in AXES}
-START = {ax: variants(ax, form)[0] for ax, form in check.DEFAULT_FORMS.items()}
+VARIANTS = {ax: [v for form in language.FORMS[ax] for v in variants(ax, form)] for ax in AXES}
+START = {ax: variants(ax, form)[0] for ax, form in language.DEFAULT_FORMS.items()}
 # Settings of the clauses the paper sets aside, for starts without a clip.
 PROFILES = (
     {"momentum": "heavy_ball(beta = 0.9)", "decay": "l2(rate = 0.1)",
@@ -186,7 +185,7 @@ def same_meaning(a: Variant, b: Variant, spec: dict) -> str | None:
 # --- the sweep -----------------------------------------------------------------
 
 def starts():
-    for forms in itertools.product(*(check.FORMS[ax] for ax in MAIN)):
+    for forms in itertools.product(*(language.FORMS[ax] for ax in MAIN)):
         spec = {**START, **{ax: variants(ax, f)[0] for ax, f in zip(MAIN, forms)}}
         if forms[-1] != "none":  # a clip acts on the finished step: vary only the paper's axes
             if plan_of(spec) is not None:
@@ -224,7 +223,7 @@ def problems(structure: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("structure", list(check.FORMS["structure"]))
+@pytest.mark.parametrize("structure", list(language.FORMS["structure"]))
 def test_every_clause_changes_the_plan_or_is_refused(structure):
     found = problems(structure)
     assert not found, f"{len(found)} dropped clauses, e.g.:\n" + "\n".join(found[:20])
@@ -237,4 +236,4 @@ def test_the_sweep_compiles_every_structure_and_most_forms():
         for ax in AXES:
             compiled[ax].add(spec[ax].form)
     for ax in MAIN:
-        assert compiled[ax] == set(check.FORMS[ax]), ax
+        assert compiled[ax] == set(language.FORMS[ax]), ax

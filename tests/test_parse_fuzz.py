@@ -5,7 +5,7 @@
     returns an IR or raises ``CurvError`` whose message renders; never a Lark
     exception, KeyError, TypeError, ... Specs that check are pushed through
     lowering and emission too, which may refuse only with ``CurvError``.
-(b) Random valid specs built from ``check.FORMS``: every clause, form,
+(b) Random valid specs built from ``language.FORMS``: every clause, form,
     argument (literal or hyperparameter reference) and modifier the table
     allows. Check refuses them only by a combination rule; lowering only by
     ``codegen.unsupported``; what lowers emits Python that compiles; and the
@@ -33,7 +33,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import curvc
-from curvc import check, compiler
+from curvc import compiler, language
 from curvc.errors import CurvError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +47,10 @@ SLOW = settings(max_examples=60, deadline=None, derandomize=True,
 
 # Words and punctuation of the language, and some that are near it.
 VOCAB = sorted({
-    "optimizer", "hyper", "every", "true", "false", *check.FORMS,
-    *(f for forms in check.FORMS.values() for f in forms),
-    *(a.name for forms in check.FORMS.values() for f in forms.values() for a in f.args),
-    *(m for forms in check.FORMS.values() for f in forms.values() for m in f.modifiers),
+    "optimizer", "hyper", "every", "true", "false", *language.FORMS,
+    *(f for forms in language.FORMS.values() for f in forms),
+    *(a.name for forms in language.FORMS.values() for f in forms.values() for a in f.args),
+    *(m for forms in language.FORMS.values() for f in forms.values() for m in f.modifiers),
     "lr", "betas", "eps", "maximize", "params", "lambda", "_x", "structur", "s0", "dict",
     "(", ")", "[", "]", ",", "=", "#", "\n", "\r\n", "\r", "\t", " ", "\x0c", "\u2028",
     "0", "1", "-1", "0.9", "1e-8", "1e999", "-0", ".5", "5.", "1e", "0x10", "99999999999",
@@ -327,7 +327,7 @@ class _Spec:
         self.data = data
         self.hypers: list[tuple[str, str]] = [("lr", _fmt(data.draw(st.floats(1e-4, 0.5))))]
 
-    def value(self, arg: check.ArgSpec) -> str:
+    def value(self, arg: language.ArgSpec) -> str:
         d = self.data
         if arg.kind == "enum":
             return d.draw(st.sampled_from(arg.choices))
@@ -350,7 +350,7 @@ class _Spec:
         return f"{name}[{i}]"
 
     def clause(self, keyword: str, form: str) -> str:
-        spec = check.FORMS[keyword][form]
+        spec = language.FORMS[keyword][form]
         d = self.data
         args = []
         n_pos = d.draw(st.integers(0, len(spec.args)))
@@ -364,7 +364,7 @@ class _Spec:
             text += "(" + ", ".join(args) + ")"
         for m in spec.modifiers:
             if d.draw(st.booleans()):
-                text += (f" every {self.value(check.ArgSpec('every', 'int', constraint='positive_int'))}"
+                text += (f" every {self.value(language.ArgSpec('every', 'int', constraint='positive_int'))}"
                          if m == "every" else f" {m}")
         return text
 
@@ -378,13 +378,13 @@ def valid_specs(draw):
         structure = ("scalar" if curvature == "constant"
                      else draw(st.sampled_from(["diagonal", "diagonal", "kronecker"])))
     else:
-        curvature = draw(st.sampled_from(sorted(check.FORMS["curvature"])))
-        structure = draw(st.sampled_from(sorted(check.FORMS["structure"])))
+        curvature = draw(st.sampled_from(sorted(language.FORMS["curvature"])))
+        structure = draw(st.sampled_from(sorted(language.FORMS["structure"])))
     clauses = [s.clause("curvature", curvature), s.clause("structure", structure),
-               s.clause("length", draw(st.sampled_from(sorted(check.FORMS["length"]))))]
+               s.clause("length", draw(st.sampled_from(sorted(language.FORMS["length"]))))]
     for keyword in ("iterate", "clip", "momentum", "decay", "damping", "schedule"):
         if draw(st.booleans()):
-            forms = sorted(check.FORMS[keyword])
+            forms = sorted(language.FORMS[keyword])
             if curvature == "constant" and keyword in ("iterate", "damping"):
                 forms = [f for f in forms if f in ("instant", "none")] or forms
             clauses.append(s.clause(keyword, draw(st.sampled_from(forms))))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import curvc
-from curvc.check import FORMS
+from curvc.language import FORMS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

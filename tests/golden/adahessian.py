@@ -436,14 +436,12 @@ class AdaHessian(CurvOptimizer):
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
     ESTIMATOR = ('hutchinson', 'curvature_estimate', 'estimate', lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher', 'spatial_average': True})
     REDUCTIONS = ()
-    STORES = ('curvature', 'exp_avg', 'exp_avg_sq', 'param')  # what a step writes
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
     torch_update = staticmethod(_update)
     torch_reduce = {}
     UPDATE_ARGS = _UPDATE_ARGS
     foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    FOREACH_ARGS = _FOREACH_ARGS
     REDUCE_ARGS = _REDUCE_ARGS
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None

@@ -84,7 +84,6 @@ class DampedNewton(CurvOptimizer):
     INPUTS = ()
     ESTIMATOR = None
     REDUCTIONS = ()
-    STORES = ()  # what a step writes
     ELEMENTWISE = False  # False: matrix or secant stages
     dense = staticmethod(_dense)  # settings of the dense-curvature step
     host = staticmethod(_host)
@@ -92,7 +91,6 @@ class DampedNewton(CurvOptimizer):
     torch_reduce = {}
     UPDATE_ARGS = _UPDATE_ARGS
     foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    FOREACH_ARGS = _FOREACH_ARGS
     REDUCE_ARGS = _REDUCE_ARGS
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None

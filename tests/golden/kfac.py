@@ -334,14 +334,12 @@ class KFAC(CurvOptimizer):
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
     ESTIMATOR = ('kfac', 'natural_gradient', None, lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh', 'invert': 'refresh_roots'})
     REDUCTIONS = ()
-    STORES = ('momentum_buffer', 'param')  # what a step writes
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
     torch_update = staticmethod(_update)
     torch_reduce = {}
     UPDATE_ARGS = _UPDATE_ARGS
     foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    FOREACH_ARGS = _FOREACH_ARGS
     REDUCE_ARGS = _REDUCE_ARGS
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None

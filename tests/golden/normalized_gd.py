@@ -286,14 +286,12 @@ class NormalizedGD(CurvOptimizer):
     INPUTS = ()
     ESTIMATOR = None
     REDUCTIONS = ('norm_sq',)
-    STORES = ('param',)  # what a step writes
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
     torch_update = staticmethod(_update)
     torch_reduce = {'norm_sq': _reduce_norm_sq}
     UPDATE_ARGS = _UPDATE_ARGS
     foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    FOREACH_ARGS = _FOREACH_ARGS
     REDUCE_ARGS = _REDUCE_ARGS
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None

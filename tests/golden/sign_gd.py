@@ -307,14 +307,12 @@ class SignGD(CurvOptimizer):
     INPUTS = ()
     ESTIMATOR = None
     REDUCTIONS = ()
-    STORES = ('exp_avg', 'param')  # what a step writes
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
     torch_update = staticmethod(_update)
     torch_reduce = {}
     UPDATE_ARGS = _UPDATE_ARGS
     foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    FOREACH_ARGS = _FOREACH_ARGS
     REDUCE_ARGS = _REDUCE_ARGS
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None

@@ -1,0 +1,323 @@
+"""Which combinations of axes a spec may not have, each rule named and saying why.
+
+Two kinds, in the order a spec meets them:
+
+* ``COMBINATION_RULES`` (run by the check pass): combinations that have no
+  meaning, such as ``kfac`` without ``kronecker``. Each is a function that
+  raises ``combo.clash`` naming both clauses.
+* ``REFUSALS`` (run by lowering): combinations that mean something but that
+  the code generator does not render yet. Each is a ``Refusal``, data with a
+  name, raising ``codegen.unsupported``.
+
+Every rule has a case in ``tests/errors/`` (``tests/test_errors.py`` checks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from curvc import ir, language
+from curvc.errors import CurvError
+
+
+def check_combinations(opt: ir.Optimizer) -> None:
+    """Raise the first combination rule ``opt`` breaks."""
+    for rule in COMBINATION_RULES:
+        rule(opt)
+
+
+# --- rules about combinations of axes ----------------------------------------
+#
+# Each rule names both clashing clauses and says why. The order matters only
+# for which message a spec with several clashes gets: the more specific rules
+# (an estimator that fixes the structure, the secant triple) come first.
+
+def _clash(a_node, a: str, b_node, b: str, why: str) -> CurvError:
+    span = a_node.span if a_node.span.line else b_node.span
+    return CurvError("combo.clash", span, a=a, b=b, why=why)
+
+
+def _rule_estimator_fixes_structure(opt: ir.Optimizer) -> None:
+    c, s = opt.curvature, opt.structure
+    if c.kind in ("hutchinson", "gauss_newton_bartlett") and s.kind != "diagonal":
+        raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
+                     f"{c.kind} estimates only the diagonal of the curvature, so it needs "
+                     "structure diagonal")
+    if c.kind == "kfac" and s.kind != "kronecker":
+        raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
+                     "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product, so it "
+                     "needs structure kronecker")
+
+
+def _rule_secant_is_low_rank(opt: ir.Optimizer) -> None:
+    nodes = (("curvature", opt.curvature, "secant"), ("structure", opt.structure, "low_rank"),
+             ("iterate", opt.iterate, "secant"))
+    present = [(axis, node) for axis, node, kind in nodes if node.kind == kind]
+    absent = [(axis, node) for axis, node, kind in nodes if node.kind != kind]
+    if present and absent:
+        raise _clash(present[0][1], f"{present[0][0]} {present[0][1].kind}", absent[0][1],
+                     " and ".join(f"{a} {n.kind}" for a, n in absent),
+                     "the secant method builds a low-rank inverse from a history of pairs, so "
+                     "it needs curvature secant, structure low_rank and iterate secant together")
+
+
+def _rule_constant_is_scalar(opt: ir.Optimizer) -> None:
+    c, s = opt.curvature, opt.structure
+    if c.kind == "constant" and s.kind != "scalar":
+        raise _clash(c, "curvature constant", s, f"structure {s.kind}",
+                     "a constant curvature is L*I, which is exactly the scalar structure")
+    if s.kind == "scalar" and c.kind != "constant":
+        raise _clash(c, f"curvature {c.kind}", s, "structure scalar",
+                     "the scalar structure is the constant L*I (folded into lr), so there is "
+                     "no curvature to estimate (use curvature constant)")
+
+
+def _rule_constant_has_nothing_to_iterate(opt: ir.Optimizer) -> None:
+    if opt.curvature.kind == "constant":
+        for axis in ("iterate", "damping"):
+            node = getattr(opt, axis)
+            if node.kind not in ("instant", "none"):
+                raise _clash(node, f"{axis} {node.kind}", opt.curvature, "curvature constant",
+                             f"a constant curvature has nothing to "
+                             f"{'accumulate' if axis == 'iterate' else 'damp'}")
+        if opt.iterate.every is not None:
+            raise _clash(opt.iterate, f"iterate instant every {opt.iterate.every}", opt.curvature,
+                         "curvature constant", "a constant curvature has nothing to refresh")
+
+
+def _rule_secant_has_no_root(opt: ir.Optimizer) -> None:
+    # The secant method's H^-1 exists only as the two-loop recursion applied to a
+    # vector: forming a root or an eigenbasis of it is what the low-rank structure avoids.
+    ln = opt.length
+    needs = {"gradient_norm": "the root H^-power/2", "eigen_sign": "the eigenbasis Q and H^-1/2"}
+    if opt.structure.kind == "low_rank" and ln.kind in needs:
+        raise _clash(ln, f"length {ln.kind}", opt.structure, "structure low_rank",
+                     f"the secant method only applies H^-1 to a vector (the two-loop recursion "
+                     f"over the last k pairs) and never forms H, so {needs[ln.kind]} that "
+                     f"{ln.kind} takes do not exist for it; the step length comes from lr or "
+                     "the line search (length none)")
+
+
+# Curvature estimates whose entries can be negative (Hutchinson's z * Hz, the Hessian's
+# diagonal) and the lengths that take a root of them; a root of a negative entry is NaN.
+SIGNED_CURVATURES = ("hutchinson", "hessian")
+ROOT_LENGTHS = {"gradient_norm": "P^-power/2", "eigen_sign": "P^-1/2",
+                "normalized": "sqrt(g^T P^-1 g)"}
+
+
+def _rule_no_root_of_a_signed_estimate(opt: ir.Optimizer) -> None:
+    c, ln = opt.curvature, opt.length
+    if (c.kind not in SIGNED_CURVATURES or c.squared or ln.kind not in ROOT_LENGTHS
+            or opt.structure.kind not in ("scalar", "diagonal")):
+        return
+    fix = ("square the estimate, as AdaHessian does (`curvature hutchinson(...) squared`), or "
+           if c.kind == "hutchinson" else "use structure dense (its roots skip non-positive "
+           "eigenvalues), or ")
+    raise CurvError(
+        "combo.clash", c.span if c.span.line else ln.span, a=f"curvature {c.kind}",
+        b=f"length {ln.kind}",
+        why=f"the {c.kind} estimate of the diagonal can be negative, and {ln.kind} takes "
+            f"{ROOT_LENGTHS[ln.kind]} of it, which is NaN for a negative entry (damping does "
+            "not make it safe: a floor or an eps added after the root comes too late, and an "
+            "eps inside the root is a fixed shift that a negative entry can exceed)",
+        hint=fix + "take no root: `length none` with a clip (`clip elementwise(...)`), "
+                   "as Sophia-H does")
+
+
+def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
+    if opt.clip.kind == "elementwise" and opt.structure.kind not in ("diagonal", "scalar"):
+        raise _clash(opt.clip, "clip elementwise", opt.structure, f"structure {opt.structure.kind}",
+                     "clipping coordinate by coordinate approximates eigenbasis clipping only "
+                     "when the eigenbasis is the coordinate basis (a diagonal structure)")
+
+
+def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
+    ln = opt.length
+    if ln.kind == "normalized" and opt.clip.kind == "global_norm":
+        raise _clash(ln, "length normalized", opt.clip, "clip global_norm",
+                     "a normalized step already has a fixed norm, so there is nothing to clip")
+
+
+def _rule_delayed_needs_every(opt: ir.Optimizer) -> None:
+    it = opt.iterate
+    if it.delayed and it.every is None:
+        raise _clash(it, f"iterate {it.kind} delayed", it, "no `every k`",
+                     "'delayed' moves the first of the refreshes that `every k` schedules; "
+                     "without `every k` the curvature is refreshed on every step")
+
+
+def _rule_one_refresh_schedule(opt: ir.Optimizer) -> None:
+    c, it = opt.curvature, opt.iterate
+    if c.every is not None and it.every is not None:
+        raise _clash(c, f"curvature {c.kind} every {c.every}", it, f"iterate {it.kind} every "
+                     f"{it.every}", "the estimate is either refreshed every k steps and "
+                     "accumulated every step (curvature ... every k), or estimated and "
+                     "accumulated together every k steps (iterate ... every k), not both")
+
+
+COMBINATION_RULES = (
+    _rule_estimator_fixes_structure,
+    _rule_no_root_of_a_signed_estimate,
+    _rule_delayed_needs_every,
+    _rule_one_refresh_schedule,
+    _rule_secant_is_low_rank,
+    _rule_secant_has_no_root,
+    _rule_constant_is_scalar,
+    _rule_constant_has_nothing_to_iterate,
+    _rule_elementwise_clip_needs_coordinates,
+    _rule_normalized_step_needs_no_clip,
+)
+
+
+# --- what the code generator does not render yet -------------------------------
+#
+# Structures and curvature sources the code generator renders today, by code
+# path. The rest of Table 1 parses, checks and explains; compiling it is refused.
+ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
+MATRIX_STRUCTURES = ("kronecker",)
+SECANT_STRUCTURES = ("low_rank",)
+DENSE_STRUCTURES = ("dense",)
+DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
+GRADIENT_CURVATURES = ("constant", "empirical_fisher")
+# Curvatures whose per-step estimate a runtime estimator computes
+# (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
+ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett", "fisher")
+# Curvatures whose runtime returns the preconditioned gradient itself, per
+# layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
+PRECONDITIONING_CURVATURES = ("kfac",)
+
+
+def code_path(opt: ir.Optimizer) -> str:
+    """Which lowering renders the spec, and so which refusals apply to it."""
+    if opt.structure.kind in DENSE_STRUCTURES:
+        return "dense"
+    if opt.structure.kind in SECANT_STRUCTURES:
+        return "secant"
+    if opt.curvature.kind in PRECONDITIONING_CURVATURES:
+        return "kfac"
+    if opt.structure.kind in MATRIX_STRUCTURES:
+        return "kronecker"
+    return "elementwise"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A combination the code generator does not render yet, and why.
+
+    ``applies`` is asked only of specs on the code path ``path``; ``node``
+    picks the clause the message points at, whose form fills ``{kind}`` in
+    ``what``.
+    """
+
+    name: str
+    path: str  # a value of code_path
+    applies: Callable[[ir.Optimizer], bool]
+    node: Callable[[ir.Optimizer], object]
+    what: str
+    why: str
+
+    def error(self, opt: ir.Optimizer) -> CurvError:
+        node = self.node(opt)
+        return CurvError("codegen.unsupported", node.span,
+                         what=f"{self.what.format(kind=node.kind)} ({opt.name})", why=self.why)
+
+
+def _clause(axis: str) -> Callable[[ir.Optimizer], object]:
+    return lambda opt: getattr(opt, axis)
+
+
+def _used(axis: str) -> Callable[[ir.Optimizer], bool]:
+    return lambda opt: getattr(opt, axis).kind not in ("none", "constant")
+
+
+def _keeps_max(it: ir.Iterate) -> bool:
+    return it.keep_max is not None and it.keep_max != ir.Const(False)
+
+
+_FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
+_KRONECKER_NORM_WHY = "the step norm would need the preconditioned step twice"
+_DENSE_WHY = "the dense step is taken on the raw gradient, over all parameters"
+_SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
+               "add the term to the loss in the closure instead")
+
+# In order: on each path the first rule that applies is the one reported.
+REFUSALS: tuple[Refusal, ...] = (
+    # Shampoo's Kronecker factors (curvc.runtime.matrix)
+    Refusal("kronecker_curvature", "kronecker",
+            lambda opt: opt.curvature.kind != "empirical_fisher", _clause("curvature"),
+            "curvature {kind} with structure kronecker",
+            "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
+    Refusal("kronecker_iterate", "kronecker",
+            lambda opt: (opt.iterate.kind not in ("sum", "ema") or opt.iterate.bias_corrected
+                         or _keeps_max(opt.iterate)), _clause("iterate"),
+            "iterate {kind} with structure kronecker",
+            "Kronecker factors are summed or averaged (ema), without bias correction or a "
+            "maximum"),
+    Refusal("kronecker_length", "kronecker",
+            lambda opt: opt.length.kind not in ("none", "gradient_norm"), _clause("length"),
+            "length {kind} with structure kronecker", _KRONECKER_NORM_WHY),
+    Refusal("kronecker_damping_floor", "kronecker",
+            lambda opt: opt.damping.kind == "floor", _clause("damping"),
+            "damping floor with structure kronecker", _FLOOR_WHY),
+    Refusal("kronecker_clip", "kronecker", _used("clip"), _clause("clip"),
+            "clip {kind} with structure kronecker", _KRONECKER_NORM_WHY),
+    # K-FAC's per-layer factors (curvc.runtime.kfac)
+    Refusal("kfac_max_dim", "kfac",
+            lambda opt: (opt.structure.max_dim is not None and opt.structure.max_dim
+                         != ir.Const(language.default("structure", "kronecker", "max_dim"))),
+            _clause("structure"), "structure kronecker(max_dim) with curvature kfac",
+            "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
+            "Shampoo's per-mode factors"),
+    Refusal("kfac_iterate", "kfac",
+            lambda opt: (opt.iterate.kind != "ema" or opt.iterate.bias_corrected
+                         or opt.iterate.delayed or _keeps_max(opt.iterate)), _clause("iterate"),
+            "iterate {kind} with curvature kfac",
+            "K-FAC's factors are exponential moving averages (iterate ema(beta), "
+            "optionally every k)"),
+    Refusal("kfac_length", "kfac", lambda opt: opt.length.kind != "none", _clause("length"),
+            "length {kind} with curvature kfac",
+            "K-FAC takes the natural-gradient step F^-1 g (length none)"),
+    Refusal("kfac_damping", "kfac",
+            lambda opt: opt.damping.kind not in ("none", "inside"), _clause("damping"),
+            "damping {kind} with curvature kfac",
+            "K-FAC damps each factor before inverting it (damping inside)"),
+    # the whole n x n matrix (curvc.runtime.dense); check admits only DENSE_CURVATURES here,
+    # unmodified (tests/test_refusals.py)
+    Refusal("dense_iterate", "dense",
+            lambda opt: (opt.iterate.kind not in ("instant", "ema", "sum")
+                         or opt.iterate.bias_corrected or opt.iterate.delayed
+                         or _keeps_max(opt.iterate)), _clause("iterate"),
+            "iterate {kind} with structure dense",
+            "the dense matrix is the current estimate, a sum or an EMA"),
+    Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
+            _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
+    *(Refusal(f"dense_{axis}", "dense", _used(axis), _clause(axis),
+              f"{axis} {{kind}} with structure dense", _DENSE_WHY)
+      for axis in ("momentum", "decay", "clip", "schedule")),
+    # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
+    Refusal("secant_length", "secant", lambda opt: opt.length.kind != "none", _clause("length"),
+            "length {kind} with the secant method",
+            "the secant step is d = H^-1 g, sized by lr or the line search; "
+            "dividing it by sqrt(g^T H^-1 g) is not implemented"),
+    *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
+              f"{axis} {{kind}} with the secant method", _SECANT_WHY)
+      for axis in ("momentum", "decay", "clip", "damping", "schedule")),
+    # the fused elementwise step
+    Refusal("estimator_missing", "elementwise",
+            lambda opt: opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
+                                                   + PRECONDITIONING_CURVATURES),
+            _clause("curvature"), "curvature {kind}", "its estimator is not in the runtime yet"),
+)
+
+
+def first_refusal(opt: ir.Optimizer) -> Refusal | None:
+    """The refusal a spec that passed check meets when compiled, if any."""
+    path = code_path(opt)
+    return next((r for r in REFUSALS if r.path == path and r.applies(opt)), None)
+
+
+def refuse_uncompiled(opt: ir.Optimizer) -> None:
+    """Raise ``codegen.unsupported`` for a combination the code generator cannot render."""
+    refusal = first_refusal(opt)
+    if refusal is not None:
+        raise refusal.error(opt)
