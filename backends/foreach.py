@@ -424,7 +424,7 @@ def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
 
 
 def _skip_variants(plan: Plan) -> tuple[Plan, Plan] | None:
-    """The plan with the skip flag (curvc.lower.keep_on_nonfinite) on, then off; None
+    """The plan with the skip flag (curvc.passes.keep_on_nonfinite) on, then off; None
     if it has none."""
     if not any(isinstance(n, Select) and n.flag == NONFINITE_FLAG
                for st in plan.stores for n in walk(st.value)):

@@ -14,7 +14,7 @@ Two things can make a step one to skip:
   is set, whatever the policy.
 
 A skip is decided on the device where the plan is elementwise: the
-``keep_on_nonfinite`` pass (curvc/lower.py) makes every store ``old if flagged
+``keep_on_nonfinite`` pass (curvc/passes.py) makes every store ``old if flagged
 else new``, and the runtime passes the 0-d flag like a global reduction. The
 per-parameter step counters then go back by the flag (on CPU tensors, free;
 for CUDA parameters the counters live on the host, as in torch's

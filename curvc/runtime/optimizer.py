@@ -63,7 +63,6 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
     ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
     REDUCTIONS: tuple = ()  # names, in order
-    STORES: tuple = ()  # the tensors a step writes ('param' and buffers)
     ELEMENTWISE: bool = True  # False: the plan has matrix stages (update gets the state dict)
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     dense: Callable | None = None  # h -> settings, for a dense-curvature plan
