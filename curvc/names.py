@@ -12,6 +12,7 @@ from __future__ import annotations
 CONSTRUCTOR_KEYWORDS: tuple[tuple[str, object], ...] = (
     ("maximize", False), ("foreach", None), ("fused", None), ("capturable", False),
     ("differentiable", False), ("state_dtype", None), ("nonfinite", "propagate"),
+    ("curvature_group", None),  # the ranks curvature estimates are averaged over
 )
 
 # Extra keywords of the driver a structure selects (torch.optim.LBFGS's).

@@ -126,7 +126,7 @@ class CurvatureSources:
                                            args["distribution"],
                                            bool(args.get("spatial_average", False)),
                                            keep_graph=True)  # the user's backward follows
-        self._estimates = {p: e.detach() for p, e in zip(params, est)}
+        self._estimates = self._averaged({p: e.detach() for p, e in zip(params, est)})
 
     def set_curvature(self, estimates) -> None:
         """Hand ``step()`` this step's curvature estimate: one tensor per parameter, in
@@ -226,8 +226,24 @@ class CurvatureSources:
         self._estimates, updates = kfac.natural_gradients(
             self, self._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
             accumulate=args["accumulate"] is None or flags[args["accumulate"]],
-            invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale())
+            invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale(),
+            group=self._curvature_group())
         return updates
+
+    def _curvature_group(self):
+        """The ranks this optimizer's estimates are averaged over (curvc.runtime.distributed)."""
+        from curvc.runtime import distributed
+        return distributed.group_of(getattr(self, "_group_choice", None))
+
+    def _averaged(self, estimates: dict) -> dict:
+        """Local estimates, averaged over the ranks holding a replica (one bucketed
+        all-reduce); as they are without torch.distributed."""
+        group = self._curvature_group()
+        if group is None:
+            return estimates
+        from curvc.runtime import distributed
+        keys = list(estimates)
+        return dict(zip(keys, distributed.average([estimates[k] for k in keys], group)))
 
     def _estimate_from_graph(self, guard: amp.StepGuard) -> None:
         """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
@@ -241,7 +257,7 @@ class CurvatureSources:
                                        int(args["samples"]), args["distribution"],
                                        bool(args.get("spatial_average", False)))
         est = guard.unscale_from_graph([e.detach() for e in est])  # z Hz of a scaled loss
-        self._estimates = {p: e for (p, _), e in zip(pairs, est)}
+        self._estimates = self._averaged({p: e for (p, _), e in zip(pairs, est)})
 
     def _estimate_dense(self, logits, loss) -> None:
         """The dense structure's matrix for this step: the Hessian from ``loss``, or
@@ -260,7 +276,7 @@ class CurvatureSources:
                 wanted = "loss=" if kind == "hessian" else "logits="
                 raise TypeError(f"{type(self).__name__}.estimate_curvature() needs {wanted}... "
                                 f"for its {kind} curvature")
-        self._estimates = {"dense": matrix.detach()}
+        self._estimates = self._averaged({"dense": matrix.detach()})
 
     def _missing_estimate_message(self, kind: str) -> str:
         name = type(self).__name__

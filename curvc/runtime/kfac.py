@@ -32,6 +32,7 @@ import weakref
 
 import torch
 
+from curvc.runtime import distributed
 from curvc.runtime.matrix import inverse_root
 
 
@@ -121,7 +122,8 @@ def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
 
 def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *, beta: float,
                       damping: float, accumulate: bool, invert: bool,
-                      grad_scale: torch.Tensor | None = None) -> tuple[dict, list]:
+                      grad_scale: torch.Tensor | None = None,
+                      group=None) -> tuple[dict, list]:
     """({param: its natural gradient} for every param with a gradient, the state updates).
 
     ``grad_scale``: the GradScaler scale the recorded output gradients carry (the
@@ -134,18 +136,25 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     """
     out = {p: p.grad for p in params if p.grad is not None}
     updates: list = []
-    for module in tracker.layers:
-        w, b = module.weight, module.bias
-        if w not in out or (b is not None and b not in out):
-            continue  # not optimized here, or no gradient this step
-        state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
-        if accumulate:
+    layers = [m for m in tracker.layers
+              if m.weight in out and (m.bias is None or m.bias in out)]  # optimized, with grads
+    batch = {}
+    if accumulate:
+        for module in layers:
             sums = tracker.factors(module)
             if sums is None:
                 raise RuntimeError(
                     f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
                     f"layer {module} ran no forward and backward pass since the last step")
-            a_t, s_t = sums
+            batch[module] = sums
+        if group is not None:  # every rank's factors, averaged in one bucketed all-reduce
+            flat = distributed.average([f for m in layers for f in batch[m]], group)
+            batch = {m: (flat[2 * i], flat[2 * i + 1]) for i, m in enumerate(layers)}
+    for module in layers:
+        w, b = module.weight, module.bias
+        state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
+        if accumulate:
+            a_t, s_t = batch[module]
             if grad_scale is not None:
                 s_t = s_t / grad_scale.to(s_t.device, s_t.dtype) ** 2
             for key, new in (("kfac_A", a_t), ("kfac_S", s_t)):

@@ -94,6 +94,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support {key}=True; "
                                  f"curvc-compiled optimizers run outside CUDA graphs and autograd")
         self._validate(defaults)
+        # The ranks to average curvature over: kept off the param groups (a ProcessGroup
+        # is no hyperparameter, and a checkpoint must not carry one).
+        self._group_choice = defaults.pop("curvature_group", None)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate(group)
@@ -164,6 +167,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         # the groups; a K-FAC copy needs track(model) (hooks belong to one optimizer).
         self.__dict__.setdefault("_estimates", {})
         self.__dict__.setdefault("_tracker", None)
+        self.__dict__.setdefault("_group_choice", None)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("nonfinite", self.defaults.setdefault("nonfinite", "propagate"))

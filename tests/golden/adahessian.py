@@ -449,8 +449,9 @@ class AdaHessian(CurvOptimizer):
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=0.0001, weight_decay=0.0,
             hessian_power=1.0, update_each=1.0, n_samples=1.0, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'hessian_power': hessian_power, 'update_each': update_each, 'n_samples': n_samples,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

@@ -487,8 +487,9 @@ class Adam(CurvOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
             amsgrad=False, decoupled_weight_decay=False, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'amsgrad': amsgrad, 'decoupled_weight_decay': decoupled_weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

@@ -438,8 +438,8 @@ class AdamW(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
             amsgrad=False, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None, nonfinite='propagate'):
+            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
                 'amsgrad': amsgrad, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
                 'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite})
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

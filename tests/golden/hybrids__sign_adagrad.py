@@ -321,7 +321,8 @@ class SignAdagrad(CurvOptimizer):
 
     def __init__(self, params, lr=0.01, eps=1e-10, rho=1.0, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'eps': eps, 'rho': rho, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

@@ -347,9 +347,9 @@ class KFAC(CurvOptimizer):
     def __init__(self, params, lr=0.001, momentum=0.9, stat_decay=0.95, damping=0.001,
             weight_decay=0.0, stat_every=10.0, inverse_every=100.0, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'stat_decay': stat_decay,
                 'damping': damping, 'weight_decay': weight_decay, 'stat_every': stat_every,
                 'inverse_every': inverse_every, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
-                'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'state_dtype': state_dtype, 'nonfinite': nonfinite, 'curvature_group': curvature_group})

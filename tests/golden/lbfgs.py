@@ -109,9 +109,10 @@ class LBFGS(CurvOptimizer):
     def __init__(self, params, lr=1.0, max_iter=20.0, tolerance_grad=1e-07, tolerance_change=1e-09,
             history_size=100.0, *, max_eval=None, line_search_fn=None, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'max_iter': max_iter, 'tolerance_grad': tolerance_grad,
                 'tolerance_change': tolerance_change, 'history_size': history_size,
                 'max_eval': max_eval, 'line_search_fn': line_search_fn, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

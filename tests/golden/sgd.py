@@ -364,8 +364,9 @@ class SGD(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
             nesterov=False, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None, nonfinite='propagate'):
+            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'dampening': dampening,
                 'weight_decay': weight_decay, 'nesterov': nesterov, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

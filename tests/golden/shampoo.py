@@ -142,8 +142,9 @@ class Shampoo(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.0, weight_decay=0.0, update_freq=1.0,
             matrix_eps=1e-06, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None, nonfinite='propagate'):
+            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'update_freq': update_freq, 'matrix_eps': matrix_eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

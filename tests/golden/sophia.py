@@ -418,8 +418,8 @@ class Sophia(CurvOptimizer):
 
     def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10.0,
             *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-            state_dtype=None, nonfinite='propagate'):
+            state_dtype=None, nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'betas': betas, 'rho': rho, 'weight_decay': weight_decay,
                 'k': k, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
                 'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite})
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

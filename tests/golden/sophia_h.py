@@ -417,8 +417,9 @@ class SophiaH(CurvOptimizer):
     def __init__(self, params, lr=0.06, betas=(0.96, 0.99), weight_decay=0.0, p=0.01,
             update_period=10.0, num_samples=1.0, eps=1e-12, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate'):
+            nonfinite='propagate', curvature_group=None):
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay, 'p': p,
                 'update_period': update_period, 'num_samples': num_samples, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite})
+                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

@@ -91,7 +91,8 @@ class Newton(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=1.0, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate'):
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
+            curvature_group=None):
         self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
                 'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite})
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

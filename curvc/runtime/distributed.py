@@ -1,0 +1,57 @@
+"""Curvature as a distributed quantity: estimates averaged over the ranks that hold a replica.
+
+Under data parallelism (DDP), every rank holds the same parameters and sees
+its own data; torch averages the gradients, but a curvature estimate made from
+the local batch (Hutchinson's z * Hz, Gauss-Newton-Bartlett's and the Fisher's
+sampled-label gradients, K-FAC's activation and output-gradient factors, the
+dense matrix) would make the ranks' states, and then their parameters, drift
+apart. So the optimizer averages each estimate over the process group before
+it enters the state: one all-reduce per refresh, bucketed by (device, dtype),
+not one per tensor; K-FAC's factors only on its statistics steps.
+
+The group is the optimizer's ``curvature_group`` keyword: ``None`` (the default)
+means the default group whenever ``torch.distributed`` is initialised with
+more than one rank; ``False`` turns the averaging off (e.g. for sharded
+parameters, where each rank's estimate belongs to its own shard); or a
+``ProcessGroup``. Estimates handed over by ``set_curvature`` or
+``step(curvature=...)`` are used as given.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def group_of(choice):
+    """The process group to average over for a ``curvature_group`` choice, or None."""
+    if choice is False:
+        return None
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if choice is None else choice
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def average(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The mean of each tensor over the group's ranks (new tensors; the inputs are
+    untouched), with one all-reduce per (device, dtype). Every rank must pass
+    tensors of the same shapes in the same order."""
+    if group is None or not tensors:
+        return list(tensors)
+    dist = torch.distributed
+    ranks = dist.get_world_size(group)
+    out: list = [None] * len(tensors)
+    buckets: dict = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    for (device, dtype), idx in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]),
+                                                                      str(kv[0][1]))):
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat, group=group)
+        flat.div_(ranks)
+        at = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[at:at + n].view(tensors[i].shape)
+            at += n
+    return out

@@ -1,0 +1,65 @@
+"""One rank of tests/test_distributed.py: DDP training with a compiled optimizer.
+
+    python tests/_ddp_worker.py RANK WORLD PORT OUT SPEC...
+
+Each rank trains the same model (same seed) on its own slice of digits, under
+DistributedDataParallel on a gloo group over 127.0.0.1, and saves its parameters
+and optimizer state per spec to OUT/<spec>_<rank>.pt.
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+import curvc
+
+STEPS, BATCH = 20, 32
+
+
+def data(rank: int):
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float64) / 16.0  # float64: Shampoo's roots amplify rounding
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(100 + rank)  # a different stream of batches per rank
+    return [(x[i], y[i]) for i in (torch.randint(0, len(x), (BATCH,), generator=g)
+                                   for _ in range(STEPS))]
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 10)).double()
+
+
+def train(spec: str, rank: int):
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    cls = curvc.load(spec)
+    kfac = cls.ESTIMATOR is not None and cls.ESTIMATOR[0] == "kfac"
+    opt = cls(net if kfac else net.parameters(), lr=0.01)
+    for xb, yb in data(rank):
+        opt.zero_grad()
+        logits = net(xb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        if opt.wants_curvature():  # Sophia-G takes the logits, Hutchinson the loss
+            opt.estimate_curvature(logits=logits, loss=loss)
+        loss.backward()
+        opt.step()
+    return {"params": [p.detach().clone() for p in net.module.parameters()],
+            "state": opt.state_dict()["state"]}
+
+
+def main():
+    rank, world, port, out, *specs = sys.argv[1:]
+    rank, world = int(rank), int(world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        for spec in specs:
+            torch.save(train(spec, rank), f"{out}/{spec}_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Under DDP, curvature estimates are averaged over the ranks, so replicas stay identical.
+
+Two gloo processes on 127.0.0.1 (tests/_ddp_worker.py) train the same model on
+different data. Without averaging, Sophia's and AdaHessian's estimates and K-FAC's
+factors are local, and the ranks drift apart; with it, parameters and the whole
+optimizer state are identical on both ranks. Adam and Shampoo (gradient-only
+curvature) equal one process trained on both ranks' batches together.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvc
+
+WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
+CURVATURE_SPECS = ["sophia", "adahessian", "sophia_h", "kfac"]
+GRADIENT_SPECS = ["adam", "shampoo"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    port = _free_port()
+    specs = CURVATURE_SPECS + GRADIENT_SPECS
+    env = {**os.environ, "CURVC_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(out),
+                               *specs], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=3600)  # a hang guard, not a speed requirement
+        assert p.returncode == 0, err[-3000:]
+    return {(s, r): torch.load(out / f"{s}_{r}.pt", weights_only=False)
+            for s in specs for r in range(2)}
+
+
+def _tensors(state: dict) -> list:
+    return [v for k in sorted(state) for _, v in sorted(state[k].items())
+            if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("spec", CURVATURE_SPECS + GRADIENT_SPECS)
+def test_replicas_stay_identical(spec, runs):
+    a, b = runs[(spec, 0)], runs[(spec, 1)]
+    for p, q in zip(a["params"], b["params"]):
+        assert torch.equal(p, q)
+    sa, sb = _tensors(a["state"]), _tensors(b["state"])
+    assert len(sa) == len(sb) > 0
+    for x, y in zip(sa, sb):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("spec", GRADIENT_SPECS)
+def test_gradient_only_specs_equal_one_process_on_both_batches(spec, runs):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _ddp_worker as w
+    finally:
+        sys.path.pop(0)
+    net = w.model()
+    opt = curvc.load(spec)(net.parameters(), lr=0.01)
+    for (x0, y0), (x1, y1) in zip(w.data(0), w.data(1)):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(torch.cat([x0, x1])), torch.cat([y0, y1]))
+        loss.backward()
+        opt.step()
+    for p, q in zip(net.parameters(), runs[(spec, 0)]["params"]):
+        assert (p.detach() - q).norm() <= 1e-5 * q.norm()
+
+
+def test_curvature_group_false_keeps_local_estimates(tmp_path):
+    """The keyword turns the averaging off: without it the ranks' Sophia states differ,
+    which is what the averaging is for."""
+    port = _free_port()
+    code = (f"import sys; sys.argv = ['w', '{{r}}', '2', '{port}', '{tmp_path}', 'sophia'];"
+            "import curvc, _ddp_worker as w;"
+            "orig = w.train\n"
+            "def train(spec, rank):\n"
+            "    load = curvc.load\n"
+            "    cls = load(spec)\n"
+            "    curvc.load = lambda s: type(cls.__name__, (cls,), {'__init__': "
+            "lambda self, p, **k: cls.__init__(self, p, curvature_group=False, **k)})\n"
+            "    try:\n"
+            "        return orig(spec, rank)\n"
+            "    finally:\n"
+            "        curvc.load = load\n"
+            "w.train = train; w.main()")
+    env = {**os.environ, "CURVC_QUIET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(WORKER.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-c", code.replace("{r}", str(r))], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=3600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = (torch.load(tmp_path / f"sophia_{r}.pt", weights_only=False) for r in range(2))
+    assert any(not torch.equal(x, y) for x, y in zip(_tensors(a["state"]), _tensors(b["state"])))
