@@ -59,12 +59,21 @@ def _host(h, step):
     h_s4 = (1.0 - (h_lr * h_weight_decay))
     h_s5 = (1.0 / h_momentum_bias_correction)
     h_s6 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
+            'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'step': h_step,
+            'curvature_bias_correction': h_curvature_bias_correction,
+            'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3,
+            's4': h_s4, 's5': h_s5, 's6': h_s6}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)),
+            'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3,
+        h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -97,12 +106,16 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
     t17 = (h_lr * t16)
     new_param_ = (t9 - t17)
     exp_avg_sq.copy_(new_exp_avg_sq_)
-    if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_keep_max:
+        max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -117,7 +130,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2,
+        h_s3, h_s4, h_s5, h_s6, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -127,7 +141,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+    _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+    (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
     torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
     t0 = exp_avg_sq_
     if f_maximize:
@@ -155,13 +170,19 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     t13 = t12
     torch._foreach_addcdiv_(t7, t9, t13, value=-h_lr)
     new_param_ = t7
-    if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if new_exp_avg_sq_ is not exp_avg_sq:
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+    if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq:
+        torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+        torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param:
+        torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6'], 'reduced': [],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -214,8 +235,8 @@ else:
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
             h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_keep_max: tl.constexpr,
-            f_maximize: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
+            f_keep_max: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
             MAX_EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
@@ -257,9 +278,11 @@ else:
         t4 = (t3 * h_s2)
         new_exp_avg_sq_ = (t0 + t4)
         if f_keep_max:
-            new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_, propagate_nan=tl.PropagateNan.ALL)
+            new_max_exp_avg_sq_ = tl.maximum(max_exp_avg_sq_, new_exp_avg_sq_,
+                    propagate_nan=tl.PropagateNan.ALL)
         if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t2 - exp_avg_), t2 - (t2 - exp_avg_) * (1.0 - h_s3))
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t2 - exp_avg_),
+                    t2 - (t2 - exp_avg_) * (1.0 - h_s3))
         if f_has_weight_decay:
             t8 = (param_ * h_s4)
         if f_has_weight_decay:
@@ -289,7 +312,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], stored=['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+            stored=['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -302,11 +326,11 @@ else:
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
                 f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_maximize=bool(flags['maximize']),
-                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
-                MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
-                BLOCK=t.block, num_warps=t.num_warps)
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_keep_max=bool(flags['keep_max']), f_maximize=bool(flags['maximize']),
+                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
+                EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'],
+                EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
@@ -317,16 +341,30 @@ else:
 class AdamW(CurvOptimizer):
     """AdamW: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``betas=(0.9, 0.999)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``eps=1e-08``: the eps of damping add
+    - ``weight_decay=0.01``: the rate of decay decoupled
+    - ``amsgrad=False``: the keep_max of iterate ema
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('betas', (0.9, 0.999)), ('eps', 1e-08), ('weight_decay', 0.01), ('amsgrad', False), )
+    HYPERS = (('lr', 0.001), ('betas', (0.9, 0.999)), ('eps', 1e-08), ('weight_decay', 0.01),
+            ('amsgrad', False), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('betas', 1, 'unit', 'the beta of iterate ema'),
@@ -357,6 +395,7 @@ class AdamW(CurvOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
             amsgrad=False, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None):
-        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
-                'amsgrad': amsgrad, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype})
+        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
+                'weight_decay': weight_decay, 'amsgrad': amsgrad, 'maximize': maximize,
+                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'differentiable': differentiable, 'state_dtype': state_dtype})

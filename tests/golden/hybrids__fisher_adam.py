@@ -55,12 +55,18 @@ def _host(h, step):
     h_s3 = (1.0 - h_betas_0)
     h_s4 = (1.0 / h_momentum_bias_correction)
     h_s5 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5}, {'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
+            'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction,
+            'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3,
+            's4': h_s4, 's5': h_s5}
+    flags = {'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3,
+        h_s4, h_s5, f_has_exp_avg, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -85,11 +91,14 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
     t12 = (h_lr * t11)
     new_param_ = (param_ - t12)
     hessian.copy_(new_hessian_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [],
+        'flags': ['has_exp_avg', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -104,7 +113,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr,
+        h_s2, h_s3, h_s4, h_s5, f_has_exp_avg, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -114,7 +124,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+    _scalars = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device)
+    (_s_betas_1, _s_s4, _s_s5,) = _scalars.unbind()
     torch._foreach_mul_(hessian_, _s_betas_1)
     t0 = hessian_
     torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
@@ -134,12 +145,17 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     t9 = t8
     torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
     new_param_ = param_
-    if new_hessian_ is not hessian: torch._foreach_copy_(hessian, new_hessian_)
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if new_hessian_ is not hessian:
+        torch._foreach_copy_(hessian, new_hessian_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+        torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param:
+        torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [], 'flags': ['has_exp_avg', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': [],
+        'flags': ['has_exp_avg', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -195,7 +211,8 @@ else:
             f_has_exp_avg: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
-            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -204,7 +221,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(
+                curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
         hessian_addr = tl.load(hessian_ptrs + i).to(tl.pointer_type(HESSIAN_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
@@ -230,7 +248,8 @@ else:
         else:
             t4 = grad_
         if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t4 - exp_avg_), t4 - (t4 - exp_avg_) * (1.0 - h_s3))
+            new_exp_avg_ = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t4 - exp_avg_),
+                    t4 - (t4 - exp_avg_) * (1.0 - h_s3))
             t6 = (new_exp_avg_ * h_s4)
         if f_has_exp_avg:
             t7 = t6
@@ -247,7 +266,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], stored=['exp_avg', 'hessian', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+            stored=['exp_avg', 'hessian', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -273,12 +293,23 @@ else:
 class FisherAdam(CurvOptimizer):
     """FisherAdam: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+    - ``betas=(0.9, 0.999)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``eps=1e-08``: the eps of damping add
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
     """
 
     BACKEND = 'auto'

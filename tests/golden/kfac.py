@@ -27,7 +27,8 @@ Update, per step t (elementwise unless noted):
 #   # covariance ds ds^T, EMA statistics, and the natural-gradient step
 #   # d = (S + damping I)^-1 G (A + damping I)^-1.
 #   optimizer KFAC
-#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0, stat_every = 10, inverse_every = 100
+#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0, stat_every
+#       = 10, inverse_every = 100
 #   curvature kfac
 #   structure kronecker every inverse_every
 #   iterate   ema(stat_decay) every stat_every
@@ -53,12 +54,21 @@ def _host(h, step):
     h_stat_every = h['stat_every']
     h_inverse_every = h['inverse_every']
     h_step = step
-    return {'lr': h_lr, 'momentum': h_momentum, 'stat_decay': h_stat_decay, 'damping': h_damping, 'weight_decay': h_weight_decay, 'stat_every': h_stat_every, 'inverse_every': h_inverse_every, 'step': h_step}, {'refresh': bool((((h_step - 1.0) % h_stat_every) == 0.0)), 'refresh_roots': bool((((h_step - 1.0) % h_inverse_every) == 0.0)), 'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'stat_decay': h_stat_decay,
+            'damping': h_damping, 'weight_decay': h_weight_decay, 'stat_every': h_stat_every,
+            'inverse_every': h_inverse_every, 'step': h_step}
+    flags = {'refresh': bool((((h_step - 1.0) % h_stat_every) == 0.0)),
+            'refresh_roots': bool((((h_step - 1.0) % h_inverse_every) == 0.0)),
+            'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)),
+            'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
+def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay,
+        f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -80,11 +90,14 @@ def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_
     t8 = new_momentum_buffer_ if f_has_momentum_buffer else t4
     t9 = (h_lr * t8)
     new_param_ = (param_ - t9)
-    if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
+    if f_has_momentum_buffer:
+        momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -99,7 +112,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum,
+        h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -108,7 +122,8 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     grad_ = _foreach_cast(grad, cdt)
     natural_gradient_ = _foreach_cast(natural_gradient, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
-    _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+    _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+    (_s_lr,) = _scalars.unbind()
     if f_maximize:
         t0 = torch._foreach_neg(natural_gradient_)
     t1 = t0 if f_maximize else natural_gradient_
@@ -123,11 +138,15 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     t7 = torch._foreach_mul(t6, _s_lr)
     torch._foreach_sub_(param_, t7)
     new_param_ = param_
-    if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_has_momentum_buffer:
+        torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+    if new_param_ is not param:
+        torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': [],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -182,8 +201,8 @@ else:
             f_first_step: tl.constexpr, f_has_momentum_buffer: tl.constexpr,
             f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
-            PARAM_T: tl.constexpr, NATURAL_GRADIENT_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
-            CDT: tl.constexpr, BLOCK: tl.constexpr):
+            PARAM_T: tl.constexpr, NATURAL_GRADIENT_T: tl.constexpr,
+            MOMENTUM_BUFFER_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -191,8 +210,10 @@ else:
         offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
-        natural_gradient_addr = tl.load(natural_gradient_ptrs + i).to(tl.pointer_type(NATURAL_GRADIENT_T))
-        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
+        natural_gradient_addr = tl.load(
+                natural_gradient_ptrs + i).to(tl.pointer_type(NATURAL_GRADIENT_T))
+        momentum_buffer_addr = tl.load(
+                momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
@@ -233,7 +254,8 @@ else:
             _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'natural_gradient', 'momentum_buffer'], stored=['momentum_buffer', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+            stored=['momentum_buffer', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -242,9 +264,11 @@ else:
                 t.ptrs['param'], t.ptrs['natural_gradient'], t.ptrs['momentum_buffer'],
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_momentum=float(scalars['momentum']),
-                h_weight_decay=float(scalars['weight_decay']), f_first_step=bool(flags['first_step']),
+                h_weight_decay=float(scalars['weight_decay']),
+                f_first_step=bool(flags['first_step']),
                 f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], NATURAL_GRADIENT_T=t.dtypes['natural_gradient'],
                 MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
@@ -258,16 +282,31 @@ else:
 class KFAC(CurvOptimizer):
     """KFAC: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0.9``: the beta of momentum heavy_ball
+    - ``stat_decay=0.95``: the beta of iterate ema
+    - ``damping=0.001``: the eps of damping inside
+    - ``weight_decay=0``: the rate of decay l2
+    - ``stat_every=10``: the every of iterate ema
+    - ``inverse_every=100``: the every of structure kronecker
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001), ('weight_decay', 0.0), ('stat_every', 10.0), ('inverse_every', 100.0), )
+    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001),
+            ('weight_decay', 0), ('stat_every', 10), ('inverse_every', 100), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('inverse_every', None, 'count_every', 'the every of structure kronecker'),
@@ -282,7 +321,9 @@ class KFAC(CurvOptimizer):
     )
     INPUTS = ('natural_gradient',)
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('kfac', 'natural_gradient', None, lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh', 'invert': 'refresh_roots'})
+    ESTIMATOR = ('kfac', 'natural_gradient', None,
+            lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
+                    'invert': 'refresh_roots'})
     REDUCTIONS = ()
     STORES = ('momentum_buffer', 'param')  # what a step writes
     ELEMENTWISE = True  # False: matrix or secant stages
@@ -297,8 +338,8 @@ class KFAC(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.001, momentum=0.9, stat_decay=0.95, damping=0.001,
-            weight_decay=0.0, stat_every=10.0, inverse_every=100.0, *, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+            weight_decay=0, stat_every=10, inverse_every=100, *, maximize=False, foreach=None,
+            fused=None, capturable=False, differentiable=False, state_dtype=None):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'stat_decay': stat_decay,
                 'damping': damping, 'weight_decay': weight_decay, 'stat_every': stat_every,
                 'inverse_every': inverse_every, 'maximize': maximize, 'foreach': foreach,

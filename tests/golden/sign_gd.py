@@ -45,7 +45,11 @@ def _host(h, step):
     h_step = step
     h_s0 = (1.0 - h_momentum)
     h_s1 = (1.0 - (h_lr * h_weight_decay))
-    return {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step, 's0': h_s0, 's1': h_s1}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_exp_avg': bool((h_momentum != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step,
+            's0': h_s0, 's1': h_s1}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_exp_avg': bool((h_momentum != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
@@ -68,11 +72,13 @@ def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_
     t6 = torch.sign(t5)
     t7 = (h_lr * t6)
     new_param_ = (t4 - t7)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'],
+        'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
 _REDUCE_ARGS = {}
 
 
@@ -87,7 +93,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay, f_maximize):
+def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has_weight_decay,
+        f_maximize):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -95,7 +102,8 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
+    _scalars = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device)
+    (_s_s1, _s_lr,) = _scalars.unbind()
     if f_maximize:
         t0 = torch._foreach_neg(grad_)
     t1 = t0 if f_maximize else grad_
@@ -111,11 +119,14 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, f_has_exp_avg, f_has
     t7 = t6
     torch._foreach_sub_(t4, t7)
     new_param_ = t4
-    if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-    if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+    if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+        torch._foreach_copy_(exp_avg, new_exp_avg_)
+    if new_param_ is not param:
+        torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'],
+        'reduced': [], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -169,8 +180,8 @@ else:
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
             # element types, compute type, block size
-            PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
-            BLOCK: tl.constexpr):
+            PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
+            CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -194,7 +205,8 @@ else:
         else:
             t1 = grad_
         if f_has_exp_avg:
-            new_exp_avg_ = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_), t1 - (t1 - exp_avg_) * (1.0 - h_s0))
+            new_exp_avg_ = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_),
+                    t1 - (t1 - exp_avg_) * (1.0 - h_s0))
         if f_has_weight_decay:
             t3 = (param_ * h_s1)
         if f_has_weight_decay:
@@ -222,7 +234,8 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
                 f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_T=t.dtypes['exp_avg'],
                 CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
@@ -235,16 +248,26 @@ else:
 class SignGD(CurvOptimizer):
     """SignGD: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype).
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0.9``: the beta of momentum ema
+    - ``weight_decay=0``: the rate of decay decoupled
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('weight_decay', 0.0), )
+    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('weight_decay', 0), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('momentum', None, 'unit', 'the beta of momentum ema'),
@@ -268,7 +291,7 @@ class SignGD(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0.0, *, maximize=False,
+    def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
