@@ -53,9 +53,8 @@ def _host(h, step):
     h_update_freq = h['update_freq']
     h_matrix_eps = h['matrix_eps']
     h_step = step
-    h_s0 = (1.0 / 2.0)
     scalars = {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay,
-            'update_freq': h_update_freq, 'matrix_eps': h_matrix_eps, 'step': h_step, 's0': h_s0}
+            'update_freq': h_update_freq, 'matrix_eps': h_matrix_eps, 'step': h_step}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)),
             'refresh_roots': bool((((h_step - 1.0) % h_update_freq) == 0.0)),
@@ -65,9 +64,8 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_s0,
-        h_weight_decay, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize,
-        f_refresh_roots):
+def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_weight_decay,
+        f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_refresh_roots):
     """One tensor's step: every value computed from old state, then stored
     (``state``, the tensor's optimizer state, holds its matrix factors, which
     curvc.runtime.matrix updates in place)."""
@@ -90,7 +88,7 @@ def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum,
     t8 = new_momentum_buffer_ if f_has_momentum_buffer else t4
     t9 = matrix.kronecker(state, t4, t8, factors='pre_cond', roots='inv_pre_cond',
             accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps,
-            exponent=h_s0, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
+            exponent=0.5, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
     t10 = (h_lr * t9)
     new_param_ = (param_ - t10)
     if f_has_momentum_buffer:
@@ -99,7 +97,7 @@ def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum,
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'],
-        'scalars': ['lr', 'matrix_eps', 'momentum', 's0', 'weight_decay'], 'reduced': [],
+        'scalars': ['lr', 'matrix_eps', 'momentum', 'weight_decay'], 'reduced': [],
         'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
                 'refresh_roots']}
 _REDUCE_ARGS = {}

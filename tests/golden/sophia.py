@@ -59,10 +59,9 @@ def _host(h, step):
     h_s0 = (1.0 - h_betas_1)
     h_s1 = (1.0 - h_betas_0)
     h_s2 = (1.0 - (h_lr * h_weight_decay))
-    h_s3 = (-1.0)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'rho': h_rho,
             'weight_decay': h_weight_decay, 'k': h_k, 'step': h_step, 's0': h_s0, 's1': h_s1,
-            's2': h_s2, 's3': h_s3}
+            's2': h_s2}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'refresh': bool(((((h_step - 1.0) % h_k) == 0.0) and ((h_step - 1.0) > 0.0))),
             'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
@@ -72,7 +71,7 @@ def _host(h, step):
 # --- torch: the CPU path, and the reference for every other backend ---
 
 def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1,
-        h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+        h_s2, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -98,7 +97,7 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, 
     t11 = (t10 + 1e-15)
     t12 = (t9 / t11)
     t13 = torch.clamp(t12, max=1.0)
-    t14 = torch.clamp(t13, min=h_s3)
+    t14 = torch.clamp(t13, min=-1.0)
     t15 = (h_lr * t14)
     new_param_ = (t8 - t15)
     if f_refresh:
@@ -109,7 +108,7 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, 
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
-        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [],
+        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2'], 'reduced': [],
         'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 _REDUCE_ARGS = {}
 
@@ -126,7 +125,7 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho,
-        h_s0, h_s1, h_s2, h_s3, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
+        h_s0, h_s1, h_s2, f_has_exp_avg, f_has_weight_decay, f_maximize, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -158,7 +157,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     t11 = torch._foreach_div(t8, t10)
     torch._foreach_clamp_max_(t11, 1.0)
     t12 = t11
-    torch._foreach_clamp_min_(t12, h_s3)
+    torch._foreach_clamp_min_(t12, -1.0)
     t13 = t12
     torch._foreach_mul_(t13, _s_lr)
     t14 = t13
@@ -173,7 +172,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
-        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': [],
+        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2'], 'reduced': [],
         'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
@@ -225,7 +224,7 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_lr: tl.float64, h_rho: tl.float64, h_s0: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
+            h_s1: tl.float64, h_s2: tl.float64,
             # host flags (compile-time)
             f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
             f_maximize: tl.constexpr, f_refresh: tl.constexpr,
@@ -251,7 +250,6 @@ else:
         h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
-        h_s3 = tl.cast(h_s3, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         if f_refresh:
@@ -290,7 +288,7 @@ else:
         t11 = (t10 + 1e-15)
         t12 = _div(t9, t11)
         t13 = tl.minimum(t12, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        t14 = tl.maximum(t13, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t14 = tl.maximum(t13, -1.0, propagate_nan=tl.PropagateNan.ALL)
         t15 = (h_lr * t14)
         new_param_ = (t8 - t15)
         if f_refresh:
@@ -311,8 +309,7 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_lr=float(scalars['lr']),
                 h_rho=float(scalars['rho']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                f_has_exp_avg=bool(flags['has_exp_avg']),
+                h_s2=float(scalars['s2']), f_has_exp_avg=bool(flags['has_exp_avg']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
                 f_maximize=bool(flags['maximize']), f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
