@@ -170,19 +170,36 @@ KEYWORD_DOCS = {
 }
 
 
+# How a clause argument reads in the docstring where "the {arg} of {clause}" would not.
+_USE_PHRASES = {
+    "every": "the period in steps of {clause}",
+    "keep_max": "whether {clause} also keeps its running maximum",
+    "decoupled": "whether {clause} is decoupled (applied to the parameter, not the gradient)",
+    "nesterov": "whether {clause} uses Nesterov's form",
+}
+
+
 def _uses(opt: ir.Optimizer, plan: Plan) -> dict[tuple[str, int | None], list[str]]:
     """Where the spec uses each hyperparameter (or tuple entry): the validators' words
-    ("the beta of iterate ema"), and, for a flag, the clause argument it sets."""
+    ("the learning rate"), then each clause argument it is passed to."""
     uses: dict[tuple[str, int | None], list[str]] = {}
+
+    def use(ref: ir.HyperRef, where: str) -> None:
+        if where not in uses.setdefault((ref.name, ref.index), []):
+            uses[(ref.name, ref.index)].append(where)
+
+    clause_args = {f"the {f.name} of {axis} {getattr(opt, axis).kind}"
+                   for axis in ir.AXES for f in fields(getattr(opt, axis))}
     for v in plan.validators:
-        uses.setdefault((v.hyper, v.index), []).append(v.where)
+        if v.where not in clause_args:  # those are worded below
+            use(ir.HyperRef(v.hyper, v.index), v.where)
     for axis in ir.AXES:
         node = getattr(opt, axis)
+        clause = f"{axis} {node.kind}"
         for f in fields(node):
-            ref = getattr(node, f.name)
-            where = f"the {f.name} of {axis} {node.kind}"
-            if isinstance(ref, ir.HyperRef) and where not in uses.get((ref.name, ref.index), ()):
-                uses.setdefault((ref.name, ref.index), []).append(where)
+            if isinstance(ref := getattr(node, f.name), ir.HyperRef):
+                use(ref, _USE_PHRASES.get(f.name, "the {arg} of {clause}").format(
+                    arg=f.name, clause=clause))
     return uses
 
 
@@ -265,6 +282,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         args += ["*"] + [f"{n}={d!r}" for n, d in keywords]
         buf.writelines(wrap_items("def __init__(", ["self", "params"] + args, "):", buf.room))
         with buf.indent():
+            buf.writeline('"""The arguments are listed in the class docstring."""')
             # Only `self` and the arguments are read here: a hyperparameter may be
             # called `dict` or `super` without shadowing anything this body needs.
             every = [h.name for h in opt.hypers] + [n for n, _ in keywords]

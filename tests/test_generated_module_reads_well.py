@@ -78,7 +78,7 @@ def test_shipped_defaults_have_torch_optims_kinds():
 def test_the_class_docstring_says_what_each_argument_is(counted):
     doc = pydoc.render_doc(counted, renderer=pydoc.plaintext)
     for text in ["``lr=0.001``: the learning rate", "``beta=0.9``: the beta of iterate ema",
-                 "``eps=1e-08``: the eps of damping add", "``k=10``: the every of iterate ema",
+                 "``eps=1e-08``: the eps of damping add", "``k=10``: the period in steps of iterate ema",
                  "``unused=3``: not used by this spec's step",
                  "``maximize=False``", "``state_dtype=None``", "``fused=None``"]:
         assert text in doc, text

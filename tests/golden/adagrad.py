@@ -297,6 +297,7 @@ class Adagrad(CurvOptimizer):
     def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
             eps=1e-10, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'lr_decay': lr_decay, 'weight_decay': weight_decay,
                 'initial_accumulator_value': initial_accumulator_value, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,

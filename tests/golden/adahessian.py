@@ -369,7 +369,7 @@ class AdaHessian(CurvOptimizer):
     - ``eps=0.0001``: the eps of damping add
     - ``weight_decay=0``: the rate of decay decoupled
     - ``hessian_power=1``: the power of length gradient_norm
-    - ``update_each=1``: the every of curvature hutchinson
+    - ``update_each=1``: the period in steps of curvature hutchinson
     - ``n_samples=1``: the samples of curvature hutchinson
 
     Keyword-only arguments:
@@ -422,6 +422,7 @@ class AdaHessian(CurvOptimizer):
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=0.0001, weight_decay=0,
             hessian_power=1, update_each=1, n_samples=1, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
                 'weight_decay': weight_decay, 'hessian_power': hessian_power,
                 'update_each': update_each, 'n_samples': n_samples, 'maximize': maximize,

@@ -397,8 +397,9 @@ class Adam(CurvOptimizer):
       ema
     - ``eps=1e-08``: the eps of damping add
     - ``weight_decay=0``: the rate of decay l2
-    - ``amsgrad=False``: the keep_max of iterate ema
-    - ``decoupled_weight_decay=False``: the decoupled of decay l2
+    - ``amsgrad=False``: whether iterate ema also keeps its running maximum
+    - ``decoupled_weight_decay=False``: whether decay l2 is decoupled (applied to the parameter, not
+      the gradient)
 
     Keyword-only arguments:
 
@@ -444,6 +445,7 @@ class Adam(CurvOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
             amsgrad=False, decoupled_weight_decay=False, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
                 'weight_decay': weight_decay, 'amsgrad': amsgrad,
                 'decoupled_weight_decay': decoupled_weight_decay, 'maximize': maximize,

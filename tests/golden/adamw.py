@@ -349,7 +349,7 @@ class AdamW(CurvOptimizer):
       ema
     - ``eps=1e-08``: the eps of damping add
     - ``weight_decay=0.01``: the rate of decay decoupled
-    - ``amsgrad=False``: the keep_max of iterate ema
+    - ``amsgrad=False``: whether iterate ema also keeps its running maximum
 
     Keyword-only arguments:
 
@@ -395,6 +395,7 @@ class AdamW(CurvOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
             amsgrad=False, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
                 'weight_decay': weight_decay, 'amsgrad': amsgrad, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,

@@ -108,6 +108,7 @@ class DampedNewton(CurvOptimizer):
 
     def __init__(self, params, lr=1, lam=0.01, *, maximize=False, foreach=None, fused=None,
             capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'lam': lam, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
                 'state_dtype': state_dtype})

@@ -342,6 +342,7 @@ class FisherAdam(CurvOptimizer):
 
     def __init__(self, params, lr=0.01, betas=(0.9, 0.999), eps=1e-08, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype})

@@ -287,6 +287,7 @@ class SignAdagrad(CurvOptimizer):
 
     def __init__(self, params, lr=0.01, eps=1e-10, rho=1, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'eps': eps, 'rho': rho, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype})

@@ -290,8 +290,8 @@ class KFAC(CurvOptimizer):
     - ``stat_decay=0.95``: the beta of iterate ema
     - ``damping=0.001``: the eps of damping inside
     - ``weight_decay=0``: the rate of decay l2
-    - ``stat_every=10``: the every of iterate ema
-    - ``inverse_every=100``: the every of structure kronecker
+    - ``stat_every=10``: the period in steps of iterate ema
+    - ``inverse_every=100``: the period in steps of structure kronecker
 
     Keyword-only arguments:
 
@@ -340,6 +340,7 @@ class KFAC(CurvOptimizer):
     def __init__(self, params, lr=0.001, momentum=0.9, stat_decay=0.95, damping=0.001,
             weight_decay=0, stat_every=10, inverse_every=100, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'stat_decay': stat_decay,
                 'damping': damping, 'weight_decay': weight_decay, 'stat_every': stat_every,
                 'inverse_every': inverse_every, 'maximize': maximize, 'foreach': foreach,

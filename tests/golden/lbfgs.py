@@ -128,6 +128,7 @@ class LBFGS(CurvOptimizer):
     def __init__(self, params, lr=1, max_iter=20, tolerance_grad=1e-07, tolerance_change=1e-09,
             history_size=100, *, max_eval=None, line_search_fn=None, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'max_iter': max_iter, 'tolerance_grad': tolerance_grad,
                 'tolerance_change': tolerance_change, 'history_size': history_size,
                 'max_eval': max_eval, 'line_search_fn': line_search_fn, 'maximize': maximize,

@@ -289,6 +289,7 @@ class NormalizedGD(CurvOptimizer):
 
     def __init__(self, params, lr=0.01, *, maximize=False, foreach=None, fused=None,
             capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
                 'state_dtype': state_dtype})

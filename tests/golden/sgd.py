@@ -298,7 +298,7 @@ class SGD(CurvOptimizer):
     - ``momentum=0``: the beta of momentum heavy_ball
     - ``dampening=0``: the dampening of momentum heavy_ball
     - ``weight_decay=0``: the rate of decay l2
-    - ``nesterov=False``: the nesterov of momentum heavy_ball
+    - ``nesterov=False``: whether momentum heavy_ball uses Nesterov's form
 
     Keyword-only arguments:
 
@@ -341,6 +341,7 @@ class SGD(CurvOptimizer):
     def __init__(self, params, lr=0.001, momentum=0, dampening=0, weight_decay=0, nesterov=False,
             *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
             state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'dampening': dampening,
                 'weight_decay': weight_decay, 'nesterov': nesterov, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,

@@ -117,7 +117,7 @@ class Shampoo(CurvOptimizer):
     - ``lr=0.001``: the learning rate
     - ``momentum=0``: the beta of momentum heavy_ball
     - ``weight_decay=0``: the rate of decay l2
-    - ``update_freq=1``: the every of structure kronecker
+    - ``update_freq=1``: the period in steps of structure kronecker
     - ``matrix_eps=1e-06``: the init of iterate sum
 
     Keyword-only arguments:
@@ -162,6 +162,7 @@ class Shampoo(CurvOptimizer):
     def __init__(self, params, lr=0.001, momentum=0, weight_decay=0, update_freq=1,
             matrix_eps=1e-06, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'update_freq': update_freq, 'matrix_eps': matrix_eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,

@@ -293,6 +293,7 @@ class SignGD(CurvOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype})

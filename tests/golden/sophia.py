@@ -333,7 +333,7 @@ class Sophia(CurvOptimizer):
       ema
     - ``rho=0.04``: the scale of curvature gauss_newton_bartlett
     - ``weight_decay=0.1``: the rate of decay decoupled
-    - ``k=10``: the every of iterate ema
+    - ``k=10``: the period in steps of iterate ema
 
     Keyword-only arguments:
 
@@ -381,6 +381,7 @@ class Sophia(CurvOptimizer):
     def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10, *,
             maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
             state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'rho': rho,
                 'weight_decay': weight_decay, 'k': k, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,

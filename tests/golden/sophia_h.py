@@ -335,7 +335,7 @@ class SophiaH(CurvOptimizer):
       ema
     - ``weight_decay=0``: the rate of decay decoupled
     - ``p=0.01``: the threshold of clip elementwise
-    - ``update_period=10``: the every of iterate ema
+    - ``update_period=10``: the period in steps of iterate ema
     - ``num_samples=1``: the samples of curvature hutchinson
     - ``eps=1e-12``: the eps of damping floor
 
@@ -388,6 +388,7 @@ class SophiaH(CurvOptimizer):
     def __init__(self, params, lr=0.06, betas=(0.96, 0.99), weight_decay=0, p=0.01,
             update_period=10, num_samples=1, eps=1e-12, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay, 'p': p,
                 'update_period': update_period, 'num_samples': num_samples, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
