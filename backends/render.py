@@ -96,7 +96,12 @@ def wrap_code(line: str, width: int = WIDTH) -> list[str]:
     if len(line) <= width or line.lstrip().startswith("#"):
         return [line]
     hang = " " * (len(line) - len(line.lstrip()) + 8)
-    for start, close, commas in _brackets(line):
+    pairs = _brackets(line)
+    # a list (a pair with commas) wraps best, leftmost first; else the last outermost
+    # call moves as a whole: `x = tl.load(p).to(` / `tl.pointer_type(T))`
+    lists = [p for p in pairs if p[2]]
+    outer = [p for p in pairs if not any(o < p[0] and p[1] < c for o, c, _ in pairs)]
+    for start, close, commas in lists + outer[::-1]:
         if start + 1 > width or close - start < 2:
             continue
         cuts = [start] + commas + [close]

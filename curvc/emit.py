@@ -58,7 +58,9 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline()
     buf.writeline("# The spec:")
     for line in opt.source.splitlines():
-        buf.writelines(_wrap_text(_comment_safe(line), buf.room, "#   "))
+        # a spec line breaks after its commas (between hyperparameters), as code would
+        items = _comment_safe(line).split(", ")
+        buf.writelines(x.rstrip() for x in wrap_items("#   ", items, "", buf.room, "#       "))
     buf.writeline()
     buf.writeline("import math")
     buf.writeline()

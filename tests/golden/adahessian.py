@@ -33,8 +33,8 @@ Update, per step t (elementwise unless noted):
 #   optimizer AdaHessian
 #   hyper lr = 0.15, betas = (0.9, 0.999), eps = 1e-4, weight_decay = 0, hessian_power = 1,
 #       update_each = 1, n_samples = 1
-#   curvature hutchinson(samples = n_samples, distribution = rademacher, spatial_average = true)
-#       squared every update_each
+#   curvature hutchinson(samples = n_samples, distribution = rademacher,
+#       spatial_average = true) squared every update_each
 #   structure diagonal
 #   iterate   ema(betas[1]) bias_corrected
 #   momentum  ema(betas[0]) bias_corrected
@@ -262,8 +262,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(
-                curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         curvature_addr = tl.load(curvature_ptrs + i).to(tl.pointer_type(CURVATURE_T))
         exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))

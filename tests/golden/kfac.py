@@ -27,8 +27,8 @@ Update, per step t (elementwise unless noted):
 #   # covariance ds ds^T, EMA statistics, and the natural-gradient step
 #   # d = (S + damping I)^-1 G (A + damping I)^-1.
 #   optimizer KFAC
-#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0, stat_every
-#       = 10, inverse_every = 100
+#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0,
+#       stat_every = 10, inverse_every = 100
 #   curvature kfac
 #   structure kronecker every inverse_every
 #   iterate   ema(stat_decay) every stat_every
@@ -210,10 +210,10 @@ else:
         offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
-        natural_gradient_addr = tl.load(
-                natural_gradient_ptrs + i).to(tl.pointer_type(NATURAL_GRADIENT_T))
-        momentum_buffer_addr = tl.load(
-                momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
+        natural_gradient_addr = tl.load(natural_gradient_ptrs + i).to(
+                tl.pointer_type(NATURAL_GRADIENT_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)

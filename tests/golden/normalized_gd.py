@@ -69,9 +69,8 @@ def _reduce_norm_sq(param, grad, f_maximize):
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['norm_sq'],
         'flags': ['maximize']}
-_REDUCE_ARGS = {
-        'norm_sq': {'tensors': ['param', 'grad'], 'scalars': [], 'reduced': [],
-                'flags': ['maximize']}}
+_REDUCE_ARGS = {'norm_sq': {'tensors': ['param', 'grad'], 'scalars': [], 'reduced': [],
+        'flags': ['maximize']}}
 
 
 # --- foreach: the same step for many small tensors at once ---

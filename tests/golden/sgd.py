@@ -211,8 +211,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        momentum_buffer_addr = tl.load(
-                momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_s0 = tl.cast(h_s0, CDT)

@@ -240,8 +240,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(
-                curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         hessian_addr = tl.load(hessian_ptrs + i).to(tl.pointer_type(HESSIAN_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
