@@ -47,7 +47,7 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline('"""' + f"{opt.name}, compiled by curvc.")
     buf.writeline()
     for col, cell in explain.table_row(opt, plan).items():
-        buf.writeline(f"{col}: {cell or '-'}")
+        buf.writelines(_wrap_text(f"{col}: {cell or '-'}", buf.room))
     buf.writeline()
     buf.writeline("Update, per step t (elementwise unless noted):")
     buf.writeline()
@@ -166,7 +166,8 @@ KEYWORD_DOCS = {
     "fused": "None: automatic; True: one fused pass per tensor; False: eager torch ops",
     "capturable": "must be False (CUDA-graph capture is not supported)",
     "differentiable": "must be False (a differentiable step is not supported)",
-    "state_dtype": "None: float32 state for low-precision parameters; 'param': the parameter's dtype",
+    "state_dtype": "None: float32 state for low-precision parameters; "
+                   "'param': the parameter's dtype",
     "max_eval": "the most closure evaluations per step (None: 5/4 of the iterations)",
     "line_search_fn": "None (a fixed step lr) or 'strong_wolfe'",
 }
@@ -237,7 +238,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
-        buf.writeline("HYPERS = (" + "".join(f"({h.name!r}, {_literal(h.default)}), " for h in opt.hypers) + ")")
+        buf.writeline("HYPERS = (" + "".join(f"({h.name!r}, {_literal(h.default)}), "
+                                             for h in opt.hypers) + ")")
         buf.writeline("VALIDATORS = (")
         with buf.indent():
             for v in plan.validators:
