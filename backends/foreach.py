@@ -455,10 +455,11 @@ def _render_body(plan: Plan, buf: IndentedBuffer) -> None:
     body = IndentedBuffer()
     _emit_statements(body, sched.stmts, sched, r)
     if r.scalar_tensors:
-        names = "".join(f"{v}, " for v in r.scalar_tensors.values())
+        # one host-to-device copy for all of them; the names in parentheses, so they wrap
+        names = ", ".join(r.scalar_tensors.values())
         values = ", ".join(r.scalar_tensors)
-        buf.writeline(f"{names}= torch.tensor([{values}], dtype=cdt, "
-                      f"device=param[0].device).unbind()")
+        buf.writeline(f"_scalars = torch.tensor([{values}], dtype=cdt, device=param[0].device)")
+        buf.writeline(f"({names},) = _scalars.unbind()")
     buf.splice(body.getvalue().rstrip("\n"))
     for st in plan.stores:
         value = sched.names[st.value]
@@ -472,7 +473,7 @@ def _render_body(plan: Plan, buf: IndentedBuffer) -> None:
         else:  # a store of a host scalar or a 0-d tensor: fill every tensor with it
             line = f"for _e in {st.target}: _e.fill_({value})"
         if conditions:
-            line = f"if {' and '.join(conditions)}:" + ("\n    " if kind != LIST else " ") + line
+            line = f"if {' and '.join(conditions)}:\n    " + line
         buf.splice(line)
 
 

@@ -44,18 +44,96 @@ def reduced_name(name: str) -> str:
     return REDUCED + name
 
 
+WIDTH = 100  # the longest line a generated module has
+
+
+def wrap_items(head: str, items: list[str], end: str, width: int = WIDTH,
+               hang: str = " " * 8) -> list[str]:
+    """``head`` + comma-separated ``items`` + ``end``, packed on lines of at most
+    ``width`` (where the items allow); continuation lines start with ``hang``."""
+    lines, line = [], head
+    for k, item in enumerate(items):
+        piece = item + (", " if k < len(items) - 1 else end)
+        if line.strip() and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = hang + piece
+        else:
+            line += piece
+    lines.append(line)
+    return lines
+
+
+def _brackets(line: str) -> list[tuple[int, int, list[int]]]:
+    """Each bracket pair of a code line: (open, close, its top-level comma positions),
+    outer pairs first. Strings and a trailing comment are skipped."""
+    pairs, stack, quote, i = [], [], None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "#":
+            break
+        elif c in "([{":
+            stack.append((i, []))
+        elif c in ")]}" and stack:
+            start, commas = stack.pop()
+            pairs.append((start, i, commas))
+        elif c == "," and stack:
+            stack[-1][1].append(i)
+        i += 1
+    return sorted(pairs)
+
+
+def wrap_code(line: str, width: int = WIDTH) -> list[str]:
+    """A long line of generated code broken inside its first bracket pair whose
+    contents can move (after its commas, or after the bracket itself); Python joins
+    lines inside brackets, so the result means the same. Comments are left alone."""
+    if len(line) <= width or line.lstrip().startswith("#"):
+        return [line]
+    hang = " " * (len(line) - len(line.lstrip()) + 8)
+    pairs = _brackets(line)
+    # a list (a pair with commas) wraps best, leftmost first; else the last outermost
+    # call moves as a whole: `x = tl.load(p).to(` / `tl.pointer_type(T))`
+    lists = [p for p in pairs if p[2]]
+    outer = [p for p in pairs if not any(o < p[0] and p[1] < c for o, c, _ in pairs)]
+    for start, close, commas in lists + outer[::-1]:
+        if start + 1 > width or close - start < 2:
+            continue
+        cuts = [start] + commas + [close]
+        items = [line[a + 1:b].strip() for a, b in zip(cuts, cuts[1:])]
+        lines = wrap_items(line[:start + 1], items, line[close:], width, hang)
+        if len(lines) == 1:
+            continue
+        # the last line carries the rest of the statement: it may need a break too
+        rest = wrap_code(lines[-1], width) if len(lines[-1]) < len(line) else lines[-1:]
+        return lines[:-1] + rest
+    return [line]
 
 
 class IndentedBuffer:
-    """A string builder with indentation (the shape of torch Inductor's)."""
+    """A string builder with indentation (the shape of torch Inductor's); a code
+    line longer than ``WIDTH`` is wrapped inside its brackets."""
 
     def __init__(self, tab: str = "    "):
         self._lines: list[str] = []
         self._level = 0
         self._tab = tab
 
+    @property
+    def room(self) -> int:
+        """The width left for a line at the current indentation."""
+        return WIDTH - len(self._tab) * self._level
+
     def writeline(self, line: str = "") -> None:
-        self._lines.append(self._tab * self._level + line if line else "")
+        if line:
+            self._lines.extend(wrap_code(self._tab * self._level + line))
+        else:
+            self._lines.append("")
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -205,4 +283,6 @@ def render_host(plan: Plan, buf: IndentedBuffer, name: str = "_host") -> None:
         scal = ", ".join(f"{n!r}: {scalar_name(n)}" for n in names)
         flags = ", ".join([f"{n!r}: bool({r.render_inline(e, leaf)})"
                            for n, e in plan.flags] + ["'maximize': bool(h['maximize'])"])
-        buf.writeline(f"return {{{scal}}}, {{{flags}}}")
+        buf.writeline(f"scalars = {{{scal}}}")
+        buf.writeline(f"flags = {{{flags}}}")
+        buf.writeline("return scalars, flags")

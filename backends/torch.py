@@ -140,7 +140,12 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
         _emit_statements(buf, sched.stmts, sched, r)
         for st in plan.stores:
             line = f"{st.target}.copy_({sched.names[st.value]})"
-            buf.writeline(f"if {flag_name(st.when)}: {line}" if st.when else line)
+            if st.when:
+                buf.writeline(f"if {flag_name(st.when)}:")
+                with buf.indent():
+                    buf.writeline(line)
+            else:
+                buf.writeline(line)
     return sig
 
 

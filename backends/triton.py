@@ -33,7 +33,7 @@ from collections import OrderedDict
 
 from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
 from curvc.backends.render import (Guard, IndentedBuffer, Renderer, flag_name, plan_roots,
-                                   reduced_name, scalar_name, schedule)
+                                   reduced_name, scalar_name, schedule, wrap_items)
 
 # --- rendering -------------------------------------------------------------------
 
@@ -152,7 +152,8 @@ class _Kernel:
         groups = [(names, why) for names, why in groups if names]
         for n, (names, why) in enumerate(groups):
             buf.writeline(f"# {why}")
-            buf.writelines(_wrap(names, "):" if n == len(groups) - 1 else ","))
+            buf.writelines(wrap_items("", names, "):" if n == len(groups) - 1 else ",",
+                                      buf.room, ""))
 
     def prologue(self, buf: IndentedBuffer) -> None:
         buf.writeline("pid = tl.program_id(0)")
@@ -188,19 +189,6 @@ class _Kernel:
                 lines.append(f"{st.name}_c = tl.cast({st.name}, CDT)")
             items.append((st.guard, lines))
         _emit_guarded(buf, items)
-
-
-def _wrap(items: list[str], end: str, width: int = 92) -> list[str]:
-    """``items`` joined by commas over lines of at most ``width``; ``end`` closes the last."""
-    lines, line = [], ""
-    for k, item in enumerate(items):
-        piece = item + (", " if k < len(items) - 1 else end)
-        if line and len(line) + len(piece) > width:
-            lines.append(line.rstrip())
-            line = ""
-        line += piece
-    lines.append(line)
-    return lines
 
 
 def _dtype_arg(role: str) -> str:
@@ -298,12 +286,14 @@ def _store(addr, offs, x, mask, T: tl.constexpr):
 
 
 def _launch_args(k: _Kernel, buf: IndentedBuffer, extra: list[str]) -> None:
-    buf.writelines(_wrap([f"t.ptrs[{n!r}]" for n in k.tensors], ","))
+    def wrap(items, end):
+        return wrap_items("", items, end, buf.room, "")
+    buf.writelines(wrap([f"t.ptrs[{n!r}]" for n in k.tensors], ","))
     buf.writeline("t.numels, t.block_tensor, t.block_start,")
-    buf.writelines(_wrap([f"{scalar_name(s)}=float(scalars[{s!r}])" for s in k.scalars]
+    buf.writelines(wrap([f"{scalar_name(s)}=float(scalars[{s!r}])" for s in k.scalars]
                          + [f"{reduced_name(r)}_ptr=reduced[{r!r}]" for r in k.reduced]
                          + extra + [f"{flag_name(f)}=bool(flags[{f!r}])" for f in k.flags], ","))
-    buf.writelines(_wrap([f"{_dtype_arg(n)}=t.dtypes[{n!r}]" for n in k.tensors]
+    buf.writelines(wrap([f"{_dtype_arg(n)}=t.dtypes[{n!r}]" for n in k.tensors]
                          + ["CDT=t.compute", "BLOCK=t.block", "num_warps=t.num_warps"], ")"))
 
 

@@ -137,7 +137,7 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     return tuple(seen.values())
 
 
-def _finite(n: ast.Number) -> float:
+def _finite(n: ast.Number) -> int | float:
     if not math.isfinite(n.value):
         raise CurvError("value.not_finite", n.span, text=n.text)
     if n.value == 0:
@@ -145,7 +145,7 @@ def _finite(n: ast.Number) -> float:
         if any(d in digits for d in "123456789"):
             raise CurvError("value.underflow", n.span, text=n.text,
                             hint="the smallest number above 0 is about 5e-324; write 0 for zero")
-    return n.value
+    return n.literal
 
 
 def _signature(clause: ast.Clause, form: FormSpec) -> str:

@@ -11,13 +11,16 @@ Layout of a generated module:
 """
 from __future__ import annotations
 
-from curvc import explain, ir, names
+import textwrap
+from dataclasses import fields
+
+from curvc import explain, ir, language, names
 from curvc.plan import Plan
 from curvc.version import __version__
 from curvc.backends import BACKENDS
 from curvc.backends import foreach as foreach_backend
 from curvc.backends import torch as torch_backend
-from curvc.backends.render import IndentedBuffer, PythonHost, render_host
+from curvc.backends.render import IndentedBuffer, PythonHost, render_host, wrap_items
 
 
 def _comment_safe(line: str) -> str:
@@ -26,11 +29,10 @@ def _comment_safe(line: str) -> str:
 
 
 def _literal(v) -> str:
-    if isinstance(v, bool):
-        return repr(v)
+    """A default as Python source, in its kind: ``True``, ``10``, ``1e-08``, ``(0.9, 0.999)``."""
     if isinstance(v, tuple):
-        return "(" + ", ".join(repr(float(x)) for x in v) + ")"
-    return repr(float(v))
+        return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v if isinstance(v, (bool, int)) else float(v))
 
 
 def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
@@ -45,18 +47,20 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline('"""' + f"{opt.name}, compiled by curvc.")
     buf.writeline()
     for col, cell in explain.table_row(opt, plan).items():
-        buf.writeline(f"{col}: {cell or '-'}")
+        buf.writelines(_wrap_text(f"{col}: {cell or '-'}", buf.room))
     buf.writeline()
     buf.writeline("Update, per step t (elementwise unless noted):")
     buf.writeline()
     with buf.indent():
         for line in explain.equations(opt, plan):
-            buf.writeline(line.replace("\\", "/"))
+            buf.writelines(_wrap_text(line.replace("\\", "/"), buf.room))
     buf.writeline('"""')
     buf.writeline()
     buf.writeline("# The spec:")
     for line in opt.source.splitlines():
-        buf.writeline(f"#   {_comment_safe(line)}".rstrip())
+        # a spec line breaks after its commas (between hyperparameters), as code would
+        items = _comment_safe(line).split(", ")
+        buf.writelines(x.rstrip() for x in wrap_items("#   ", items, "", buf.room, "#       "))
     buf.writeline()
     buf.writeline("import math")
     buf.writeline()
@@ -104,18 +108,15 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     return buf.getvalue()
 
 
-def _wrap_call(head: str, items: list[str], end: str, width: int = 96) -> list[str]:
-    """``head`` + comma-separated ``items`` + ``end`` on lines of at most ``width``."""
-    lines, line = [], head
-    for k, item in enumerate(items):
-        piece = item + (", " if k < len(items) - 1 else end)
-        if len(line) + len(piece) > width and line != head:
-            lines.append(line.rstrip())
-            line = " " * 8 + piece
-        else:
-            line += piece
-    lines.append(line)
-    return lines
+def _wrap_text(text: str, width: int, prefix: str = "", hang: str = "    ") -> list[str]:
+    """Prose (an equation, a spec line) after ``prefix`` on lines of at most ``width``
+    where its words allow; continuation lines are indented under the first."""
+    if not text.strip():
+        return [prefix.rstrip()]
+    lead = " " * (len(text) - len(text.lstrip()))
+    return textwrap.wrap(text, width, initial_indent=prefix,
+                         subsequent_indent=prefix + lead + hang,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
@@ -157,24 +158,92 @@ def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
                     ("samples", "beta", "init", "eps_inside", "eps_after", "power")])
 
 
+# What each keyword-only argument does (names.CONSTRUCTOR_KEYWORDS and
+# STRUCTURE_KEYWORDS give the names and defaults).
+KEYWORD_DOCS = {
+    "maximize": "maximize the objective instead of minimizing it (the gradient is negated)",
+    "foreach": "accepted for torch.optim compatibility, unused (the backend chooses)",
+    "fused": "None: automatic; True: one fused pass per tensor; False: eager torch ops",
+    "capturable": "must be False (CUDA-graph capture is not supported)",
+    "differentiable": "must be False (a differentiable step is not supported)",
+    "state_dtype": "None: float32 state for low-precision parameters; "
+                   "'param': the parameter's dtype",
+    "max_eval": "the most closure evaluations per step (None: 5/4 of the iterations)",
+    "line_search_fn": "None (a fixed step lr) or 'strong_wolfe'",
+    "nonfinite": "what a step with a NaN or inf gradient does: 'propagate' (as torch.optim), "
+                 "'skip' (leaves everything as it was) or 'raise'",
+    "curvature_group": "the ranks curvature estimates are averaged over under data "
+                       "parallelism (None: all, when torch.distributed runs; False: none)",
+}
+
+
+# How a clause argument reads in the docstring where "the {arg} of {clause}" would not.
+_USE_PHRASES = {
+    "every": "the period in steps of {clause}",
+    "keep_max": "whether {clause} also keeps its running maximum",
+    "decoupled": "whether {clause} is decoupled (applied to the parameter, not the gradient)",
+    "nesterov": "whether {clause} uses Nesterov's form",
+}
+
+
+def _uses(opt: ir.Optimizer, plan: Plan) -> dict[tuple[str, int | None], list[str]]:
+    """Where the spec uses each hyperparameter (or tuple entry): the validators' words
+    ("the learning rate"), then each clause argument it is passed to."""
+    uses: dict[tuple[str, int | None], list[str]] = {}
+
+    def use(ref: ir.HyperRef, where: str) -> None:
+        if where not in uses.setdefault((ref.name, ref.index), []):
+            uses[(ref.name, ref.index)].append(where)
+
+    clause_args = {f"the {f.name} of {axis} {getattr(opt, axis).kind}"
+                   for axis in language.CLAUSES for f in fields(getattr(opt, axis))}
+    for v in plan.validators:
+        if v.where not in clause_args:  # those are worded below
+            use(ir.HyperRef(v.hyper, v.index), v.where)
+    for axis in language.CLAUSES:
+        node = getattr(opt, axis)
+        clause = f"{axis} {node.kind}"
+        for f in fields(node):
+            if isinstance(ref := getattr(node, f.name), ir.HyperRef):
+                use(ref, _USE_PHRASES.get(f.name, "the {arg} of {clause}").format(
+                    arg=f.name, clause=clause))
+    return uses
+
+
+def _meaning(h: ir.Hyper, uses: dict) -> str:
+    if isinstance(h.default, tuple):
+        parts = [f"{h.name}[{i}] is {' and '.join(uses[(h.name, i)])}"
+                 for i in range(len(h.default)) if (h.name, i) in uses]
+    else:
+        parts = uses.get((h.name, None), [])
+    return "; ".join(parts) or "not used by this spec's step"
+
+
+def class_doc(opt: ir.Optimizer, plan: Plan) -> list[str]:
+    """The class docstring's body: every argument with its default and meaning."""
+    uses = _uses(opt, plan)
+    lines = ["Arguments:", "",
+             "- ``params``: an iterable of tensors or of param-group dicts"]
+    lines += [f"- ``{h.name}={_literal(h.default)}``: {_meaning(h, uses)}" for h in opt.hypers]
+    lines += ["", "Keyword-only arguments:", ""]
+    lines += [f"- ``{n}={d!r}``: {KEYWORD_DOCS[n]}"
+              for n, d in names.constructor_keywords(opt.structure.kind)]
+    return lines
+
+
 def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer) -> None:
     host = PythonHost()
     buf.writeline(f"class {opt.name}(CurvOptimizer):")
     with buf.indent():
         buf.writeline(f'"""{opt.name}: see the module docstring for its update rule.')
         buf.writeline()
-        buf.writeline("Arguments: ``params`` (an iterable of tensors or of param-group dicts), then")
-        buf.writeline("the spec's hyperparameters (below, with the spec's defaults), then the")
-        buf.writeline("torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``")
-        buf.writeline("(None: automatic; True: one fused pass per tensor; False: eager torch ops),")
-        buf.writeline("``capturable`` and ``differentiable`` (must be False), and ``state_dtype``")
-        buf.writeline("(None: float32 state for low-precision parameters; 'param': the parameter's dtype),")
-        buf.writeline("and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as")
-        buf.writeline("torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.")
+        for line in class_doc(opt, plan):
+            buf.writelines(_wrap_text(line, buf.room, hang="  ") if line else [""])
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
-        buf.writeline("HYPERS = (" + "".join(f"({h.name!r}, {_literal(h.default)}), " for h in opt.hypers) + ")")
+        buf.writeline("HYPERS = (" + "".join(f"({h.name!r}, {_literal(h.default)}), "
+                                             for h in opt.hypers) + ")")
         buf.writeline("VALIDATORS = (")
         with buf.indent():
             for v in plan.validators:
@@ -217,10 +286,11 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         keywords = names.constructor_keywords(opt.structure.kind)
         args = [f"{h.name}={_literal(h.default)}" for h in opt.hypers]
         args += ["*"] + [f"{n}={d!r}" for n, d in keywords]
-        buf.writelines(_wrap_call("def __init__(", ["self", "params"] + args, "):"))
+        buf.writelines(wrap_items("def __init__(", ["self", "params"] + args, "):", buf.room))
         with buf.indent():
+            buf.writeline('"""The arguments are listed in the class docstring."""')
             # Only `self` and the arguments are read here: a hyperparameter may be
             # called `dict` or `super` without shadowing anything this body needs.
             every = [h.name for h in opt.hypers] + [n for n, _ in keywords]
-            buf.writelines(_wrap_call("self._construct(params, {",
-                                      [f"{n!r}: {n}" for n in every], "})"))
+            buf.writelines(wrap_items("self._construct(params, {", [f"{n!r}: {n}" for n in every],
+                                      "})", buf.room))

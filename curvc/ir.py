@@ -43,10 +43,11 @@ Arg = Union[Const, HyperRef]
 
 @dataclass(frozen=True)
 class Hyper:
-    """A named hyperparameter: a constructor keyword with the spec's default."""
+    """A named hyperparameter: a constructor keyword with the spec's default, an int
+    where the spec wrote a whole number without '.' or an exponent."""
 
     name: str
-    default: Union[float, bool, tuple]
+    default: Union[int, float, bool, tuple]
     span: Span = span_field()
 
 

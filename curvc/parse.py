@@ -28,6 +28,14 @@ class Number:
     text: str
     span: Span = span_field()
 
+    @property
+    def literal(self) -> int | float:
+        """The value in the kind it was written: ``10`` is an int, ``10.0`` and ``1e1``
+        are floats (so a generated signature shows what the spec's author wrote)."""
+        if any(c in self.text for c in ".eE") or not self.value.is_integer():
+            return self.value
+        return int(self.text)
+
 
 @dataclass(frozen=True)
 class Boolean:

@@ -114,8 +114,9 @@ def test_explain_prints_the_exponents_of_the_plan(name):
     lines = explain.equations(opt, plan)
     assert lines == explain.equations(opt)  # lowering it again changes nothing
     header = curvc.to_module_source(VARIANTS[name]).split('"""')[1]
+    words = " ".join(header.split())  # the header wraps long lines at 100 columns
     for line in lines:  # the module header prints the same
-        assert line.replace("\\", "/") in header, line
+        assert " ".join(line.replace("\\", "/").split()) in words, line
     if plan.matrix:
         args = _kronecker_args(plan)
         d = _line(lines, "d     = ")

@@ -51,3 +51,16 @@ def test_every_golden_dump_belongs_to_a_shipped_spec():
     expected = {f"{n.replace('/', '__')}.{s}" for n in SPECS for s in ("plan.txt", "py")}
     assert {p.name for p in GOLDEN.iterdir()} == expected
 
+
+
+WIDTH = 100
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_line_of_the_generated_module_fits_in_100_columns(name):
+    text = (GOLDEN / f"{name.replace('/', '__')}.py").read_text()
+    spec_lines = SPECS[name].read_text().splitlines()
+    long = [(n, line) for n, line in enumerate(text.splitlines(), 1) if len(line) > WIDTH
+            # a quoted spec line may be as long as the spec's own line, no longer
+            and not (line.startswith("#   ") and line[4:] in spec_lines)]
+    assert not long, f"{name}: lines over {WIDTH} columns: {long[:3]}"

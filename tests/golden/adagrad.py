@@ -49,12 +49,17 @@ def _host(h, step):
     h_eps = h['eps']
     h_step = step
     h_lr_t = (h_lr / (1.0 + ((h_step - 1.0) * h_lr_decay)))
-    return {'lr': h_lr, 'lr_decay': h_lr_decay, 'weight_decay': h_weight_decay, 'initial_accumulator_value': h_initial_accumulator_value, 'eps': h_eps, 'step': h_step, 'lr_t': h_lr_t}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'lr_decay': h_lr_decay, 'weight_decay': h_weight_decay,
+            'initial_accumulator_value': h_initial_accumulator_value, 'eps': h_eps, 'step': h_step,
+            'lr_t': h_lr_t}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -84,7 +89,8 @@ def _update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'],
+        'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -99,7 +105,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -141,11 +148,14 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
         t7 = t6
         torch._foreach_addcdiv_(param_, t3, t7, value=-h_lr_t)
         new_param_ = param_
-        if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if new_sum_ is not sum:
+            torch._foreach_copy_(sum, new_sum_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 'weight_decay'],
+        'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -199,7 +209,8 @@ else:
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, SUM_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -264,11 +275,12 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['sum'],
                 t.numels, t.block_tensor, t.block_start,
                 h_eps=float(scalars['eps']), h_lr_t=float(scalars['lr_t']),
-                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
-                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'], CDT=t.compute,
-                BLOCK=t.block, num_warps=t.num_warps)
+                h_weight_decay=float(scalars['weight_decay']),
+                r_nonfinite_ptr=reduced['nonfinite'],
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'],
+                CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
@@ -279,18 +291,33 @@ else:
 class Adagrad(CurvOptimizer):
     """Adagrad: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+    - ``lr_decay=0``: the rate of schedule inverse_time
+    - ``weight_decay=0``: the rate of decay l2
+    - ``initial_accumulator_value=0``: the init of iterate sum
+    - ``eps=1e-10``: the eps of damping add
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.01), ('lr_decay', 0.0), ('weight_decay', 0.0), ('initial_accumulator_value', 0.0), ('eps', 1e-10), )
+    HYPERS = (('lr', 0.01), ('lr_decay', 0), ('weight_decay', 0), ('initial_accumulator_value', 0),
+            ('eps', 1e-10), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('initial_accumulator_value', None, 'nonneg', 'the init of iterate sum'),
@@ -314,12 +341,12 @@ class Adagrad(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
-            initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
-            curvature_group=None):
+    def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+            eps=1e-10, *, maximize=False, foreach=None, fused=None, capturable=False,
+            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'lr_decay': lr_decay, 'weight_decay': weight_decay,
                 'initial_accumulator_value': initial_accumulator_value, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

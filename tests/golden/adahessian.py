@@ -12,7 +12,8 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     theta = theta * (1 - lr * weight_decay)
-    c     = (z * (H z),  z ~ rademacher, mean of n_samples probes)^2   (estimated every update_each steps, reused in between)
+    c     = (z * (H z),  z ~ rademacher, mean of n_samples probes)^2   (estimated every update_each
+        steps, reused in between)
     C     = betas[1] * C + (1 - betas[1]) * c
     C     = C / (1 - betas[1]^t)
     P     = C^(hessian_power/2) + eps
@@ -30,8 +31,10 @@ Update, per step t (elementwise unless noted):
 #   # between; the EMA of its square, bias-corrected, every step; and
 #   # d = m / (sqrt(v)^k + eps) with k = hessian_power. Decoupled weight decay.
 #   optimizer AdaHessian
-#   hyper lr = 0.15, betas = (0.9, 0.999), eps = 1e-4, weight_decay = 0, hessian_power = 1, update_each = 1, n_samples = 1
-#   curvature hutchinson(samples = n_samples, distribution = rademacher, spatial_average = true) squared every update_each
+#   hyper lr = 0.15, betas = (0.9, 0.999), eps = 1e-4, weight_decay = 0, hessian_power = 1,
+#       update_each = 1, n_samples = 1
+#   curvature hutchinson(samples = n_samples, distribution = rademacher,
+#       spatial_average = true) squared every update_each
 #   structure diagonal
 #   iterate   ema(betas[1]) bias_corrected
 #   momentum  ema(betas[0]) bias_corrected
@@ -65,12 +68,23 @@ def _host(h, step):
     h_s5 = (1.0 / h_momentum_bias_correction)
     h_s6 = (1.0 / h_curvature_bias_correction)
     h_s7 = (h_hessian_power / 2.0)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'hessian_power': h_hessian_power, 'update_each': h_update_each, 'n_samples': h_n_samples, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'estimate': bool((((h_step - 1.0) % h_update_each) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
+            'weight_decay': h_weight_decay, 'hessian_power': h_hessian_power,
+            'update_each': h_update_each, 'n_samples': h_n_samples, 'step': h_step,
+            'curvature_bias_correction': h_curvature_bias_correction,
+            'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3,
+            's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'estimate': bool((((h_step - 1.0) % h_update_each) == 0.0)),
+            'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps,
+        h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -115,13 +129,19 @@ def _update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_b
     if f_nonfinite_skip:
         t24 = torch.where(r_nonfinite != 0, param_, t23)
     new_param_ = t24 if f_nonfinite_skip else t23
-    if f_estimate: curvature.copy_(new_curvature_)
+    if f_estimate:
+        curvature.copy_(new_curvature_)
     exp_avg_sq.copy_(new_exp_avg_sq_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': ['nonfinite'], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {
+        'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'],
+        'reduced': ['nonfinite'],
+        'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -136,7 +156,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_avg, h_betas_1,
+        h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, r_nonfinite, f_estimate, f_has_exp_avg,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -148,20 +170,24 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
         if f_estimate:
-            new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(curvature_, curvature_estimate_)]
+            new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(curvature_, curvature_estimate_)]
         t1 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         t2 = curvature_estimate_ if f_estimate else curvature_
         torch._foreach_addcmul_(t1, t2, t2, value=h_s2)
         t3 = t1
-        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_sq_, t3)]
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(exp_avg_sq_, t3)]
         if f_maximize:
             t5 = torch._foreach_neg(grad_)
         t6 = t5 if f_maximize else grad_
         if f_has_exp_avg:
             t7 = torch._foreach_lerp(exp_avg_, t6, h_s3)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t7)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t7)]
         if f_has_weight_decay:
             t9 = torch._foreach_mul(param_, _s_s4)
         t10 = t9 if f_has_weight_decay else param_
@@ -177,12 +203,15 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         t15 = t14
         t16 = torch._foreach_addcdiv(t10, t12, t15, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
-        if f_estimate: torch._foreach_copy_(curvature, new_curvature_)
+        if f_estimate:
+            torch._foreach_copy_(curvature, new_curvature_)
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         t1 = curvature_estimate_ if f_estimate else curvature_
@@ -207,13 +236,21 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         t12 = t11
         torch._foreach_addcdiv_(t7, t9, t12, value=-h_lr)
         new_param_ = t7
-        if f_estimate: torch._foreach_copy_(curvature, curvature_estimate_)
-        if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_estimate:
+            torch._foreach_copy_(curvature, curvature_estimate_)
+        if new_exp_avg_sq_ is not exp_avg_sq:
+            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'], 'reduced': ['nonfinite'], 'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {
+        'tensors': ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 's7'],
+        'reduced': ['nonfinite'],
+        'flags': ['estimate', 'has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -265,12 +302,14 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s2: tl.float64,
-            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
+            h_s7: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_estimate: tl.constexpr, f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_estimate: tl.constexpr, f_has_exp_avg: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
             CURVATURE_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
@@ -283,7 +322,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         curvature_addr = tl.load(curvature_ptrs + i).to(tl.pointer_type(CURVATURE_T))
         exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
@@ -335,7 +375,8 @@ else:
         else:
             t10 = grad_
         if f_has_exp_avg:
-            t11 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t10 - exp_avg_), t10 - (t10 - exp_avg_) * (1.0 - h_s3))
+            t11 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t10 - exp_avg_),
+                    t10 - (t10 - exp_avg_) * (1.0 - h_s3))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t12 = tl.where(r_nonfinite_c != 0, exp_avg_, t11)
@@ -357,7 +398,8 @@ else:
         else:
             t17 = t10
         t18 = (t6 * h_s6)
-        t19 = tl.where(h_s7 == 0.5, _sqrt(t18), tl.where(h_s7 == 0.0, 1.0, tl.exp2(h_s7 * tl.log2(t18))))
+        t19 = tl.where(h_s7 == 0.5, _sqrt(t18),
+                tl.where(h_s7 == 0.0, 1.0, tl.exp2(h_s7 * tl.log2(t18))))
         t20 = (t19 + h_eps)
         t21 = _div(t17, t20)
         t22 = (h_lr * t21)
@@ -375,7 +417,9 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'], stored=['curvature', 'exp_avg', 'exp_avg_sq', 'param'])
+    _TABLES = _Tables(
+            ['param', 'grad', 'curvature_estimate', 'curvature', 'exp_avg_sq', 'exp_avg'],
+            stored=['curvature', 'exp_avg', 'exp_avg_sq', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -389,12 +433,12 @@ else:
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
                 h_s7=float(scalars['s7']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_estimate=bool(flags['estimate']), f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
-                CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], CURVATURE_T=t.dtypes['curvature'],
-                EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
-                BLOCK=t.block, num_warps=t.num_warps)
+                CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'],
+                CURVATURE_T=t.dtypes['curvature'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
+                EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
@@ -405,18 +449,36 @@ else:
 class AdaHessian(CurvOptimizer):
     """AdaHessian: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.15``: the learning rate
+    - ``betas=(0.9, 0.999)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``eps=0.0001``: the eps of damping add
+    - ``weight_decay=0``: the rate of decay decoupled
+    - ``hessian_power=1``: the power of length gradient_norm
+    - ``update_each=1``: the period in steps of curvature hutchinson
+    - ``n_samples=1``: the samples of curvature hutchinson
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.15), ('betas', (0.9, 0.999)), ('eps', 0.0001), ('weight_decay', 0.0), ('hessian_power', 1.0), ('update_each', 1.0), ('n_samples', 1.0), )
+    HYPERS = (('lr', 0.15), ('betas', (0.9, 0.999)), ('eps', 0.0001), ('weight_decay', 0),
+            ('hessian_power', 1), ('update_each', 1), ('n_samples', 1), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('n_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
@@ -434,7 +496,9 @@ class AdaHessian(CurvOptimizer):
     )
     INPUTS = ('curvature_estimate',)
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'estimate', lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher', 'spatial_average': True})
+    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'estimate',
+            lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher',
+                    'spatial_average': True})
     REDUCTIONS = ()
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
@@ -446,12 +510,14 @@ class AdaHessian(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=0.0001, weight_decay=0.0,
-            hessian_power=1.0, update_each=1.0, n_samples=1.0, *, maximize=False, foreach=None,
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=0.0001, weight_decay=0,
+            hessian_power=1, update_each=1, n_samples=1, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
-        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
-                'hessian_power': hessian_power, 'update_each': update_each, 'n_samples': n_samples,
-                'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+        """The arguments are listed in the class docstring."""
+        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
+                'weight_decay': weight_decay, 'hessian_power': hessian_power,
+                'update_each': update_each, 'n_samples': n_samples, 'maximize': maximize,
+                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

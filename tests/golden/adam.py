@@ -29,7 +29,8 @@ Update, per step t (elementwise unless noted):
 #   # The diagonal empirical Fisher g*g, averaged by an EMA, with the
 #   # gradient-norm length limitation d = m / sqrt(v).
 #   optimizer Adam
-#   hyper lr = 1e-3, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0, amsgrad = false, decoupled_weight_decay = false
+#   hyper lr = 1e-3, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0, amsgrad = false,
+#       decoupled_weight_decay = false
 #   curvature empirical_fisher
 #   structure diagonal
 #   iterate   ema(betas[1], keep_max = amsgrad) bias_corrected
@@ -62,12 +63,24 @@ def _host(h, step):
     h_s4 = (1.0 - (h_lr * h_weight_decay))
     h_s5 = (1.0 / h_momentum_bias_correction)
     h_s6 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad, 'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)), 'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
+            'weight_decay': h_weight_decay, 'amsgrad': h_amsgrad,
+            'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step,
+            'curvature_bias_correction': h_curvature_bias_correction,
+            'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3,
+            's4': h_s4, 's5': h_s5, 's6': h_s6}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)),
+            'keep_max': bool((h_amsgrad != 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)),
+            'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
+def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3,
+        h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg,
+        f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -122,12 +135,18 @@ def _update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, 
         t30 = torch.where(r_nonfinite != 0, param_, t29)
     new_param_ = t30 if f_nonfinite_skip else t29
     exp_avg_sq.copy_(new_exp_avg_sq_)
-    if f_keep_max: max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_keep_max:
+        max_exp_avg_sq.copy_(new_max_exp_avg_sq_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'],
+        'reduced': ['nonfinite'],
+        'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize',
+                'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -142,7 +161,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1, h_eps, h_lr, h_s2,
+        h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_exp_avg,
+        f_has_weight_decay, f_keep_max, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -153,7 +174,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -165,13 +187,16 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         t5 = t4 if f_has_weight_decay else t2
         torch._foreach_addcmul_(t0, t5, t5, value=h_s2)
         t6 = t0
-        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_sq_, t6)]
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(exp_avg_sq_, t6)]
         if f_keep_max:
             t8 = torch._foreach_maximum(max_exp_avg_sq_, t6)
-            new_max_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(max_exp_avg_sq_, t8)]
+            new_max_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(max_exp_avg_sq_, t8)]
         if f_has_exp_avg:
             t10 = torch._foreach_lerp(exp_avg_, t5, h_s3)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t10)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t10)]
         if f_decoupled_decay and f_has_weight_decay:
             t12 = torch._foreach_mul(param_, _s_s4)
         if f_has_weight_decay:
@@ -191,11 +216,14 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         t21 = torch._foreach_addcdiv(t14, t16, t20, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t21)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        if f_keep_max: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_keep_max:
+            torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_betas_1, _s_s4, _s_s5, _s_s6, = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -230,13 +258,21 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         t17 = t16
         torch._foreach_addcdiv_(t11, t13, t17, value=-h_lr)
         new_param_ = t11
-        if new_exp_avg_sq_ is not exp_avg_sq: torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq: torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if new_exp_avg_sq_ is not exp_avg_sq:
+            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        if f_keep_max and new_max_exp_avg_sq_ is not max_exp_avg_sq:
+            torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5', 's6', 'weight_decay'],
+        'reduced': ['nonfinite'],
+        'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'keep_max', 'maximize',
+                'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -368,7 +404,8 @@ else:
             else:
                 new_max_exp_avg_sq_ = t12
         if f_has_exp_avg:
-            t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+            t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_),
+                    t6 - (t6 - exp_avg_) * (1.0 - h_s3))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t16 = tl.where(r_nonfinite_c != 0, exp_avg_, t15)
@@ -418,7 +455,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'], stored=['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'exp_avg_sq', 'max_exp_avg_sq', 'exp_avg'],
+            stored=['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -430,13 +468,16 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
-                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
-                f_decoupled_decay=bool(flags['decoupled_decay']), f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_keep_max=bool(flags['keep_max']),
-                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
-                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
-                MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'], EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute,
-                BLOCK=t.block, num_warps=t.num_warps)
+                h_weight_decay=float(scalars['weight_decay']),
+                r_nonfinite_ptr=reduced['nonfinite'],
+                f_decoupled_decay=bool(flags['decoupled_decay']),
+                f_has_exp_avg=bool(flags['has_exp_avg']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_keep_max=bool(flags['keep_max']), f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
+                EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], MAX_EXP_AVG_SQ_T=t.dtypes['max_exp_avg_sq'],
+                EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
@@ -447,18 +488,36 @@ else:
 class Adam(CurvOptimizer):
     """Adam: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``betas=(0.9, 0.999)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``eps=1e-08``: the eps of damping add
+    - ``weight_decay=0``: the rate of decay l2
+    - ``amsgrad=False``: whether iterate ema also keeps its running maximum
+    - ``decoupled_weight_decay=False``: whether decay l2 is decoupled (applied to the parameter, not
+      the gradient)
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('betas', (0.9, 0.999)), ('eps', 1e-08), ('weight_decay', 0.0), ('amsgrad', False), ('decoupled_weight_decay', False), )
+    HYPERS = (('lr', 0.001), ('betas', (0.9, 0.999)), ('eps', 1e-08), ('weight_decay', 0),
+            ('amsgrad', False), ('decoupled_weight_decay', False), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('betas', 1, 'unit', 'the beta of iterate ema'),
@@ -484,12 +543,14 @@ class Adam(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
             amsgrad=False, decoupled_weight_decay=False, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
-        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
-                'amsgrad': amsgrad, 'decoupled_weight_decay': decoupled_weight_decay,
-                'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+        """The arguments are listed in the class docstring."""
+        self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps,
+                'weight_decay': weight_decay, 'amsgrad': amsgrad,
+                'decoupled_weight_decay': decoupled_weight_decay, 'maximize': maximize,
+                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -55,12 +55,18 @@ def _host(h, step):
     h_s3 = (1.0 - h_betas_0)
     h_s4 = (1.0 / h_momentum_bias_correction)
     h_s5 = (1.0 / h_curvature_bias_correction)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5}, {'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
+            'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction,
+            'momentum_bias_correction': h_momentum_bias_correction, 's2': h_s2, 's3': h_s3,
+            's4': h_s4, 's5': h_s5}
+    flags = {'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3,
+        h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -95,11 +101,14 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
         t18 = torch.where(r_nonfinite != 0, param_, t17)
     new_param_ = t18 if f_nonfinite_skip else t17
     hessian.copy_(new_hessian_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -114,7 +123,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_s2, h_s3, h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr,
+        h_s2, h_s3, h_s4, h_s5, r_nonfinite, f_has_exp_avg, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -125,7 +135,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5,) = _scalars.unbind()
         t0 = torch._foreach_mul(hessian_, _s_betas_1)
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
         t1 = t0
@@ -135,7 +146,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t4 = t3 if f_maximize else grad_
         if f_has_exp_avg:
             t5 = torch._foreach_lerp(exp_avg_, t4, h_s3)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t5)]
             torch._foreach_mul_(t5, _s_s4)
             t7 = t5
         t8 = t7 if f_has_exp_avg else t4
@@ -148,10 +160,12 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t12 = torch._foreach_addcdiv(param_, t8, t11, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
         torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_betas_1, _s_s4, _s_s5, = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5,) = _scalars.unbind()
         torch._foreach_mul_(hessian_, _s_betas_1)
         t0 = hessian_
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
@@ -171,12 +185,17 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t9 = t8
         torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
         new_param_ = param_
-        if new_hessian_ is not hessian: torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if new_hessian_ is not hessian:
+            torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 's2', 's3', 's4', 's5'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -234,7 +253,8 @@ else:
             f_has_exp_avg: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
-            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -243,7 +263,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         hessian_addr = tl.load(hessian_ptrs + i).to(tl.pointer_type(HESSIAN_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
@@ -277,7 +298,8 @@ else:
         else:
             t6 = grad_
         if f_has_exp_avg:
-            t7 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+            t7 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_),
+                    t6 - (t6 - exp_avg_) * (1.0 - h_s3))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t8 = tl.where(r_nonfinite_c != 0, exp_avg_, t7)
@@ -308,7 +330,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], stored=['exp_avg', 'hessian', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+            stored=['exp_avg', 'hessian', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -319,9 +342,9 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), r_nonfinite_ptr=reduced['nonfinite'],
-                f_has_exp_avg=bool(flags['has_exp_avg']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -335,14 +358,27 @@ else:
 class FisherAdam(CurvOptimizer):
     """FisherAdam: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+    - ``betas=(0.9, 0.999)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``eps=1e-08``: the eps of damping add
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
@@ -374,7 +410,8 @@ class FisherAdam(CurvOptimizer):
     def __init__(self, params, lr=0.01, betas=(0.9, 0.999), eps=1e-08, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'eps': eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

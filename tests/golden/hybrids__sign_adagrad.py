@@ -45,7 +45,9 @@ def _host(h, step):
     h_rho = h['rho']
     h_step = step
     h_s0 = (-h_rho)
-    return {'lr': h_lr, 'eps': h_eps, 'rho': h_rho, 'step': h_step, 's0': h_s0}, {'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'eps': h_eps, 'rho': h_rho, 'step': h_step, 's0': h_s0}
+    flags = {'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
@@ -79,7 +81,8 @@ def _update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_maximize,
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'],
+        'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -94,7 +97,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_maximize,
+        f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -103,7 +107,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
     if f_nonfinite_skip:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -131,7 +136,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         torch._foreach_copy_(sum, new_sum_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -152,11 +158,14 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         t10 = t9
         torch._foreach_sub_(param_, t10)
         new_param_ = param_
-        if new_sum_ is not sum: torch._foreach_copy_(sum, new_sum_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if new_sum_ is not sum:
+            torch._foreach_copy_(sum, new_sum_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'], 'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr', 'rho', 's0'],
+        'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -271,11 +280,12 @@ else:
             _update_kernel[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['sum'],
                 t.numels, t.block_tensor, t.block_start,
-                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_rho=float(scalars['rho']),
-                h_s0=float(scalars['s0']), r_nonfinite_ptr=reduced['nonfinite'],
-                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
-                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'], CDT=t.compute,
-                BLOCK=t.block, num_warps=t.num_warps)
+                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']),
+                h_rho=float(scalars['rho']), h_s0=float(scalars['s0']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_maximize=bool(flags['maximize']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], SUM_T=t.dtypes['sum'],
+                CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
@@ -286,18 +296,30 @@ else:
 class SignAdagrad(CurvOptimizer):
     """SignAdagrad: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+    - ``eps=1e-10``: the eps of damping add
+    - ``rho=1``: the threshold of clip elementwise
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.01), ('eps', 1e-10), ('rho', 1.0), )
+    HYPERS = (('lr', 0.01), ('eps', 1e-10), ('rho', 1), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('rho', None, 'positive', 'the threshold of clip elementwise'),
@@ -319,10 +341,11 @@ class SignAdagrad(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.01, eps=1e-10, rho=1.0, *, maximize=False, foreach=None,
+    def __init__(self, params, lr=0.01, eps=1e-10, rho=1, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'eps': eps, 'rho': rho, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

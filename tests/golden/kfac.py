@@ -27,7 +27,8 @@ Update, per step t (elementwise unless noted):
 #   # covariance ds ds^T, EMA statistics, and the natural-gradient step
 #   # d = (S + damping I)^-1 G (A + damping I)^-1.
 #   optimizer KFAC
-#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0, stat_every = 10, inverse_every = 100
+#   hyper lr = 1e-3, momentum = 0.9, stat_decay = 0.95, damping = 1e-3, weight_decay = 0,
+#       stat_every = 10, inverse_every = 100
 #   curvature kfac
 #   structure kronecker every inverse_every
 #   iterate   ema(stat_decay) every stat_every
@@ -53,12 +54,22 @@ def _host(h, step):
     h_stat_every = h['stat_every']
     h_inverse_every = h['inverse_every']
     h_step = step
-    return {'lr': h_lr, 'momentum': h_momentum, 'stat_decay': h_stat_decay, 'damping': h_damping, 'weight_decay': h_weight_decay, 'stat_every': h_stat_every, 'inverse_every': h_inverse_every, 'step': h_step}, {'refresh': bool((((h_step - 1.0) % h_stat_every) == 0.0)), 'refresh_roots': bool((((h_step - 1.0) % h_inverse_every) == 0.0)), 'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'stat_decay': h_stat_decay,
+            'damping': h_damping, 'weight_decay': h_weight_decay, 'stat_every': h_stat_every,
+            'inverse_every': h_inverse_every, 'step': h_step}
+    flags = {'refresh': bool((((h_step - 1.0) % h_stat_every) == 0.0)),
+            'refresh_roots': bool((((h_step - 1.0) % h_inverse_every) == 0.0)),
+            'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)),
+            'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay,
+        r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -87,11 +98,15 @@ def _update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_
     if f_nonfinite_skip:
         t13 = torch.where(r_nonfinite != 0, param_, t12)
     new_param_ = t13 if f_nonfinite_skip else t12
-    if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
+    if f_has_momentum_buffer:
+        momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
+                'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -106,7 +121,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_momentum,
+        h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -116,7 +133,8 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     natural_gradient_ = _foreach_cast(natural_gradient, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(natural_gradient_)
         t1 = t0 if f_maximize else natural_gradient_
@@ -127,17 +145,20 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
             t4 = torch._foreach_add(t3, momentum_buffer_, alpha=h_momentum)
         if f_has_momentum_buffer:
             t5 = t3 if f_first_step else t4
-            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(momentum_buffer_, t5)]
+            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(momentum_buffer_, t5)]
         t7 = t5 if f_has_momentum_buffer else t3
         t8 = torch._foreach_mul(t7, _s_lr)
         torch._foreach_neg_(t8)
         torch._foreach_add_(t8, param_)
         t9 = t8
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
-        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if f_has_momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(natural_gradient_)
         t1 = t0 if f_maximize else natural_gradient_
@@ -152,11 +173,16 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
         t7 = torch._foreach_mul(t6, _s_lr)
         torch._foreach_sub_(param_, t7)
         new_param_ = param_
-        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_has_momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
+                'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -211,10 +237,11 @@ else:
             r_nonfinite_ptr,
             # host flags (compile-time)
             f_first_step: tl.constexpr, f_has_momentum_buffer: tl.constexpr,
-            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
-            PARAM_T: tl.constexpr, NATURAL_GRADIENT_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
-            CDT: tl.constexpr, BLOCK: tl.constexpr):
+            PARAM_T: tl.constexpr, NATURAL_GRADIENT_T: tl.constexpr,
+            MOMENTUM_BUFFER_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -222,8 +249,10 @@ else:
         offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
-        natural_gradient_addr = tl.load(natural_gradient_ptrs + i).to(tl.pointer_type(NATURAL_GRADIENT_T))
-        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
+        natural_gradient_addr = tl.load(natural_gradient_ptrs + i).to(
+                tl.pointer_type(NATURAL_GRADIENT_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
@@ -279,7 +308,8 @@ else:
             _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'natural_gradient', 'momentum_buffer'], stored=['momentum_buffer', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'natural_gradient', 'momentum_buffer'],
+            stored=['momentum_buffer', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -288,11 +318,11 @@ else:
                 t.ptrs['param'], t.ptrs['natural_gradient'], t.ptrs['momentum_buffer'],
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_momentum=float(scalars['momentum']),
-                h_weight_decay=float(scalars['weight_decay']), r_nonfinite_ptr=reduced['nonfinite'],
-                f_first_step=bool(flags['first_step']),
+                h_weight_decay=float(scalars['weight_decay']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_first_step=bool(flags['first_step']),
                 f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], NATURAL_GRADIENT_T=t.dtypes['natural_gradient'],
                 MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
@@ -306,18 +336,35 @@ else:
 class KFAC(CurvOptimizer):
     """KFAC: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0.9``: the beta of momentum heavy_ball
+    - ``stat_decay=0.95``: the beta of iterate ema
+    - ``damping=0.001``: the eps of damping inside
+    - ``weight_decay=0``: the rate of decay l2
+    - ``stat_every=10``: the period in steps of iterate ema
+    - ``inverse_every=100``: the period in steps of structure kronecker
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001), ('weight_decay', 0.0), ('stat_every', 10.0), ('inverse_every', 100.0), )
+    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001),
+            ('weight_decay', 0), ('stat_every', 10), ('inverse_every', 100), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('inverse_every', None, 'count_every', 'the every of structure kronecker'),
@@ -332,7 +379,9 @@ class KFAC(CurvOptimizer):
     )
     INPUTS = ('natural_gradient',)
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('kfac', 'natural_gradient', None, lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh', 'invert': 'refresh_roots'})
+    ESTIMATOR = ('kfac', 'natural_gradient', None,
+            lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
+                    'invert': 'refresh_roots'})
     REDUCTIONS = ()
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
@@ -345,11 +394,13 @@ class KFAC(CurvOptimizer):
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
     def __init__(self, params, lr=0.001, momentum=0.9, stat_decay=0.95, damping=0.001,
-            weight_decay=0.0, stat_every=10.0, inverse_every=100.0, *, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+            weight_decay=0, stat_every=10, inverse_every=100, *, maximize=False, foreach=None,
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'stat_decay': stat_decay,
                 'damping': damping, 'weight_decay': weight_decay, 'stat_every': stat_every,
                 'inverse_every': inverse_every, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
-                'state_dtype': state_dtype, 'nonfinite': nonfinite, 'curvature_group': curvature_group})
+                'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

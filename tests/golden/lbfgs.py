@@ -12,7 +12,8 @@ Update, per step t (elementwise unless noted):
 
     each step(closure) runs up to max_iter iterations of:
     g     = grad f(theta)            (the closure, re-evaluated)
-    s     = theta - theta_prev,   y = g - g_prev   (a pair is kept if y^T s > 1e-10; the last history_size)
+    s     = theta - theta_prev,   y = g - g_prev   (a pair is kept if y^T s > 1e-10; the last
+        history_size)
     H0    = (s^T y / y^T y) I      (scale from the newest pair)
     d     = -H g by the two-loop recursion over the pairs (rank-2 update per pair)
     theta = theta + t * d,   t = lr (the first iteration ever: min(1, 1/|g|_1) * lr;
@@ -49,7 +50,10 @@ def _host(h, step):
     h_tolerance_change = h['tolerance_change']
     h_history_size = h['history_size']
     h_step = step
-    return {'lr': h_lr, 'max_iter': h_max_iter, 'tolerance_grad': h_tolerance_grad, 'tolerance_change': h_tolerance_change, 'history_size': h_history_size, 'step': h_step}, {'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'max_iter': h_max_iter, 'tolerance_grad': h_tolerance_grad,
+            'tolerance_change': h_tolerance_change, 'history_size': h_history_size, 'step': h_step}
+    flags = {'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- secant: a quasi-Newton step over all parameters (curvc.runtime.secant) ---
@@ -71,18 +75,35 @@ _UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}
 class LBFGS(CurvOptimizer):
     """LBFGS: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=1``: the learning rate
+    - ``max_iter=20``: the iterations of iterate secant
+    - ``tolerance_grad=1e-07``: the tolerance_grad of iterate secant
+    - ``tolerance_change=1e-09``: the tolerance_change of iterate secant
+    - ``history_size=100``: the history of iterate secant
+
+    Keyword-only arguments:
+
+    - ``max_eval=None``: the most closure evaluations per step (None: 5/4 of the iterations)
+    - ``line_search_fn=None``: None (a fixed step lr) or 'strong_wolfe'
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 1.0), ('max_iter', 20.0), ('tolerance_grad', 1e-07), ('tolerance_change', 1e-09), ('history_size', 100.0), )
+    HYPERS = (('lr', 1), ('max_iter', 20), ('tolerance_grad', 1e-07), ('tolerance_change', 1e-09),
+            ('history_size', 100), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('history_size', None, 'count_history', 'the history of iterate secant'),
@@ -106,13 +127,14 @@ class LBFGS(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=1.0, max_iter=20.0, tolerance_grad=1e-07, tolerance_change=1e-09,
-            history_size=100.0, *, max_eval=None, line_search_fn=None, maximize=False,
-            foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
+    def __init__(self, params, lr=1, max_iter=20, tolerance_grad=1e-07, tolerance_change=1e-09,
+            history_size=100, *, max_eval=None, line_search_fn=None, maximize=False, foreach=None,
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'max_iter': max_iter, 'tolerance_grad': tolerance_grad,
                 'tolerance_change': tolerance_change, 'history_size': history_size,
                 'max_eval': max_eval, 'line_search_fn': line_search_fn, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -35,7 +35,9 @@ def _host(h, step):
     """Per-(group, step) scalars and flags, from the group's hyperparameters h."""
     h_lr = h['lr']
     h_step = step
-    return {'lr': h_lr, 'step': h_step}, {'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'step': h_step}
+    flags = {'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
@@ -68,8 +70,10 @@ def _reduce_norm_sq(param, grad, f_maximize):
     t2 = (t1 * t1)
     return torch.sum(t2, dtype=cdt)
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
-_REDUCE_ARGS = {'norm_sq': {'tensors': ['param', 'grad'], 'scalars': [], 'reduced': [], 'flags': ['maximize']}}
+_UPDATE_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'],
+        'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
+_REDUCE_ARGS = {'norm_sq': {'tensors': ['param', 'grad'], 'scalars': [], 'reduced': [],
+        'flags': ['maximize']}}
 
 
 # --- foreach: the same step for many small tensors at once ---
@@ -91,7 +95,8 @@ def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_non
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     if f_nonfinite_skip:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -102,7 +107,8 @@ def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_non
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t5)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_lr, = torch.tensor([h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -113,7 +119,8 @@ def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_non
         torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'], 'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad'], 'scalars': ['lr'],
+        'reduced': ['nonfinite', 'norm_sq'], 'flags': ['maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -266,14 +273,24 @@ else:
 class NormalizedGD(CurvOptimizer):
     """NormalizedGD: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
@@ -299,6 +316,8 @@ class NormalizedGD(CurvOptimizer):
     def __init__(self, params, lr=0.01, *, maximize=False, foreach=None, fused=None,
             capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
             curvature_group=None):
-        self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite, 'curvature_group': curvature_group})
+        """The arguments are listed in the class docstring."""
+        self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach,
+                'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
+                'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

@@ -46,12 +46,19 @@ def _host(h, step):
     h_nesterov = h['nesterov']
     h_step = step
     h_s0 = (1.0 - h_dampening)
-    return {'lr': h_lr, 'momentum': h_momentum, 'dampening': h_dampening, 'weight_decay': h_weight_decay, 'nesterov': h_nesterov, 'step': h_step, 's0': h_s0}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)), 'nesterov2': bool((h_nesterov != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'dampening': h_dampening,
+            'weight_decay': h_weight_decay, 'nesterov': h_nesterov, 'step': h_step, 's0': h_s0}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)),
+            'nesterov2': bool((h_nesterov != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2, f_nonfinite_skip):
+def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, r_nonfinite,
+        f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2,
+        f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -85,11 +92,15 @@ def _update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay
     if f_nonfinite_skip:
         t17 = torch.where(r_nonfinite != 0, param_, t16)
     new_param_ = t17 if f_nonfinite_skip else t16
-    if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
+    if f_has_momentum_buffer:
+        momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2',
+                'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -104,7 +115,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nesterov2, f_nonfinite_skip):
+def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weight_decay,
+        r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize,
+        f_nesterov2, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -113,7 +126,8 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
     grad_ = _foreach_cast(grad, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device)
+        (_s_momentum, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -126,7 +140,8 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
             t5 = t4
         if f_has_momentum_buffer:
             t6 = t3 if f_first_step else t5
-            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(momentum_buffer_, t6)]
+            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(momentum_buffer_, t6)]
         if f_has_momentum_buffer and f_nesterov2:
             t8 = torch._foreach_add(t3, t6, alpha=h_momentum)
         if f_has_momentum_buffer:
@@ -137,10 +152,12 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
         torch._foreach_add_(t11, param_)
         t12 = t11
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
-        if f_has_momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if f_has_momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_momentum, _s_lr, = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device)
+        (_s_momentum, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -162,11 +179,16 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
         t10 = torch._foreach_mul(t9, _s_lr)
         torch._foreach_sub_(param_, t10)
         new_param_ = param_
-        if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer: torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'], 'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer'],
+        'scalars': ['lr', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nesterov2',
+                'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -234,7 +256,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(tl.pointer_type(MOMENTUM_BUFFER_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
         h_momentum = tl.cast(h_momentum, CDT)
         h_s0 = tl.cast(h_s0, CDT)
@@ -313,8 +336,9 @@ else:
                 h_s0=float(scalars['s0']), h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_first_step=bool(flags['first_step']),
                 f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nesterov2=bool(flags['nesterov2']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nesterov2=bool(flags['nesterov2']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'], CDT=t.compute, BLOCK=t.block,
                 num_warps=t.num_warps)
@@ -328,18 +352,33 @@ else:
 class SGD(CurvOptimizer):
     """SGD: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0``: the beta of momentum heavy_ball
+    - ``dampening=0``: the dampening of momentum heavy_ball
+    - ``weight_decay=0``: the rate of decay l2
+    - ``nesterov=False``: whether momentum heavy_ball uses Nesterov's form
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.0), ('dampening', 0.0), ('weight_decay', 0.0), ('nesterov', False), )
+    HYPERS = (('lr', 0.001), ('momentum', 0), ('dampening', 0), ('weight_decay', 0),
+            ('nesterov', False), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
@@ -362,11 +401,12 @@ class SGD(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
-            nesterov=False, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
+    def __init__(self, params, lr=0.001, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+            *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+            state_dtype=None, nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'dampening': dampening,
                 'weight_decay': weight_decay, 'nesterov': nesterov, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

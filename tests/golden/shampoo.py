@@ -17,7 +17,8 @@ Update, per step t (elementwise unless noted):
     L     = L + G G^T   (L_0 = I * matrix_eps)
     R     = R + G^T G   (R_0 = I * matrix_eps)
     b     = momentum * b + g   (b = g at t = 1)
-    d     = L^-1/4 b R^-1/4   (roots recomputed every update_freq steps)   (order-k tensors: ^-1/(2k) per mode)
+    d     = L^-1/4 b R^-1/4   (roots recomputed every update_freq steps)   (order-k tensors:
+        ^-1/(2k) per mode)
     theta = theta - lr * d
 """
 
@@ -52,13 +53,20 @@ def _host(h, step):
     h_update_freq = h['update_freq']
     h_matrix_eps = h['matrix_eps']
     h_step = step
-    h_s0 = (1.0 / 2.0)
-    return {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'update_freq': h_update_freq, 'matrix_eps': h_matrix_eps, 'step': h_step, 's0': h_s0}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)), 'refresh_roots': bool((((h_step - 1.0) % h_update_freq) == 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay,
+            'update_freq': h_update_freq, 'matrix_eps': h_matrix_eps, 'step': h_step}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_momentum_buffer': bool((h_momentum != 0.0)), 'first_step': bool((h_step == 1.0)),
+            'refresh_roots': bool((((h_step - 1.0) % h_update_freq) == 0.0)),
+            'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_s0, h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh_roots):
+def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_weight_decay,
+        r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip, f_refresh_roots):
     """One tensor's step: every value computed from old state, then stored
     (``state``, the tensor's optimizer state, holds its matrix factors, which
     curvc.runtime.matrix updates in place)."""
@@ -83,17 +91,23 @@ def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum,
     if f_has_momentum_buffer:
         new_momentum_buffer_ = t8 if f_nonfinite_skip else t7
     t10 = t7 if f_has_momentum_buffer else t4
-    t11 = matrix.kronecker(state, t4, t10, factors='pre_cond', roots='inv_pre_cond', accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps, exponent=h_s0, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
+    t11 = matrix.kronecker(state, t4, t10, factors='pre_cond', roots='inv_pre_cond',
+            accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps,
+            exponent=0.5, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
     t12 = (h_lr * t11)
     t13 = (param_ - t12)
     if f_nonfinite_skip:
         t14 = torch.where(r_nonfinite != 0, param_, t13)
     new_param_ = t14 if f_nonfinite_skip else t13
-    if f_has_momentum_buffer: momentum_buffer.copy_(new_momentum_buffer_)
+    if f_has_momentum_buffer:
+        momentum_buffer.copy_(new_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'], 'scalars': ['lr', 'matrix_eps', 'momentum', 's0', 'weight_decay'], 'reduced': ['nonfinite'], 'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh_roots']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'],
+        'scalars': ['lr', 'matrix_eps', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
+                'nonfinite_skip', 'refresh_roots']}
 _REDUCE_ARGS = {}
 
 
@@ -105,18 +119,33 @@ _triton_step = _triton_reduce = None
 class Shampoo(CurvOptimizer):
     """Shampoo: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0``: the beta of momentum heavy_ball
+    - ``weight_decay=0``: the rate of decay l2
+    - ``update_freq=1``: the period in steps of structure kronecker
+    - ``matrix_eps=1e-06``: the init of iterate sum
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.0), ('weight_decay', 0.0), ('update_freq', 1.0), ('matrix_eps', 1e-06), )
+    HYPERS = (('lr', 0.001), ('momentum', 0), ('weight_decay', 0), ('update_freq', 1),
+            ('matrix_eps', 1e-06), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('update_freq', None, 'count_every', 'the every of structure kronecker'),
@@ -140,11 +169,12 @@ class Shampoo(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.001, momentum=0.0, weight_decay=0.0, update_freq=1.0,
+    def __init__(self, params, lr=0.001, momentum=0, weight_decay=0, update_freq=1,
             matrix_eps=1e-06, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'update_freq': update_freq, 'matrix_eps': matrix_eps, 'maximize': maximize,
                 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -45,12 +45,17 @@ def _host(h, step):
     h_step = step
     h_s0 = (1.0 - h_momentum)
     h_s1 = (1.0 - (h_lr * h_weight_decay))
-    return {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step, 's0': h_s0, 's1': h_s1}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'has_exp_avg': bool((h_momentum != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'momentum': h_momentum, 'weight_decay': h_weight_decay, 'step': h_step,
+            's0': h_s0, 's1': h_s1}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'has_exp_avg': bool((h_momentum != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -75,11 +80,14 @@ def _update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, 
     if f_nonfinite_skip:
         t11 = torch.where(r_nonfinite != 0, param_, t10)
     new_param_ = t11 if f_nonfinite_skip else t10
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'],
+        'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -94,7 +102,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_exp_avg,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -103,13 +112,15 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_e
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device)
+        (_s_s1, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
         if f_has_exp_avg:
             t2 = torch._foreach_lerp(exp_avg_, t1, h_s0)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t2)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t2)]
         if f_has_weight_decay:
             t4 = torch._foreach_mul(param_, _s_s1)
         t5 = t4 if f_has_weight_decay else param_
@@ -121,10 +132,12 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_e
         torch._foreach_add_(t8, t5)
         t9 = t8
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_s1, _s_lr, = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device)
+        (_s_s1, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -140,11 +153,15 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_e
         t7 = t6
         torch._foreach_sub_(t4, t7)
         new_param_ = t4
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg'], 'scalars': ['lr', 's0', 's1'],
+        'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -198,11 +215,11 @@ else:
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
-            f_nonfinite_skip: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
-            PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
-            BLOCK: tl.constexpr):
+            PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
+            CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -228,7 +245,8 @@ else:
         else:
             t1 = grad_
         if f_has_exp_avg:
-            t2 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_), t1 - (t1 - exp_avg_) * (1.0 - h_s0))
+            t2 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_),
+                    t1 - (t1 - exp_avg_) * (1.0 - h_s0))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t3 = tl.where(r_nonfinite_c != 0, exp_avg_, t2)
@@ -270,8 +288,8 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_T=t.dtypes['exp_avg'],
                 CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
@@ -284,18 +302,30 @@ else:
 class SignGD(CurvOptimizer):
     """SignGD: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.001``: the learning rate
+    - ``momentum=0.9``: the beta of momentum ema
+    - ``weight_decay=0``: the rate of decay decoupled
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('weight_decay', 0.0), )
+    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('weight_decay', 0), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('momentum', None, 'unit', 'the beta of momentum ema'),
@@ -317,10 +347,11 @@ class SignGD(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0.0, *, maximize=False,
+    def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0, *, maximize=False,
             foreach=None, fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -59,13 +59,20 @@ def _host(h, step):
     h_s0 = (1.0 - h_betas_1)
     h_s1 = (1.0 - h_betas_0)
     h_s2 = (1.0 - (h_lr * h_weight_decay))
-    h_s3 = (-1.0)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'rho': h_rho, 'weight_decay': h_weight_decay, 'k': h_k, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool(((((h_step - 1.0) % h_k) == 0.0) and ((h_step - 1.0) > 0.0))), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'rho': h_rho,
+            'weight_decay': h_weight_decay, 'k': h_k, 'step': h_step, 's0': h_s0, 's1': h_s1,
+            's2': h_s2}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'refresh': bool(((((h_step - 1.0) % h_k) == 0.0) and ((h_step - 1.0) > 0.0))),
+            'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1,
+        h_s2, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip,
+        f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -99,18 +106,22 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, 
     t15 = (t14 + 1e-15)
     t16 = (t13 / t15)
     t17 = torch.clamp(t16, max=1.0)
-    t18 = torch.clamp(t17, min=h_s3)
+    t18 = torch.clamp(t17, min=-1.0)
     t19 = (h_lr * t18)
     t20 = (t12 - t19)
     if f_nonfinite_skip:
         t21 = torch.where(r_nonfinite != 0, param_, t20)
     new_param_ = t21 if f_nonfinite_skip else t20
-    if f_refresh: hessian.copy_(new_hessian_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_refresh:
+        hessian.copy_(new_hessian_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -125,7 +136,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_lr, h_rho,
+        h_s0, h_s1, h_s2, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -136,19 +149,22 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_rho, _s_s2, _s_lr,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
             torch._foreach_add_(t0, t1, alpha=h_s0)
             t2 = t0
-            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(hessian_, t2)]
+            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(hessian_, t2)]
         if f_maximize:
             t4 = torch._foreach_neg(grad_)
         t5 = t4 if f_maximize else grad_
         if f_has_exp_avg:
             t6 = torch._foreach_lerp(exp_avg_, t5, h_s1)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t6)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t6)]
         if f_has_weight_decay:
             t8 = torch._foreach_mul(param_, _s_s2)
         t9 = t8 if f_has_weight_decay else param_
@@ -158,7 +174,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t13 = torch._foreach_div(t10, t12)
         torch._foreach_clamp_max_(t13, 1.0)
         t14 = t13
-        torch._foreach_clamp_min_(t14, h_s3)
+        torch._foreach_clamp_min_(t14, -1.0)
         t15 = t14
         torch._foreach_mul_(t15, _s_lr)
         t16 = t15
@@ -166,11 +182,14 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         torch._foreach_add_(t16, t9)
         t17 = t16
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
-        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_refresh:
+            torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_betas_1, _s_rho, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_rho, _s_s2, _s_lr,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
@@ -191,18 +210,23 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t11 = torch._foreach_div(t8, t10)
         torch._foreach_clamp_max_(t11, 1.0)
         t12 = t11
-        torch._foreach_clamp_min_(t12, h_s3)
+        torch._foreach_clamp_min_(t12, -1.0)
         t13 = t12
         torch._foreach_mul_(t13, _s_lr)
         t14 = t13
         torch._foreach_sub_(t7, t14)
         new_param_ = t7
-        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_refresh:
+            torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'lr', 'rho', 's0', 's1', 's2'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -253,15 +277,16 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_lr: tl.float64, h_rho: tl.float64, h_s0: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
+            h_s1: tl.float64, h_s2: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
-            f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
-            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -270,7 +295,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         hessian_addr = tl.load(hessian_ptrs + i).to(tl.pointer_type(HESSIAN_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
@@ -279,7 +305,6 @@ else:
         h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
-        h_s3 = tl.cast(h_s3, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
@@ -309,7 +334,8 @@ else:
         else:
             t7 = grad_
         if f_has_exp_avg:
-            t8 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t7 - exp_avg_), t7 - (t7 - exp_avg_) * (1.0 - h_s1))
+            t8 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t7 - exp_avg_),
+                    t7 - (t7 - exp_avg_) * (1.0 - h_s1))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t9 = tl.where(r_nonfinite_c != 0, exp_avg_, t8)
@@ -335,7 +361,7 @@ else:
         t15 = (t14 + 1e-15)
         t16 = _div(t13, t15)
         t17 = tl.minimum(t16, 1.0, propagate_nan=tl.PropagateNan.ALL)
-        t18 = tl.maximum(t17, h_s3, propagate_nan=tl.PropagateNan.ALL)
+        t18 = tl.maximum(t17, -1.0, propagate_nan=tl.PropagateNan.ALL)
         t19 = (h_lr * t18)
         t20 = (t12 - t19)
         if f_nonfinite_skip:
@@ -350,7 +376,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], stored=['exp_avg', 'hessian', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+            stored=['exp_avg', 'hessian', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -361,10 +388,11 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_lr=float(scalars['lr']),
                 h_rho=float(scalars['rho']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), r_nonfinite_ptr=reduced['nonfinite'],
+                h_s2=float(scalars['s2']), r_nonfinite_ptr=reduced['nonfinite'],
                 f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']), f_refresh=bool(flags['refresh']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -378,18 +406,34 @@ else:
 class Sophia(CurvOptimizer):
     """Sophia: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.0001``: the learning rate
+    - ``betas=(0.965, 0.99)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``rho=0.04``: the scale of curvature gauss_newton_bartlett
+    - ``weight_decay=0.1``: the rate of decay decoupled
+    - ``k=10``: the period in steps of iterate ema
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.0001), ('betas', (0.965, 0.99)), ('rho', 0.04), ('weight_decay', 0.1), ('k', 10.0), )
+    HYPERS = (('lr', 0.0001), ('betas', (0.965, 0.99)), ('rho', 0.04), ('weight_decay', 0.1),
+            ('k', 10), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('rho', None, 'positive', 'the scale of curvature gauss_newton_bartlett'),
@@ -404,7 +448,8 @@ class Sophia(CurvOptimizer):
     )
     INPUTS = ('curvature_estimate',)
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('gauss_newton_bartlett', 'curvature_estimate', 'refresh', lambda h: {'samples': 1.0})
+    ESTIMATOR = ('gauss_newton_bartlett', 'curvature_estimate', 'refresh',
+            lambda h: {'samples': 1.0})
     REDUCTIONS = ()
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
@@ -416,10 +461,12 @@ class Sophia(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10.0,
-            *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+    def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10, *,
+            maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
             state_dtype=None, nonfinite='propagate', curvature_group=None):
-        self._construct(params, {'lr': lr, 'betas': betas, 'rho': rho, 'weight_decay': weight_decay,
-                'k': k, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite, 'curvature_group': curvature_group})
+        """The arguments are listed in the class docstring."""
+        self._construct(params, {'lr': lr, 'betas': betas, 'rho': rho,
+                'weight_decay': weight_decay, 'k': k, 'maximize': maximize, 'foreach': foreach,
+                'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
+                'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})

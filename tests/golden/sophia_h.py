@@ -27,7 +27,8 @@ Update, per step t (elementwise unless noted):
 #   # the estimate refreshed every update_period steps (the first at step 1),
 #   # d = clamp(m / max(h, eps), -p, p).
 #   optimizer SophiaH
-#   hyper lr = 6e-2, betas = (0.96, 0.99), weight_decay = 0, p = 1e-2, update_period = 10, num_samples = 1, eps = 1e-12
+#   hyper lr = 6e-2, betas = (0.96, 0.99), weight_decay = 0, p = 1e-2, update_period = 10,
+#       num_samples = 1, eps = 1e-12
 #   curvature hutchinson(samples = num_samples, distribution = gaussian)
 #   structure diagonal
 #   iterate   ema(betas[1]) every update_period
@@ -59,12 +60,21 @@ def _host(h, step):
     h_s1 = (1.0 - h_betas_0)
     h_s2 = (1.0 - (h_lr * h_weight_decay))
     h_s3 = (-h_p)
-    return {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'weight_decay': h_weight_decay, 'p': h_p, 'update_period': h_update_period, 'num_samples': h_num_samples, 'eps': h_eps, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3}, {'has_weight_decay': bool((h_weight_decay != 0.0)), 'refresh': bool((((h_step - 1.0) % h_update_period) == 0.0)), 'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1,
+            'weight_decay': h_weight_decay, 'p': h_p, 'update_period': h_update_period,
+            'num_samples': h_num_samples, 'eps': h_eps, 'step': h_step, 's0': h_s0, 's1': h_s1,
+            's2': h_s2, 's3': h_s3}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'refresh': bool((((h_step - 1.0) % h_update_period) == 0.0)),
+            'has_exp_avg': bool((h_betas_0 != 0.0)), 'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
+def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0,
+        h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip, f_refresh):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -103,12 +113,16 @@ def _update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps,
     if f_nonfinite_skip:
         t20 = torch.where(r_nonfinite != 0, param_, t19)
     new_param_ = t20 if f_nonfinite_skip else t19
-    if f_refresh: hessian.copy_(new_hessian_)
-    if f_has_exp_avg: exp_avg.copy_(new_exp_avg_)
+    if f_refresh:
+        hessian.copy_(new_hessian_)
+    if f_has_exp_avg:
+        exp_avg.copy_(new_exp_avg_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 _REDUCE_ARGS = {}
 
 
@@ -123,7 +137,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p, h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize, f_nonfinite_skip, f_refresh):
+def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1, h_eps, h_lr, h_p,
+        h_s0, h_s1, h_s2, h_s3, r_nonfinite, f_has_exp_avg, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip, f_refresh):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -134,18 +150,21 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s2, _s_lr,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
             t1 = t0
-            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(hessian_, t1)]
+            new_hessian_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(hessian_, t1)]
         if f_maximize:
             t3 = torch._foreach_neg(grad_)
         t4 = t3 if f_maximize else grad_
         if f_has_exp_avg:
             t5 = torch._foreach_lerp(exp_avg_, t4, h_s1)
-            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
+            new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(exp_avg_, t5)]
         if f_has_weight_decay:
             t7 = torch._foreach_mul(param_, _s_s2)
         t8 = t7 if f_has_weight_decay else param_
@@ -163,11 +182,14 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         torch._foreach_add_(t15, t8)
         t16 = t15
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
-        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if f_refresh:
+            torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _s_betas_1, _s_s2, _s_lr, = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device).unbind()
+        _scalars = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s2, _s_lr,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
@@ -193,12 +215,17 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t13 = t12
         torch._foreach_sub_(t6, t13)
         new_param_ = t6
-        if f_refresh: torch._foreach_copy_(hessian, new_hessian_)
-        if f_has_exp_avg and new_exp_avg_ is not exp_avg: torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_param_ is not param: torch._foreach_copy_(param, new_param_)
+        if f_refresh:
+            torch._foreach_copy_(hessian, new_hessian_)
+        if f_has_exp_avg and new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], 'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'], 'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+        'scalars': ['betas_1', 'eps', 'lr', 'p', 's0', 's1', 's2', 's3'], 'reduced': ['nonfinite'],
+        'flags': ['has_exp_avg', 'has_weight_decay', 'maximize', 'nonfinite_skip', 'refresh']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -253,11 +280,12 @@ else:
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
-            f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
+            f_has_exp_avg: tl.constexpr, f_has_weight_decay: tl.constexpr,
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr, f_refresh: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, CURVATURE_ESTIMATE_T: tl.constexpr,
-            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+            HESSIAN_T: tl.constexpr, EXP_AVG_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -266,7 +294,8 @@ else:
         mask = offs < tl.load(numels + i)
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
-        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(tl.pointer_type(CURVATURE_ESTIMATE_T))
+        curvature_estimate_addr = tl.load(curvature_estimate_ptrs + i).to(
+                tl.pointer_type(CURVATURE_ESTIMATE_T))
         hessian_addr = tl.load(hessian_ptrs + i).to(tl.pointer_type(HESSIAN_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
@@ -305,7 +334,8 @@ else:
         else:
             t6 = grad_
         if f_has_exp_avg:
-            t7 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t6 - exp_avg_), t6 - (t6 - exp_avg_) * (1.0 - h_s1))
+            t7 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t6 - exp_avg_),
+                    t6 - (t6 - exp_avg_) * (1.0 - h_s1))
         if f_has_exp_avg:
             if f_nonfinite_skip:
                 t8 = tl.where(r_nonfinite_c != 0, exp_avg_, t7)
@@ -346,7 +376,8 @@ else:
             _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'], stored=['exp_avg', 'hessian', 'param'])
+    _TABLES = _Tables(['param', 'grad', 'curvature_estimate', 'hessian', 'exp_avg'],
+            stored=['exp_avg', 'hessian', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's step: one _update_kernel launch for all its tensors."""
@@ -359,8 +390,9 @@ else:
                 h_lr=float(scalars['lr']), h_p=float(scalars['p']), h_s0=float(scalars['s0']),
                 h_s1=float(scalars['s1']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_has_exp_avg=bool(flags['has_exp_avg']),
-                f_has_weight_decay=bool(flags['has_weight_decay']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']), f_refresh=bool(flags['refresh']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_refresh=bool(flags['refresh']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 CURVATURE_ESTIMATE_T=t.dtypes['curvature_estimate'], HESSIAN_T=t.dtypes['hessian'],
                 EXP_AVG_T=t.dtypes['exp_avg'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
@@ -374,18 +406,36 @@ else:
 class SophiaH(CurvOptimizer):
     """SophiaH: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.06``: the learning rate
+    - ``betas=(0.96, 0.99)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
+      ema
+    - ``weight_decay=0``: the rate of decay decoupled
+    - ``p=0.01``: the threshold of clip elementwise
+    - ``update_period=10``: the period in steps of iterate ema
+    - ``num_samples=1``: the samples of curvature hutchinson
+    - ``eps=1e-12``: the eps of damping floor
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.06), ('betas', (0.96, 0.99)), ('weight_decay', 0.0), ('p', 0.01), ('update_period', 10.0), ('num_samples', 1.0), ('eps', 1e-12), )
+    HYPERS = (('lr', 0.06), ('betas', (0.96, 0.99)), ('weight_decay', 0), ('p', 0.01),
+            ('update_period', 10), ('num_samples', 1), ('eps', 1e-12), )
     VALIDATORS = (
         ('lr', None, 'nonneg', 'the learning rate'),
         ('num_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
@@ -402,7 +452,9 @@ class SophiaH(CurvOptimizer):
     )
     INPUTS = ('curvature_estimate',)
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'refresh', lambda h: {'samples': h['num_samples'], 'distribution': 'gaussian', 'spatial_average': False})
+    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'refresh',
+            lambda h: {'samples': h['num_samples'], 'distribution': 'gaussian',
+                    'spatial_average': False})
     REDUCTIONS = ()
     ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
@@ -414,12 +466,13 @@ class SophiaH(CurvOptimizer):
     triton_step = staticmethod(_triton_step) if _triton_step else None
     triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
 
-    def __init__(self, params, lr=0.06, betas=(0.96, 0.99), weight_decay=0.0, p=0.01,
-            update_period=10.0, num_samples=1.0, eps=1e-12, *, maximize=False, foreach=None,
+    def __init__(self, params, lr=0.06, betas=(0.96, 0.99), weight_decay=0, p=0.01,
+            update_period=10, num_samples=1, eps=1e-12, *, maximize=False, foreach=None,
             fused=None, capturable=False, differentiable=False, state_dtype=None,
             nonfinite='propagate', curvature_group=None):
+        """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay, 'p': p,
                 'update_period': update_period, 'num_samples': num_samples, 'eps': eps,
                 'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
-                'differentiable': differentiable, 'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -37,7 +37,9 @@ def _host(h, step):
     """Per-(group, step) scalars and flags, from the group's hyperparameters h."""
     h_lr = h['lr']
     h_step = step
-    return {'lr': h_lr, 'step': h_step}, {'maximize': bool(h['maximize'])}
+    scalars = {'lr': h_lr, 'step': h_step}
+    flags = {'maximize': bool(h['maximize'])}
+    return scalars, flags
 
 
 # --- dense: the whole curvature matrix over all parameters (curvc.runtime.dense) ---
@@ -61,14 +63,24 @@ _UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}
 class EigenbasisNormalizedNGD(CurvOptimizer):
     """EigenbasisNormalizedNGD: see the module docstring for its update rule.
 
-    Arguments: ``params`` (an iterable of tensors or of param-group dicts), then
-    the spec's hyperparameters (below, with the spec's defaults), then the
-    torch.optim keywords ``maximize``, ``foreach`` (accepted, unused), ``fused``
-    (None: automatic; True: one fused pass per tensor; False: eager torch ops),
-    ``capturable`` and ``differentiable`` (must be False), and ``state_dtype``
-    (None: float32 state for low-precision parameters; 'param': the parameter's dtype),
-    and ``nonfinite``, what a step with a NaN or inf gradient does: 'propagate' (as
-    torch.optim), 'skip' (leaves everything as it was, on the device) or 'raise'.
+    Arguments:
+
+    - ``params``: an iterable of tensors or of param-group dicts
+    - ``lr=0.01``: the learning rate
+
+    Keyword-only arguments:
+
+    - ``maximize=False``: maximize the objective instead of minimizing it (the gradient is negated)
+    - ``foreach=None``: accepted for torch.optim compatibility, unused (the backend chooses)
+    - ``fused=None``: None: automatic; True: one fused pass per tensor; False: eager torch ops
+    - ``capturable=False``: must be False (CUDA-graph capture is not supported)
+    - ``differentiable=False``: must be False (a differentiable step is not supported)
+    - ``state_dtype=None``: None: float32 state for low-precision parameters; 'param': the
+      parameter's dtype
+    - ``nonfinite='propagate'``: what a step with a NaN or inf gradient does: 'propagate' (as
+      torch.optim), 'skip' (leaves everything as it was) or 'raise'
+    - ``curvature_group=None``: the ranks curvature estimates are averaged over under data
+      parallelism (None: all, when torch.distributed runs; False: none)
     """
 
     BACKEND = 'auto'
@@ -95,6 +107,8 @@ class EigenbasisNormalizedNGD(CurvOptimizer):
     def __init__(self, params, lr=0.01, *, maximize=False, foreach=None, fused=None,
             capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
             curvature_group=None):
-        self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach, 'fused': fused,
-                'capturable': capturable, 'differentiable': differentiable, 'state_dtype': state_dtype,
-                'nonfinite': nonfinite, 'curvature_group': curvature_group})
+        """The arguments are listed in the class docstring."""
+        self._construct(params, {'lr': lr, 'maximize': maximize, 'foreach': foreach,
+                'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
+                'state_dtype': state_dtype, 'nonfinite': nonfinite,
+                'curvature_group': curvature_group})
