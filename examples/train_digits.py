@@ -3,39 +3,49 @@
     curvc compile specs/sophia.curv -o build
     python examples/train_digits.py build/sophia.py          # a compiled module
     python examples/train_digits.py adam --lr 3e-3           # or a spec, by name or path
+    python examples/train_digits.py adam --seed 1 --plot adam.png
 
-The loop shows what each kind of curvature source needs: nothing for
-gradient-only specs (SGD, Adam, Shampoo, ...), the logits for
-Gauss-Newton-Bartlett (Sophia-G) and the sampled-label Fisher (FisherAdam),
-second derivatives for Hutchinson (AdaHessian, Sophia-H), on the steps where
-the optimizer refreshes its curvature; the model itself for K-FAC (it hooks the layers); a closure
-for the secant method (L-BFGS evaluates the loss several times per step);
-and the loss or the logits for the dense structure (Newton, NGD), which
-keeps an n x n matrix and so trains a linear classifier (650 parameters).
+The loop (examples/digits_loop.py) shows what each kind of curvature source
+needs: nothing for gradient-only specs (SGD, Adam, Shampoo, ...), the logits
+for Gauss-Newton-Bartlett (Sophia-G) and the sampled-label Fisher
+(FisherAdam), second derivatives for Hutchinson (AdaHessian, Sophia-H), the
+model itself for K-FAC, a closure for the secant method (L-BFGS), and the
+loss or the logits for the dense structure (Newton, NGD), which keeps an
+n x n matrix and so trains a linear classifier (650 parameters).
 
     python examples/train_digits.py damped_newton    # specs/hybrids/damped_newton.curv
+
+--seed fixes the model's initialisation, the batch order and any sampling
+the optimizer does (Hutchinson probes, sampled labels): two runs with the same
+seed print the same losses. A progress bar shows each epoch's steps on a
+terminal; it stays off when output is piped, or with --no-progress.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
+import sys
 from pathlib import Path
 
 import torch
 
-import curvc
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits_loop, beside this file
+import digits_loop as loop  # noqa: E402
 
 
-def optimizer_class(target: str):
-    if target.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-                   if issubclass(c, torch.optim.Optimizer) and c.__module__ == module.__name__]
-        return classes[0]
-    return curvc.load(target)
+def plot_history(hist: loop.History, title: str, path: str) -> None:
+    """Training loss and test accuracy per epoch, side by side: 1000 x 400 pixels."""
+    plt = loop.pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = range(1, len(hist.loss) + 1)
+    ax_loss.plot(epochs, hist.loss, marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title=title)
+    ax_acc.plot(epochs, hist.accuracy, marker="o", color="tab:green")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1), title=title)
+    for ax in (ax_loss, ax_acc):
+        loop.integer_epochs(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -46,64 +56,30 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None,
                     help="stop after this many optimizer steps (a quick smoke run); default: all")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="model initialisation, batch order and the optimizer's sampling")
+    ap.add_argument("--plot", metavar="PATH", default=None,
+                    help="write the per-epoch training loss and test accuracy curves (PNG)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (it is off anyway when stderr is not a terminal)")
     args = ap.parse_args()
 
-    from sklearn.datasets import load_digits
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    torch.manual_seed(0)
-    perm = torch.randperm(len(x))
-    train, test = perm[:1500], perm[1500:]
+    data = loop.load_digits()
+    Opt = loop.optimizer_class(args.optimizer)
+    torch.manual_seed(args.seed)  # the model's init, and what the optimizer samples
+    model = loop.make_model("mlp", Opt)
+    opt = loop.make_optimizer(Opt, model, args.lr)
+    print(f"{Opt.__name__} ({loop.describe(Opt)}), lr={opt.param_groups[0]['lr']:g}")
 
-    Opt = optimizer_class(args.optimizer)
-    dense = Opt.dense is not None
-    if dense:  # n x n curvature and an eigendecomposition per step: a small model
-        model = torch.nn.Linear(64, 10)
-    else:
-        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                                    torch.nn.Linear(64, 10))
-    estimator = Opt.ESTIMATOR[0] if Opt.ESTIMATOR else None
-    # K-FAC takes the model, to hook its layers; every other optimizer its parameters.
-    kw = {"lr": args.lr} if args.lr is not None else {}
-    if Opt.secant is not None:
-        kw["line_search_fn"] = "strong_wolfe"  # L-BFGS on minibatches needs a line search
-    opt = Opt(model if estimator == "kfac" else model.parameters(), **kw)
-    kind = estimator or ("secant, with a closure" if Opt.secant else
-                         "dense, over all parameters" if dense else "gradient only")
-    print(f"{Opt.__name__} ({kind}), lr={opt.param_groups[0]['lr']:g}")
+    def report(epoch, loss, acc):
+        print(f"epoch {epoch + 1:2d}  train loss {loss:.4f}  test accuracy {acc:.3f}")
 
-    steps_left = len(train) * args.epochs if args.steps is None else args.steps
-    for epoch in range(args.epochs):
-        if steps_left <= 0:
-            break
-        batches = train[torch.randperm(len(train))].split(args.batch)[:steps_left]
-        steps_left -= len(batches)
-        total, seen = 0.0, sum(len(idx) for idx in batches)
-        for idx in batches:
-            if Opt.secant is not None:
-                def closure(idx=idx):
-                    opt.zero_grad()
-                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                    loss.backward()
-                    return loss
-                total += opt.step(closure).item() * len(idx)
-                continue
-            opt.zero_grad()
-            logits = model(x[idx])
-            if estimator in ("gauss_newton_bartlett", "fisher") and opt.wants_curvature():
-                opt.estimate_curvature(logits=logits)  # labels sampled from the model
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            if dense and opt.wants_curvature():
-                # The Hessian from the loss, or the Fisher from the logits: it takes what it needs.
-                opt.estimate_curvature(logits=logits, loss=loss)
-            # Hutchinson needs second derivatives on the steps that refresh it.
-            loss.backward(create_graph=estimator == "hutchinson" and opt.wants_curvature())
-            opt.step()
-            total += loss.item() * len(idx)
-        with torch.no_grad():
-            acc = (model(x[test]).argmax(-1) == y[test]).float().mean().item()
-        print(f"epoch {epoch + 1:2d}  train loss {total / seen:.4f}  test accuracy {acc:.3f}")
+    progress = loop.progress_bar(not args.no_progress, show_evals=Opt.secant is not None)
+    hist = loop.train(opt, model, data, epochs=args.epochs, batch=args.batch,
+                      steps=args.steps, seed=args.seed, progress=progress, on_epoch=report)
+    if args.plot:
+        plot_history(hist, Opt.__name__, args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
