@@ -10,7 +10,7 @@
 Median of interleaved rounds in one process; the ratio is curvc / reference
 (below 1: curvc is faster).
 
-    python benchmarks/matrix_step.py [--width 512] [--rounds 15]
+    python benchmarks/matrix_step.py [--width 512] [--rounds 15] [--only shampoo]
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--only", choices=("shampoo", "lbfgs", "kfac"), default=None,
+                    help="one optimizer's rows (all by default)")
     args = ap.parse_args()
     x = torch.randn(args.batch, 256)
     y = torch.randint(0, 10, (args.batch,))
@@ -53,8 +55,9 @@ def main():
           f"MLP 256-{args.width}-{args.width}-10, batch {args.batch}")
     print(f"\n{'step':28} {'curvc ms':>9} {'ref ms':>9}  {'ratio':>7}")
 
+    want = lambda name: args.only in (None, name)  # noqa: E731
     import pytorch_optimizer as po
-    for every in (1, 10):
+    for every in (1, 10) if want("shampoo") else ():
         models = [make_model(args.width) for _ in range(2)]
         loss_of(models[0]).backward()
         for p, q in zip(models[1].parameters(), models[0].parameters()):
@@ -64,7 +67,7 @@ def main():
         t = interleaved({"ours": ours.step, "ref": ref.step}, args.rounds)
         row(f"Shampoo, roots every {every}", t["ours"], t["ref"], "pytorch_optimizer.Shampoo")
 
-    for ls in (None, "strong_wolfe"):
+    for ls in (None, "strong_wolfe") if want("lbfgs") else ():
         models = [make_model(args.width) for _ in range(2)]
         opts = [curvc.load("lbfgs")(models[0].parameters(), lr=0.1, max_iter=5,
                                     line_search_fn=ls),
@@ -82,7 +85,7 @@ def main():
                         args.rounds)
         row(f"L-BFGS, {ls or 'fixed step'}", t["ours"], t["ref"], "torch.optim.LBFGS")
 
-    for every in (1, 10):
+    for every in (1, 10) if want("kfac") else ():
         model = make_model(args.width)
         sgd_model = copy.deepcopy(model)
         kfac = curvc.load("kfac")(model, lr=1e-3, stat_every=1, inverse_every=every)

@@ -242,6 +242,87 @@ def test_a_failed_root_keeps_the_previous_one_with_a_warning():
     assert torch.equal(state["R_0"], before)
 
 
+# --- the precision of the roots ------------------------------------------------
+
+def _spy_eigh(monkeypatch, fail_float32=None):
+    """Records the dtype of every torch.linalg.eigh call; ``fail_float32`` (a function
+    of the true (w, q)) replaces what a float32 call returns."""
+    calls, real = [], torch.linalg.eigh
+
+    def eigh(a, *args, **kw):
+        calls.append(a.dtype)
+        w, q = real(a, *args, **kw)
+        return fail_float32(w, q) if fail_float32 and a.dtype == torch.float32 else (w, q)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    return calls
+
+
+def _factor_with_spectrum(eigenvalues, seed=0) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigenvalues),) * 2))
+    return (q * eigenvalues) @ q.T
+
+
+def _exact_root(a: np.ndarray, exponent: float) -> np.ndarray:
+    return np.real(scipy_linalg.fractional_matrix_power(a, -exponent))
+
+
+def test_a_float32_factor_takes_a_float32_root_as_accurate_as_float32_allows(monkeypatch):
+    """A backward-stable eigh in float32 errs by dA of order n eps ||A||; the root's
+    derivative is bounded by e lambda_min^(-e-1), so ||dR||_F / ||R||_2 <= e kappa n eps."""
+    from curvc.runtime import matrix
+    n, kappa, e = 64, 1e3, 0.25
+    exact = _factor_with_spectrum(np.logspace(0, -3, n))  # condition number kappa
+    factor = torch.tensor(exact, dtype=torch.float32)
+    calls = _spy_eigh(monkeypatch)
+    root = matrix._refreshed_root(factor, e, 0.0, None)
+    assert calls == [torch.float32] and root.dtype == torch.float32
+    ref = _exact_root(factor.double().numpy(), e)  # the float32 matrix, exactly
+    error = np.linalg.norm(root.double().numpy() - ref) / np.linalg.norm(ref, 2)
+    bound = e * kappa * n * np.finfo(np.float32).eps
+    assert error <= bound, (error, bound)
+    assert error > 10 * np.finfo(np.float64).eps  # it is the float32 result, not float64's
+
+
+def test_a_float64_factor_keeps_its_root_in_float64(monkeypatch):
+    from curvc.runtime import matrix
+    factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -3, 16)))
+    calls = _spy_eigh(monkeypatch)
+    root = matrix._refreshed_root(factor, 0.25, 0.0, None)
+    assert calls == [torch.float64]
+    np.testing.assert_allclose(root.numpy(), _exact_root(factor.numpy(), 0.25), rtol=1e-10)
+
+
+def test_a_factor_that_overflows_float32_gets_its_root_from_float64(monkeypatch, recwarn):
+    """Sum-accumulated statistics can near float32's largest value, where symmetrizing
+    in float32 overflows; float64 holds them, and their root is a normal float32."""
+    from curvc.runtime import matrix
+    exact = _factor_with_spectrum(np.linspace(2.0e38, 3.0e38, 8))
+    factor = torch.tensor(exact, dtype=torch.float32)
+    assert torch.isfinite(factor).all()
+    calls = _spy_eigh(monkeypatch)
+    root = matrix._refreshed_root(factor, 0.25, 0.0, None)
+    assert calls == [torch.float32, torch.float64]
+    np.testing.assert_allclose(root.double().numpy(), _exact_root(factor.double().numpy(), 0.25),
+                               rtol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda w, q: (w, torch.eye(len(w))),              # a wrong eigenbasis
+    lambda w, q: (torch.full_like(w, float("nan")), q),  # non-finite eigenvalues
+], ids=["inaccurate", "nonfinite"])
+def test_a_failed_float32_eigendecomposition_is_retried_in_float64(monkeypatch, recwarn,
+                                                                    corrupt):
+    from curvc.runtime import matrix
+    factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -2, 12)), dtype=torch.float32)
+    calls = _spy_eigh(monkeypatch, fail_float32=corrupt)
+    root = matrix._refreshed_root(factor, 0.5, 1e-3, None)
+    assert calls == [torch.float32, torch.float64]
+    ref = _exact_root(factor.double().numpy() + 1e-3 * np.eye(12), 0.5)
+    np.testing.assert_allclose(root.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_generated_module_shows_the_matrix_stage(tmp_path):
     out = curvc.compile_file("specs/shampoo.curv", tmp_path, backend="triton")
     text = out.read_text()
