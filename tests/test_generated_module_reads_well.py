@@ -98,4 +98,5 @@ def test_a_tuple_hyperparameter_documents_each_entry():
 def test_a_generated_module_compiles_for_every_shipped_spec():
     for name in compiler.available():
         source, file = compiler.read(name)
-        compile(compiler.to_module_source(source, file), file, "exec")
+        code = compile(compiler.to_module_source(source, file), file, "exec")
+        assert compiler.to_ir(source, file).name in code.co_names  # the class is defined

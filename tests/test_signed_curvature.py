@@ -49,13 +49,16 @@ def test_the_hessian_diagonal_is_refused_by_check_for_the_same_reason():
 
 @pytest.mark.parametrize("length", ["none", "none\nclip elementwise(1)"])
 def test_hutchinson_without_a_root_still_compiles(length):
-    curvc.to_plan(curvc.to_ir(HESSIAN_ADAM.format(modifier="", length=length, damping="floor(eps)")))
+    plan = curvc.to_plan(curvc.to_ir(HESSIAN_ADAM.format(modifier="", length=length,
+                                                         damping="floor(eps)")))
+    assert plan.estimator.kind == "hutchinson" and plan.stores
 
 
 @pytest.mark.parametrize("name", ["adahessian", "sophia_h"])
 def test_the_shipped_hutchinson_specs_are_unaffected(name):
     path = resources.shipped_specs()[name]
-    curvc.to_plan(curvc.to_ir(path.read_text(), str(path)))
+    plan = curvc.to_plan(curvc.to_ir(path.read_text(), str(path)))
+    assert plan.estimator.kind == "hutchinson" and plan.stores
 
 
 @pytest.mark.parametrize("length", ["gradient_norm", "eigen_sign"])

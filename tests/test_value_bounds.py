@@ -109,5 +109,7 @@ def test_param_group_refuses_an_unbounded_count(classes):
 
 def test_constructor_accepts_counts_at_their_bounds(classes):
     p = torch.nn.Parameter(torch.zeros(3))
-    classes["adahessian"]([p], n_samples=10_000, update_each=2 ** 24)
-    classes["lbfgs"]([p], history_size=100_000, max_iter=1_000_000)
+    opt = classes["adahessian"]([p], n_samples=10_000, update_each=2 ** 24)
+    assert opt.param_groups[0]["n_samples"] == 10_000
+    opt = classes["lbfgs"]([p], history_size=100_000, max_iter=1_000_000)
+    assert opt.param_groups[0]["history_size"] == 100_000
