@@ -324,8 +324,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                     self._estimate_from_graph(guard)
                 if not self._estimates:  # refuse before any state changes
                     raise RuntimeError(self._missing_estimate_message(self.ESTIMATOR[0]))
-            guard.check([(self._index(p), "curvature estimate", e)
-                         for p, e in self._estimates.items()])
+            if guard.active:  # positions are for an error message: built only when checked
+                index = self._positions()
+                guard.check([(index[p], "curvature estimate", e)
+                             for p, e in self._estimates.items()])
             kfac = self._estimator_kind() == "kfac" and curvature is None  # decided on the host
             # Kronecker factors and K-FAC statistics live outside the plan: the host decides.
             skip = skip or ((kfac or not self.ELEMENTWISE) and guard.skips_on_host())
@@ -357,10 +359,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         self._estimates = {}
         return loss
 
-    def _index(self, p: torch.Tensor) -> int:
-        """``p``'s position over all param groups (what an error names)."""
-        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
-                    if q is p)
+    def _positions(self) -> dict:
+        """Each parameter's position over all param groups (what an error names)."""
+        return {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
 
 
 def _finite_number(v) -> bool:
