@@ -122,8 +122,7 @@ def step_of(cls, prob: Problem, idx: torch.Tensor | None = None,
     model = copy.deepcopy(prob.model)
     params = list(model.parameters())
     start = torch.cat([p.detach().reshape(-1) for p in params])
-    est = cls.ESTIMATOR[0] if cls.ESTIMATOR else None
-    opt = cls(model if est == "kfac" else params, **(hypers or {}))
+    opt = cls(model, **(hypers or {}))  # the model: K-FAC hooks its layers
     if cls.secant is not None:
         def closure():
             opt.zero_grad()

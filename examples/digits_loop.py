@@ -89,7 +89,7 @@ def make_optimizer(Opt, model: torch.nn.Module, lr: float | None):
     kw = {"lr": lr} if lr is not None else {}
     if Opt.secant is not None:
         kw["line_search_fn"] = "strong_wolfe"  # L-BFGS on minibatches needs a line search
-    return Opt(model if estimator_of(Opt) == "kfac" else model.parameters(), **kw)
+    return Opt(model, **kw)  # every compiled optimizer takes the model; K-FAC hooks its layers
 
 
 def describe(Opt) -> str:

@@ -55,3 +55,13 @@ def test_param_groups_keep_biases_and_norm_layers_out_of_weight_decay():
     opt = curvc.load("adamw")(groups, lr=1e-2)  # a drop-in for torch's param groups
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
     assert len(curvc.param_groups(torch.nn.Linear(2, 2, bias=False))) == 1  # no empty group
+
+
+def test_every_optimizer_takes_the_model_as_well_as_its_parameters():
+    import torch
+    model = torch.nn.Linear(3, 2)
+    for name in ("adam", "shampoo", "kfac"):
+        opt = curvc.load(name)(model, lr=0.1)
+        assert opt.param_groups[0]["params"] == list(model.parameters())
+    assert opt._tracker is not None  # K-FAC hooked the layer
+    assert curvc.load("adam")(model)._tracker is None

@@ -84,8 +84,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         model = None
-        if isinstance(params, torch.nn.Module) and self._estimator_kind() == "kfac":
-            model, params = params, params.parameters()  # K-FAC hooks the model's layers
+        if isinstance(params, torch.nn.Module):  # any optimizer takes the model itself;
+            model, params = params, params.parameters()  # K-FAC also hooks its layers
         choice = defaults.get("state_dtype")
         if not (choice is None or choice == "param" or isinstance(choice, torch.dtype)):
             raise ValueError(f"Invalid state_dtype: {choice!r} (None, 'param' or a torch.dtype)")
@@ -105,7 +105,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self._check_secant_groups()
         self._estimates: dict = {}
         self._tracker = None
-        if model is not None:
+        if model is not None and self._estimator_kind() == "kfac":
             self.track(model)
 
     def _check_secant_groups(self) -> None:
