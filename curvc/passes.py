@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from curvc.fold import div, mul
 from curvc.plan import (NONFINITE_FLAG, NONFINITE_VALUE, Expr, Load, Op, Plan,
                         Precondition, Reduced, Scalar, Select, walk)
 
@@ -29,7 +30,6 @@ def divide_by_reciprocal(plan: Plan) -> Plan:
         if isinstance(e, Op):
             args = tuple(visit(a) for a in e.args)
             if e.op == "div" and _is_host(args[1]) and not _is_host(args[0]):
-                from curvc.lower import div, mul  # the folding helpers (lower imports us)
                 return mul(args[0], div(1.0, args[1]))
             return replace(e, args=args)
         if isinstance(e, Select):

@@ -5,7 +5,7 @@ import math
 import re
 from pathlib import Path
 
-from curvc.lower import add, div, mul, op, sub
+from curvc.fold import add, div, mul, op, sub
 from curvc.plan import Const, Load, Op
 
 X = Load("grad")
