@@ -255,7 +255,7 @@ except ImportError:  # the torch path works without Triton
 if triton is None:
     _triton_step = _triton_reduce = None
 else:
-    from curvc.backends.triton import Tables as _Tables
+    from curvc.backends.triton_tables import Tables as _Tables
 
     @triton.jit
     def _div(a, b):
