@@ -398,11 +398,11 @@ def _fused(new: Op, old: Op, once) -> Op:
     return new
 
 
-def render_foreach_update(plan: Plan, buf: IndentedBuffer) -> dict:
+def render_foreach_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
     fused = fuse(plan)
     sig = update_signature(fused, schedule(plan_roots(fused), _leaf))
-    buf.writeline(f"def _foreach_update({signature_text(sig)}):")
+    buf.writeline(f"def _foreach_update{suffix}({signature_text(sig)}):")
     with buf.indent():
         buf.writeline('"""A bucket\'s step: ``update`` over lists, one foreach op per node."""')
         buf.writeline("if not param:")
@@ -477,14 +477,20 @@ def _render_body(plan: Plan, buf: IndentedBuffer) -> None:
         buf.splice(line)
 
 
-def render(plan: Plan) -> str:
-    """The foreach section of a generated module (after the torch section: it needs ``torch``)."""
+def render_helpers() -> str:
+    """What every foreach kernel of a module calls (emitted once)."""
+    return _CAST
+
+
+def render(plan: Plan, suffix: str = "", helpers: bool = True) -> str:
+    """The foreach section of one kernel (after the torch section: it needs ``torch``)."""
     buf = IndentedBuffer()
-    buf.splice(_CAST)
+    if helpers:
+        buf.splice(_CAST)
+        buf.writeline()
+        buf.writeline()
+    sig = render_foreach_update(plan, buf, suffix)
     buf.writeline()
     buf.writeline()
-    sig = render_foreach_update(plan, buf)
-    buf.writeline()
-    buf.writeline()
-    buf.writeline(f"_FOREACH_ARGS = {sig!r}")
+    buf.writeline(f"_FOREACH_ARGS{suffix} = {sig!r}")
     return buf.getvalue()

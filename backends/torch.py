@@ -10,9 +10,12 @@ parameter dtype.
 """
 from __future__ import annotations
 
-from curvc.plan import Const, Load, Op, Plan, Precondition, Reduced, Scalar, Select
-from curvc.backends.render import (Guard, IndentedBuffer, Renderer, Stmt, flag_name, guard_text,
-                                   plan_roots, reduced_name, scalar_name, schedule)
+import textwrap
+
+from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select, walk
+from curvc.schedule import Extern
+from curvc.backends.render import (Guard, IndentedBuffer, PythonHost, Renderer, Stmt, flag_name,
+                                   guard_text, plan_roots, reduced_name, scalar_name, schedule)
 
 
 # A matrix stage's statistic -> the curvc.runtime.matrix function that runs it.
@@ -25,22 +28,8 @@ class TorchRenderer(Renderer):
            "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)",
            "keep_if": "torch.where({0} != 0, {1}, {2})"}
 
-    def __init__(self, tensors: set[str], stages: dict | None = None):
+    def __init__(self, tensors: set[str]):
         self.tensors = tensors  # names holding tensors (the rest are Python floats)
-        self.stages = stages or {}  # matrix stages by name
-
-    def render_precondition(self, node: Precondition, args: list[str]) -> str:
-        """A call into curvc.runtime.matrix, which keeps the factors in ``state``."""
-        stage = self.stages[node.stage]
-        statistic, value, *params = args
-        kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
-              f"accumulate={stage.accumulate!r}",
-              f"update={_flag_or_true(stage.accumulate_when)}",
-              f"refresh={_flag_or_true(stage.refresh)}",
-              *(f"{n}={a}" for n, a in zip(stage.params, params)),
-              f"per_mode={stage.per_mode}"]
-        fn = MATRIX_FUNCTIONS[stage.statistic]
-        return f"matrix.{fn}(state, {statistic}, {value}, " + ", ".join(kw) + ")"
 
     def render_op(self, node: Op, args: list[str]) -> str:
         if node.op in ("maximum", "minimum"):
@@ -63,8 +52,6 @@ class TorchRenderer(Renderer):
         node = st.node
         if isinstance(node, Select):
             text = self.render_select(node, names[node.then], names[node.other])
-        elif isinstance(node, Precondition):
-            text = self.render_precondition(node, [names[a] for a in node.args])
         else:
             text = self.render_op(node, [names[a] for a in node.args])
         return f"{st.name} = {text}"
@@ -119,21 +106,16 @@ def _signature(plan: Plan, sched, tensor_args: list[str]) -> tuple[list[str], li
     return scalars, reduced, flags
 
 
-def render_update(plan: Plan, buf: IndentedBuffer) -> dict:
+def render_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``update(...)``, the step of one tensor. Returns what its signature takes."""
     roots = plan_roots(plan)
     sched = schedule(roots, _leaf)
-    r = TorchRenderer(_tensor_names(plan, sched, roots), {m.name: m for m in plan.matrix})
+    r = TorchRenderer(_tensor_names(plan, sched, roots))
     sig = update_signature(plan, sched)
-    tensors = [t for t in sig["tensors"] if t != "state"]
-    buf.writeline(f"def _update({signature_text(sig)}):")
+    tensors = sig["tensors"]
+    buf.writeline(f"def _update{suffix}({signature_text(sig)}):")
     with buf.indent():
-        if plan.matrix:
-            buf.writeline('"""One tensor\'s step: every value computed from old state, then stored')
-            buf.writeline("(``state``, the tensor's optimizer state, holds its matrix factors, which")
-            buf.writeline('curvc.runtime.matrix updates in place)."""')
-        else:
-            buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
+        buf.writeline('"""One tensor\'s step: every value computed from old state, then stored."""')
         buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
         for t in tensors:
             buf.writeline(f"{t}_ = None if {t} is None else {t}.to(cdt)")
@@ -153,10 +135,7 @@ def update_signature(plan: Plan, sched) -> dict:
     """What the update of ``plan`` takes, in order (``sched``: its stores' schedule)."""
     tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
     scalars, reduced, flags = _signature(plan, sched, tensors)
-    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when}
-                   | {f for m in plan.matrix for f in (m.refresh, m.accumulate_when) if f})
-    if plan.matrix:
-        tensors.append("state")
+    flags = sorted(set(flags) | {st.when for st in plan.stores if st.when})
     return {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
 
 
@@ -167,7 +146,7 @@ def signature_text(sig: dict) -> str:
                      + [flag_name(n) for n in sig["flags"]])
 
 
-def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
+def render_reductions(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """One ``reduce_<name>(...)`` per global reduction: this tensor's partial sum."""
     out = {}
     for red in plan.reductions:
@@ -176,7 +155,7 @@ def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
         tensors = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
         scalars, reduced, flags = _signature(plan, sched, tensors)
         sig = {"tensors": tensors, "scalars": scalars, "reduced": reduced, "flags": flags}
-        buf.writeline(f"def _reduce_{red.name}({signature_text(sig)}):")
+        buf.writeline(f"def _reduce_{red.name}{suffix}({signature_text(sig)}):")
         with buf.indent():
             buf.writeline("cdt = torch.promote_types(param.dtype, torch.float32)")
             for t in tensors:
@@ -189,13 +168,42 @@ def render_reductions(plan: Plan, buf: IndentedBuffer) -> dict:
     return out
 
 
-def render(plan: Plan) -> str:
-    """The torch section of a generated module."""
+def render(plan: Plan, suffix: str = "") -> str:
+    """The torch section of one kernel of a generated module."""
     buf = IndentedBuffer()
-    sig = render_update(plan, buf)
+    sig = render_update(plan, buf, suffix)
     buf.writeline()
     buf.writeline()
-    reds = render_reductions(plan, buf)
-    buf.writeline(f"_UPDATE_ARGS = {sig!r}")
-    buf.writeline(f"_REDUCE_ARGS = {reds!r}")
+    reds = render_reductions(plan, buf, suffix)
+    buf.writeline(f"_UPDATE_ARGS{suffix} = {sig!r}")
+    buf.writeline(f"_REDUCE_ARGS{suffix} = {reds!r}")
     return buf.getvalue()
+
+
+def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
+    """``_<name>(state, <inputs>, <scalars>, <flags>)``: one tensor's call into
+    curvc.runtime.matrix, which keeps the factors in ``state`` (the tensor's optimizer
+    state) and returns the preconditioned value. Returns what its signature takes."""
+    stage = ext.stage
+    host = PythonHost()
+    params = [host.render_inline(e, lambda x: scalar_name(x.name)) for e in ext.params]
+    scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
+    flags = sorted({f for f in (stage.refresh, stage.accumulate_when) if f})
+    sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [], "flags": flags}
+    kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
+          f"accumulate={stage.accumulate!r}", f"update={_flag_or_true(stage.accumulate_when)}",
+          f"refresh={_flag_or_true(stage.refresh)}", f"length={stage.length!r}",
+          *(f"{n}={a}" for n, a in zip(stage.params, params)), f"per_mode={stage.per_mode}"]
+    buf.writeline(f"def _{ext.name}({signature_text(sig)}):")
+    with buf.indent():
+        doc = textwrap.wrap(stage.doc, buf.room - 6)
+        buf.writelines(['"""' + doc[0]] + doc[1:-1] + [doc[-1] + '"""'] if len(doc) > 1
+                       else ['"""' + doc[0] + '"""'])
+        fn = MATRIX_FUNCTIONS[stage.statistic]
+        statistic, value = ext.inputs[0], ext.inputs[-1]  # one tensor when they are the same
+        # a kernel's temporaries are in the compute dtype already; a raw input may not be
+        buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")
+        buf.writeline(f"return matrix.{fn}(state, {statistic}.to(cdt), {value}.to(cdt), "
+                      + ", ".join(kw) + ")")
+    return sig
+

@@ -212,10 +212,10 @@ def _store_line(target: str, value: str) -> str:
     return f"_store({target}_addr, offs, {value}, mask, {_dtype_arg(target)})"
 
 
-def render_update(plan: Plan, buf: IndentedBuffer) -> _Kernel:
+def render_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> _Kernel:
     k = _Kernel(plan, plan_roots(plan), plan.stores)
     buf.writeline("@triton.jit")
-    buf.writeline("def _update_kernel(")
+    buf.writeline(f"def _update_kernel{suffix}(")
     with buf.indent(2):
         k.signature(buf, [])
     with buf.indent():
@@ -229,13 +229,13 @@ def render_update(plan: Plan, buf: IndentedBuffer) -> _Kernel:
     return k
 
 
-def render_reduce(plan: Plan, buf: IndentedBuffer) -> _Kernel:
+def render_reduce(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> _Kernel:
     roots = [(red.value, Guard()) for red in plan.reductions]
     k = _Kernel(plan, roots)
     if k.reduced:
         raise NotImplementedError("a reduction that reads another reduction")
     buf.writeline("@triton.jit")
-    buf.writeline("def _reduce_kernel(")
+    buf.writeline(f"def _reduce_kernel{suffix}(")
     with buf.indent(2):
         k.signature(buf, [(["partials"], "out: [reductions, blocks] float64")])
     with buf.indent():
@@ -294,57 +294,67 @@ def _launch_args(k: _Kernel, buf: IndentedBuffer, extra: list[str]) -> None:
                          + ["CDT=t.compute", "BLOCK=t.block", "num_warps=t.num_warps"], ")"))
 
 
-def render(plan: Plan) -> str:
-    """The Triton section of a generated module (imports cleanly without Triton)."""
+def render(kernels) -> str:
+    """The Triton section of a generated module (imports cleanly without Triton):
+    ``kernels`` is a plan, or (suffix, plan) pairs, one per kernel of the program."""
+    if isinstance(kernels, Plan):
+        kernels = [("", kernels)]
     buf = IndentedBuffer()
-    roles = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
-    stored = [st.target for st in plan.stores]
+    nothing = " = ".join(f"_triton_step{x} = _triton_reduce{x}" for x, _ in kernels) + " = None"
     buf.writelines(["try:", "    import triton", "    import triton.language as tl",
                     "except ImportError:  # the torch path works without Triton",
                     "    triton = None", "",
-                    "if triton is None:", "    _triton_step = _triton_reduce = None", "else:"])
+                    "if triton is None:", f"    {nothing}", "else:"])
     with buf.indent():
         buf.writeline("from curvc.backends.triton_tables import Tables as _Tables")
         buf.writeline()
         buf.splice(_HELPERS)
-        buf.writeline()
-        upd = render_update(plan, buf)
-        buf.writeline()
-        red = render_reduce(plan, buf) if plan.reductions else None
-        if red:
+        for suffix, plan in kernels:
             buf.writeline()
-        buf.writeline(f"_TABLES = _Tables({roles!r}, stored={sorted(set(stored))!r})")
-        buf.writeline()
-        buf.writeline("def _triton_step(bucket, scalars, flags, reduced):")
-        with buf.indent():
-            buf.writeline('"""The bucket\'s step: one _update_kernel launch for all its tensors."""')
-            buf.writeline("for t in _TABLES.launches(bucket, _update_kernel):")
-            with buf.indent():
-                buf.writeline("_update_kernel[(t.blocks,)](")
-                with buf.indent():
-                    _launch_args(upd, buf, [])
-                buf.writeline("t.finish()")
-        buf.writeline()
-        buf.writeline("def _triton_reduce(bucket, scalars, flags):")
-        with buf.indent():
-            if red is None:
-                buf.writeline('"""No global reductions in this plan."""')
-                buf.writeline("return {}")
-            else:
-                names = [r.name for r in plan.reductions]
-                rows = len(names)
-                buf.writeline('"""Partial sums over the bucket, as 0-d float64 device tensors."""')
-                buf.writeline("total = None")
-                buf.writeline("for t in _TABLES.launches(bucket, _reduce_kernel):")
-                with buf.indent():
-                    buf.writeline(f"partials = t.partials({rows})")
-                    buf.writeline("_reduce_kernel[(t.blocks,)](")
-                    with buf.indent():
-                        _launch_args(red, buf, ["partials=partials"])
-                    buf.writeline(f"sums = partials.view({rows}, t.blocks).sum(dim=1)")
-                    buf.writeline("total = sums if total is None else total + sums")
-                buf.writeline("if total is None:  # no elements")
-                buf.writeline(f"    total = _TABLES.zeros(bucket, {rows})")
-                buf.writeline("return {" + ", ".join(f"{n!r}: total[{i}]" for i, n in enumerate(names))
-                              + "}")
+            _render_kernel(plan, suffix, buf)
     return buf.getvalue()
+
+
+def _render_kernel(plan: Plan, x: str, buf: IndentedBuffer) -> None:
+    """One kernel's ``_update_kernel``, ``_reduce_kernel`` and their launchers."""
+    roles = ["param", "grad", *plan.inputs, *(b.name for b in plan.buffers)]
+    stored = [st.target for st in plan.stores]
+    upd = render_update(plan, buf, x)
+    buf.writeline()
+    red = render_reduce(plan, buf, x) if plan.reductions else None
+    if red:
+        buf.writeline()
+    buf.writeline(f"_TABLES{x} = _Tables({roles!r}, stored={sorted(set(stored))!r})")
+    buf.writeline()
+    buf.writeline(f"def _triton_step{x}(bucket, scalars, flags, reduced):")
+    with buf.indent():
+        buf.writeline(f'"""The bucket\'s pass: one _update_kernel{x} launch for all its tensors."""')
+        buf.writeline(f"for t in _TABLES{x}.launches(bucket, _update_kernel{x}):")
+        with buf.indent():
+            buf.writeline(f"_update_kernel{x}[(t.blocks,)](")
+            with buf.indent():
+                _launch_args(upd, buf, [])
+            buf.writeline("t.finish()")
+    buf.writeline()
+    buf.writeline(f"def _triton_reduce{x}(bucket, scalars, flags):")
+    with buf.indent():
+        if red is None:
+            buf.writeline('"""No global reductions in this kernel."""')
+            buf.writeline("return {}")
+            return
+        names = [r.name for r in plan.reductions]
+        rows = len(names)
+        buf.writeline('"""Partial sums over the bucket, as 0-d float64 device tensors."""')
+        buf.writeline("total = None")
+        buf.writeline(f"for t in _TABLES{x}.launches(bucket, _reduce_kernel{x}):")
+        with buf.indent():
+            buf.writeline(f"partials = t.partials({rows})")
+            buf.writeline(f"_reduce_kernel{x}[(t.blocks,)](")
+            with buf.indent():
+                _launch_args(red, buf, ["partials=partials"])
+            buf.writeline(f"sums = partials.view({rows}, t.blocks).sum(dim=1)")
+            buf.writeline("total = sums if total is None else total + sums")
+        buf.writeline("if total is None:  # no elements")
+        buf.writeline(f"    total = _TABLES{x}.zeros(bucket, {rows})")
+        buf.writeline("return {" + ", ".join(f"{n!r}: total[{i}]" for i, n in enumerate(names))
+                      + "}")

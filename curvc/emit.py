@@ -14,7 +14,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import fields
 
-from curvc import explain, ir, language, names
+from curvc import explain, ir, language, names, schedule
 from curvc.plan import Plan
 from curvc.version import __version__
 from curvc.backends import BACKENDS
@@ -69,6 +69,11 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("from curvc.runtime import CurvOptimizer")
     if plan.matrix:
         buf.writeline("from curvc.runtime import matrix")
+    if plan.secant is None and plan.dense is None:
+        # private names: the module's public names are the class and names.MODULE_IMPORTS
+        extern = "Extern as _Extern, " if plan.matrix else ""
+        buf.writeline(f"from curvc.runtime.program import {extern}Kernel as _Kernel, "
+                      "Program as _Program")
     buf.writeline()
     buf.writeline()
     render_host(plan, buf)
@@ -79,33 +84,88 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     elif plan.dense is not None:
         _emit_dense(plan, buf)
     else:
-        buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
-        buf.writeline()
-        buf.splice(torch_backend.render(plan))
-        buf.writeline()
-        buf.writeline()
-        if not plan.elementwise:
-            # Matrix products and roots go to torch (cuBLAS/LAPACK) on every device,
-            # one tensor at a time; there is no elementwise pass to fuse across tensors.
-            buf.writeline("# --- matrix stages run per tensor through torch on every device ---")
-            buf.writeline("_foreach_update = _FOREACH_ARGS = None")
-            buf.writeline("_triton_step = _triton_reduce = None")
-        else:
-            buf.writeline("# --- foreach: the same step for many small tensors at once ---")
-            buf.writeline()
-            buf.splice(foreach_backend.render(plan))
-            buf.writeline()
-            if backend in ("triton", "auto"):
-                from curvc.backends import triton as triton_backend
-                buf.writeline("# --- triton: fused multi-tensor kernels ---")
-                buf.writeline()
-                buf.splice(triton_backend.render(plan))
-            else:
-                buf.writeline("_triton_step = _triton_reduce = None")
+        _emit_program(schedule.split(plan), backend, buf)
     buf.writeline()
     buf.writeline()
     _emit_class(opt, plan, backend, buf)
     return buf.getvalue()
+
+
+def _suffix(k: schedule.Kernel) -> str:
+    return f"_{k.name}" if k.name else ""
+
+
+def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) -> None:
+    """Each kernel in every rendering, each extern's call, and ``_step``, which runs them
+    in order (curvc.runtime.program)."""
+    kernels = program.kernels
+    buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
+    buf.writeline()
+    for step in program.steps:
+        if isinstance(step, schedule.Kernel):
+            buf.splice(torch_backend.render(step.plan, _suffix(step)))
+        else:
+            buf.writeline("# a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time")
+            sig = torch_backend.render_extern(step, buf)
+            buf.writeline(f"_EXTERN_ARGS_{step.name} = {sig!r}")
+        buf.writeline()
+        buf.writeline()
+    buf.writeline("# --- foreach: the same kernels for many small tensors at once ---")
+    buf.writeline()
+    buf.splice(foreach_backend.render_helpers())
+    for k in kernels:
+        buf.writeline()
+        buf.writeline()
+        buf.splice(foreach_backend.render(k.plan, _suffix(k), helpers=False))
+    buf.writeline()
+    suffixes = [_suffix(k) for k in kernels]
+    if backend in ("triton", "auto"):
+        from curvc.backends import triton as triton_backend
+        buf.writeline("# --- triton: fused multi-tensor kernels ---")
+        buf.writeline()
+        buf.splice(triton_backend.render([(_suffix(k), k.plan) for k in kernels]))
+    else:
+        buf.writeline(" = ".join(f"_triton_step{x} = _triton_reduce{x}" for x in suffixes)
+                      + " = None")
+    buf.writeline()
+    buf.writeline()
+    buf.writeline("# --- the step: its kernels and matrix calls, in order ---")
+    buf.writeline()
+    for k in kernels:
+        x = _suffix(k)
+        reduce = "{" + ", ".join(f"{r.name!r}: (_reduce_{r.name}{x}, _REDUCE_ARGS{x}[{r.name!r}])"
+                                 for r in k.plan.reductions) + "}"
+        items = [repr(k.name), f"_update{x}", f"_UPDATE_ARGS{x}", f"reduce={reduce}",
+                 f"foreach=_foreach_update{x}", f"triton=_triton_step{x}",
+                 f"triton_reduce=_triton_reduce{x}"]
+        if k.temporaries:
+            items.append(f"temporaries={k.temporaries!r}")
+        if not k.last:
+            items.append("counts_step=False")
+        buf.writelines(wrap_items(f"_KERNEL{x} = _Kernel(", items, ")", buf.room))
+    for e in program.externs:
+        buf.writeline(f"_EXTERN_{e.name} = _Extern({e.name!r}, _{e.name}, _EXTERN_ARGS_{e.name}, "
+                      f"{e.output!r})")
+    buf.writeline()
+    buf.writeline()
+    buf.writeline("def _step(run):")
+    with buf.indent():
+        buf.writeline('"""One optimizer step: each kernel over every tensor (its global sums '
+                      'first),')
+        buf.writeline('then the next; a matrix call runs per tensor between kernels."""')
+        for step in program.steps:
+            if isinstance(step, schedule.Kernel):
+                buf.writeline(f"run.kernel(_KERNEL{_suffix(step)})")
+            else:
+                buf.writeline(f"run.extern(_EXTERN_{step.name})")
+    buf.writeline()
+    buf.writeline()
+    def tup(names):
+        return "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
+    args = ["_step", tup([f"_KERNEL{x}" for x in suffixes])]
+    if program.externs:
+        args.append(tup([f"_EXTERN_{e.name}" for e in program.externs]))
+    buf.writelines(wrap_items("_PROGRAM = _Program(", args, ")", buf.room))
 
 
 def _wrap_text(text: str, width: int, prefix: str = "", hang: str = "    ") -> list[str]:
@@ -137,8 +197,7 @@ def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
         buf.writeline("return settings")
     buf.writeline()
     buf.writeline()
-    buf.writeline("_update = _foreach_update = _triton_step = _triton_reduce = None")
-    buf.writeline("_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}")
+    buf.writeline("_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)")
 
 
 def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
@@ -267,21 +326,12 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
             buf.writeline("# (estimator, the input it fills, on steps where this flag holds, its arguments)")
             buf.writeline(f"ESTIMATOR = ({est.kind!r}, {est.input!r}, {est.when!r}, "
                           f"lambda h: {{{args}}})")
-        buf.writeline(f"REDUCTIONS = {tuple(r.name for r in plan.reductions)!r}")
-        buf.writeline(f"ELEMENTWISE = {plan.elementwise!r}  # False: matrix or secant stages")
         if plan.secant is not None:
             buf.writeline("secant = staticmethod(_secant)  # settings of the quasi-Newton step")
         if plan.dense is not None:
             buf.writeline("dense = staticmethod(_dense)  # settings of the dense-curvature step")
         buf.writeline("host = staticmethod(_host)")
-        buf.writeline("torch_update = staticmethod(_update)")
-        buf.writeline("torch_reduce = {" + ", ".join(
-            f"{r.name!r}: _reduce_{r.name}" for r in plan.reductions) + "}")
-        buf.writeline("UPDATE_ARGS = _UPDATE_ARGS")
-        buf.writeline("foreach_update = staticmethod(_foreach_update) if _foreach_update else None")
-        buf.writeline("REDUCE_ARGS = _REDUCE_ARGS")
-        buf.writeline("triton_step = staticmethod(_triton_step) if _triton_step else None")
-        buf.writeline("triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None")
+        buf.writeline("PROGRAM = _PROGRAM")
         buf.writeline()
         keywords = names.constructor_keywords(opt.structure.kind)
         args = [f"{h.name}={_literal(h.default)}" for h in opt.hypers]

@@ -235,6 +235,8 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
               "        g unfolded along mode i (modes longer than max_dim keep none)"]
         eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
         eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
+        for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
+            eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
         left, right = "L", "R"
         power = f"-{_half(root_.exponent)}"  # a matrix: two factors share the root
         per_mode = f"order-k tensors: {_per_mode(root_.exponent)} per mode"
@@ -246,10 +248,23 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     after = f" + {root_.after} I" if root_.after else ""
 
     def root(f: str) -> str:
-        r = f"{inside.format(f)}^{power}"
-        return f"({r}{after})" if after else r
+        if opt.curvature.kind == "kfac" or not (after or root_.floor):
+            r = f"{inside.format(f)}^{power}"
+            return f"({r}{after})" if after else r
+        # the spectral function 1 / max(lam^e + after, floor)
+        r = f"{inside.format(f)}^{power[1:]}{after}"
+        return f"max({r}, {root_.floor})^-1" if root_.floor else f"({r})^-1"
 
-    eq.append(f"d     = {root(left)} {m} {root(right)}{every}" + (f"   ({per_mode})" if per_mode else ""))
+    if opt.length.kind == "eigen_sign" and opt.curvature.kind != "kfac":
+        eq.append(f"Q_L, w_L, Q_R, w_R = the eigenvectors and eigenvalues of L and R{every}")
+        scale = root("w_L").replace("I", "1") + " " + root("w_R").replace("I", "1")
+        eq.append(f"d     = Q_L [{scale} * sign(Q_L^T {m} Q_R)] Q_R^T"
+                  f"   (sign 0 at rounding level; {per_mode})")
+    else:
+        eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
+                  + (f"   ({per_mode})" if per_mode else ""))
+    if opt.length.kind == "normalized" and opt.curvature.kind != "kfac":
+        eq.append(f"d     = d / sqrt(sum({m} * d))   (over all parameters: ||d||_P = 1)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

@@ -322,35 +322,52 @@ def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
 
 
 def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
-    """d = (L_1 kron ... kron L_k)^-e m, one factor per mode of each tensor (Shampoo).
+    """d = f(L_1 kron ... kron L_k) m, one factor per mode of each tensor (Shampoo).
 
-    The factors accumulate the Gram matrices of the gradient's unfoldings;
-    the roots are refreshed every ``structure kronecker every k`` steps
-    (every step without it) and reused in between.
+    The factors accumulate the Gram matrices of the gradient's unfoldings (or hold
+    this step's, for ``iterate instant``); their spectral function is refreshed
+    every ``structure kronecker every k`` steps (every step without it) and reused
+    in between. The length axis picks f: P^-power/2 for a gradient-norm length
+    (Adam's square root, Shampoo's 1/4 on 2-D tensors), P^-1 for none and
+    normalized (then divided by ||m||_P^-1, one global reduction), and P^-1/2 of
+    the sign in the eigenbasis for eigen_sign.
     """
     st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
     refresh = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (_every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
-    # The length axis fixes the root of the whole product: P^-1/2 for a
-    # gradient-norm length (Adam's square root, Shampoo's 1/4 on 2-D tensors),
-    # P^-1 for none (Newton, natural gradient).
-    exponent = div(s.arg(ln.power), 2.0) if ln.kind == "gradient_norm" else Const(1.0)
+    if ln.kind == "gradient_norm":
+        exponent = div(s.arg(ln.power), 2.0)
+    elif ln.kind == "eigen_sign":
+        exponent = Const(0.5)
+    else:
+        exponent = Const(1.0)
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
+    correction = Const(1.0)
+    if it.kind == "ema" and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction",
+                                   sub(1.0, op("pow", s.arg(it.beta), _refresh_count(s, it.every))))
     params = {
         "beta": s.arg(it.beta) if it.kind == "ema" else Const(0.0),
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         "exponent": exponent,
         "eps_inside": eps if dmp.kind == "inside" else Const(0.0),
         "eps_after": eps if dmp.kind == "add" else Const(0.0),
+        "floor": eps if dmp.kind == "floor" else Const(0.0),
+        "bias_correction": correction,
         "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
     }
     stage = KroneckerStage(s.unique("kronecker"), "gradient", "pre_cond", "inv_pre_cond",
-                           "ema" if it.kind == "ema" else "sum", accumulate_when, refresh,
-                           per_mode=True)
+                           it.kind, accumulate_when, refresh, per_mode=True,
+                           length="eigen_sign" if ln.kind == "eigen_sign" else "root")
     s.matrix.append(stage)
-    return Precondition("precondition", (g, m, *(params[n] for n in stage.params)),
-                        stage=stage.name)
+    u = Precondition("precondition", (g, m, *(params[n] for n in stage.params)),
+                     stage=stage.name)
+    if ln.kind == "normalized":
+        # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), summed over every tensor
+        s.reductions.append(Reduction("norm_sq", mul(m, u)))
+        u = op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+    return lower_clip(s, u)
 
 
 def lower_clip(s: _Step, d: Expr) -> Expr:

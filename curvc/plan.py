@@ -175,22 +175,41 @@ class KroneckerStage:
     """One Kronecker-factored preconditioner per tensor (Shampoo's L and R).
 
     For a tensor of order k, mode i with size d_i <= max_dim keeps a d_i x d_i
-    factor ``<factors>_i`` (the Gram matrix of the statistic unfolded along
-    mode i, summed or averaged over steps) and its inverse root
-    ``<roots>_i = (factor + eps_inside I)^-e + eps_after I``, refreshed when the
-    flag ``refresh`` holds. ``e`` is ``exponent``, divided by k when
-    ``per_mode`` (the product of k Gram factors counts the gradient k times).
+    factor ``<factors>_i``: the Gram matrix of the statistic unfolded along mode
+    i, summed, averaged (ema) or this step's only (instant), and divided by
+    ``bias_correction`` before its root. Its spectral function, refreshed when the
+    flag ``refresh`` holds, is one scalar function of the factor's eigenvalues:
+
+    * ``length='root'``: ``R_i = f(L_i)`` with f(lam) = 1 / max((lam + eps_inside)^e,
+      floor), plus ``eps_after I``; the step is the value multiplied along every
+      mode by R_i;
+    * ``length='eigen_sign'``: the value rotated into the factors' eigenbasis Q, its
+      sign taken there, scaled by f(lam) per mode, and rotated back
+      (d = P^-1/2 Q sign(Q^T m), the paper's eigenbasis-normalized step).
+
+    ``e`` is ``exponent``, divided by k when ``per_mode`` (the product of k Gram
+    factors counts the gradient k times). A non-positive eigenvalue without
+    damping or floor gets 0 (the pseudo-inverse; ``curvc.runtime.matrix``).
     """
 
     name: str
     statistic: str  # 'gradient': each mode's Gram matrix of the unfolded gradient
     factors: str  # state-key prefixes (pytorch-optimizer's names, so checkpoints read alike)
     roots: str
-    accumulate: str  # 'sum' | 'ema'
+    accumulate: str  # 'sum' | 'ema' | 'instant'
     accumulate_when: str | None  # flag: accumulate on this step (None: every step)
     refresh: str | None  # flag: recompute the roots on this step (None: every step)
     per_mode: bool
-    params: tuple[str, ...] = ("beta", "init", "exponent", "eps_inside", "eps_after", "max_dim")
+    length: str = "root"  # 'root' | 'eigen_sign'
+    params: tuple[str, ...] = ("beta", "init", "exponent", "eps_inside", "eps_after", "floor",
+                               "bias_correction", "max_dim")
+
+    @property
+    def doc(self) -> str:
+        what = ("the value's sign in the factors' eigenbasis, scaled by their roots"
+                if self.length == "eigen_sign" else "the value times every mode's root")
+        return (f"One tensor's Kronecker step: factors accumulated ({self.accumulate}) from "
+                f"the statistic, then {what}.")
 
 
 @dataclass(frozen=True)

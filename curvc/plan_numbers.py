@@ -151,7 +151,7 @@ def _matrix_root(plan: Plan, text: _PlanText) -> Root | None:
         return None
     args = dict(zip(plan.stage(node.stage).params, node.args[2:]))
     return Root(text(args["exponent"], exponent=True) or "0", text(args["eps_inside"]),
-                text(args["eps_after"]))
+                text(args["eps_after"]), text(args["floor"]))
 
 
 def _bias_counts(plan: Plan, text: _PlanText):

@@ -131,6 +131,15 @@ def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
                      "when the eigenbasis is the coordinate basis (a diagonal structure)")
 
 
+def _rule_running_maximum_needs_coordinates(opt: ir.Optimizer) -> None:
+    it, st = opt.iterate, opt.structure
+    if it.keep_max is not None and it.keep_max != ir.Const(False) and \
+            st.kind not in ("diagonal", "scalar"):
+        raise _clash(it, "iterate ema(keep_max = ...)", st, f"structure {st.kind}",
+                     "a running maximum is taken coordinate by coordinate; matrices have no "
+                     "maximum (the order of positive semi-definite matrices is partial)")
+
+
 def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
     ln = opt.length
     if ln.kind == "normalized" and opt.clip.kind == "global_norm":
@@ -165,6 +174,7 @@ COMBINATION_RULES = (
     _rule_constant_is_scalar,
     _rule_constant_has_nothing_to_iterate,
     _rule_elementwise_clip_needs_coordinates,
+    _rule_running_maximum_needs_coordinates,
     _rule_normalized_step_needs_no_clip,
 )
 
@@ -235,7 +245,6 @@ def _keeps_max(it: ir.Iterate) -> bool:
 
 
 _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
-_KRONECKER_NORM_WHY = "the step norm would need the preconditioned step twice"
 _DENSE_WHY = "the dense step is taken on the raw gradient, over all parameters"
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
@@ -247,20 +256,6 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda opt: opt.curvature.kind != "empirical_fisher", _clause("curvature"),
             "curvature {kind} with structure kronecker",
             "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
-    Refusal("kronecker_iterate", "kronecker",
-            lambda opt: (opt.iterate.kind not in ("sum", "ema") or opt.iterate.bias_corrected
-                         or _keeps_max(opt.iterate)), _clause("iterate"),
-            "iterate {kind} with structure kronecker",
-            "Kronecker factors are summed or averaged (ema), without bias correction or a "
-            "maximum"),
-    Refusal("kronecker_length", "kronecker",
-            lambda opt: opt.length.kind not in ("none", "gradient_norm"), _clause("length"),
-            "length {kind} with structure kronecker", _KRONECKER_NORM_WHY),
-    Refusal("kronecker_damping_floor", "kronecker",
-            lambda opt: opt.damping.kind == "floor", _clause("damping"),
-            "damping floor with structure kronecker", _FLOOR_WHY),
-    Refusal("kronecker_clip", "kronecker", _used("clip"), _clause("clip"),
-            "clip {kind} with structure kronecker", _KRONECKER_NORM_WHY),
     # K-FAC's per-layer factors (curvc.runtime.kfac)
     Refusal("kfac_max_dim", "kfac",
             lambda opt: (opt.structure.max_dim is not None and opt.structure.max_dim

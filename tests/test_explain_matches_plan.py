@@ -120,12 +120,14 @@ def test_explain_prints_the_exponents_of_the_plan(name):
     if plan.matrix:
         args = _kronecker_args(plan)
         d = _line(lines, "d     = ")
-        for factor in ("L", "R"):  # (F + inside I)^-x, or (F^-x + after I)
-            m = re.search(rf"{factor}( \+ (\S+) I\))?\^-(\S+?)( \+ (\S+) I\))?(?: |$)", d)
+        for factor in ("L", "R"):  # (F + inside I)^-x, or ((F + inside I)^x + after I)^-1
+            m = re.search(rf"{factor}( \+ (\S+) I\))?\^(-?)(\S+?)( \+ (\S+) I\)\^-1)?(?: |$)",
+                          d)
             assert m, (factor, d)
-            assert Fraction(m.group(3)) == Fraction(args["exponent"] / 2).limit_denominator(64)
+            assert Fraction(m.group(4)) == Fraction(args["exponent"] / 2).limit_denominator(64)
             assert (m.group(2) is not None) == (args["eps_inside"] != 0), d
-            assert (m.group(5) is not None) == (args["eps_after"] != 0), d
+            assert (m.group(6) is not None) == (args["eps_after"] != 0), d
+            assert (m.group(3) == "-") == (args["eps_after"] == 0), d  # inverted once
     elif plan.dense is not None:
         st = plan.dense
         # curvc.runtime.dense: w^(power/2) for gradient_norm, sqrt for eigen_sign, w otherwise
@@ -192,9 +194,9 @@ def test_shampoo_with_power_2_is_documented_with_the_exponent_it_runs():
 
 
 def test_a_spec_curvc_does_not_compile_is_explained_from_its_ir_and_says_so():
-    path = Path(__file__).parent / "errors" / "codegen_kronecker_normalized.curv"
+    path = Path(__file__).parent / "errors" / "codegen_kronecker_curvature.curv"
     out = explain.explain(curvc.to_ir(path.read_text(), str(path)))
-    assert "not compiled (length normalized with structure kronecker" in out
+    assert "not compiled (curvature fisher with structure kronecker" in out
 
 
 def _inverse_root(m, x):

@@ -105,7 +105,8 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
     hypers = dict(VARIANTS[spec][variant])
     zero_grad = hypers.pop("zero_grad", False)
     cls, mod, foreach_update, fargs = generated(spec)
-    assert fargs == cls.UPDATE_ARGS
+    kernel, = cls.PROGRAM.kernels  # an elementwise spec: one kernel
+    assert fargs == kernel.args
     gen = torch.Generator().manual_seed(sum(map(ord, spec)) + variant)
     opt = cls([torch.zeros(1, requires_grad=True)], lr=0.05, **hypers)
     h = opt._flat_hypers(opt.param_groups[0])
@@ -135,13 +136,13 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
             inputs as None."""
             cols = {"param": params, "grad": grads, **inputs}
             return [cols[n] if n in cols else state.get(n, [None] * len(params))
-                    for n in cls.UPDATE_ARGS["tensors"]]
+                    for n in kernel.args["tensors"]]
 
         # Reductions: summed over the bucket from the (identical) old values, as the runtime does.
         reduced = {}
-        for rname, spec_r in cls.REDUCE_ARGS.items():
+        for rname, (_, spec_r) in kernel.reduce.items():
             args_r = _arguments(spec_r, scalars, {}, flags)
-            cols = dict(zip(cls.UPDATE_ARGS["tensors"], lists(state_b, params_b)))
+            cols = dict(zip(kernel.args["tensors"], lists(state_b, params_b)))
             rows = zip(*[[None] * len(params_b) if cols[n] is None else cols[n]
                          for n in spec_r["tensors"]])
             reduced[rname] = sum(mod.__dict__[f"_reduce_{rname}"](*row, *args_r).double()
@@ -153,7 +154,7 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
         foreach_update(*lists(state_a, params_a), *args)
         cols_b = [[None] * len(params_b) if c is None else c for c in lists(state_b, params_b)]
         for row in zip(*cols_b):
-            cls.torch_update(*row, *args)
+            kernel.update(*row, *args)
 
         after = [g for g in grads] + [t for v in inputs.values() if v for t in v]
         assert all(torch.equal(x, y) for x, y in zip(after, frozen)), "inputs were modified"

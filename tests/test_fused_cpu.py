@@ -267,3 +267,16 @@ def test_the_one_time_compile_says_so_on_stderr(capfd, monkeypatch):
     cls.__dict__["_fused_kernels"].clear()
     _run(cls, dict(lr=1e-2), fused=True, steps=1)
     assert "compiling" not in capfd.readouterr().err
+
+
+def test_many_compiled_kernels_in_one_process_do_not_meet_dynamo_s_recompile_limit(monkeypatch):
+    """Every fused kernel is compiled from its own code object: with the limit at 1, a
+    second optimizer's kernel still compiles (sharing one code object, it fell back)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback warns
+        for spec, kwargs in (("sgd", dict(lr=1e-2, momentum=0.5)), ("adagrad", dict(lr=1e-2))):
+            cls = curvc.load(spec, backend="torch")
+            _, opt = _run(cls, kwargs, fused=True, steps=1)
+            assert all(k is not None for k in cls.__dict__["_fused_kernels"].values())

@@ -87,7 +87,7 @@ def test_shampoo_matches_pytorch_optimizer_on_tensors_of_every_order():
 def _reference_step(state, theta, g, *, lr, every, step, root, eps_inside=0.0, eps_after=0.0,
                     beta=None, init=0.0, max_dim=None, per_mode=True):
     """One Kronecker-preconditioned step in numpy: L_i accumulates G_(i) G_(i)^T,
-    R_i = (L_i + eps_inside I)^(-root/k) + eps_after I, refreshed on steps 1, 1+every, ...,
+    R_i = ((L_i + eps_inside I)^(root/k) + eps_after I)^-1, refreshed on steps 1, 1+every, ...,
     d = G x_1 R_1 x_2 ... x_k R_k."""
     k = g.ndim
     d = g.copy()
@@ -100,8 +100,8 @@ def _reference_step(state, theta, g, *, lr, every, step, root, eps_inside=0.0, e
         state[("L", i)] = L + gram if beta is None else beta * L + (1 - beta) * gram
         if (step - 1) % every == 0:
             e = root / k if per_mode else root
-            state[("R", i)] = np.real(scipy_linalg.fractional_matrix_power(
-                state[("L", i)] + eps_inside * np.eye(n), -e)) + eps_after * np.eye(n)
+            state[("R", i)] = np.linalg.inv(np.real(scipy_linalg.fractional_matrix_power(
+                state[("L", i)] + eps_inside * np.eye(n), e)) + eps_after * np.eye(n))
         moved = np.moveaxis(d, i, 0)
         d = np.moveaxis(np.tensordot(state[("R", i)], moved, axes=1), 0, i)
     return theta - lr * d
@@ -145,7 +145,8 @@ def test_ema_factors_with_damping_inside_and_length_none_match_the_equations(tmp
 
 
 def test_damping_after_the_root_and_max_dim_match_the_equations(tmp_path):
-    """``damping add`` adds eps I to each root; modes longer than max_dim keep no factor."""
+    """``damping add`` adds eps I to each factor's root before it is inverted (P + eps after
+    the root, as for every structure); modes longer than max_dim keep no factor."""
     Ours = _spec(tmp_path, "hyper lr = 0.02, eps = 0.5\n"
                            "curvature empirical_fisher\nstructure kronecker(max_dim = 5)\n"
                            "iterate sum(init = 0.01)\nlength gradient_norm\ndamping add(eps)\n")
@@ -231,9 +232,9 @@ def test_a_failed_root_keeps_the_previous_one_with_a_warning():
     from curvc.runtime import matrix
     state: dict = {}
     g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    kw = dict(factors="L", roots="R", accumulate="sum", update=True, refresh=True, beta=0.0,
-              init=1e-3, exponent=0.5, eps_inside=0.0, eps_after=0.0, max_dim=100.0,
-              per_mode=True)
+    kw = dict(factors="L", roots="R", accumulate="sum", update=True, refresh=True,
+              length="root", beta=0.0, init=1e-3, exponent=0.5, eps_inside=0.0, eps_after=0.0,
+              floor=0.0, bias_correction=1.0, max_dim=100.0, per_mode=True)
     matrix.kronecker(state, g, g, **kw)
     before = state["R_0"].clone()
     bad = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]])
@@ -274,7 +275,7 @@ def test_a_float32_factor_takes_a_float32_root_as_accurate_as_float32_allows(mon
     exact = _factor_with_spectrum(np.logspace(0, -3, n))  # condition number kappa
     factor = torch.tensor(exact, dtype=torch.float32)
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed_root(factor, e, 0.0, None)
+    root = matrix._refreshed(matrix.checked_inverse_root, factor, e, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float32] and root.dtype == torch.float32
     ref = _exact_root(factor.double().numpy(), e)  # the float32 matrix, exactly
     error = np.linalg.norm(root.double().numpy() - ref) / np.linalg.norm(ref, 2)
@@ -287,7 +288,7 @@ def test_a_float64_factor_keeps_its_root_in_float64(monkeypatch):
     from curvc.runtime import matrix
     factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -3, 16)))
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed_root(factor, 0.25, 0.0, None)
+    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float64]
     np.testing.assert_allclose(root.numpy(), _exact_root(factor.numpy(), 0.25), rtol=1e-10)
 
@@ -300,7 +301,7 @@ def test_a_factor_that_overflows_float32_gets_its_root_from_float64(monkeypatch,
     factor = torch.tensor(exact, dtype=torch.float32)
     assert torch.isfinite(factor).all()
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed_root(factor, 0.25, 0.0, None)
+    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float32, torch.float64]
     np.testing.assert_allclose(root.double().numpy(), _exact_root(factor.double().numpy(), 0.25),
                                rtol=1e-6)
@@ -316,7 +317,7 @@ def test_a_failed_float32_eigendecomposition_is_retried_in_float64(monkeypatch, 
     from curvc.runtime import matrix
     factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -2, 12)), dtype=torch.float32)
     calls = _spy_eigh(monkeypatch, fail_float32=corrupt)
-    root = matrix._refreshed_root(factor, 0.5, 1e-3, None)
+    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.5, 1e-3, 0.0, 0.0, None)
     assert calls == [torch.float32, torch.float64]
     ref = _exact_root(factor.double().numpy() + 1e-3 * np.eye(12), 0.5)
     np.testing.assert_allclose(root.double().numpy(), ref, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
 """The elementwise step of a bucket: Triton kernels, the fused CPU kernel, or foreach ops.
 
-A mixin of ``CurvOptimizer`` (curvc/runtime/optimizer.py). A bucket's tensors go to
-the generated ``triton_step`` on CUDA (or with backend 'triton'), else to the
+A mixin of ``CurvOptimizer`` (curvc/runtime/optimizer.py). For each kernel of the
+program (curvc/runtime/program.py), a bucket's tensors go to the kernel's
+generated Triton launcher on CUDA (or with backend 'triton'), else to the
 compiled CPU kernel (``fused_cpu``) when the bucket is large or ``fused=True`` and
 its tensors are plain dense CPU memory, else to the generated foreach function over
 pieces of at most _PIECE elements; global reductions are summed on the device first.
@@ -20,36 +21,36 @@ from curvc.runtime import amp
 
 if TYPE_CHECKING:
     from curvc.runtime.optimizer import Bucket
+    from curvc.runtime.program import Kernel
 
 
 class ElementwiseSteps:
-    """Runs the plan's generated elementwise functions over a bucket."""
+    """Runs a program's generated elementwise kernels over a bucket."""
 
-    def _uses_triton(self, bucket: Bucket, group: dict) -> bool:
+    def _uses_triton(self, k: Kernel, bucket: Bucket, group: dict) -> bool:
         """Backend 'triton' runs Triton everywhere (CPU tensors need TRITON_INTERPRET=1);
         'auto' runs it on CUDA tensors and the torch rendering elsewhere."""
-        if self.triton_step is None or group.get("fused") is False:
+        if k.triton is None or group.get("fused") is False:
             return False
         return self.BACKEND == "triton" or bucket.device.type == "cuda"
 
     def _fused(self, group: dict, bucket: Bucket) -> bool:
         """fused=True: one compiled pass per tensor; None: so when the bucket is large."""
-        if not self.ELEMENTWISE:
-            return False  # matrix stages: torch's own kernels, one tensor at a time
         fused = group.get("fused")
         return bool(fused) or (fused is None and _large(bucket))
 
-    def _torch_step(self, group: dict, bucket: Bucket, scalars: dict, flags: dict,
+    def _torch_step(self, k: Kernel, group: dict, bucket: Bucket, scalars: dict, flags: dict,
                     reduced: dict) -> None:
-        spec = self.UPDATE_ARGS
+        spec = k.args
         rows = bucket.args(spec["tensors"])
         if self._fused(group, bucket) and _plain_dense_cpu(rows):
-            if self._fused_step(rows, bucket.steps, scalars, flags, reduced):
+            if self._fused_step(k, rows, bucket.steps, scalars, flags, reduced):
                 return  # the compiled pass bumped the step counters
-        torch._foreach_add_(bucket.steps, 1.0)
+        if k.counts_step:
+            torch._foreach_add_(bucket.steps, 1.0)
         args = _arguments(spec, scalars, reduced, flags)
-        update = type(self).torch_update
-        if type(self).foreach_update is None or not _all_plain(rows):
+        update = k.update
+        if k.foreach is None or not _all_plain(rows):
             # Subclasses (DTensor) take per-tensor ops: their foreach coverage varies.
             for tensors in rows:
                 update(*tensors, *args)
@@ -60,7 +61,7 @@ class ElementwiseSteps:
         # fit in one piece go whole (foreach ops take any shape and strides; a
         # view or a slice per tensor would cost more than a small tensor's update),
         # except 0-d ones, kept 1-D as everywhere else (type promotion differs).
-        foreach = type(self).foreach_update
+        foreach = k.foreach
         pieces, size = [], 0
         for row in rows:
             n = row[0].numel()
@@ -82,10 +83,11 @@ class ElementwiseSteps:
         if pieces:
             foreach(*(list(c) for c in zip(*pieces)), *args)
 
-    def _fused_step(self, rows, steps: list, scalars: dict, flags: dict, reduced: dict) -> bool:
-        """The bucket's step through the compiled kernel; False if it cannot be compiled."""
+    def _fused_step(self, k: Kernel, rows, steps: list, scalars: dict, flags: dict,
+                    reduced: dict) -> bool:
+        """The bucket's pass through the compiled kernel; False if it cannot be compiled."""
         from curvc.runtime.fused_cpu import FusedUpdate
-        spec = self.UPDATE_ARGS
+        spec = k.args
         names = spec["scalars"] + [f"reduced_{n}" for n in spec["reduced"]]
         present = tuple(t is not None for t in rows[0])
         dtypes = tuple(t.dtype for t in rows[0] if t is not None)
@@ -94,15 +96,15 @@ class ElementwiseSteps:
         cache = type(self).__dict__.get("_fused_kernels")
         if cache is None:
             cache = type(self)._fused_kernels = {}
-        key = (present, dtypes, fl)
+        key = (k.name, present, dtypes, fl)
         if key not in cache:
             name = type(self).__name__
             _status(f"curvc: compiling {name}'s fused CPU step for {len(rows)} tensors, once "
                     "(a few seconds; fused=False skips it)")
             start = time.perf_counter()
             try:
-                cache[key] = FusedUpdate(type(self).torch_update, spec["tensors"], present,
-                                         names, dict(fl), dtypes, sdtype)
+                cache[key] = FusedUpdate(k.update, spec["tensors"], present,
+                                         names, dict(fl), dtypes, sdtype, k.counts_step)
                 _status(f"curvc: {name}'s fused CPU step compiled in "
                         f"{time.perf_counter() - start:.1f} s")
             except Exception as e:  # no C++ compiler, an inductor bug, ...: stay correct
@@ -130,18 +132,17 @@ class ElementwiseSteps:
             kernel([t if t.dim() == 1 else t.view(-1) for t in row if t is not None], s, count)
         return True
 
-    def _reduce(self, work) -> dict:
-        """Global sums over every parameter of every group, one per device, on device."""
+    def _reduce(self, k: Kernel, work) -> dict:
+        """A kernel's global sums over every parameter of every group, one per device,
+        on device."""
         totals: dict[str, torch.Tensor] = {}
         for group, bucket, scalars, flags in work:
-            if self._uses_triton(bucket, group):
-                partial = self.triton_reduce(bucket, scalars, flags)
+            if self._uses_triton(k, bucket, group):
+                partial = k.triton_reduce(bucket, scalars, flags)
             else:
                 partial = {}
-                for name in self.REDUCTIONS:
-                    spec = self.REDUCE_ARGS[name]
+                for name, (fn, spec) in k.reduce.items():
                     args = _arguments(spec, scalars, {}, flags)
-                    fn = self.torch_reduce[name]
                     partial[name] = sum(fn(*t, *args).double() for t in bucket.args(spec["tensors"]))
             for name, value in partial.items():
                 value = value.double()

@@ -23,6 +23,8 @@ it fast and stable:
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 
@@ -40,7 +42,8 @@ class FusedUpdate:
     """
 
     def __init__(self, update, names: list[str], present: tuple[bool, ...],
-                 scalar_names: list[str], flags: dict, dtypes: tuple, sdtype: torch.dtype):
+                 scalar_names: list[str], flags: dict, dtypes: tuple, sdtype: torch.dtype,
+                 counts_step: bool = True):
         self.names = [n for n, here in zip(names, present) if here]
         self.sdtype = sdtype
         n_scalars = len(scalar_names)
@@ -52,7 +55,8 @@ class FusedUpdate:
             s, step = args[-2], args[-1]
             # positional, in the signature's order: scalars, reductions, flags
             update(*tensors, *(s[i] for i in range(n_scalars)), *flag_kw.values())
-            step.add_(1.0)
+            if counts_step:  # the step's last kernel
+                step.add_(1.0)
 
         captured = []
 
@@ -62,6 +66,10 @@ class FusedUpdate:
             captured.append((list(example_inputs), compiled))
             return compiled
 
+        # A code object of its own: dynamo keeps its compiled graphs per code object, up to
+        # a recompile limit, and every kernel of every compiled optimizer would share this one.
+        kernel = types.FunctionType(kernel.__code__.replace(), kernel.__globals__, "kernel",
+                                    kernel.__defaults__, kernel.__closure__)
         self._via_dynamo = torch.compile(kernel, backend=backend, fullgraph=True, dynamic=False)
         scratch = [torch.ones(_HINT, dtype=dt) for dt in dtypes]
         for t in scratch:

@@ -52,11 +52,29 @@ def _damped_symmetric(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> t
     return (a + a.T) / 2  # symmetric to the last bit, as eigh assumes
 
 
-def _root_of(w: torch.Tensor, q: torch.Tensor, exponent: float) -> torch.Tensor:
-    """Q diag(w^-exponent) Q^T, with 0 for the eigenvalues that are not positive."""
-    inv = torch.where(w > 0, w.clamp(min=torch.finfo(w.dtype).tiny).pow(-exponent),
-                      torch.zeros_like(w))
-    return (q * inv) @ q.T
+def spectral(w: torch.Tensor, exponent: float, after: float = 0.0,
+             floor: float = 0.0) -> torch.Tensor:
+    """The one spectral function of the matrix structures, applied to eigenvalues:
+    f(lam) = 1 / max(lam^exponent + after, floor), the damping ``after`` the root
+    and the floor as the language defines them for a diagonal P (eps inside the
+    root is added to the matrix before its eigendecomposition).
+
+    An eigenvalue that is not positive (a direction the statistics never saw)
+    counts as 0: f is then 1 / max(after, floor), or 0 without either (the
+    pseudo-inverse), rather than an infinity that would poison the parameter.
+    """
+    tiny = torch.finfo(w.dtype).tiny
+    positive = w.clamp(min=tiny)
+    if not after and not floor:
+        return torch.where(w > 0, positive.pow(-exponent), 0.0)
+    denominator = (torch.where(w > 0, positive.pow(exponent), 0.0) + after).clamp(min=floor)
+    return torch.where(denominator > 0, 1.0 / denominator.clamp(min=tiny), 0.0)
+
+
+def _root_of(w: torch.Tensor, q: torch.Tensor, exponent: float, after: float = 0.0,
+             floor: float = 0.0) -> torch.Tensor:
+    """Q f(diag(w)) Q^T for the spectral function f (``spectral``)."""
+    return (q * spectral(w, exponent, after, floor)) @ q.T
 
 
 class InaccurateRoot(RuntimeError):
@@ -71,10 +89,10 @@ _RESIDUAL_SLACK = 16.0
 _PROBES = 4  # random vectors the residual is measured on (a full check costs a matmul)
 
 
-def checked_inverse_root(matrix: torch.Tensor, exponent: float, eps: float,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """``inverse_root`` through eigh in ``dtype``, refusing (``InaccurateRoot``) a
-    decomposition with non-finite values or a residual beyond rounding.
+def checked_eigh(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple:
+    """(w, Q) of ``matrix + eps I`` through eigh in ``dtype``, refusing
+    (``InaccurateRoot``) a decomposition with non-finite values or a residual beyond
+    rounding.
 
     The residual is measured on k random vectors V: for Gaussian V,
     ||(A - Q diag(w) Q^T) V||_F / sqrt(k) estimates ||A - Q diag(w) Q^T||_F, at
@@ -94,10 +112,30 @@ def checked_inverse_root(matrix: torch.Tensor, exponent: float, eps: float,
     if not residual <= limit * scale:  # `not <=`: a NaN residual fails too
         raise InaccurateRoot(f"its eigendecomposition in {dtype} misses the matrix by "
                              f"{(residual / scale).item():.1e} of its norm")
-    root = _root_of(w, q, exponent)
+    return w, q
+
+
+def checked_inverse_root(matrix: torch.Tensor, exponent: float, eps: float,
+                         dtype: torch.dtype, after: float = 0.0,
+                         floor: float = 0.0) -> torch.Tensor:
+    """``Q f(w) Q^T`` (``spectral``) from ``checked_eigh``, refusing a non-finite one."""
+    w, q = checked_eigh(matrix, eps, dtype)
+    root = _root_of(w, q, exponent, after, floor)
     if not torch.isfinite(root).all():
         raise InaccurateRoot("it is not finite")
     return root.to(matrix.dtype)
+
+
+def checked_eigenbasis(matrix: torch.Tensor, exponent: float, eps: float,
+                       dtype: torch.dtype, after: float = 0.0,
+                       floor: float = 0.0) -> torch.Tensor:
+    """``[Q, f(w)]`` as one d x (d + 1) matrix (so a state entry holds both): the
+    eigenbasis and the spectral function of its eigenvalues."""
+    w, q = checked_eigh(matrix, eps, dtype)
+    scale = spectral(w, exponent, after, floor)
+    if not torch.isfinite(scale).all():
+        raise InaccurateRoot("its eigenvalues' root is not finite")
+    return torch.cat([q, scale[:, None]], dim=1).to(matrix.dtype)
 
 
 def mode_product(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
@@ -135,22 +173,24 @@ def _gram(statistic: torch.Tensor, mode: int, dtype: torch.dtype) -> tuple:
 
 
 def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, factors: str,
-              roots: str, accumulate: str, update: bool, refresh: bool, beta: float,
-              init: float, exponent: float, eps_inside: float, eps_after: float,
-              max_dim: float, per_mode: bool) -> torch.Tensor:
-    """One tensor's Kronecker-preconditioned value (see the module docstring).
+              roots: str, accumulate: str, update: bool, refresh: bool, length: str,
+              beta: float, init: float, exponent: float, eps_inside: float, eps_after: float,
+              floor: float, bias_correction: float, max_dim: float,
+              per_mode: bool) -> torch.Tensor:
+    """One tensor's Kronecker-preconditioned value (see the module docstring and
+    ``curvc.plan.KroneckerStage``).
 
     ``state`` is the parameter's optimizer state: factor i lives under
-    ``f"{factors}_{i}"`` and its root under ``f"{roots}_{i}"``, created on
-    first use (the factor as ``init * I``). Modes longer than ``max_dim``
-    keep no factor (the identity), as an embedding's vocabulary would cost
-    a vocabulary-squared matrix.
+    ``f"{factors}_{i}"`` and its root (or, for ``length='eigen_sign'``, its
+    eigenbasis and spectral function) under ``f"{roots}_{i}"``, created on first use
+    (the factor as ``init * I``). Modes longer than ``max_dim`` keep no factor (the
+    identity), as an embedding's vocabulary would cost a vocabulary-squared matrix.
     """
     if value.numel() == 0:
         return value  # a zero-size tensor (Linear(4, 0)): nothing to precondition
     order = value.dim()
     e = exponent / order if per_mode and order else exponent
-    out = value
+    modes = []
     for i, d in enumerate(value.shape):
         if d > max_dim:
             continue
@@ -162,31 +202,68 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
             u, ut = _gram(statistic, i, factor.dtype)
             if accumulate == "sum":
                 factor.addmm_(u, ut)
-            else:
+            elif accumulate == "ema":
                 factor.mul_(beta).addmm_(u, ut, alpha=1.0 - beta)
+            else:  # instant: this step's statistic only
+                torch.mm(u, ut, out=factor)
         if refresh or root_key not in state:
-            state[root_key] = _refreshed_root(factor, e, eps_inside, state.get(root_key))
-        root = state[root_key].to(out.dtype)
-        moved = mode_product(out, root, i)
-        # (R + eps_after I) x = R x + eps_after x: no identity matrix built per step
-        out = moved.add_(out, alpha=eps_after) if eps_after else moved
+            corrected = factor / bias_correction if bias_correction != 1.0 else factor
+            how = checked_eigenbasis if length == "eigen_sign" else checked_inverse_root
+            state[root_key] = _refreshed(how, corrected, e, eps_inside, eps_after, floor,
+                                         state.get(root_key))
+        modes.append((i, state[root_key].to(value.dtype)))
+    if length == "eigen_sign":
+        return _eigen_sign(value, modes)
+    out = value
+    for i, root in modes:
+        out = mode_product(out, root, i)
     return out
 
 
-def _refreshed_root(factor: torch.Tensor, exponent: float, eps: float,
-                    previous: torch.Tensor | None) -> torch.Tensor:
-    """The factor's new inverse root: in float32 first for a factor of at most
-    float32 precision, then in float64 if that failed (``InaccurateRoot``, or a
-    solver that did not converge); if float64 fails too (a non-finite factor), the
-    previous root, with a warning."""
+_SIGN_SLACK = 16.0
+
+
+def _eigen_sign(value: torch.Tensor, modes: list) -> torch.Tensor:
+    """Q diag(f(lam)) sign(Q^T v) for Q the Kronecker product of the modes' eigenbases
+    and f(lam) the product of the modes' spectral functions (the root of a Kronecker
+    product is the product of the roots)."""
+    def times(x, m, i):  # x multiplied along mode i by m (mode_product wants m symmetric)
+        return mode_product(x, m.T if i == x.dim() - 1 and i > 0 else m, i)
+
+    rotated = value
+    for i, basis in modes:
+        rotated = times(rotated, basis[:, :-1].T, i)
+    # An entry at rounding level of the largest is a zero that rounding moved (at the
+    # first step Q^T G Q is the diagonal of G's singular values): its sign is 0.
+    noise = _SIGN_SLACK * math.sqrt(value.numel()) * torch.finfo(value.dtype).eps
+    out = torch.sign(torch.where(rotated.abs() > noise * rotated.abs().max(), rotated, 0.0))
+    for i, basis in modes:
+        shape = [1] * value.dim()
+        shape[i] = -1
+        out = out * basis[:, -1].reshape(shape)
+    for i, basis in modes:
+        out = times(out, basis[:, :-1], i)
+    return out
+
+
+def _refreshed(how, factor: torch.Tensor, exponent: float, eps: float, after: float,
+               floor: float, previous: torch.Tensor | None) -> torch.Tensor:
+    """The factor's new root (``how``: ``checked_inverse_root`` or ``checked_eigenbasis``):
+    in float32 first for a factor of at most float32 precision, then in float64 if
+    that failed (``InaccurateRoot``, or a solver that did not converge); if float64
+    fails too (a non-finite factor), the previous one, with a warning."""
     reasons = []
     for dtype in _root_dtypes(factor.dtype):
         try:
-            return checked_inverse_root(factor, exponent, eps, dtype)
+            return how(factor, exponent, eps, dtype, after, floor)
         except RuntimeError as e:  # torch.linalg.LinAlgError and InaccurateRoot are
             reasons.append(f"in {dtype}: {e}")
     if previous is None:
-        previous = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        n = factor.shape[0]
+        previous = torch.eye(n, dtype=factor.dtype, device=factor.device)
+        if how is checked_eigenbasis:
+            previous = torch.cat([previous, torch.ones(n, 1, dtype=factor.dtype,
+                                                       device=factor.device)], dim=1)
     warnings.warn(f"an inverse root of a {factor.shape[0]}x{factor.shape[0]} Kronecker factor "
                   f"could not be computed ({'; '.join(reasons)}); the previous root is kept",
                   RuntimeWarning)

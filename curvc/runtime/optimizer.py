@@ -31,6 +31,7 @@ from curvc.constraints import CONSTRAINTS
 from curvc.runtime import amp
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
+from curvc.runtime.program import Program, Runner
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
 
@@ -62,18 +63,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     BUFFERS: tuple = ()  # (name, allocated-while flag or None, init(h) -> float)
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
     ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
-    REDUCTIONS: tuple = ()  # names, in order
-    ELEMENTWISE: bool = True  # False: the plan has matrix stages (update gets the state dict)
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     dense: Callable | None = None  # h -> settings, for a dense-curvature plan
     host: Callable = None
-    torch_update: Callable = None
-    foreach_update: Callable | None = None
-    torch_reduce: dict = {}
-    UPDATE_ARGS: dict = {}
-    REDUCE_ARGS: dict = {}
-    triton_step: Callable | None = None
-    triton_reduce: Callable | None = None
+    PROGRAM: Program | None = None  # the step's kernels and matrix calls (None: secant, dense)
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 
@@ -329,8 +322,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 guard.check([(index[p], "curvature estimate", e)
                              for p, e in self._estimates.items()])
             kfac = self._estimator_kind() == "kfac" and curvature is None  # decided on the host
-            # Kronecker factors and K-FAC statistics live outside the plan: the host decides.
-            skip = skip or ((kfac or not self.ELEMENTWISE) and guard.skips_on_host())
+            # Kronecker factors and K-FAC statistics live outside the kernels: the host decides.
+            outside = kfac or self.PROGRAM.keeps_state_outside_kernels
+            skip = skip or (outside and guard.skips_on_host())
             work = [] if skip else [(group, *item) for group in self.param_groups
                                     for item in self._buckets(group)]
         finally:
@@ -346,15 +340,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self.state[p][key] = value
         if self._tracker is not None and curvature is None:
             self._tracker.clear()  # consumed: the next step gathers its own
-        reduced = self._reduce(work) if self.REDUCTIONS else {}
-        guard.inject(work, reduced, device_side=self.ELEMENTWISE and not kfac)
-        for group, bucket, scalars, flags in work:
-            red = reduced.get(bucket.device, {})
-            if self._uses_triton(bucket, group):
-                self.triton_step(bucket, scalars, flags, red)
-                torch._foreach_add_(bucket.steps, 1.0)  # host-side counters, one call
-            else:
-                self._torch_step(group, bucket, scalars, flags, red)
+        base = guard.inject(work, {}, device_side=not outside)
+        self.PROGRAM.run(Runner(self, work, base))  # the generated step: kernels and externs
         guard.finish(work)
         self._estimates = {}
         return loss

@@ -38,6 +38,7 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
+from curvc.runtime.program import Kernel as _Kernel, Program as _Program
 
 
 def _host(h, step):
@@ -94,7 +95,7 @@ _UPDATE_ARGS = {'tensors': ['param', 'grad', 'sum'], 'scalars': ['eps', 'lr_t', 
 _REDUCE_ARGS = {}
 
 
-# --- foreach: the same step for many small tensors at once ---
+# --- foreach: the same kernels for many small tensors at once ---
 
 def _foreach_cast(tensors, cdt):
     """A list of tensors in the compute dtype (itself when it already is); None if absent."""
@@ -269,7 +270,7 @@ else:
     _TABLES = _Tables(['param', 'grad', 'sum'], stored=['param', 'sum'])
 
     def _triton_step(bucket, scalars, flags, reduced):
-        """The bucket's step: one _update_kernel launch for all its tensors."""
+        """The bucket's pass: one _update_kernel launch for all its tensors."""
         for t in _TABLES.launches(bucket, _update_kernel):
             _update_kernel[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['sum'],
@@ -284,8 +285,23 @@ else:
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
-        """No global reductions in this plan."""
+        """No global reductions in this kernel."""
         return {}
+
+
+# --- the step: its kernels and matrix calls, in order ---
+
+_KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
+        triton=_triton_step, triton_reduce=_triton_reduce)
+
+
+def _step(run):
+    """One optimizer step: each kernel over every tensor (its global sums first),
+    then the next; a matrix call runs per tensor between kernels."""
+    run.kernel(_KERNEL)
+
+
+_PROGRAM = _Program(_step, (_KERNEL,))
 
 
 class Adagrad(CurvOptimizer):
@@ -330,16 +346,8 @@ class Adagrad(CurvOptimizer):
     )
     INPUTS = ()
     ESTIMATOR = None
-    REDUCTIONS = ()
-    ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
-    torch_update = staticmethod(_update)
-    torch_reduce = {}
-    UPDATE_ARGS = _UPDATE_ARGS
-    foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    REDUCE_ARGS = _REDUCE_ARGS
-    triton_step = staticmethod(_triton_step) if _triton_step else None
-    triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
+    PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
             eps=1e-10, *, maximize=False, foreach=None, fused=None, capturable=False,

@@ -68,8 +68,7 @@ def _secant(h):
     return settings
 
 
-_update = _foreach_update = _triton_step = _triton_reduce = None
-_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}
+_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)
 
 
 class LBFGS(CurvOptimizer):
@@ -115,17 +114,9 @@ class LBFGS(CurvOptimizer):
     )
     INPUTS = ()
     ESTIMATOR = None
-    REDUCTIONS = ()
-    ELEMENTWISE = False  # False: matrix or secant stages
     secant = staticmethod(_secant)  # settings of the quasi-Newton step
     host = staticmethod(_host)
-    torch_update = staticmethod(_update)
-    torch_reduce = {}
-    UPDATE_ARGS = _UPDATE_ARGS
-    foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    REDUCE_ARGS = _REDUCE_ARGS
-    triton_step = staticmethod(_triton_step) if _triton_step else None
-    triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
+    PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=1, max_iter=20, tolerance_grad=1e-07, tolerance_change=1e-09,
             history_size=100, *, max_eval=None, line_search_fn=None, maximize=False, foreach=None,

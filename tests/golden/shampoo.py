@@ -43,6 +43,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
+from curvc.runtime.program import Extern as _Extern, Kernel as _Kernel, Program as _Program
 
 
 def _host(h, step):
@@ -64,56 +65,401 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, momentum_buffer, state, h_lr, h_matrix_eps, h_momentum, h_weight_decay,
-        r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay, f_maximize,
-        f_nonfinite_skip, f_refresh_roots):
-    """One tensor's step: every value computed from old state, then stored
-    (``state``, the tensor's optimizer state, holds its matrix factors, which
-    curvc.runtime.matrix updates in place)."""
+def _update_head(param, grad, momentum_buffer, matrix_statistic, matrix_value, h_momentum,
+        h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip):
+    """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
     grad_ = None if grad is None else grad.to(cdt)
     momentum_buffer_ = None if momentum_buffer is None else momentum_buffer.to(cdt)
+    matrix_statistic_ = None if matrix_statistic is None else matrix_statistic.to(cdt)
+    matrix_value_ = None if matrix_value is None else matrix_value.to(cdt)
     if f_maximize:
         t0 = (-grad_)
     t1 = t0 if f_maximize else grad_
     if f_has_weight_decay:
         t2 = (param_ * h_weight_decay)
         t3 = (t1 + t2)
-    t4 = t3 if f_has_weight_decay else t1
+    new_matrix_statistic_ = t3 if f_has_weight_decay else t1
     if not f_first_step and f_has_momentum_buffer:
         t5 = (momentum_buffer_ * h_momentum)
-        t6 = (t5 + t4)
+        t6 = (t5 + new_matrix_statistic_)
     if f_has_momentum_buffer:
-        t7 = t4 if f_first_step else t6
+        t7 = new_matrix_statistic_ if f_first_step else t6
+    new_matrix_value_ = t7 if f_has_momentum_buffer else new_matrix_statistic_
     if f_has_momentum_buffer and f_nonfinite_skip:
-        t8 = torch.where(r_nonfinite != 0, momentum_buffer_, t7)
+        t9 = torch.where(r_nonfinite != 0, momentum_buffer_, t7)
     if f_has_momentum_buffer:
-        new_momentum_buffer_ = t8 if f_nonfinite_skip else t7
-    t10 = t7 if f_has_momentum_buffer else t4
-    t11 = matrix.kronecker(state, t4, t10, factors='pre_cond', roots='inv_pre_cond',
-            accumulate='sum', update=True, refresh=f_refresh_roots, beta=0.0, init=h_matrix_eps,
-            exponent=0.5, eps_inside=0.0, eps_after=0.0, max_dim=8192.0, per_mode=True)
-    t12 = (h_lr * t11)
-    t13 = (param_ - t12)
-    if f_nonfinite_skip:
-        t14 = torch.where(r_nonfinite != 0, param_, t13)
-    new_param_ = t14 if f_nonfinite_skip else t13
+        new_momentum_buffer_ = t9 if f_nonfinite_skip else t7
+    matrix_statistic.copy_(new_matrix_statistic_)
+    matrix_value.copy_(new_matrix_value_)
     if f_has_momentum_buffer:
         momentum_buffer.copy_(new_momentum_buffer_)
+
+
+_UPDATE_ARGS_head = {
+        'tensors': ['param', 'grad', 'momentum_buffer', 'matrix_statistic', 'matrix_value'],
+        'scalars': ['momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
+                'nonfinite_skip']}
+_REDUCE_ARGS_head = {}
+
+
+# a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time
+def _kronecker(state, matrix_statistic, matrix_value, h_matrix_eps, f_refresh_roots):
+    """One tensor's Kronecker step: factors accumulated (sum) from the statistic, then the value
+    times every mode's root."""
+    cdt = torch.promote_types(matrix_value.dtype, torch.float32)
+    return matrix.kronecker(state, matrix_statistic.to(cdt), matrix_value.to(cdt),
+            factors='pre_cond', roots='inv_pre_cond', accumulate='sum', update=True,
+            refresh=f_refresh_roots, length='root', beta=0.0, init=h_matrix_eps, exponent=0.5,
+            eps_inside=0.0, eps_after=0.0, floor=0.0, bias_correction=1.0, max_dim=8192.0,
+            per_mode=True)
+_EXTERN_ARGS_kronecker = {'tensors': ['state', 'matrix_statistic', 'matrix_value'],
+        'scalars': ['matrix_eps'], 'reduced': [], 'flags': ['refresh_roots']}
+
+
+def _update_tail(param, grad, matrix_step, h_lr, r_nonfinite, f_nonfinite_skip):
+    """One tensor's step: every value computed from old state, then stored."""
+    cdt = torch.promote_types(param.dtype, torch.float32)
+    param_ = None if param is None else param.to(cdt)
+    grad_ = None if grad is None else grad.to(cdt)
+    matrix_step_ = None if matrix_step is None else matrix_step.to(cdt)
+    t0 = (h_lr * matrix_step_)
+    t1 = (param_ - t0)
+    if f_nonfinite_skip:
+        t2 = torch.where(r_nonfinite != 0, param_, t1)
+    new_param_ = t2 if f_nonfinite_skip else t1
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'momentum_buffer', 'state'],
-        'scalars': ['lr', 'matrix_eps', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+_UPDATE_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr'],
+        'reduced': ['nonfinite'], 'flags': ['nonfinite_skip']}
+_REDUCE_ARGS_tail = {}
+
+
+# --- foreach: the same kernels for many small tensors at once ---
+
+def _foreach_cast(tensors, cdt):
+    """A list of tensors in the compute dtype (itself when it already is); None if absent."""
+    if tensors is None or any(t is None for t in tensors):
+        return None
+    if all(t.dtype == cdt for t in tensors):
+        return tensors
+    return [t.to(cdt) for t in tensors]
+
+
+def _foreach_update_head(param, grad, momentum_buffer, matrix_statistic, matrix_value, h_momentum,
+        h_weight_decay, r_nonfinite, f_first_step, f_has_momentum_buffer, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip):
+    """A bucket's step: ``update`` over lists, one foreach op per node."""
+    if not param:
+        return
+    cdt = torch.promote_types(param[0].dtype, torch.float32)
+    param_ = _foreach_cast(param, cdt)
+    grad_ = _foreach_cast(grad, cdt)
+    momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
+    matrix_statistic_ = _foreach_cast(matrix_statistic, cdt)
+    matrix_value_ = _foreach_cast(matrix_value, cdt)
+    if f_nonfinite_skip:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        new_matrix_statistic_ = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            t4 = torch._foreach_add(new_matrix_statistic_, momentum_buffer_, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            t5 = new_matrix_statistic_ if f_first_step else t4
+        new_matrix_value_ = t5 if f_has_momentum_buffer else new_matrix_statistic_
+        if f_has_momentum_buffer:
+            new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(momentum_buffer_, t5)]
+        torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)
+        torch._foreach_copy_(matrix_value, new_matrix_value_)
+        if f_has_momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+    else:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        if f_has_weight_decay:
+            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+        new_matrix_statistic_ = t2 if f_has_weight_decay else t1
+        if not f_first_step and f_has_momentum_buffer:
+            t4 = torch._foreach_add(new_matrix_statistic_, momentum_buffer_, alpha=h_momentum)
+        if f_has_momentum_buffer:
+            new_momentum_buffer_ = new_matrix_statistic_ if f_first_step else t4
+        new_matrix_value_ = new_momentum_buffer_ if f_has_momentum_buffer else new_matrix_statistic_
+        torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)
+        torch._foreach_copy_(matrix_value, new_matrix_value_)
+        if f_has_momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+
+
+_FOREACH_ARGS_head = {
+        'tensors': ['param', 'grad', 'momentum_buffer', 'matrix_statistic', 'matrix_value'],
+        'scalars': ['momentum', 'weight_decay'], 'reduced': ['nonfinite'],
         'flags': ['first_step', 'has_momentum_buffer', 'has_weight_decay', 'maximize',
-                'nonfinite_skip', 'refresh_roots']}
-_REDUCE_ARGS = {}
+                'nonfinite_skip']}
 
 
-# --- matrix stages run per tensor through torch on every device ---
-_foreach_update = _FOREACH_ARGS = None
-_triton_step = _triton_reduce = None
+def _foreach_update_tail(param, grad, matrix_step, h_lr, r_nonfinite, f_nonfinite_skip):
+    """A bucket's step: ``update`` over lists, one foreach op per node."""
+    if not param:
+        return
+    cdt = torch.promote_types(param[0].dtype, torch.float32)
+    param_ = _foreach_cast(param, cdt)
+    grad_ = _foreach_cast(grad, cdt)
+    matrix_step_ = _foreach_cast(matrix_step, cdt)
+    if f_nonfinite_skip:
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
+        t0 = torch._foreach_mul(matrix_step_, _s_lr)
+        torch._foreach_neg_(t0)
+        torch._foreach_add_(t0, param_)
+        t1 = t0
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t1)]
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
+        t0 = torch._foreach_mul(matrix_step_, _s_lr)
+        torch._foreach_sub_(param_, t0)
+        new_param_ = param_
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
+
+
+_FOREACH_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr'],
+        'reduced': ['nonfinite'], 'flags': ['nonfinite_skip']}
+
+# --- triton: fused multi-tensor kernels ---
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path works without Triton
+    triton = None
+
+if triton is None:
+    _triton_step_head = _triton_reduce_head = _triton_step_tail = _triton_reduce_tail = None
+else:
+    from curvc.backends.triton_tables import Tables as _Tables
+
+    @triton.jit
+    def _div(a, b):
+        # IEEE-rounded, as torch: float32 `/` is approximate on NVIDIA GPUs
+        q = a / b
+        if q.dtype == tl.float32:
+            q = tl.div_rn(a, b)
+        return q
+
+    @triton.jit
+    def _sqrt(x):
+        # IEEE-rounded, as torch: float32 tl.sqrt is approximate on NVIDIA GPUs
+        r = tl.sqrt(x)
+        if x.dtype == tl.float32:
+            r = tl.sqrt_rn(x)
+        return r
+
+    @triton.jit
+    def _store(addr, offs, x, mask, T: tl.constexpr):
+        # x rounded to nearest-even in the destination dtype T, as torch's copy_;
+        # bfloat16 by hand, since the interpreter truncates float32 -> bfloat16
+        if T == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            half = tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16)
+            tl.store(addr + offs, half.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(addr + offs, x.to(T), mask=mask)
+
+    @triton.jit
+    def _update_kernel_head(
+            # data-pointer tables, one per role
+            param_ptrs, grad_ptrs, momentum_buffer_ptrs, matrix_statistic_ptrs, matrix_value_ptrs,
+            # each block's tensor and first element
+            numels, block_tensor, block_start,
+            # host scalars (runtime values)
+            h_momentum: tl.float64, h_weight_decay: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
+            # host flags (compile-time)
+            f_first_step: tl.constexpr, f_has_momentum_buffer: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
+            # element types, compute type, block size
+            PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
+            MATRIX_STATISTIC_T: tl.constexpr, MATRIX_VALUE_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
+        # The whole step for one BLOCK of one tensor: every value computed from
+        # the old state, then each buffer and the parameter stored once.
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels + i)
+        param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
+        grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
+        matrix_statistic_addr = tl.load(matrix_statistic_ptrs + i).to(
+                tl.pointer_type(MATRIX_STATISTIC_T))
+        matrix_value_addr = tl.load(matrix_value_ptrs + i).to(tl.pointer_type(MATRIX_VALUE_T))
+        h_momentum = tl.cast(h_momentum, CDT)
+        h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
+        if f_has_weight_decay:
+            param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
+        grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
+        if f_has_momentum_buffer:
+            momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
+        if f_maximize:
+            t0 = (-grad_)
+        if f_maximize:
+            t1 = t0
+        else:
+            t1 = grad_
+        if f_has_weight_decay:
+            t2 = (param_ * h_weight_decay)
+            t3 = (t1 + t2)
+        if f_has_weight_decay:
+            new_matrix_statistic_ = t3
+        else:
+            new_matrix_statistic_ = t1
+        if not f_first_step:
+            if f_has_momentum_buffer:
+                t5 = (momentum_buffer_ * h_momentum)
+                t6 = (t5 + new_matrix_statistic_)
+        if f_has_momentum_buffer:
+            if f_first_step:
+                t7 = new_matrix_statistic_
+            else:
+                t7 = t6
+        if f_has_momentum_buffer:
+            new_matrix_value_ = t7
+        else:
+            new_matrix_value_ = new_matrix_statistic_
+        if f_has_momentum_buffer:
+            if f_nonfinite_skip:
+                t9 = tl.where(r_nonfinite_c != 0, momentum_buffer_, t7)
+        if f_has_momentum_buffer:
+            if f_nonfinite_skip:
+                new_momentum_buffer_ = t9
+            else:
+                new_momentum_buffer_ = t7
+        _store(matrix_statistic_addr, offs, new_matrix_statistic_, mask, MATRIX_STATISTIC_T)
+        _store(matrix_value_addr, offs, new_matrix_value_, mask, MATRIX_VALUE_T)
+        if f_has_momentum_buffer:
+            _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
+
+    _TABLES_head = _Tables(
+            ['param', 'grad', 'momentum_buffer', 'matrix_statistic', 'matrix_value'],
+            stored=['matrix_statistic', 'matrix_value', 'momentum_buffer'])
+
+    def _triton_step_head(bucket, scalars, flags, reduced):
+        """The bucket's pass: one _update_kernel_head launch for all its tensors."""
+        for t in _TABLES_head.launches(bucket, _update_kernel_head):
+            _update_kernel_head[(t.blocks,)](
+                t.ptrs['param'], t.ptrs['grad'], t.ptrs['momentum_buffer'],
+                t.ptrs['matrix_statistic'], t.ptrs['matrix_value'],
+                t.numels, t.block_tensor, t.block_start,
+                h_momentum=float(scalars['momentum']),
+                h_weight_decay=float(scalars['weight_decay']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_first_step=bool(flags['first_step']),
+                f_has_momentum_buffer=bool(flags['has_momentum_buffer']),
+                f_has_weight_decay=bool(flags['has_weight_decay']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
+                MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'],
+                MATRIX_STATISTIC_T=t.dtypes['matrix_statistic'],
+                MATRIX_VALUE_T=t.dtypes['matrix_value'], CDT=t.compute, BLOCK=t.block,
+                num_warps=t.num_warps)
+            t.finish()
+
+    def _triton_reduce_head(bucket, scalars, flags):
+        """No global reductions in this kernel."""
+        return {}
+
+    @triton.jit
+    def _update_kernel_tail(
+            # data-pointer tables, one per role
+            param_ptrs, matrix_step_ptrs,
+            # each block's tensor and first element
+            numels, block_tensor, block_start,
+            # host scalars (runtime values)
+            h_lr: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
+            # host flags (compile-time)
+            f_nonfinite_skip: tl.constexpr,
+            # element types, compute type, block size
+            PARAM_T: tl.constexpr, MATRIX_STEP_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
+        # The whole step for one BLOCK of one tensor: every value computed from
+        # the old state, then each buffer and the parameter stored once.
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels + i)
+        param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
+        matrix_step_addr = tl.load(matrix_step_ptrs + i).to(tl.pointer_type(MATRIX_STEP_T))
+        h_lr = tl.cast(h_lr, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
+        param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
+        matrix_step_ = tl.load(matrix_step_addr + offs, mask=mask).to(CDT)
+        t0 = (h_lr * matrix_step_)
+        t1 = (param_ - t0)
+        if f_nonfinite_skip:
+            t2 = tl.where(r_nonfinite_c != 0, param_, t1)
+        if f_nonfinite_skip:
+            new_param_ = t2
+        else:
+            new_param_ = t1
+        _store(param_addr, offs, new_param_, mask, PARAM_T)
+
+    _TABLES_tail = _Tables(['param', 'grad', 'matrix_step'], stored=['param'])
+
+    def _triton_step_tail(bucket, scalars, flags, reduced):
+        """The bucket's pass: one _update_kernel_tail launch for all its tensors."""
+        for t in _TABLES_tail.launches(bucket, _update_kernel_tail):
+            _update_kernel_tail[(t.blocks,)](
+                t.ptrs['param'], t.ptrs['matrix_step'],
+                t.numels, t.block_tensor, t.block_start,
+                h_lr=float(scalars['lr']), r_nonfinite_ptr=reduced['nonfinite'],
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], MATRIX_STEP_T=t.dtypes['matrix_step'], CDT=t.compute,
+                BLOCK=t.block, num_warps=t.num_warps)
+            t.finish()
+
+    def _triton_reduce_tail(bucket, scalars, flags):
+        """No global reductions in this kernel."""
+        return {}
+
+
+# --- the step: its kernels and matrix calls, in order ---
+
+_KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
+        foreach=_foreach_update_head, triton=_triton_step_head, triton_reduce=_triton_reduce_head,
+        temporaries=('matrix_statistic', 'matrix_value'), counts_step=False)
+_KERNEL_tail = _Kernel('tail', _update_tail, _UPDATE_ARGS_tail, reduce={},
+        foreach=_foreach_update_tail, triton=_triton_step_tail, triton_reduce=_triton_reduce_tail)
+_EXTERN_kronecker = _Extern('kronecker', _kronecker, _EXTERN_ARGS_kronecker, 'matrix_step')
+
+
+def _step(run):
+    """One optimizer step: each kernel over every tensor (its global sums first),
+    then the next; a matrix call runs per tensor between kernels."""
+    run.kernel(_KERNEL_head)
+    run.extern(_EXTERN_kronecker)
+    run.kernel(_KERNEL_tail)
+
+
+_PROGRAM = _Program(_step, (_KERNEL_head, _KERNEL_tail), (_EXTERN_kronecker,))
 
 
 class Shampoo(CurvOptimizer):
@@ -158,16 +504,8 @@ class Shampoo(CurvOptimizer):
     )
     INPUTS = ()
     ESTIMATOR = None
-    REDUCTIONS = ()
-    ELEMENTWISE = False  # False: matrix or secant stages
     host = staticmethod(_host)
-    torch_update = staticmethod(_update)
-    torch_reduce = {}
-    UPDATE_ARGS = _UPDATE_ARGS
-    foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    REDUCE_ARGS = _REDUCE_ARGS
-    triton_step = staticmethod(_triton_step) if _triton_step else None
-    triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
+    PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.001, momentum=0, weight_decay=0, update_freq=1,
             matrix_eps=1e-06, *, maximize=False, foreach=None, fused=None, capturable=False,

@@ -45,6 +45,7 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
+from curvc.runtime.program import Kernel as _Kernel, Program as _Program
 
 
 def _host(h, step):
@@ -125,7 +126,7 @@ _UPDATE_ARGS = {'tensors': ['param', 'grad', 'curvature_estimate', 'hessian', 'e
 _REDUCE_ARGS = {}
 
 
-# --- foreach: the same step for many small tensors at once ---
+# --- foreach: the same kernels for many small tensors at once ---
 
 def _foreach_cast(tensors, cdt):
     """A list of tensors in the compute dtype (itself when it already is); None if absent."""
@@ -380,7 +381,7 @@ else:
             stored=['exp_avg', 'hessian', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
-        """The bucket's step: one _update_kernel launch for all its tensors."""
+        """The bucket's pass: one _update_kernel launch for all its tensors."""
         for t in _TABLES.launches(bucket, _update_kernel):
             _update_kernel[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['curvature_estimate'], t.ptrs['hessian'],
@@ -399,8 +400,23 @@ else:
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags):
-        """No global reductions in this plan."""
+        """No global reductions in this kernel."""
         return {}
+
+
+# --- the step: its kernels and matrix calls, in order ---
+
+_KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
+        triton=_triton_step, triton_reduce=_triton_reduce)
+
+
+def _step(run):
+    """One optimizer step: each kernel over every tensor (its global sums first),
+    then the next; a matrix call runs per tensor between kernels."""
+    run.kernel(_KERNEL)
+
+
+_PROGRAM = _Program(_step, (_KERNEL,))
 
 
 class Sophia(CurvOptimizer):
@@ -450,16 +466,8 @@ class Sophia(CurvOptimizer):
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
     ESTIMATOR = ('gauss_newton_bartlett', 'curvature_estimate', 'refresh',
             lambda h: {'samples': 1.0})
-    REDUCTIONS = ()
-    ELEMENTWISE = True  # False: matrix or secant stages
     host = staticmethod(_host)
-    torch_update = staticmethod(_update)
-    torch_reduce = {}
-    UPDATE_ARGS = _UPDATE_ARGS
-    foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    REDUCE_ARGS = _REDUCE_ARGS
-    triton_step = staticmethod(_triton_step) if _triton_step else None
-    triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
+    PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.0001, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, k=10, *,
             maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,

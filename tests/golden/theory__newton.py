@@ -54,8 +54,7 @@ def _dense(h):
     return settings
 
 
-_update = _foreach_update = _triton_step = _triton_reduce = None
-_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}
+_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)
 
 
 class Newton(CurvOptimizer):
@@ -90,17 +89,9 @@ class Newton(CurvOptimizer):
     )
     INPUTS = ()
     ESTIMATOR = None
-    REDUCTIONS = ()
-    ELEMENTWISE = False  # False: matrix or secant stages
     dense = staticmethod(_dense)  # settings of the dense-curvature step
     host = staticmethod(_host)
-    torch_update = staticmethod(_update)
-    torch_reduce = {}
-    UPDATE_ARGS = _UPDATE_ARGS
-    foreach_update = staticmethod(_foreach_update) if _foreach_update else None
-    REDUCE_ARGS = _REDUCE_ARGS
-    triton_step = staticmethod(_triton_step) if _triton_step else None
-    triton_reduce = staticmethod(_triton_reduce) if _triton_reduce else None
+    PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=1, *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
