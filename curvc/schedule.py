@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from curvc.plan import Buffer, Expr, KroneckerStage, Load, Op, Plan, Precondition, Reduced, \
+from curvc.plan import Buffer, Expr, KroneckerStage, Load, Op, Plan, Precondition, \
     Select, Store, walk
 
 
