@@ -268,19 +268,13 @@ REFUSALS: tuple[Refusal, ...] = (
             _clause("structure"), "structure kronecker(max_dim) with curvature kfac",
             "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
             "Shampoo's per-mode factors"),
-    Refusal("kfac_iterate", "kfac",
-            lambda opt: (opt.iterate.kind != "ema" or opt.iterate.bias_corrected
-                         or opt.iterate.delayed or _keeps_max(opt.iterate)), _clause("iterate"),
-            "iterate {kind} with curvature kfac",
-            "K-FAC's factors are exponential moving averages (iterate ema(beta), "
-            "optionally every k)"),
-    Refusal("kfac_length", "kfac", lambda opt: opt.length.kind != "none", _clause("length"),
-            "length {kind} with curvature kfac",
-            "K-FAC takes the natural-gradient step F^-1 g (length none)"),
-    Refusal("kfac_damping", "kfac",
-            lambda opt: opt.damping.kind not in ("none", "inside"), _clause("damping"),
-            "damping {kind} with curvature kfac",
-            "K-FAC damps each factor before inverting it (damping inside)"),
+    Refusal("kfac_iterate_keep_max", "kfac", lambda opt: _keeps_max(opt.iterate),
+            _clause("iterate"), "iterate {kind}(keep_max) with curvature kfac",
+            "the entrywise maximum of two covariance matrices need not be positive "
+            "semi-definite, so it is no Kronecker factor; K-FAC's factors are the current "
+            "batch's, a sum or an EMA"),
+    Refusal("kfac_damping_floor", "kfac", lambda opt: opt.damping.kind == "floor",
+            _clause("damping"), "damping floor with curvature kfac", _FLOOR_WHY),
     # the whole n x n matrix (curvc.runtime.dense); check admits only DENSE_CURVATURES here,
     # unmodified (tests/test_refusals.py)
     Refusal("dense_iterate", "dense",
