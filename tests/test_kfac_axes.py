@@ -279,3 +279,59 @@ def test_every_kfac_combination_compiles_and_trains(length, damping, data, tmp_p
         losses.append(loss.item())
     assert np.isfinite(losses).all(), (iterate, losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_normalized_kfac_renders_alike_in_every_backend(data, tmp_path):
+    """g^T F^-1 g is a reduction of the raw and the preconditioned gradient: the eager,
+    foreach and Triton renderings of it take the same steps."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    path = tmp_path / "normalized.curv"
+    path.write_text(SPEC.format(lr=0.05, roots_every="", iterate="ema(0.9)",
+                                length="normalized", damping="inside(0.01)")
+                    + "momentum  heavy_ball(0.5)\n")
+    runs = {}
+    for name, backend, kw in (("eager", "torch", dict(foreach=False)),
+                              ("foreach", "torch", dict(foreach=True)),
+                              ("triton", "triton", {})):
+        model = make_mlp()
+        opt = curvc.load(path, backend=backend)(model, **kw)
+        for xb, yb in batches(data, 3, batch=32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        runs[name] = [p.detach() for p in model.parameters()]
+    for name in ("foreach", "triton"):
+        for p, q in zip(runs[name], runs["eager"]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_carries_the_bases_and_the_count(data, tmp_path):
+    """eigen_sign's bases and bias correction's count resume bitwise from a state_dict."""
+    Opt = _load(tmp_path, lr=0.05, roots_every=" every 2", length="eigen_sign",
+                damping="inside(0.01)", iterate="ema(0.8) bias_corrected every 2")
+    steps = list(batches(data, 8, batch=32))
+
+    def run(model, opt, part):
+        for xb, yb in part:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+    straight = make_mlp()
+    run(straight, Opt(straight), steps)
+    first = make_mlp()
+    opt = Opt(first)
+    run(first, opt, steps[:5])
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt")
+    assert ck["opt"]["state"][0]["kfac_count"] == 3  # statistics on steps 1, 3, 5
+    again = make_mlp(seed=5)
+    again.load_state_dict(ck["model"])
+    opt2 = Opt(again)
+    opt2.load_state_dict(ck["opt"])
+    run(again, opt2, steps[5:])
+    for p, q in zip(again.parameters(), straight.parameters()):
+        assert torch.equal(p, q)

@@ -10,20 +10,23 @@ gradient of the loss at the layer's output,
 (ds of a mean-reduced loss carries a 1/N, so S is the mean outer product of
 the per-row output gradients). A layer applied several times in one
 forward pass (weight sharing) sums the (A, S) of its calls, as curvlinops'
-KFAC does. The factors are exponential moving averages
-``A <- beta A + (1 - beta) A_t`` starting from the identity, updated on the
-plan's ``accumulate`` steps; their damped inverses ``(A + damping I)^-1`` and
-``(S + damping I)^-1`` are recomputed on its ``invert`` steps. The layer's
-natural gradient is
+KFAC does. The factors are accumulated by the plan's iterate (``Settings``; K-FAC's own is
+the EMA ``A <- beta A + (1 - beta) A_t`` from the identity) on its
+``accumulate`` steps; each factor's operator f(F) is recomputed on its
+``invert`` steps, f(lambda) = 1 / ((lambda + damping)^e + damping_after) of its
+eigenvalues (e = 1: the damped inverse, by Cholesky). The layer's step is
 
-    [dW db] = (S + damping I)^-1 [gW gb] (A + damping I)^-1,
+    [dW db] = f(S) [gW gb] f(A)      ((S + damping I)^-1 G (A + damping I)^-1 for K-FAC)
 
-which the elementwise plan then treats as its gradient (weight decay,
-momentum and the learning rate follow, as in the usual K-FAC training loop).
-Tensors outside a tracked layer keep their plain gradient (an identity block).
+or, for eigen_sign, Q_S [f(s_i) f(a_j) sign((Q_S^T G Q_A)_ij)] Q_A^T; the
+elementwise plan then treats it as its gradient (a normalized length, weight
+decay, momentum and the learning rate follow, as in the usual K-FAC training
+loop). Tensors outside a tracked layer keep their plain gradient (an identity
+block).
 
-The factors and inverses live in the weight's optimizer state (``kfac_A``,
-``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``), so checkpoints carry them.
+The factors and operators live in the weight's optimizer state (``kfac_A``,
+``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``; ``kfac_A_basis``, ``kfac_S_basis``
+for eigen_sign; ``kfac_count`` for a bias correction), so checkpoints carry them.
 """
 from __future__ import annotations
 
