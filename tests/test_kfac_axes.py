@@ -335,3 +335,18 @@ def test_a_checkpoint_carries_the_bases_and_the_count(data, tmp_path):
     run(again, opt2, steps[5:])
     for p, q in zip(again.parameters(), straight.parameters()):
         assert torch.equal(p, q)
+
+
+def test_eigen_sign_takes_no_step_where_the_gradient_has_none(data, tmp_path):
+    """Softmax output gradients sum to 0 over the classes, so 1 is an eigenvector of
+    S + eps I (eigenvalue eps, the largest scale eps^-1/2) along which G is 0: the
+    last layer's step has no component along 1 (each column of [dW db] sums to 0)."""
+    Opt = _load(tmp_path, lr=1.0, roots_every="", length="eigen_sign",
+                damping="inside(0.01)", iterate="instant")
+    model = make_mlp().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    _ours(Opt, model, data, 1)
+    d = torch.cat([before[2] - model[2].weight, (before[3] - model[2].bias)[:, None]], dim=1)
+    assert d.abs().max() > 0.1  # a step was taken
+    torch.testing.assert_close(d.detach().sum(dim=0), torch.zeros(d.shape[1], dtype=d.dtype),
+                               rtol=0, atol=1e-12)
