@@ -89,6 +89,8 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     if opt.structure.kind == "low_rank":
         return _low_rank(opt, lr)
     eq.append("g     = grad f(theta)            (negated when maximize=True)")
+    if opt.curvature.kind == "kfac":  # preconditioned first: decay and momentum follow
+        eq += _kfac_gradient(opt, nums)
     dec = opt.decay
     switch = dec.kind == "l2" and dec.decoupled is not None and dec.decoupled != ir.Const(False)
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
@@ -224,22 +226,76 @@ def _per_mode(e: str) -> str:
     return f"^-{f.numerator}/k" if f.denominator == 1 else f"^-{f.numerator}/({f.denominator}k)"
 
 
+def _kfac_factor(name: str, root: Root) -> str:
+    """f(F) of one K-FAC factor as the plan damps and roots it."""
+    e = root.exponent
+    if root.after:
+        return f"({name}{'' if e == '1' else '^' + e} + {root.after} I)^-1"
+    inner = f"({name} + {root.inside} I)" if root.inside else name
+    return f"{inner}^-{e}"
+
+
+def _kfac_eigen(name: str, root: Root) -> str:
+    """f(lambda) of one eigenvalue of a K-FAC factor, for eigen_sign."""
+    if root.after:
+        return f"1/({name}^{root.exponent} + {root.after})"
+    return f"({name} + {root.inside})^-{root.exponent}" if root.inside \
+        else f"{name}^-{root.exponent}"
+
+
+def _kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
+    """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
+    root, it = nums.matrix, opt.iterate
+    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {_v(it.init)}"}
+    eq = ["A     = a a^T      (layer inputs, with a 1 for the bias)",
+          "S     = ds ds^T    (gradients at layer outputs)"]
+    every = ""
+    if it.every is not None:
+        every = f"every {_v(it.every)} steps" + (
+            f", the first after {_v(it.every)}" if it.delayed else "")
+    for name, new in (("A", "a a^T"), ("S", "ds ds^T")):
+        if it.kind == "instant" and not every:
+            break  # the batch's factors, as defined above
+        line = _accumulate_line(opt, name, new).split("   (")[0]
+        notes = ", ".join(n for n in (f"{name}_0 = {start[it.kind]}" if it.kind in start
+                                      else "", every) if n)
+        eq.append(line + (f"   ({notes})" if notes else ""))
+    for name in ("A", "S"):
+        eq += _bias_correction(nums, "curvature", name)
+    roots = f"; roots every {_v(opt.structure.every)} steps" \
+        if opt.structure.every is not None else ""
+    g = "[grad W, grad b]"
+    if opt.length.kind == "eigen_sign":
+        eq.append(f"S     = Q_S diag(s) Q_S^T,  A = Q_A diag(a) Q_A^T   (eigenbases{roots})")
+        eq.append(f"g     = Q_S [{_kfac_eigen('s_i', root)} {_kfac_eigen('a_j', root)} "
+                  f"sign(Q_S^T {g} Q_A)_ij] Q_A^T")
+        eq.append("        (per layer; an entry within rounding of 0 has sign 0)")
+    else:
+        eq.append(f"g     = {_kfac_factor('S', root)} {g} {_kfac_factor('A', root)}   "
+                  f"(per layer{roots})")
+    eq.append("        (g = grad outside nn.Linear layers)")
+    if opt.length.kind == "normalized":
+        eq.append("g     = g / sqrt(sum(grad * g))   (sum over all parameters; "
+                  "g = 0 where it is 0)")
+    return eq
+
+
 def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     root_ = nums.matrix
-    if opt.curvature.kind == "kfac":
-        eq = ["A     = a a^T      (layer inputs)", "S     = ds ds^T    (gradients at layer outputs)",
-              _accumulate_line(opt, "A", "a a^T"), _accumulate_line(opt, "S", "ds ds^T")]
-        left, right, power, per_mode = "S", "A", f"-{root_.exponent}", ""
-    else:
-        eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
-              "        g unfolded along mode i (modes longer than max_dim keep none)"]
-        eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
-        eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
-        for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
-            eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
-        left, right = "L", "R"
-        power = f"-{_half(root_.exponent)}"  # a matrix: two factors share the root
-        per_mode = f"order-k tensors: {_per_mode(root_.exponent)} per mode"
+    if opt.curvature.kind == "kfac":  # g is preconditioned already (_kfac_gradient)
+        eq: list[str] = []
+        m = _momentum(opt, eq, nums)
+        eq.append(f"d     = {m}")
+        return eq + _clip(opt) + [f"theta = theta - {lr} * d"]
+    eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
+          "        g unfolded along mode i (modes longer than max_dim keep none)"]
+    eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
+    eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
+    for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
+        eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
+    left, right = "L", "R"
+    power = f"-{_half(root_.exponent)}"  # a matrix: two factors share the root
+    per_mode = f"order-k tensors: {_per_mode(root_.exponent)} per mode"
     m = _momentum(opt, eq, nums)
     m = "G" if m == "g" else m
     every = f"   (roots recomputed every {_v(opt.structure.every)} steps)" \
@@ -248,14 +304,14 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     after = f" + {root_.after} I" if root_.after else ""
 
     def root(f: str) -> str:
-        if opt.curvature.kind == "kfac" or not (after or root_.floor):
+        if not (after or root_.floor):
             r = f"{inside.format(f)}^{power}"
             return f"({r}{after})" if after else r
         # the spectral function 1 / max(lam^e + after, floor)
         r = f"{inside.format(f)}^{power[1:]}{after}"
         return f"max({r}, {root_.floor})^-1" if root_.floor else f"({r})^-1"
 
-    if opt.length.kind == "eigen_sign" and opt.curvature.kind != "kfac":
+    if opt.length.kind == "eigen_sign":
         eq.append(f"Q_L, w_L, Q_R, w_R = the eigenvectors and eigenvalues of L and R{every}")
         scale = root("w_L").replace("I", "1") + " " + root("w_R").replace("I", "1")
         eq.append(f"d     = Q_L [{scale} * sign(Q_L^T {m} Q_R)] Q_R^T"
@@ -263,7 +319,7 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
                   + (f"   ({per_mode})" if per_mode else ""))
-    if opt.length.kind == "normalized" and opt.curvature.kind != "kfac":
+    if opt.length.kind == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   (over all parameters: ||d||_P = 1)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")

@@ -391,16 +391,39 @@ def lower_learning_rate(s: _Step) -> Expr:
 
 
 def lower_kfac(s: _Step) -> Expr:
-    """g <- F^-1 g per layer, F = (A + eps I) kron (S + eps I) from the layer's inputs and
-    output gradients (curvc.runtime.kfac). The rest of the step is elementwise on it."""
-    it, st, dmp = s.opt.iterate, s.opt.structure, s.opt.damping
-    accumulate = _every_flag(s, "refresh", it.every) if it.every is not None else None
+    """g <- f(S) G f(A) per layer (curvc.runtime.kfac), from the layer's input and
+    output-gradient factors A and S; the rest of the step is elementwise on it.
+
+    The length and damping axes fix f, the same for both factors: (F + eps I)^-1 for
+    length none and normalized (the natural gradient F^-1 g), (F + eps I)^(-power/2)
+    for gradient_norm (Shampoo's root: K-FAC <-> Shampoo), and the eigenbasis sign
+    step with (lambda + eps)^(-1/2) for eigen_sign; damping add puts eps after the
+    root, (F^e + eps I)^-1, and floor bounds it, max(F^e, eps)^-1 (matrix.spectral).
+    normalized divides by sqrt(g^T F^-1 g) over all
+    parameters, here, as one reduction of the raw and the preconditioned gradient.
+    """
+    it, st, ln, dmp = s.opt.iterate, s.opt.structure, s.opt.length, s.opt.damping
+    accumulate = _every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
     invert = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
-    args = (("beta", s.arg(it.beta)),
-            ("damping", s.arg(dmp.eps) if dmp.kind == "inside" else Const(0.0)),
-            ("accumulate", accumulate), ("invert", invert))
+    eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
+    exponent = Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
+    if ln.kind == "gradient_norm":
+        exponent = div(s.arg(ln.power), 2.0)
+    args = (("beta", s.arg(it.beta) if it.kind == "ema" else Const(0.0)),
+            ("damping", eps if dmp.kind == "inside" else Const(0.0)),
+            ("accumulate", accumulate), ("invert", invert),
+            ("iterate", it.kind),
+            ("init", s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0)),
+            ("bias_corrected", bool(it.bias_corrected)),
+            ("exponent", exponent),
+            ("damping_after", eps if dmp.kind == "add" else Const(0.0)),
+            ("floor", eps if dmp.kind == "floor" else Const(0.0)),
+            ("sign", ln.kind == "eigen_sign"))
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
+    if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g), g^T F^-1 g over all parameters
+        s.reductions.append(Reduction("norm_sq", mul(Load("grad"), natural)))
+        natural = op("div_or_zero", natural, op("sqrt", Reduced("norm_sq")))
     return Select("maximize", op("neg", natural), natural)
 
 
@@ -445,8 +468,8 @@ def build(opt: ir.Optimizer) -> Plan:
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES
     g = lower_kfac(s) if natural else lower_gradient(s)
     g, p = lower_decay(s, g, lr)
-    if natural:  # the runtime preconditioned g already
-        d = lower_clip(s, lower_direction(s, lower_momentum(s, g), None))
+    if natural:  # the runtime preconditioned g already, and took its length
+        d = lower_clip(s, lower_momentum(s, g))
     elif opt.structure.kind in MATRIX_STRUCTURES:
         d = lower_kronecker(s, g, lower_momentum(s, g))
     else:

@@ -144,8 +144,10 @@ def _matrix_root(plan: Plan, text: _PlanText) -> Root | None:
         return Root(text(_dense_exponent(st), exponent=True) or "0", text(st.eps_inside),
                     text(st.eps_after))
     if plan.estimator is not None and plan.estimator.kind == "kfac":
-        # curvc.runtime.kfac inverts each damped factor: exponent 1
-        return Root("1", text(dict(plan.estimator.args)["damping"]))
+        # curvc.runtime.kfac: f(F) = ((F + damping I)^exponent + damping_after I)^-1
+        args = dict(plan.estimator.args)
+        return Root(text(args["exponent"], exponent=True) or "0", text(args["damping"]),
+                    text(args["damping_after"]))
     node = next((n for n in walk(_param_update(plan)) if isinstance(n, Precondition)), None)
     if node is None:
         return None
@@ -170,9 +172,20 @@ def _bias_counts(plan: Plan, text: _PlanText):
     return tuple(counts), tuple(notes)
 
 
+def _kfac_counts(plan: Plan, text: _PlanText):
+    """K-FAC's bias correction, 1 - beta^n, n counted per layer by curvc.runtime.kfac."""
+    args = dict(plan.estimator.args)
+    if not args["bias_corrected"]:
+        return (), ()
+    return (("curvature", text(args["beta"]), "n"),), \
+        ("n = the statistics steps of the layer so far",)
+
+
 def plan_numbers(plan: Plan) -> Numbers:
     text = _PlanText(plan)
     counts, notes = _bias_counts(plan, text)
+    if plan.estimator is not None and plan.estimator.kind == "kfac":
+        counts, notes = _kfac_counts(plan, text)
     if plan.secant is not None:  # L-BFGS takes no root
         return Numbers()
     if not plan.elementwise or plan.estimator is not None and plan.estimator.kind == "kfac":

@@ -263,19 +263,6 @@ REFUSALS: tuple[Refusal, ...] = (
             _clause("structure"), "structure kronecker(max_dim) with curvature kfac",
             "K-FAC keeps both factors of every layer whatever their size; max_dim limits "
             "Shampoo's per-mode factors"),
-    Refusal("kfac_iterate", "kfac",
-            lambda opt: (opt.iterate.kind != "ema" or opt.iterate.bias_corrected
-                         or opt.iterate.delayed or _keeps_max(opt.iterate)), _clause("iterate"),
-            "iterate {kind} with curvature kfac",
-            "K-FAC's factors are exponential moving averages (iterate ema(beta), "
-            "optionally every k)"),
-    Refusal("kfac_length", "kfac", lambda opt: opt.length.kind != "none", _clause("length"),
-            "length {kind} with curvature kfac",
-            "K-FAC takes the natural-gradient step F^-1 g (length none)"),
-    Refusal("kfac_damping", "kfac",
-            lambda opt: opt.damping.kind not in ("none", "inside"), _clause("damping"),
-            "damping {kind} with curvature kfac",
-            "K-FAC damps each factor before inverting it (damping inside)"),
     # the whole n x n matrix (curvc.runtime.dense); check admits only DENSE_CURVATURES here,
     # unmodified (tests/test_refusals.py)
     Refusal("dense_iterate", "dense",

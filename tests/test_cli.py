@@ -141,9 +141,9 @@ def test_compile_refuses_an_uncompiled_combination_with_the_codegen_message(cli,
 
 
 def test_compile_codegen_refusal_matches_the_error_case(cli, tmp_path):
-    result = cli("compile", "tests/errors/codegen_kfac_gradient_norm.curv", "-o", str(tmp_path),
+    result = cli("compile", "tests/errors/codegen_kfac_max_dim.curv", "-o", str(tmp_path),
                  "--backend", "torch")
-    assert_clean_failure(result, stderr=expected_error("codegen_kfac_gradient_norm"))
+    assert_clean_failure(result, stderr=expected_error("codegen_kfac_max_dim"))
 
 
 def test_compile_sgd_writes_an_importable_optimizer(cli, tmp_path):

@@ -39,6 +39,14 @@ VARIANTS = dict(
                 f"length    gradient_norm(power = 3)\ndamping   {d}(1e-3)") for d in ("inside", "add")]
     + [_variant("adam", "keep_max = amsgrad) bias_corrected",
                 "keep_max = amsgrad) bias_corrected every 3")]
+    + [_variant("kfac", "length    none", f"length    {ln}")
+       for ln in ("gradient_norm(power = 0.5)", "gradient_norm", "gradient_norm(power = 3)",
+                  "eigen_sign", "normalized")]
+    + [_variant("kfac", "length    none\ndamping   inside(damping)", f"length    {ln}\n{d}")
+       for ln in ("none", "gradient_norm(power = 3)", "eigen_sign")
+       for d in ("damping   add(damping)", "")]
+    + [_variant("kfac", "ema(stat_decay) every stat_every", it)
+       for it in ("ema(stat_decay) bias_corrected every stat_every", "sum(init = 2)", "instant")]
 )
 
 
@@ -144,12 +152,7 @@ def test_explain_prints_the_exponents_of_the_plan(name):
             assert Fraction(m.group(2)) == Fraction(expected).limit_denominator(64)
             assert (m.group(1) != "H") == (_evaluate(plan, st.eps_inside) != 0), d
     elif plan.estimator is not None and plan.estimator.kind == "kfac":
-        # curvc.runtime.kfac inverts each damped factor (exponent 1) and the plan takes
-        # length none: the step is (S + damping I)^-1 G (A + damping I)^-1
-        damping = _evaluate(plan, dict(plan.estimator.args)["damping"])
-        d = _line(lines, "d     = ")
-        pattern = r"\(S \+ \S+ I\)\^-1 \S+ \(A \+ \S+ I\)\^-1" if damping else r"S\^-1 \S+ A\^-1"
-        assert re.search(pattern, d), d
+        _check_kfac_lines(plan, lines)
     elif plan.secant is None:
         roots = _tensor_roots(plan)
         p = [line for line in lines if line.startswith("P     = ")]
@@ -167,6 +170,35 @@ def test_explain_prints_the_exponents_of_the_plan(name):
         assert shown == pytest.approx(exponent), p
         base = m.group(1) if m.group(1) is not None else p[:m.start()]  # what the root is of
         assert (" + " in base) == inside, p
+
+
+def _check_kfac_lines(plan, lines):
+    """curvc.runtime.kfac takes f(F) = ((F + damping I)^exponent + damping_after I)^-1 of
+    each factor (of its eigenvalues, for sign); normalized reduces grad * natural_gradient."""
+    args = dict(plan.estimator.args)
+    e = Fraction(_evaluate(plan, args["exponent"])).limit_denominator(64)
+    inside, after = (_evaluate(plan, args[k]) != 0 for k in ("damping", "damping_after"))
+    if args["sign"]:
+        x, y, g = "s_i", "a_j", "sign"
+        line = _line(lines, "g     = Q_S [")
+        pattern = (rf"1/\({x}\^(\S+) \+ \S+\) 1/\({y}\^(\S+) \+ \S+\) {g}" if after else
+                   rf"\({x} \+ \S+\)\^-(\S+) \({y} \+ \S+\)\^-(\S+) {g}" if inside else
+                   rf"{x}\^-(\S+) {y}\^-(\S+) {g}")
+    else:
+        line = next(ln for ln in lines if "[grad W, grad b]" in ln)
+        g = r"\[grad W, grad b\]"
+        pattern = (rf"\(S\^?(\S*) \+ \S+ I\)\^-1 {g} \(A\^?(\S*) \+ \S+ I\)\^-1" if after else
+                   rf"\(S \+ \S+ I\)\^-(\S+) {g} \(A \+ \S+ I\)\^-(\S+)" if inside else
+                   rf"S\^-(\S+) {g} A\^-(\S+)")
+    m = re.search(pattern, line)
+    assert m, (pattern, line)
+    assert Fraction(m.group(1) or "1") == Fraction(m.group(2) or "1") == e, line
+    reads = [{n.name for n in walk(r.value) if isinstance(n, Load)}
+             for r in plan.reductions]
+    normalized = {"grad", "natural_gradient"} in reads
+    assert normalized == any(ln.startswith("g     = g / sqrt(sum(grad * g))") for ln in lines)
+    shown = [ln for ln in lines if re.match(r"[AS]     = [AS] / \(1 - \S+\^n\)$", ln)]
+    assert len(shown) == (2 if args["bias_corrected"] else 0), lines
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if "bias_corrected" in VARIANTS[n]])

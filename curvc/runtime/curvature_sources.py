@@ -227,7 +227,9 @@ class CurvatureSources:
             self, self._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
             accumulate=args["accumulate"] is None or flags[args["accumulate"]],
             invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale(),
-            group=self._curvature_group())
+            group=self._curvature_group(), iterate=args["iterate"], init=args["init"],
+            bias_corrected=args["bias_corrected"], exponent=args["exponent"],
+            damping_after=args["damping_after"], sign=args["sign"])
         return updates
 
     def _curvature_group(self):

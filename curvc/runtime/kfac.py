@@ -10,30 +10,34 @@ gradient of the loss at the layer's output,
 (ds of a mean-reduced loss carries a 1/N, so S is the mean outer product of
 the per-row output gradients). A layer applied several times in one
 forward pass (weight sharing) sums the (A, S) of its calls, as curvlinops'
-KFAC does. The factors are exponential moving averages
-``A <- beta A + (1 - beta) A_t`` starting from the identity, updated on the
-plan's ``accumulate`` steps; their damped inverses ``(A + damping I)^-1`` and
-``(S + damping I)^-1`` are recomputed on its ``invert`` steps. The layer's
-natural gradient is
+KFAC does. The factors are accumulated by the plan's iterate (``Settings``; K-FAC's own is
+the EMA ``A <- beta A + (1 - beta) A_t`` from the identity) on its
+``accumulate`` steps; each factor's operator f(F) is recomputed on its
+``invert`` steps, f(lambda) = 1 / max((lambda + damping)^e + damping_after, floor) of its
+eigenvalues (e = 1: the damped inverse, by Cholesky). The layer's step is
 
-    [dW db] = (S + damping I)^-1 [gW gb] (A + damping I)^-1,
+    [dW db] = f(S) [gW gb] f(A)      ((S + damping I)^-1 G (A + damping I)^-1 for K-FAC)
 
-which the elementwise plan then treats as its gradient (weight decay,
-momentum and the learning rate follow, as in the usual K-FAC training loop).
-Tensors outside a tracked layer keep their plain gradient (an identity block).
+or, for eigen_sign, Q_S [f(s_i) f(a_j) sign((Q_S^T G Q_A)_ij)] Q_A^T; the
+elementwise plan then treats it as its gradient (a normalized length, weight
+decay, momentum and the learning rate follow, as in the usual K-FAC training
+loop). Tensors outside a tracked layer keep their plain gradient (an identity
+block).
 
-The factors and inverses live in the weight's optimizer state (``kfac_A``,
-``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``), so checkpoints carry them.
+The factors and operators live in the weight's optimizer state (``kfac_A``,
+``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``; ``kfac_A_basis``, ``kfac_S_basis``
+for eigen_sign; ``kfac_count`` for a bias correction), so checkpoints carry them.
 """
 from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass, fields
 
 import torch
 
 from curvc.runtime import distributed
-from curvc.runtime.matrix import inverse_root
+from curvc.runtime.matrix import inverse_root, spectral
 
 
 class LayerTracker:
@@ -120,11 +124,99 @@ def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
     return a.T @ a / n, ds.T @ ds * n
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How the plan accumulates, damps and roots each factor (its estimator arguments).
+
+    ``iterate``: ``ema`` (from the identity, or from zero and divided by
+    ``1 - beta^n`` when ``bias_corrected``), ``sum`` (from ``init * I``) or
+    ``instant`` (the last accumulated batch's factor). Each factor F then
+    becomes ``f(F)`` with f(lambda) = 1 / max((lambda + damping)^exponent +
+    damping_after, floor) (``matrix.spectral``: 0 for a non-positive eigenvalue without
+    damping after or floor, the pseudo-inverse);
+    ``sign``: the step is taken in the factors' eigenbases (eigen_sign).
+    """
+
+    beta: float = 0.0
+    damping: float = 0.0
+    iterate: str = "ema"
+    init: float = 0.0
+    bias_corrected: bool = False
+    exponent: float = 1.0
+    damping_after: float = 0.0
+    floor: float = 0.0
+    sign: bool = False
+
+
+def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> torch.Tensor:
+    """The factor after one more batch's ``new``, by the plan's iterate rule."""
+    if st.iterate == "instant":
+        return new
+    if old is None:  # the start: I (K-FAC's EMA), init * I (a sum), 0 (a debiased EMA)
+        start = 0.0 if st.bias_corrected else (st.init if st.iterate == "sum" else 1.0)
+        old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device) * start
+    if st.iterate == "sum":
+        return old + new
+    return old * st.beta + new * (1.0 - st.beta)
+
+
+def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(lambda), Q) of the factor damped inside, in float64 (as ``inverse_root``)."""
+    a = factor.to(torch.float64)
+    if st.damping:
+        a = a + st.damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    w, q = torch.linalg.eigh((a + a.T) / 2)
+    return spectral(w, st.exponent, st.damping_after, st.floor), q
+
+
+def factor_operator(factor: torch.Tensor, st: Settings) -> torch.Tensor:
+    """What the step multiplies a factor's side by: f(F) = Q f(Lambda) Q^T, or (sign)
+    the eigenbasis with each column scaled by f(lambda), Q diag(f(lambda))."""
+    if not (st.sign or st.damping_after or st.floor):  # (F + damping I)^-exponent, Cholesky for 1
+        return inverse_root(factor, st.exponent, st.damping)
+    f, q = _eigen(factor, st)
+    return (q * f).to(factor.dtype) if st.sign else ((q * f) @ q.T).to(factor.dtype)
+
+
+def preconditioned(g: torch.Tensor, s_op: torch.Tensor, a_op: torch.Tensor,
+                   sign: bool) -> torch.Tensor:
+    """One layer's step from its gradient G (out x in, with the bias column).
+
+    f(S) G f(A); with ``sign``: Q_S [f(lambda_S,i) f(lambda_A,j) sign((Q_S^T G Q_A)_ij)]
+    Q_A^T, from the scaled bases B = Q diag(f): B_S sign(B_S^T G B_A) B_A^T is the same,
+    as a positive column scale does not change a sign and a zero f zeroes its column.
+    """
+    g = g.to(s_op.dtype)
+    if sign:
+        return s_op @ _sign_above_rounding(s_op.T @ g @ a_op, g, s_op, a_op) @ a_op.T
+    return s_op @ g @ a_op
+
+
+def _sign_above_rounding(c: torch.Tensor, g: torch.Tensor, s_op: torch.Tensor,
+                         a_op: torch.Tensor) -> torch.Tensor:
+    """sign(c), 0 where |c_ij| is within rounding of zero.
+
+    G has no component along a direction its layer's statistics never saw (the
+    null space of a a^T, or of ds ds^T), so there c_ij is rounding noise, and its
+    sign, taken at full size (lambda^-1/2 of a damped zero eigenvalue, a large
+    step), would be noise too. The rounding of b_i^T G b_j is at most about
+    (m + n) eps ||G|| ||b_i|| ||b_j||; below that an entry counts as zero.
+    """
+    eps = torch.finfo(c.dtype).eps * (g.shape[0] + g.shape[1])
+    tol = eps * torch.linalg.norm(g) * torch.outer(s_op.norm(dim=0), a_op.norm(dim=0))
+    return torch.where(c.abs() > tol, torch.sign(c), torch.zeros_like(c))
+
+
 def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *, beta: float,
                       damping: float, accumulate: bool, invert: bool,
-                      grad_scale: torch.Tensor | None = None,
-                      group=None) -> tuple[dict, list]:
-    """({param: its natural gradient} for every param with a gradient, the state updates).
+                      grad_scale: torch.Tensor | None = None, group=None,
+                      **settings) -> tuple[dict, list]:
+    """({param: its preconditioned gradient} for every param with a gradient, the state
+    updates).
+
+    ``settings``: the rest of ``Settings`` (iterate, init, bias_corrected, exponent,
+    damping_after, sign), as the plan's estimator arguments give them; absent, K-FAC's
+    EMA from the identity and the damped inverse.
 
     ``grad_scale``: the GradScaler scale the recorded output gradients carry (the
     backward pass was of ``scale * loss``); S_t is divided by its square. The
@@ -134,22 +226,13 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     caller once the rest of the step has been checked, so a refused step leaves
     the statistics as they were.
     """
+    st = Settings(beta=float(beta), damping=float(damping), **_typed(settings))
     out = {p: p.grad for p in params if p.grad is not None}
     updates: list = []
     layers = [m for m in tracker.layers
               if m.weight in out and (m.bias is None or m.bias in out)]  # optimized, with grads
-    batch = {}
-    if accumulate:
-        for module in layers:
-            sums = tracker.factors(module)
-            if sums is None:
-                raise RuntimeError(
-                    f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
-                    f"layer {module} ran no forward and backward pass since the last step")
-            batch[module] = sums
-        if group is not None:  # every rank's factors, averaged in one bucketed all-reduce
-            flat = distributed.average([f for m in layers for f in batch[m]], group)
-            batch = {m: (flat[2 * i], flat[2 * i + 1]) for i, m in enumerate(layers)}
+    batch = _batch_factors(opt, tracker, layers, group) if accumulate else {}
+    op_keys = ("kfac_A_basis", "kfac_S_basis") if st.sign else ("kfac_A_inv", "kfac_S_inv")
     for module in layers:
         w, b = module.weight, module.bias
         state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
@@ -158,20 +241,49 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
             if grad_scale is not None:
                 s_t = s_t / grad_scale.to(s_t.device, s_t.dtype) ** 2
             for key, new in (("kfac_A", a_t), ("kfac_S", s_t)):
-                old = state.get(key)
-                if old is None:
-                    old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device)
-                state[key] = old * beta + new * (1.0 - beta)
+                state[key] = _accumulated(state.get(key), new, st)
                 updates.append((w, key, state[key]))
+            if st.bias_corrected:
+                state["kfac_count"] = state.get("kfac_count", 0) + 1
+                updates.append((w, "kfac_count", state["kfac_count"]))
         if "kfac_A" not in state:
             continue  # no statistics yet: the plain gradient
-        if invert or "kfac_A_inv" not in state:
-            for key in ("kfac_A", "kfac_S"):
-                state[key + "_inv"] = inverse_root(state[key], 1.0, damping)
-                updates.append((w, key + "_inv", state[key + "_inv"]))
+        if invert or op_keys[0] not in state:
+            # Bias correction: an EMA from zero over n batches sums weights 1 - beta^n.
+            scale = 1.0 / (1.0 - st.beta ** state["kfac_count"]) if st.bias_corrected else 1.0
+            for key, op_key in zip(("kfac_A", "kfac_S"), op_keys):
+                factor = state[key] * scale if st.bias_corrected else state[key]
+                state[op_key] = factor_operator(factor, st)
+                updates.append((w, op_key, state[op_key]))
         g = w.grad if b is None else torch.cat([w.grad, b.grad[:, None]], dim=1)
-        v = state["kfac_S_inv"] @ g.to(state["kfac_S_inv"].dtype) @ state["kfac_A_inv"]
+        v = preconditioned(g, state[op_keys[1]], state[op_keys[0]], st.sign)
         out[w] = v[:, :w.shape[1]].to(w.grad.dtype)
         if b is not None:
             out[b] = v[:, w.shape[1]].to(b.grad.dtype)
     return out, updates
+
+
+def _typed(settings: dict) -> dict:
+    """The plan's estimator arguments as ``Settings`` fields (host numbers as floats)."""
+    known = {f.name: f.type for f in fields(Settings)}
+    unknown = set(settings) - set(known)
+    if unknown:
+        raise TypeError(f"natural_gradients() got unknown settings {sorted(unknown)}")
+    cast = {"float": float, "bool": bool, "str": str}
+    return {k: cast[known[k]](v) for k, v in settings.items()}
+
+
+def _batch_factors(opt, tracker: LayerTracker, layers: list, group) -> dict:
+    """{layer: (A_t, S_t)} of this step, averaged over the ranks of ``group``."""
+    batch = {}
+    for module in layers:
+        sums = tracker.factors(module)
+        if sums is None:
+            raise RuntimeError(
+                f"{type(opt).__name__} accumulates K-FAC statistics on this step, but the "
+                f"layer {module} ran no forward and backward pass since the last step")
+        batch[module] = sums
+    if group is not None:  # every rank's factors, averaged in one bucketed all-reduce
+        flat = distributed.average([f for m in layers for f in batch[m]], group)
+        batch = {m: (flat[2 * i], flat[2 * i + 1]) for i, m in enumerate(layers)}
+    return batch

@@ -11,13 +11,16 @@ Iterative Approximation: a a^T (x) dL/ds dL/ds^T, momentum
 Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
-    g     = g + weight_decay * theta
-    A     = a a^T      (layer inputs)
+    A     = a a^T      (layer inputs, with a 1 for the bias)
     S     = ds ds^T    (gradients at layer outputs)
-    A     = stat_decay * A + (1 - stat_decay) * a a^T   (every stat_every steps)
-    S     = stat_decay * S + (1 - stat_decay) * ds ds^T   (every stat_every steps)
+    A     = stat_decay * A + (1 - stat_decay) * a a^T   (A_0 = I, every stat_every steps)
+    S     = stat_decay * S + (1 - stat_decay) * ds ds^T   (S_0 = I, every stat_every steps)
+    g     = (S + damping I)^-1 [grad W, grad b] (A + damping I)^-1   (per layer; roots every
+        inverse_every steps)
+            (g = grad outside nn.Linear layers)
+    g     = g + weight_decay * theta
     b     = momentum * b + g   (b = g at t = 1)
-    d     = (S + damping I)^-1 b (A + damping I)^-1   (roots recomputed every inverse_every steps)
+    d     = b
     theta = theta - lr * d
 """
 
@@ -397,7 +400,9 @@ class KFAC(CurvOptimizer):
     # (estimator, the input it fills, on steps where this flag holds, its arguments)
     ESTIMATOR = ('kfac', 'natural_gradient', None,
             lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
-                    'invert': 'refresh_roots'})
+                    'invert': 'refresh_roots', 'iterate': 'ema', 'init': 0.0,
+                    'bias_corrected': False, 'exponent': 1.0, 'damping_after': 0.0, 'floor': 0.0,
+                    'sign': False})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
