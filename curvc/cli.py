@@ -82,7 +82,8 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
     """Print the spec's row of Table 1 and its update equations."""
     try:
         source, file = compiler.read(spec)
-        typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
+        # a spec compile refuses still has equations: the refusal message points here
+        typer.echo(explain_mod.explain(compiler.to_ir(source, file, compilable=False)), nl=False)
     except (CurvError, OSError) as e:
         _fail(e)
 

@@ -5,7 +5,8 @@ Two kinds, in the order a spec meets them:
 * ``COMBINATION_RULES`` (run by the check pass): combinations that have no
   meaning, such as ``kfac`` without ``kronecker``. Each is a function that
   raises ``combo.clash`` naming both clauses.
-* ``REFUSALS`` (run by lowering): combinations that mean something but that
+* ``REFUSALS`` (run by the check pass after those, so a spec that passes
+  check compiles, and by lowering): combinations that mean something but that
   the code generator does not render yet. Each is a ``Refusal``, data with a
   name, raising ``codegen.unsupported``.
 
