@@ -4,7 +4,9 @@ Which forms, arguments and modifiers each clause accepts is data
 (``curvc.language.FORMS``), so the grammar stays tiny and every unknown word
 gets a "did you mean". After the forms are known, the combination rules
 (``curvc.rules.COMBINATION_RULES``) refuse specs whose axes contradict each
-other, each rule saying which clauses clash and why.
+other, each rule saying which clauses clash and why, and the code-generation
+refusals (``curvc.rules.REFUSALS``) refuse what means something but does not
+compile yet, so nothing passes check that compile then refuses.
 """
 from __future__ import annotations
 
@@ -27,15 +29,34 @@ _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 # --- AST -> IR ---------------------------------------------------------------
 
-def check(spec: ast.SpecAST) -> ir.Optimizer:
-    """Validate a parsed spec and build its IR."""
+def check(spec: ast.SpecAST, *, compilable: bool = True) -> ir.Optimizer:
+    """Validate a parsed spec and build its IR.
+
+    ``compilable``: also refuse the combinations the code generator does not
+    render yet (``rules.REFUSALS``), with the error ``compile`` would print, so
+    a spec that passes check compiles. ``curvc explain`` passes False: a
+    refused spec still has an update rule to show.
+    """
     try:
-        return _check(spec)
+        opt = _build(spec)
+        rules.check_combinations(opt)
+        if compilable:
+            rules.refuse_uncompiled(opt)
+        return opt
     except CurvError as e:
         raise e.with_source(spec.source)
 
 
-def _check(spec: ast.SpecAST) -> ir.Optimizer:
+def build_ir(spec: ast.SpecAST) -> ir.Optimizer:
+    """The IR of a spec whose forms, arguments and names are valid, before any
+    combination rule runs (``curvc.coverage`` asks each rule about it)."""
+    try:
+        return _build(spec)
+    except CurvError as e:
+        raise e.with_source(spec.source)
+
+
+def _build(spec: ast.SpecAST) -> ir.Optimizer:
     _check_optimizer_name(spec.name, spec.name_span)
     hypers = _check_hypers(spec)
     by_name = {h.name: h for h in hypers}
@@ -62,7 +83,6 @@ def _check(spec: ast.SpecAST) -> ir.Optimizer:
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
                        span=spec.name_span, **axes)
     _check_structure_keywords(opt)
-    rules.check_combinations(opt)
     return opt
 
 

@@ -1,4 +1,4 @@
-"""The ``curvc`` command: compile, check, explain, table, analyze, list.
+"""The ``curvc`` command: compile, check, explain, table, analyze, list, coverage.
 
 User mistakes print a compiler-style message (file:line:col, the line, a
 caret) and exit 1; they never show a Python traceback.
@@ -82,7 +82,8 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
     """Print the spec's row of Table 1 and its update equations."""
     try:
         source, file = compiler.read(spec)
-        typer.echo(explain_mod.explain(compiler.to_ir(source, file)), nl=False)
+        # a spec compile refuses still has equations: the refusal message points here
+        typer.echo(explain_mod.explain(compiler.to_ir(source, file, compilable=False)), nl=False)
     except (CurvError, OSError) as e:
         _fail(e)
 
@@ -115,6 +116,14 @@ def list_cmd() -> None:
                           for c in explain_mod.TABLE_COLUMNS)
         typer.echo(f"{name:<34}{opt.name:<26}{_description(source)}")
         typer.echo(f"{'':<34}{cells}")
+
+
+@app.command("coverage")
+def coverage_cmd() -> None:
+    """How much of the language compiles: every curvature x structure x iterate x length x
+    clip form, accepted or refused, by which rule."""
+    from curvc import coverage  # its own import: the other commands do not need it
+    typer.echo(coverage.report())
 
 
 def _version(value: bool) -> None:

@@ -74,8 +74,10 @@ def read(spec: str | Path) -> tuple[str, str]:
     return text, str(path)
 
 
-def to_ir(source: str, file: str = "<spec>") -> ir.Optimizer:
-    return check_mod.check(parse_mod.parse(source, file))
+def to_ir(source: str, file: str = "<spec>", *, compilable: bool = True) -> ir.Optimizer:
+    """The checked IR; ``compilable=False`` lets through what only code generation
+    refuses (``curvc.check.check``), for ``explain``."""
+    return check_mod.check(parse_mod.parse(source, file), compilable=compilable)
 
 
 def to_plan(opt: ir.Optimizer) -> Plan:

@@ -5,7 +5,8 @@ Two kinds, in the order a spec meets them:
 * ``COMBINATION_RULES`` (run by the check pass): combinations that have no
   meaning, such as ``kfac`` without ``kronecker``. Each is a function that
   raises ``combo.clash`` naming both clauses.
-* ``REFUSALS`` (run by lowering): combinations that mean something but that
+* ``REFUSALS`` (run by the check pass after those, so a spec that passes
+  check compiles, and by lowering): combinations that mean something but that
   the code generator does not render yet. Each is a ``Refusal``, data with a
   name, raising ``codegen.unsupported``.
 
@@ -216,7 +217,8 @@ class Refusal:
 
     ``applies`` is asked only of specs on the code path ``path``; ``node``
     picks the clause the message points at, whose form fills ``{kind}`` in
-    ``what``.
+    ``what`` (and the spec's structure ``{structure}``: a message names both
+    clauses that clash).
     """
 
     name: str
@@ -229,7 +231,8 @@ class Refusal:
     def error(self, opt: ir.Optimizer) -> CurvError:
         node = self.node(opt)
         return CurvError("codegen.unsupported", node.span,
-                         what=f"{self.what.format(kind=node.kind)} ({opt.name})", why=self.why)
+                         what=f"{self.what.format(kind=node.kind, structure=opt.structure.kind)} "
+                              f"({opt.name})", why=self.why)
 
 
 def _clause(axis: str) -> Callable[[ir.Optimizer], object]:
@@ -278,17 +281,18 @@ REFUSALS: tuple[Refusal, ...] = (
       for axis in ("momentum", "decay", "clip", "schedule")),
     # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
     Refusal("secant_length", "secant", lambda opt: opt.length.kind != "none", _clause("length"),
-            "length {kind} with the secant method",
+            "length {kind} with structure low_rank",
             "the secant step is d = H^-1 g, sized by lr or the line search; "
             "dividing it by sqrt(g^T H^-1 g) is not implemented"),
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
-              f"{axis} {{kind}} with the secant method", _SECANT_WHY)
+              f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
       for axis in ("momentum", "decay", "clip", "damping", "schedule")),
     # the fused elementwise step
     Refusal("estimator_missing", "elementwise",
             lambda opt: opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
                                                    + PRECONDITIONING_CURVATURES),
-            _clause("curvature"), "curvature {kind}", "its estimator is not in the runtime yet"),
+            _clause("curvature"), "curvature {kind} with structure {structure}",
+            "its estimator is not in the runtime yet"),
 )
 
 

@@ -25,7 +25,7 @@ def _checks(curvature: str, structure: str, iterate: str) -> bool:
     src = (f"optimizer X\nhyper lr = 1\ncurvature {curvature}\nstructure {structure}\n"
            f"iterate {iterate}\nlength none\n")
     try:
-        curvc.to_ir(src, "x.curv")
+        curvc.to_ir(src, "x.curv", compilable=False)  # what lowering is handed
     except CurvError as e:
         assert e.key == "combo.clash", e
         return False

@@ -1,0 +1,203 @@
+"""The language's whole cross product: every spec is refused with a reason, or compiles and trains.
+
+Every curvature x structure x iterate x length x clip form of
+``curvc.language.FORMS`` (``curvc.coverage.cross_product``, required arguments
+filled by hyperparameters, other clauses at their defaults) goes through the
+check stage ``curvc check`` runs. Each spec is either
+
+* refused by the check stage with ``combo.clash`` (no meaning) or
+  ``codegen.unsupported`` (not compiled yet), the message naming the clauses
+  that clash; or
+* accepted, and then it compiles (nothing passes check that compile refuses)
+  and trains 5 steps of one generic training loop on a tiny MLP, with a finite
+  loss and finite parameters that moved.
+
+The ``codegen.unsupported`` refusals met are pinned in ``UNSUPPORTED`` below, so
+a change that compiles new combinations shows it in this file's diff; issue 11's
+goal is that table becoming empty.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import curvc
+from curvc import coverage, rules
+from curvc.cli import app
+from curvc.language import FORMS, ArgSpec
+
+# The code-generation refusals the cross product meets: refusal name -> number of specs.
+UNSUPPORTED = {
+    "kronecker_curvature": 42,
+    "dense_clip": 27,
+    "kfac_iterate": 14,
+    "estimator_missing": 9,
+    "kronecker_iterate": 7,
+    "kronecker_length": 6,
+    "kfac_length": 5,
+    "kronecker_clip": 4,
+    "secant_clip": 1,
+    "secant_length": 1,
+}
+
+# Accepted specs that do not train, as found: label -> why. Undamped, a diagonal of the
+# current estimate alone (iterate instant) makes the step d ~ g / g^2 = 1/g (the empirical
+# Fisher's g*g, or Gauss-Newton-Bartlett's squared sampled gradient): it grows without bound
+# as a coordinate's gradient shrinks, the tanh units saturate, a gradient entry becomes
+# exactly 0 and the step 0/0 = NaN (the dense structure's pseudo-inverse drops a zero
+# eigenvalue instead; the elementwise step divides). A root (gradient_norm: sign(g)) or a
+# clip keeps these finite; `damping` would too.
+_ONE_OVER_G = "d = g / c with c ~ g^2 undamped: 1/g, then 0/0 at a saturated unit"
+DIVERGES = {
+    "empirical_fisher-diagonal-instant-none-none": _ONE_OVER_G,
+    "empirical_fisher-diagonal-instant-normalized-none": _ONE_OVER_G,
+    "empirical_fisher-diagonal-instant-eigen_sign-none": _ONE_OVER_G,
+    "gauss_newton_bartlett-diagonal-instant-none-none": _ONE_OVER_G,
+    "gauss_newton_bartlett-diagonal-instant-eigen_sign-none": _ONE_OVER_G,
+}
+
+SPECS = coverage.cross_product()
+STEPS = 5
+
+
+def _case(spec: coverage.Spec):
+    if spec.label not in DIVERGES:
+        return spec
+    # strict: a spec that starts training (or is refused) must leave the list
+    return pytest.param(spec, marks=pytest.mark.xfail(reason=DIVERGES[spec.label], strict=True,
+                                                      raises=(AssertionError, RuntimeError)))
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, coverage.Outcome]:
+    return {spec.label: coverage.classify(spec) for spec in SPECS}
+
+
+def test_the_product_is_every_form_of_every_axis():
+    sizes = [len(FORMS[axis]) for axis in coverage.AXES]
+    assert len(SPECS) == math.prod(sizes) >= 1920
+    assert len({s.label for s in SPECS}) == len(SPECS)
+    for axis in coverage.AXES:
+        assert {s.forms[axis] for s in SPECS} == set(FORMS[axis])
+
+
+def test_required_arguments_are_hyperparameters_with_sensible_values():
+    spec = next(s for s in SPECS if s.forms["iterate"] == "secant"
+                and s.forms["clip"] == "global_norm")
+    assert "iterate_history = 5" in spec.source
+    assert "iterate   secant(history = iterate_history)" in spec.source
+    assert "clip_threshold = 1" in spec.source
+
+
+def test_the_codegen_refusals_met_are_the_listed_ones(outcomes):
+    met = Counter(o.rule for o in outcomes.values() if o.key == coverage.UNSUPPORTED)
+    assert dict(met) == UNSUPPORTED, (
+        "the specs the code generator refuses changed: update UNSUPPORTED (and the README's "
+        f"counts, `curvc coverage`) to {dict(met.most_common())}")
+
+
+def test_every_refusal_is_a_named_rule(outcomes):
+    for label, o in outcomes.items():
+        assert o.key in (coverage.ACCEPTED, coverage.CLASH, coverage.UNSUPPORTED), (label, o)
+        assert (o.rule is None) == (o.key == coverage.ACCEPTED), (label, o)
+
+
+def test_curvc_coverage_prints_the_counts(outcomes):
+    result = CliRunner().invoke(app, ["coverage"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f"{len(SPECS):,} specs: every form of "
+                        + " x ".join(f"{len(FORMS[a])} {a}" for a in coverage.AXES))
+    accepted = sum(o.key == coverage.ACCEPTED for o in outcomes.values())
+    assert re.fullmatch(rf"\s*accepted \(compiles\)\s+{accepted}", lines[1]), lines[1]
+    for name, n in UNSUPPORTED.items():
+        assert any(re.fullmatch(rf"\s+{name}\s+{n}", line) for line in lines), (name, n)
+    clashes = Counter(o.rule for o in outcomes.values() if o.key == coverage.CLASH)
+    assert set(clashes) <= {r.__name__.removeprefix("_rule_") for r in rules.COMBINATION_RULES}
+    for name, n in clashes.items():
+        assert any(re.fullmatch(rf"\s+{name}\s+{n}", line) for line in lines), (name, n)
+
+
+def test_the_readme_shows_what_curvc_coverage_prints():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    printed = CliRunner().invoke(app, ["coverage"]).stdout
+    assert f"```\n{printed}```\n" in readme, (
+        "README.md's `curvc coverage` block is out of date; paste this:\n" + printed)
+
+
+def test_a_required_argument_without_a_sensible_value_is_named():
+    with pytest.raises(KeyError, match="'odd'.*rate"):
+        coverage._value(ArgSpec("rate", "number", constraint="odd"))
+
+
+def test_the_diverging_specs_are_in_the_product():
+    assert set(DIVERGES) <= {s.label for s in SPECS}
+
+
+def _named_clauses(spec: coverage.Spec, message: str) -> list[str]:
+    """The spec's clauses ('structure kronecker') the message's first line names."""
+    head = message.split("\n")[0]
+    return [f"{axis} {form}" for axis, form in spec.forms.items() if f"{axis} {form}" in head]
+
+
+@pytest.mark.parametrize("spec", [_case(s) for s in SPECS], ids=lambda s: s.label)
+def test_refused_with_the_clauses_that_clash_or_trains(spec, outcomes, tmp_path):
+    outcome = outcomes[spec.label]
+    if outcome.key != coverage.ACCEPTED:
+        assert spec.label not in DIVERGES, "refused now: remove it from DIVERGES"
+        named = _named_clauses(spec, outcome.message)
+        assert len(named) >= 2, f"the message does not name the clashing clauses:\n" \
+                                f"{outcome.message}\n--- spec:\n{spec.source}"
+        return
+    path = tmp_path / "cross_product.curv"
+    path.write_text(spec.source)
+    try:
+        cls = curvc.load(path, backend="torch")  # (a) what check accepts compiles
+    except curvc.CurvError as e:
+        pytest.fail(f"passed check, refused by compile:\n{e}")
+    losses, moved, finite = _train(cls)  # (b) and trains
+    assert all(math.isfinite(v) for v in losses), (losses, spec.source)
+    assert finite, f"non-finite parameters after {STEPS} steps:\n{spec.source}"
+    assert moved, f"no parameter moved in {STEPS} steps:\n{spec.source}"
+
+
+# --- one training loop for every compiled optimizer --------------------------------
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    return model, x, y
+
+
+def _train(cls) -> tuple[list[float], bool, bool]:
+    """The loop the README tells users to write, the same for every spec: the model to
+    the constructor, a closure that refreshes the curvature when the optimizer wants it
+    (gradients with their graph; the logits and the loss for the estimators that take
+    them) and ``step(closure)``, which L-BFGS evaluates several times."""
+    model, x, y = _problem()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model, fused=False)
+
+    def closure():
+        opt.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        wants = opt.wants_curvature()
+        if wants:
+            opt.estimate_curvature(logits=logits, loss=loss)
+        loss.backward(create_graph=wants)
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(STEPS)]
+    params = list(model.parameters())
+    moved = any(not torch.equal(p, q) for p, q in zip(params, start))
+    return losses, moved, all(bool(torch.isfinite(p).all()) for p in params)
