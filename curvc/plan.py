@@ -164,7 +164,7 @@ class Estimator:
     (or enum words) the estimator function takes as keywords.
     """
 
-    kind: str  # a key of curvc.runtime.curvature.ESTIMATORS
+    kind: str  # a key of curvc.runtime.estimators.PLAN_INPUTS
     input: str
     args: tuple[tuple[str, object], ...]
     when: str | None = None
