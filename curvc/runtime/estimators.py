@@ -112,6 +112,11 @@ def _hutchinson(params, grads, args, keep_graph):
                                 bool(args.get("spatial_average", False)), keep_graph=keep_graph)
 
 
+def _hessian_diagonal(params, grads, args, keep_graph):
+    from curvc.runtime import curvature
+    return curvature.hessian_diagonal(params, list(grads))
+
+
 def _gauss_newton_bartlett(params, logits, args):
     from curvc.runtime import curvature
     return curvature.gauss_newton_bartlett(params, logits, int(args["samples"]))
@@ -209,6 +214,10 @@ PLAN_INPUTS: dict[str, Source] = {s.kind: s for s in (
            SECOND_DERIVATIVES_MISSING,
            "{name}.estimate_curvature(loss=...) needs the loss whose Hessian diagonal it "
            "estimates"),
+    Source("hessian", TENSOR, (GRAPH, LOSS), ESTIMATE, _hessian_diagonal,
+           SECOND_DERIVATIVES_MISSING,
+           "{name}.estimate_curvature(loss=...) needs the loss whose Hessian diagonal it "
+           "computes"),
     Source("gauss_newton_bartlett", TENSOR, (LOGITS,), ESTIMATE, _gauss_newton_bartlett,
            LOGITS_MISSING, LOGITS_MISSING),
     Source("fisher", TENSOR, (LOGITS,), ESTIMATE, _fisher_diagonal, LOGITS_MISSING,
