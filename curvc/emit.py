@@ -74,10 +74,10 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     render_host(plan, buf)
     buf.writeline()
     buf.writeline()
+    if plan.dense is not None:  # the matrix's settings; the plan's step follows
+        _emit_dense(plan, buf)
     if plan.secant is not None:
         _emit_secant(plan, buf)
-    elif plan.dense is not None:
-        _emit_dense(plan, buf)
     else:
         buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
         buf.writeline()
@@ -137,8 +137,6 @@ def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
         buf.writeline("return settings")
     buf.writeline()
     buf.writeline()
-    buf.writeline("_update = _foreach_update = _triton_step = _triton_reduce = None")
-    buf.writeline("_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}")
 
 
 def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
@@ -147,6 +145,8 @@ def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
                    [("history", "int", sec.history), ("iterations", "int", sec.iterations),
                     ("tolerance_grad", "float", sec.tolerance_grad),
                     ("tolerance_change", "float", sec.tolerance_change)])
+    buf.writeline("_update = _foreach_update = _triton_step = _triton_reduce = None")
+    buf.writeline("_UPDATE_ARGS = _REDUCE_ARGS = _FOREACH_ARGS = {}")
 
 
 def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:

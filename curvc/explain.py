@@ -10,6 +10,8 @@ from its IR alone, and says so.
 """
 from __future__ import annotations
 
+import re
+
 from fractions import Fraction
 
 from curvc import ir
@@ -94,8 +96,9 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
         eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})")
     elif dec.kind == "l2":
-        eq.append(f"g     = g + {_v(dec.rate)} * theta"
-                  + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
+        if opt.structure.kind != "dense":  # the dense step adds it to d (see _dense)
+            eq.append(f"g     = g + {_v(dec.rate)} * theta"
+                      + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
         if switch:
             eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
@@ -278,7 +281,7 @@ def _dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
     if c == "fisher":
         eq[-1] += "   (H ~ F, the paper's NGD)"
-    m = _momentum(opt, eq, nums)
+    m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
     ln = opt.length.kind
     inv = _dense_inverse(nums.matrix)
     if ln == "none":
@@ -290,6 +293,15 @@ def _dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append("H     = Q diag(lambda) Q^T")
         eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
+    dec = opt.decay
+    if dec.kind == "l2" and dec.decoupled != ir.Const(True):
+        switch = dec.decoupled is not None and dec.decoupled != ir.Const(False)
+        eq.append(f"d     = d + {_v(dec.rate)} * theta"
+                  + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
+    tail: list[str] = []
+    if _momentum(opt, tail, nums) != "g":  # the same axis as elsewhere, on d
+        eq += [re.sub(r"\bg\b", "d", line) for line in tail]
+        eq.append(f"d     = {_momentum(opt, [], nums)}")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

@@ -387,9 +387,12 @@ def lower_kfac(s: _Step) -> Expr:
     return Select("maximize", op("neg", natural), natural)
 
 
-def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
-    """The dense stage, and the host flags it reads."""
-    s = _Step(opt)
+def lower_dense(s: _Step) -> tuple[DenseStage, Expr]:
+    """g <- d = root(C)^-1 g over all parameters as one vector (curvc.runtime.dense: the
+    matrix C, its accumulation and the length), as the rest of the step's gradient: the
+    elementwise axes (decay, momentum, clip, lr) apply to d as to K-FAC's natural
+    gradient. Returns the stage and d."""
+    opt = s.opt
     it, ln, dmp = opt.iterate, opt.length, opt.damping
     refresh = _every_flag(s, "refresh", it.every) if it.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
@@ -402,7 +405,8 @@ def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
         eps_inside=eps if dmp.kind == "inside" else Const(0.0),
         eps_after=eps if dmp.kind == "add" else Const(0.0),
         power=s.arg(ln.power) if ln.kind == "gradient_norm" else Const(1.0))
-    return stage, tuple(s.flags)
+    d = s.input("preconditioned")  # computed on the raw gradient: d is odd in g
+    return stage, Select("maximize", op("neg", d), d)
 
 
 def lower_secant(opt: ir.Optimizer) -> SecantStage:
@@ -420,15 +424,18 @@ def build(opt: ir.Optimizer) -> Plan:
     if opt.structure.kind in SECANT_STRUCTURES:
         return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
                     secant=lower_secant(opt))
-    if opt.structure.kind in DENSE_STRUCTURES:
-        stage, flags = lower_dense(opt)
-        return Plan(opt.name, opt.hypers, validators, (), (), (), flags, (), (), dense=stage)
     s = _Step(opt)
     lr = lower_learning_rate(s)
+    dense = None
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES
-    g = lower_kfac(s) if natural else lower_gradient(s)
+    if opt.structure.kind in DENSE_STRUCTURES:
+        dense, g = lower_dense(s)
+    else:
+        g = lower_kfac(s) if natural else lower_gradient(s)
     g, p = lower_decay(s, g, lr)
-    if natural:  # the runtime preconditioned g already
+    if dense is not None:  # the length was the dense stage's: no second one here
+        d = lower_clip(s, lower_momentum(s, g))
+    elif natural:  # the runtime preconditioned g already
         d = lower_clip(s, lower_direction(s, lower_momentum(s, g), None))
     elif opt.structure.kind in MATRIX_STRUCTURES:
         d = lower_kronecker(s, g, lower_momentum(s, g))
@@ -439,7 +446,7 @@ def build(opt: ir.Optimizer) -> Plan:
     s.store("param", sub(p, mul(lr, d)))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
-                s.estimator, tuple(s.matrix))
+                s.estimator, tuple(s.matrix), dense=dense)
 
 
 def lower(opt: ir.Optimizer) -> Plan:

@@ -222,7 +222,7 @@ class DenseStage:
     ``d = (root(C + eps_inside I) + eps_after I)^-1 g`` shaped by ``length``
     ('none': root = C; 'gradient_norm': C^(power/2); 'normalized': d scaled to
     ||d||_C = 1; 'eigen_sign': C^-1/2 Q sign(Q^T g)). ``curvc.runtime.dense``
-    runs it.
+    runs it, and hands d to the plan as its input ``preconditioned``.
     """
 
     curvature: str
@@ -251,7 +251,7 @@ class Plan:
     estimator: Estimator | None = None
     matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
-    dense: DenseStage | None = None  # a whole-model dense-curvature step (no stores)
+    dense: DenseStage | None = None  # the dense matrix feeding the plan's input
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
@@ -264,7 +264,9 @@ class Plan:
     @property
     def elementwise(self) -> bool:
         """Whether the whole step is elementwise (fusable into one pass per tensor)."""
-        return not self.matrix and self.secant is None and self.dense is None
+        # A dense plan's matrix is a model-scope source (like K-FAC's layers): the
+        # step that reads its preconditioned gradient is elementwise.
+        return not self.matrix and self.secant is None
 
     @property
     def whole_model(self) -> bool:

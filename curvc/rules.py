@@ -232,7 +232,6 @@ def _keeps_max(it: ir.Iterate) -> bool:
 
 _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
 _KRONECKER_NORM_WHY = "the step norm would need the preconditioned step twice"
-_DENSE_WHY = "the dense step is taken on the raw gradient, over all parameters"
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
 
@@ -287,9 +286,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "the dense matrix is the current estimate, a sum or an EMA"),
     Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
             _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
-    *(Refusal(f"dense_{axis}", "dense", _used(axis), _clause(axis),
-              f"{axis} {{kind}} with structure dense", _DENSE_WHY)
-      for axis in ("momentum", "decay", "clip", "schedule")),
     # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
     Refusal("secant_length", "secant", lambda opt: opt.length.kind != "none", _clause("length"),
             "length {kind} with the secant method",

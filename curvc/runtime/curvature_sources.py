@@ -86,7 +86,8 @@ class CurvatureSources:
     def _refreshes(self, step: float) -> bool:
         """Whether the source is refreshed on ``step`` (its plan flag; every step without)."""
         flag = self.ESTIMATOR[2] if self.ESTIMATOR is not None else self._source_args()["refresh"]
-        return flag is None or bool(self.host(self._flat_hypers(self.param_groups[0]), step)[1][flag])
+        h = self._flat_hypers(self.param_groups[0])
+        return flag is None or bool(self.host(h, step)[1][flag])
 
     def wants_curvature(self) -> bool:
         """Whether the next ``step()`` refreshes the curvature estimate.
@@ -133,14 +134,24 @@ class CurvatureSources:
     @staticmethod
     def _keyed(source: estimators.Source, params: list, est) -> dict:
         """An estimate as ``_estimates`` holds it: per parameter, or one for the model."""
-        if source.keyed_by_model:
+        if source.whole_model:
             return {_MODEL_KEY: est.detach()}
         return {p: e.detach() for p, e in zip(params, est)}
 
     def set_curvature(self, estimates) -> None:
         """Hand ``step()`` this step's curvature estimate: one tensor per parameter, in
-        ``param_groups`` order (None for parameters without one)."""
+        ``param_groups`` order (None for parameters without one); for a model-scope
+        source (the dense structure), one n x n matrix over all parameters."""
         params = [p for g in self.param_groups for p in g["params"]]
+        source = self._source()
+        if source is not None and source.whole_model:
+            matrix = torch.as_tensor(estimates)
+            n = sum(p.numel() for p in params)
+            if matrix.shape != (n, n):
+                raise ValueError(f"step(curvature=...) of {type(self).__name__} takes one "
+                                 f"{n} x {n} matrix, got shape {tuple(matrix.shape)}")
+            self._estimates = {_MODEL_KEY: matrix}
+            return
         estimates = list(estimates)
         if len(estimates) != len(params):
             raise ValueError(f"set_curvature() got {len(estimates)} tensors for "
@@ -158,6 +169,8 @@ class CurvatureSources:
         source = self._source()
         if source is None:
             return ()
+        if source.whole_model:
+            return self._model_estimates(source, guard)
         if source.hooks_layers and curvature is None:
             return source.compute(self, guard)
         if not source.hooks_layers and not self._estimates and self.wants_curvature():
@@ -171,61 +184,39 @@ class CurvatureSources:
         """What step() says when a refresh step's estimate of a parameter is missing."""
         return self._source().message(self._source().missing, self)
 
-    def _dense_step(self, closure, curvature):
+    def _model_estimates(self, source: estimators.Source, guard: amp.StepGuard) -> tuple:
+        """A model-scope source (the dense structure): this step's n x n matrix,
+        accumulated, and every parameter's preconditioned gradient into ``_estimates``
+        for the elementwise rest of the step; returns the accumulated matrix to commit
+        once the step is accepted."""
         from curvc.runtime import dense
-        loss = None
-        guard = amp.StepGuard(self)
-        if closure is not None:
-            if guard.scaled:
-                raise RuntimeError("a closure re-evaluates the gradients after GradScaler "
-                                   "checked them: call scaler.step(opt) without one")
-            with torch.enable_grad():
-                loss = closure()
         params = self.param_groups[0]["params"]
         if all(p.grad is None for p in params):
-            self._release_graphs()  # torch.optim's rule: no gradients, no step
             self._estimates = {}
-            return loss
-        try:
-            guard.unscale_grads()  # before g g^T; raise mode: a non-finite gradient stops here
-            for p in params:
-                if p.grad is not None:
-                    self._check_grad(p, p.grad)
-            settings = self._source_args()
-            refresh = self._refreshes(self._next_step())
-            matrix = self._dense_matrix(params, guard, refresh, curvature)
-            guard.check([("the curvature matrix", "value", matrix)])
-        finally:
-            self._release_graphs()
-            self._estimates = {}
-        if guard.skips_on_host():  # the matrix and the counters stay as they were
-            for p in params:
-                if p.grad is not None:
-                    p.grad = p.grad.detach()
-            guard.count_skip(params)
-            return loss
+            return ()  # torch.optim's rule: no gradients, no step
         for p in params:
             if p.grad is not None:
-                p.grad = p.grad.detach()
-        dense.step(self, settings, refresh, matrix)
-        return loss
+                self._check_grad(p, p.grad)
+        settings = self._source_args()
+        prev = self.state.get(params[0], {}).get("curvature")  # .get: no empty state made
+        refresh = self._refreshes(self._next_step())
+        matrix = self._model_matrix(source, params, guard) if refresh else None
+        guard.check([("the curvature matrix", "value", matrix)])
+        if guard.skips_on_host():  # the matrix stays as it was
+            self._estimates = {}
+            return ()
+        acc = dense.accumulate(prev, matrix, settings) if refresh else prev
+        d = dense.gradient_direction(acc, params, settings)
+        self._estimates = dense.preconditioned(params, d)
+        return ((params[0], "curvature", acc),)
 
-    def _dense_matrix(self, params: list, guard: amp.StepGuard, refresh: bool, curvature):
-        """This step's n x n matrix: handed over, built from the gradient, estimated
-        before the step, or computed from gradients with a graph (None: not refreshed)."""
-        source = self._source()
-        if curvature is not None:
-            matrix = torch.as_tensor(curvature)
-            n = sum(p.numel() for p in params)
-            if matrix.shape != (n, n):
-                raise ValueError(f"step(curvature=...) of {type(self).__name__} takes one "
-                                 f"{n} x {n} matrix, got shape {tuple(matrix.shape)}")
-            return matrix
-        if not refresh:
-            return None
-        if not source.asks_training_loop:
-            return source.compute(params, self._source_args())
+    def _model_matrix(self, source: estimators.Source, params: list, guard: amp.StepGuard):
+        """This refresh's matrix: handed over (``step(curvature=...)``, or
+        ``estimate_curvature``), built from the gradient, or computed from gradients
+        with a graph."""
         matrix = self._estimates.get(_MODEL_KEY)
+        if matrix is None and not source.asks_training_loop:
+            return source.compute(params, self._source_args())
         if matrix is None and source.needs_graph and any(
                 p.grad is not None and p.grad.grad_fn is not None for p in params):
             with torch.enable_grad():  # constant gradients: zero rows
@@ -235,6 +226,14 @@ class CurvatureSources:
         if matrix is None:
             raise RuntimeError(source.message(source.missing, self))
         return matrix
+
+    def _decided_on_host(self, curvature) -> bool:
+        """Whether this step's source keeps state outside the plan (layer statistics,
+        a model's matrix), so that a non-finite step is decided, and skipped, on the
+        host before that state is built."""
+        source = self._source()
+        return source is not None and (source.whole_model or
+                                       (source.hooks_layers and curvature is None))
 
     def _curvature_group(self):
         """The ranks this optimizer's estimates are averaged over (curvc.runtime.distributed)."""

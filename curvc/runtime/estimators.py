@@ -19,7 +19,8 @@ What it yields:
 * ``ESTIMATE``: one tensor per parameter, the elementwise input the plan accumulates;
 * ``PRECONDITIONED``: one tensor per parameter, the preconditioned gradient the plan
   then treats as its gradient;
-* ``MATRIX``: one n x n matrix over all parameters (the dense structure);
+* ``MATRIX``: one n x n matrix over all parameters (the dense structure), from which
+  the runtime computes each parameter's preconditioned gradient for the plan;
 * ``STEP``: the whole step itself (a driver that calls the closure).
 
 ``compute``'s signature follows the needs: ``(params, grads, args, keep_graph)`` for a
@@ -95,11 +96,6 @@ class Source:
         """Whether the step spans all parameters as one vector (one param group)."""
         return self.scope == MODEL
 
-    @property
-    def keyed_by_model(self) -> bool:
-        """Whether its estimate is one value for the model, not one per parameter."""
-        return self.yields == MATRIX
-
     def message(self, text: str, opt) -> str:
         return text.format(name=type(opt).__name__)
 
@@ -171,8 +167,8 @@ def _dense_fisher(params, logits, args):
 
 
 def _empirical_fisher_matrix(params, args):
-    from curvc.runtime import dense
-    g = dense.flat_grad(params).detach()
+    from curvc.runtime.secant import flat_grad
+    g = flat_grad(params).detach()
     return torch.outer(g, g)
 
 

@@ -278,7 +278,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                                f"optimize torch.view_as_real(p) instead")
 
     def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
-        when = self.ESTIMATOR[2]
+        when = self.ESTIMATOR[2] if self.ESTIMATOR is not None else None  # None: every step
         if when is not None and not flags[when]:
             return None  # not read on this step
         est = self._estimates.get(p)
@@ -301,8 +301,6 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         source = self._source()
         if source is not None and source.drives_step:  # a closure driver (the secant method)
             return source.compute(self, closure)
-        if source is not None and source.keyed_by_model:
-            return self._dense_step(closure, curvature)
         loss = None
         guard = amp.StepGuard(self)
         if closure is not None:
@@ -313,13 +311,12 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 loss = closure()
         if curvature is not None:
             self.set_curvature(curvature)
-        # Layer statistics (K-FAC's) are built on the host, and skipped there too.
-        host_statistics = source is not None and source.hooks_layers and curvature is None
+        host_statistics = self._decided_on_host(curvature)  # layer statistics, a matrix
         try:
             guard.unscale_grads()  # raise mode: a non-finite gradient stops here
             skip = host_statistics and guard.skips_on_host()  # decided before they are built
             updates = () if skip else self._estimate_before_step(guard, curvature)
-            if guard.active:  # positions are for an error message: built only when checked
+            if guard.active and not skip:  # positions (for an error message): only when checked
                 index = self._positions()
                 guard.check([(index[p], "curvature estimate", e)
                              for p, e in self._estimates.items()])
@@ -328,7 +325,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             work = [] if skip else [(group, *item) for group in self.param_groups
                                     for item in self._buckets(group)]
         finally:
-            if self.ESTIMATOR is not None:
+            if source is not None:
                 self._release_graphs()
         if skip:
             guard.count_skip(self._trainable())
