@@ -203,7 +203,8 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
         statistic, value = ext.inputs[0], ext.inputs[-1]  # one tensor when they are the same
         # a kernel's temporaries are in the compute dtype already; a raw input may not be
         buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")
-        buf.writeline(f"return matrix.{fn}(state, {statistic}.to(cdt), {value}.to(cdt), "
-                      + ", ".join(kw) + ")")
+        # the statistic is None on a step that does not accumulate (an estimate not due)
+        buf.writeline(f"return matrix.{fn}(state, None if {statistic} is None else "
+                      f"{statistic}.to(cdt), {value}.to(cdt), " + ", ".join(kw) + ")")
     return sig
 

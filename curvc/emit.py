@@ -69,7 +69,7 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("from curvc.runtime import CurvOptimizer")
     if plan.matrix:
         buf.writeline("from curvc.runtime import matrix")
-    if plan.secant is None and plan.dense is None:
+    if plan.secant is None:
         # private names: the module's public names are the class and names.MODULE_IMPORTS
         extern = "Extern as _Extern, " if plan.matrix else ""
         buf.writeline(f"from curvc.runtime.program import {extern}Kernel as _Kernel, "
@@ -79,10 +79,10 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     render_host(plan, buf)
     buf.writeline()
     buf.writeline()
+    if plan.dense is not None:  # the matrix's settings; the plan's step follows
+        _emit_dense(plan, buf)
     if plan.secant is not None:
         _emit_secant(plan, buf)
-    elif plan.dense is not None:
-        _emit_dense(plan, buf)
     else:
         _emit_program(schedule.split(plan), backend, buf)
     buf.writeline()
@@ -197,15 +197,17 @@ def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
         buf.writeline("return settings")
     buf.writeline()
     buf.writeline()
-    buf.writeline("_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)")
 
 
 def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
     sec = plan.secant
-    _emit_settings(buf, "secant", "a quasi-Newton step over all parameters", {},
+    _emit_settings(buf, "secant", "a quasi-Newton step over all parameters",
+                   dict(normalized=sec.normalized),
                    [("history", "int", sec.history), ("iterations", "int", sec.iterations),
                     ("tolerance_grad", "float", sec.tolerance_grad),
-                    ("tolerance_change", "float", sec.tolerance_change)])
+                    ("tolerance_change", "float", sec.tolerance_change),
+                    ("clip", "float", sec.clip)])
+    buf.writeline("_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)")
 
 
 def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:

@@ -10,6 +10,8 @@ from its IR alone, and says so.
 """
 from __future__ import annotations
 
+import re
+
 from fractions import Fraction
 
 from curvc import ir
@@ -96,8 +98,9 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
         eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})")
     elif dec.kind == "l2":
-        eq.append(f"g     = g + {_v(dec.rate)} * theta"
-                  + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
+        if opt.structure.kind != "dense":  # the dense step adds it to d (see _dense)
+            eq.append(f"g     = g + {_v(dec.rate)} * theta"
+                      + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
         if switch:
             eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
@@ -289,8 +292,15 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         return eq + _clip(opt) + [f"theta = theta - {lr} * d"]
     eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
           "        g unfolded along mode i (modes longer than max_dim keep none)"]
-    eq.append(_accumulate_line(opt, "L", "G G^T").replace("_0 = ", "_0 = I * "))
-    eq.append(_accumulate_line(opt, "R", "G^T G").replace("_0 = ", "_0 = I * "))
+    gram_l, gram_r = "G G^T", "G^T G"
+    rows = _ROWS.get(opt.curvature.kind)
+    if rows:  # the factors' statistic: sampled gradients, as rows
+        eq += rows
+        if opt.curvature.scale is not None:
+            eq.append(f"        (each row times sqrt({_v(opt.curvature.scale)}))")
+        gram_l, gram_r = "sum_r G_r G_r^T", "sum_r G_r^T G_r"
+    eq.append(_accumulate_line(opt, "L", gram_l).replace("_0 = ", "_0 = I * "))
+    eq.append(_accumulate_line(opt, "R", gram_r).replace("_0 = ", "_0 = I * "))
     for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
         eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
     left, right = "L", "R"
@@ -326,6 +336,17 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     return eq
 
 
+# The rows G_r whose Gram matrices are the Kronecker factors of a sampled curvature
+# (curvc.runtime.curvature.gradient_rows).
+_ROWS = {
+    "fisher": ["G_r   = per example and label y ~ p(y|x) (samples per example), the gradient",
+               "        of -log p(y|x), over sqrt(rows): sum_r G_r G_r^T is the mean (the Fisher)"],
+    "gauss_newton_bartlett": [
+        "G_r   = per draw of labels y ~ p(y|x) for the batch, sqrt(B / samples) times the",
+        "        gradient of the mean loss on them (Gauss-Newton-Bartlett)"],
+}
+
+
 def _accumulate_line(opt: ir.Optimizer, name: str, new: str) -> str:
     eq: list[str] = []
     _accumulate(opt, eq, new, name)
@@ -349,7 +370,7 @@ def _dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
     if c == "fisher":
         eq[-1] += "   (H ~ F, the paper's NGD)"
-    m = _momentum(opt, eq, nums)
+    m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
     ln = opt.length.kind
     inv = _dense_inverse(nums.matrix)
     if ln == "none":
@@ -361,6 +382,15 @@ def _dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append("H     = Q diag(lambda) Q^T")
         eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
+    dec = opt.decay
+    if dec.kind == "l2" and dec.decoupled != ir.Const(True):
+        switch = dec.decoupled is not None and dec.decoupled != ir.Const(False)
+        eq.append(f"d     = d + {_v(dec.rate)} * theta"
+                  + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
+    tail: list[str] = []
+    if _momentum(opt, tail, nums) != "g":  # the same axis as elsewhere, on d
+        eq += [re.sub(r"\bg\b", "d", line) for line in tail]
+        eq.append(f"d     = {_momentum(opt, [], nums)}")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

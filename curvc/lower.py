@@ -17,7 +17,8 @@ from curvc.passes import PASSES
 from curvc.plan import (Buffer, Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
                         Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
                         Validator, flat_hyper_names)
-from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, PRECONDITIONING_CURVATURES,
+from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
+                         PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
 
 
@@ -154,8 +155,10 @@ def lower_curvature(s: _Step, g: Expr) -> Expr | None:
     return est
 
 
-def _lower_estimator(s: _Step, c: ir.Curvature) -> Expr:
-    """The estimate a runtime estimator provides, held between refreshes if asked."""
+def _lower_estimator(s: _Step, c: ir.Curvature, rows: bool = False) -> Expr:
+    """The estimate a runtime estimator provides, held between refreshes if asked;
+    ``rows``: as a stack of sampled gradients (Kronecker factors' statistic), scaled
+    by the runtime."""
     it = s.opt.iterate
     if c.every is not None:
         when = _every_flag(s, "estimate", c.every)
@@ -172,8 +175,10 @@ def _lower_estimator(s: _Step, c: ir.Curvature) -> Expr:
             args.append((name, a.value))
         else:
             args.append((name, s.arg(a)))
+    if rows and c.scale is not None:
+        args.append(("scale", s.arg(c.scale)))
     fresh = s.input("curvature_estimate")
-    s.estimator = Estimator(c.kind, fresh.name, tuple(args), when)
+    s.estimator = Estimator(f"{c.kind}_rows" if rows else c.kind, fresh.name, tuple(args), when)
     if c.every is None:
         return fresh
     held = s.buffer("curvature")
@@ -312,7 +317,12 @@ def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
         u = op("sign", m)
     else:
         u = m
-    if precond is not None:
+    if precond is not None and s.opt.damping.kind == "none":
+        # the pseudo-inverse, as the matrix structures' spectral function takes it: an
+        # undamped P that is not positive (a coordinate the curvature has not seen, an
+        # instant g*g at g = 0) divides by nothing and gives 0, not 0/0
+        u = op("div_or_zero", u, precond)
+    elif precond is not None:
         u = div(u, precond)
     if ln.kind == "normalized":
         # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), one global reduction
@@ -336,6 +346,11 @@ def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
     refresh = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (_every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
+    statistic = g
+    if s.opt.curvature.kind in ROW_CURVATURES:
+        # sampled gradients (the Fisher's per example, Gauss-Newton-Bartlett's per draw)
+        # as a stack of rows: each factor is the Gram matrix of their unfoldings
+        statistic = _lower_estimator(s, s.opt.curvature, rows=True)
     if ln.kind == "gradient_norm":
         exponent = div(s.arg(ln.power), 2.0)
     elif ln.kind == "eigen_sign":
@@ -361,7 +376,7 @@ def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
                            it.kind, accumulate_when, refresh, per_mode=True,
                            length="eigen_sign" if ln.kind == "eigen_sign" else "root")
     s.matrix.append(stage)
-    u = Precondition("precondition", (g, m, *(params[n] for n in stage.params)),
+    u = Precondition("precondition", (statistic, m, *(params[n] for n in stage.params)),
                      stage=stage.name)
     if ln.kind == "normalized":
         # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), summed over every tensor
@@ -427,9 +442,12 @@ def lower_kfac(s: _Step) -> Expr:
     return Select("maximize", op("neg", natural), natural)
 
 
-def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
-    """The dense stage, and the host flags it reads."""
-    s = _Step(opt)
+def lower_dense(s: _Step) -> tuple[DenseStage, Expr]:
+    """g <- d = root(C)^-1 g over all parameters as one vector (curvc.runtime.dense: the
+    matrix C, its accumulation and the length), as the rest of the step's gradient: the
+    elementwise axes (decay, momentum, clip, lr) apply to d as to K-FAC's natural
+    gradient. Returns the stage and d."""
+    opt = s.opt
     it, ln, dmp = opt.iterate, opt.length, opt.damping
     refresh = _every_flag(s, "refresh", it.every) if it.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
@@ -442,14 +460,16 @@ def lower_dense(opt: ir.Optimizer) -> tuple[DenseStage, tuple]:
         eps_inside=eps if dmp.kind == "inside" else Const(0.0),
         eps_after=eps if dmp.kind == "add" else Const(0.0),
         power=s.arg(ln.power) if ln.kind == "gradient_norm" else Const(1.0))
-    return stage, tuple(s.flags)
+    d = s.input("preconditioned")  # computed on the raw gradient: d is odd in g
+    return stage, Select("maximize", op("neg", d), d)
 
 
 def lower_secant(opt: ir.Optimizer) -> SecantStage:
     s = _Step(opt)
     it = opt.iterate
+    clip = s.arg(opt.clip.threshold) if opt.clip.kind == "global_norm" else Const(0.0)
     return SecantStage(s.arg(it.history), s.arg(it.iterations), s.arg(it.tolerance_grad),
-                       s.arg(it.tolerance_change))
+                       s.arg(it.tolerance_change), opt.length.kind == "normalized", clip)
 
 
 def build(opt: ir.Optimizer) -> Plan:
@@ -460,15 +480,16 @@ def build(opt: ir.Optimizer) -> Plan:
     if opt.structure.kind in SECANT_STRUCTURES:
         return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
                     secant=lower_secant(opt))
-    if opt.structure.kind in DENSE_STRUCTURES:
-        stage, flags = lower_dense(opt)
-        return Plan(opt.name, opt.hypers, validators, (), (), (), flags, (), (), dense=stage)
     s = _Step(opt)
     lr = lower_learning_rate(s)
+    dense = None
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES
-    g = lower_kfac(s) if natural else lower_gradient(s)
+    if opt.structure.kind in DENSE_STRUCTURES:
+        dense, g = lower_dense(s)
+    else:
+        g = lower_kfac(s) if natural else lower_gradient(s)
     g, p = lower_decay(s, g, lr)
-    if natural:  # the runtime preconditioned g already, and took its length
+    if dense is not None or natural:  # preconditioned, length taken, by the runtime already
         d = lower_clip(s, lower_momentum(s, g))
     elif opt.structure.kind in MATRIX_STRUCTURES:
         d = lower_kronecker(s, g, lower_momentum(s, g))
@@ -479,7 +500,7 @@ def build(opt: ir.Optimizer) -> Plan:
     s.store("param", sub(p, mul(lr, d)))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
-                s.estimator, tuple(s.matrix))
+                s.estimator, tuple(s.matrix), dense=dense)
 
 
 def lower(opt: ir.Optimizer) -> Plan:

@@ -164,7 +164,7 @@ class Estimator:
     (or enum words) the estimator function takes as keywords.
     """
 
-    kind: str  # a key of curvc.runtime.curvature.ESTIMATORS
+    kind: str  # a key of curvc.runtime.estimators.PLAN_INPUTS
     input: str
     args: tuple[tuple[str, object], ...]
     when: str | None = None
@@ -220,13 +220,18 @@ class SecantStage:
     ``history`` secant pairs (s = change of theta, y = change of gradient);
     each ``step(closure)`` runs up to ``iterations`` of them, stopping early
     on the tolerances. Every field is a host expression over the group's
-    hyperparameters. ``curvc.runtime.secant`` runs it.
+    hyperparameters. ``curvc.runtime.secant`` runs it. Each iteration's
+    direction d = -H^-1 g is then divided by sqrt(g^T H^-1 g) when ``normalized``
+    (so ||d||_H = 1), and scaled by min(1, clip / ||d||) when ``clip`` is not
+    0, before the step size (lr or the line search) is applied.
     """
 
     history: Expr
     iterations: Expr
     tolerance_grad: Expr
     tolerance_change: Expr
+    normalized: bool = False
+    clip: Expr = Const(0.0)
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,7 @@ class DenseStage:
     ``d = (root(C + eps_inside I) + eps_after I)^-1 g`` shaped by ``length``
     ('none': root = C; 'gradient_norm': C^(power/2); 'normalized': d scaled to
     ||d||_C = 1; 'eigen_sign': C^-1/2 Q sign(Q^T g)). ``curvc.runtime.dense``
-    runs it.
+    runs it, and hands d to the plan as its input ``preconditioned``.
     """
 
     curvature: str
@@ -270,7 +275,7 @@ class Plan:
     estimator: Estimator | None = None
     matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
-    dense: DenseStage | None = None  # a whole-model dense-curvature step (no stores)
+    dense: DenseStage | None = None  # the dense matrix feeding the plan's input
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
@@ -283,7 +288,9 @@ class Plan:
     @property
     def elementwise(self) -> bool:
         """Whether the whole step is elementwise (fusable into one pass per tensor)."""
-        return not self.matrix and self.secant is None and self.dense is None
+        # A dense plan's matrix is a model-scope source (like K-FAC's layers): the
+        # step that reads its preconditioned gradient is elementwise.
+        return not self.matrix and self.secant is None
 
     @property
     def whole_model(self) -> bool:

@@ -188,7 +188,8 @@ def plan_numbers(plan: Plan) -> Numbers:
         counts, notes = _kfac_counts(plan, text)
     if plan.secant is not None:  # L-BFGS takes no root
         return Numbers()
-    if not plan.elementwise or plan.estimator is not None and plan.estimator.kind == "kfac":
+    if (not plan.elementwise or plan.dense is not None
+            or plan.estimator is not None and plan.estimator.kind == "kfac"):
         return Numbers(None, _matrix_root(plan, text), counts, notes)
     return Numbers(_elementwise_root(plan, text), None, counts, notes)
 

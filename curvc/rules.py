@@ -40,10 +40,15 @@ def _clash(a_node, a: str, b_node, b: str, why: str) -> CurvError:
 
 def _rule_estimator_fixes_structure(opt: ir.Optimizer) -> None:
     c, s = opt.curvature, opt.structure
-    if c.kind in ("hutchinson", "gauss_newton_bartlett") and s.kind != "diagonal":
+    if c.kind == "hutchinson" and s.kind != "diagonal":
         raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
                      f"{c.kind} estimates only the diagonal of the curvature, so it needs "
                      "structure diagonal")
+    if c.kind == "gauss_newton_bartlett" and s.kind not in ("diagonal", "kronecker"):
+        raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
+                     "Gauss-Newton-Bartlett is one sampled gradient per draw: its square is "
+                     "a diagonal, its Gram matrices Kronecker factors (structure diagonal "
+                     "or kronecker)")
     if c.kind == "kfac" and s.kind != "kronecker":
         raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
                      "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product, so it "
@@ -189,13 +194,12 @@ MATRIX_STRUCTURES = ("kronecker",)
 SECANT_STRUCTURES = ("low_rank",)
 DENSE_STRUCTURES = ("dense",)
 DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
-GRADIENT_CURVATURES = ("constant", "empirical_fisher")
-# Curvatures whose per-step estimate a runtime estimator computes
-# (curvc/runtime/curvature.py); the plan reads it as an elementwise input.
-ESTIMATED_CURVATURES = ("hutchinson", "gauss_newton_bartlett", "fisher")
 # Curvatures whose runtime returns the preconditioned gradient itself, per
 # layer (K-FAC: the Kronecker factors live with the layer, not the tensor).
 PRECONDITIONING_CURVATURES = ("kfac",)
+# Curvatures whose Kronecker factors are Gram matrices of sampled gradients, handed
+# over as a stack of rows (curvc.runtime.curvature.gradient_rows).
+ROW_CURVATURES = ("fisher", "gauss_newton_bartlett")
 
 
 def code_path(opt: ir.Optimizer) -> str:
@@ -248,7 +252,6 @@ def _keeps_max(it: ir.Iterate) -> bool:
 
 
 _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
-_DENSE_WHY = "the dense step is taken on the raw gradient, over all parameters"
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
 
@@ -256,9 +259,16 @@ _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; 
 REFUSALS: tuple[Refusal, ...] = (
     # Shampoo's Kronecker factors (curvc.runtime.matrix)
     Refusal("kronecker_curvature", "kronecker",
-            lambda opt: opt.curvature.kind != "empirical_fisher", _clause("curvature"),
-            "curvature {kind} with structure kronecker",
-            "Kronecker factors are built from the gradient's unfoldings (Shampoo) so far"),
+            lambda opt: opt.curvature.kind not in ("empirical_fisher", *ROW_CURVATURES),
+            _clause("curvature"), "curvature {kind} with structure kronecker",
+            "Kronecker factors are Gram matrices of a per-step statistic (the gradient, or "
+            "sampled gradients for the Fisher and Gauss-Newton-Bartlett); the exact Hessian "
+            "has no such factors without a layer-wise recursion (KFRA) curvc does not have"),
+    Refusal("kronecker_estimate_modifiers", "kronecker",
+            lambda opt: opt.curvature.squared or opt.curvature.every is not None,
+            _clause("curvature"), "curvature {kind} squared or every k with structure kronecker",
+            "the sampled gradients are a stack of rows the factors take when they accumulate; "
+            "refresh them with `iterate ... every k` (squaring is elementwise)"),
     # K-FAC's per-layer factors (curvc.runtime.kfac)
     Refusal("kfac_max_dim", "kfac",
             lambda opt: (opt.structure.max_dim is not None and opt.structure.max_dim
@@ -276,23 +286,12 @@ REFUSALS: tuple[Refusal, ...] = (
             "the dense matrix is the current estimate, a sum or an EMA"),
     Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
             _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
-    *(Refusal(f"dense_{axis}", "dense", _used(axis), _clause(axis),
-              f"{axis} {{kind}} with structure dense", _DENSE_WHY)
-      for axis in ("momentum", "decay", "clip", "schedule")),
     # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
-    Refusal("secant_length", "secant", lambda opt: opt.length.kind != "none", _clause("length"),
-            "length {kind} with structure low_rank",
-            "the secant step is d = H^-1 g, sized by lr or the line search; "
-            "dividing it by sqrt(g^T H^-1 g) is not implemented"),
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
               f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
-      for axis in ("momentum", "decay", "clip", "damping", "schedule")),
-    # the fused elementwise step
-    Refusal("estimator_missing", "elementwise",
-            lambda opt: opt.curvature.kind not in (GRADIENT_CURVATURES + ESTIMATED_CURVATURES
-                                                   + PRECONDITIONING_CURVATURES),
-            _clause("curvature"), "curvature {kind} with structure {structure}",
-            "its estimator is not in the runtime yet"),
+      for axis in ("momentum", "decay", "damping", "schedule")),
+    # the fused elementwise step: every curvature check admits there has a runtime source
+    # (curvc.runtime.estimators), so nothing is refused on that path.
 )
 
 

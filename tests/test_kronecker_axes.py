@@ -239,3 +239,70 @@ def test_shampoo_triton_kernels_around_the_matrix_call_match_torch():
     # float64), so the hyperparameters carry ~1e-7 error here (tests/test_triton_backend.py).
     for x, y in zip(a, b):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-9)
+
+
+# --- Kronecker factors of a sampled curvature (the Fisher, Gauss-Newton-Bartlett) ---------
+
+def _rows_reference(logits, x, samples, per_example, seed):
+    """The rows G_r whose Gram matrices are the factors, for logits = x W^T, drawn as the
+    runtime draws them (same seed, same calls): dCE/dW = (softmax(l) - e_y) x^T."""
+    torch.manual_seed(seed)
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    p, n = torch.softmax(logits.detach(), dim=-1), x.shape[0]  # the gradient: in float64
+    if per_example:  # one row per (example, label) over sqrt(rows)
+        labels = torch.multinomial(probs, samples, replacement=True)
+        rows = [torch.outer(p[i] - torch.eye(3, dtype=torch.float64)[labels[i, j]], x[i])
+                for i in range(n) for j in range(samples)]
+        return [r / len(rows) ** 0.5 for r in rows]
+    rows = []
+    for _ in range(samples):  # one row per draw: sqrt(B / samples) * the mean loss's gradient
+        labels = torch.multinomial(probs, 1).squeeze(-1)
+        grad = sum(torch.outer(p[i] - torch.eye(3, dtype=torch.float64)[labels[i]], x[i])
+                   for i in range(n)) / n
+        rows.append(grad * (n / samples) ** 0.5)
+    return rows
+
+
+@pytest.mark.parametrize("curvature, per_example, scale", [
+    ("fisher(samples = 2)", True, 1.0),
+    ("gauss_newton_bartlett(samples = 3)", False, 1.0),
+    ("gauss_newton_bartlett(samples = 3, scale = 4)", False, 4.0),
+])
+def test_kronecker_factors_of_a_sampled_curvature_are_the_gram_of_its_rows(
+        tmp_path, curvature, per_example, scale):
+    """L = 0.1 I + sum_t sum_r G_r G_r^T, R likewise; d = (L + eps I)^-1/4 g (R + eps I)^-1/4."""
+    Ours = _spec(tmp_path, f"hyper lr = 0.05, eps = 1e-3\ncurvature {curvature}\n"
+                           "structure kronecker\niterate sum(init = 0.1)\nlength gradient_norm\n"
+                           "damping inside(eps)\n")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    w = torch.nn.Parameter(0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    opt = Ours([w])
+    expected = w.detach().clone()
+    left, right = 0.1 * torch.eye(3, dtype=torch.float64), 0.1 * torch.eye(4, dtype=torch.float64)
+    samples = 2 if per_example else 3
+    for t in range(3):
+        logits = x @ w.T
+        torch.manual_seed(100 + t)
+        opt.estimate_curvature(logits=logits)
+        rows = _rows_reference(x @ expected.T, x, samples, per_example, 100 + t)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        g = w.grad.detach().clone()
+        opt.step()
+        w.grad = None
+        left = left + scale * sum(r @ r.T for r in rows)
+        right = right + scale * sum(r.T @ r for r in rows)
+        eye3, eye4 = torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+        d = _power(left + 1e-3 * eye3, -0.25) @ g @ _power(right + 1e-3 * eye4, -0.25)
+        expected = expected - 0.05 * d
+        assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-10)
+
+
+def test_gauss_newton_bartlett_with_a_dense_structure_is_refused_with_both_structures_named(
+        tmp_path):
+    path = tmp_path / "g.curv"
+    path.write_text("optimizer G\nhyper lr = 1e-3\ncurvature gauss_newton_bartlett\n"
+                    "structure dense\nlength none\n")
+    with pytest.raises(curvc.CurvError, match="structure diagonal or kronecker"):
+        curvc.load(str(path))

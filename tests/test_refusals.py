@@ -2,7 +2,7 @@
 
 Lowering once also refused a non-matrix curvature and a modified curvature
 (``squared``, ``scale``, ``every``) on the dense path, and a modified
-curvature on the Kronecker path. Check refuses all of those first, so the
+curvature on the Kronecker path. Check refuses the dense ones first, so those
 rules could never fire and were removed; these tests keep it that way: a
 change to the forms or to check that lets one through fails here, where a
 refusal (or its lowering) must come back.
@@ -44,9 +44,12 @@ def test_the_dense_path_sees_only_its_curvatures_unmodified(curvature, iterate):
         assert curvature not in _MODIFIED
 
 
-@pytest.mark.parametrize("iterate", ["instant", "sum", "ema(0.9)"])
-@pytest.mark.parametrize("curvature", sorted(FORMS["curvature"]))
-def test_the_kronecker_path_sees_no_modified_curvature(curvature, iterate):
-    if _checks(curvature, "kronecker", iterate):
-        assert curvature not in _MODIFIED
-
+@pytest.mark.parametrize("modifier", ["squared", "every 3"])
+def test_the_kronecker_path_refuses_a_squared_or_held_estimate(modifier):
+    """Its factors take sampled gradients as rows (a scale multiplies them, tested in
+    tests/test_kronecker_axes.py): a squared or held elementwise estimate is refused."""
+    src = ("optimizer X\nhyper lr = 1\n"
+           f"curvature gauss_newton_bartlett {modifier}\nstructure kronecker\n"
+           "iterate ema(0.9)\nlength gradient_norm\n")
+    opt = curvc.to_ir(src, "x.curv", compilable=False)
+    assert rules.first_refusal(opt).name == "kronecker_estimate_modifiers"

@@ -15,8 +15,12 @@ everything after them is the same fused elementwise plan as Adam's.
   sampled from the model's own output distribution: ``B * (grad of the
   mean loss on the sampled labels)^2``, B the number of sampled labels
   (Sophia-G's estimator).
+* ``hessian_diagonal``: the exact diag(H), one vmapped backward pass per chunk of
+  entries of each parameter; small models, since it costs one pass per entry.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,6 +69,45 @@ def hutchinson(params: list[torch.Tensor], grads: list[torch.Tensor], samples: i
     return total
 
 
+def hessian_diagonal(params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                     chunk: int = 256) -> list[torch.Tensor]:
+    """The exact diag(H), from gradients that carry their graph: entry i of parameter
+    p is d g_i / d p_i, the i-th entry of row i of p's own block of H (no other
+    parameter enters the diagonal). Rows come ``chunk`` at a time from vmapped
+    backward passes (one per entry where autograd cannot batch). A gradient without a
+    graph (or None) is constant: its diagonal is 0. The graph is kept (the user's
+    backward, or another parameter's rows, may follow)."""
+    out = []
+    for p, g in zip(params, grads):
+        diag = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        if g is not None and g.grad_fn is not None:
+            flat, n = g.reshape(-1), p.numel()
+            for start in range(0, n, chunk):
+                diag[start:start + min(chunk, n - start)] = _diagonal_rows(flat, p, start,
+                                                                           min(chunk, n - start))
+        out.append(diag.reshape(p.shape))
+    return out
+
+
+def _diagonal_rows(flat: torch.Tensor, p: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Entries start .. start + rows of diag(d flat / d p)."""
+    at = torch.arange(rows, device=flat.device)
+    picks = torch.zeros(rows, flat.numel(), dtype=flat.dtype, device=flat.device)
+    picks[at, start + at] = 1.0
+    try:
+        block, = torch.autograd.grad(flat, p, picks, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)
+        if block is None:  # no path from the gradient back to p: that block of H is 0
+            return torch.zeros(rows, dtype=flat.dtype, device=flat.device)
+        return block.reshape(rows, -1)[at, start + at]
+    except RuntimeError:  # an op without a batching rule: one entry at a time
+        out = []
+        for i in range(start, start + rows):
+            row, = torch.autograd.grad(flat[i], p, retain_graph=True, allow_unused=True)
+            out.append(flat.new_zeros(()) if row is None else row.reshape(-1)[i])
+        return torch.stack(out)
+
+
 def gauss_newton_bartlett(params: list[torch.Tensor], logits: torch.Tensor, samples: int = 1,
                           generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Sophia-G's Gauss-Newton-Bartlett estimate of the Gauss-Newton diagonal.
@@ -111,6 +154,41 @@ def sampled_label_gradients(params: list[torch.Tensor], logits: torch.Tensor,
     return batched_rows(per_row, params)
 
 
+def gradient_rows(params: list[torch.Tensor], logits: torch.Tensor, samples: int = 1,
+                  per_example: bool = True, scale: float = 1.0,
+                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Per parameter, a stack of rows r (shape (rows, *p.shape)) whose sum of outer
+    products sum_r r r^T is this batch's curvature estimate; Kronecker factors take the
+    Gram matrices of their unfoldings.
+
+    ``per_example`` (the Fisher): one row per (example, drawn label), the gradient of
+    -log p(y|x), over sqrt(rows), so sum r r^T = the mean outer product. Otherwise
+    (Gauss-Newton-Bartlett): one row per draw, sqrt(B / samples) times the gradient of
+    the mean cross-entropy on labels drawn for the whole batch, so sum r r^T is the
+    matrix whose diagonal ``gauss_newton_bartlett`` returns. ``scale`` multiplies the
+    estimate (each row by its square root).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    if per_example:
+        rows = sampled_label_gradients(params, logits, samples, generator)
+        rows = rows * math.sqrt(scale / rows.shape[0])
+        out, start = [], 0
+        for p in params:
+            out.append(rows[:, start:start + p.numel()].reshape(-1, *p.shape).to(p.dtype))
+            start += p.numel()
+        return out
+    batch, draws = flat.shape[0], [[] for _ in params]
+    for _ in range(samples):
+        with torch.no_grad():
+            probs = torch.softmax(flat.detach().float(), dim=-1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        loss = torch.nn.functional.cross_entropy(flat, labels)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        for rows, p, g in zip(draws, params, grads):
+            rows.append(torch.zeros_like(p) if g is None else g * math.sqrt(scale * batch / samples))
+    return [torch.stack(rows) for rows in draws]
+
+
 def batched_rows(values: torch.Tensor, params: list[torch.Tensor],
                  chunk: int = 256) -> torch.Tensor:
     """The gradient of each entry of the vector ``values`` with respect to ``params``,
@@ -154,6 +232,3 @@ def fisher_matrix(params: list[torch.Tensor], logits: torch.Tensor, samples: int
     rows = sampled_label_gradients(params, logits, samples, generator)
     return rows.T @ rows / rows.shape[0]
 
-
-ESTIMATORS = {"hutchinson": hutchinson, "gauss_newton_bartlett": gauss_newton_bartlett,
-              "fisher": fisher_diagonal}

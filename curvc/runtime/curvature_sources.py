@@ -1,5 +1,7 @@
-"""Where a step's curvature comes from: the part of ``CurvOptimizer`` that talks to the
-estimators of ``curvc.runtime.curvature``, K-FAC's layer hooks and the dense matrix.
+"""Where a step's curvature comes from: the part of ``CurvOptimizer`` that asks the
+registry of curvature sources (``curvc.runtime.estimators``) for what to compute, and
+hands it to the step: per-parameter estimates, layer hooks' preconditioned gradients,
+or a model-wide matrix.
 
 A mixin of ``CurvOptimizer`` (curvc/runtime/optimizer.py), which holds the torch.optim
 bookkeeping; the plan's elementwise step runs in ``elementwise_step``. What each
@@ -11,43 +13,58 @@ import weakref
 
 import torch
 
-from curvc.runtime import amp
+from curvc.runtime import amp, estimators
+
+_MODEL_KEY = "model"  # where _estimates keeps a model-wide matrix
 
 
 class CurvatureSources:
-    """The curvature estimate of the next step: asked for, computed, handed over, released."""
+    """The curvature estimate of the next step: asked for, computed, handed over, released.
+
+    Which source a class has, and what it needs, comes from ``estimators.source_of``;
+    every branch below reads a property of that entry, never a curvature's name.
+    """
 
     @classmethod
     def _estimator_kind(cls) -> str | None:
+        """The plan's estimator's name, for callers outside the runtime (the runtime
+        itself asks ``_source()``)."""
         return cls.ESTIMATOR[0] if cls.ESTIMATOR is not None else None
 
+    def _source(self) -> estimators.Source | None:
+        return estimators.source_of(self)
+
+    def _source_args(self) -> dict:
+        """The source's arguments for this step's hyperparameters (the plan's estimator
+        arguments, or the dense settings)."""
+        h = self._flat_hypers(self.param_groups[0])
+        return self.ESTIMATOR[3](h) if self.ESTIMATOR is not None else self.dense(h)
+
     def track(self, model: torch.nn.Module) -> None:
-        """Hook ``model``'s layers so that K-FAC sees their inputs and output gradients.
+        """Hook ``model``'s layers so that a layer-statistics source (K-FAC) sees their
+        inputs and output gradients.
 
         Called by the constructor when it is given the model itself
-        (``KFAC(model, lr=...)``); call it after ``load_state_dict`` on a new model.
+        (``Opt(model, lr=...)``); call it after ``load_state_dict`` on a new model.
         """
-        if self._estimator_kind() != "kfac":
-            raise RuntimeError(f"{type(self).__name__} does not track layers; track() is for "
-                               "K-FAC optimizers")
-        from curvc.runtime.kfac import LayerTracker
+        source = self._source()
+        if source is None or not source.hooks_layers:
+            raise RuntimeError(estimators.NO_LAYERS.format(name=type(self).__name__))
         if self._tracker is not None:
             self._tracker.remove()
         # Weakly: the model's hooks must not keep this optimizer alive.
-        self._tracker = LayerTracker(model, wanted=weakref.WeakMethod(self._kfac_accumulates))
+        self._tracker = source.tracker(model, weakref.WeakMethod(self._layers_accumulate))
 
-    def _kfac_accumulates(self) -> bool:
-        """Whether the next step accumulates K-FAC statistics (asked by the tracker)."""
-        h = self._flat_hypers(self.param_groups[0])
-        flag = self.ESTIMATOR[3](h)["accumulate"]
-        return flag is None or bool(self.host(h, self._next_step())[1][flag])
+    def _layers_accumulate(self) -> bool:
+        """Whether the next step accumulates layer statistics (asked by the tracker)."""
+        return self._source().records(self)
 
     def close(self) -> None:
-        """Remove the hooks this optimizer put on the model (K-FAC's layer tracker).
+        """Remove the hooks this optimizer put on the model (its layer tracker).
 
         They also go when the optimizer is garbage-collected; ``close()`` (or a
-        ``with`` block) removes them now. A K-FAC optimizer needs ``track(model)``
-        before it steps again. A no-op for optimizers without hooks.
+        ``with`` block) removes them now. An optimizer that hooks layers needs
+        ``track(model)`` before it steps again. A no-op for optimizers without hooks.
         """
         tracker, self._tracker = getattr(self, "_tracker", None), None
         if tracker is not None:
@@ -66,24 +83,23 @@ class CurvatureSources:
                     return float(self.state[p]["step"]) + 1.0
         return 1.0
 
+    def _refreshes(self, step: float) -> bool:
+        """Whether the source is refreshed on ``step`` (its plan flag; every step without)."""
+        flag = self.ESTIMATOR[2] if self.ESTIMATOR is not None else self._source_args()["refresh"]
+        h = self._flat_hypers(self.param_groups[0])
+        return flag is None or bool(self.host(h, step)[1][flag])
+
     def wants_curvature(self) -> bool:
         """Whether the next ``step()`` refreshes the curvature estimate.
 
         On those steps the optimizer needs what its estimator needs: gradients
-        with a graph (``loss.backward(create_graph=True)``) for Hutchinson, or
-        ``estimate_curvature(logits=...)`` for Gauss-Newton-Bartlett.
+        with a graph (``loss.backward(create_graph=True)``) for a Hessian source, or
+        ``estimate_curvature(logits=...)`` for one built from the model's logits.
         """
-        if self.dense is not None:
-            settings = self.dense(self._flat_hypers(self.param_groups[0]))
-            return settings["curvature"] != "empirical_fisher" and \
-                self._dense_refresh(self._next_step(), settings)
-        if self.ESTIMATOR is None or self._estimator_kind() == "kfac":
-            return False  # K-FAC's hooks need nothing from the training loop
-        when = self.ESTIMATOR[2]
-        if when is None:
-            return True
-        flags = self.host(self._flat_hypers(self.param_groups[0]), self._next_step())[1]
-        return bool(flags[when])
+        source = self._source()
+        if source is None or not source.asks_training_loop:
+            return False  # layer hooks, the gradient or a closure: nothing from the loop
+        return self._refreshes(self._next_step())
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -92,46 +108,50 @@ class CurvatureSources:
                            loss: torch.Tensor | None = None) -> None:
         """Compute this step's curvature estimate now; ``step()`` then uses it.
 
-        Gauss-Newton-Bartlett (Sophia-G) takes the model's ``logits`` on the
-        batch, before ``loss.backward()`` frees their graph. Hutchinson
-        (AdaHessian, Sophia-H) takes the ``loss`` (it differentiates twice
-        itself, so no ``create_graph`` is needed on ``backward``).
+        A source built from the model's outputs (a Fisher) takes their ``logits`` on the
+        batch, before ``loss.backward()`` frees their graph. A Hessian source
+        (Hutchinson's, the exact diagonal, the dense matrix) takes the ``loss`` (it
+        differentiates twice itself, so no ``create_graph`` is needed on ``backward``).
         """
-        from curvc.runtime import curvature
-        if self.dense is not None:
-            self._estimate_dense(logits, loss)
-            return
-        if self.ESTIMATOR is None:
-            raise RuntimeError(f"{type(self).__name__} estimates no curvature; "
-                               "estimate_curvature() is for optimizers with an estimator")
-        kind, _, _, make_args = self.ESTIMATOR
-        if kind == "kfac":
-            raise RuntimeError(f"{type(self).__name__} gathers its statistics through hooks on "
-                               "the model's layers: pass the model to the constructor or call "
-                               "opt.track(model) once; estimate_curvature() is not needed")
-        args = make_args(self._flat_hypers(self.param_groups[0]))
-        params = self._trainable()
+        source = self._source()
+        if source is None:
+            raise RuntimeError(estimators.NOTHING_TO_REQUEST.format(name=type(self).__name__))
+        if not source.estimated_on_request:
+            raise source.request_error(source.message(source.request, self))
+        args = self._source_args()
+        params = self.param_groups[0]["params"] if source.whole_model else self._trainable()
         with torch.enable_grad():
-            if kind in ("gauss_newton_bartlett", "fisher"):
-                if logits is None:
-                    raise TypeError(self._missing_estimate_message(kind))
-                est = curvature.ESTIMATORS[kind](params, logits, int(args["samples"]))
-            else:
-                if loss is None:
-                    raise TypeError(f"{type(self).__name__}.estimate_curvature(loss=...) needs "
-                                    "the loss whose Hessian diagonal it estimates")
+            if source.needs_logits and logits is not None:
+                est = source.compute(params, logits, args)
+            elif source.takes_loss and loss is not None:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 # A parameter the loss does not reach (None) has a zero Hessian row too.
-                est = curvature.hutchinson(params, list(grads), int(args["samples"]),
-                                           args["distribution"],
-                                           bool(args.get("spatial_average", False)),
-                                           keep_graph=True)  # the user's backward follows
-        self._estimates = self._averaged({p: e.detach() for p, e in zip(params, est)})
+                est = source.compute(params, grads, args, True)  # the user's backward follows
+            else:
+                raise source.request_error(source.message(source.request, self))
+        self._estimates = self._averaged(self._keyed(source, params, est))
+
+    @staticmethod
+    def _keyed(source: estimators.Source, params: list, est) -> dict:
+        """An estimate as ``_estimates`` holds it: per parameter, or one for the model."""
+        if source.whole_model:
+            return {_MODEL_KEY: est.detach()}
+        return {p: e.detach() for p, e in zip(params, est)}
 
     def set_curvature(self, estimates) -> None:
         """Hand ``step()`` this step's curvature estimate: one tensor per parameter, in
-        ``param_groups`` order (None for parameters without one)."""
+        ``param_groups`` order (None for parameters without one); for a model-scope
+        source (the dense structure), one n x n matrix over all parameters."""
         params = [p for g in self.param_groups for p in g["params"]]
+        source = self._source()
+        if source is not None and source.whole_model:
+            matrix = torch.as_tensor(estimates)
+            n = sum(p.numel() for p in params)
+            if matrix.shape != (n, n):
+                raise ValueError(f"step(curvature=...) of {type(self).__name__} takes one "
+                                 f"{n} x {n} matrix, got shape {tuple(matrix.shape)}")
+            self._estimates = {_MODEL_KEY: matrix}
+            return
         estimates = list(estimates)
         if len(estimates) != len(params):
             raise ValueError(f"set_curvature() got {len(estimates)} tensors for "
@@ -142,95 +162,78 @@ class CurvatureSources:
                                  f"parameter of shape {tuple(p.shape)}")
         self._estimates = {p: e.detach() for p, e in zip(params, estimates) if e is not None}
 
-    def _dense_refresh(self, step: float, settings: dict) -> bool:
-        flag = settings["refresh"]
-        return flag is None or self.host(self._flat_hypers(self.param_groups[0]), step)[1][flag]
+    def _estimate_before_step(self, guard: amp.StepGuard, curvature) -> tuple:
+        """This step's estimate, before any state changes: from the layer hooks (returns
+        the statistics updates to commit once the step is accepted), from gradients
+        with a graph, or as handed over; refuses a refresh step without one."""
+        source = self._source()
+        if source is None:
+            return ()
+        if source.whole_model:
+            return self._model_estimates(source, guard)
+        if source.hooks_layers and curvature is None:
+            return source.compute(self, guard)
+        if not source.hooks_layers and not self._estimates and self.wants_curvature():
+            if source.needs_graph:
+                self._estimate_from_graph(source, guard)
+            if not self._estimates:
+                raise RuntimeError(source.message(source.missing, self))
+        return ()
 
-    def _dense_step(self, closure, curvature):
+    def _missing_input(self) -> str:
+        """What step() says when a refresh step's estimate of a parameter is missing."""
+        return self._source().message(self._source().missing, self)
+
+    def _model_estimates(self, source: estimators.Source, guard: amp.StepGuard) -> tuple:
+        """A model-scope source (the dense structure): this step's n x n matrix,
+        accumulated, and every parameter's preconditioned gradient into ``_estimates``
+        for the elementwise rest of the step; returns the accumulated matrix to commit
+        once the step is accepted."""
         from curvc.runtime import dense
-        loss = None
-        guard = amp.StepGuard(self)
-        if closure is not None:
-            if guard.scaled:
-                raise RuntimeError("a closure re-evaluates the gradients after GradScaler "
-                                   "checked them: call scaler.step(opt) without one")
-            with torch.enable_grad():
-                loss = closure()
         params = self.param_groups[0]["params"]
         if all(p.grad is None for p in params):
-            self._release_graphs()  # torch.optim's rule: no gradients, no step
             self._estimates = {}
-            return loss
-        try:
-            guard.unscale_grads()  # before g g^T; raise mode: a non-finite gradient stops here
-            for p in params:
-                if p.grad is not None:
-                    self._check_grad(p, p.grad)
-            settings = self.dense(self._flat_hypers(self.param_groups[0]))
-            refresh = self._dense_refresh(self._next_step(), settings)
-            matrix = None
-            if curvature is not None:
-                matrix = torch.as_tensor(curvature)
-                n = sum(p.numel() for p in params)
-                if matrix.shape != (n, n):
-                    raise ValueError(f"step(curvature=...) of {type(self).__name__} takes one "
-                                     f"{n} x {n} matrix, got shape {tuple(matrix.shape)}")
-            elif refresh and settings["curvature"] == "empirical_fisher":
-                g = dense.flat_grad(params).detach()
-                matrix = torch.outer(g, g)
-            elif refresh:
-                matrix = self._estimates.get("dense")
-                if matrix is None and settings["curvature"] == "fisher":
-                    raise RuntimeError(self._missing_estimate_message("fisher"))
-                if matrix is None and any(p.grad is not None and p.grad.grad_fn is not None
-                                          for p in params):  # constant ones: zero rows
-                    with torch.enable_grad():
-                        matrix = dense.hessian(params, [p.grad for p in params]).detach()
-                    matrix, = guard.unscale_from_graph([matrix])  # rows of a scaled gradient
-                if matrix is None:
-                    raise RuntimeError(
-                        f"{type(self).__name__} needs the Hessian on this step: call "
-                        "loss.backward(create_graph=opt.wants_curvature()) before step(), or "
-                        "opt.estimate_curvature(loss=loss), or pass step(curvature=H)")
-            guard.check([("the curvature matrix", "value", matrix)])
-        finally:
-            self._release_graphs()
-            self._estimates = {}
-        if guard.skips_on_host():  # the matrix and the counters stay as they were
-            for p in params:
-                if p.grad is not None:
-                    p.grad = p.grad.detach()
-            guard.count_skip(params)
-            return loss
-        for p in params:
-            if p.grad is not None:
-                p.grad = p.grad.detach()
-        dense.step(self, settings, refresh, matrix)
-        return loss
-
-    def _natural_gradients(self, guard: amp.StepGuard) -> list:
-        """K-FAC: this step's natural gradients as the plan's input; returns the
-        statistics updates to commit once the step is accepted."""
-        from curvc.runtime import kfac
-        if self._tracker is None:
-            raise RuntimeError(f"{type(self).__name__} needs the model's layers: construct it "
-                               f"with the model ({type(self).__name__}(model, ...)) or call "
-                               "opt.track(model) before the first step")
-        params = [p for g in self.param_groups for p in g["params"]]
+            return ()  # torch.optim's rule: no gradients, no step
         for p in params:
             if p.grad is not None:
                 self._check_grad(p, p.grad)
-        h = self._flat_hypers(self.param_groups[0])
-        flags = self.host(h, self._next_step())[1]
-        args = self.ESTIMATOR[3](h)
-        self._estimates, updates = kfac.natural_gradients(
-            self, self._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
-            accumulate=args["accumulate"] is None or flags[args["accumulate"]],
-            invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale(),
-            group=self._curvature_group(), iterate=args["iterate"], init=args["init"],
-            bias_corrected=args["bias_corrected"], exponent=args["exponent"],
-            damping_after=args["damping_after"], sign=args["sign"])
-        return updates
+        settings = self._source_args()
+        prev = self.state.get(params[0], {}).get("curvature")  # .get: no empty state made
+        refresh = self._refreshes(self._next_step())
+        matrix = self._model_matrix(source, params, guard) if refresh else None
+        guard.check([("the curvature matrix", "value", matrix)])
+        if guard.skips_on_host():  # the matrix stays as it was
+            self._estimates = {}
+            return ()
+        acc = dense.accumulate(prev, matrix, settings) if refresh else prev
+        d = dense.gradient_direction(acc, params, settings)
+        self._estimates = dense.preconditioned(params, d)
+        return ((params[0], "curvature", acc),)
+
+    def _model_matrix(self, source: estimators.Source, params: list, guard: amp.StepGuard):
+        """This refresh's matrix: handed over (``step(curvature=...)``, or
+        ``estimate_curvature``), built from the gradient, or computed from gradients
+        with a graph."""
+        matrix = self._estimates.get(_MODEL_KEY)
+        if matrix is None and not source.asks_training_loop:
+            return source.compute(params, self._source_args())
+        if matrix is None and source.needs_graph and any(
+                p.grad is not None and p.grad.grad_fn is not None for p in params):
+            with torch.enable_grad():  # constant gradients: zero rows
+                matrix = source.compute(params, [p.grad for p in params],
+                                        self._source_args(), False).detach()
+            matrix, = guard.unscale_from_graph([matrix])  # rows of a scaled gradient
+        if matrix is None:
+            raise RuntimeError(source.message(source.missing, self))
+        return matrix
+
+    def _decided_on_host(self, curvature) -> bool:
+        """Whether this step's source keeps state outside the plan (layer statistics,
+        a model's matrix), so that a non-finite step is decided, and skipped, on the
+        host before that state is built."""
+        source = self._source()
+        return source is not None and (source.whole_model or
+                                       (source.hooks_layers and curvature is None))
 
     def _curvature_group(self):
         """The ranks this optimizer's estimates are averaged over (curvc.runtime.distributed)."""
@@ -243,52 +246,26 @@ class CurvatureSources:
         group = self._curvature_group()
         if group is None:
             return estimates
+        source = self._source()
+        if source is not None and source.yields == estimators.ROWS:
+            # the mean of the ranks' Gram matrices is not the Gram of their mean rows
+            raise RuntimeError(f"{type(self).__name__}: Kronecker factors from sampled "
+                               "gradients are not averaged over data-parallel replicas yet; "
+                               "pass curvature_group=False to keep each rank's own")
         from curvc.runtime import distributed
         keys = list(estimates)
         return dict(zip(keys, distributed.average([estimates[k] for k in keys], group)))
 
-    def _estimate_from_graph(self, guard: amp.StepGuard) -> None:
-        """Hutchinson from gradients that carry their graph (backward(create_graph=True))."""
-        from curvc.runtime import curvature
+    def _estimate_from_graph(self, source: estimators.Source, guard: amp.StepGuard) -> None:
+        """The estimate from gradients that carry their graph (backward(create_graph=True))."""
         pairs = [(p, p.grad) for p in self._trainable() if p.grad is not None]
         if all(g.grad_fn is None for _, g in pairs):
             return  # no graph at all: backward() ran without create_graph
-        args = self.ESTIMATOR[3](self._flat_hypers(self.param_groups[0]))
         with torch.enable_grad():
-            est = curvature.hutchinson([p for p, _ in pairs], [g for _, g in pairs],
-                                       int(args["samples"]), args["distribution"],
-                                       bool(args.get("spatial_average", False)))
-        est = guard.unscale_from_graph([e.detach() for e in est])  # z Hz of a scaled loss
+            est = source.compute([p for p, _ in pairs], [g for _, g in pairs],
+                                 self._source_args(), False)
+        est = guard.unscale_from_graph([e.detach() for e in est])  # H of a scaled loss
         self._estimates = self._averaged({p: e for (p, _), e in zip(pairs, est)})
-
-    def _estimate_dense(self, logits, loss) -> None:
-        """The dense structure's matrix for this step: the Hessian from ``loss``, or
-        the Fisher from ``logits``."""
-        from curvc.runtime import curvature, dense
-        settings = self.dense(self._flat_hypers(self.param_groups[0]))
-        params = self.param_groups[0]["params"]
-        kind = settings["curvature"]
-        with torch.enable_grad():
-            if kind == "hessian" and loss is not None:
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                matrix = dense.hessian(params, grads)
-            elif kind == "fisher" and logits is not None:
-                matrix = curvature.fisher_matrix(params, logits, int(settings["samples"]))
-            else:
-                wanted = "loss=" if kind == "hessian" else "logits="
-                raise TypeError(f"{type(self).__name__}.estimate_curvature() needs {wanted}... "
-                                f"for its {kind} curvature")
-        self._estimates = self._averaged({"dense": matrix.detach()})
-
-    def _missing_estimate_message(self, kind: str) -> str:
-        name = type(self).__name__
-        if kind in ("gauss_newton_bartlett", "fisher"):
-            return (f"{name} refreshes its curvature on this step and needs the model's logits: "
-                    f"before loss.backward(), call `if opt.wants_curvature(): "
-                    f"opt.estimate_curvature(logits=logits)` (or pass step(curvature=[...]))")
-        return (f"{name} estimates the Hessian diagonal on this step and needs second "
-                f"derivatives: call loss.backward(create_graph=opt.wants_curvature()) before "
-                f"step(), or opt.estimate_curvature(loss=loss), or pass step(curvature=[...])")
 
     def _release_graphs(self) -> None:
         """Drop gradients' graphs after use: p.grad -> graph -> p is a reference cycle

@@ -19,13 +19,17 @@ curvature) and g the gradient over all parameters as one vector:
 ``damping add(eps)`` adds eps to the root's eigenvalues; eigenvalues that
 are not positive get 0 (the pseudo-inverse), so an indefinite Hessian
 takes no step along its negative directions rather than a step uphill.
+
+d is the step's preconditioned gradient: the elementwise plan then applies weight
+decay, momentum, the clip and the learning rate's schedule to it (curvc.lower), as
+it does to K-FAC's natural gradient.
 """
 from __future__ import annotations
 
 import torch
 
 from curvc.runtime.curvature import batched_rows
-from curvc.runtime.secant import flat_grad, move
+from curvc.runtime.secant import flat_grad
 
 
 def hessian(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -62,31 +66,34 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
     return d.to(g.dtype)
 
 
-def step(opt, settings: dict, refresh: bool, curvature: torch.Tensor | None) -> None:
-    """One step of a dense optimizer ``opt`` (one param group): accumulate this
-    step's curvature (when ``refresh``), then move every parameter."""
-    group = opt.param_groups[0]
-    params = group["params"]
-    state = opt.state[params[0]]
-    g = flat_grad(params)
-    if group.get("maximize"):
-        g = -g
-    acc = state.get("curvature")
-    if refresh:
-        kind = settings["accumulate"]
-        if acc is None:
-            acc = torch.zeros_like(curvature)
-            if kind == "sum":
-                acc += settings["init"] * torch.eye(acc.shape[0], dtype=acc.dtype, device=acc.device)
-        if kind == "instant":
-            acc = curvature
-        elif kind == "ema":
-            acc = acc * settings["beta"] + curvature * (1.0 - settings["beta"])
-        else:
-            acc = acc + curvature
-    d = direction(acc, g, settings)
-    state["curvature"] = acc
-    counters = [opt.state[p].setdefault("step", torch.tensor(0.0)) for p in params]
-    torch._foreach_add_(counters, 1.0)  # in place, like the elementwise path's counters
-    with torch.no_grad():
-        move(params, -float(group["lr"]), d)
+def accumulate(acc: torch.Tensor | None, matrix: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The accumulated curvature after this refresh's ``matrix`` ('instant' | 'ema' | 'sum',
+    the sum starting from init * I); ``acc`` is the previous one (None on the first)."""
+    kind = settings["accumulate"]
+    if kind == "instant":
+        return matrix
+    if acc is None:
+        acc = torch.zeros_like(matrix)
+        if kind == "sum":
+            acc += settings["init"] * torch.eye(acc.shape[0], dtype=acc.dtype, device=acc.device)
+    if kind == "ema":
+        return acc * settings["beta"] + matrix * (1.0 - settings["beta"])
+    return acc + matrix
+
+
+def gradient_direction(acc: torch.Tensor, params: list[torch.Tensor], s: dict) -> torch.Tensor:
+    """d for the accumulated curvature and the parameters' gradients as one vector."""
+    return direction(acc, flat_grad(params).detach(), s)
+
+
+def preconditioned(params: list[torch.Tensor], d: torch.Tensor) -> dict:
+    """The step ``d`` (laid out as ``flat_grad`` lays out gradients) per parameter with a
+    gradient: the input the elementwise rest of the step (momentum, decay, clip, lr)
+    reads, as K-FAC's natural gradient is."""
+    out, start = {}, 0
+    for p in params:
+        n = p.numel()
+        if p.grad is not None:
+            out[p] = d[start:start + n].view_as(p)
+        start += n
+    return out

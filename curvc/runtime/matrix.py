@@ -162,10 +162,11 @@ def _unfold_last(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def _gram(statistic: torch.Tensor, mode: int, dtype: torch.dtype) -> tuple:
+def _gram(statistic: torch.Tensor, mode: int, dtype: torch.dtype, stacked: bool = False):
     """(U, U^T) for the unfolding U of ``statistic`` along ``mode``, as views where
-    the memory allows (the last mode: U = X^T for X the tensor as a rest x d matrix)."""
-    if mode == statistic.dim() - 1 and mode > 0:
+    the memory allows (the last mode: U = X^T for X the tensor as a rest x d matrix);
+    ``stacked``: dimension 0 counts statistics, unfolded into the rest."""
+    if mode == statistic.dim() - 1 and mode > int(stacked):
         x = _unfold_last(statistic).to(dtype)
         return x.T, x
     u = _unfold(statistic.movedim(mode, 0)).to(dtype)
@@ -199,7 +200,9 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
         if factor is None:
             factor = state[key] = torch.eye(d, dtype=value.dtype, device=value.device).mul_(init)
         if update:
-            u, ut = _gram(statistic, i, factor.dtype)
+            # a stack of statistics (rows of a sampled curvature): the Gram of their sum
+            stacked = statistic.dim() == order + 1
+            u, ut = _gram(statistic, i + stacked, factor.dtype, stacked)
             if accumulate == "sum":
                 factor.addmm_(u, ut)
             elif accumulate == "ema":

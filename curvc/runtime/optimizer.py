@@ -94,21 +94,22 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         for group in self.param_groups:
             self._validate(group)
         amp.validate(self, defaults)
-        if self.secant is not None or self.dense is not None:
-            self._check_secant_groups()
+        source = self._source()
+        if source is not None and source.whole_model:
+            self._check_whole_model_groups(source)
         self._estimates: dict = {}
         self._tracker = None
-        if model is not None and self._estimator_kind() == "kfac":
+        if model is not None and source is not None and source.hooks_layers:
             self.track(model)
 
-    def _check_secant_groups(self) -> None:
+    def _check_whole_model_groups(self, source) -> None:
         name = type(self).__name__
         if len(self.param_groups) != 1:
             raise ValueError(f"{name} doesn't support per-parameter options (parameter groups): "
                              "its curvature spans all parameters as one vector")
         group = self.param_groups[0]
-        if self.dense is not None:
-            return
+        if not source.needs_closure:
+            return  # the rest are the closure driver's (torch.optim.LBFGS's) options
         if group.get("maximize"):
             raise ValueError(f"{name} does not support maximize=True: negate the loss the "
                              "closure returns instead")
@@ -270,12 +271,12 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                                f"optimize torch.view_as_real(p) instead")
 
     def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
-        kind, _, when, _ = self.ESTIMATOR
+        when = self.ESTIMATOR[2] if self.ESTIMATOR is not None else None  # None: every step
         if when is not None and not flags[when]:
             return None  # not read on this step
         est = self._estimates.get(p)
         if est is None:
-            raise RuntimeError(self._missing_estimate_message(kind))
+            raise RuntimeError(self._missing_input())
         return est
 
     @torch.no_grad()
@@ -290,11 +291,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             # curvc's own fused or eager paths: traced, it would guard on every float
             # hyperparameter and recompile whenever a scheduler moves lr.
             return torch.compiler.disable(CurvOptimizer.step)(self, closure, curvature=curvature)
-        if self.secant is not None:
-            settings = self.secant(self._flat_hypers(self.param_groups[0]))
-            return amp.secant_step(self, closure, settings)
-        if self.dense is not None:
-            return self._dense_step(closure, curvature)
+        source = self._source()
+        if source is not None and source.drives_step:  # a closure driver (the secant method)
+            return source.compute(self, closure)
         loss = None
         guard = amp.StepGuard(self)
         if closure is not None:
@@ -305,30 +304,22 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 loss = closure()
         if curvature is not None:
             self.set_curvature(curvature)
-        kfac_updates = ()
-        skip = False
+        host_statistics = self._decided_on_host(curvature)  # layer statistics, a matrix
         try:
             guard.unscale_grads()  # raise mode: a non-finite gradient stops here
-            if self._estimator_kind() == "kfac" and curvature is None:
-                skip = guard.skips_on_host()  # K-FAC's statistics: decided before they are built
-                kfac_updates = () if skip else self._natural_gradients(guard)
-            elif self.ESTIMATOR is not None and not self._estimates and self.wants_curvature():
-                if self.ESTIMATOR[0] == "hutchinson":
-                    self._estimate_from_graph(guard)
-                if not self._estimates:  # refuse before any state changes
-                    raise RuntimeError(self._missing_estimate_message(self.ESTIMATOR[0]))
-            if guard.active:  # positions are for an error message: built only when checked
+            skip = host_statistics and guard.skips_on_host()  # decided before they are built
+            updates = () if skip else self._estimate_before_step(guard, curvature)
+            if guard.active and not skip:  # positions (for an error message): only when checked
                 index = self._positions()
                 guard.check([(index[p], "curvature estimate", e)
                              for p, e in self._estimates.items()])
-            kfac = self._estimator_kind() == "kfac" and curvature is None  # decided on the host
-            # Kronecker factors and K-FAC statistics live outside the kernels: the host decides.
-            outside = kfac or self.PROGRAM.keeps_state_outside_kernels
+            # Kronecker factors and layer statistics live outside the kernels: the host decides.
+            outside = host_statistics or self.PROGRAM.keeps_state_outside_kernels
             skip = skip or (outside and guard.skips_on_host())
             work = [] if skip else [(group, *item) for group in self.param_groups
                                     for item in self._buckets(group)]
         finally:
-            if self.ESTIMATOR is not None:
+            if source is not None:
                 self._release_graphs()
         if skip:
             guard.count_skip(self._trainable())
@@ -336,7 +327,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             if self._tracker is not None and curvature is None:
                 self._tracker.clear()  # the skipped batch's statistics go with it
             return loss
-        for p, key, value in kfac_updates:  # the step was accepted: commit the statistics
+        for p, key, value in updates:  # the step was accepted: commit the statistics
             self.state[p][key] = value
         if self._tracker is not None and curvature is None:
             self._tracker.clear()  # consumed: the next step gathers its own

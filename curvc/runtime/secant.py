@@ -53,6 +53,21 @@ def two_loop(g: torch.Tensor, ys: list, ss: list, rho: list, h0, alpha: list) ->
     return r
 
 
+def _shaped(d: torch.Tensor, g: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The direction after the length and clip axes: d / sqrt(g^T H^-1 g) (d = -H^-1 g,
+    so g^T H^-1 g = -g.d; a zero one is left alone), then d * min(1, clip / ||d||)."""
+    if settings.get("normalized"):
+        norm_sq = -g.dot(d)
+        if norm_sq > 0:
+            d = d / norm_sq.sqrt()
+    clip = settings.get("clip", 0.0)
+    if clip:
+        norm = d.norm()
+        if norm > clip:
+            d = d * (clip / norm)
+    return d
+
+
 def step(opt, closure, settings: dict):
     """One ``step(closure)`` of a secant optimizer ``opt`` (one param group)."""
     if closure is None:
@@ -111,6 +126,7 @@ def step(opt, closure, settings: dict):
             prev_g.copy_(g)
         prev_loss = loss
 
+        d = _shaped(d, g, settings)
         t = min(1.0, 1.0 / g.abs().sum()) * lr if state["n_iter"] == 1 else lr
         slope = g.dot(d)
         if slope > -tol_change:  # not a descent direction (any more)

@@ -60,15 +60,16 @@ def _host(h, step):
 
 def _secant(h):
     """The secant stage's settings from the group's hyperparameters h."""
-    settings = dict()
+    settings = dict(normalized=False)
     settings['history'] = int(h['history_size'])
     settings['iterations'] = int(h['max_iter'])
     settings['tolerance_grad'] = float(h['tolerance_grad'])
     settings['tolerance_change'] = float(h['tolerance_change'])
+    settings['clip'] = float(0.0)
     return settings
 
 
-_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)
+_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)
 
 
 class LBFGS(CurvOptimizer):

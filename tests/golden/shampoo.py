@@ -111,11 +111,11 @@ def _kronecker(state, matrix_statistic, matrix_value, h_matrix_eps, f_refresh_ro
     """One tensor's Kronecker step: factors accumulated (sum) from the statistic, then the value
     times every mode's root."""
     cdt = torch.promote_types(matrix_value.dtype, torch.float32)
-    return matrix.kronecker(state, matrix_statistic.to(cdt), matrix_value.to(cdt),
-            factors='pre_cond', roots='inv_pre_cond', accumulate='sum', update=True,
-            refresh=f_refresh_roots, length='root', beta=0.0, init=h_matrix_eps, exponent=0.5,
-            eps_inside=0.0, eps_after=0.0, floor=0.0, bias_correction=1.0, max_dim=8192.0,
-            per_mode=True)
+    return matrix.kronecker(state, None if matrix_statistic is None else matrix_statistic.to(cdt),
+            matrix_value.to(cdt), factors='pre_cond', roots='inv_pre_cond', accumulate='sum',
+            update=True, refresh=f_refresh_roots, length='root', beta=0.0, init=h_matrix_eps,
+            exponent=0.5, eps_inside=0.0, eps_after=0.0, floor=0.0, bias_correction=1.0,
+            max_dim=8192.0, per_mode=True)
 _EXTERN_ARGS_kronecker = {'tensors': ['state', 'matrix_statistic', 'matrix_value'],
         'scalars': ['matrix_eps'], 'reduced': [], 'flags': ['refresh_roots']}
 

@@ -30,6 +30,7 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
+from curvc.runtime.program import Kernel as _Kernel, Program as _Program
 
 
 def _host(h, step):
@@ -55,7 +56,194 @@ def _dense(h):
     return settings
 
 
-_PROGRAM = None  # the stage's own driver steps it (curvc.runtime)
+# --- torch: the CPU path, and the reference for every other backend ---
+
+def _update(param, grad, preconditioned, h_lr, r_nonfinite, f_maximize, f_nonfinite_skip):
+    """One tensor's step: every value computed from old state, then stored."""
+    cdt = torch.promote_types(param.dtype, torch.float32)
+    param_ = None if param is None else param.to(cdt)
+    grad_ = None if grad is None else grad.to(cdt)
+    preconditioned_ = None if preconditioned is None else preconditioned.to(cdt)
+    if f_maximize:
+        t0 = (-preconditioned_)
+    t1 = t0 if f_maximize else preconditioned_
+    t2 = (h_lr * t1)
+    t3 = (param_ - t2)
+    if f_nonfinite_skip:
+        t4 = torch.where(r_nonfinite != 0, param_, t3)
+    new_param_ = t4 if f_nonfinite_skip else t3
+    param.copy_(new_param_)
+
+
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'preconditioned'], 'scalars': ['lr'],
+        'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
+_REDUCE_ARGS = {}
+
+
+# --- foreach: the same kernels for many small tensors at once ---
+
+def _foreach_cast(tensors, cdt):
+    """A list of tensors in the compute dtype (itself when it already is); None if absent."""
+    if tensors is None or any(t is None for t in tensors):
+        return None
+    if all(t.dtype == cdt for t in tensors):
+        return tensors
+    return [t.to(cdt) for t in tensors]
+
+
+def _foreach_update(param, grad, preconditioned, h_lr, r_nonfinite, f_maximize, f_nonfinite_skip):
+    """A bucket's step: ``update`` over lists, one foreach op per node."""
+    if not param:
+        return
+    cdt = torch.promote_types(param[0].dtype, torch.float32)
+    param_ = _foreach_cast(param, cdt)
+    grad_ = _foreach_cast(grad, cdt)
+    preconditioned_ = _foreach_cast(preconditioned, cdt)
+    if f_nonfinite_skip:
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(preconditioned_)
+        t1 = t0 if f_maximize else preconditioned_
+        t2 = torch._foreach_mul(t1, _s_lr)
+        torch._foreach_neg_(t2)
+        torch._foreach_add_(t2, param_)
+        t3 = t2
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t3)]
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
+        (_s_lr,) = _scalars.unbind()
+        if f_maximize:
+            t0 = torch._foreach_neg(preconditioned_)
+        t1 = t0 if f_maximize else preconditioned_
+        t2 = torch._foreach_mul(t1, _s_lr)
+        torch._foreach_sub_(param_, t2)
+        new_param_ = param_
+        if new_param_ is not param:
+            torch._foreach_copy_(param, new_param_)
+
+
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'preconditioned'], 'scalars': ['lr'],
+        'reduced': ['nonfinite'], 'flags': ['maximize', 'nonfinite_skip']}
+
+# --- triton: fused multi-tensor kernels ---
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path works without Triton
+    triton = None
+
+if triton is None:
+    _triton_step = _triton_reduce = None
+else:
+    from curvc.backends.triton_tables import Tables as _Tables
+
+    @triton.jit
+    def _div(a, b):
+        # IEEE-rounded, as torch: float32 `/` is approximate on NVIDIA GPUs
+        q = a / b
+        if q.dtype == tl.float32:
+            q = tl.div_rn(a, b)
+        return q
+
+    @triton.jit
+    def _sqrt(x):
+        # IEEE-rounded, as torch: float32 tl.sqrt is approximate on NVIDIA GPUs
+        r = tl.sqrt(x)
+        if x.dtype == tl.float32:
+            r = tl.sqrt_rn(x)
+        return r
+
+    @triton.jit
+    def _store(addr, offs, x, mask, T: tl.constexpr):
+        # x rounded to nearest-even in the destination dtype T, as torch's copy_;
+        # bfloat16 by hand, since the interpreter truncates float32 -> bfloat16
+        if T == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            half = tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16)
+            tl.store(addr + offs, half.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(addr + offs, x.to(T), mask=mask)
+
+    @triton.jit
+    def _update_kernel(
+            # data-pointer tables, one per role
+            param_ptrs, preconditioned_ptrs,
+            # each block's tensor and first element
+            numels, block_tensor, block_start,
+            # host scalars (runtime values)
+            h_lr: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
+            # host flags (compile-time)
+            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            # element types, compute type, block size
+            PARAM_T: tl.constexpr, PRECONDITIONED_T: tl.constexpr, CDT: tl.constexpr,
+            BLOCK: tl.constexpr):
+        # The whole step for one BLOCK of one tensor: every value computed from
+        # the old state, then each buffer and the parameter stored once.
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels + i)
+        param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
+        preconditioned_addr = tl.load(preconditioned_ptrs + i).to(tl.pointer_type(PRECONDITIONED_T))
+        h_lr = tl.cast(h_lr, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
+        param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
+        preconditioned_ = tl.load(preconditioned_addr + offs, mask=mask).to(CDT)
+        if f_maximize:
+            t0 = (-preconditioned_)
+        if f_maximize:
+            t1 = t0
+        else:
+            t1 = preconditioned_
+        t2 = (h_lr * t1)
+        t3 = (param_ - t2)
+        if f_nonfinite_skip:
+            t4 = tl.where(r_nonfinite_c != 0, param_, t3)
+        if f_nonfinite_skip:
+            new_param_ = t4
+        else:
+            new_param_ = t3
+        _store(param_addr, offs, new_param_, mask, PARAM_T)
+
+    _TABLES = _Tables(['param', 'grad', 'preconditioned'], stored=['param'])
+
+    def _triton_step(bucket, scalars, flags, reduced):
+        """The bucket's pass: one _update_kernel launch for all its tensors."""
+        for t in _TABLES.launches(bucket, _update_kernel):
+            _update_kernel[(t.blocks,)](
+                t.ptrs['param'], t.ptrs['preconditioned'],
+                t.numels, t.block_tensor, t.block_start,
+                h_lr=float(scalars['lr']), r_nonfinite_ptr=reduced['nonfinite'],
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                PARAM_T=t.dtypes['param'], PRECONDITIONED_T=t.dtypes['preconditioned'],
+                CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
+            t.finish()
+
+    def _triton_reduce(bucket, scalars, flags):
+        """No global reductions in this kernel."""
+        return {}
+
+
+# --- the step: its kernels and matrix calls, in order ---
+
+_KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
+        triton=_triton_step, triton_reduce=_triton_reduce)
+
+
+def _step(run):
+    """One optimizer step: each kernel over every tensor (its global sums first),
+    then the next; a matrix call runs per tensor between kernels."""
+    run.kernel(_KERNEL)
+
+
+_PROGRAM = _Program(_step, (_KERNEL,))
 
 
 class GNNormalizedNGD(CurvOptimizer):
@@ -88,7 +276,7 @@ class GNNormalizedNGD(CurvOptimizer):
     )
     BUFFERS = (  # (name, allocated while flag, initial value)
     )
-    INPUTS = ()
+    INPUTS = ('preconditioned',)
     ESTIMATOR = None
     dense = staticmethod(_dense)  # settings of the dense-curvature step
     host = staticmethod(_host)
