@@ -1,8 +1,9 @@
 """``CurvOptimizer``: the torch.optim.Optimizer every generated class extends.
 
 A generated module supplies the optimizer-specific parts as class
-attributes (its hyperparameters, buffers, the rendered ``host`` and
-``update`` functions, and optionally Triton kernels). This base class does
+attributes (its hyperparameters, buffers, the rendered ``host`` and its
+``PROGRAM``: the kernels and matrix calls of its step, in the typed form of
+``curvc.runtime.program``, which ``step`` runs in order). This base class does
 the bookkeeping torch users rely on, identically for every spec:
 
 * param groups with per-group hyperparameters, ``state_dict`` /
@@ -66,7 +67,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     dense: Callable | None = None  # h -> settings, for a dense-curvature plan
     host: Callable = None
-    PROGRAM: Program | None = None  # the step's kernels and matrix calls (None: secant, dense)
+    PROGRAM: Program | None = None  # kernels and matrix calls (None: the secant driver)
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 
