@@ -69,11 +69,13 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     buf.writeline("from curvc.runtime import CurvOptimizer")
     if plan.matrix:
         buf.writeline("from curvc.runtime import matrix")
-    if plan.secant is None:
-        # private names: the module's public names are the class and names.MODULE_IMPORTS
-        extern = "Extern as _Extern, " if plan.matrix else ""
-        buf.writeline(f"from curvc.runtime.program import {extern}Kernel as _Kernel, "
-                      "Program as _Program")
+    # private names: the module's public names are the class and names.MODULE_IMPORTS
+    contract = ["Buffer", "Hyper", "Validator"]
+    contract += ["Estimator"] if plan.estimator is not None else []
+    contract += ["Kernel", "Program"] if plan.secant is None else []
+    contract += ["Extern"] if plan.matrix else []
+    buf.writelines(wrap_items("from curvc.runtime.program import (",
+                              [f"{n} as _{n}" for n in sorted(contract)], ")", buf.room))
     buf.writeline()
     buf.writeline()
     render_host(plan, buf)
@@ -303,18 +305,20 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
-        buf.writeline("HYPERS = (" + "".join(f"({h.name!r}, {_literal(h.default)}), "
-                                             for h in opt.hypers) + ")")
+        hypers = [f"_Hyper({h.name!r}, {_literal(h.default)})" for h in opt.hypers]
+        buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
+                                  buf.room))
         buf.writeline("VALIDATORS = (")
         with buf.indent():
             for v in plan.validators:
-                buf.writeline(f"({v.hyper!r}, {v.index!r}, {v.constraint!r}, {v.where!r}),")
+                buf.writeline(f"_Validator({v.hyper!r}, {v.index!r}, {v.constraint!r}, "
+                              f"{v.where!r}),")
         buf.writeline(")")
-        buf.writeline("BUFFERS = (  # (name, allocated while flag, initial value)")
+        buf.writeline("BUFFERS = (")
         with buf.indent():
             for b in plan.buffers:
                 init = host.render_inline(b.init, lambda x: f"h[{x.name!r}]")
-                buf.writeline(f"({b.name!r}, {b.when!r}, lambda h: {init}),")
+                buf.writeline(f"_Buffer({b.name!r}, {b.when!r}, lambda h: {init}),")
         buf.writeline(")")
         buf.writeline(f"INPUTS = {tuple(plan.inputs)!r}")
         est = plan.estimator
@@ -325,8 +329,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 f"{k!r}: {v!r}" if v is None or isinstance(v, (str, bool)) else
                 f"{k!r}: {host.render_inline(v, lambda x: f'h[{x.name!r}]')}"
                 for k, v in est.args)
-            buf.writeline("# (estimator, the input it fills, on steps where this flag holds, its arguments)")
-            buf.writeline(f"ESTIMATOR = ({est.kind!r}, {est.input!r}, {est.when!r}, "
+            buf.writeline(f"ESTIMATOR = _Estimator({est.kind!r}, {est.input!r}, {est.when!r}, "
                           f"lambda h: {{{args}}})")
         if plan.secant is not None:
             buf.writeline("secant = staticmethod(_secant)  # settings of the quasi-Newton step")

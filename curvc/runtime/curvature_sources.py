@@ -29,7 +29,7 @@ class CurvatureSources:
     def _estimator_kind(cls) -> str | None:
         """The plan's estimator's name, for callers outside the runtime (the runtime
         itself asks ``_source()``)."""
-        return cls.ESTIMATOR[0] if cls.ESTIMATOR is not None else None
+        return cls.ESTIMATOR.kind if cls.ESTIMATOR is not None else None
 
     def _source(self) -> estimators.Source | None:
         return estimators.source_of(self)
@@ -38,7 +38,7 @@ class CurvatureSources:
         """The source's arguments for this step's hyperparameters (the plan's estimator
         arguments, or the dense settings)."""
         h = self._flat_hypers(self.param_groups[0])
-        return self.ESTIMATOR[3](h) if self.ESTIMATOR is not None else self.dense(h)
+        return self.ESTIMATOR.args(h) if self.ESTIMATOR is not None else self.dense(h)
 
     def track(self, model: torch.nn.Module) -> None:
         """Hook ``model``'s layers so that a layer-statistics source (K-FAC) sees their
@@ -85,7 +85,7 @@ class CurvatureSources:
 
     def _refreshes(self, step: float) -> bool:
         """Whether the source is refreshed on ``step`` (its plan flag; every step without)."""
-        flag = self.ESTIMATOR[2] if self.ESTIMATOR is not None else self._source_args()["refresh"]
+        flag = self.ESTIMATOR.when if self.ESTIMATOR is not None else self._source_args()["refresh"]
         h = self._flat_hypers(self.param_groups[0])
         return flag is None or bool(self.host(h, step)[1][flag])
 

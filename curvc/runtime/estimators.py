@@ -144,7 +144,7 @@ def _kfac_natural_gradients(opt, guard):
             opt._check_grad(p, p.grad)
     h = opt._flat_hypers(opt.param_groups[0])
     flags = opt.host(h, opt._next_step())[1]
-    args = opt.ESTIMATOR[3](h)
+    args = opt.ESTIMATOR.args(h)
     opt._estimates, updates = kfac.natural_gradients(
         opt, opt._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
         accumulate=args["accumulate"] is None or flags[args["accumulate"]],
@@ -158,7 +158,7 @@ def _kfac_natural_gradients(opt, guard):
 def _kfac_accumulates(opt) -> bool:
     """Whether the next step accumulates K-FAC statistics (asked by the layer tracker)."""
     h = opt._flat_hypers(opt.param_groups[0])
-    flag = opt.ESTIMATOR[3](h)["accumulate"]
+    flag = opt.ESTIMATOR.args(h)["accumulate"]
     return flag is None or bool(opt.host(h, opt._next_step())[1][flag])
 
 
@@ -265,7 +265,7 @@ def source_of(opt) -> Source | None:
 
 def _find(opt) -> Source | None:
     if opt.ESTIMATOR is not None:
-        return PLAN_INPUTS[opt.ESTIMATOR[0]]
+        return PLAN_INPUTS[opt.ESTIMATOR.kind]
     if getattr(opt, "secant", None) is not None:
         return WHOLE_MODEL["secant"]
     if opt.dense is not None:

@@ -59,11 +59,11 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     """Base of every curvc-compiled optimizer. Not used directly."""
 
     # Filled in by the generated subclass.
-    HYPERS: tuple = ()  # (name, default)
-    VALIDATORS: tuple = ()  # (hyper, index, constraint, where)
-    BUFFERS: tuple = ()  # (name, allocated-while flag or None, init(h) -> float)
+    HYPERS: tuple = ()  # program.Hyper
+    VALIDATORS: tuple = ()  # program.Validator
+    BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
-    ESTIMATOR: tuple | None = None  # (kind, input, flag or None, args(h) -> dict)
+    ESTIMATOR: tuple | None = None  # program.Estimator
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     dense: Callable | None = None  # h -> settings, for a dense-curvature plan
     host: Callable = None
@@ -272,7 +272,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                                f"optimize torch.view_as_real(p) instead")
 
     def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
-        when = self.ESTIMATOR[2] if self.ESTIMATOR is not None else None  # None: every step
+        when = self.ESTIMATOR.when if self.ESTIMATOR is not None else None  # None: every step
         if when is not None and not flags[when]:
             return None  # not read on this step
         est = self._estimates.get(p)

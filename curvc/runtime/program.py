@@ -15,9 +15,44 @@ positionally, since its parameter names are the backend's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+
+
+class Hyper(NamedTuple):
+    """A constructor argument of the spec, with its default."""
+
+    name: str
+    default: object
+
+
+class Validator(NamedTuple):
+    """A check of a hyperparameter (or a tuple entry) against ``curvc.constraints``."""
+
+    hyper: str
+    index: int | None
+    constraint: str
+    where: str  # what the value is, for the message ("the learning rate")
+
+
+class Buffer(NamedTuple):
+    """A state tensor shaped like its parameter, allocated while the flag ``when``
+    holds (always when None), filled with ``init(h)`` of the group's hyperparameters."""
+
+    name: str
+    when: str | None
+    init: Callable
+
+
+class Estimator(NamedTuple):
+    """The curvature source the plan reads (``curvc.runtime.estimators``): it fills the
+    input ``input`` on steps where the flag ``when`` holds, with ``args(h)``."""
+
+    kind: str
+    input: str
+    when: str | None
+    args: Callable
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -332,17 +333,17 @@ class Adagrad(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.01), ('lr_decay', 0), ('weight_decay', 0), ('initial_accumulator_value', 0),
-            ('eps', 1e-10), )
+    HYPERS = (_Hyper('lr', 0.01), _Hyper('lr_decay', 0), _Hyper('weight_decay', 0),
+            _Hyper('initial_accumulator_value', 0), _Hyper('eps', 1e-10))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('initial_accumulator_value', None, 'nonneg', 'the init of iterate sum'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
-        ('eps', None, 'nonneg', 'the eps of damping add'),
-        ('lr_decay', None, 'nonneg', 'the rate of schedule inverse_time'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('initial_accumulator_value', None, 'nonneg', 'the init of iterate sum'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('lr_decay', None, 'nonneg', 'the rate of schedule inverse_time'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('sum', None, lambda h: h['initial_accumulator_value']),
+    BUFFERS = (
+        _Buffer('sum', None, lambda h: h['initial_accumulator_value']),
     )
     INPUTS = ()
     ESTIMATOR = None

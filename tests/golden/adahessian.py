@@ -47,7 +47,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -493,26 +494,26 @@ class AdaHessian(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.15), ('betas', (0.9, 0.999)), ('eps', 0.0001), ('weight_decay', 0),
-            ('hessian_power', 1), ('update_each', 1), ('n_samples', 1), )
+    HYPERS = (_Hyper('lr', 0.15), _Hyper('betas', (0.9, 0.999)), _Hyper('eps', 0.0001),
+            _Hyper('weight_decay', 0), _Hyper('hessian_power', 1), _Hyper('update_each', 1),
+            _Hyper('n_samples', 1))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('n_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
-        ('update_each', None, 'count_every', 'the every of curvature hutchinson'),
-        ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('hessian_power', None, 'positive', 'the power of length gradient_norm'),
-        ('betas', 0, 'unit', 'the beta of momentum ema'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
-        ('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('n_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
+        _Validator('update_each', None, 'count_every', 'the every of curvature hutchinson'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
+        _Validator('hessian_power', None, 'positive', 'the power of length gradient_norm'),
+        _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('curvature', None, lambda h: 0.0),
-        ('exp_avg_sq', None, lambda h: 0.0),
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('curvature', None, lambda h: 0.0),
+        _Buffer('exp_avg_sq', None, lambda h: 0.0),
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ('curvature_estimate',)
-    # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'estimate',
+    ESTIMATOR = _Estimator('hutchinson', 'curvature_estimate', 'estimate',
             lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher',
                     'spatial_average': True})
     host = staticmethod(_host)

@@ -44,7 +44,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -532,19 +533,20 @@ class Adam(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('betas', (0.9, 0.999)), ('eps', 1e-08), ('weight_decay', 0),
-            ('amsgrad', False), ('decoupled_weight_decay', False), )
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('betas', (0.9, 0.999)), _Hyper('eps', 1e-08),
+            _Hyper('weight_decay', 0), _Hyper('amsgrad', False),
+            _Hyper('decoupled_weight_decay', False))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('betas', 0, 'unit', 'the beta of momentum ema'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
-        ('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
+        _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('exp_avg_sq', None, lambda h: 0.0),
-        ('max_exp_avg_sq', 'keep_max', lambda h: 0.0),
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('exp_avg_sq', None, lambda h: 0.0),
+        _Buffer('max_exp_avg_sq', 'keep_max', lambda h: 0.0),
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

@@ -32,7 +32,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -274,12 +275,12 @@ class DampedNewton(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 1), ('lam', 0.01), )
+    HYPERS = (_Hyper('lr', 1), _Hyper('lam', 0.01))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('lam', None, 'nonneg', 'the eps of damping inside'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('lam', None, 'nonneg', 'the eps of damping inside'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
+    BUFFERS = (
     )
     INPUTS = ('preconditioned',)
     ESTIMATOR = None

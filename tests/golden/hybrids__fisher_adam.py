@@ -40,7 +40,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -398,20 +399,19 @@ class FisherAdam(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.01), ('betas', (0.9, 0.999)), ('eps', 1e-08), )
+    HYPERS = (_Hyper('lr', 0.01), _Hyper('betas', (0.9, 0.999)), _Hyper('eps', 1e-08))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('betas', 0, 'unit', 'the beta of momentum ema'),
-        ('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
+        _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('hessian', None, lambda h: 0.0),
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('hessian', None, lambda h: 0.0),
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ('curvature_estimate',)
-    # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('fisher', 'curvature_estimate', None, lambda h: {'samples': 1.0})
+    ESTIMATOR = _Estimator('fisher', 'curvature_estimate', None, lambda h: {'samples': 1.0})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -36,7 +36,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -335,14 +336,14 @@ class SignAdagrad(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.01), ('eps', 1e-10), ('rho', 1), )
+    HYPERS = (_Hyper('lr', 0.01), _Hyper('eps', 1e-10), _Hyper('rho', 1))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('rho', None, 'positive', 'the threshold of clip elementwise'),
-        ('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('rho', None, 'positive', 'the threshold of clip elementwise'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('sum', None, lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('sum', None, lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

@@ -45,7 +45,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -382,23 +383,23 @@ class KFAC(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('stat_decay', 0.95), ('damping', 0.001),
-            ('weight_decay', 0), ('stat_every', 10), ('inverse_every', 100), )
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('momentum', 0.9), _Hyper('stat_decay', 0.95),
+            _Hyper('damping', 0.001), _Hyper('weight_decay', 0), _Hyper('stat_every', 10),
+            _Hyper('inverse_every', 100))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('inverse_every', None, 'count_every', 'the every of structure kronecker'),
-        ('stat_decay', None, 'unit', 'the beta of iterate ema'),
-        ('stat_every', None, 'count_every', 'the every of iterate ema'),
-        ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
-        ('damping', None, 'nonneg', 'the eps of damping inside'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('inverse_every', None, 'count_every', 'the every of structure kronecker'),
+        _Validator('stat_decay', None, 'unit', 'the beta of iterate ema'),
+        _Validator('stat_every', None, 'count_every', 'the every of iterate ema'),
+        _Validator('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('damping', None, 'nonneg', 'the eps of damping inside'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
     )
     INPUTS = ('natural_gradient',)
-    # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('kfac', 'natural_gradient', None,
+    ESTIMATOR = _Estimator('kfac', 'natural_gradient', None,
             lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
                     'invert': 'refresh_roots', 'iterate': 'ema', 'init': 0.0,
                     'bias_corrected': False, 'exponent': 1.0, 'damping_after': 0.0, 'floor': 0.0,

@@ -40,6 +40,7 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Validator as _Validator)
 
 
 def _host(h, step):
@@ -102,16 +103,16 @@ class LBFGS(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 1), ('max_iter', 20), ('tolerance_grad', 1e-07), ('tolerance_change', 1e-09),
-            ('history_size', 100), )
+    HYPERS = (_Hyper('lr', 1), _Hyper('max_iter', 20), _Hyper('tolerance_grad', 1e-07),
+            _Hyper('tolerance_change', 1e-09), _Hyper('history_size', 100))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('history_size', None, 'count_history', 'the history of iterate secant'),
-        ('max_iter', None, 'count_iterations', 'the iterations of iterate secant'),
-        ('tolerance_grad', None, 'nonneg', 'the tolerance_grad of iterate secant'),
-        ('tolerance_change', None, 'nonneg', 'the tolerance_change of iterate secant'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('history_size', None, 'count_history', 'the history of iterate secant'),
+        _Validator('max_iter', None, 'count_iterations', 'the iterations of iterate secant'),
+        _Validator('tolerance_grad', None, 'nonneg', 'the tolerance_grad of iterate secant'),
+        _Validator('tolerance_change', None, 'nonneg', 'the tolerance_change of iterate secant'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
+    BUFFERS = (
     )
     INPUTS = ()
     ESTIMATOR = None

@@ -35,7 +35,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -393,16 +394,16 @@ class SGD(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0), ('dampening', 0), ('weight_decay', 0),
-            ('nesterov', False), )
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('momentum', 0), _Hyper('dampening', 0),
+            _Hyper('weight_decay', 0), _Hyper('nesterov', False))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
-        ('dampening', None, 'unit_closed', 'the dampening of momentum heavy_ball'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
+        _Validator('dampening', None, 'unit_closed', 'the dampening of momentum heavy_ball'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

@@ -43,7 +43,8 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
-from curvc.runtime.program import Extern as _Extern, Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -490,17 +491,17 @@ class Shampoo(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0), ('weight_decay', 0), ('update_freq', 1),
-            ('matrix_eps', 1e-06), )
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('momentum', 0), _Hyper('weight_decay', 0),
+            _Hyper('update_freq', 1), _Hyper('matrix_eps', 1e-06))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('update_freq', None, 'count_every', 'the every of structure kronecker'),
-        ('matrix_eps', None, 'nonneg', 'the init of iterate sum'),
-        ('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('update_freq', None, 'count_every', 'the every of structure kronecker'),
+        _Validator('matrix_eps', None, 'nonneg', 'the init of iterate sum'),
+        _Validator('momentum', None, 'unit', 'the beta of momentum heavy_ball'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

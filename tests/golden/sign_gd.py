@@ -35,7 +35,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -341,14 +342,14 @@ class SignGD(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.001), ('momentum', 0.9), ('weight_decay', 0), )
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('momentum', 0.9), _Hyper('weight_decay', 0))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('momentum', None, 'unit', 'the beta of momentum ema'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('momentum', None, 'unit', 'the beta of momentum ema'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

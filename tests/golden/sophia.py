@@ -45,7 +45,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -448,23 +449,22 @@ class Sophia(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.0001), ('betas', (0.965, 0.99)), ('rho', 0.04), ('weight_decay', 0.1),
-            ('k', 10), )
+    HYPERS = (_Hyper('lr', 0.0001), _Hyper('betas', (0.965, 0.99)), _Hyper('rho', 0.04),
+            _Hyper('weight_decay', 0.1), _Hyper('k', 10))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('rho', None, 'positive', 'the scale of curvature gauss_newton_bartlett'),
-        ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('k', None, 'count_every', 'the every of iterate ema'),
-        ('betas', 0, 'unit', 'the beta of momentum ema'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('rho', None, 'positive', 'the scale of curvature gauss_newton_bartlett'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
+        _Validator('k', None, 'count_every', 'the every of iterate ema'),
+        _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('hessian', None, lambda h: 0.0),
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('hessian', None, lambda h: 0.0),
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ('curvature_estimate',)
-    # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('gauss_newton_bartlett', 'curvature_estimate', 'refresh',
+    ESTIMATOR = _Estimator('gauss_newton_bartlett', 'curvature_estimate', 'refresh',
             lambda h: {'samples': 1.0})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM

@@ -43,7 +43,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
+        Kernel as _Kernel, Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -450,25 +451,25 @@ class SophiaH(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 0.06), ('betas', (0.96, 0.99)), ('weight_decay', 0), ('p', 0.01),
-            ('update_period', 10), ('num_samples', 1), ('eps', 1e-12), )
+    HYPERS = (_Hyper('lr', 0.06), _Hyper('betas', (0.96, 0.99)), _Hyper('weight_decay', 0),
+            _Hyper('p', 0.01), _Hyper('update_period', 10), _Hyper('num_samples', 1),
+            _Hyper('eps', 1e-12))
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
-        ('num_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
-        ('betas', 1, 'unit', 'the beta of iterate ema'),
-        ('update_period', None, 'count_every', 'the every of iterate ema'),
-        ('p', None, 'positive', 'the threshold of clip elementwise'),
-        ('betas', 0, 'unit', 'the beta of momentum ema'),
-        ('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
-        ('eps', None, 'nonneg', 'the eps of damping floor'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('num_samples', None, 'count_samples', 'the samples of curvature hutchinson'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
+        _Validator('update_period', None, 'count_every', 'the every of iterate ema'),
+        _Validator('p', None, 'positive', 'the threshold of clip elementwise'),
+        _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
+        _Validator('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping floor'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
-        ('hessian', None, lambda h: 0.0),
-        ('exp_avg', 'has_exp_avg', lambda h: 0.0),
+    BUFFERS = (
+        _Buffer('hessian', None, lambda h: 0.0),
+        _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
     INPUTS = ('curvature_estimate',)
-    # (estimator, the input it fills, on steps where this flag holds, its arguments)
-    ESTIMATOR = ('hutchinson', 'curvature_estimate', 'refresh',
+    ESTIMATOR = _Estimator('hutchinson', 'curvature_estimate', 'refresh',
             lambda h: {'samples': h['num_samples'], 'distribution': 'gaussian',
                     'spatial_average': False})
     host = staticmethod(_host)

@@ -29,7 +29,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import Kernel as _Kernel, Program as _Program
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Validator as _Validator)
 
 
 def _host(h, step):
@@ -269,11 +270,11 @@ class Newton(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (('lr', 1), )
+    HYPERS = (_Hyper('lr', 1),)
     VALIDATORS = (
-        ('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('lr', None, 'nonneg', 'the learning rate'),
     )
-    BUFFERS = (  # (name, allocated while flag, initial value)
+    BUFFERS = (
     )
     INPUTS = ('preconditioned',)
     ESTIMATOR = None
