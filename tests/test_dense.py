@@ -270,3 +270,18 @@ def test_a_step_without_gradients_changes_nothing_as_in_torch_optim():
     opt = Newton([w])
     opt.step()
     assert torch.equal(w.detach(), before) and not opt.state
+
+
+def test_eigen_sign_of_an_outer_product_steps_only_along_the_gradient(tmp_path):
+    """C = g g^T + eps I: Q^T g is |g| along g/|g| and exactly 0 along the rest, so
+    d = (|g|^2 + eps)^-1/2 g/|g|; the rounding noise of those zeros takes no sign (it would
+    step eps^-1/2 along directions the curvature never saw)."""
+    Ours = _spec(tmp_path, "hyper lr = 0.1\ncurvature empirical_fisher\nstructure dense\n"
+                           "iterate instant\nlength eigen_sign\ndamping inside(1e-4)\n")
+    p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = Ours([p])
+    g = torch.tensor([0.3, -1.2, 0.7, 0.05, -0.4, 2.0], dtype=torch.float64)
+    p.grad = g.clone()
+    opt.step()
+    expected = -0.1 * (g.norm() ** 2 + 1e-4) ** -0.5 * g / g.norm()
+    assert torch.allclose(p.detach(), expected, rtol=1e-10, atol=1e-12)

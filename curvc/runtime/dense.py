@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from curvc.runtime import matrix
+
 from curvc.runtime.curvature import batched_rows
 from curvc.runtime.secant import flat_grad
 
@@ -57,7 +59,7 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
     inv = torch.where(positive, 1.0 / (root + s["eps_after"]), torch.zeros_like(w))
     coords = q.T @ g.to(torch.float64)
     if s["length"] == "eigen_sign":
-        coords = torch.sign(coords)
+        coords = matrix.sign_above_rounding(coords)
     d = q @ (inv * coords)
     if s["length"] == "normalized":  # no host sync: a zero norm gives a zero step
         norm_sq = g.to(torch.float64).dot(d)

@@ -226,6 +226,15 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
 _SIGN_SLACK = 16.0
 
 
+def sign_above_rounding(x: torch.Tensor) -> torch.Tensor:
+    """sign(x), with 0 for an entry at rounding level of the largest: a coordinate in an
+    eigenbasis that is zero in exact arithmetic (at the first step Q^T G Q is the diagonal
+    of G's singular values; Q^T g has one entry for C = g g^T) comes out as noise, and
+    its sign would be a full-size step along a direction the curvature never saw."""
+    noise = _SIGN_SLACK * math.sqrt(x.numel()) * torch.finfo(x.dtype).eps
+    return torch.sign(torch.where(x.abs() > noise * x.abs().max(), x, 0.0))
+
+
 def _eigen_sign(value: torch.Tensor, modes: list) -> torch.Tensor:
     """Q diag(f(lam)) sign(Q^T v) for Q the Kronecker product of the modes' eigenbases
     and f(lam) the product of the modes' spectral functions (the root of a Kronecker
@@ -236,10 +245,7 @@ def _eigen_sign(value: torch.Tensor, modes: list) -> torch.Tensor:
     rotated = value
     for i, basis in modes:
         rotated = times(rotated, basis[:, :-1].T, i)
-    # An entry at rounding level of the largest is a zero that rounding moved (at the
-    # first step Q^T G Q is the diagonal of G's singular values): its sign is 0.
-    noise = _SIGN_SLACK * math.sqrt(value.numel()) * torch.finfo(value.dtype).eps
-    out = torch.sign(torch.where(rotated.abs() > noise * rotated.abs().max(), rotated, 0.0))
+    out = sign_above_rounding(rotated)
     for i, basis in modes:
         shape = [1] * value.dim()
         shape[i] = -1
