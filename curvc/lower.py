@@ -9,137 +9,41 @@ only ever see the result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from curvc import check as checks, ir, rules
 from curvc.fold import add, div, mul, op, sub
+from curvc.lower_step import Step, every_flag, nonzero, refresh_count, select
 from curvc.passes import PASSES
-from curvc.plan import (Buffer, Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
-                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Store,
-                        Validator, flat_hyper_names)
+from curvc.plan import (Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
+                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Validator)
 from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
                          PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
 
 
-# --- the builder -------------------------------------------------------------
-
-@dataclass
-class _Step:
-    """Mutable scratchpad used while lowering one optimizer; frozen into a Plan."""
-
-    opt: ir.Optimizer
-    buffers: list = field(default_factory=list)
-    inputs: list = field(default_factory=list)
-    estimator: Estimator | None = None
-    host: list = field(default_factory=list)
-    flags: list = field(default_factory=list)
-    reductions: list = field(default_factory=list)
-    stores: list = field(default_factory=list)
-    matrix: list = field(default_factory=list)
-    used: set = field(default_factory=set)
-    flag_names: dict = field(default_factory=dict)
-
-    def unique(self, base: str) -> str:
-        """A name for a generated value that no hyperparameter (or other value) uses.
-
-        Hyperparameters, buffers, flags and host scalars share the generated
-        functions' namespace, so a hyperparameter called ``first_step`` must
-        not be mistaken for the flag of that name.
-        """
-        taken = set(flat_hyper_names(self.opt.hypers)) | self.used
-        name, i = base, 2
-        while name in taken:
-            name, i = f"{base}{i}", i + 1
-        self.used.add(name)
-        return name
-
-    def arg(self, a: ir.Arg | None) -> Expr:
-        """An IR argument as a host expression."""
-        if isinstance(a, ir.HyperRef):
-            return Scalar(a.name if a.index is None else f"{a.name}_{a.index}")
-        assert isinstance(a, ir.Const) and not isinstance(a.value, str), a
-        return Const(float(a.value))
-
-    def flag(self, base: str, expr: Expr) -> str:
-        if base not in self.flag_names:
-            name = self.flag_names[base] = self.unique(base)
-            self.flags.append((name, expr))
-        return self.flag_names[base]
-
-    def bool_arg(self, name: str, a: ir.Arg) -> str | bool:
-        """A boolean argument: a flag if it names a hyperparameter, else its value."""
-        if isinstance(a, ir.HyperRef):
-            return self.flag(name, op("ne", self.arg(a), 0.0))
-        return bool(a.value)
-
-    def host_scalar(self, base: str, expr: Expr) -> Scalar:
-        name = self.unique(base)
-        self.host.append((name, expr))
-        return Scalar(name)
-
-    def buffer(self, base: str, init: Expr = Const(0.0), when: str | None = None) -> Load:
-        name = self.unique(base)
-        self.buffers.append(Buffer(name, init, when))
-        return Load(name)
-
-    def input(self, base: str) -> Load:
-        name = self.unique(base)
-        self.inputs.append(name)
-        return Load(name)
-
-    def store(self, target: str, value: Expr, when: str | None = None) -> None:
-        self.stores.append(Store(target, value, when))
-
-
-def _select(flag: str | bool, then: Expr, other: Expr) -> Expr:
-    if then == other:
-        return then
-    if isinstance(flag, bool):
-        return then if flag else other
-    return Select(flag, then, other)
-
-
-def _nonzero(step: _Step, name: str, a: ir.Arg) -> str | bool:
-    """Whether an EMA/momentum coefficient is in use: a flag when it is a hyperparameter."""
-    if isinstance(a, ir.HyperRef):
-        return step.flag(name, op("ne", step.arg(a), 0.0))
-    return float(a.value) != 0.0
-
-
 # --- axes, in the order the step composes them -----------------------------
 
-def lower_gradient(s: _Step) -> Expr:
+def lower_gradient(s: Step) -> Expr:
     return Select("maximize", op("neg", Load("grad")), Load("grad"))
 
 
-def lower_decay(s: _Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
+def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
     """Returns (gradient, parameter) after weight decay."""
     d, p = s.opt.decay, Load("param")
     if d.kind == "none":
         return g, p
     # A zero rate (the usual default) skips the term rather than adding 0 * theta.
-    used = _nonzero(s, "has_weight_decay", d.rate)
+    used = nonzero(s, "has_weight_decay", d.rate)
     coupled = (add(g, mul(p, s.arg(d.rate))), p)
     decoupled = (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))))
     switch: str | bool = d.kind == "decoupled"
     if d.kind == "l2" and d.decoupled is not None:
         switch = s.bool_arg("decoupled_decay", d.decoupled)
-    g_new = _select(switch, decoupled[0], coupled[0])
-    p_new = _select(switch, decoupled[1], coupled[1])
-    return _select(used, g_new, g), _select(used, p_new, p)
+    g_new = select(switch, decoupled[0], coupled[0])
+    p_new = select(switch, decoupled[1], coupled[1])
+    return select(used, g_new, g), select(used, p_new, p)
 
 
-def _every_flag(s: _Step, name: str, every: ir.Arg, delayed: bool = False) -> str:
-    """A flag true on steps 1, k+1, 2k+1, ... (k+1, 2k+1, ... when delayed)."""
-    done = sub(Scalar("step"), 1.0)
-    due = op("eq", op("mod", done, s.arg(every)), 0.0)
-    if delayed:
-        due = op("and", due, op("gt", done, 0.0))
-    return s.flag(name, due)
-
-
-def lower_curvature(s: _Step, g: Expr) -> Expr | None:
+def lower_curvature(s: Step, g: Expr) -> Expr | None:
     """The per-step curvature estimate c (None for a constant curvature)."""
     c = s.opt.curvature
     if c.kind == "constant":
@@ -155,15 +59,15 @@ def lower_curvature(s: _Step, g: Expr) -> Expr | None:
     return est
 
 
-def _lower_estimator(s: _Step, c: ir.Curvature, rows: bool = False) -> Expr:
+def _lower_estimator(s: Step, c: ir.Curvature, rows: bool = False) -> Expr:
     """The estimate a runtime estimator provides, held between refreshes if asked;
     ``rows``: as a stack of sampled gradients (Kronecker factors' statistic), scaled
     by the runtime."""
     it = s.opt.iterate
     if c.every is not None:
-        when = _every_flag(s, "estimate", c.every)
+        when = every_flag(s, "estimate", c.every)
     elif it.every is not None:  # only the refresh steps read the estimate
-        when = _every_flag(s, "refresh", it.every, it.delayed)
+        when = every_flag(s, "refresh", it.every, it.delayed)
     else:
         when = None
     args = []
@@ -186,7 +90,7 @@ def _lower_estimator(s: _Step, c: ir.Curvature, rows: bool = False) -> Expr:
     return Select(when, fresh, held)
 
 
-def _buffer_name(s: _Step, role: str) -> str:
+def _buffer_name(s: Step, role: str) -> str:
     # Names follow torch.optim and pytorch-optimizer so checkpoints read alike.
     if role == "momentum":
         return "momentum_buffer" if s.opt.momentum.kind == "heavy_ball" else "exp_avg"
@@ -198,30 +102,21 @@ def _buffer_name(s: _Step, role: str) -> str:
     return "hessian" if it.kind == "ema" else "curvature"
 
 
-def _refresh_count(s: _Step, every: ir.Arg | None) -> Expr:
-    """How many times the curvature has been accumulated by this step (for bias correction)."""
-    if every is None:
-        return Scalar("step")
-    k = s.arg(every)
-    done = sub(Scalar("step"), 1.0)
-    return s.host_scalar("refreshes", add(div(sub(done, op("mod", done, k)), k), 1.0))
-
-
-def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
+def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
     """The accumulated curvature C, bias-corrected if asked."""
     it = s.opt.iterate
     if c is None:
         return None
     refresh: str | bool = True
     if it.every is not None:
-        refresh = _every_flag(s, "refresh", it.every, it.delayed)
+        refresh = every_flag(s, "refresh", it.every, it.delayed)
     name = _buffer_name(s, "curvature")
     if it.kind == "instant":
         if refresh is True:
             return c
         old = s.buffer(name)
         s.store(old.name, c, when=refresh)
-        return _select(refresh, c, old)
+        return select(refresh, c, old)
     if it.kind == "ema":
         old = s.buffer(name)
         name = old.name
@@ -234,36 +129,36 @@ def lower_iterate(s: _Step, c: Expr | None) -> Expr | None:
     else:
         raise AssertionError(it.kind)
     s.store(name, new, when=None if refresh is True else refresh)
-    acc = _select(refresh, new, old)
+    acc = select(refresh, new, old)
     if it.keep_max is not None:
         keep = s.bool_arg("keep_max", it.keep_max)
         if keep is not False:
             prev = s.buffer("max_" + name, when=keep if isinstance(keep, str) else None)
             peak = op("maximum", prev, acc)
             s.store(prev.name, peak, when=keep if isinstance(keep, str) else None)
-            acc = _select(keep, peak, acc)
+            acc = select(keep, peak, acc)
     if it.bias_corrected:
         beta = s.arg(it.beta)
-        count = _refresh_count(s, it.every)
+        count = refresh_count(s, it.every)
         acc = div(acc, s.host_scalar("curvature_bias_correction",
                                      sub(1.0, op("pow", beta, count))))
     return acc
 
 
-def _lerp(s: _Step, a: Expr, b: Expr, w: Expr) -> Expr:
+def _lerp(s: Step, a: Expr, b: Expr, w: Expr) -> Expr:
     """torch.lerp(a, b, w) for a host weight w: torch's own formula (a + w(b - a) for
     |w| < 0.5, else b - (b - a)(1 - w), each exact at its end), so the moving average
     is bitwise torch's, and one foreach op on the eager path."""
     return op("lerp", a, b, w)
 
 
-def lower_momentum(s: _Step, g: Expr) -> Expr:
+def lower_momentum(s: Step, g: Expr) -> Expr:
     m = s.opt.momentum
     if m.kind == "none":
         return g
     name = _buffer_name(s, "momentum")
     beta = s.arg(m.beta)
-    used = _nonzero(s, "has_" + name, m.beta)
+    used = nonzero(s, "has_" + name, m.beta)
     when = used if isinstance(used, str) else None
     old = s.buffer(name, when=when)
     name = old.name
@@ -279,11 +174,11 @@ def lower_momentum(s: _Step, g: Expr) -> Expr:
         new = Select(first, g, add(mul(old, beta), mul(g, sub(1.0, s.arg(m.dampening)))))
         s.store(name, new, when=when)
         nesterov = s.bool_arg("nesterov", m.nesterov) if m.nesterov is not None else False
-        out = _select(nesterov, add(g, mul(new, beta)), new)
-    return _select(used, out, g)
+        out = select(nesterov, add(g, mul(new, beta)), new)
+    return select(used, out, g)
 
 
-def lower_preconditioner(s: _Step, acc: Expr | None) -> Expr | None:
+def lower_preconditioner(s: Step, acc: Expr | None) -> Expr | None:
     """P, the (damped, rooted) curvature that divides the step; None for the identity."""
     if acc is None:
         return None
@@ -311,7 +206,7 @@ def lower_preconditioner(s: _Step, acc: Expr | None) -> Expr | None:
     return p
 
 
-def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
+def lower_direction(s: Step, m: Expr, precond: Expr | None) -> Expr:
     ln = s.opt.length
     if ln.kind == "eigen_sign":
         u = op("sign", m)
@@ -325,13 +220,18 @@ def lower_direction(s: _Step, m: Expr, precond: Expr | None) -> Expr:
     elif precond is not None:
         u = div(u, precond)
     if ln.kind == "normalized":
-        # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), one global reduction
-        s.reductions.append(Reduction("norm_sq", mul(m, u) if precond is not None else mul(m, m)))
-        u = op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+        u = _normalized(s, m, u)
     return u
 
 
-def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
+def _normalized(s: Step, m: Expr, u: Expr) -> Expr:
+    """||d||_P = 1: d = u / sqrt(m^T u) for u = P^-1 m, m^T u summed over every tensor (one
+    global reduction; a zero norm gives a zero step). Every structure normalizes so."""
+    s.reductions.append(Reduction("norm_sq", mul(m, u)))
+    return op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+
+
+def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     """d = f(L_1 kron ... kron L_k) m, one factor per mode of each tensor (Shampoo).
 
     The factors accumulate the Gram matrices of the gradient's unfoldings (or hold
@@ -343,8 +243,8 @@ def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
     the sign in the eigenbasis for eigen_sign.
     """
     st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
-    refresh = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
-    accumulate_when = (_every_flag(s, "refresh", it.every, it.delayed)
+    refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
+    accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
     statistic = g
     if s.opt.curvature.kind in ROW_CURVATURES:
@@ -361,7 +261,7 @@ def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
         correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), _refresh_count(s, it.every))))
+                                   sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, it.every))))
     params = {
         "beta": s.arg(it.beta) if it.kind == "ema" else Const(0.0),
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
@@ -379,13 +279,11 @@ def lower_kronecker(s: _Step, g: Expr, m: Expr) -> Expr:
     u = Precondition("precondition", (statistic, m, *(params[n] for n in stage.params)),
                      stage=stage.name)
     if ln.kind == "normalized":
-        # ||d||_P = 1: d = P^-1 m / sqrt(m^T P^-1 m), summed over every tensor
-        s.reductions.append(Reduction("norm_sq", mul(m, u)))
-        u = op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+        u = _normalized(s, m, u)
     return lower_clip(s, u)
 
 
-def lower_clip(s: _Step, d: Expr) -> Expr:
+def lower_clip(s: Step, d: Expr) -> Expr:
     clip = s.opt.clip
     if clip.kind == "elementwise":
         t = s.arg(clip.threshold)
@@ -397,7 +295,7 @@ def lower_clip(s: _Step, d: Expr) -> Expr:
     return d
 
 
-def lower_learning_rate(s: _Step) -> Expr:
+def lower_learning_rate(s: Step) -> Expr:
     sch = s.opt.schedule
     if sch.kind == "inverse_time":
         return s.host_scalar("lr_t", div(Scalar("lr"), add(1.0, mul(sub(Scalar("step"), 1.0),
@@ -405,7 +303,7 @@ def lower_learning_rate(s: _Step) -> Expr:
     return Scalar("lr")
 
 
-def lower_kfac(s: _Step) -> Expr:
+def lower_kfac(s: Step) -> Expr:
     """g <- f(S) G f(A) per layer (curvc.runtime.kfac), from the layer's input and
     output-gradient factors A and S; the rest of the step is elementwise on it.
 
@@ -418,8 +316,8 @@ def lower_kfac(s: _Step) -> Expr:
     parameters, here, as one reduction of the raw and the preconditioned gradient.
     """
     it, st, ln, dmp = s.opt.iterate, s.opt.structure, s.opt.length, s.opt.damping
-    accumulate = _every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
-    invert = _every_flag(s, "refresh_roots", st.every) if st.every is not None else None
+    accumulate = every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
+    invert = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     exponent = Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
     if ln.kind == "gradient_norm":
@@ -436,20 +334,19 @@ def lower_kfac(s: _Step) -> Expr:
             ("sign", ln.kind == "eigen_sign"))
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
-    if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g), g^T F^-1 g over all parameters
-        s.reductions.append(Reduction("norm_sq", mul(Load("grad"), natural)))
-        natural = op("div_or_zero", natural, op("sqrt", Reduced("norm_sq")))
+    if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g)
+        natural = _normalized(s, Load("grad"), natural)
     return Select("maximize", op("neg", natural), natural)
 
 
-def lower_dense(s: _Step) -> tuple[DenseStage, Expr]:
+def lower_dense(s: Step) -> tuple[DenseStage, Expr]:
     """g <- d = root(C)^-1 g over all parameters as one vector (curvc.runtime.dense: the
     matrix C, its accumulation and the length), as the rest of the step's gradient: the
     elementwise axes (decay, momentum, clip, lr) apply to d as to K-FAC's natural
     gradient. Returns the stage and d."""
     opt = s.opt
     it, ln, dmp = opt.iterate, opt.length, opt.damping
-    refresh = _every_flag(s, "refresh", it.every) if it.every is not None else None
+    refresh = every_flag(s, "refresh", it.every) if it.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     c = opt.curvature
     stage = DenseStage(
@@ -465,7 +362,7 @@ def lower_dense(s: _Step) -> tuple[DenseStage, Expr]:
 
 
 def lower_secant(opt: ir.Optimizer) -> SecantStage:
-    s = _Step(opt)
+    s = Step(opt)
     it = opt.iterate
     clip = s.arg(opt.clip.threshold) if opt.clip.kind == "global_norm" else Const(0.0)
     return SecantStage(s.arg(it.history), s.arg(it.iterations), s.arg(it.tolerance_grad),
@@ -480,7 +377,7 @@ def build(opt: ir.Optimizer) -> Plan:
     if opt.structure.kind in SECANT_STRUCTURES:
         return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
                     secant=lower_secant(opt))
-    s = _Step(opt)
+    s = Step(opt)
     lr = lower_learning_rate(s)
     dense = None
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES

@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from curvc.runtime import distributed
-from curvc.runtime.matrix import inverse_root, spectral
+from curvc.runtime.matrix import damped_symmetric, inverse_root, spectral
 
 
 class LayerTracker:
@@ -162,10 +162,7 @@ def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> t
 
 def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(lambda), Q) of the factor damped inside, in float64 (as ``inverse_root``)."""
-    a = factor.to(torch.float64)
-    if st.damping:
-        a = a + st.damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    w, q = torch.linalg.eigh((a + a.T) / 2)
+    w, q = torch.linalg.eigh(damped_symmetric(factor, st.damping, torch.float64))
     return spectral(w, st.exponent, st.damping_after, st.floor), q
 
 

@@ -32,7 +32,7 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0, *,
     the statistics never saw, with no damping) get 0: the pseudo-inverse root,
     rather than an infinity that would poison the parameter.
     """
-    a = _damped_symmetric(matrix, eps, dtype)
+    a = damped_symmetric(matrix, eps, dtype)
     if exponent == 1.0:
         # The plain inverse (K-FAC, Newton-like steps): a Cholesky factorization
         # is several times cheaper than an eigendecomposition, and fails exactly
@@ -45,7 +45,7 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0, *,
     return _root_of(w, q, exponent).to(matrix.dtype)
 
 
-def _damped_symmetric(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def damped_symmetric(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     a = matrix.to(dtype)
     if eps:
         a = a + eps * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
@@ -99,7 +99,7 @@ def checked_eigh(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple:
     O(n^2 k) cost instead of the O(n^3) of the full product. The generator is
     seeded, so a step is reproducible (a resumed run stays bitwise the same).
     """
-    a = _damped_symmetric(matrix, eps, dtype)
+    a = damped_symmetric(matrix, eps, dtype)
     w, q = torch.linalg.eigh(a)
     if not (torch.isfinite(w).all() and torch.isfinite(q).all()):
         raise InaccurateRoot("its eigendecomposition is not finite")

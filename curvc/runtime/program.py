@@ -69,10 +69,6 @@ class Kernel:
     temporaries: tuple[str, ...] = ()  # step-local tensors it writes (compute dtype)
     counts_step: bool = True  # the last kernel of the step bumps the step counters
 
-    @property
-    def reductions(self) -> tuple[str, ...]:
-        return tuple(self.reduce)
-
 
 @dataclass(frozen=True)
 class Extern:

@@ -1,0 +1,112 @@
+"""The builder lowering writes a plan with: a scratchpad of names, buffers, flags and
+stores (``Step``), and the small rules every axis lowering shares (a static or flagged
+choice, an every-k flag, the count of refreshes)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from curvc import ir
+from curvc.fold import add, div, op, sub
+from curvc.plan import Buffer, Const, Estimator, Expr, Load, Scalar, Select, Store, \
+    flat_hyper_names
+
+
+@dataclass
+class Step:
+    """Mutable scratchpad used while lowering one optimizer; frozen into a Plan."""
+
+    opt: ir.Optimizer
+    buffers: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    estimator: Estimator | None = None
+    host: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
+    reductions: list = field(default_factory=list)
+    stores: list = field(default_factory=list)
+    matrix: list = field(default_factory=list)
+    used: set = field(default_factory=set)
+    flag_names: dict = field(default_factory=dict)
+
+    def unique(self, base: str) -> str:
+        """A name for a generated value that no hyperparameter (or other value) uses.
+
+        Hyperparameters, buffers, flags and host scalars share the generated
+        functions' namespace, so a hyperparameter called ``first_step`` must
+        not be mistaken for the flag of that name.
+        """
+        taken = set(flat_hyper_names(self.opt.hypers)) | self.used
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}{i}", i + 1
+        self.used.add(name)
+        return name
+
+    def arg(self, a: ir.Arg | None) -> Expr:
+        """An IR argument as a host expression."""
+        if isinstance(a, ir.HyperRef):
+            return Scalar(a.name if a.index is None else f"{a.name}_{a.index}")
+        assert isinstance(a, ir.Const) and not isinstance(a.value, str), a
+        return Const(float(a.value))
+
+    def flag(self, base: str, expr: Expr) -> str:
+        if base not in self.flag_names:
+            name = self.flag_names[base] = self.unique(base)
+            self.flags.append((name, expr))
+        return self.flag_names[base]
+
+    def bool_arg(self, name: str, a: ir.Arg) -> str | bool:
+        """A boolean argument: a flag if it names a hyperparameter, else its value."""
+        if isinstance(a, ir.HyperRef):
+            return self.flag(name, op("ne", self.arg(a), 0.0))
+        return bool(a.value)
+
+    def host_scalar(self, base: str, expr: Expr) -> Scalar:
+        name = self.unique(base)
+        self.host.append((name, expr))
+        return Scalar(name)
+
+    def buffer(self, base: str, init: Expr = Const(0.0), when: str | None = None) -> Load:
+        name = self.unique(base)
+        self.buffers.append(Buffer(name, init, when))
+        return Load(name)
+
+    def input(self, base: str) -> Load:
+        name = self.unique(base)
+        self.inputs.append(name)
+        return Load(name)
+
+    def store(self, target: str, value: Expr, when: str | None = None) -> None:
+        self.stores.append(Store(target, value, when))
+
+
+def select(flag: str | bool, then: Expr, other: Expr) -> Expr:
+    if then == other:
+        return then
+    if isinstance(flag, bool):
+        return then if flag else other
+    return Select(flag, then, other)
+
+
+def nonzero(step: Step, name: str, a: ir.Arg) -> str | bool:
+    """Whether an EMA/momentum coefficient is in use: a flag when it is a hyperparameter."""
+    if isinstance(a, ir.HyperRef):
+        return step.flag(name, op("ne", step.arg(a), 0.0))
+    return float(a.value) != 0.0
+
+
+def every_flag(s: Step, name: str, every: ir.Arg, delayed: bool = False) -> str:
+    """A flag true on steps 1, k+1, 2k+1, ... (k+1, 2k+1, ... when delayed)."""
+    done = sub(Scalar("step"), 1.0)
+    due = op("eq", op("mod", done, s.arg(every)), 0.0)
+    if delayed:
+        due = op("and", due, op("gt", done, 0.0))
+    return s.flag(name, due)
+
+
+def refresh_count(s: Step, every: ir.Arg | None) -> Expr:
+    """How many times the curvature has been accumulated by this step (for bias correction)."""
+    if every is None:
+        return Scalar("step")
+    k = s.arg(every)
+    done = sub(Scalar("step"), 1.0)
+    return s.host_scalar("refreshes", add(div(sub(done, op("mod", done, k)), k), 1.0))
