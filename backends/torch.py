@@ -18,10 +18,6 @@ from curvc.backends.render import (Guard, IndentedBuffer, PythonHost, Renderer, 
                                    guard_text, plan_roots, reduced_name, scalar_name, schedule)
 
 
-# A matrix stage's statistic -> the curvc.runtime.matrix function that runs it.
-MATRIX_FUNCTIONS = {"gradient": "kronecker"}
-
-
 class TorchRenderer(Renderer):
     ops = {**Renderer.ops, "sqrt": "torch.sqrt({0})", "abs": "torch.abs({0})",
            "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
@@ -199,7 +195,7 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
         doc = textwrap.wrap(stage.doc, buf.room - 6)
         buf.writelines(['"""' + doc[0]] + doc[1:-1] + [doc[-1] + '"""'] if len(doc) > 1
                        else ['"""' + doc[0] + '"""'])
-        fn = MATRIX_FUNCTIONS[stage.statistic]
+        fn = stage.function
         statistic, value = ext.inputs[0], ext.inputs[-1]  # one tensor when they are the same
         # a kernel's temporaries are in the compute dtype already; a raw input may not be
         buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")

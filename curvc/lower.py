@@ -272,7 +272,7 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
         "bias_correction": correction,
         "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
     }
-    stage = KroneckerStage(s.unique("kronecker"), "gradient", "pre_cond", "inv_pre_cond",
+    stage = KroneckerStage(s.unique("kronecker"), "kronecker", "pre_cond", "inv_pre_cond",
                            it.kind, accumulate_when, refresh, per_mode=True,
                            length="eigen_sign" if ln.kind == "eigen_sign" else "root")
     s.matrix.append(stage)

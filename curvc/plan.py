@@ -193,7 +193,7 @@ class KroneckerStage:
     """
 
     name: str
-    statistic: str  # 'gradient': each mode's Gram matrix of the unfolded gradient
+    function: str  # the curvc.runtime.matrix function that runs it, per tensor
     factors: str  # state-key prefixes (pytorch-optimizer's names, so checkpoints read alike)
     roots: str
     accumulate: str  # 'sum' | 'ema' | 'instant'
