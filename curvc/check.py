@@ -15,10 +15,11 @@ import keyword
 import math
 from dataclasses import fields
 
-from curvc import ir, names, parse as ast, rules
+from curvc import check_exprs, ir, names, parse as ast, rules
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
-from curvc.language import (CLAUSES, DEFAULT_FORMS, EVERY, FORMS, LR, MODIFIER_WHY,
+from curvc.language import (CLAUSES, DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
+                            MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
 
@@ -60,15 +61,25 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
     _check_optimizer_name(spec.name, spec.name_span)
     hypers = _check_hypers(spec)
     by_name = {h.name: h for h in hypers}
+    scope = check_exprs.definitions(spec, by_name)
     axes: dict[str, object] = {}
-    first: dict[str, ast.Clause] = {}
+    first: dict[str, ast.Clause | ast.ExprClause] = {}
+    update = None
     for clause in spec.clauses:
-        if clause.keyword in axes:
+        if clause.keyword in first:
             raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword,
                             hint=f"the first {clause.keyword} clause is on line "
                                  f"{first[clause.keyword].keyword_span.line}")
         first[clause.keyword] = clause
-        axes[clause.keyword] = _check_clause(clause, by_name)
+        if isinstance(clause, ast.ExprClause):
+            value = _check_expr_clause(clause, scope)
+            if clause.keyword == "update":
+                update = value
+            else:
+                axes[clause.keyword] = ir.AXIS_TYPES[clause.keyword](
+                    kind="expression", value=value, span=clause.span)
+        else:
+            axes[clause.keyword] = _check_clause(clause, by_name, scope)
     for clause, why in REQUIRED_CLAUSES.items():
         if clause not in axes:
             raise CurvError("combo.missing_clause", spec.name_span, clause=clause, why=why,
@@ -80,8 +91,13 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
         raise CurvError("combo.missing_lr", spec.name_span,
                         hint="add it to the hyper line: `hyper lr = 1e-3, ...`" if spec.params
                         else "add the line `hyper lr = 1e-3`")
+    values = {k: getattr(axes.get(k), "value", None) for k in ("curvature", "momentum")}
+    values["of"] = getattr(axes.get("curvature"), "of", None)
+    values = {k: v for k, v in values.items() if v is not None}
+    lets, states = check_exprs.check_all(spec, scope, values,
+                                         tuple(values.values()) + ((update,) if update else ()))
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
-                       span=spec.name_span, **axes)
+                       span=spec.name_span, lets=lets, states=states, update=update, **axes)
     _check_structure_keywords(opt)
     return opt
 
@@ -181,7 +197,17 @@ def _signature(clause: ast.Clause, form: FormSpec) -> str:
     return f"{clause.keyword} {clause.form}({', '.join(arg(a) for a in form.args)})"
 
 
-def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
+def _check_expr_clause(clause: ast.ExprClause, scope: check_exprs.Scope) -> ir.Expr:
+    if clause.keyword not in EXPRESSION_CLAUSES:
+        raise CurvError("expr.not_expression_clause", clause.keyword_span, clause=clause.keyword,
+                        allowed=", ".join(EXPRESSION_CLAUSES),
+                        hint=f"write `{clause.keyword} FORM`, FORM one of: "
+                             f"{', '.join(FORMS[clause.keyword])}")
+    return check_exprs.expression(clause.expr, scope)
+
+
+def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper],
+                  scope: check_exprs.Scope | None = None):
     forms = FORMS[clause.keyword]
     form = forms.get(clause.form)
     if form is None:
@@ -202,7 +228,7 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
                         clause=clause.keyword, form=clause.form, count=n,
                         s="" if n == 1 else "s", names=", ".join(a.name for a in form.args))
     for spec_arg, arg in zip(form.args, positional):
-        values[spec_arg.name] = _check_value(arg.value, spec_arg, where, hypers)
+        values[spec_arg.name] = _check_value(arg.value, spec_arg, where, hypers, scope=scope)
     names = {a.name: a for a in form.args}
     for arg in clause.args:
         if arg.keyword is None:
@@ -219,14 +245,16 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper]):
                             clause=clause.keyword, form=clause.form,
                             hint=f"{arg.keyword!r} is already given by position "
                                  f"(usage: {_signature(clause, form)})" if by_position else None)
-        values[arg.keyword] = _check_value(arg.value, names[arg.keyword], where, hypers)
+        values[arg.keyword] = _check_value(arg.value, names[arg.keyword], where, hypers,
+                                           scope=scope)
     for spec_arg in form.args:
         if spec_arg.name not in values:
             if spec_arg.required:
                 raise CurvError("value.missing_argument", clause.form_span,
                                 clause=clause.keyword, form=clause.form, name=spec_arg.name,
                                 hint=f"usage: {_signature(clause, form)}")
-            values[spec_arg.name] = ir.Const(spec_arg.default)
+            if spec_arg.kind != "expr":  # an expression argument's default is the form's own
+                values[spec_arg.name] = ir.Const(spec_arg.default)
     flags: dict[str, object] = {}
     for mod in clause.modifiers:
         if mod.name not in form.modifiers:
@@ -267,8 +295,11 @@ def _bad_modifier(clause: ast.Clause, form: FormSpec, mod: ast.Modifier) -> Curv
 
 
 def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hyper],
-                 what: str | None = None) -> ir.Arg:
+                 what: str | None = None, scope: check_exprs.Scope | None = None) -> ir.Arg:
     what = what or f"the {spec_arg.name!r} of {where}"
+    if spec_arg.kind == "expr":
+        value = check_exprs.vector_ref(value, what, scope or check_exprs.Scope(hypers))
+        return None if value == ir.Var("grad") else value
     if spec_arg.kind == "enum":
         if not isinstance(value, ast.Ref) or value.index is not None:
             found = f"the number {value.text}" if isinstance(value, ast.Number) else (
@@ -364,6 +395,8 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
     out = [(ir.HyperRef("lr"), "nonneg", "the learning rate")]
     for axis in CLAUSES:
         node = getattr(opt, axis)
+        if node.kind not in FORMS[axis]:  # an expression: its hyperparameters are any number
+            continue
         form = FORMS[axis][node.kind]
         specs = {a.name: a for a in form.args}
         specs["every"] = EVERY

@@ -67,6 +67,22 @@ MESSAGES: dict[str, str] = {
     "value.out_of_range": "{what} must be {expected}, got {value}",
     "value.bool_expected": "{what} must be true or false, not {found}",
     "value.underflow": "the number {text} is too small: it underflows to 0",
+    # expressions
+    "expr.not_expression_clause": "the {clause} clause takes a form, not an expression; "
+    "expressions give {allowed}",
+    "expr.unknown_name": "unknown name {name!r} in an expression",
+    "expr.unknown_function": "unknown function {name!r}",
+    "expr.arity": "{name}() takes {count} argument{s}, not {given}",
+    "expr.duplicate_definition": "{name!r} is defined twice",
+    "expr.name_taken": "{name!r} cannot name a {kind}: {why}",
+    "expr.not_a_state": "old() reads a state's stored value; {name!r} is not a state",
+    "expr.tensor_condition": "the condition of if() is decided once per step on the host, so "
+    "it may read hyperparameters and step, not {name!r}",
+    "expr.boolean_operand": "the boolean {name!r} can only be the condition of if()",
+    "expr.host_init": "a state starts from a number or a hyperparameter expression, not {name!r}",
+    "expr.cycle": "{path}: each needs the other's value of this step",
+    "expr.unused": "{kind} {name!r} is defined but never read",
+    "expr.expected_name": "{what} must name a vector (grad, a let or a state), not {found}",
     # combinations of axes
     "combo.missing_clause": "a spec needs a {clause} clause ({why})",
     "combo.missing_lr": "a spec needs the hyperparameter 'lr' (every step is "

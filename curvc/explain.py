@@ -14,7 +14,7 @@ import re
 
 from fractions import Fraction
 
-from curvc import ir
+from curvc import explain_exprs, ir
 from curvc import lower as lower_mod
 from curvc.plan import Plan
 from curvc.plan_numbers import Numbers, Root, numbers
@@ -51,7 +51,7 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         "normalized": f"||d||_{h} = eps",
         "eigen_sign": f"||d_i||_{h} = eps",
     }[opt.length.kind]
-    ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "",
+    ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "", "expression": "c",
           "fisher": "F", "gauss_newton_bartlett": "F",
           "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
     s = opt.structure.kind
@@ -105,15 +105,19 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
             eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
         eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
+    eq += explain_exprs.definitions(opt, late=False)
     s = opt.structure.kind
     if s in ("scalar", "diagonal"):
-        eq += _elementwise(opt, lr, nums)
+        step = _elementwise(opt, lr, nums)
     elif s == "kronecker":
-        eq += _kronecker(opt, lr, nums)
+        step = _kronecker(opt, lr, nums)
     elif s == "dense":
-        eq += _dense(opt, lr, nums)
+        step = _dense(opt, lr, nums)
     else:
-        eq += _low_rank(opt, lr)
+        step = _low_rank(opt, lr)
+    # the last line is theta's update: the states that read d come before it
+    eq += step[:-1] + explain_exprs.definitions(opt, late=True)
+    eq.append(explain_exprs.update_line(opt, lr) or step[-1])
     return eq + [f"        ({note})" for note in nums.notes]
 
 
@@ -123,6 +127,9 @@ def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
 
 def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
     m = opt.momentum
+    if m.kind == "expression":
+        eq.append(f"m     = {m.value}")
+        return "m"
     if m.kind == "ema":
         eq.append(f"m     = {_v(m.beta)} * m + (1 - {_v(m.beta)}) * g")
         eq += _bias_correction(nums, "momentum", "m")
@@ -139,8 +146,10 @@ def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
 
 def _estimate(opt: ir.Optimizer) -> str:
     c = opt.curvature
+    if c.kind == "expression":
+        return str(c.value)
     est = {
-        "empirical_fisher": "g * g",
+        "empirical_fisher": f"{c.of} * {c.of}" if c.of is not None else "g * g",
         "hutchinson": "z * (H z),  z ~ " + (_v(c.distribution) if c.distribution else "rademacher")
                       + (f", mean of {_v(c.samples)} probes" if c.samples else ""),
         "gauss_newton_bartlett": "B * grad L(theta; y^ ~ softmax(logits))^2",
@@ -192,7 +201,7 @@ def _preconditioner(root: Root, acc: str) -> str:
 
 def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq: list[str] = []
-    constant = nums.root is None
+    constant = nums.root is None or opt.curvature.kind == "constant"
     if not constant:
         eq.append(f"c     = {_estimate(opt)}")
         eq.append(f"P     = {_preconditioner(nums.root, _accumulate(opt, eq, 'c', nums=nums))}")
@@ -290,8 +299,9 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         m = _momentum(opt, eq, nums)
         eq.append(f"d     = {m}")
         return eq + _clip(opt) + [f"theta = theta - {lr} * d"]
-    eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
-          "        g unfolded along mode i (modes longer than max_dim keep none)"]
+    of = str(opt.curvature.of) if opt.curvature.of is not None else "g"
+    eq = [f"G     = {of} as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
+          f"        {of} unfolded along mode i (modes longer than max_dim keep none)"]
     gram_l, gram_r = "G G^T", "G^T G"
     rows = _ROWS.get(opt.curvature.kind)
     if rows:  # the factors' statistic: sampled gradients, as rows

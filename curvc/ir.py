@@ -41,6 +41,54 @@ class HyperRef:
 Arg = Union[Const, HyperRef]
 
 
+# --- expressions (``let``, ``state``, ``CLAUSE = EXPR``, ``update = EXPR``) ----
+
+@dataclass(frozen=True)
+class Var:
+    """A name in an expression: grad, param, step, direction, a ``let`` or a ``state``.
+    A state read inside its own definition, or through ``old``, is its stored value;
+    anywhere else, this step's new value."""
+
+    name: str
+    span: Span = span_field()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Apply:
+    """A function or operator (``curvc.language.FUNCTIONS``, ``OPERATORS``) applied."""
+
+    fn: str
+    args: tuple["Expr", ...]
+    span: Span = span_field()
+
+    def __str__(self) -> str:
+        from curvc.language import show_apply  # the one printer of the expression language
+        return show_apply(self)
+
+
+Expr = Union[Const, HyperRef, Var, Apply]
+
+
+@dataclass(frozen=True)
+class Let:
+    name: str
+    expr: Expr
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class State:
+    """A named buffer: its new value each step, from ``init`` (a host value) at the start."""
+
+    name: str
+    expr: Expr
+    init: Expr
+    span: Span = span_field()
+
+
 @dataclass(frozen=True)
 class Hyper:
     """A named hyperparameter: a constructor keyword with the spec's default, an int
@@ -64,6 +112,8 @@ class Curvature:
     squared: bool = False  # accumulate the square of the estimate (AdaHessian)
     scale: Arg | None = None  # multiply the estimate (Sophia's rho)
     every: Arg | None = None  # estimate every k steps, reuse it in between
+    of: Expr | None = None  # empirical_fisher of this vector instead of the gradient
+    value: Expr | None = None  # kind 'expression': the elementwise estimate itself
     span: Span = span_field()
 
 
@@ -118,6 +168,7 @@ class Momentum:
     dampening: Arg | None = None
     nesterov: Arg | None = None
     bias_corrected: bool = False
+    value: Expr | None = None  # kind 'expression': the direction that is preconditioned
     span: Span = span_field()
 
 
@@ -164,6 +215,9 @@ class Optimizer:
     decay: Decay
     damping: Damping
     schedule: Schedule
+    lets: tuple[Let, ...] = ()
+    states: tuple[State, ...] = ()
+    update: Expr | None = None  # what multiplies lr (default: the direction d)
     source: str = ""
     file: str = "<spec>"
     span: Span = span_field()

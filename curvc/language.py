@@ -38,7 +38,9 @@ _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: 
 FORMS: dict[str, dict[str, FormSpec]] = {
     "curvature": {
         "constant": FormSpec(),  # L*I, the a-priori smoothness constant (folded into lr)
-        "empirical_fisher": FormSpec(),  # F~ = E_data[g g^T]; its diagonal is g*g
+        # F~ = E_data[g g^T]; its diagonal is g*g. `of = NAME`: the outer product of a
+        # named vector instead of g (a let or state: Muon's momentum, AdaBelief's g - m)
+        "empirical_fisher": FormSpec((ArgSpec("of", "expr", "grad"),)),
         # F = E_{y~p(y|x)}[g g^T], labels sampled from the model
         "fisher": FormSpec((ArgSpec("samples", "int", 1.0, "count_samples"),)),
         # batch size * (grad of loss on sampled labels)^2
@@ -121,6 +123,60 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),)),
     },
 }
+
+# Clauses whose value may be written as an expression, ``CLAUSE = EXPR``, and what the
+# expression stands for (``update = EXPR`` is not a column: it replaces the direction d
+# in theta <- theta - lr * update).
+EXPRESSION_CLAUSES = {
+    "curvature": "the elementwise curvature estimate c, then iterated, rooted and damped",
+    "momentum": "the direction m that the preconditioner divides",
+    "update": "what multiplies the learning rate: theta <- theta - lr * update",
+}
+
+# The names every expression may read, besides hyperparameters, lets and states.
+EXPRESSION_NAMES = {
+    "grad": "the gradient g (after maximize and coupled weight decay)",
+    "param": "the parameter theta before this step",
+    "step": "the step count t (1 on the first step)",
+    "direction": "the preconditioned, length-limited and clipped direction d",
+}
+
+# Functions of the expression language: arity and meaning. ``if``'s condition is
+# decided on the host once per step (a hyperparameter flag, or a comparison of
+# hyperparameters and step), so it never branches per coordinate.
+FUNCTIONS: dict[str, tuple[int, str]] = {
+    "sqrt": (1, "square root"), "abs": (1, "absolute value"), "sign": (1, "sign (0 at 0)"),
+    "max": (2, "elementwise maximum"), "min": (2, "elementwise minimum"),
+    "lerp": (3, "lerp(a, b, w) = a + w * (b - a)"),
+    "if": (3, "if(condition, then, else), the condition a host value"),
+    "old": (1, "a state's stored value, before this step's update"),
+}
+# Operators, by precedence (low to high): comparison, + -, * /, unary -, ^.
+OPERATORS = {"op+": "+", "op-": "-", "op*": "*", "op/": "/", "op^": "^",
+             "op>": ">", "op<": "<", "op>=": ">=", "op<=": "<="}
+_PRECEDENCE = {"op>": 1, "op<": 1, "op>=": 1, "op<=": 1, "op+": 2, "op-": 2, "op*": 3,
+               "op/": 3, "neg": 4, "op^": 5}
+
+
+def show_apply(e) -> str:
+    """An IR expression in the spec's own syntax, parenthesized only where needed."""
+    def show(x, outer: int = 0, right: bool = False) -> str:
+        fn = getattr(x, "fn", None)
+        if fn is None:
+            return str(x)
+        if fn in OPERATORS or fn == "neg":
+            p = _PRECEDENCE[fn]
+            if fn == "neg":
+                text = "-" + show(x.args[0], p)
+            else:
+                a, b = x.args
+                # ^ is right-associative; the others are left-associative
+                left_p, right_p = (p + 1, p) if fn == "op^" else (p, p + 1)
+                text = f"{show(a, left_p)} {OPERATORS[fn]} {show(b, right_p)}"
+            return f"({text})" if p < outer else text
+        return f"{fn}({', '.join(show(a) for a in x.args)})"
+    return show(e)
+
 
 # The clauses, in the order of Table 1's columns and then the step's terms: the
 # IR's axes (``ir.AXIS_TYPES``) and the parser's list of clause keywords.

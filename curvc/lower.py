@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from curvc import check as checks, ir, rules
 from curvc.fold import add, div, mul, op, sub
+from curvc.lower_exprs import Expressions
 from curvc.lower_step import Step, every_flag, nonzero, refresh_count, select
 from curvc.passes import PASSES
 from curvc.plan import (Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
@@ -48,8 +49,11 @@ def lower_curvature(s: Step, g: Expr) -> Expr | None:
     c = s.opt.curvature
     if c.kind == "constant":
         return None
-    if c.kind == "empirical_fisher":
-        est = mul(g, g)
+    if c.kind == "expression":
+        est = s.exprs.lower(c.value)
+    elif c.kind == "empirical_fisher":
+        x = s.exprs.lower(c.of) if c.of is not None else g
+        est = mul(x, x)
     else:
         est = _lower_estimator(s, c)
     if c.squared:
@@ -156,6 +160,8 @@ def lower_momentum(s: Step, g: Expr) -> Expr:
     m = s.opt.momentum
     if m.kind == "none":
         return g
+    if m.kind == "expression":
+        return s.exprs.lower(m.value)
     name = _buffer_name(s, "momentum")
     beta = s.arg(m.beta)
     used = nonzero(s, "has_" + name, m.beta)
@@ -247,6 +253,8 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
     statistic = g
+    if s.opt.curvature.of is not None:  # the Gram matrices of a named vector (Muon's momentum)
+        statistic = s.exprs.lower(s.opt.curvature.of)
     if s.opt.curvature.kind in ROW_CURVATURES:
         # sampled gradients (the Fisher's per example, Gauss-Newton-Bartlett's per draw)
         # as a stack of rows: each factor is the Gram matrix of their unfoldings
@@ -378,6 +386,7 @@ def build(opt: ir.Optimizer) -> Plan:
         return Plan(opt.name, opt.hypers, validators, (), (), (), (), (), (),
                     secant=lower_secant(opt))
     s = Step(opt)
+    s.exprs = Expressions(s)
     lr = lower_learning_rate(s)
     dense = None
     natural = opt.curvature.kind in PRECONDITIONING_CURVATURES
@@ -386,6 +395,7 @@ def build(opt: ir.Optimizer) -> Plan:
     else:
         g = lower_kfac(s) if natural else lower_gradient(s)
     g, p = lower_decay(s, g, lr)
+    s.exprs.env.update(grad=g, param=Load("param"))
     if dense is not None or natural:  # preconditioned, length taken, by the runtime already
         d = lower_clip(s, lower_momentum(s, g))
     elif opt.structure.kind in MATRIX_STRUCTURES:
@@ -394,7 +404,10 @@ def build(opt: ir.Optimizer) -> Plan:
         acc = lower_iterate(s, lower_curvature(s, g))
         m = lower_momentum(s, g)
         d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
-    s.store("param", sub(p, mul(lr, d)))
+    s.exprs.env["direction"] = d
+    update = s.exprs.lower(opt.update) if opt.update is not None else d
+    s.exprs.finish()
+    s.store("param", sub(p, mul(lr, update)))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
                 s.estimator, tuple(s.matrix), dense=dense)

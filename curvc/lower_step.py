@@ -26,6 +26,7 @@ class Step:
     matrix: list = field(default_factory=list)
     used: set = field(default_factory=set)
     flag_names: dict = field(default_factory=dict)
+    exprs: object = None  # curvc.lower_exprs.Expressions: the spec's lets and states
 
     def unique(self, base: str) -> str:
         """A name for a generated value that no hyperparameter (or other value) uses.

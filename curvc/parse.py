@@ -17,7 +17,7 @@ from lark import Lark, Token, Transformer, v_args
 
 from curvc import resources
 from curvc.errors import CurvError, Span, span_field, suggest
-from curvc.language import CLAUSES, FORMS
+from curvc.language import CLAUSES, EXPRESSION_CLAUSES, FORMS
 
 
 # --- AST -------------------------------------------------------------------
@@ -97,14 +97,54 @@ class Clause:
     span: Span = span_field()
 
 
+# Expressions (``let``, ``state``, ``update =`` and ``CLAUSE = EXPR``). Leaves are
+# ``Number`` and ``Ref`` (a name, optionally indexed); the rest is below.
+
+@dataclass(frozen=True)
+class Call:
+    """``name(args)``: a function of the expression language, or ``op`` for an operator
+    (``+ - * / ^``, ``neg``, and the comparisons ``> < >= <=``)."""
+
+    name: str
+    args: tuple["Expr", ...]
+    span: Span = span_field()
+    name_span: Span = span_field()
+
+
+Expr = Union[Number, Ref, Call]
+
+
+@dataclass(frozen=True)
+class Definition:
+    """``let NAME = EXPR`` (kind 'let'), ``state NAME = EXPR [init EXPR]`` (kind 'state')."""
+
+    kind: str
+    name: str
+    expr: Expr
+    init: Expr | None = None
+    span: Span = span_field()
+    name_span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class ExprClause:
+    """``CLAUSE = EXPR`` (``momentum = ...``, ``curvature = ...``) and ``update = EXPR``."""
+
+    keyword: str
+    expr: Expr
+    keyword_span: Span = span_field()
+    span: Span = span_field()
+
+
 @dataclass(frozen=True)
 class SpecAST:
     name: str
     params: tuple[Param, ...]
-    clauses: tuple[Clause, ...]
+    clauses: tuple[Clause | ExprClause, ...]
     source: str
     file: str
     name_span: Span = span_field()
+    definitions: tuple[Definition, ...] = ()
 
 
 # --- Lark tree -> AST ------------------------------------------------------
@@ -184,6 +224,59 @@ class _ToAST(Transformer):
                       _span(self.file, keyword), _span(self.file, name),
                       _span(self.file, meta))
 
+    # --- expressions ---
+
+    def enumber(self, children):
+        (tok,) = children
+        return Number(float(tok), str(tok), _span(self.file, tok))
+
+    def evar(self, children):
+        (tok,) = children
+        return Ref(str(tok), None, _span(self.file, tok))
+
+    eindexed = indexed_ref
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        name, *args = children
+        return Call(str(name), tuple(a for a in args if a is not None),
+                    _span(self.file, meta), _span(self.file, name))
+
+    def _binary(self, meta, children):
+        a, tok, b = children
+        return Call("op" + str(tok), (a, b), _span(self.file, meta), _span(self.file, tok))
+
+    add = sub = mul = div = pow = compare = v_args(meta=True)(_binary)
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        tok, x = children
+        return Call("op-", (x,), _span(self.file, meta), _span(self.file, tok))
+
+    @v_args(meta=True)
+    def let(self, meta, children):
+        name, expr = children
+        return Definition("let", str(name), expr, None, _span(self.file, meta),
+                          _span(self.file, name))
+
+    @v_args(meta=True)
+    def state(self, meta, children):
+        name, expr, init = children
+        return Definition("state", str(name), expr, init, _span(self.file, meta),
+                          _span(self.file, name))
+
+    @v_args(meta=True)
+    def update(self, meta, children):
+        (expr,) = children
+        span = _span(self.file, meta)
+        return ExprClause("update", expr, Span(span.file, span.line, span.column, span.line,
+                                               span.column + len("update")), span)
+
+    @v_args(meta=True)
+    def expr_clause(self, meta, children):
+        keyword, expr = children
+        return ExprClause(str(keyword), expr, _span(self.file, keyword), _span(self.file, meta))
+
     def header(self, children):
         (name,) = children
         return name
@@ -206,6 +299,9 @@ _EXPECTED_NAMES = {
     "EQUAL": "'='", "LPAR": "'('", "LSQB": "'['", "<word>": "",
     "NAME": "a name", "SIGNED_NUMBER": "a number", "INT": "an index (a whole number)",
     "TRUE": "true", "FALSE": "false", "RSQB": "']'", "COMMA": "','", "RPAR": "')'",
+    "_LET": "'let'", "_STATE": "'state'", "_UPDATE": "'update'", "_INIT": "'init'",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "CARET": "'^'",
+    "COMPARE": "a comparison", "UNSIGNED_NUMBER": "a number",
     "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
 }
 _VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
@@ -239,7 +335,7 @@ def _describe_expected(accepts, prev) -> str:
             acc -= {"NAME", "_NL"}  # a hyper line may break after a comma; a name must follow
             words.append("a hyperparameter's name")
         elif prev_type == "CLAUSE":
-            acc.discard("NAME")
+            acc -= {"NAME", "EQUAL"}
             words.append(_forms_of(str(prev)))
         elif "_EVERY" in acc:
             acc -= {"NAME", "_EVERY"}
@@ -254,7 +350,10 @@ def _describe_expected(accepts, prev) -> str:
 
 def _forms_of(clause: str) -> str:
     forms = FORMS.get(clause, {})
-    return f"a {clause} form ({', '.join(forms)})" if forms else "a name"
+    if not forms:
+        return "a name"
+    text = f"a {clause} form ({', '.join(forms)})"
+    return text + " or `= EXPR`" if clause in EXPRESSION_CLAUSES else text
 
 
 def _describe_token(tok: Token) -> str:
@@ -433,11 +532,13 @@ def parse(source: str, file: str = "<spec>") -> SpecAST:
         if isinstance(e.orig_exc, CurvError):
             raise e.orig_exc.with_source(source) from None
         raise
-    params, clauses = [], []
+    params, clauses, definitions = [], [], []
     for st in statements:
         if isinstance(st, tuple) and st[0] == "hyper":
             params.extend(st[1])
+        elif isinstance(st, Definition):
+            definitions.append(st)
         else:
             clauses.append(st)
     return SpecAST(str(header), tuple(params), tuple(clauses), source, file,
-                   _span(file, header))
+                   _span(file, header), tuple(definitions))

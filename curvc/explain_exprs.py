@@ -1,0 +1,60 @@
+"""The expression language's lines of ``curvc explain``: lets, states and ``update``,
+in the spec's own syntax (``language.show_apply``), in the order the step needs them."""
+from __future__ import annotations
+
+from curvc import ir
+
+
+def _line(name: str, text: str) -> str:
+    return f"{name:<5} = {text}"
+
+
+def _reads(e, lets: dict, seen=None) -> set[str]:
+    """Every name ``e`` reads this step, through lets (``old`` reads none)."""
+    seen = set() if seen is None else seen
+    if isinstance(e, ir.Var):
+        if e.name in lets and e.name not in seen:
+            seen.add(e.name)
+            return {e.name} | _reads(lets[e.name], lets, seen)
+        return {e.name}
+    if isinstance(e, ir.Apply) and e.fn != "old":
+        return set().union(*(_reads(a, lets, seen) for a in e.args)) if e.args else set()
+    return set()
+
+
+def after_direction(opt: ir.Optimizer) -> set[str]:
+    """The lets and states whose value this step needs the direction d."""
+    lets = {let.name: let.expr for let in opt.lets}
+    exprs = {**lets, **{st.name: st.expr for st in opt.states}}
+    late: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n, e in exprs.items():
+            if n not in late and _reads(e, lets) & (late | {"direction"}):
+                late.add(n)
+                changed = True
+    return late
+
+
+def definitions(opt: ir.Optimizer, late: bool) -> list[str]:
+    """The lets and states computed before the direction (``late``: after it)."""
+    after = after_direction(opt)
+    out = []
+    # in the spec's order, which is the order its author reads them in
+    for d in sorted((*opt.lets, *opt.states), key=lambda d: (d.span.line, d.span.column)):
+        if (d.name in after) != late:
+            continue
+        if isinstance(d, ir.Let):
+            out.append(_line(d.name, str(d.expr)))
+        else:
+            init = "" if d.init == ir.Const(0.0) else f", {d.init} at t = 0"
+            out.append(_line(d.name, str(d.expr))
+                       + f"   (state: {d.name} on the right is the stored value{init})")
+    return out
+
+
+def update_line(opt: ir.Optimizer, lr: str) -> str | None:
+    if opt.update is None:
+        return None
+    return f"theta = theta - {lr} * ({opt.update})"

@@ -1,0 +1,109 @@
+"""Lowering the expression language (lets, states, ``CLAUSE = EXPR``, ``update = EXPR``).
+
+Each state is a buffer whose new value is stored once per step; reading a state
+anywhere but in its own definition (or through ``old``) gives that new value, so
+the stores follow the data, and the scheduler puts a state that reads the
+direction of a Kronecker step after the extern, like any other store. Lets are
+inlined (plan expressions are values, so a let read twice is one node).
+"""
+from __future__ import annotations
+
+from curvc import ir
+from curvc.fold import add, div, mul, op, sub
+from curvc.lower_step import Step, select
+from curvc.plan import Const, Expr, Load, Scalar
+
+_BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
+_FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
+                 "min": "minimum", "lerp": "lerp"}
+
+
+class Expressions:
+    """The spec's lets and states, lowered on demand into one ``Step``."""
+
+    def __init__(self, s: Step):
+        self.s = s
+        self.env: dict[str, Expr] = {}  # grad, param, and direction once it is known
+        self.lets = {let.name: let.expr for let in s.opt.lets}
+        self.states = {st.name: st for st in s.opt.states}
+        self.buffers = {n: s.buffer(n, init=self.host(st.init)).name
+                        for n, st in self.states.items()}
+        self.new: dict[str, Expr] = {}
+
+    def host(self, e: ir.Expr) -> Expr:
+        return self.lower(e)
+
+    def state(self, name: str) -> Expr:
+        """This step's value of a state, stored the first time it is asked for."""
+        if name not in self.new:
+            st = self.states[name]
+            value = self.lower(st.expr, self_state=name)
+            self.s.store(self.buffers[name], value)
+            self.new[name] = value
+        return self.new[name]
+
+    def finish(self) -> None:
+        """Store every state no clause read (a state that reads the direction, say)."""
+        for name in self.states:
+            self.state(name)
+
+    def lower(self, e: ir.Expr, self_state: str | None = None) -> Expr:
+        s = self.s
+        if isinstance(e, ir.Const):
+            return Const(float(e.value))
+        if isinstance(e, ir.HyperRef):
+            return s.arg(e)
+        if isinstance(e, ir.Var):
+            n = e.name
+            if n == "step":
+                return Scalar("step")
+            if n in self.lets:
+                return self.lower(self.lets[n], self_state)
+            if n in self.states:
+                return Load(self.buffers[n]) if n == self_state else self.state(n)
+            return self.env[n]  # grad, param, direction (check orders them)
+        fn = e.fn
+        if fn == "old":
+            return Load(self.buffers[e.args[0].name])
+        if fn == "if":
+            cond, then, other = e.args
+            flag = self.condition(cond)
+            return select(flag, self.lower(then, self_state), self.lower(other, self_state))
+        args = [self.lower(a, self_state) for a in e.args]
+        if fn in _BINARY:
+            return _BINARY[fn](*args)
+        if fn == "neg":
+            return op("neg", args[0])
+        if fn == "op^":
+            return _power(*args)
+        if fn in ("op>", "op<", "op>=", "op<="):
+            a, b = args if fn in ("op>", "op>=") else args[::-1]
+            return op("gt" if fn in ("op>", "op<") else "ge", a, b)
+        return op(_FUNCTION_OPS[fn], *args)
+
+    def condition(self, cond: ir.Expr) -> str | bool:
+        """A host flag for ``if``: a boolean hyperparameter, or a comparison on the host."""
+        if isinstance(cond, ir.HyperRef):
+            return self.s.bool_arg(str(cond).replace("[", "_").rstrip("]"), cond)
+        value = self.lower(cond)
+        if isinstance(value, Const):
+            return value.value != 0
+        if not (isinstance(value, type(op("gt", 0, 0))) and value.op in ("gt", "ge")):
+            value = op("ne", value, 0.0)
+        name = self.s.unique("condition")
+        self.s.flags.append((name, value))
+        return name
+
+
+def _power(x: Expr, p: Expr) -> Expr:
+    """x ^ p: small whole powers as products (exact, and defined for a negative base
+    in every backend), 1/2 as sqrt; any other power of a tensor needs x >= 0."""
+    if isinstance(p, Const):
+        if p.value in (1.0, 2.0, 3.0, 4.0):
+            out = x
+            for _ in range(int(p.value) - 1):
+                out = mul(out, x)
+            return out
+        if p.value == 0.5:
+            return op("sqrt", x)
+    return op("pow", x, p)
