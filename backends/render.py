@@ -268,6 +268,26 @@ def guard_text(guard: Guard) -> str:
     return " and ".join(parts)
 
 
+def _host_line(buf: IndentedBuffer, r: Renderer, name: str, e: Expr, leaf, taken: set) -> None:
+    """``h_name = e``, its operands first as lines of their own while it is too long
+    (a spec's long ``let``): the line stays under the page width, the arithmetic as is."""
+    text = f"{scalar_name(name)} = {r.render_inline(e, leaf)}"
+    if len(text) <= buf.room or not isinstance(e, Op):
+        buf.writeline(text)
+        return
+    args = []
+    for i, a in enumerate(e.args):
+        if isinstance(a, Op):
+            part, k = f"{name}_part{i}", 2
+            while part in taken:
+                part, k = f"{name}_part{i}_{k}", k + 1
+            taken.add(part)
+            _host_line(buf, r, part, a, leaf, taken)
+            a = Scalar(part)
+        args.append(a)
+    buf.writeline(f"{scalar_name(name)} = {r.render_inline(Op(e.op, tuple(args)), leaf)}")
+
+
 def render_host(plan: Plan, buf: IndentedBuffer, name: str = "_host") -> None:
     """``def host(h, step) -> (scalars, flags)``: all per-step host values of one group."""
     r = PythonHost()
@@ -278,8 +298,9 @@ def render_host(plan: Plan, buf: IndentedBuffer, name: str = "_host") -> None:
             source = "step" if inp == "step" else f"h[{inp!r}]"
             buf.writeline(f"{scalar_name(inp)} = {source}")
         leaf = lambda x: scalar_name(x.name)  # noqa: E731
+        taken = {*plan.host_inputs, *(n for n, _ in plan.host), *(n for n, _ in plan.flags)}
         for n, e in plan.host:
-            buf.writeline(f"{scalar_name(n)} = {r.render_inline(e, leaf)}")
+            _host_line(buf, r, n, e, leaf, taken)
         names = plan.host_inputs + tuple(n for n, _ in plan.host)
         scal = ", ".join(f"{n!r}: {scalar_name(n)}" for n in names)
         flags = ", ".join([f"{n!r}: bool({r.render_inline(e, leaf)})"

@@ -51,7 +51,8 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         "normalized": f"||d||_{h} = eps",
         "eigen_sign": f"||d_i||_{h} = eps",
     }[opt.length.kind]
-    ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "", "expression": "c",
+    ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "",
+          "expression": str(opt.curvature.value),
           "fisher": "F", "gauss_newton_bartlett": "F",
           "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
     s = opt.structure.kind

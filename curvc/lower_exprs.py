@@ -11,7 +11,7 @@ from __future__ import annotations
 from curvc import ir
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, select
-from curvc.plan import Const, Expr, Load, Scalar
+from curvc.plan import Const, Expr, Load, Reduced, Scalar, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
 _FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
@@ -29,6 +29,18 @@ class Expressions:
         self.buffers = {n: s.buffer(n, init=self.host(st.init)).name
                         for n, st in self.states.items()}
         self.new: dict[str, Expr] = {}
+        self.let_values: dict[tuple, Expr] = {}
+
+    def let(self, name: str, self_state: str | None) -> Expr:
+        """A let's value; one that reads no tensor is a named host scalar (``h_rho``), so
+        the generated host code reads as the spec does."""
+        key = (name, self_state)
+        if key not in self.let_values:
+            value = self.lower(self.lets[name], self_state)
+            if not isinstance(value, Const) and not _reads_tensor(value):
+                value = self.s.host_scalar(name, value)
+            self.let_values[key] = value
+        return self.let_values[key]
 
     def host(self, e: ir.Expr) -> Expr:
         return self.lower(e)
@@ -58,7 +70,7 @@ class Expressions:
             if n == "step":
                 return Scalar("step")
             if n in self.lets:
-                return self.lower(self.lets[n], self_state)
+                return self.let(n, self_state)
             if n in self.states:
                 return Load(self.buffers[n]) if n == self_state else self.state(n)
             return self.env[n]  # grad, param, direction (check orders them)
@@ -93,6 +105,10 @@ class Expressions:
         name = self.s.unique("condition")
         self.s.flags.append((name, value))
         return name
+
+
+def _reads_tensor(e: Expr) -> bool:
+    return any(isinstance(n, (Load, Reduced)) for n in walk(e))
 
 
 def _power(x: Expr, p: Expr) -> Expr:

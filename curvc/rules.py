@@ -170,7 +170,42 @@ def _rule_one_refresh_schedule(opt: ir.Optimizer) -> None:
                      "accumulated together every k steps (iterate ... every k), not both")
 
 
+def _uses_expressions(opt: ir.Optimizer):
+    """The first clause or definition written as an expression, if any."""
+    for node in (*opt.lets, *opt.states):
+        return node, f"{'let' if isinstance(node, ir.Let) else 'state'} {node.name}"
+    for axis in ("curvature", "momentum"):
+        node = getattr(opt, axis)
+        if node.kind == "expression":
+            return node, f"{axis} = ..."
+    if opt.curvature.of is not None:
+        return opt.curvature, "curvature empirical_fisher(of = ...)"
+    if opt.update is not None:
+        return opt.structure, "update = ..."
+    return None
+
+
+def _rule_expressions_are_elementwise(opt: ir.Optimizer) -> None:
+    used = _uses_expressions(opt)
+    c, s = opt.curvature, opt.structure
+    if used is None:
+        return
+    node, what = used
+    if s.kind in ("dense", "low_rank") or c.kind == "kfac":
+        other = f"curvature {c.kind}" if c.kind == "kfac" else f"structure {s.kind}"
+        raise _clash(node, what, c if c.kind == "kfac" else s, other,
+                     "expressions are elementwise over each tensor's gradient and state; "
+                     f"{other} preconditions the raw gradient of the whole model (or layer) in "
+                     "its runtime, before any expression could see it")
+    if c.kind == "expression" and s.kind != "diagonal":
+        raise _clash(c, "curvature = ...", s, f"structure {s.kind}",
+                     "an elementwise curvature estimate is the diagonal of a matrix; Kronecker "
+                     "factors come from a vector's Gram matrices: write "
+                     "`curvature empirical_fisher(of = NAME)`")
+
+
 COMBINATION_RULES = (
+    _rule_expressions_are_elementwise,
     _rule_estimator_fixes_structure,
     _rule_no_root_of_a_signed_estimate,
     _rule_delayed_needs_every,

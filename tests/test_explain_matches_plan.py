@@ -153,6 +153,10 @@ def test_explain_prints_the_exponents_of_the_plan(name):
             assert (m.group(1) != "H") == (_evaluate(plan, st.eps_inside) != 0), d
     elif plan.estimator is not None and plan.estimator.kind == "kfac":
         _check_kfac_lines(plan, lines)
+    elif plan.secant is None and opt.curvature.kind == "constant" and opt.update is not None:
+        # the spec's own arithmetic (RAdam's sqrt(exp_avg_sq) in `update =`), printed as written
+        assert not [line for line in lines if line.startswith("P     = ")]
+        assert f"({opt.update})" in lines[-1]
     elif plan.secant is None:
         roots = _tensor_roots(plan)
         p = [line for line in lines if line.startswith("P     = ")]

@@ -1,0 +1,181 @@
+"""The expression language (let, state, CLAUSE = EXPR, update = EXPR): shipped specs
+written with it match their references step for step, and its semantics (a state's
+stored vs new value, host conditions, a named statistic for Kronecker factors) are
+the ones the README states, checked against equations written out here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvc
+from curvc import compiler
+
+TORCH_REFERENCES = {
+    # name: (reference class, constructor keywords, the second group's overrides)
+    "adamax": (torch.optim.Adamax, dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6,
+                                        weight_decay=0.01), dict(lr=1e-2, weight_decay=0.0)),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=3e-3, alpha=0.9, eps=1e-6, weight_decay=0.01,
+                                          momentum=0.5, centered=True),
+                dict(lr=1e-2, momentum=0.0, centered=False)),
+    "adadelta": (torch.optim.Adadelta, dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.01),
+                 dict(lr=0.9, rho=0.95)),
+    "radam": (torch.optim.RAdam, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01,
+                                      decoupled_weight_decay=True),
+              dict(lr=1e-2, decoupled_weight_decay=False)),
+}
+
+
+def _reference(name):
+    if name == "lion":
+        lion_pytorch = pytest.importorskip("lion_pytorch")
+        return (lion_pytorch.Lion, dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+                dict(lr=3e-3, weight_decay=0.0))
+    return TORCH_REFERENCES[name]
+
+
+def _params(dtype=torch.float64):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)),
+            torch.nn.Parameter(torch.randn(4, dtype=dtype))]
+
+
+def _train(cls, kw, second, steps=50, dtype=torch.float64, params=None, opt=None, seed=1):
+    ps = params if params is not None else _params(dtype)
+    opt = opt or cls([{"params": [ps[0]]}, {"params": [ps[1]], **second}], **kw)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+    return ps, opt
+
+
+def _rel(a, b):
+    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["lion", *TORCH_REFERENCES])
+def test_spec_matches_its_reference_for_50_steps(name):
+    ref, kw, second = _reference(name)
+    expected, _ = _train(ref, kw, second)
+    got, _ = _train(curvc.load(name, backend="torch"), kw, second)
+    assert _rel(got, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["lion", *TORCH_REFERENCES])
+def test_spec_matches_its_reference_in_float32(name):
+    ref, kw, second = _reference(name)
+    expected, _ = _train(ref, kw, second, dtype=torch.float32)
+    got, _ = _train(curvc.load(name, backend="torch"), kw, second, dtype=torch.float32)
+    assert _rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["lion", *TORCH_REFERENCES])
+def test_state_dict_round_trip_is_bitwise(name):
+    _, kw, second = _reference(name)
+    cls = curvc.load(name, backend="torch")
+    straight, _ = _train(cls, kw, second, steps=20)
+    first, opt = _train(cls, kw, second, steps=10)
+    saved = opt.state_dict()
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    fresh = cls([{"params": [copy[0]]}, {"params": [copy[1]], **second}], **kw)
+    fresh.load_state_dict(saved)
+    # the same gradients as steps 11..20 of the straight run
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for p in copy:
+            torch.randn(p.shape, generator=g, dtype=p.dtype)
+    for _ in range(10):
+        for p in copy:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        fresh.step()
+    assert all(torch.equal(a, b) for a, b in zip(copy, straight))
+
+
+def _spec(body: str, hyper: str = "lr = 0.1"):
+    return compiler._load_cached(f"optimizer Probe\nhyper {hyper}\n{body}\n", "probe.curv",
+                                 "torch")
+
+
+def test_a_state_is_its_new_value_outside_its_definition_and_old_reads_the_stored_one():
+    # m_t = 0.5 m_{t-1} + g_t; d = m_t + 10 old(m) = m_t + 10 m_{t-1}
+    cls = _spec("state m = 0.5 * m + grad\nmomentum = m + 10 * old(m)\n"
+                "curvature constant\nstructure scalar\nlength none")
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = cls([w], lr=1.0)
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0]), torch.tensor([0.5, 0.5])]
+    m_prev, theta = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for g in grads:
+        w.grad = g.double()
+        opt.step()
+        m = 0.5 * m_prev + g.double()
+        theta = theta - (m + 10 * m_prev)
+        m_prev = m
+        assert torch.allclose(w.detach(), theta, rtol=0, atol=1e-12)
+        assert torch.allclose(opt.state[w]["m"], m, rtol=0, atol=1e-12)
+
+
+def test_a_state_may_read_the_direction_and_starts_from_init():
+    # u starts at 2; d = g / u_old; u = u_old + d*d
+    cls = _spec("state u = u + direction^2 init 2\nmomentum = grad / old(u)\n"
+                "curvature constant\nstructure scalar\nlength none")
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = cls([w], lr=1.0)
+    u, theta = 2.0, 0.0
+    for g in (1.0, -3.0, 2.0):
+        w.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        d = g / u
+        u, theta = u + d * d, theta - d
+        assert w.item() == pytest.approx(theta, rel=1e-14)
+
+
+def test_an_if_on_a_host_comparison_switches_with_the_step_count():
+    # d = g on steps 1-2, 3g after: the condition is host arithmetic, decided per step
+    cls = _spec("momentum = if(step > 2, 3 * grad, grad)\ncurvature constant\n"
+                "structure scalar\nlength none")
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = cls([w], lr=1.0)
+    for t, expected in enumerate((-1.0, -2.0, -5.0, -8.0), 1):
+        w.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        assert w.item() == expected, t
+
+
+def test_of_names_the_vector_whose_gram_matrices_are_the_kronecker_factors():
+    # Kronecker, instant, gradient_norm: d = (M M^T)^-1/4 M (M^T M)^-1/4 = U V^T, the polar
+    # factor of the momentum M (Muon's orthogonalized step), not of the gradient
+    cls = _spec("state buf = lerp(buf, grad, 1 - beta)\ncurvature empirical_fisher(of = buf)\n"
+                "structure kronecker\niterate instant\nmomentum = buf\nlength gradient_norm",
+                hyper="lr = 0.1, beta = 0.9")
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    opt = cls([w], lr=0.1, beta=0.9)
+    buf, theta = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(4, 3, dtype=torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        u, _, vh = torch.linalg.svd(buf, full_matrices=False)
+        theta = theta - 0.1 * (u @ vh)
+        assert torch.allclose(w.detach(), theta, atol=1e-9, rtol=0)
+
+
+def test_adabelief_style_curvature_of_a_difference():
+    # c = (g - m)^2 through the iterate axis: v = 0.9 v + 0.1 c, d = m / (sqrt(v) + eps)
+    cls = _spec("state m = lerp(m, grad, 0.5)\nlet belief = grad - m\n"
+                "curvature empirical_fisher(of = belief)\nstructure diagonal\n"
+                "iterate ema(0.9)\nmomentum = m\nlength gradient_norm\ndamping add(1e-3)")
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = cls([w], lr=1.0)
+    m = v = theta = torch.zeros(3, dtype=torch.float64)
+    g_gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g = torch.randn(3, generator=g_gen, dtype=torch.float64)
+        w.grad = g.clone()
+        opt.step()
+        m = m + 0.5 * (g - m)
+        v = 0.9 * v + 0.1 * (g - m) ** 2
+        theta = theta - m / (v.sqrt() + 1e-3)
+        assert torch.allclose(w.detach(), theta, rtol=1e-12, atol=0)
