@@ -3,10 +3,10 @@
 # Do not edit: change the spec and recompile (`curvc compile`).
 """Adan, compiled by curvc.
 
-Length Limitation: -
-Calculating Approximation: -
-Structure Approximation: LI
-Iterative Approximation: -
+Length Limitation: ||d_i||_H' = eps*g_i
+Calculating Approximation: F~
+Structure Approximation: diagonal
+Iterative Approximation: momentum
 
 Update, per step t (elementwise unless noted):
 
@@ -16,12 +16,14 @@ Update, per step t (elementwise unless noted):
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
     exp_avg_diff = lerp(exp_avg_diff, grad_diff, 1 - betas[1])   (state: exp_avg_diff on the right
         is the stored value)
-    exp_avg_sq = lerp(exp_avg_sq, (grad + betas[1] * grad_diff) ^ 2, 1 - betas[2])   (state:
-        exp_avg_sq on the right is the stored value)
-    denom = sqrt(exp_avg_sq) / sqrt(1 - betas[2] ^ step) + eps
+    nesterov_grad = grad + betas[1] * grad_diff
     nesterov = betas[1] * exp_avg_diff / (1 - betas[1] ^ step)
-    m     = (exp_avg / (1 - betas[0] ^ step) + nesterov) / denom
-    d     = m
+    c     = nesterov_grad * nesterov_grad
+    C     = betas[2] * C + (1 - betas[2]) * c
+    C     = C / (1 - betas[2]^t)
+    P     = sqrt(C) + eps
+    m     = exp_avg / (1 - betas[0] ^ step) + nesterov
+    d     = m / P
     decayed = direction + weight_decay * param
     theta = theta - lr * (if(weight_decouple, decayed, decayed / (1 + lr * weight_decay)))
 """
@@ -40,13 +42,14 @@ Update, per step t (elementwise unless noted):
 #   let grad_diff = if(step > 1, grad - old(previous_grad), 0 * grad)
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
 #   state exp_avg_diff = lerp(exp_avg_diff, grad_diff, 1 - betas[1])
-#   state exp_avg_sq = lerp(exp_avg_sq, (grad + betas[1] * grad_diff)^2, 1 - betas[2])
-#   let denom = sqrt(exp_avg_sq) / sqrt(1 - betas[2]^step) + eps
+#   let nesterov_grad = grad + betas[1] * grad_diff
 #   let nesterov = betas[1] * exp_avg_diff / (1 - betas[1]^step)
-#   momentum = (exp_avg / (1 - betas[0]^step) + nesterov) / denom
-#   curvature constant
-#   structure scalar
-#   length    none
+#   momentum = exp_avg / (1 - betas[0]^step) + nesterov
+#   curvature empirical_fisher(of = nesterov_grad)
+#   structure diagonal
+#   iterate   ema(betas[2]) bias_corrected
+#   length    gradient_norm
+#   damping   add(eps)
 #   let decayed = direction + weight_decay * param
 #   update = if(weight_decouple, decayed, decayed / (1 + lr * weight_decay))
 
@@ -69,17 +72,18 @@ def _host(h, step):
     h_weight_decouple = h['weight_decouple']
     h_eps = h['eps']
     h_step = step
-    h_s0 = (1.0 - h_betas_0)
-    h_s1 = (1.0 - h_betas_1)
-    h_s2 = (1.0 - h_betas_2)
-    h_s3 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
-    h_s4 = (1.0 / (1.0 - (h_betas_1 ** h_step)))
-    h_s5 = (1.0 / math.sqrt((1.0 - (h_betas_2 ** h_step))))
-    h_s6 = (1.0 / (1.0 + (h_lr * h_weight_decay)))
+    h_curvature_bias_correction = (1.0 - (h_betas_2 ** h_step))
+    h_s1 = (1.0 - h_betas_2)
+    h_s2 = (1.0 - h_betas_0)
+    h_s3 = (1.0 - h_betas_1)
+    h_s4 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
+    h_s5 = (1.0 / (1.0 - (h_betas_1 ** h_step)))
+    h_s6 = (1.0 / h_curvature_bias_correction)
+    h_s7 = (1.0 / (1.0 + (h_lr * h_weight_decay)))
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'betas_2': h_betas_2,
             'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple, 'eps': h_eps,
-            'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5,
-            's6': h_s6}
+            'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1,
+            's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
     flags = {'condition': bool((h_step > 1.0)), 'condition2': bool((h_step > 1.0)),
             'weight_decouple2': bool((h_weight_decouple != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
@@ -87,9 +91,9 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1, h_eps, h_lr,
-        h_s0, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_condition,
-        f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1, h_betas_2,
+        h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite,
+        f_condition, f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -98,59 +102,61 @@ def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_bet
     exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
     exp_avg_diff_ = None if exp_avg_diff is None else exp_avg_diff.to(cdt)
     exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
+    t0 = (exp_avg_sq_ * h_betas_2)
     if f_maximize:
-        t0 = (-grad_)
-    t1 = t0 if f_maximize else grad_
-    t2 = torch.lerp(exp_avg_, t1, h_s0)
+        t1 = (-grad_)
+    t2 = t1 if f_maximize else grad_
+    t3 = (t2 - previous_grad_)
+    t4 = (0.0 * t2)
+    t5 = t3 if f_condition else t4
+    t6 = (h_betas_1 * t5)
+    t7 = (t2 + t6)
+    t8 = (t7 * t7)
+    t9 = (t8 * h_s1)
+    t10 = (t0 + t9)
     if f_nonfinite_skip:
-        t3 = torch.where(r_nonfinite != 0, exp_avg_, t2)
-    new_exp_avg_ = t3 if f_nonfinite_skip else t2
-    t5 = (t1 - previous_grad_)
-    t6 = (0.0 * t1)
-    t7 = t5 if f_condition else t6
-    t8 = torch.lerp(exp_avg_diff_, t7, h_s1)
+        t11 = torch.where(r_nonfinite != 0, exp_avg_sq_, t10)
+    new_exp_avg_sq_ = t11 if f_nonfinite_skip else t10
+    t13 = torch.lerp(exp_avg_, t2, h_s2)
     if f_nonfinite_skip:
-        t9 = torch.where(r_nonfinite != 0, exp_avg_diff_, t8)
-    new_exp_avg_diff_ = t9 if f_nonfinite_skip else t8
-    t11 = t5 if f_condition2 else t6
-    t12 = (h_betas_1 * t11)
-    t13 = (t1 + t12)
-    t14 = (t13 * t13)
-    t15 = torch.lerp(exp_avg_sq_, t14, h_s2)
+        t14 = torch.where(r_nonfinite != 0, exp_avg_, t13)
+    new_exp_avg_ = t14 if f_nonfinite_skip else t13
+    t16 = t3 if f_condition2 else t4
+    t17 = torch.lerp(exp_avg_diff_, t16, h_s3)
     if f_nonfinite_skip:
-        t16 = torch.where(r_nonfinite != 0, exp_avg_sq_, t15)
-    new_exp_avg_sq_ = t16 if f_nonfinite_skip else t15
+        t18 = torch.where(r_nonfinite != 0, exp_avg_diff_, t17)
+    new_exp_avg_diff_ = t18 if f_nonfinite_skip else t17
     if f_nonfinite_skip:
-        t18 = torch.where(r_nonfinite != 0, previous_grad_, t1)
-    new_previous_grad_ = t18 if f_nonfinite_skip else t1
-    t20 = (t2 * h_s3)
-    t21 = (h_betas_1 * t8)
-    t22 = (t21 * h_s4)
-    t23 = (t20 + t22)
-    t24 = torch.sqrt(t15)
-    t25 = (t24 * h_s5)
-    t26 = (t25 + h_eps)
-    t27 = (t23 / t26)
-    t28 = (h_weight_decay * param_)
-    t29 = (t27 + t28)
+        t20 = torch.where(r_nonfinite != 0, previous_grad_, t2)
+    new_previous_grad_ = t20 if f_nonfinite_skip else t2
+    t22 = (t13 * h_s4)
+    t23 = (h_betas_1 * t17)
+    t24 = (t23 * h_s5)
+    t25 = (t22 + t24)
+    t26 = (t10 * h_s6)
+    t27 = torch.sqrt(t26)
+    t28 = (t27 + h_eps)
+    t29 = (t25 / t28)
+    t30 = (h_weight_decay * param_)
+    t31 = (t29 + t30)
     if not f_weight_decouple2:
-        t30 = (t29 * h_s6)
-    t31 = t29 if f_weight_decouple2 else t30
-    t32 = (h_lr * t31)
-    t33 = (param_ - t32)
+        t32 = (t31 * h_s7)
+    t33 = t31 if f_weight_decouple2 else t32
+    t34 = (h_lr * t33)
+    t35 = (param_ - t34)
     if f_nonfinite_skip:
-        t34 = torch.where(r_nonfinite != 0, param_, t33)
-    new_param_ = t34 if f_nonfinite_skip else t33
+        t36 = torch.where(r_nonfinite != 0, param_, t35)
+    new_param_ = t36 if f_nonfinite_skip else t35
+    exp_avg_sq.copy_(new_exp_avg_sq_)
     exp_avg.copy_(new_exp_avg_)
     exp_avg_diff.copy_(new_exp_avg_diff_)
-    exp_avg_sq.copy_(new_exp_avg_sq_)
     previous_grad.copy_(new_previous_grad_)
     param.copy_(new_param_)
 
 
 _UPDATE_ARGS = {
         'tensors': ['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 's6',
+        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
                 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['condition', 'condition2', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
@@ -169,8 +175,8 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1,
-        h_eps, h_lr, h_s0, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite,
-        f_condition, f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+        h_betas_2, h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay,
+        r_nonfinite, f_condition, f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -182,38 +188,38 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
     exp_avg_diff_ = _foreach_cast(exp_avg_diff, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([0.0, h_s3, h_betas_1, h_s5, h_s6, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7, h_lr], dtype=cdt,
                 device=param[0].device)
-        (_c1, _s_s3, _s_betas_1, _s_s5, _s_s6, _s_lr,) = _scalars.unbind()
+        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_2)
         if f_maximize:
-            t0 = torch._foreach_neg(grad_)
-        t1 = t0 if f_maximize else grad_
-        t2 = torch._foreach_lerp(exp_avg_, t1, h_s0)
-        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t2)]
-        t4 = torch._foreach_sub(t1, previous_grad_)
-        t5 = torch._foreach_mul(t1, _c1)
-        t6 = t4 if f_condition else t5
-        t7 = torch._foreach_lerp(exp_avg_diff_, t6, h_s1)
-        new_exp_avg_diff_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_diff_, t7)]
-        t9 = t4 if f_condition2 else t5
-        t10 = torch._foreach_add(t1, t9, alpha=h_betas_1)
-        torch._foreach_mul_(t10, t10)
-        t11 = t10
-        t12 = torch._foreach_lerp(exp_avg_sq_, t11, h_s2)
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        t3 = torch._foreach_sub(t2, previous_grad_)
+        t4 = torch._foreach_mul(t2, _c1)
+        t5 = t3 if f_condition else t4
+        t6 = torch._foreach_add(t2, t5, alpha=h_betas_1)
+        torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
+        t7 = t0
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_sq_, t12)]
+                _e1 in zip(exp_avg_sq_, t7)]
+        t9 = torch._foreach_lerp(exp_avg_, t2, h_s2)
+        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t9)]
+        t11 = t3 if f_condition2 else t4
+        t12 = torch._foreach_lerp(exp_avg_diff_, t11, h_s3)
+        new_exp_avg_diff_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(exp_avg_diff_, t12)]
         new_previous_grad_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(previous_grad_, t1)]
-        torch._foreach_mul_(t2, _s_s3)
-        t15 = t2
-        torch._foreach_mul_(t7, _s_betas_1)
-        t16 = t7
-        torch._foreach_add_(t15, t16, alpha=h_s4)
+                _e1 in zip(previous_grad_, t2)]
+        torch._foreach_mul_(t9, _s_s4)
+        t15 = t9
+        torch._foreach_mul_(t12, _s_betas_1)
+        t16 = t12
+        torch._foreach_add_(t15, t16, alpha=h_s5)
         t17 = t15
-        torch._foreach_sqrt_(t12)
-        t18 = t12
-        torch._foreach_mul_(t18, _s_s5)
+        torch._foreach_mul_(t7, _s_s6)
+        t18 = t7
+        torch._foreach_sqrt_(t18)
         t19 = t18
         torch._foreach_add_(t19, h_eps)
         t20 = t19
@@ -222,7 +228,7 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         torch._foreach_add_(t21, param_, alpha=h_weight_decay)
         t22 = t21
         if not f_weight_decouple2:
-            t23 = torch._foreach_mul(t22, _s_s6)
+            t23 = torch._foreach_mul(t22, _s_s7)
         t24 = t22 if f_weight_decouple2 else t23
         torch._foreach_mul_(t24, _s_lr)
         t25 = t24
@@ -230,39 +236,39 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         torch._foreach_add_(t25, param_)
         t26 = t25
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t26)]
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
-        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(previous_grad, new_previous_grad_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([0.0, h_s3, h_betas_1, h_s5, h_s6, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7, h_lr], dtype=cdt,
                 device=param[0].device)
-        (_c1, _s_s3, _s_betas_1, _s_s5, _s_s6, _s_lr,) = _scalars.unbind()
+        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_2)
+        t0 = exp_avg_sq_
         if f_maximize:
-            t0 = torch._foreach_neg(grad_)
-        new_previous_grad_ = t0 if f_maximize else grad_
-        torch._foreach_lerp_(exp_avg_, new_previous_grad_, h_s0)
-        new_exp_avg_ = exp_avg_
+            t1 = torch._foreach_neg(grad_)
+        new_previous_grad_ = t1 if f_maximize else grad_
         torch._foreach_neg_(previous_grad_)
         torch._foreach_add_(previous_grad_, new_previous_grad_)
         t3 = previous_grad_
         t4 = torch._foreach_mul(new_previous_grad_, _c1)
         t5 = t3 if f_condition else t4
-        torch._foreach_lerp_(exp_avg_diff_, t5, h_s1)
+        t6 = torch._foreach_add(new_previous_grad_, t5, alpha=h_betas_1)
+        torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
+        new_exp_avg_sq_ = t0
+        torch._foreach_lerp_(exp_avg_, new_previous_grad_, h_s2)
+        new_exp_avg_ = exp_avg_
+        t9 = t3 if f_condition2 else t4
+        torch._foreach_lerp_(exp_avg_diff_, t9, h_s3)
         new_exp_avg_diff_ = exp_avg_diff_
-        t7 = t3 if f_condition2 else t4
-        t8 = torch._foreach_add(new_previous_grad_, t7, alpha=h_betas_1)
-        torch._foreach_mul_(t8, t8)
-        t9 = t8
-        torch._foreach_lerp_(exp_avg_sq_, t9, h_s2)
-        new_exp_avg_sq_ = exp_avg_sq_
-        t11 = torch._foreach_mul(new_exp_avg_, _s_s3)
+        t11 = torch._foreach_mul(new_exp_avg_, _s_s4)
         t12 = torch._foreach_mul(new_exp_avg_diff_, _s_betas_1)
-        torch._foreach_add_(t11, t12, alpha=h_s4)
+        torch._foreach_add_(t11, t12, alpha=h_s5)
         t13 = t11
-        t14 = torch._foreach_sqrt(new_exp_avg_sq_)
-        torch._foreach_mul_(t14, _s_s5)
+        t14 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        torch._foreach_sqrt_(t14)
         t15 = t14
         torch._foreach_add_(t15, h_eps)
         t16 = t15
@@ -271,18 +277,18 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         torch._foreach_add_(t17, param_, alpha=h_weight_decay)
         t18 = t17
         if not f_weight_decouple2:
-            t19 = torch._foreach_mul(t18, _s_s6)
+            t19 = torch._foreach_mul(t18, _s_s7)
         t20 = t18 if f_weight_decouple2 else t19
         torch._foreach_mul_(t20, _s_lr)
         t21 = t20
         torch._foreach_sub_(param_, t21)
         new_param_ = param_
+        if new_exp_avg_sq_ is not exp_avg_sq:
+            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         if new_exp_avg_diff_ is not exp_avg_diff:
             torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
-        if new_exp_avg_sq_ is not exp_avg_sq:
-            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(previous_grad, new_previous_grad_)
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)
@@ -290,7 +296,7 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
 
 _FOREACH_ARGS = {
         'tensors': ['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 's6',
+        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
                 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['condition', 'condition2', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
@@ -344,9 +350,9 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s0: tl.float64,
+            h_betas_1: tl.float64, h_betas_2: tl.float64, h_eps: tl.float64, h_lr: tl.float64,
             h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_s6: tl.float64, h_weight_decay: tl.float64,
+            h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -369,15 +375,16 @@ else:
         exp_avg_diff_addr = tl.load(exp_avg_diff_ptrs + i).to(tl.pointer_type(EXP_AVG_DIFF_T))
         exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
         h_betas_1 = tl.cast(h_betas_1, CDT)
+        h_betas_2 = tl.cast(h_betas_2, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
+        h_s7 = tl.cast(h_s7, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -387,82 +394,83 @@ else:
         exp_avg_ = tl.load(exp_avg_addr + offs, mask=mask).to(CDT)
         exp_avg_diff_ = tl.load(exp_avg_diff_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
+        t0 = (exp_avg_sq_ * h_betas_2)
         if f_maximize:
-            t0 = (-grad_)
+            t1 = (-grad_)
         if f_maximize:
-            t1 = t0
+            t2 = t1
         else:
-            t1 = grad_
-        t2 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t1 - exp_avg_),
-                t1 - (t1 - exp_avg_) * (1.0 - h_s0))
-        if f_nonfinite_skip:
-            t3 = tl.where(r_nonfinite_c != 0, exp_avg_, t2)
-        if f_nonfinite_skip:
-            new_exp_avg_ = t3
-        else:
-            new_exp_avg_ = t2
-        t5 = (t1 - previous_grad_)
-        t6 = (0.0 * t1)
+            t2 = grad_
+        t3 = (t2 - previous_grad_)
+        t4 = (0.0 * t2)
         if f_condition:
-            t7 = t5
+            t5 = t3
         else:
-            t7 = t6
-        t8 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_diff_ + h_s1 * (t7 - exp_avg_diff_),
-                t7 - (t7 - exp_avg_diff_) * (1.0 - h_s1))
+            t5 = t4
+        t6 = (h_betas_1 * t5)
+        t7 = (t2 + t6)
+        t8 = (t7 * t7)
+        t9 = (t8 * h_s1)
+        t10 = (t0 + t9)
         if f_nonfinite_skip:
-            t9 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t8)
+            t11 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t10)
         if f_nonfinite_skip:
-            new_exp_avg_diff_ = t9
+            new_exp_avg_sq_ = t11
         else:
-            new_exp_avg_diff_ = t8
+            new_exp_avg_sq_ = t10
+        t13 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_ + h_s2 * (t2 - exp_avg_),
+                t2 - (t2 - exp_avg_) * (1.0 - h_s2))
+        if f_nonfinite_skip:
+            t14 = tl.where(r_nonfinite_c != 0, exp_avg_, t13)
+        if f_nonfinite_skip:
+            new_exp_avg_ = t14
+        else:
+            new_exp_avg_ = t13
         if f_condition2:
-            t11 = t5
+            t16 = t3
         else:
-            t11 = t6
-        t12 = (h_betas_1 * t11)
-        t13 = (t1 + t12)
-        t14 = (t13 * t13)
-        t15 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_sq_ + h_s2 * (t14 - exp_avg_sq_),
-                t14 - (t14 - exp_avg_sq_) * (1.0 - h_s2))
+            t16 = t4
+        t17 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_diff_ + h_s3 * (t16 - exp_avg_diff_),
+                t16 - (t16 - exp_avg_diff_) * (1.0 - h_s3))
         if f_nonfinite_skip:
-            t16 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t15)
+            t18 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t17)
         if f_nonfinite_skip:
-            new_exp_avg_sq_ = t16
+            new_exp_avg_diff_ = t18
         else:
-            new_exp_avg_sq_ = t15
+            new_exp_avg_diff_ = t17
         if f_nonfinite_skip:
-            t18 = tl.where(r_nonfinite_c != 0, previous_grad_, t1)
+            t20 = tl.where(r_nonfinite_c != 0, previous_grad_, t2)
         if f_nonfinite_skip:
-            new_previous_grad_ = t18
+            new_previous_grad_ = t20
         else:
-            new_previous_grad_ = t1
-        t20 = (t2 * h_s3)
-        t21 = (h_betas_1 * t8)
-        t22 = (t21 * h_s4)
-        t23 = (t20 + t22)
-        t24 = _sqrt(t15)
-        t25 = (t24 * h_s5)
-        t26 = (t25 + h_eps)
-        t27 = _div(t23, t26)
-        t28 = (h_weight_decay * param_)
-        t29 = (t27 + t28)
+            new_previous_grad_ = t2
+        t22 = (t13 * h_s4)
+        t23 = (h_betas_1 * t17)
+        t24 = (t23 * h_s5)
+        t25 = (t22 + t24)
+        t26 = (t10 * h_s6)
+        t27 = _sqrt(t26)
+        t28 = (t27 + h_eps)
+        t29 = _div(t25, t28)
+        t30 = (h_weight_decay * param_)
+        t31 = (t29 + t30)
         if not f_weight_decouple2:
-            t30 = (t29 * h_s6)
+            t32 = (t31 * h_s7)
         if f_weight_decouple2:
-            t31 = t29
+            t33 = t31
         else:
-            t31 = t30
-        t32 = (h_lr * t31)
-        t33 = (param_ - t32)
+            t33 = t32
+        t34 = (h_lr * t33)
+        t35 = (param_ - t34)
         if f_nonfinite_skip:
-            t34 = tl.where(r_nonfinite_c != 0, param_, t33)
+            t36 = tl.where(r_nonfinite_c != 0, param_, t35)
         if f_nonfinite_skip:
-            new_param_ = t34
+            new_param_ = t36
         else:
-            new_param_ = t33
+            new_param_ = t35
+        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_diff_addr, offs, new_exp_avg_diff_, mask, EXP_AVG_DIFF_T)
-        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(previous_grad_addr, offs, new_previous_grad_, mask, PREVIOUS_GRAD_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
@@ -476,10 +484,10 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['previous_grad'], t.ptrs['exp_avg'],
                 t.ptrs['exp_avg_diff'], t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
-                h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
-                h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
+                h_betas_1=float(scalars['betas_1']), h_betas_2=float(scalars['betas_2']),
+                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_s1=float(scalars['s1']),
                 h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
-                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
+                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
                 h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_condition=bool(flags['condition']),
                 f_condition2=bool(flags['condition2']), f_maximize=bool(flags['maximize']),
@@ -518,10 +526,10 @@ class Adan(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.98, 0.92, 0.99)``: not used by this spec's step
+    - ``betas=(0.98, 0.92, 0.99)``: betas[2] is the beta of iterate ema
     - ``weight_decay=0``: not used by this spec's step
     - ``weight_decouple=False``: not used by this spec's step
-    - ``eps=1e-08``: not used by this spec's step
+    - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:
 
@@ -543,6 +551,8 @@ class Adan(CurvOptimizer):
             _Hyper('weight_decouple', False), _Hyper('eps', 1e-08))
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('betas', 2, 'unit', 'the beta of iterate ema'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
     BUFFERS = (
         _Buffer('previous_grad', None, lambda h: 0.0),

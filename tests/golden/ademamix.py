@@ -3,10 +3,10 @@
 # Do not edit: change the spec and recompile (`curvc compile`).
 """AdEMAMix, compiled by curvc.
 
-Length Limitation: -
-Calculating Approximation: -
-Structure Approximation: LI
-Iterative Approximation: -
+Length Limitation: ||d_i||_H' = eps*g_i
+Calculating Approximation: F~
+Structure Approximation: diagonal
+Iterative Approximation: momentum
 
 Update, per step t (elementwise unless noted):
 
@@ -14,13 +14,15 @@ Update, per step t (elementwise unless noted):
     g     = g + weight_decay * theta   (if not weight_decouple)
     theta = theta * (1 - lr * weight_decay)   (if weight_decouple)
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
-    exp_avg_sq = lerp(exp_avg_sq, grad ^ 2, 1 - betas[1])   (state: exp_avg_sq on the right is the
-        stored value)
     exp_avg_slow = lerp(exp_avg_slow, grad, 1 - betas[2])   (state: exp_avg_slow on the right is the
         stored value)
+    c     = g * g
+    C     = betas[1] * C + (1 - betas[1]) * c
+    C     = C / (1 - betas[1]^t)
+    P     = sqrt(C) + eps
     m     = exp_avg / (1 - betas[0] ^ step) + alpha * exp_avg_slow
-    d     = m
-    theta = theta - lr * (direction / (sqrt(exp_avg_sq) / sqrt(1 - betas[1] ^ step) + eps))
+    d     = m / P
+    theta = theta - lr * d
 """
 
 # The spec:
@@ -32,14 +34,14 @@ Update, per step t (elementwise unless noted):
 #   hyper lr = 1e-3, betas = (0.9, 0.999, 0.9999), weight_decay = 0, weight_decouple = false
 #   hyper alpha = 5.0, eps = 1e-8
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
-#   state exp_avg_sq = lerp(exp_avg_sq, grad^2, 1 - betas[1])
 #   state exp_avg_slow = lerp(exp_avg_slow, grad, 1 - betas[2])
 #   momentum = exp_avg / (1 - betas[0]^step) + alpha * exp_avg_slow
-#   curvature constant
-#   structure scalar
-#   length    none
+#   curvature empirical_fisher
+#   structure diagonal
+#   iterate   ema(betas[1]) bias_corrected
+#   length    gradient_norm
+#   damping   add(eps)
 #   decay     l2(weight_decay, decoupled = weight_decouple)
-#   update = direction / (sqrt(exp_avg_sq) / sqrt(1 - betas[1]^step) + eps)
 
 import math
 
@@ -61,16 +63,17 @@ def _host(h, step):
     h_alpha = h['alpha']
     h_eps = h['eps']
     h_step = step
-    h_s0 = (1.0 - h_betas_0)
-    h_s1 = (1.0 - h_betas_2)
-    h_s2 = (1.0 - h_betas_1)
-    h_s3 = (1.0 - (h_lr * h_weight_decay))
-    h_s4 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
-    h_s5 = (1.0 / math.sqrt((1.0 - (h_betas_1 ** h_step))))
+    h_curvature_bias_correction = (1.0 - (h_betas_1 ** h_step))
+    h_s1 = (1.0 - h_betas_1)
+    h_s2 = (1.0 - h_betas_0)
+    h_s3 = (1.0 - h_betas_2)
+    h_s4 = (1.0 - (h_lr * h_weight_decay))
+    h_s5 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
+    h_s6 = (1.0 / h_curvature_bias_correction)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'betas_2': h_betas_2,
             'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple, 'alpha': h_alpha,
-            'eps': h_eps, 'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3,
-            's4': h_s4, 's5': h_s5}
+            'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction,
+            's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'decoupled_decay': bool((h_weight_decouple != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
@@ -78,63 +81,66 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, exp_avg_sq, exp_avg_slow, h_alpha, h_eps, h_lr, h_s0, h_s1, h_s2,
-        h_s3, h_s4, h_s5, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_weight_decay,
-        f_maximize, f_nonfinite_skip):
+def _update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, h_eps, h_lr, h_s1,
+        h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
     grad_ = None if grad is None else grad.to(cdt)
     exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
-    exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
     exp_avg_slow_ = None if exp_avg_slow is None else exp_avg_slow.to(cdt)
+    exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
+    t0 = (exp_avg_sq_ * h_betas_1)
     if f_maximize:
-        t0 = (-grad_)
-    t1 = t0 if f_maximize else grad_
+        t1 = (-grad_)
+    t2 = t1 if f_maximize else grad_
     if not f_decoupled_decay and f_has_weight_decay:
-        t2 = (param_ * h_weight_decay)
-        t3 = (t1 + t2)
+        t3 = (param_ * h_weight_decay)
+        t4 = (t2 + t3)
     if f_has_weight_decay:
-        t4 = t1 if f_decoupled_decay else t3
-    t5 = t4 if f_has_weight_decay else t1
-    t6 = torch.lerp(exp_avg_, t5, h_s0)
+        t5 = t2 if f_decoupled_decay else t4
+    t6 = t5 if f_has_weight_decay else t2
+    t7 = (t6 * t6)
+    t8 = (t7 * h_s1)
+    t9 = (t0 + t8)
     if f_nonfinite_skip:
-        t7 = torch.where(r_nonfinite != 0, exp_avg_, t6)
-    new_exp_avg_ = t7 if f_nonfinite_skip else t6
-    t9 = torch.lerp(exp_avg_slow_, t5, h_s1)
+        t10 = torch.where(r_nonfinite != 0, exp_avg_sq_, t9)
+    new_exp_avg_sq_ = t10 if f_nonfinite_skip else t9
+    t12 = torch.lerp(exp_avg_, t6, h_s2)
     if f_nonfinite_skip:
-        t10 = torch.where(r_nonfinite != 0, exp_avg_slow_, t9)
-    new_exp_avg_slow_ = t10 if f_nonfinite_skip else t9
-    t12 = (t5 * t5)
-    t13 = torch.lerp(exp_avg_sq_, t12, h_s2)
+        t13 = torch.where(r_nonfinite != 0, exp_avg_, t12)
+    new_exp_avg_ = t13 if f_nonfinite_skip else t12
+    t15 = torch.lerp(exp_avg_slow_, t6, h_s3)
     if f_nonfinite_skip:
-        t14 = torch.where(r_nonfinite != 0, exp_avg_sq_, t13)
-    new_exp_avg_sq_ = t14 if f_nonfinite_skip else t13
+        t16 = torch.where(r_nonfinite != 0, exp_avg_slow_, t15)
+    new_exp_avg_slow_ = t16 if f_nonfinite_skip else t15
     if f_decoupled_decay and f_has_weight_decay:
-        t16 = (param_ * h_s3)
+        t18 = (param_ * h_s4)
     if f_has_weight_decay:
-        t17 = t16 if f_decoupled_decay else param_
-    t18 = t17 if f_has_weight_decay else param_
-    t19 = (t6 * h_s4)
-    t20 = (h_alpha * t9)
-    t21 = (t19 + t20)
-    t22 = torch.sqrt(t13)
-    t23 = (t22 * h_s5)
-    t24 = (t23 + h_eps)
-    t25 = (t21 / t24)
-    t26 = (h_lr * t25)
-    t27 = (t18 - t26)
+        t19 = t18 if f_decoupled_decay else param_
+    t20 = t19 if f_has_weight_decay else param_
+    t21 = (t12 * h_s5)
+    t22 = (h_alpha * t15)
+    t23 = (t21 + t22)
+    t24 = (t9 * h_s6)
+    t25 = torch.sqrt(t24)
+    t26 = (t25 + h_eps)
+    t27 = (t23 / t26)
+    t28 = (h_lr * t27)
+    t29 = (t20 - t28)
     if f_nonfinite_skip:
-        t28 = torch.where(r_nonfinite != 0, param_, t27)
-    new_param_ = t28 if f_nonfinite_skip else t27
+        t30 = torch.where(r_nonfinite != 0, param_, t29)
+    new_param_ = t30 if f_nonfinite_skip else t29
+    exp_avg_sq.copy_(new_exp_avg_sq_)
     exp_avg.copy_(new_exp_avg_)
     exp_avg_slow.copy_(new_exp_avg_slow_)
-    exp_avg_sq.copy_(new_exp_avg_sq_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_sq', 'exp_avg_slow'],
-        'scalars': ['alpha', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 'weight_decay'],
+_UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_slow', 'exp_avg_sq'],
+        'scalars': ['alpha', 'betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6',
+                'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
@@ -151,8 +157,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, exp_avg_sq, exp_avg_slow, h_alpha, h_eps, h_lr, h_s0,
-        h_s1, h_s2, h_s3, h_s4, h_s5, h_weight_decay, r_nonfinite, f_decoupled_decay,
+def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, h_eps,
+        h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay,
         f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
@@ -161,94 +167,97 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, exp_avg_slow, h_alpha, h_e
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
-    exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_slow_ = _foreach_cast(exp_avg_slow, cdt)
+    exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s3, h_s4, h_s5], dtype=cdt, device=param[0].device)
-        (_s_s3, _s_s4, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
-            t0 = torch._foreach_neg(grad_)
-        t1 = t0 if f_maximize else grad_
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
         if not f_decoupled_decay and f_has_weight_decay:
-            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+            t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
         if f_has_weight_decay:
-            t3 = t1 if f_decoupled_decay else t2
-        t4 = t3 if f_has_weight_decay else t1
-        t5 = torch._foreach_lerp(exp_avg_, t4, h_s0)
-        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
-        t7 = torch._foreach_lerp(exp_avg_slow_, t4, h_s1)
-        new_exp_avg_slow_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_slow_, t7)]
-        t9 = torch._foreach_mul(t4, t4)
-        t10 = torch._foreach_lerp(exp_avg_sq_, t9, h_s2)
+            t4 = t2 if f_decoupled_decay else t3
+        t5 = t4 if f_has_weight_decay else t2
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        t6 = t0
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_sq_, t10)]
+                _e1 in zip(exp_avg_sq_, t6)]
+        t8 = torch._foreach_lerp(exp_avg_, t5, h_s2)
+        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t8)]
+        t10 = torch._foreach_lerp(exp_avg_slow_, t5, h_s3)
+        new_exp_avg_slow_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(exp_avg_slow_, t10)]
         if f_decoupled_decay and f_has_weight_decay:
-            t12 = torch._foreach_mul(param_, _s_s3)
+            t12 = torch._foreach_mul(param_, _s_s4)
         if f_has_weight_decay:
             t13 = t12 if f_decoupled_decay else param_
         t14 = t13 if f_has_weight_decay else param_
-        torch._foreach_mul_(t5, _s_s4)
-        t15 = t5
-        torch._foreach_add_(t15, t7, alpha=h_alpha)
+        torch._foreach_mul_(t8, _s_s5)
+        t15 = t8
+        torch._foreach_add_(t15, t10, alpha=h_alpha)
         t16 = t15
-        torch._foreach_sqrt_(t10)
-        t17 = t10
-        torch._foreach_mul_(t17, _s_s5)
+        torch._foreach_mul_(t6, _s_s6)
+        t17 = t6
+        torch._foreach_sqrt_(t17)
         t18 = t17
         torch._foreach_add_(t18, h_eps)
         t19 = t18
         t20 = torch._foreach_addcdiv(t14, t16, t19, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t20)]
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_slow, new_exp_avg_slow_)
-        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s3, h_s4, h_s5], dtype=cdt, device=param[0].device)
-        (_s_s3, _s_s4, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+        t0 = exp_avg_sq_
         if f_maximize:
-            t0 = torch._foreach_neg(grad_)
-        t1 = t0 if f_maximize else grad_
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
         if not f_decoupled_decay and f_has_weight_decay:
-            t2 = torch._foreach_add(t1, param_, alpha=h_weight_decay)
+            t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
         if f_has_weight_decay:
-            t3 = t1 if f_decoupled_decay else t2
-        t4 = t3 if f_has_weight_decay else t1
-        torch._foreach_lerp_(exp_avg_, t4, h_s0)
+            t4 = t2 if f_decoupled_decay else t3
+        t5 = t4 if f_has_weight_decay else t2
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        new_exp_avg_sq_ = t0
+        torch._foreach_lerp_(exp_avg_, t5, h_s2)
         new_exp_avg_ = exp_avg_
-        torch._foreach_lerp_(exp_avg_slow_, t4, h_s1)
+        torch._foreach_lerp_(exp_avg_slow_, t5, h_s3)
         new_exp_avg_slow_ = exp_avg_slow_
-        t7 = torch._foreach_mul(t4, t4)
-        torch._foreach_lerp_(exp_avg_sq_, t7, h_s2)
-        new_exp_avg_sq_ = exp_avg_sq_
         if f_decoupled_decay and f_has_weight_decay:
-            t9 = torch._foreach_mul(param_, _s_s3)
+            t9 = torch._foreach_mul(param_, _s_s4)
         if f_has_weight_decay:
             t10 = t9 if f_decoupled_decay else param_
         t11 = t10 if f_has_weight_decay else param_
-        t12 = torch._foreach_mul(new_exp_avg_, _s_s4)
+        t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
         torch._foreach_add_(t12, new_exp_avg_slow_, alpha=h_alpha)
         t13 = t12
-        t14 = torch._foreach_sqrt(new_exp_avg_sq_)
-        torch._foreach_mul_(t14, _s_s5)
+        t14 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        torch._foreach_sqrt_(t14)
         t15 = t14
         torch._foreach_add_(t15, h_eps)
         t16 = t15
         torch._foreach_addcdiv_(t11, t13, t16, value=-h_lr)
         new_param_ = t11
+        if new_exp_avg_sq_ is not exp_avg_sq:
+            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         if new_exp_avg_slow_ is not exp_avg_slow:
             torch._foreach_copy_(exp_avg_slow, new_exp_avg_slow_)
-        if new_exp_avg_sq_ is not exp_avg_sq:
-            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_sq', 'exp_avg_slow'],
-        'scalars': ['alpha', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 'weight_decay'],
+_FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_slow', 'exp_avg_sq'],
+        'scalars': ['alpha', 'betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6',
+                'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
@@ -296,13 +305,13 @@ else:
     @triton.jit
     def _update_kernel(
             # data-pointer tables, one per role
-            param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, exp_avg_slow_ptrs,
+            param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_slow_ptrs, exp_avg_sq_ptrs,
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_alpha: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s0: tl.float64,
+            h_alpha: tl.float64, h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64,
             h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_weight_decay: tl.float64,
+            h_s5: tl.float64, h_s6: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -310,7 +319,7 @@ else:
             f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
-            EXP_AVG_SQ_T: tl.constexpr, EXP_AVG_SLOW_T: tl.constexpr, CDT: tl.constexpr,
+            EXP_AVG_SLOW_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr, CDT: tl.constexpr,
             BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
@@ -321,121 +330,124 @@ else:
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
-        exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
         exp_avg_slow_addr = tl.load(exp_avg_slow_ptrs + i).to(tl.pointer_type(EXP_AVG_SLOW_T))
+        exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
         h_alpha = tl.cast(h_alpha, CDT)
+        h_betas_1 = tl.cast(h_betas_1, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
+        h_s6 = tl.cast(h_s6, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
         exp_avg_ = tl.load(exp_avg_addr + offs, mask=mask).to(CDT)
-        exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
         exp_avg_slow_ = tl.load(exp_avg_slow_addr + offs, mask=mask).to(CDT)
+        exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
+        t0 = (exp_avg_sq_ * h_betas_1)
         if f_maximize:
-            t0 = (-grad_)
+            t1 = (-grad_)
         if f_maximize:
-            t1 = t0
+            t2 = t1
         else:
-            t1 = grad_
+            t2 = grad_
         if not f_decoupled_decay:
             if f_has_weight_decay:
-                t2 = (param_ * h_weight_decay)
-                t3 = (t1 + t2)
+                t3 = (param_ * h_weight_decay)
+                t4 = (t2 + t3)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t4 = t1
+                t5 = t2
             else:
-                t4 = t3
+                t5 = t4
         if f_has_weight_decay:
-            t5 = t4
+            t6 = t5
         else:
-            t5 = t1
-        t6 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t5 - exp_avg_),
-                t5 - (t5 - exp_avg_) * (1.0 - h_s0))
+            t6 = t2
+        t7 = (t6 * t6)
+        t8 = (t7 * h_s1)
+        t9 = (t0 + t8)
         if f_nonfinite_skip:
-            t7 = tl.where(r_nonfinite_c != 0, exp_avg_, t6)
+            t10 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t9)
         if f_nonfinite_skip:
-            new_exp_avg_ = t7
+            new_exp_avg_sq_ = t10
         else:
-            new_exp_avg_ = t6
-        t9 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_slow_ + h_s1 * (t5 - exp_avg_slow_),
-                t5 - (t5 - exp_avg_slow_) * (1.0 - h_s1))
+            new_exp_avg_sq_ = t9
+        t12 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_ + h_s2 * (t6 - exp_avg_),
+                t6 - (t6 - exp_avg_) * (1.0 - h_s2))
         if f_nonfinite_skip:
-            t10 = tl.where(r_nonfinite_c != 0, exp_avg_slow_, t9)
+            t13 = tl.where(r_nonfinite_c != 0, exp_avg_, t12)
         if f_nonfinite_skip:
-            new_exp_avg_slow_ = t10
+            new_exp_avg_ = t13
         else:
-            new_exp_avg_slow_ = t9
-        t12 = (t5 * t5)
-        t13 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_sq_ + h_s2 * (t12 - exp_avg_sq_),
-                t12 - (t12 - exp_avg_sq_) * (1.0 - h_s2))
+            new_exp_avg_ = t12
+        t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_slow_ + h_s3 * (t6 - exp_avg_slow_),
+                t6 - (t6 - exp_avg_slow_) * (1.0 - h_s3))
         if f_nonfinite_skip:
-            t14 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t13)
+            t16 = tl.where(r_nonfinite_c != 0, exp_avg_slow_, t15)
         if f_nonfinite_skip:
-            new_exp_avg_sq_ = t14
+            new_exp_avg_slow_ = t16
         else:
-            new_exp_avg_sq_ = t13
+            new_exp_avg_slow_ = t15
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t16 = (param_ * h_s3)
+                t18 = (param_ * h_s4)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t17 = t16
+                t19 = t18
             else:
-                t17 = param_
+                t19 = param_
         if f_has_weight_decay:
-            t18 = t17
+            t20 = t19
         else:
-            t18 = param_
-        t19 = (t6 * h_s4)
-        t20 = (h_alpha * t9)
-        t21 = (t19 + t20)
-        t22 = _sqrt(t13)
-        t23 = (t22 * h_s5)
-        t24 = (t23 + h_eps)
-        t25 = _div(t21, t24)
-        t26 = (h_lr * t25)
-        t27 = (t18 - t26)
+            t20 = param_
+        t21 = (t12 * h_s5)
+        t22 = (h_alpha * t15)
+        t23 = (t21 + t22)
+        t24 = (t9 * h_s6)
+        t25 = _sqrt(t24)
+        t26 = (t25 + h_eps)
+        t27 = _div(t23, t26)
+        t28 = (h_lr * t27)
+        t29 = (t20 - t28)
         if f_nonfinite_skip:
-            t28 = tl.where(r_nonfinite_c != 0, param_, t27)
+            t30 = tl.where(r_nonfinite_c != 0, param_, t29)
         if f_nonfinite_skip:
-            new_param_ = t28
+            new_param_ = t30
         else:
-            new_param_ = t27
+            new_param_ = t29
+        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_slow_addr, offs, new_exp_avg_slow_, mask, EXP_AVG_SLOW_T)
-        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES = _Tables(['param', 'grad', 'exp_avg', 'exp_avg_sq', 'exp_avg_slow'],
+    _TABLES = _Tables(['param', 'grad', 'exp_avg', 'exp_avg_slow', 'exp_avg_sq'],
             stored=['exp_avg', 'exp_avg_slow', 'exp_avg_sq', 'param'])
 
     def _triton_step(bucket, scalars, flags, reduced):
         """The bucket's pass: one _update_kernel launch for all its tensors."""
         for t in _TABLES.launches(bucket, _update_kernel):
             _update_kernel[(t.blocks,)](
-                t.ptrs['param'], t.ptrs['grad'], t.ptrs['exp_avg'], t.ptrs['exp_avg_sq'],
-                t.ptrs['exp_avg_slow'],
+                t.ptrs['param'], t.ptrs['grad'], t.ptrs['exp_avg'], t.ptrs['exp_avg_slow'],
+                t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
-                h_alpha=float(scalars['alpha']), h_eps=float(scalars['eps']),
-                h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
+                h_alpha=float(scalars['alpha']), h_betas_1=float(scalars['betas_1']),
+                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_s1=float(scalars['s1']),
                 h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
-                h_s5=float(scalars['s5']), h_weight_decay=float(scalars['weight_decay']),
+                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
+                h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
                 f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'], EXP_AVG_T=t.dtypes['exp_avg'],
-                EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'], EXP_AVG_SLOW_T=t.dtypes['exp_avg_slow'],
+                EXP_AVG_SLOW_T=t.dtypes['exp_avg_slow'], EXP_AVG_SQ_T=t.dtypes['exp_avg_sq'],
                 CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
@@ -466,12 +478,12 @@ class AdEMAMix(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999, 0.9999)``: not used by this spec's step
+    - ``betas=(0.9, 0.999, 0.9999)``: betas[1] is the beta of iterate ema
     - ``weight_decay=0``: the rate of decay l2
     - ``weight_decouple=False``: whether decay l2 is decoupled (applied to the parameter, not the
       gradient)
     - ``alpha=5.0``: not used by this spec's step
-    - ``eps=1e-08``: not used by this spec's step
+    - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:
 
@@ -494,12 +506,14 @@ class AdEMAMix(CurvOptimizer):
             _Hyper('eps', 1e-08))
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
         _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
     BUFFERS = (
         _Buffer('exp_avg', None, lambda h: 0.0),
-        _Buffer('exp_avg_sq', None, lambda h: 0.0),
         _Buffer('exp_avg_slow', None, lambda h: 0.0),
+        _Buffer('exp_avg_sq', None, lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None

@@ -3,10 +3,10 @@
 # Do not edit: change the spec and recompile (`curvc compile`).
 """NAdam, compiled by curvc.
 
-Length Limitation: -
-Calculating Approximation: -
-Structure Approximation: LI
-Iterative Approximation: -
+Length Limitation: ||d_i||_H' = eps*g_i
+Calculating Approximation: F~
+Structure Approximation: diagonal
+Iterative Approximation: momentum
 
 Update, per step t (elementwise unless noted):
 
@@ -17,12 +17,13 @@ Update, per step t (elementwise unless noted):
     mu_next = betas[0] * (1 - 0.5 * 0.96 ^ ((step + 1) * momentum_decay))
     mu_product = mu_product * mu   (state: mu_product on the right is the stored value, 1 at t = 0)
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
-    exp_avg_sq = lerp(exp_avg_sq, grad ^ 2, 1 - betas[1])   (state: exp_avg_sq on the right is the
-        stored value)
-    denom = sqrt(exp_avg_sq / (1 - betas[1] ^ step)) + eps
     nesterov = mu_next / (1 - mu_product * mu_next) * exp_avg
-    m     = ((1 - mu) / (1 - mu_product) * grad + nesterov) / denom
-    d     = m
+    c     = g * g
+    C     = betas[1] * C + (1 - betas[1]) * c
+    C     = C / (1 - betas[1]^t)
+    P     = C
+    m     = (1 - mu) / (1 - mu_product) * grad + nesterov
+    d     = m / P
     theta = theta - lr * d
 """
 
@@ -39,13 +40,13 @@ Update, per step t (elementwise unless noted):
 #   let mu_next = betas[0] * (1 - 0.5 * 0.96^((step + 1) * momentum_decay))
 #   state mu_product = mu_product * mu init 1
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
-#   state exp_avg_sq = lerp(exp_avg_sq, grad^2, 1 - betas[1])
-#   let denom = sqrt(exp_avg_sq / (1 - betas[1]^step)) + eps
 #   let nesterov = mu_next / (1 - mu_product * mu_next) * exp_avg
-#   momentum = ((1 - mu) / (1 - mu_product) * grad + nesterov) / denom
-#   curvature constant
-#   structure scalar
-#   length    none
+#   momentum = (1 - mu) / (1 - mu_product) * grad + nesterov
+#   curvature empirical_fisher
+#   structure diagonal
+#   iterate   ema(betas[1]) bias_corrected
+#   length    gradient_norm
+#   damping   add(eps)
 #   decay     l2(weight_decay, decoupled = decoupled_weight_decay)
 
 import math
@@ -67,17 +68,19 @@ def _host(h, step):
     h_momentum_decay = h['momentum_decay']
     h_decoupled_weight_decay = h['decoupled_weight_decay']
     h_step = step
-    h_s0 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay)))))
-    h_s1 = (1.0 - h_betas_0)
-    h_s2 = (1.0 - h_betas_1)
-    h_s3 = (1.0 - (h_lr * h_weight_decay))
-    h_s4 = (1.0 - (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay))))))
-    h_s5 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** ((h_step + 1.0) * h_momentum_decay)))))
-    h_s6 = (1.0 / (1.0 - (h_betas_1 ** h_step)))
+    h_curvature_bias_correction = (1.0 - (h_betas_1 ** h_step))
+    h_s1 = (1.0 - h_betas_1)
+    h_s2 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay)))))
+    h_s3 = (1.0 - h_betas_0)
+    h_s4 = (1.0 - (h_lr * h_weight_decay))
+    h_s5 = (1.0 - (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay))))))
+    h_s6 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** ((h_step + 1.0) * h_momentum_decay)))))
+    h_s7 = (1.0 / h_curvature_bias_correction)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
             'weight_decay': h_weight_decay, 'momentum_decay': h_momentum_decay,
-            'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step, 's0': h_s0,
-            's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}
+            'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step,
+            'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1, 's2': h_s2,
+            's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)),
             'maximize': bool(h['maximize'])}
@@ -86,8 +89,8 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_eps, h_lr, h_s0, h_s1, h_s2, h_s3,
-        h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_weight_decay,
+def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_s1, h_s2, h_s3,
+        h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_weight_decay,
         f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
@@ -96,58 +99,61 @@ def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_eps, h_lr, h_s0, h_s
     mu_product_ = None if mu_product is None else mu_product.to(cdt)
     exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
     exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
-    t0 = (mu_product_ * h_s0)
-    if f_nonfinite_skip:
-        t1 = torch.where(r_nonfinite != 0, mu_product_, t0)
-    new_mu_product_ = t1 if f_nonfinite_skip else t0
+    t0 = (exp_avg_sq_ * h_betas_1)
     if f_maximize:
-        t3 = (-grad_)
-    t4 = t3 if f_maximize else grad_
+        t1 = (-grad_)
+    t2 = t1 if f_maximize else grad_
     if not f_decoupled_decay and f_has_weight_decay:
-        t5 = (param_ * h_weight_decay)
-        t6 = (t4 + t5)
+        t3 = (param_ * h_weight_decay)
+        t4 = (t2 + t3)
     if f_has_weight_decay:
-        t7 = t4 if f_decoupled_decay else t6
-    t8 = t7 if f_has_weight_decay else t4
-    t9 = torch.lerp(exp_avg_, t8, h_s1)
+        t5 = t2 if f_decoupled_decay else t4
+    t6 = t5 if f_has_weight_decay else t2
+    t7 = (t6 * t6)
+    t8 = (t7 * h_s1)
+    t9 = (t0 + t8)
     if f_nonfinite_skip:
-        t10 = torch.where(r_nonfinite != 0, exp_avg_, t9)
-    new_exp_avg_ = t10 if f_nonfinite_skip else t9
-    t12 = (t8 * t8)
-    t13 = torch.lerp(exp_avg_sq_, t12, h_s2)
+        t10 = torch.where(r_nonfinite != 0, exp_avg_sq_, t9)
+    new_exp_avg_sq_ = t10 if f_nonfinite_skip else t9
+    t12 = (mu_product_ * h_s2)
     if f_nonfinite_skip:
-        t14 = torch.where(r_nonfinite != 0, exp_avg_sq_, t13)
-    new_exp_avg_sq_ = t14 if f_nonfinite_skip else t13
+        t13 = torch.where(r_nonfinite != 0, mu_product_, t12)
+    new_mu_product_ = t13 if f_nonfinite_skip else t12
+    t15 = torch.lerp(exp_avg_, t6, h_s3)
+    if f_nonfinite_skip:
+        t16 = torch.where(r_nonfinite != 0, exp_avg_, t15)
+    new_exp_avg_ = t16 if f_nonfinite_skip else t15
     if f_decoupled_decay and f_has_weight_decay:
-        t16 = (param_ * h_s3)
+        t18 = (param_ * h_s4)
     if f_has_weight_decay:
-        t17 = t16 if f_decoupled_decay else param_
-    t18 = t17 if f_has_weight_decay else param_
-    t19 = (1.0 - t0)
-    t20 = (h_s4 / t19)
-    t21 = (t20 * t8)
-    t22 = (t0 * h_s5)
-    t23 = (1.0 - t22)
-    t24 = (h_s5 / t23)
-    t25 = (t24 * t9)
-    t26 = (t21 + t25)
-    t27 = (t13 * h_s6)
-    t28 = torch.sqrt(t27)
-    t29 = (t28 + h_eps)
-    t30 = (t26 / t29)
-    t31 = (h_lr * t30)
-    t32 = (t18 - t31)
+        t19 = t18 if f_decoupled_decay else param_
+    t20 = t19 if f_has_weight_decay else param_
+    t21 = (1.0 - t12)
+    t22 = (h_s5 / t21)
+    t23 = (t22 * t6)
+    t24 = (t12 * h_s6)
+    t25 = (1.0 - t24)
+    t26 = (h_s6 / t25)
+    t27 = (t26 * t15)
+    t28 = (t23 + t27)
+    t29 = (t9 * h_s7)
+    t30 = torch.sqrt(t29)
+    t31 = (t30 + h_eps)
+    t32 = (t28 / t31)
+    t33 = (h_lr * t32)
+    t34 = (t20 - t33)
     if f_nonfinite_skip:
-        t33 = torch.where(r_nonfinite != 0, param_, t32)
-    new_param_ = t33 if f_nonfinite_skip else t32
+        t35 = torch.where(r_nonfinite != 0, param_, t34)
+    new_param_ = t35 if f_nonfinite_skip else t34
+    exp_avg_sq.copy_(new_exp_avg_sq_)
     mu_product.copy_(new_mu_product_)
     exp_avg.copy_(new_exp_avg_)
-    exp_avg_sq.copy_(new_exp_avg_sq_)
     param.copy_(new_param_)
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'mu_product', 'exp_avg', 'exp_avg_sq'],
-        'scalars': ['eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 's6', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
+                'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 _REDUCE_ARGS = {}
@@ -164,9 +170,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_eps, h_lr, h_s0, h_s1, h_s2,
-        h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_weight_decay,
-        f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_s1,
+        h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite, f_decoupled_decay,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -177,65 +183,10 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_eps, h_lr, h
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s0, h_s3, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_s0, _s_s3, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
-        t0 = torch._foreach_mul(mu_product_, _s_s0)
-        new_mu_product_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(mu_product_, t0)]
-        if f_maximize:
-            t2 = torch._foreach_neg(grad_)
-        t3 = t2 if f_maximize else grad_
-        if not f_decoupled_decay and f_has_weight_decay:
-            t4 = torch._foreach_add(t3, param_, alpha=h_weight_decay)
-        if f_has_weight_decay:
-            t5 = t3 if f_decoupled_decay else t4
-        t6 = t5 if f_has_weight_decay else t3
-        t7 = torch._foreach_lerp(exp_avg_, t6, h_s1)
-        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t7)]
-        t9 = torch._foreach_mul(t6, t6)
-        t10 = torch._foreach_lerp(exp_avg_sq_, t9, h_s2)
-        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_sq_, t10)]
-        if f_decoupled_decay and f_has_weight_decay:
-            t12 = torch._foreach_mul(param_, _s_s3)
-        if f_has_weight_decay:
-            t13 = t12 if f_decoupled_decay else param_
-        t14 = t13 if f_has_weight_decay else param_
-        t15 = torch._foreach_add(torch._foreach_neg(t0), 1.0)
-        torch._foreach_reciprocal_(t15)
-        torch._foreach_mul_(t15, _s_s4)
-        t16 = t15
-        torch._foreach_mul_(t16, t6)
-        t17 = t16
-        torch._foreach_mul_(t0, _s_s5)
-        t18 = t0
-        torch._foreach_neg_(t18)
-        torch._foreach_add_(t18, 1.0)
-        t19 = t18
-        torch._foreach_reciprocal_(t19)
-        torch._foreach_mul_(t19, _s_s5)
-        t20 = t19
-        torch._foreach_mul_(t20, t7)
-        t21 = t20
-        torch._foreach_add_(t17, t21)
-        t22 = t17
-        torch._foreach_mul_(t10, _s_s6)
-        t23 = t10
-        torch._foreach_sqrt_(t23)
-        t24 = t23
-        torch._foreach_add_(t24, h_eps)
-        t25 = t24
-        t26 = torch._foreach_addcdiv(t14, t22, t25, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t26)]
-        torch._foreach_copy_(mu_product, new_mu_product_)
-        torch._foreach_copy_(exp_avg, new_exp_avg_)
-        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        torch._foreach_copy_(param, new_param_)
-    else:
-        _scalars = torch.tensor([h_s0, h_s3, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_s0, _s_s3, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
-        torch._foreach_mul_(mu_product_, _s_s0)
-        new_mu_product_ = mu_product_
+        _scalars = torch.tensor([h_betas_1, h_s2, h_s4, h_s5, h_s6, h_s7], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_1, _s_s2, _s_s4, _s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
         t2 = t1 if f_maximize else grad_
@@ -244,52 +195,112 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_eps, h_lr, h
         if f_has_weight_decay:
             t4 = t2 if f_decoupled_decay else t3
         t5 = t4 if f_has_weight_decay else t2
-        torch._foreach_lerp_(exp_avg_, t5, h_s1)
-        new_exp_avg_ = exp_avg_
-        t7 = torch._foreach_mul(t5, t5)
-        torch._foreach_lerp_(exp_avg_sq_, t7, h_s2)
-        new_exp_avg_sq_ = exp_avg_sq_
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        t6 = t0
+        new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(exp_avg_sq_, t6)]
+        t8 = torch._foreach_mul(mu_product_, _s_s2)
+        new_mu_product_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(mu_product_, t8)]
+        t10 = torch._foreach_lerp(exp_avg_, t5, h_s3)
+        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t10)]
         if f_decoupled_decay and f_has_weight_decay:
-            t9 = torch._foreach_mul(param_, _s_s3)
+            t12 = torch._foreach_mul(param_, _s_s4)
+        if f_has_weight_decay:
+            t13 = t12 if f_decoupled_decay else param_
+        t14 = t13 if f_has_weight_decay else param_
+        t15 = torch._foreach_add(torch._foreach_neg(t8), 1.0)
+        torch._foreach_reciprocal_(t15)
+        torch._foreach_mul_(t15, _s_s5)
+        t16 = t15
+        torch._foreach_mul_(t16, t5)
+        t17 = t16
+        torch._foreach_mul_(t8, _s_s6)
+        t18 = t8
+        torch._foreach_neg_(t18)
+        torch._foreach_add_(t18, 1.0)
+        t19 = t18
+        torch._foreach_reciprocal_(t19)
+        torch._foreach_mul_(t19, _s_s6)
+        t20 = t19
+        torch._foreach_mul_(t20, t10)
+        t21 = t20
+        torch._foreach_add_(t17, t21)
+        t22 = t17
+        torch._foreach_mul_(t6, _s_s7)
+        t23 = t6
+        torch._foreach_sqrt_(t23)
+        t24 = t23
+        torch._foreach_add_(t24, h_eps)
+        t25 = t24
+        t26 = torch._foreach_addcdiv(t14, t22, t25, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t26)]
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        torch._foreach_copy_(mu_product, new_mu_product_)
+        torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(param, new_param_)
+    else:
+        _scalars = torch.tensor([h_betas_1, h_s2, h_s4, h_s5, h_s6, h_s7], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_1, _s_s2, _s_s4, _s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
+        t0 = exp_avg_sq_
+        if f_maximize:
+            t1 = torch._foreach_neg(grad_)
+        t2 = t1 if f_maximize else grad_
+        if not f_decoupled_decay and f_has_weight_decay:
+            t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
+        if f_has_weight_decay:
+            t4 = t2 if f_decoupled_decay else t3
+        t5 = t4 if f_has_weight_decay else t2
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        new_exp_avg_sq_ = t0
+        torch._foreach_mul_(mu_product_, _s_s2)
+        new_mu_product_ = mu_product_
+        torch._foreach_lerp_(exp_avg_, t5, h_s3)
+        new_exp_avg_ = exp_avg_
+        if f_decoupled_decay and f_has_weight_decay:
+            t9 = torch._foreach_mul(param_, _s_s4)
         if f_has_weight_decay:
             t10 = t9 if f_decoupled_decay else param_
         t11 = t10 if f_has_weight_decay else param_
         t12 = torch._foreach_add(torch._foreach_neg(new_mu_product_), 1.0)
         torch._foreach_reciprocal_(t12)
-        torch._foreach_mul_(t12, _s_s4)
+        torch._foreach_mul_(t12, _s_s5)
         t13 = t12
         torch._foreach_mul_(t13, t5)
         t14 = t13
-        t15 = torch._foreach_mul(new_mu_product_, _s_s5)
+        t15 = torch._foreach_mul(new_mu_product_, _s_s6)
         torch._foreach_neg_(t15)
         torch._foreach_add_(t15, 1.0)
         t16 = t15
         torch._foreach_reciprocal_(t16)
-        torch._foreach_mul_(t16, _s_s5)
+        torch._foreach_mul_(t16, _s_s6)
         t17 = t16
         torch._foreach_mul_(t17, new_exp_avg_)
         t18 = t17
         torch._foreach_add_(t14, t18)
         t19 = t14
-        t20 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        t20 = torch._foreach_mul(new_exp_avg_sq_, _s_s7)
         torch._foreach_sqrt_(t20)
         t21 = t20
         torch._foreach_add_(t21, h_eps)
         t22 = t21
         torch._foreach_addcdiv_(t11, t19, t22, value=-h_lr)
         new_param_ = t11
+        if new_exp_avg_sq_ is not exp_avg_sq:
+            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_mu_product_ is not mu_product:
             torch._foreach_copy_(mu_product, new_mu_product_)
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_exp_avg_sq_ is not exp_avg_sq:
-            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'mu_product', 'exp_avg', 'exp_avg_sq'],
-        'scalars': ['eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 's6', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
+                'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
 
@@ -341,9 +352,9 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_eps: tl.float64, h_lr: tl.float64, h_s0: tl.float64, h_s1: tl.float64,
+            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s1: tl.float64,
             h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64,
-            h_s6: tl.float64, h_weight_decay: tl.float64,
+            h_s6: tl.float64, h_s7: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -364,15 +375,16 @@ else:
         mu_product_addr = tl.load(mu_product_ptrs + i).to(tl.pointer_type(MU_PRODUCT_T))
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
+        h_betas_1 = tl.cast(h_betas_1, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s0 = tl.cast(h_s0, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
+        h_s7 = tl.cast(h_s7, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -381,84 +393,85 @@ else:
         mu_product_ = tl.load(mu_product_addr + offs, mask=mask).to(CDT)
         exp_avg_ = tl.load(exp_avg_addr + offs, mask=mask).to(CDT)
         exp_avg_sq_ = tl.load(exp_avg_sq_addr + offs, mask=mask).to(CDT)
-        t0 = (mu_product_ * h_s0)
-        if f_nonfinite_skip:
-            t1 = tl.where(r_nonfinite_c != 0, mu_product_, t0)
-        if f_nonfinite_skip:
-            new_mu_product_ = t1
-        else:
-            new_mu_product_ = t0
+        t0 = (exp_avg_sq_ * h_betas_1)
         if f_maximize:
-            t3 = (-grad_)
+            t1 = (-grad_)
         if f_maximize:
-            t4 = t3
+            t2 = t1
         else:
-            t4 = grad_
+            t2 = grad_
         if not f_decoupled_decay:
             if f_has_weight_decay:
-                t5 = (param_ * h_weight_decay)
-                t6 = (t4 + t5)
+                t3 = (param_ * h_weight_decay)
+                t4 = (t2 + t3)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t7 = t4
+                t5 = t2
             else:
-                t7 = t6
+                t5 = t4
         if f_has_weight_decay:
-            t8 = t7
+            t6 = t5
         else:
-            t8 = t4
-        t9 = tl.where(tl.abs(h_s1) < 0.5, exp_avg_ + h_s1 * (t8 - exp_avg_),
-                t8 - (t8 - exp_avg_) * (1.0 - h_s1))
+            t6 = t2
+        t7 = (t6 * t6)
+        t8 = (t7 * h_s1)
+        t9 = (t0 + t8)
         if f_nonfinite_skip:
-            t10 = tl.where(r_nonfinite_c != 0, exp_avg_, t9)
+            t10 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t9)
         if f_nonfinite_skip:
-            new_exp_avg_ = t10
+            new_exp_avg_sq_ = t10
         else:
-            new_exp_avg_ = t9
-        t12 = (t8 * t8)
-        t13 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_sq_ + h_s2 * (t12 - exp_avg_sq_),
-                t12 - (t12 - exp_avg_sq_) * (1.0 - h_s2))
+            new_exp_avg_sq_ = t9
+        t12 = (mu_product_ * h_s2)
         if f_nonfinite_skip:
-            t14 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t13)
+            t13 = tl.where(r_nonfinite_c != 0, mu_product_, t12)
         if f_nonfinite_skip:
-            new_exp_avg_sq_ = t14
+            new_mu_product_ = t13
         else:
-            new_exp_avg_sq_ = t13
+            new_mu_product_ = t12
+        t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_),
+                t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+        if f_nonfinite_skip:
+            t16 = tl.where(r_nonfinite_c != 0, exp_avg_, t15)
+        if f_nonfinite_skip:
+            new_exp_avg_ = t16
+        else:
+            new_exp_avg_ = t15
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t16 = (param_ * h_s3)
+                t18 = (param_ * h_s4)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t17 = t16
+                t19 = t18
             else:
-                t17 = param_
+                t19 = param_
         if f_has_weight_decay:
-            t18 = t17
+            t20 = t19
         else:
-            t18 = param_
-        t19 = (1.0 - t0)
-        t20 = _div(h_s4, t19)
-        t21 = (t20 * t8)
-        t22 = (t0 * h_s5)
-        t23 = (1.0 - t22)
-        t24 = _div(h_s5, t23)
-        t25 = (t24 * t9)
-        t26 = (t21 + t25)
-        t27 = (t13 * h_s6)
-        t28 = _sqrt(t27)
-        t29 = (t28 + h_eps)
-        t30 = _div(t26, t29)
-        t31 = (h_lr * t30)
-        t32 = (t18 - t31)
+            t20 = param_
+        t21 = (1.0 - t12)
+        t22 = _div(h_s5, t21)
+        t23 = (t22 * t6)
+        t24 = (t12 * h_s6)
+        t25 = (1.0 - t24)
+        t26 = _div(h_s6, t25)
+        t27 = (t26 * t15)
+        t28 = (t23 + t27)
+        t29 = (t9 * h_s7)
+        t30 = _sqrt(t29)
+        t31 = (t30 + h_eps)
+        t32 = _div(t28, t31)
+        t33 = (h_lr * t32)
+        t34 = (t20 - t33)
         if f_nonfinite_skip:
-            t33 = tl.where(r_nonfinite_c != 0, param_, t32)
+            t35 = tl.where(r_nonfinite_c != 0, param_, t34)
         if f_nonfinite_skip:
-            new_param_ = t33
+            new_param_ = t35
         else:
-            new_param_ = t32
+            new_param_ = t34
+        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(mu_product_addr, offs, new_mu_product_, mask, MU_PRODUCT_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
-        _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
     _TABLES = _Tables(['param', 'grad', 'mu_product', 'exp_avg', 'exp_avg_sq'],
@@ -471,9 +484,10 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['mu_product'], t.ptrs['exp_avg'],
                 t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
-                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_s0=float(scalars['s0']),
-                h_s1=float(scalars['s1']), h_s2=float(scalars['s2']), h_s3=float(scalars['s3']),
-                h_s4=float(scalars['s4']), h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
+                h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
+                h_lr=float(scalars['lr']), h_s1=float(scalars['s1']), h_s2=float(scalars['s2']),
+                h_s3=float(scalars['s3']), h_s4=float(scalars['s4']), h_s5=float(scalars['s5']),
+                h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
                 h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']),
@@ -512,8 +526,8 @@ class NAdam(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.002``: the learning rate
-    - ``betas=(0.9, 0.999)``: not used by this spec's step
-    - ``eps=1e-08``: not used by this spec's step
+    - ``betas=(0.9, 0.999)``: betas[1] is the beta of iterate ema
+    - ``eps=1e-08``: the eps of damping add
     - ``weight_decay=0``: the rate of decay l2
     - ``momentum_decay=0.004``: not used by this spec's step
     - ``decoupled_weight_decay=False``: whether decay l2 is decoupled (applied to the parameter, not
@@ -540,7 +554,9 @@ class NAdam(CurvOptimizer):
             _Hyper('decoupled_weight_decay', False))
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
+        _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
         _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
+        _Validator('eps', None, 'nonneg', 'the eps of damping add'),
     )
     BUFFERS = (
         _Buffer('mu_product', None, lambda h: 1.0),
