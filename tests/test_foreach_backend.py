@@ -43,6 +43,16 @@ VARIANTS = {
     "sophia": [dict(k=2), dict(k=3, betas=(0.0, 0.99), maximize=True)],
     "sophia_h": [dict(update_period=2), dict(update_period=3, betas=(0.0, 0.99),
                                              weight_decay=0.1, maximize=True)],
+    # expression specs: flags both ways, a state read with old(), a product state
+    "adabelief": [dict(weight_decay=0.1), dict(rectify=True, ams_bound=True, maximize=True),
+                  dict(rectify=True, degenerated_to_sgd=False, weight_decouple=False,
+                       weight_decay=0.1)],
+    "adan": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
+                                          maximize=True)],
+    "ademamix": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
+                                              maximize=True)],
+    "nadam": [dict(weight_decay=0.1), dict(decoupled_weight_decay=True, weight_decay=0.1,
+                                           maximize=True)],
     # test hybrids: pow, a reduction under a clip, Nesterov heavy-ball, keep_max every k
     "every_keep_max_pow": [dict(power=0.5, k=2, amsgrad=True), dict(k=3, maximize=True)],
     "sign_fisher_clip": [dict(max_norm=0.5), dict(betas=(0.0, 0.99), maximize=True)],
