@@ -12,8 +12,9 @@ the per-row output gradients). An ``nn.Conv2d`` layer is the same with a row
 per (example, output position), a its im2col patch and S scaled by the batch
 (Grosse & Martens, 2016; ``kfac_layers`` says which rows and why). A layer
 applied several times in one forward pass (weight sharing) sums the (A, S) of
-its calls, as curvlinops' KFAC does. The factors are accumulated by the plan's iterate (``Settings``; K-FAC's own is
-the EMA ``A <- beta A + (1 - beta) A_t`` from the identity) on its
+its calls, as curvlinops' KFAC does. The factors are accumulated by the plan's
+iterate (``Settings``; K-FAC's own is the EMA ``A <- beta A + (1 - beta) A_t``
+from the identity) on its
 ``accumulate`` steps; each factor's operator f(F) is recomputed on its
 ``invert`` steps, f(lambda) = 1 / max((lambda + damping)^e + damping_after, floor) of its
 eigenvalues (e = 1: the damped inverse, by Cholesky). The layer's step is
@@ -48,7 +49,7 @@ class LayerTracker:
 
     A layer applied c times per forward pass adds the factors of each call,
     each normalised by its own rows (curvlinops' KFAC sums them the same way):
-    A_t = sum_c a_c^T a_c / N_c, S_t = sum_c N_c ds_c^T ds_c. A call counts
+    A_t = sum_c a_c^T a_c / R_c, S_t = sum_c T_c ds_c^T ds_c (``kfac_layers``). A call counts
     once its output gradient arrives, so a forward pass nothing differentiates
     (an evaluation with grad enabled) adds nothing. ``wanted`` (a weak
     reference to a callable, e.g. a ``weakref.WeakMethod``; None: always) says
@@ -241,7 +242,7 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     batch = _batch_factors(opt, tracker, layers, group) if accumulate else {}
     op_keys = ("kfac_A_basis", "kfac_S_basis") if st.sign else ("kfac_A_inv", "kfac_S_inv")
     for module in layers:
-        w, b = module.weight, module.bias
+        w = module.weight
         state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
         if accumulate:
             a_t, s_t = batch[module]
