@@ -386,3 +386,57 @@ def test_conv_checkpoint_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     for p, q in zip(again.parameters(), straight.parameters()):
         assert torch.equal(p, q)
 
+
+
+AXES_SPEC = """# K-FAC with a length axis, on convolutions
+optimizer ConvAxisKFAC
+hyper lr = 1.0
+curvature kfac
+structure kronecker
+iterate   instant
+length    {length}
+damping   inside(0.05)
+"""
+
+
+def _power(f, e):
+    w, q = torch.linalg.eigh(f)
+    return (q * w ** e) @ q.T
+
+
+@pytest.mark.parametrize("length", ["gradient_norm(power = 1)", "eigen_sign"])
+def test_the_length_axes_take_the_conv_gradient_as_a_matrix(length, tmp_path):
+    """With curvlinops' factors F (damped: F + 0.05 I) and G the gradient as
+    out x (in kh kw) with the bias column: gradient_norm(1) is S^-1/2 G A^-1/2;
+    eigen_sign is Q_S [(l_S,i l_A,j)^-1/2 sign((Q_S^T G Q_A)_ij)] Q_A^T (an entry within
+    rounding of 0 has sign 0)."""
+    path = tmp_path / "conv_axis.curv"
+    path.write_text(AXES_SPEC.format(length=length))
+    model = CNN().double()
+    x, y = _data(n=4)
+    twin = _twin(model, CNN)
+    reference = _factors(_reference(twin, x, y))
+    twin.zero_grad()
+    F.cross_entropy(twin(x), y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = curvc.load(path)(model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name, m in _tracked(twin).items():
+        a, s = (f + 0.05 * torch.eye(len(f), dtype=f.dtype) for f in reference[name])
+        g = torch.cat([m.weight.grad.reshape(len(m.weight), -1), m.bias.grad[:, None]], 1)
+        if length == "eigen_sign":
+            la, qa = torch.linalg.eigh(a)
+            ls, qs = torch.linalg.eigh(s)
+            c = qs.T @ g @ qa
+            # G has no component along the null space of a a^T (4 examples, 37 inputs):
+            # there c is rounding, |c_ij| <= (m + n) eps ||G||, and its sign counts as 0
+            zero = c.abs() <= sum(g.shape) * torch.finfo(c.dtype).eps * torch.linalg.norm(g)
+            d = qs @ (torch.outer(ls, la) ** -0.5 * torch.where(zero, 0.0, torch.sign(c))) @ qa.T
+        else:
+            d = _power(s, -0.5) @ g @ _power(a, -0.5)
+        after = dict(model.named_parameters())
+        dw, db = (before[f"{name}.{k}"] - after[f"{name}.{k}"].detach() for k in ("weight", "bias"))
+        ours = torch.cat([dw.reshape(len(dw), -1), db[:, None]], 1)
+        assert _relative(ours, d) <= 1e-6, name

@@ -18,11 +18,14 @@ gradient of the loss at the matching output vector). Per call,
   T = the batch, since the loss averages over examples, not over a feature
   map's positions. This is the KFAC-*expand* approximation (Eschenhagen et
   al., 2023): every position an independent row, A the mean over batch and
-  positions, S the sum over positions times the batch. It is Grosse &
-  Martens' KFC and curvlinops' default (``kfac_approx="expand"``), whose
-  factors it equals (KFAC-reduce would first average a and sum ds over the
-  positions of each example, a different matrix). Padding modes other than
-  zeros pad the input as the layer's forward does, before the patches.
+  positions, S the sum over positions times the batch. A (x) S is Grosse &
+  Martens' KFC; how the count of positions is split between the factors
+  (which matters once each is damped) is curvlinops', whose default
+  (``kfac_approx="expand"``) this is and whose factors it equals.
+  KFAC-reduce, curvlinops' other choice, first averages a and sums ds over
+  each example's positions, a different matrix; expand is the one a
+  classification CNN's published K-FAC uses. Padding modes other than zeros
+  pad the input as the layer's forward does, before the patches.
 
 A grouped convolution (groups > 1) has one Kronecker pair per group, and the
 other convolutions (1-D, 3-D, transposed) other patches; they are refused by
