@@ -9,12 +9,15 @@ gradient of the loss at the matching output vector). Per call,
 
 * ``nn.Linear``: one row per input vector, over every leading dimension (a
   sequence's positions included), and T = R: each row's output is taken to be
-  its own loss term, as a token-level loss has it.
+  its own loss term, as a token-level loss has it (curvlinops counts T from
+  the loss, so under a per-example loss its S of a Linear applied along extra
+  dimensions is R / batch times smaller; on 2-D inputs the two agree).
 * ``nn.Conv2d`` (Grosse & Martens, 2016, "A Kronecker-factored approximate
   Fisher matrix for convolution layers"): one row per (example, output
-  position): a is the receptive-field patch there (im2col, ``F.unfold`` with
-  the layer's kernel size, dilation, padding and stride, channel-major like
-  ``W.reshape(out, in * kh * kw)``), ds the output gradient at that position;
+  position): a is the receptive-field patch there (im2col: the input padded as
+  the layer's forward pads it, then ``F.unfold`` with its kernel size,
+  dilation and stride; channel-major like ``W.reshape(out, in * kh * kw)``),
+  ds the output gradient at that position;
   T = the batch, since the loss averages over examples, not over a feature
   map's positions. This is the KFAC-*expand* approximation (Eschenhagen et
   al., 2023): every position an independent row, A the mean over batch and
@@ -23,9 +26,8 @@ gradient of the loss at the matching output vector). Per call,
   (which matters once each is damped) is curvlinops', whose default
   (``kfac_approx="expand"``) this is and whose factors it equals.
   KFAC-reduce, curvlinops' other choice, first averages a and sums ds over
-  each example's positions, a different matrix; expand is the one a
-  classification CNN's published K-FAC uses. Padding modes other than zeros
-  pad the input as the layer's forward does, before the patches.
+  each example's positions, a different matrix; expand is KFC's own
+  (positions as independent rows).
 
 A grouped convolution (groups > 1) has one Kronecker pair per group, and the
 other convolutions (1-D, 3-D, transposed) other patches; they are refused by
