@@ -112,7 +112,7 @@ def gradient_matrix(module: torch.nn.Module) -> torch.Tensor:
     """The layer's gradient as K-FAC's matrix: out x (weight's other axes), the
     bias's gradient its last column."""
     w, b = module.weight, module.bias
-    g = w.grad.reshape(w.shape[0], -1)
+    g = w.grad.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: a zero-width layer
     return g if b is None else torch.cat([g, b.grad[:, None]], dim=1)
 
 
