@@ -201,32 +201,39 @@ def _ema_from_identity(f, beta):
     return beta * torch.eye(len(f), dtype=f.dtype) + (1 - beta) * f
 
 
-@pytest.mark.parametrize("stat_decay", [0.0, 0.95])
+SPEC_DEFAULTS = dict(lr=1e-3, damping=1e-3, stat_decay=0.95)  # specs/kfac.curv's hyper line
+
+
+@pytest.mark.parametrize("hypers", [
+    dict(lr=0.5, damping=3e-2, stat_decay=0.0, momentum=0.7),
+    dict(lr=0.5, damping=3e-2, stat_decay=0.95, momentum=0.7),
+    {},
+], ids=["batch-factors", "ema", "spec-defaults"])
 @pytest.mark.parametrize("make", [CNN, SharedCNN], ids=["cnn", "shared"])
-def test_first_step_is_curvlinops_kfac_inverse_times_the_gradient(make, stat_decay):
+def test_first_step_is_curvlinops_kfac_inverse_times_the_gradient(make, hypers):
     """The spec's first step: A_1 = beta I + (1 - beta) A_t (the EMA from the identity),
     the same for S, and d = (S_1 + damping I)^-1 [gW gb] (A_1 + damping I)^-1, which
     is curvlinops' KFACInverseLinearOperator with that damping on both factors."""
-    damping, lr = 3e-2, 0.5
+    h = {**SPEC_DEFAULTS, **hypers}
     model = make().double()
     x, y = _data(n=4)
     twin = _twin(model, make)
     op = _reference(twin, x, y)
     state = op.state_dict()
     for key in ("input_covariances", "gradient_covariances"):
-        state[key] = {k: _ema_from_identity(v, stat_decay) for k, v in state[key].items()}
+        state[key] = {k: _ema_from_identity(v, h["stat_decay"]) for k, v in state[key].items()}
     with warnings.catch_warnings():  # it reloads the twin's weights (the same ones)
         warnings.simplefilter("ignore")
         op.load_state_dict(state)
-    inverse = curvlinops.KFACInverseLinearOperator(op, damping=damping)
+    inverse = curvlinops.KFACInverseLinearOperator(op, damping=h["damping"])
     twin.zero_grad()
     F.cross_entropy(twin(x), y).backward()
     expected = inverse @ [p.grad for p in twin.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
-    _one_step(model, x, y, lr=lr, damping=damping, stat_decay=stat_decay, momentum=0.7)
+    _one_step(model, x, y, **hypers)
     for name, p, p0, e in zip([n for n, _ in model.named_parameters()], model.parameters(),
                               before, expected):
-        assert _relative((p0 - p.detach()) / lr, e) <= 1e-6, name
+        assert _relative((p0 - p.detach()) / h["lr"], e) <= 1e-6, name
 
 
 def _inverse(f, damping):
