@@ -260,7 +260,7 @@ def _kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
     root, it = nums.matrix, opt.iterate
     start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {_v(it.init)}"}
-    eq = ["A     = a a^T      (layer inputs, with a 1 for the bias)",
+    eq = ["A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)",
           "S     = ds ds^T    (gradients at layer outputs)"]
     every = ""
     if it.every is not None:
@@ -286,7 +286,7 @@ def _kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     else:
         eq.append(f"g     = {_kfac_factor('S', root)} {g} {_kfac_factor('A', root)}   "
                   f"(per layer{roots})")
-    eq.append("        (g = grad outside nn.Linear layers)")
+    eq.append("        (g = grad outside nn.Linear and nn.Conv2d layers)")
     if opt.length.kind == "normalized":
         eq.append("g     = g / sqrt(sum(grad * g))   (sum over all parameters; "
                   "g = 0 where it is 0)")

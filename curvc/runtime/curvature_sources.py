@@ -50,10 +50,13 @@ class CurvatureSources:
         source = self._source()
         if source is None or not source.hooks_layers:
             raise RuntimeError(estimators.NO_LAYERS.format(name=type(self).__name__))
+        # Weakly: the model's hooks must not keep this optimizer alive. Built before the
+        # old hooks go, so that a refused model leaves the optimizer as it was.
+        tracker = source.tracker(model, weakref.WeakMethod(self._layers_accumulate),
+                                 [p for g in self.param_groups for p in g["params"]])
         if self._tracker is not None:
             self._tracker.remove()
-        # Weakly: the model's hooks must not keep this optimizer alive.
-        self._tracker = source.tracker(model, weakref.WeakMethod(self._layers_accumulate))
+        self._tracker = tracker
 
     def _layers_accumulate(self) -> bool:
         """Whether the next step accumulates layer statistics (asked by the tracker)."""

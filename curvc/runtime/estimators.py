@@ -54,7 +54,7 @@ class Source:
     missing: str  # step() found no input on a step that needs one
     request: str  # estimate_curvature() was called without the input this source takes
     request_error: type = TypeError  # RuntimeError: estimate_curvature() is not for it
-    tracker: Callable | None = None  # (model, wanted) -> hooks on its layers (LAYERS)
+    tracker: Callable | None = None  # (model, wanted, params) -> hooks on its layers
     records: Callable | None = None  # opt -> whether the next step records statistics
 
     @property
@@ -162,9 +162,9 @@ def _kfac_accumulates(opt) -> bool:
     return flag is None or bool(opt.host(h, opt._next_step())[1][flag])
 
 
-def _layer_tracker(model, wanted):
+def _layer_tracker(model, wanted, params):
     from curvc.runtime.kfac import LayerTracker
-    return LayerTracker(model, wanted=wanted)
+    return LayerTracker(model, wanted=wanted, params=params)
 
 
 def _dense_hessian(params, grads, args, keep_graph):

@@ -8,21 +8,25 @@ gradient of the loss at the layer's output,
     S = N ds^T ds                 out x out
 
 (ds of a mean-reduced loss carries a 1/N, so S is the mean outer product of
-the per-row output gradients). A layer applied several times in one
-forward pass (weight sharing) sums the (A, S) of its calls, as curvlinops'
-KFAC does. The factors are accumulated by the plan's iterate (``Settings``; K-FAC's own is
-the EMA ``A <- beta A + (1 - beta) A_t`` from the identity) on its
+the per-row output gradients). An ``nn.Conv2d`` layer is the same with a row
+per (example, output position), a its im2col patch and S scaled by the batch
+(Grosse & Martens, 2016; ``kfac_layers`` says which rows and why). A layer
+applied several times in one forward pass (weight sharing) sums the (A, S) of
+its calls, as curvlinops' KFAC does. The factors are accumulated by the plan's
+iterate (``Settings``; K-FAC's own is the EMA ``A <- beta A + (1 - beta) A_t``
+from the identity) on its
 ``accumulate`` steps; each factor's operator f(F) is recomputed on its
 ``invert`` steps, f(lambda) = 1 / max((lambda + damping)^e + damping_after, floor) of its
 eigenvalues (e = 1: the damped inverse, by Cholesky). The layer's step is
 
     [dW db] = f(S) [gW gb] f(A)      ((S + damping I)^-1 G (A + damping I)^-1 for K-FAC)
 
-or, for eigen_sign, Q_S [f(s_i) f(a_j) sign((Q_S^T G Q_A)_ij)] Q_A^T; the
+(a convolution's gW reshaped to out x (in kh kw)), or, for eigen_sign,
+Q_S [f(s_i) f(a_j) sign((Q_S^T G Q_A)_ij)] Q_A^T; the
 elementwise plan then treats it as its gradient (a normalized length, weight
 decay, momentum and the learning rate follow, as in the usual K-FAC training
 loop). Tensors outside a tracked layer keep their plain gradient (an identity
-block).
+block); a convolution K-FAC cannot precondition is refused.
 
 The factors and operators live in the weight's optimizer state (``kfac_A``,
 ``kfac_S``, ``kfac_A_inv``, ``kfac_S_inv``; ``kfac_A_basis``, ``kfac_S_basis``
@@ -30,23 +34,22 @@ for eigen_sign; ``kfac_count`` for a bias correction), so checkpoints carry them
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, fields
 
 import torch
 
-from curvc.runtime import distributed
+from curvc.runtime import distributed, kfac_layers
 from curvc.runtime.matrix import damped_symmetric, inverse_root, spectral
 
 
 class LayerTracker:
-    """Hooks on a model's ``nn.Linear`` layers: per layer, the sums of the factors
-    (A_t, S_t) of every call since the last step.
+    """Hooks on a model's ``nn.Linear`` and ``nn.Conv2d`` layers: per layer, the sums of
+    the factors (A_t, S_t) of every call since the last step.
 
     A layer applied c times per forward pass adds the factors of each call,
     each normalised by its own rows (curvlinops' KFAC sums them the same way):
-    A_t = sum_c a_c^T a_c / N_c, S_t = sum_c N_c ds_c^T ds_c. A call counts
+    A_t = sum_c a_c^T a_c / R_c, S_t = sum_c T_c ds_c^T ds_c (``kfac_layers``). A call counts
     once its output gradient arrives, so a forward pass nothing differentiates
     (an evaluation with grad enabled) adds nothing. ``wanted`` (a weak
     reference to a callable, e.g. a ``weakref.WeakMethod``; None: always) says
@@ -54,13 +57,21 @@ class LayerTracker:
     at the first forward pass, so steps that do not accumulate cost no matrix
     products.
 
+    A convolution K-FAC cannot precondition (``kfac_layers.refusal``) whose weight is
+    in ``params`` (None: any weight that requires grad) is refused here, naming it;
+    ``refuse`` checks again at each step (a param group added later).
+
     The hooks hold the tracker weakly, and are removed when it is collected
     (with the optimizer that owns it) or on ``remove()``.
     """
 
-    def __init__(self, model: torch.nn.Module, wanted=None):
-        self.layers: list[torch.nn.Linear] = [m for m in model.modules()
-                                              if isinstance(m, torch.nn.Linear)]
+    def __init__(self, model: torch.nn.Module, wanted=None, params=None):
+        self.layers: list[torch.nn.Module] = [m for m in model.modules()
+                                              if kfac_layers.tracked(m)]
+        self._refused = {m: f"the layer {name!r} ({m}): {why}" for name, m in
+                         model.named_modules() if (why := kfac_layers.refusal(m)) is not None}
+        self.refuse(params if params is not None else
+                    [p for p in model.parameters() if p.requires_grad])
         self._sums: dict = weakref.WeakKeyDictionary()  # module -> (A_t, S_t)
         self._wanted = wanted
         self._recording: bool | None = None  # asked of ``wanted`` at the first forward
@@ -90,13 +101,22 @@ class LayerTracker:
                 tracker._add(module, x, grad.detach())
         output.register_hook(on_grad)
 
-    def _add(self, module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor) -> None:
+    def refuse(self, params) -> None:
+        """Raise ValueError if a layer K-FAC cannot precondition has its weight in
+        ``params`` (it would silently take the plain gradient)."""
+        ids = {id(p) for p in params}
+        for module, what in self._refused.items():
+            if id(module.weight) in ids:
+                raise ValueError(f"K-FAC cannot precondition {what}; freeze it or give its "
+                                 "parameters to another optimizer")
+
+    def _add(self, module: torch.nn.Module, x: torch.Tensor, ds: torch.Tensor) -> None:
         dtype = module.weight.dtype
-        a_t, s_t = layer_factors(module, x.to(dtype), ds.to(dtype))
+        a_t, s_t = kfac_layers.layer_factors(module, x.to(dtype), ds.to(dtype))
         old = self._sums.get(module)
         self._sums[module] = (a_t, s_t) if old is None else (old[0] + a_t, old[1] + s_t)
 
-    def factors(self, module: torch.nn.Linear):
+    def factors(self, module: torch.nn.Module):
         """(A_t, S_t) summed over the layer's calls since the last step, or None."""
         return self._sums.get(module)
 
@@ -112,16 +132,6 @@ class LayerTracker:
 def _remove_hooks(handles) -> None:
     for h in handles:
         h.remove()
-
-
-def layer_factors(module: torch.nn.Linear, x: torch.Tensor, ds: torch.Tensor):
-    """(A_t, S_t) of one batch (see the module docstring)."""
-    n = math.prod(x.shape[:-1])  # rows, spelled out: reshape(-1, 0) is ambiguous
-    a = x.reshape(n, x.shape[-1])
-    if module.bias is not None:
-        a = torch.cat([a, a.new_ones(n, 1)], dim=1)
-    ds = ds.reshape(n, ds.shape[-1])
-    return a.T @ a / n, ds.T @ ds * n
 
 
 @dataclass(frozen=True)
@@ -225,13 +235,14 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     """
     st = Settings(beta=float(beta), damping=float(damping), **_typed(settings))
     out = {p: p.grad for p in params if p.grad is not None}
+    tracker.refuse(out)
     updates: list = []
     layers = [m for m in tracker.layers
               if m.weight in out and (m.bias is None or m.bias in out)]  # optimized, with grads
     batch = _batch_factors(opt, tracker, layers, group) if accumulate else {}
     op_keys = ("kfac_A_basis", "kfac_S_basis") if st.sign else ("kfac_A_inv", "kfac_S_inv")
     for module in layers:
-        w, b = module.weight, module.bias
+        w = module.weight
         state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
         if accumulate:
             a_t, s_t = batch[module]
@@ -252,11 +263,9 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
                 factor = state[key] * scale if st.bias_corrected else state[key]
                 state[op_key] = factor_operator(factor, st)
                 updates.append((w, op_key, state[op_key]))
-        g = w.grad if b is None else torch.cat([w.grad, b.grad[:, None]], dim=1)
-        v = preconditioned(g, state[op_keys[1]], state[op_keys[0]], st.sign)
-        out[w] = v[:, :w.shape[1]].to(w.grad.dtype)
-        if b is not None:
-            out[b] = v[:, w.shape[1]].to(b.grad.dtype)
+        v = preconditioned(kfac_layers.gradient_matrix(module), state[op_keys[1]],
+                           state[op_keys[0]], st.sign)
+        out.update(kfac_layers.split_step(module, v))
     return out, updates
 
 

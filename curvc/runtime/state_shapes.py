@@ -12,12 +12,13 @@ the methods whose state is one flat vector or matrix):
 * the elementwise buffers (the class's ``BUFFERS``): p's shape;
 * Kronecker factors and roots ``pre_cond_i`` / ``inv_pre_cond_i``: d_i x d_i;
 * K-FAC's ``kfac_S(_inv)``: out x out; ``kfac_A(_inv)``: in x in, or
-  (in + 1) x (in + 1) for a layer with a bias;
+  (in + 1) x (in + 1) for a layer with a bias (a Conv2d's in: in_channels * kh * kw);
 * the dense structure's ``curvature``: n x n; the secant method's
   ``d``, ``prev_flat_grad`` and its history: n.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -75,9 +76,10 @@ def _expected(opt, p: torch.Tensor, key: str, n: int) -> list[tuple] | str | Non
 
 
 def _kfac_shapes(opt, p: torch.Tensor, key: str) -> list[tuple] | str:
-    if p.dim() != 2:
-        return "none (K-FAC factors belong to a Linear layer's 2-D weight)"
-    out, inp = p.shape
+    if p.dim() not in (2, 4):
+        return ("none (K-FAC factors belong to a Linear layer's 2-D weight or a Conv2d "
+                "layer's 4-D one)")
+    out, inp = p.shape[0], math.prod(p.shape[1:])  # a conv's patch: in * kh * kw
     if key.startswith("kfac_S"):
         return [(out, out)]
     tracker = getattr(opt, "_tracker", None)
