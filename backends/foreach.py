@@ -16,9 +16,10 @@ list may be ``None`` (or hold ``None``) while its allocation flag is off;
 the guarded code never reads it then. Results match ``update`` bit for bit
 except where noted below (``s / x``).
 
-Values have one of three kinds: lists of tensors (downstream of a load),
-0-d tensors (downstream of a reduction only: rendered exactly as ``update``
-renders them) and Python floats (host scalars, constants). Operators with a
+Values have one of three kinds: lists of tensors (downstream of a load, or of a
+tensor-scope reduction: one 0-d tensor per tensor), 0-d tensors (downstream of a
+global or group reduction only: rendered exactly as ``update`` renders them) and
+Python floats (host scalars, constants). Operators with a
 scalar on the left are rewritten: commuted, or ``s - x`` as ``(-x) + s``
 (exact), or ``s / x`` as ``s * (1 / x)`` (within an ulp of ``update``).
 Combinations with no foreach overload (``div_or_zero`` of two lists,
@@ -100,7 +101,8 @@ class ForeachRenderer(TorchRenderer):
                 self.owned[name] = True
         # Lists downstream of a 0-d reduction: a 0-d parameter's entry may be float64 there
         # (type promotion), so writing it into a float32 temporary would round differently.
-        self.wide: set[str] = set()
+        self.wide: set[str] = {reduced_name(r.name) for r in plan.reductions
+                               if r.scope == "tensor"}
 
     def _dies(self, name: str, i: int) -> bool:
         """Whether nothing reads the tensors of ``name`` after statement ``i``."""
@@ -297,7 +299,9 @@ def _kinds(plan: Plan, sched) -> dict[str, str]:
     and a statement is a list if an operand is, else a 0-d tensor if an operand is."""
     loads = ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))
     kinds = {f"{t}_": LIST for t in loads}
-    kinds.update({reduced_name(r.name): TENSOR for r in plan.reductions})
+    # a tensor-scope reduction is one 0-d tensor per tensor: a list
+    kinds.update({reduced_name(r.name): LIST if r.scope == "tensor" else TENSOR
+                  for r in plan.reductions})
     for st in sched.stmts:
         node = st.node
         operands = node.args if isinstance(node, Op) else (node.then, node.other)

@@ -18,7 +18,7 @@ from dataclasses import fields
 from curvc import ir, names, parse as ast, rules
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
-from curvc.language import (CLAUSES, DEFAULT_FORMS, EVERY, FORMS, LR, MODIFIER_WHY,
+from curvc.language import (DEFAULT_FORMS, EVERY, FORMS, LR, MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
 
@@ -63,12 +63,18 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
     axes: dict[str, object] = {}
     first: dict[str, ast.Clause] = {}
     for clause in spec.clauses:
-        if clause.keyword in axes:
+        node = _check_clause(clause, by_name)
+        # a clip of the gradient (`on = gradient`) is a clause of its own beside the step's
+        axis = "gradient_clip" if isinstance(node, ir.Clip) and node.on_gradient else \
+            clause.keyword
+        if axis in axes:
             raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword,
                             hint=f"the first {clause.keyword} clause is on line "
-                                 f"{first[clause.keyword].keyword_span.line}")
-        first[clause.keyword] = clause
-        axes[clause.keyword] = _check_clause(clause, by_name)
+                                 f"{first[axis].keyword_span.line}" + (
+                                     "; a spec may clip the step and (on = gradient) the "
+                                     "gradient, once each" if clause.keyword == "clip" else ""))
+        first[axis] = clause
+        axes[axis] = node
     for clause, why in REQUIRED_CLAUSES.items():
         if clause not in axes:
             raise CurvError("combo.missing_clause", spec.name_span, clause=clause, why=why,
@@ -362,13 +368,13 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
     (``lr=-1``, ``betas=(1.2, 0.9)``) raises ``ValueError`` like torch.optim does.
     """
     out = [(ir.HyperRef("lr"), "nonneg", "the learning rate")]
-    for axis in CLAUSES:
-        node = getattr(opt, axis)
+    for axis, node in opt.axes():
         form = FORMS[axis][node.kind]
         specs = {a.name: a for a in form.args}
         specs["every"] = EVERY
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":
-                out.append((v, specs[f.name].constraint, f"the {f.name} of {axis} {node.kind}"))
+                out.append((v, specs[f.name].constraint,
+                            f"the {f.name} of {ir.clause_label(axis, node)}"))
     return out
