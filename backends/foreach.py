@@ -45,7 +45,7 @@ import math
 from dataclasses import replace
 
 from curvc.plan import NONFINITE_FLAG, Const, Load, Op, Plan, Reduced, Scalar, Select, walk
-from curvc.backends.render import (IndentedBuffer, flag_name, plan_roots, reduced_name,
+from curvc.backends.render import (IndentedBuffer, flag_name, narrowed, plan_roots, reduced_name,
                                    schedule)
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
                                   update_signature)
@@ -221,7 +221,7 @@ class ForeachRenderer(TorchRenderer):
             if kinds[0] == kinds[1] == LIST and kinds[2] in (LIST, SCALAR):
                 return f"{_F}lerp({a}, {b}, {w})"
             return None
-        if op == "keep_if":  # no foreach where: update's torch.where per tensor
+        if op in ("keep_if", "narrow"):  # no foreach where or cast: update's, per tensor
             return None
         a, b = args
         ka, kb = kinds
@@ -404,6 +404,7 @@ def _fused(new: Op, old: Op, once) -> Op:
 
 def render_foreach_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
+    plan = narrowed(plan)
     fused = fuse(plan)
     sig = update_signature(fused, schedule(plan_roots(fused), _leaf))
     buf.writeline(f"def _foreach_update{suffix}({signature_text(sig)}):")

@@ -111,10 +111,11 @@ class Runner:
 
     def kernel(self, k: Kernel) -> None:
         opt = self.opt
-        reduced = opt._reduce(k, self.work) if k.reduce else [{} for _ in self.work]
-        for (group, bucket, scalars, flags), mine in zip(self.work, reduced):
+        for _, bucket, _, _ in self.work:  # before the sums: their signatures name them
             for name in k.temporaries:
                 bucket.tensors[name] = [_temporary(p) for p in bucket.params]
+        reduced = opt._reduce(k, self.work) if k.reduce else [{} for _ in self.work]
+        for (group, bucket, scalars, flags), mine in zip(self.work, reduced):
             red = {**self.base.get(bucket.device, {}), **mine}
             if opt._uses_triton(k, bucket, group):
                 k.triton(bucket, scalars, flags, red)
