@@ -300,10 +300,13 @@ REFUSALS: tuple[Refusal, ...] = (
             "length {kind}(scope = group or tensor) with structure dense", _ONE_VECTOR_WHY),
     # a clip of the gradient where the runtime, not the plan, reads the gradient first
     *(Refusal(f"{path}_gradient_clip", path, lambda opt: opt.gradient_clip.kind != "none",
-              _clause("gradient_clip"), what, _RAW_GRADIENT_WHY)
-      for path, what in (("kfac", "clip {kind}(on = gradient) with curvature kfac"),
-                         ("dense", "clip {kind}(on = gradient) with structure dense"),
-                         ("secant", "clip {kind}(on = gradient) with structure low_rank"))),
+              _clause("gradient_clip"), what, why)
+      for path, what, why in (
+          ("kfac", "clip {kind}(on = gradient) with curvature kfac", _RAW_GRADIENT_WHY),
+          ("dense", "clip {kind}(on = gradient) with structure dense", _RAW_GRADIENT_WHY),
+          ("secant", "clip {kind}(on = gradient) with structure low_rank",
+           "the secant pairs and the line search read the raw gradient the closure returns; "
+           "clip the direction instead (a clip without `on = gradient`)"))),
     # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
     *(Refusal(f"secant_{axis}_scope", "secant", _scoped(_clause(axis)), _clause(axis),
               f"{axis} {{kind}}(scope = group or tensor) with structure low_rank",
