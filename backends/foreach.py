@@ -16,10 +16,9 @@ list may be ``None`` (or hold ``None``) while its allocation flag is off;
 the guarded code never reads it then. Results match ``update`` bit for bit
 except where noted below (``s / x``).
 
-Values have one of three kinds: lists of tensors (downstream of a load, or of a
-tensor-scope reduction: one 0-d tensor per tensor), 0-d tensors (downstream of a
-global or group reduction only: rendered exactly as ``update`` renders them) and
-Python floats (host scalars, constants). Operators with a
+Values have one of three kinds: lists of tensors (downstream of a load or of a tensor-
+scope sum), 0-d tensors (downstream of a global or group sum only: rendered exactly as
+``update`` renders them) and Python floats (host scalars, constants). Operators with a
 scalar on the left are rewritten: commuted, or ``s - x`` as ``(-x) + s``
 (exact), or ``s / x`` as ``s * (1 / x)`` (within an ulp of ``update``).
 Combinations with no foreach overload (``div_or_zero`` of two lists,
@@ -299,8 +298,7 @@ def _kinds(plan: Plan, sched) -> dict[str, str]:
     and a statement is a list if an operand is, else a 0-d tensor if an operand is."""
     loads = ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))
     kinds = {f"{t}_": LIST for t in loads}
-    # a tensor-scope reduction is one 0-d tensor per tensor: a list
-    kinds.update({reduced_name(r.name): LIST if r.scope == "tensor" else TENSOR
+    kinds.update({reduced_name(r.name): LIST if r.scope == "tensor" else TENSOR  # one per tensor
                   for r in plan.reductions})
     for st in sched.stmts:
         node = st.node

@@ -256,8 +256,9 @@ def narrowed(plan: Plan) -> Plan:
         elif isinstance(e, Op):
             args = tuple(visit(a) for a in e.args)
             if any(_loads(a) for a in e.args):
-                args = tuple(Op("narrow", (new,)) if _wide(old) and not (e.op == "keep_if" and i == 0)
-                             else new for i, (old, new) in enumerate(zip(e.args, args)))
+                args = tuple(Op("narrow", (new,))
+                             if _wide(old) and not (e.op == "keep_if" and i == 0) else new
+                             for i, (old, new) in enumerate(zip(e.args, args)))
             out = replace(e, args=args)
         memo[e] = out
         return out

@@ -355,10 +355,9 @@ def _render_kernel(plan: Plan, x: str, buf: IndentedBuffer) -> None:
             buf.writeline('"""No reductions in this kernel."""')
             buf.writeline("return {}")
             return
-        per_tensor = any(r.scope == "tensor" for r in plan.reductions)
-        buf.writeline('"""Partial sums over the bucket of one pass of the reductions, as float64 '
-                      'device tensors' + (' (0-d; a tensor-scope one: one per tensor)."""'
-                                          if per_tensor else '."""'))
+        buf.writeline('"""A pass of the sums over the bucket: float64 device tensors' + (
+            ' (per tensor: 1-D)."""' if any(r.scope == "tensor" for r in plan.reductions)
+            else '."""'))
         for n, (lv, red) in enumerate(zip(levels, reds)):
             if len(reds) > 1:
                 buf.writeline(f"{'if' if n == 0 else 'elif'} level == {n}:")

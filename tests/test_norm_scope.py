@@ -317,3 +317,133 @@ def test_flat_fsdp_shards_are_refused_with_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="fully_shard"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(4, dtype=torch.float64))
+
+
+_SHARDED_WORKER = '''
+import sys, torch, torch.distributed as dist
+rank, port, tensor_spec, group_spec = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import curvc
+mesh = init_device_mesh("cpu", (2,))
+g = torch.Generator().manual_seed(0)
+starts = [torch.randn(8, 3, generator=g, dtype=torch.float64),
+          torch.randn(6, generator=g, dtype=torch.float64)]
+grads = [[torch.randn(s.shape, generator=g, dtype=torch.float64) for s in starts]
+         for _ in range(3)]
+errs = []
+for spec, scope in ((tensor_spec, "tensor"), (group_spec, "group")):
+    ours = [torch.nn.Parameter(distribute_tensor(s.clone(), mesh, [Shard(0)])) for s in starts]
+    opt = curvc.load(spec, backend="torch")(ours, lr=0.1)
+    ref = [s.clone() for s in starts]
+    for gs in grads:
+        for p, gr in zip(ours, gs):
+            p.grad = distribute_tensor(gr.clone(), mesh, [Shard(0)])
+        opt.step()
+        # whole tensors: d_i = g_i / ||g_i|| (tensor), g_i / ||g|| over both (group)
+        whole = torch.cat([gr.reshape(-1) for gr in gs]).norm()
+        ref = [x - 0.1 * gr / (gr.norm() if scope == "tensor" else whole)
+               for x, gr in zip(ref, gs)]
+    errs.append(max(float((p.detach().full_tensor() - r).abs().max()) for p, r in zip(ours, ref)))
+dist.destroy_process_group()
+print(max(errs))
+'''
+
+
+def test_a_sharded_tensors_norm_is_the_whole_tensors(tmp_path):
+    """FSDP2-style DTensor parameters, each sharded over two gloo ranks: a tensor-scope
+    (and a group-scope) norm is the whole tensor's, not the local shard's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    worker = tmp_path / "worker.py"
+    worker.write_text(_SHARDED_WORKER)
+    specs = []
+    for scope in ("tensor", "group"):
+        path = tmp_path / f"{scope}.curv"
+        path.write_text(f"optimizer Sharded\n{NORMALIZED.format(scope=scope)}")
+        specs.append(str(path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "CURVC_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), port, *specs], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)  # a hang guard, not a speed requirement
+        assert p.returncode == 0, err[-3000:]
+        assert float(out.strip().splitlines()[-1]) <= 1e-12
+
+
+# --- more than one bucket in a scope; Shampoo's head and tail; a skipped step ----------
+
+def test_a_group_scope_spans_the_buckets_of_its_group(tmp_path):
+    """A float32 and a float64 tensor in one group are two buckets: their norm is one."""
+    Opt = _load(tmp_path, NORMALIZED.format(scope="group"))
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(5, generator=g, dtype=torch.float64),
+             torch.randn(4, 2, generator=g).float(), torch.randn(3, generator=g, dtype=torch.float64)]
+    ps = [x.clone().requires_grad_(True) for x in start]
+    opt = Opt([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.3}], lr=0.2)
+    theta = [x.double() for x in start]
+    for t in range(1, 11):
+        grads = _gradient([p.detach().double() for p in ps], t)
+        for p, gr in zip(ps, grads):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+        grads = [gr.to(x.dtype).double() for gr, x in zip(grads, start)]  # what ours saw
+        first = _norm(grads[:2])
+        theta = [theta[0] - 0.2 * grads[0] / first, theta[1] - 0.2 * grads[1] / first,
+                 theta[2] - 0.3 * grads[2] / _norm(grads[2:])]
+    _close([p.detach().double() for p in ps], theta, 1e-5)
+
+
+SHAMPOO = """hyper lr = 0.05, c = 1.5
+curvature empirical_fisher
+structure kronecker
+length    normalized(scope = group)
+damping   inside(1e-2)
+{clip}"""
+
+
+def test_a_gradient_clip_before_shampoo_is_shampoo_of_the_clipped_gradient(tmp_path):
+    """The definition: clip g (each tensor to norm c), then the same optimizer without the
+    clip. Its head kernel sums the clip, its tail the normalization, which reads it."""
+    Clipped = _load(tmp_path, SHAMPOO.format(clip="clip global_norm(c, scope = tensor, "
+                                                   "on = gradient)\n"), "Clipped")
+    Plain = _load(tmp_path, SHAMPOO.format(clip=""), "Plain")
+    ps = [x.clone().requires_grad_(True) for x in _params()]
+    qs = [x.clone().requires_grad_(True) for x in _params()]
+    opt = Clipped([{"params": ps[:2]}, {"params": ps[2:], "c": 0.5}])
+    ref = Plain([{"params": qs[:2]}, {"params": qs[2:]}])
+    c = [1.5, 1.5, 0.5, 0.5]
+    for t in range(1, 21):
+        grads = _gradient([p.detach() for p in ps], t)
+        for i, (p, q, gr) in enumerate(zip(ps, qs, grads)):
+            p.grad = gr.clone()
+            q.grad = gr * min(1.0, c[i] / _norm([gr]))  # g_i min(1, c / ||g_i||)
+        opt.step()
+        ref.step()
+    _close([p.detach() for p in ps], [q.detach() for q in qs], 1e-9)
+
+
+def test_a_skipped_step_leaves_everything_as_it_was(tmp_path):
+    Opt = _load(tmp_path, BOTH)
+    ps = [x.clone().requires_grad_(True) for x in _params()]
+    opt = Opt([{"params": ps[:2]}, {"params": ps[2:]}], nonfinite="skip")
+    for t in (1, 2):
+        for p, g in zip(ps, _gradient([p.detach() for p in ps], t)):
+            p.grad = g
+        opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = [opt.state[p]["momentum_buffer"].clone() for p in ps]
+    ps[1].grad[0] = float("nan")
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], s) for p, s in zip(ps, state))
