@@ -259,7 +259,7 @@ else:
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags, reduced=None, level=0):
-        """Partial sums over the bucket of one pass of the reductions, as float64 device tensors."""
+        """A pass of the sums over the bucket: float64 device tensors."""
         total = None
         for t in _TABLES.launches(bucket, _reduce_kernel):
             partials = t.partials(1)
