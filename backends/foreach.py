@@ -16,9 +16,9 @@ list may be ``None`` (or hold ``None``) while its allocation flag is off;
 the guarded code never reads it then. Results match ``update`` bit for bit
 except where noted below (``s / x``).
 
-Values have one of three kinds: lists of tensors (downstream of a load),
-0-d tensors (downstream of a reduction only: rendered exactly as ``update``
-renders them) and Python floats (host scalars, constants). Operators with a
+Values have one of three kinds: lists of tensors (downstream of a load or of a tensor-
+scope sum), 0-d tensors (downstream of a global or group sum only: rendered exactly as
+``update`` renders them) and Python floats (host scalars, constants). Operators with a
 scalar on the left are rewritten: commuted, or ``s - x`` as ``(-x) + s``
 (exact), or ``s / x`` as ``s * (1 / x)`` (within an ulp of ``update``).
 Combinations with no foreach overload (``div_or_zero`` of two lists,
@@ -44,7 +44,7 @@ import math
 from dataclasses import replace
 
 from curvc.plan import NONFINITE_FLAG, Const, Load, Op, Plan, Reduced, Scalar, Select, walk
-from curvc.backends.render import (IndentedBuffer, flag_name, plan_roots, reduced_name,
+from curvc.backends.render import (IndentedBuffer, flag_name, narrowed, plan_roots, reduced_name,
                                    schedule)
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
                                   update_signature)
@@ -100,7 +100,8 @@ class ForeachRenderer(TorchRenderer):
                 self.owned[name] = True
         # Lists downstream of a 0-d reduction: a 0-d parameter's entry may be float64 there
         # (type promotion), so writing it into a float32 temporary would round differently.
-        self.wide: set[str] = set()
+        self.wide: set[str] = {reduced_name(r.name) for r in plan.reductions
+                               if r.scope == "tensor"}
 
     def _dies(self, name: str, i: int) -> bool:
         """Whether nothing reads the tensors of ``name`` after statement ``i``."""
@@ -219,7 +220,7 @@ class ForeachRenderer(TorchRenderer):
             if kinds[0] == kinds[1] == LIST and kinds[2] in (LIST, SCALAR):
                 return f"{_F}lerp({a}, {b}, {w})"
             return None
-        if op == "keep_if":  # no foreach where: update's torch.where per tensor
+        if op in ("keep_if", "narrow"):  # no foreach where or cast: update's, per tensor
             return None
         a, b = args
         ka, kb = kinds
@@ -297,7 +298,8 @@ def _kinds(plan: Plan, sched) -> dict[str, str]:
     and a statement is a list if an operand is, else a 0-d tensor if an operand is."""
     loads = ("param", "grad", *plan.inputs, *(b.name for b in plan.buffers))
     kinds = {f"{t}_": LIST for t in loads}
-    kinds.update({reduced_name(r.name): TENSOR for r in plan.reductions})
+    kinds.update({reduced_name(r.name): LIST if r.scope == "tensor" else TENSOR  # one per tensor
+                  for r in plan.reductions})
     for st in sched.stmts:
         node = st.node
         operands = node.args if isinstance(node, Op) else (node.then, node.other)
@@ -400,6 +402,7 @@ def _fused(new: Op, old: Op, once) -> Op:
 
 def render_foreach_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
+    plan = narrowed(plan)
     fused = fuse(plan)
     sig = update_signature(fused, schedule(plan_roots(fused), _leaf))
     buf.writeline(f"def _foreach_update{suffix}({signature_text(sig)}):")

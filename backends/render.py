@@ -10,9 +10,9 @@ their own syntax; they never look at what the optimizer is.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select
+from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select, walk
 
 Guard = frozenset  # of (flag, bool)
 
@@ -269,6 +269,51 @@ def plan_roots(plan: Plan) -> list[tuple[Expr, Guard, str]]:
         roots.append((st.value, Guard({(st.when, True)} if st.when else set()),
                       f"new_{st.target}_"))
     return roots
+
+
+def _wide(e: Expr) -> bool:
+    """A 0-d value of the reductions only (float64): no tensor is loaded under it."""
+    found = False
+    for n in walk(e):
+        if isinstance(n, Load):
+            return False
+        found = found or isinstance(n, Reduced)
+    return found
+
+
+def narrowed(plan: Plan) -> Plan:
+    """The plan with each value of the reductions only (a float64 0-d tensor, or one per
+    tensor) cast to the compute dtype where it meets a tensor: ``Op('narrow', (x,))``.
+
+    Triton does the same (its ``narrowed`` values): arithmetic with a tensor runs in the
+    compute dtype. For tensors of one or more dimensions torch's type promotion does it
+    anyway (a 0-d operand takes the other's dtype), so this changes nothing there; a 0-d
+    parameter would otherwise compute in float64, and ops that need equal dtypes (lerp)
+    would fail on it. ``keep_if``'s flag is a condition, not an operand: left alone."""
+    memo: dict = {}
+
+    def visit(e: Expr) -> Expr:
+        if e in memo:
+            return memo[e]
+        out = e
+        if isinstance(e, Select):
+            out = Select(e.flag, visit(e.then), visit(e.other))
+        elif isinstance(e, Op):
+            args = tuple(visit(a) for a in e.args)
+            if any(_loads(a) for a in e.args):
+                args = tuple(Op("narrow", (new,))
+                             if _wide(old) and not (e.op == "keep_if" and i == 0) else new
+                             for i, (old, new) in enumerate(zip(e.args, args)))
+            out = replace(e, args=args)
+        memo[e] = out
+        return out
+
+    return replace(plan, stores=tuple(replace(st, value=visit(st.value)) for st in plan.stores),
+                   reductions=tuple(replace(r, value=visit(r.value)) for r in plan.reductions))
+
+
+def _loads(e: Expr) -> bool:
+    return any(isinstance(n, Load) for n in walk(e))
 
 
 class Renderer:

@@ -15,14 +15,15 @@ import textwrap
 from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select, walk
 from curvc.schedule import Extern
 from curvc.backends.render import (Guard, IndentedBuffer, PythonHost, Renderer, Stmt, flag_name,
-                                   guard_text, plan_roots, reduced_name, scalar_name, schedule)
+                                   guard_text, narrowed, plan_roots, reduced_name, scalar_name,
+                                   schedule)
 
 
 class TorchRenderer(Renderer):
     ops = {**Renderer.ops, "sqrt": "torch.sqrt({0})", "abs": "torch.abs({0})",
            "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
            "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)",
-           "keep_if": "torch.where({0} != 0, {1}, {2})"}
+           "keep_if": "torch.where({0} != 0, {1}, {2})", "narrow": "{0}.to(cdt)"}
 
     def __init__(self, tensors: set[str]):
         self.tensors = tensors  # names holding tensors (the rest are Python floats)
@@ -104,6 +105,7 @@ def _signature(plan: Plan, sched, tensor_args: list[str]) -> tuple[list[str], li
 
 def render_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``update(...)``, the step of one tensor. Returns what its signature takes."""
+    plan = narrowed(plan)
     roots = plan_roots(plan)
     sched = schedule(roots, _leaf)
     r = TorchRenderer(_tensor_names(plan, sched, roots))
@@ -145,6 +147,7 @@ def signature_text(sig: dict) -> str:
 def render_reductions(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """One ``reduce_<name>(...)`` per global reduction: this tensor's partial sum."""
     out = {}
+    plan = narrowed(plan)
     for red in plan.reductions:
         sched = schedule([(red.value, Guard())], _leaf)
         r = TorchRenderer(_tensor_names(plan, sched, None))

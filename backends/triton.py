@@ -28,7 +28,7 @@ never triton.
 from __future__ import annotations
 
 
-from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select
+from curvc.plan import Const, Load, Op, Plan, Reduced, Scalar, Select, reduction_levels
 from curvc.backends.render import (Guard, IndentedBuffer, Renderer, flag_name, plan_roots,
                                    reduced_name, scalar_name, schedule, wrap_items)
 
@@ -115,6 +115,10 @@ class _Kernel:
         self.loads = _load_guards(self.sched, roots)
         self.scalars = sorted({n.name for n in names if isinstance(n, Scalar)})
         self.reduced = sorted({n.name for n in names if isinstance(n, Reduced)})
+        # tensor-scope sums: one per tensor of the bucket, read at the launch's tensor's
+        # position in it
+        self.per_tensor = {r.name for r in plan.reductions if r.scope == "tensor"} & \
+            set(self.reduced)
         stmts = self.sched.stmts
         self.flags = sorted({f for st in stmts for f, _ in st.guard}
                             | {st.node.flag for st in stmts if isinstance(st.node, Select)}
@@ -136,11 +140,15 @@ class _Kernel:
 
     def signature(self, buf: IndentedBuffer, extra: list[str]) -> None:
         groups = [([f"{t}_ptrs" for t in self.tensors], "data-pointer tables, one per role"),
-                  (["numels", "block_tensor", "block_start"],
-                   "each block's tensor and first element"),
+                  (["numels", "block_tensor", "block_start"]
+                   + (["positions"] if self.per_tensor else []),
+                   "each block's tensor and first element" + (
+                       "; each tensor's place in the bucket" if self.per_tensor else "")),
                   ([f"{scalar_name(s)}: tl.float64" for s in self.scalars],
                    "host scalars (runtime values)"),
-                  ([f"{reduced_name(r)}_ptr" for r in self.reduced], "global sums (0-d float64)"),
+                  ([f"{reduced_name(r)}_ptr" for r in self.reduced],
+                   "reductions' sums (float64: 0-d, or one per tensor of the bucket)"
+                   if self.per_tensor else "global sums (0-d float64)"),
                   *extra,
                   ([f"{flag_name(f)}: tl.constexpr" for f in self.flags],
                    "host flags (compile-time)"),
@@ -161,8 +169,12 @@ class _Kernel:
             buf.writeline(f"{t}_addr = tl.load({t}_ptrs + i).to(tl.pointer_type({_dtype_arg(t)}))")
         for s in map(scalar_name, self.scalars):
             buf.writeline(f"{s} = tl.cast({s}, CDT)")
-        for r in map(reduced_name, self.reduced):
-            buf.writeline(f"{r} = tl.load({r}_ptr)")
+        if self.per_tensor:
+            buf.writeline("at = tl.load(positions + i)")
+        for name in self.reduced:
+            r = reduced_name(name)
+            buf.writeline(f"{r} = tl.load({r}_ptr + at)" if name in self.per_tensor
+                          else f"{r} = tl.load({r}_ptr)")
             if r in self.narrowed:
                 buf.writeline(f"{r}_c = tl.cast({r}, CDT)")
         items = [(self.loads[t], [f"{t}_ = tl.load({t}_addr + offs, mask=mask).to(CDT)"])
@@ -229,21 +241,20 @@ def render_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> _Kernel:
     return k
 
 
-def render_reduce(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> _Kernel:
-    roots = [(red.value, Guard()) for red in plan.reductions]
+def render_reduce(plan: Plan, reductions, buf: IndentedBuffer, name: str) -> _Kernel:
+    """``name``: one block's partial sums of ``reductions`` (one pass of the plan's)."""
+    roots = [(red.value, Guard()) for red in reductions]
     k = _Kernel(plan, roots)
-    if k.reduced:
-        raise NotImplementedError("a reduction that reads another reduction")
     buf.writeline("@triton.jit")
-    buf.writeline(f"def _reduce_kernel{suffix}(")
+    buf.writeline(f"def {name}(")
     with buf.indent(2):
         k.signature(buf, [(["partials"], "out: [reductions, blocks] float64")])
     with buf.indent():
-        buf.writeline("# One block's partial sums of " + ", ".join(r.name for r in plan.reductions)
+        buf.writeline("# One block's partial sums of " + ", ".join(r.name for r in reductions)
                       + ": row r of partials holds reduction r.")
         k.prologue(buf)
         k.body(buf)
-        for row, red in enumerate(plan.reductions):
+        for row, red in enumerate(reductions):
             value = k.sched.names[red.value]
             at = "pid" if row == 0 else f"{row} * tl.num_programs(0) + pid"
             buf.writeline(f"tl.store(partials + {at}, "
@@ -286,7 +297,8 @@ def _launch_args(k: _Kernel, buf: IndentedBuffer, extra: list[str]) -> None:
     def wrap(items, end):
         return wrap_items("", items, end, buf.room, "")
     buf.writelines(wrap([f"t.ptrs[{n!r}]" for n in k.tensors], ","))
-    buf.writeline("t.numels, t.block_tensor, t.block_start,")
+    buf.writeline("t.numels, t.block_tensor, t.block_start,"
+                  + (" t.positions," if k.per_tensor else ""))
     buf.writelines(wrap([f"{scalar_name(s)}=float(scalars[{s!r}])" for s in k.scalars]
                          + [f"{reduced_name(r)}_ptr=reduced[{r!r}]" for r in k.reduced]
                          + extra + [f"{flag_name(f)}=bool(flags[{f!r}])" for f in k.flags], ","))
@@ -321,8 +333,9 @@ def _render_kernel(plan: Plan, x: str, buf: IndentedBuffer) -> None:
     stored = [st.target for st in plan.stores]
     upd = render_update(plan, buf, x)
     buf.writeline()
-    red = render_reduce(plan, buf, x) if plan.reductions else None
-    if red:
+    levels = reduction_levels(plan.reductions)
+    reds = [render_reduce(plan, lv, buf, _reduce_kernel(x, n)) for n, lv in enumerate(levels)]
+    if reds:
         buf.writeline()
     buf.writeline(f"_TABLES{x} = _Tables({roles!r}, stored={sorted(set(stored))!r})")
     buf.writeline()
@@ -336,25 +349,56 @@ def _render_kernel(plan: Plan, x: str, buf: IndentedBuffer) -> None:
                 _launch_args(upd, buf, [])
             buf.writeline("t.finish()")
     buf.writeline()
-    buf.writeline(f"def _triton_reduce{x}(bucket, scalars, flags):")
+    buf.writeline(f"def _triton_reduce{x}(bucket, scalars, flags, reduced=None, level=0):")
     with buf.indent():
-        if red is None:
-            buf.writeline('"""No global reductions in this kernel."""')
+        if not reds:
+            buf.writeline('"""No reductions in this kernel."""')
             buf.writeline("return {}")
             return
-        names = [r.name for r in plan.reductions]
-        rows = len(names)
-        buf.writeline('"""Partial sums over the bucket, as 0-d float64 device tensors."""')
+        buf.writeline('"""A pass of the sums over the bucket: float64 device tensors' + (
+            ' (per tensor: 1-D)."""' if any(r.scope == "tensor" for r in plan.reductions)
+            else '."""'))
+        for n, (lv, red) in enumerate(zip(levels, reds)):
+            if len(reds) > 1:
+                buf.writeline(f"{'if' if n == 0 else 'elif'} level == {n}:")
+                buf._level += 1
+            _reduce_launch(lv, red, buf, x, _reduce_kernel(x, n))
+            if len(reds) > 1:
+                buf._level -= 1
+
+
+def _reduce_kernel(x: str, level: int) -> str:
+    return f"_reduce_kernel{x}" + (f"_pass{level}" if level else "")
+
+
+def _reduce_launch(reductions, red: _Kernel, buf: IndentedBuffer, x: str, kernel: str) -> None:
+    """The host side of one reduce kernel: global and group rows summed over the blocks,
+    tensor-scope rows over each tensor's blocks, into its place in the bucket (sums in a
+    fixed order, no atomics: replicas under DDP must round alike)."""
+    names = [r.name for r in reductions]
+    rows = len(names)
+    tensor_rows = [i for i, r in enumerate(reductions) if r.scope == "tensor"]
+    if len(tensor_rows) < rows:
         buf.writeline("total = None")
-        buf.writeline(f"for t in _TABLES{x}.launches(bucket, _reduce_kernel{x}):")
+    for i in tensor_rows:
+        buf.writeline(f"per_tensor{i} = _TABLES{x}.zeros(bucket, len(bucket.params))")
+    buf.writeline(f"for t in _TABLES{x}.launches(bucket, {kernel}):")
+    with buf.indent():
+        buf.writeline(f"partials = t.partials({rows})")
+        buf.writeline(f"{kernel}[(t.blocks,)](")
         with buf.indent():
-            buf.writeline(f"partials = t.partials({rows})")
-            buf.writeline(f"_reduce_kernel{x}[(t.blocks,)](")
-            with buf.indent():
-                _launch_args(red, buf, ["partials=partials"])
+            _launch_args(red, buf, ["partials=partials"])
+        if tensor_rows:  # each tensor's blocks are consecutive: a sum per segment, in order
+            buf.writeline(f"rows = partials.view({rows}, t.blocks)")
+            for i in tensor_rows:
+                buf.writeline(f"per_tensor{i}.index_copy_(0, t.positions, torch.segment_reduce("
+                              f"rows[{i}], 'sum', lengths=t.counts))")
+        if len(tensor_rows) < rows:
             buf.writeline(f"sums = partials.view({rows}, t.blocks).sum(dim=1)")
             buf.writeline("total = sums if total is None else total + sums")
+    if len(tensor_rows) < rows:
         buf.writeline("if total is None:  # no elements")
         buf.writeline(f"    total = _TABLES{x}.zeros(bucket, {rows})")
-        buf.writeline("return {" + ", ".join(f"{n!r}: total[{i}]" for i, n in enumerate(names))
-                      + "}")
+    buf.writeline("return {" + ", ".join(
+        f"{n!r}: per_tensor{i}" if i in tensor_rows else f"{n!r}: total[{i}]"
+        for i, n in enumerate(names)) + "}")

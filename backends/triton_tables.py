@@ -100,10 +100,12 @@ class Tables:
         groups: dict[tuple, list[int]] = {}
         write_back: list = []
         staged_rows = []
+        places = []  # each staged row's place in the bucket (tensor-scope sums are kept so)
         for j, row in enumerate(rows):
             p = row[0]
             if p.numel() == 0:
                 continue
+            places.append(j)
             present = [t for t in row if t is not None]
             if not all(_dense(t) and _layout(t) == _layout(p) for t in present):
                 row = tuple(None if t is None else t.contiguous() for t in row)
@@ -114,7 +116,8 @@ class Tables:
             groups.setdefault(key, []).append(len(staged_rows) - 1)
         if len(groups) > 1:
             groups = self._merge(groups)
-        out = [copy.copy(self._launch([staged_rows[j] for j in members], key, bucket.device,
+        out = [copy.copy(self._launch([staged_rows[j] for j in members],
+                                      tuple(places[j] for j in members), key, bucket.device,
                                       block, torch)) for key, members in groups.items()]
         for launch in out:
             # Staged copies must outlive the launch: freed earlier, their memory
@@ -138,21 +141,21 @@ class Tables:
                 merged[key] = list(members)
         return merged
 
-    def _launch(self, rows, dtypes, device, block, torch) -> Launch:
+    def _launch(self, rows, places, dtypes, device, block, torch) -> Launch:
         numels = tuple(r[0].numel() for r in rows)
         ptrs = tuple(tuple(0 if t is None else t.data_ptr() for t in r) for r in rows)
-        key = (device, block, dtypes, numels, ptrs)
+        key = (device, block, dtypes, numels, ptrs, places)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        launch = self._build(rows, numels, dtypes, device, block, torch)
+        launch = self._build(rows, places, numels, dtypes, device, block, torch)
         self._cache[key] = launch
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return launch
 
-    def _build(self, rows, numels, dtypes, device, block, torch) -> Launch:
+    def _build(self, rows, places, numels, dtypes, device, block, torch) -> Launch:
         import triton.language as tl
         tl_types = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -167,7 +170,8 @@ class Tables:
         # specializes pointer arguments on 16-byte alignment).
         segments = [torch.tensor([0 if t is None else t.data_ptr() for t in col], dtype=torch.int64)
                     for col in zip(*rows)]
-        segments += [torch.tensor(numels, dtype=torch.int64), block_tensor, block_start]
+        segments += [torch.tensor(numels, dtype=torch.int64), block_tensor, block_start,
+                     counts, torch.tensor(places, dtype=torch.int64)]
         padded = [torch.cat([s, s.new_zeros(len(s) % 2)]) for s in segments]
         flat = torch.cat(padded)
         if device.type == "cuda":
@@ -183,6 +187,8 @@ class Tables:
             role_dtypes[role] = tl_types.get(dt, tl.float32)  # absent everywhere: never read
         compute = tl.float64 if dtypes[0] == torch.float64 else tl.float32
         ptrs = dict(zip(self.roles, views[:len(self.roles)]))
-        numel_t, block_tensor_t, block_start_t = views[len(self.roles):]
-        return Launch(ptrs, numel_t, block_tensor_t, block_start_t, blocks, role_dtypes, compute,
-                      block, [], device)
+        numel_t, block_tensor_t, block_start_t, counts_t, places_t = views[len(self.roles):]
+        launch = Launch(ptrs, numel_t, block_tensor_t, block_start_t, blocks, role_dtypes,
+                        compute, block, [], device)
+        launch.counts, launch.positions = counts_t, places_t  # per tensor: blocks, bucket place
+        return launch

@@ -252,7 +252,9 @@ def closed_forms(opt: ir.Optimizer, g, h, lam, q, hypers: dict) -> dict:
     or the scalar structure. Eigenvalues that are not positive are left out, as the
     dense step drops them (the pseudo-inverse)."""
     plain = all(getattr(opt, a).kind in ("none", "constant", "instant")
-                for a in ("clip", "damping", "schedule", "iterate"))
+                for a in ("clip", "gradient_clip", "damping", "schedule", "iterate"))
+    # the paper's rows take the norm over every parameter
+    plain = plain and getattr(opt.length.scope, "value", "global") == "global"
     if opt.decay.kind != "none" and _default(opt, opt.decay.rate, hypers) != 0.0:
         plain = False
     c = _first_step_scale(opt, hypers)

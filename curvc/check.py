@@ -18,7 +18,7 @@ from dataclasses import fields
 from curvc import check_exprs, ir, names, parse as ast, rules
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
-from curvc.language import (CLAUSES, DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
+from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
                             MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
@@ -66,20 +66,29 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
     first: dict[str, ast.Clause | ast.ExprClause] = {}
     update = None
     for clause in spec.clauses:
-        if clause.keyword in first:
+        if isinstance(clause, ast.ExprClause):
+            axis = clause.keyword
+        else:
+            node = _check_clause(clause, by_name, scope)
+            # a clip of the gradient (`on = gradient`) is a clause of its own beside the step's
+            axis = "gradient_clip" if isinstance(node, ir.Clip) and node.on_gradient else \
+                clause.keyword
+        if axis in first:
             raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword,
                             hint=f"the first {clause.keyword} clause is on line "
-                                 f"{first[clause.keyword].keyword_span.line}")
-        first[clause.keyword] = clause
+                                 f"{first[axis].keyword_span.line}" + (
+                                     "; a spec may clip the step and (on = gradient) the "
+                                     "gradient, once each" if clause.keyword == "clip" else ""))
+        first[axis] = clause
         if isinstance(clause, ast.ExprClause):
             value = _check_expr_clause(clause, scope)
             if clause.keyword == "update":
                 update = value
             else:
-                axes[clause.keyword] = ir.AXIS_TYPES[clause.keyword](
-                    kind="expression", value=value, span=clause.span)
+                axes[axis] = ir.AXIS_TYPES[axis](kind="expression", value=value,
+                                                 span=clause.span)
         else:
-            axes[clause.keyword] = _check_clause(clause, by_name, scope)
+            axes[axis] = node
     for clause, why in REQUIRED_CLAUSES.items():
         if clause not in axes:
             raise CurvError("combo.missing_clause", spec.name_span, clause=clause, why=why,
@@ -393,8 +402,7 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
     (``lr=-1``, ``betas=(1.2, 0.9)``) raises ``ValueError`` like torch.optim does.
     """
     out = [(ir.HyperRef("lr"), "nonneg", "the learning rate")]
-    for axis in CLAUSES:
-        node = getattr(opt, axis)
+    for axis, node in opt.axes():
         if node.kind not in FORMS[axis]:  # an expression: its hyperparameters are any number
             continue
         form = FORMS[axis][node.kind]
@@ -403,5 +411,6 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":
-                out.append((v, specs[f.name].constraint, f"the {f.name} of {axis} {node.kind}"))
+                out.append((v, specs[f.name].constraint,
+                            f"the {f.name} of {ir.clause_label(axis, node)}"))
     return out

@@ -14,8 +14,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import fields
 
-from curvc import explain, ir, language, names, schedule
-from curvc.plan import Plan
+from curvc import explain, ir, names, schedule
+from curvc.plan import Plan, reduction_levels
 from curvc.version import __version__
 from curvc.backends import BACKENDS
 from curvc.backends import foreach as foreach_backend
@@ -137,9 +137,15 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
         x = _suffix(k)
         reduce = "{" + ", ".join(f"{r.name!r}: (_reduce_{r.name}{x}, _REDUCE_ARGS{x}[{r.name!r}])"
                                  for r in k.plan.reductions) + "}"
-        items = [repr(k.name), f"_update{x}", f"_UPDATE_ARGS{x}", f"reduce={reduce}",
-                 f"foreach=_foreach_update{x}", f"triton=_triton_step{x}",
-                 f"triton_reduce=_triton_reduce{x}"]
+        items = [repr(k.name), f"_update{x}", f"_UPDATE_ARGS{x}", f"reduce={reduce}"]
+        scopes = {r.name: r.scope for r in k.plan.reductions if r.scope != "global"}
+        if scopes:
+            items.append(f"scopes={scopes!r}")
+        levels = reduction_levels(k.plan.reductions)
+        if len(levels) > 1:
+            items.append(f"levels={tuple(tuple(r.name for r in lv) for lv in levels)!r}")
+        items += [f"foreach=_foreach_update{x}", f"triton=_triton_step{x}",
+                  f"triton_reduce=_triton_reduce{x}"]
         if k.temporaries:
             items.append(f"temporaries={k.temporaries!r}")
         if not k.last:
@@ -258,14 +264,13 @@ def _uses(opt: ir.Optimizer, plan: Plan) -> dict[tuple[str, int | None], list[st
         if where not in uses.setdefault((ref.name, ref.index), []):
             uses[(ref.name, ref.index)].append(where)
 
-    clause_args = {f"the {f.name} of {axis} {getattr(opt, axis).kind}"
-                   for axis in language.CLAUSES for f in fields(getattr(opt, axis))}
+    clause_args = {f"the {f.name} of {ir.clause_label(axis, node)}"
+                   for axis, node in opt.axes() for f in fields(node)}
     for v in plan.validators:
         if v.where not in clause_args:  # those are worded below
             use(ir.HyperRef(v.hyper, v.index), v.where)
-    for axis in language.CLAUSES:
-        node = getattr(opt, axis)
-        clause = f"{axis} {node.kind}"
+    for axis, node in opt.axes():
+        clause = ir.clause_label(axis, node)
         for f in fields(node):
             if isinstance(ref := getattr(node, f.name), ir.HyperRef):
                 use(ref, _USE_PHRASES.get(f.name, "the {arg} of {clause}").format(

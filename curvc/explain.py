@@ -92,6 +92,7 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     if opt.structure.kind == "low_rank":
         return _low_rank(opt, lr)
     eq.append("g     = grad f(theta)            (negated when maximize=True)")
+    eq += _clip(opt, opt.gradient_clip, "g")
     if opt.curvature.kind == "kfac":  # preconditioned first: decay and momentum follow
         eq += _kfac_gradient(opt, nums)
     dec = opt.decay
@@ -213,7 +214,7 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         eq.append("d     = sign(" + m + ")" + ("" if constant else " / P"))
     elif ln == "normalized":
         norm = f"sqrt(sum({m} * {m}))" if constant else f"sqrt(sum({m} * {m} / P))"
-        eq.append(f"d     = {u} / {norm}   (sum over all parameters; d = 0 where it is 0)")
+        eq.append(f"d     = {u} / {norm}   (sum over {_over(opt.length)}; d = 0 where it is 0)")
     else:
         eq.append(f"d     = {u}")
     eq += _clip(opt)
@@ -221,12 +222,25 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     return eq
 
 
-def _clip(opt: ir.Optimizer) -> list[str]:
-    if opt.clip.kind == "elementwise":
-        t = _v(opt.clip.threshold)
-        return [f"d     = clamp(d, -{t}, {t})"]
-    if opt.clip.kind == "global_norm":
-        return [f"d     = d * min(1, {_v(opt.clip.threshold)} / ||d||)   (norm over all parameters)"]
+_OVER = {"global": "all parameters", "group": "each param group's parameters",
+         "tensor": "each tensor on its own"}
+
+
+def _over(node) -> str:
+    """The tensors a norm of this clause sums over (its scope)."""
+    return _OVER[str(node.scope.value) if node.scope is not None else "global"]
+
+
+def _clip(opt: ir.Optimizer, clip: ir.Clip | None = None, x: str = "d") -> list[str]:
+    """The step's clip (d), or with ``x = 'g'`` the gradient's, before anything reads g."""
+    clip = opt.clip if clip is None else clip
+    first = "before decay, curvature and momentum read it" if x == "g" else ""
+    if clip.kind == "elementwise":
+        t = _v(clip.threshold)
+        return [f"{x}     = clamp({x}, -{t}, {t})" + (f"   ({first})" if first else "")]
+    if clip.kind == "global_norm":
+        return [f"{x}     = {x} * min(1, {_v(clip.threshold)} / ||{x}||)   "
+                f"(norm over {_over(clip)}" + (f"; {first})" if first else ")")]
     return []
 
 
@@ -288,7 +302,7 @@ def _kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
                   f"(per layer{roots})")
     eq.append("        (g = grad outside nn.Linear and nn.Conv2d layers)")
     if opt.length.kind == "normalized":
-        eq.append("g     = g / sqrt(sum(grad * g))   (sum over all parameters; "
+        eq.append(f"g     = g / sqrt(sum(grad * g))   (sum over {_over(opt.length)}; "
                   "g = 0 where it is 0)")
     return eq
 
@@ -341,7 +355,7 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
                   + (f"   ({per_mode})" if per_mode else ""))
     if opt.length.kind == "normalized":
-        eq.append(f"d     = d / sqrt(sum({m} * d))   (over all parameters: ||d||_P = 1)")
+        eq.append(f"d     = d / sqrt(sum({m} * d))   (over {_over(opt.length)}: ||d||_P = 1)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

@@ -151,6 +151,7 @@ class Length:
 
     kind: str  # none | gradient_norm | normalized | eigen_sign
     power: Arg | None = None
+    scope: Arg | None = None  # normalized: the norm's tensors (global | group | tensor)
     span: Span = span_field()
 
 
@@ -158,7 +159,13 @@ class Length:
 class Clip:
     kind: str  # none | global_norm | elementwise
     threshold: Arg | None = None
+    scope: Arg | None = None  # global_norm: the norm's tensors (global | group | tensor)
+    on: Arg | None = None  # step (the finished d) | gradient (g, before anything reads it)
     span: Span = span_field()
+
+    @property
+    def on_gradient(self) -> bool:
+        return self.on is not None and self.on.value == "gradient"
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,13 @@ AXIS_TYPES = {"curvature": Curvature, "structure": Structure, "iterate": Iterate
               "damping": Damping, "schedule": Schedule}
 
 
+def clause_label(axis: str, node) -> str:
+    """How messages and docstrings name a clause: ``clip global_norm``, and the gradient's
+    clip as ``clip global_norm (on = gradient)``."""
+    on = " (on = gradient)" if isinstance(node, Clip) and node.on_gradient else ""
+    return f"{axis} {node.kind}{on}"
+
+
 @dataclass(frozen=True)
 class Optimizer:
     name: str
@@ -215,12 +229,22 @@ class Optimizer:
     decay: Decay
     damping: Damping
     schedule: Schedule
+    # A second clip clause, `clip ...(on = gradient)`: the gradient's, before the step.
+    gradient_clip: Clip = Clip("none")
     lets: tuple[Let, ...] = ()
     states: tuple[State, ...] = ()
     update: Expr | None = None  # what multiplies lr (default: the direction d)
     source: str = ""
     file: str = "<spec>"
     span: Span = span_field()
+
+    def axes(self) -> list[tuple[str, object]]:
+        """(clause, node) for every clause the spec has: one per axis, and the gradient's
+        clip (a second ``clip`` clause) when it has one."""
+        out = [(axis, getattr(self, axis)) for axis in AXIS_TYPES]
+        if self.gradient_clip.kind != "none":
+            out.append(("clip", self.gradient_clip))
+        return out
 
     def hyper(self, name: str) -> Hyper:
         return next(h for h in self.hypers if h.name == name)

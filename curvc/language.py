@@ -33,6 +33,13 @@ class FormSpec:
 
 
 _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
+# Which parameters a norm is taken over: each tensor on its own, the tensors of one
+# param group, or every parameter of the optimizer (the default).
+_SCOPE = ArgSpec("scope", "enum", "global", choices=("global", "group", "tensor"))
+# What a clip acts on: the finished step d, or the gradient g before anything reads it
+# (torch.nn.utils.clip_grad_norm_ / clip_grad_value_ ahead of the step). A spec may
+# have one clip of each.
+_ON = ArgSpec("on", "enum", "step", choices=("step", "gradient"))
 
 # Each form's comment is the math it stands for (README's language table says more).
 FORMS: dict[str, dict[str, FormSpec]] = {
@@ -84,15 +91,17 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "none": FormSpec(),  # d = P^-1 g (Newton, NGD)
         # ||d_i||_P = eps*g_i: d = P^-1/2 g (Adam, Adagrad)
         "gradient_norm": FormSpec((ArgSpec("power", "number", 1.0, "positive"),)),
-        "normalized": FormSpec(),  # ||d||_P = eps: d = P^-1 g / sqrt(g^T P^-1 g)
+        # ||d||_P = eps: d = P^-1 g / sqrt(g^T P^-1 g), the sum over the scope's tensors
+        "normalized": FormSpec((_SCOPE,)),
         "eigen_sign": FormSpec(),  # ||d_i||_P = eps: d = P^-1/2 Q sign(Q^T g) (sign GD)
     },
     "clip": {
         "none": FormSpec(),
-        # d <- d * min(1, C/||d||)
-        "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="positive"),)),
-        # d_i = clamp(d_i, -threshold, threshold) (Sophia)
-        "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"),)),
+        # d <- d * min(1, C/||d||), ||d|| over the scope's tensors (on = gradient: g)
+        "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="positive"),
+                                 _SCOPE, _ON)),
+        # d_i = clamp(d_i, -threshold, threshold) (Sophia; on = gradient: g_i)
+        "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"), _ON)),
     },
     "momentum": {
         "none": FormSpec(),

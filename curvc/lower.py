@@ -230,11 +230,24 @@ def lower_direction(s: Step, m: Expr, precond: Expr | None) -> Expr:
     return u
 
 
+def _scope(a: ir.Arg | None) -> str:
+    """A norm's scope (global | group | tensor); absent means global."""
+    return "global" if a is None else str(a.value)
+
+
+def _reduce(s: Step, base: str, value: Expr, scope: str) -> Reduced:
+    """``value`` summed over the tensors of ``scope``: one reduction, read per tensor."""
+    name = s.unique(base)
+    s.reductions.append(Reduction(name, value, scope))
+    return Reduced(name)
+
+
 def _normalized(s: Step, m: Expr, u: Expr) -> Expr:
-    """||d||_P = 1: d = u / sqrt(m^T u) for u = P^-1 m, m^T u summed over every tensor (one
-    global reduction; a zero norm gives a zero step). Every structure normalizes so."""
-    s.reductions.append(Reduction("norm_sq", mul(m, u)))
-    return op("div_or_zero", u, op("sqrt", Reduced("norm_sq")))
+    """||d||_P = 1: d = u / sqrt(m^T u) for u = P^-1 m, m^T u summed over the length's scope
+    (every tensor, a param group's, or each tensor's own; a zero norm gives a zero step).
+    Every structure normalizes so."""
+    norm_sq = _reduce(s, "norm_sq", mul(m, u), _scope(s.opt.length.scope))
+    return op("div_or_zero", u, op("sqrt", norm_sq))
 
 
 def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
@@ -291,16 +304,28 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     return lower_clip(s, u)
 
 
-def lower_clip(s: Step, d: Expr) -> Expr:
-    clip = s.opt.clip
+def lower_clip(s: Step, d: Expr, clip: ir.Clip | None = None, base: str = "step_norm_sq") -> Expr:
+    """d clamped to [-C, C], or scaled by min(1, C / ||d||) with ||d|| over the clip's scope."""
+    clip = s.opt.clip if clip is None else clip
     if clip.kind == "elementwise":
         t = s.arg(clip.threshold)
         return op("maximum", op("minimum", d, t), op("neg", t))
     if clip.kind == "global_norm":
-        s.reductions.append(Reduction("step_norm_sq", mul(d, d)))
-        scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", Reduced("step_norm_sq"))))
+        norm_sq = _reduce(s, base, mul(d, d), _scope(clip.scope))
+        scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", norm_sq)))
         return mul(d, scale)
     return d
+
+
+def lower_gradient_clip(s: Step, g: Expr) -> Expr:
+    """``clip ...(on = gradient)``: g clipped before decay, curvature and momentum read it,
+    as torch.nn.utils.clip_grad_norm_ (clip_grad_value_) on .grad before the step. The
+    norm is the raw gradient's (ascending, g = -grad has the same norm)."""
+    clip = s.opt.gradient_clip
+    if clip.kind != "global_norm":
+        return lower_clip(s, g, clip)
+    norm_sq = _reduce(s, "grad_norm_sq", mul(Load("grad"), Load("grad")), _scope(clip.scope))
+    return mul(g, op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", norm_sq))))
 
 
 def lower_learning_rate(s: Step) -> Expr:
@@ -393,7 +418,7 @@ def build(opt: ir.Optimizer) -> Plan:
     if opt.structure.kind in DENSE_STRUCTURES:
         dense, g = lower_dense(s)
     else:
-        g = lower_kfac(s) if natural else lower_gradient(s)
+        g = lower_kfac(s) if natural else lower_gradient_clip(s, lower_gradient(s))
     g, p = lower_decay(s, g, lr)
     s.exprs.env.update(grad=g, param=Load("param"))
     if dense is not None or natural:  # preconditioned, length taken, by the runtime already

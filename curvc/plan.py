@@ -8,8 +8,12 @@ arithmetic:
   as runtime arguments, so a scheduler changing ``lr`` never recompiles.
 * ``flags``: booleans evaluated the same way; a ``Select`` on a flag is a
   static choice (a Python ``if`` in torch, a ``tl.constexpr`` in Triton).
-* ``reductions``: elementwise expressions summed over every parameter of
-  the optimizer before the update (a global norm), with no host sync.
+* ``reductions``: elementwise expressions summed before the update (a norm), with
+  no host sync, over the reduction's *scope*: every parameter of the optimizer
+  (``global``), the parameters of one param group (``group``), or each parameter
+  tensor on its own (``tensor``). ``Reduced(name)`` in a store is the sum of the
+  scope that tensor belongs to. A reduction may read earlier ones (a clipped
+  gradient's step norm): ``reduction_levels`` orders them.
 * ``stores``: the new values of state buffers and of the parameter, as one
   expression DAG over the loaded tensors; backends render it as one fused pass.
   Every store is wrapped by the ``keep_on_nonfinite`` pass (curvc/passes.py):
@@ -52,7 +56,7 @@ class Scalar:
 
 @dataclass(frozen=True)
 class Reduced:
-    """The (device) sum named by a ``Reduction``."""
+    """The (device) sum named by a ``Reduction``, over the scope of the tensor at hand."""
 
     name: str
 
@@ -132,10 +136,27 @@ class Buffer:
     when: str | None = None  # allocated only while this flag is true
 
 
+SCOPES = ("global", "group", "tensor")
+
+
 @dataclass(frozen=True)
 class Reduction:
     name: str
-    value: Expr  # summed over all elements of all parameters
+    value: Expr  # summed over every element of every tensor of the scope
+    scope: str = "global"  # one of SCOPES
+
+
+def reduction_levels(reductions) -> list[list[Reduction]]:
+    """The reductions in passes: each reads only those of earlier passes (a reduction
+    that reads none is in the first), in the plan's order within a pass."""
+    level: dict[str, int] = {}
+    for r in reductions:
+        reads = [level[n.name] for n in walk(r.value) if isinstance(n, Reduced) and n.name in level]
+        level[r.name] = 1 + max(reads, default=-1)
+    out: list[list[Reduction]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for r in reductions:
+        out[level[r.name]].append(r)
+    return out
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,16 @@ _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
 
+def _scoped(node: Callable[[ir.Optimizer], object]) -> Callable[[ir.Optimizer], bool]:
+    """Whether the clause's norm is taken over less than every parameter."""
+    return lambda opt: getattr(node(opt), "scope", None) not in (None, ir.Const("global"))
+
+
+_ONE_VECTOR_WHY = ("the step is one vector over all parameters, so its norm is the global "
+                   "one (scope = global)")
+_RAW_GRADIENT_WHY = ("the runtime preconditions the raw gradient before the elementwise step "
+                     "sees it; clip the step instead (a clip without `on = gradient`)")
+
 # In order: on each path the first rule that applies is the one reported.
 REFUSALS: tuple[Refusal, ...] = (
     # Shampoo's Kronecker factors (curvc.runtime.matrix)
@@ -321,7 +331,21 @@ REFUSALS: tuple[Refusal, ...] = (
             "the dense matrix is the current estimate, a sum or an EMA"),
     Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
             _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
+    Refusal("dense_normalized_scope", "dense", _scoped(_clause("length")), _clause("length"),
+            "length {kind}(scope = group or tensor) with structure dense", _ONE_VECTOR_WHY),
+    # a clip of the gradient where the runtime, not the plan, reads the gradient first
+    *(Refusal(f"{path}_gradient_clip", path, lambda opt: opt.gradient_clip.kind != "none",
+              _clause("gradient_clip"), what, why)
+      for path, what, why in (
+          ("kfac", "clip {kind}(on = gradient) with curvature kfac", _RAW_GRADIENT_WHY),
+          ("dense", "clip {kind}(on = gradient) with structure dense", _RAW_GRADIENT_WHY),
+          ("secant", "clip {kind}(on = gradient) with structure low_rank",
+           "the secant pairs and the line search read the raw gradient the closure returns; "
+           "clip the direction instead (a clip without `on = gradient`)"))),
     # L-BFGS (curvc.runtime.secant); check refuses gradient_norm and eigen_sign
+    *(Refusal(f"secant_{axis}_scope", "secant", _scoped(_clause(axis)), _clause(axis),
+              f"{axis} {{kind}}(scope = group or tensor) with structure low_rank",
+              _ONE_VECTOR_WHY) for axis in ("length", "clip")),
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
               f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
       for axis in ("momentum", "decay", "damping", "schedule")),

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from curvc.plan import Buffer, Expr, KroneckerStage, Load, Op, Plan, Precondition, \
-    Select, Store, walk
+    Reduced, Select, Store, walk
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ def _tensor_names(exprs) -> set[str]:
     return {n.name for e in exprs for n in walk(e) if isinstance(n, Load)}
 
 
+def _sums_read(exprs) -> set[str]:
+    return {n.name for e in exprs for n in walk(e) if isinstance(n, Reduced)}
+
+
 def _kernel_plan(plan: Plan, stores, reductions, extra_inputs=(), temporaries=()) -> Plan:
     """A sub-plan with only the buffers and inputs its expressions touch."""
     exprs = [st.value for st in stores] + [r.value for r in reductions]
@@ -108,6 +112,9 @@ def split(plan: Plan) -> Program:
     tail_reductions = [r for r in plan.reductions if _contains(r.value, node)]
     # What the head overwrites: a tail reading it must read the old value from a temporary.
     overwritten = {st.target for st in head_stores}
+    # The head's reductions (a clipped gradient's norm) are summed before the head runs: a
+    # tail value reading one is computed by the head, into a temporary, too.
+    head_sums = {r.name for r in head_reductions}
     temps: dict[Expr, str] = {}
     operands = []  # the extern's tensor inputs: a tensor the head leaves alone goes as it is
     for e, name in ((statistic, STATISTIC), (value, VALUE)):
@@ -120,7 +127,7 @@ def split(plan: Plan) -> Program:
         if e == node:
             return Load(OUTPUT)
         if not _contains(e, node):
-            if _tensor_names([e]) & overwritten:
+            if _tensor_names([e]) & overwritten or _sums_read([e]) & head_sums:
                 if e not in temps:
                     temps[e] = f"matrix_old{len(temps)}"  # read after the head stores
                 return Load(temps[e])

@@ -175,6 +175,13 @@ def same_meaning(a: Variant, b: Variant, spec: dict) -> str | None:
             and spec["structure"].form in ("scalar", "diagonal") \
             and spec["length"].form in ("none", "normalized"):
         return "no root is taken, so eps added before or after it gives the same P = C + eps"
+    if a.axis == "clip" and a.form == b.form == "elementwise" and \
+            {k: v for k, v in a.args if k != "on"} == {k: v for k, v in b.args if k != "on"} \
+            and spec["curvature"].form == "constant" \
+            and spec["length"].form in ("none", "gradient_norm") \
+            and spec["momentum"].form == spec["decay"].form == "none":
+        return ("with no curvature, momentum or decay between them the step d is the "
+                "gradient g: clamping g (on = gradient) is clamping d")
     if a.axis == "length" and pair <= {"none", "gradient_norm"} \
             and spec["curvature"].form == "constant":
         return ("with H' = L I, H'^-power/2 is a constant folded into lr: the paper's "

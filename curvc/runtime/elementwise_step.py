@@ -5,7 +5,8 @@ program (curvc/runtime/program.py), a bucket's tensors go to the kernel's
 generated Triton launcher on CUDA (or with backend 'triton'), else to the
 compiled CPU kernel (``fused_cpu``) when the bucket is large or ``fused=True`` and
 its tensors are plain dense CPU memory, else to the generated foreach function over
-pieces of at most _PIECE elements; global reductions are summed on the device first.
+pieces of at most _PIECE elements; reductions (over every tensor, a param group's, or
+each tensor's own) are summed on the device first.
 """
 from __future__ import annotations
 
@@ -48,12 +49,21 @@ class ElementwiseSteps:
                 return  # the compiled pass bumped the step counters
         if k.counts_step:
             torch._foreach_add_(bucket.steps, 1.0)
-        args = _arguments(spec, scalars, reduced, flags)
+        # A tensor-scope reduction is one value per tensor (row): each call takes its rows'.
+        per_tensor = _per_tensor(spec, reduced)
+
+        def args_of(owners):
+            if not per_tensor:
+                return _arguments(spec, scalars, reduced, flags)
+            if isinstance(owners, int):
+                return _arguments(spec, scalars, _row_reduced(reduced, owners), flags)
+            return _arguments(spec, scalars, {**reduced, **{n: [reduced[n][j] for j in owners]
+                                                            for n in per_tensor}}, flags)
         update = k.update
         if k.foreach is None or not _all_plain(rows):
             # Subclasses (DTensor) take per-tensor ops: their foreach coverage varies.
-            for tensors in rows:
-                update(*tensors, *args)
+            for j, tensors in enumerate(rows):
+                update(*tensors, *args_of(j))
             return
         # Eager: foreach ops over pieces (_PIECE). The step is elementwise, so any
         # split of the tensors is valid; pieces bound the temporaries a call
@@ -62,8 +72,8 @@ class ElementwiseSteps:
         # view or a slice per tensor would cost more than a small tensor's update),
         # except 0-d ones, kept 1-D as everywhere else (type promotion differs).
         foreach = k.foreach
-        pieces, size = [], 0
-        for row in rows:
+        pieces, owners, size = [], [], 0
+        for j, row in enumerate(rows):
             n = row[0].numel()
             if n <= _PIECE and row[0].dim():
                 split = [row]
@@ -72,16 +82,17 @@ class ElementwiseSteps:
                 split = [[None if t is None else t[start:start + _PIECE] for t in flat]
                          for start in range(0, max(n, 1), _PIECE)]
             else:
-                update(*row, *args)
+                update(*row, *args_of(j))
                 continue
             for piece in split:
                 pieces.append(piece)
+                owners.append(j)
                 size += min(_PIECE, n)
                 if size >= _BATCH:
-                    foreach(*(list(c) for c in zip(*pieces)), *args)
-                    pieces, size = [], 0
+                    foreach(*(list(c) for c in zip(*pieces)), *args_of(owners))
+                    pieces, owners, size = [], [], 0
         if pieces:
-            foreach(*(list(c) for c in zip(*pieces)), *args)
+            foreach(*(list(c) for c in zip(*pieces)), *args_of(owners))
 
     def _fused_step(self, k: Kernel, rows, steps: list, scalars: dict, flags: dict,
                     reduced: dict) -> bool:
@@ -116,11 +127,17 @@ class ElementwiseSteps:
         if kernel is None:
             return False
         unread = [] if flags.get(amp.NONFINITE_FLAG) else [amp.NONFINITE_VALUE]
-        if [n for n in spec["reduced"] if n not in unread]:
+        per_tensor = _per_tensor(spec, reduced)
+
+        def with_reduced(values: dict):
             # device values: keep them on the device, no .item()
-            values = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
-            values += [reduced[n].reshape(1).to(sdtype) for n in spec["reduced"]]
-            s = torch.cat(values)
+            head = [torch.tensor([scalars[n] for n in spec["scalars"]], dtype=sdtype)]
+            return torch.cat(head + [values[n].reshape(1).to(sdtype) if n not in unread
+                                     else torch.zeros(1, dtype=sdtype) for n in spec["reduced"]])
+        if per_tensor:
+            s = None  # one per tensor, below
+        elif [n for n in spec["reduced"] if n not in unread]:
+            s = with_reduced(reduced)
         else:  # the skip value is unread with its flag off
             s = kernel.set_scalars([scalars[n] for n in spec["scalars"]]
                                    + [0.0] * len(spec["reduced"]))
@@ -128,27 +145,79 @@ class ElementwiseSteps:
         # gathering small tensors into one buffer and scattering them back.
         if not all(c.dtype == torch.float32 and c.dim() == 0 and c.is_cpu for c in steps):
             return False  # a counter loaded in another form: the eager path bumps it
-        for row, count in zip(rows, steps):
-            kernel([t if t.dim() == 1 else t.view(-1) for t in row if t is not None], s, count)
+        for j, (row, count) in enumerate(zip(rows, steps)):
+            kernel([t if t.dim() == 1 else t.view(-1) for t in row if t is not None],
+                   s if s is not None else with_reduced(_row_reduced(reduced, j)), count)
         return True
 
-    def _reduce(self, k: Kernel, work) -> dict:
-        """A kernel's global sums over every parameter of every group, one per device,
-        on device."""
-        totals: dict[str, torch.Tensor] = {}
-        for group, bucket, scalars, flags in work:
-            if self._uses_triton(k, bucket, group):
-                partial = k.triton_reduce(bucket, scalars, flags)
-            else:
-                partial = {}
-                for name, (fn, spec) in k.reduce.items():
-                    args = _arguments(spec, scalars, {}, flags)
-                    partial[name] = sum(fn(*t, *args).double() for t in bucket.args(spec["tensors"]))
-            for name, value in partial.items():
-                value = value.double()
-                totals[name] = value if name not in totals else totals[name] + value.to(totals[name].device)
-        devices = {b.device for _, b, _, _ in work}
-        return {d: {n: v.to(d, non_blocking=True) for n, v in totals.items()} for d in devices}
+    def _reduce(self, k: Kernel, work) -> list[dict]:
+        """Each work item's reduction values, on its bucket's device (no host sync): a
+        global or group reduction is one 0-d sum over every tensor of the optimizer or of
+        the item's param group, a tensor-scope one a sum per tensor of the bucket (a list
+        on the torch path, a 1-D tensor on Triton's). The passes of ``k.levels`` run in
+        order, each reading the values of those before it."""
+        _refuse_flat_shards(work)
+        values: list[dict] = [{} for _ in work]
+        for level, names in enumerate(k.levels or (tuple(k.reduce),)):
+            parts = []
+            for (group, bucket, scalars, flags), known in zip(work, values):
+                if self._uses_triton(k, bucket, group):
+                    parts.append(k.triton_reduce(bucket, scalars, flags, known, level))
+                    continue
+                part = {}
+                for name in names:
+                    fn, spec = k.reduce[name]
+                    per_tensor = _per_tensor(spec, known)
+                    sums = [fn(*t, *_arguments(spec, scalars, _row_reduced(known, j)
+                                               if per_tensor else known, flags)).double()
+                            for j, t in enumerate(bucket.args(spec["tensors"]))]
+                    part[name] = sums if k.scopes.get(name) == "tensor" else sum(sums)
+                parts.append(part)
+            for name in names:
+                scope = k.scopes.get(name, "global")
+                if scope == "tensor":
+                    for mine, part in zip(values, parts):
+                        mine[name] = part[name]
+                    continue
+                key = (lambda group: id(group)) if scope == "group" else (lambda group: None)
+                totals: dict = {}
+                for (group, *_), part in zip(work, parts):
+                    value, at = part[name].double(), key(group)
+                    totals[at] = value if at not in totals else \
+                        totals[at] + value.to(totals[at].device)
+                for (group, bucket, *_), mine in zip(work, values):
+                    mine[name] = totals[key(group)].to(bucket.device, non_blocking=True)
+        return values
+
+
+def _per_tensor(spec: dict, reduced: dict) -> list[str]:
+    """The reductions a generated function reads that hold one value per tensor."""
+    return [n for n in spec["reduced"] if isinstance(reduced.get(n), list)]
+
+
+def _row_reduced(reduced: dict, j: int) -> dict:
+    """The reduction values of the bucket's tensor j: its own entry of a per-tensor one."""
+    return {n: v[j] if isinstance(v, list) else v for n, v in reduced.items()}
+
+
+def _refuse_flat_shards(work) -> None:
+    """A norm over FSDP's flat shards would be this rank's part of it, silently.
+
+    ``FullyShardedDataParallel`` (FSDP1) hands the optimizer plain tensors holding each
+    rank's slice of a flattened parameter, so neither a tensor's norm nor a global one
+    can be read from them; FSDP2 (``fully_shard``) hands DTensors, whose sums the torch
+    path reduces over the mesh (the whole tensor's), and DDP whole replicas."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for _, bucket, _, _ in work:
+        if any(getattr(p, "_fsdp_flattened", False) for p in bucket.params):
+            raise RuntimeError(
+                "this optimizer takes a norm (length normalized, clip global_norm) and its "
+                "parameters are FullyShardedDataParallel's flat shards, which hold a part of "
+                "each tensor on each rank: the norm would be this rank's part only. Shard "
+                "with FSDP2 (torch.distributed.fsdp.fully_shard: DTensor parameters, whose "
+                "norms are the whole tensor's) or use DDP")
 
 
 def _status(line: str) -> None:

@@ -9,8 +9,9 @@ which knows nothing else about the optimizer it steps.
 
 A *signature* (``Kernel.args``, ``Extern.args``) lists a generated function's
 parameters by role, in order: ``tensors`` (per-tensor values), then ``scalars``
-(host values), ``reduced`` (global sums), ``flags``; the function is called
-positionally, since its parameter names are the backend's own.
+(host values), ``reduced`` (the sums of reductions, each over its scope: a 0-d
+tensor, or for a tensor-scope reduction one per tensor), ``flags``; the function is
+called positionally, since its parameter names are the backend's own.
 """
 from __future__ import annotations
 
@@ -63,9 +64,13 @@ class Kernel:
     update: Callable  # torch: one tensor (also what the fused CPU path compiles)
     args: dict  # update's signature
     reduce: dict = field(default_factory=dict)  # reduction -> (function, signature)
+    scopes: dict = field(default_factory=dict)  # reduction -> global | group | tensor
+    levels: tuple = ()  # the reductions in passes, each reading only earlier passes' values
     foreach: Callable | None = None  # torch foreach: lists of tensors
     triton: Callable | None = None  # (bucket, scalars, flags, reduced): every tensor at once
-    triton_reduce: Callable | None = None  # (bucket, scalars, flags) -> partial sums
+    # (bucket, scalars, flags, reduced, level) -> the level's partial sums (tensor scope:
+    # one per tensor of the bucket)
+    triton_reduce: Callable | None = None
     temporaries: tuple[str, ...] = ()  # step-local tensors it writes (compute dtype)
     counts_step: bool = True  # the last kernel of the step bumps the step counters
 
@@ -106,11 +111,12 @@ class Runner:
 
     def kernel(self, k: Kernel) -> None:
         opt = self.opt
-        reduced = opt._reduce(k, self.work) if k.reduce else {}
-        for group, bucket, scalars, flags in self.work:
+        for _, bucket, _, _ in self.work:  # before the sums: their signatures name them
             for name in k.temporaries:
                 bucket.tensors[name] = [_temporary(p) for p in bucket.params]
-            red = {**self.base.get(bucket.device, {}), **reduced.get(bucket.device, {})}
+        reduced = opt._reduce(k, self.work) if k.reduce else [{} for _ in self.work]
+        for (group, bucket, scalars, flags), mine in zip(self.work, reduced):
+            red = {**self.base.get(bucket.device, {}), **mine}
             if opt._uses_triton(k, bucket, group):
                 k.triton(bucket, scalars, flags, red)
                 if k.counts_step:

@@ -53,12 +53,13 @@ def _update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_nonfinite_s
         t0 = (-grad_)
     t1 = t0 if f_maximize else grad_
     t2 = torch.sqrt(r_norm_sq)
-    t3 = torch.where(t2 > 0, t1 / t2, 0.0)
-    t4 = (h_lr * t3)
-    t5 = (param_ - t4)
+    t3 = t2.to(cdt)
+    t4 = torch.where(t3 > 0, t1 / t3, 0.0)
+    t5 = (h_lr * t4)
+    t6 = (param_ - t5)
     if f_nonfinite_skip:
-        t6 = torch.where(r_nonfinite != 0, param_, t5)
-    new_param_ = t6 if f_nonfinite_skip else t5
+        t7 = torch.where(r_nonfinite != 0, param_, t6)
+    new_param_ = t7 if f_nonfinite_skip else t6
     param.copy_(new_param_)
 
 
@@ -103,10 +104,11 @@ def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_non
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
         t2 = torch.sqrt(r_norm_sq)
-        t3 = torch._foreach_div(t1, torch.where(t2 > 0, t2, torch.inf))
-        t4 = torch._foreach_mul(t3, _s_lr)
-        t5 = torch._foreach_sub(param_, t4)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t5)]
+        t3 = t2.to(cdt)
+        t4 = torch._foreach_div(t1, torch.where(t3 > 0, t3, torch.inf))
+        t5 = torch._foreach_mul(t4, _s_lr)
+        t6 = torch._foreach_sub(param_, t5)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t6)]
         torch._foreach_copy_(param, new_param_)
     else:
         _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
@@ -115,9 +117,10 @@ def _foreach_update(param, grad, h_lr, r_nonfinite, r_norm_sq, f_maximize, f_non
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
         t2 = torch.sqrt(r_norm_sq)
-        t3 = torch._foreach_div(t1, torch.where(t2 > 0, t2, torch.inf))
-        t4 = torch._foreach_mul(t3, _s_lr)
-        new_param_ = torch._foreach_sub(param_, t4)
+        t3 = t2.to(cdt)
+        t4 = torch._foreach_div(t1, torch.where(t3 > 0, t3, torch.inf))
+        t5 = torch._foreach_mul(t4, _s_lr)
+        new_param_ = torch._foreach_sub(param_, t5)
         torch._foreach_copy_(param, new_param_)
 
 
@@ -255,8 +258,8 @@ else:
                 num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce(bucket, scalars, flags):
-        """Partial sums over the bucket, as 0-d float64 device tensors."""
+    def _triton_reduce(bucket, scalars, flags, reduced=None, level=0):
+        """A pass of the sums over the bucket: float64 device tensors."""
         total = None
         for t in _TABLES.launches(bucket, _reduce_kernel):
             partials = t.partials(1)
