@@ -159,6 +159,7 @@ FUNCTIONS: dict[str, tuple[int, str]] = {
     "lerp": (3, "lerp(a, b, w) = a + w * (b - a)"),
     "if": (3, "if(condition, then, else), the condition a host value"),
     "old": (1, "a state's stored value, before this step's update"),
+    "norm": (1, "the Euclidean norm of the whole tensor (one per parameter tensor)"),
 }
 # Operators, by precedence (low to high): comparison, + -, * /, unary -, ^.
 OPERATORS = {"op+": "+", "op-": "-", "op*": "*", "op/": "/", "op^": "^",

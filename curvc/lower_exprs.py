@@ -11,7 +11,7 @@ from __future__ import annotations
 from curvc import ir
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, select
-from curvc.plan import Const, Expr, Load, Reduced, Scalar, walk
+from curvc.plan import Const, Expr, Load, Reduced, Reduction, Scalar, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
 _FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
@@ -82,6 +82,10 @@ class Expressions:
             flag = self.condition(cond)
             return select(flag, self.lower(then, self_state), self.lower(other, self_state))
         args = [self.lower(a, self_state) for a in e.args]
+        if fn == "norm":  # a per-tensor sum, read back in the tensor's own step
+            name = s.unique("norm_sq")
+            s.reductions.append(Reduction(name, mul(args[0], args[0]), "tensor"))
+            return op("sqrt", Reduced(name))
         if fn in _BINARY:
             return _BINARY[fn](*args)
         if fn == "neg":

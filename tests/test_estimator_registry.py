@@ -13,7 +13,8 @@ from curvc import resources
 from curvc.runtime import estimators
 
 SHIPPED = resources.shipped_specs()
-PER_TENSOR = {"constant": None, "empirical_fisher": None}  # the gradient alone: no source
+PER_TENSOR = {"constant": None, "empirical_fisher": None,  # the gradient alone: no source
+              "expression": None}  # the gradient and state buffers: none either
 
 
 def _model_for(Opt):

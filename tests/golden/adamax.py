@@ -336,8 +336,8 @@ else:
                 EXP_INF_T=t.dtypes['exp_inf'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce(bucket, scalars, flags):
-        """No global reductions in this kernel."""
+    def _triton_reduce(bucket, scalars, flags, reduced=None, level=0):
+        """No reductions in this kernel."""
         return {}
 
 
