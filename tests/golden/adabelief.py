@@ -84,38 +84,29 @@ def _host(h, step):
     h_ams_bound = h['ams_bound']
     h_eps = h['eps']
     h_step = step
-    h_s0 = (1.0 - h_betas_0)
-    h_s1 = (1.0 - h_betas_1)
-    h_s2 = (1.0 - (h_lr * h_weight_decay))
-    h_s3 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
-    h_s4 = math.sqrt(max(0.0,
-            ((1.0 - (h_betas_1 ** h_step))
-                    * (((((((((2.0 / (1.0 - h_betas_1)) - 1.0)
-                            - (((2.0 * h_step) * (h_betas_1 ** h_step))
-                                    / (1.0 - (h_betas_1 ** h_step))))
-                            - 4.0)
-                            / (((2.0 / (1.0 - h_betas_1)) - 1.0) - 4.0))
-                            * ((((2.0 / (1.0 - h_betas_1)) - 1.0)
-                                    - (((2.0 * h_step) * (h_betas_1 ** h_step))
-                                            / (1.0 - (h_betas_1 ** h_step))))
-                                    - 2.0))
-                            / (((2.0 / (1.0 - h_betas_1)) - 1.0)
-                                    - (((2.0 * h_step) * (h_betas_1 ** h_step))
-                                            / (1.0 - (h_betas_1 ** h_step)))))
-                            * ((2.0 / (1.0 - h_betas_1)) - 1.0))
-                            / (((2.0 / (1.0 - h_betas_1)) - 1.0) - 2.0)))))
-    h_s5 = (1.0 / math.sqrt((1.0 - (h_betas_1 ** h_step))))
+    h_n_sma_max = ((2.0 / (1.0 - h_betas_1)) - 1.0)
+    h_n_sma_part1 = (((2.0 * h_step) * (h_betas_1 ** h_step)) / (1.0 - (h_betas_1 ** h_step)))
+    h_n_sma = (h_n_sma_max - h_n_sma_part1)
+    h_rt2_part0_part0 = ((((h_n_sma - 4.0) / (h_n_sma_max - 4.0)) * (h_n_sma - 2.0)) / h_n_sma)
+    h_rt2_part0 = (h_rt2_part0_part0 * h_n_sma_max)
+    h_rt2_part1 = (h_n_sma_max - 2.0)
+    h_rt2 = (h_rt2_part0 / h_rt2_part1)
+    h_rt = math.sqrt(max(0.0, ((1.0 - (h_betas_1 ** h_step)) * h_rt2)))
+    h_s4 = (1.0 - h_betas_0)
+    h_s5 = (1.0 - h_betas_1)
+    h_s6 = (1.0 - (h_lr * h_weight_decay))
+    h_s7 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
+    h_s8 = (1.0 / math.sqrt((1.0 - (h_betas_1 ** h_step))))
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1,
             'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple,
             'rectify': h_rectify, 'n_sma_threshold': h_n_sma_threshold,
             'degenerated_to_sgd': h_degenerated_to_sgd, 'ams_bound': h_ams_bound, 'eps': h_eps,
-            'step': h_step, 's0': h_s0, 's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5}
+            'step': h_step, 'n_sma_max': h_n_sma_max, 'n_sma': h_n_sma, 'rt2': h_rt2, 'rt': h_rt,
+            's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'decoupled_decay': bool((h_weight_decouple != 0.0)),
             'rectify2': bool((h_rectify != 0.0)),
-            'condition': bool(((((2.0 / (1.0 - h_betas_1)) - 1.0)
-                    - (((2.0 * h_step) * (h_betas_1 ** h_step)) / (1.0 - (h_betas_1 ** h_step))))
-                    >= h_n_sma_threshold)),
+            'condition': bool((h_n_sma >= h_n_sma_threshold)),
             'ams_bound2': bool((h_ams_bound != 0.0)),
             'degenerated_to_sgd2': bool((h_degenerated_to_sgd != 0.0)),
             'maximize': bool(h['maximize'])}
@@ -124,8 +115,8 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps, h_lr, h_s0, h_s1,
-        h_s2, h_s3, h_s4, h_s5, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
+def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps, h_lr, h_rt, h_s4,
+        h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
         f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay, f_maximize, f_nonfinite_skip,
         f_rectify2):
     """One tensor's step: every value computed from old state, then stored."""
@@ -144,14 +135,14 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
     if f_has_weight_decay:
         t4 = t1 if f_decoupled_decay else t3
     t5 = t4 if f_has_weight_decay else t1
-    t6 = torch.lerp(exp_avg_, t5, h_s0)
+    t6 = torch.lerp(exp_avg_, t5, h_s4)
     if f_nonfinite_skip:
         t7 = torch.where(r_nonfinite != 0, exp_avg_, t6)
     new_exp_avg_ = t7 if f_nonfinite_skip else t6
     t9 = (h_betas_1 * exp_avg_var_)
     t10 = (t5 - t6)
     t11 = (t10 * t10)
-    t12 = (h_s1 * t11)
+    t12 = (h_s5 * t11)
     t13 = (t9 + t12)
     t14 = (t13 + h_eps)
     if f_nonfinite_skip:
@@ -162,13 +153,13 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
         t18 = torch.where(r_nonfinite != 0, max_exp_avg_var_, t17)
     new_max_exp_avg_var_ = t18 if f_nonfinite_skip else t17
     if f_decoupled_decay and f_has_weight_decay:
-        t20 = (param_ * h_s2)
+        t20 = (param_ * h_s6)
     if f_has_weight_decay:
         t21 = t20 if f_decoupled_decay else param_
     t22 = t21 if f_has_weight_decay else param_
-    t23 = (t6 * h_s3)
+    t23 = (t6 * h_s7)
     if f_condition and f_rectify2:
-        t24 = (t23 * h_s4)
+        t24 = (t23 * h_rt)
     t25 = t17 if f_ams_bound2 else t14
     t26 = torch.sqrt(t25)
     if f_condition and f_rectify2:
@@ -181,7 +172,7 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
     if f_rectify2:
         t31 = t28 if f_condition else t30
     if not f_rectify2:
-        t32 = (t26 * h_s5)
+        t32 = (t26 * h_s8)
         t33 = (t32 + h_eps)
         t34 = (t23 / t33)
     t35 = t31 if f_rectify2 else t34
@@ -197,7 +188,7 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_var', 'max_exp_avg_var'],
-        'scalars': ['betas_1', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['ams_bound2', 'condition', 'decoupled_decay', 'degenerated_to_sgd2',
                 'has_weight_decay', 'maximize', 'nonfinite_skip', 'rectify2']}
@@ -216,7 +207,7 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps, h_lr,
-        h_s0, h_s1, h_s2, h_s3, h_s4, h_s5, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
+        h_rt, h_s4, h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
         f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay, f_maximize, f_nonfinite_skip,
         f_rectify2):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
@@ -229,9 +220,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
     exp_avg_var_ = _foreach_cast(exp_avg_var, cdt)
     max_exp_avg_var_ = _foreach_cast(max_exp_avg_var, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_s3, h_s4, 0.0, h_s5, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8, h_lr], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s2, _s_s3, _s_s4, _c9, _s_s5, _s_lr,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c9, _s_s8, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -240,11 +231,11 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if f_has_weight_decay:
             t3 = t1 if f_decoupled_decay else t2
         t4 = t3 if f_has_weight_decay else t1
-        t5 = torch._foreach_lerp(exp_avg_, t4, h_s0)
+        t5 = torch._foreach_lerp(exp_avg_, t4, h_s4)
         new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t5)]
         t7 = torch._foreach_mul(exp_avg_var_, _s_betas_1)
         t8 = torch._foreach_sub(t4, t5)
-        torch._foreach_addcmul_(t7, t8, t8, value=h_s1)
+        torch._foreach_addcmul_(t7, t8, t8, value=h_s5)
         t9 = t7
         torch._foreach_add_(t9, h_eps)
         t10 = t9
@@ -254,14 +245,14 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         new_max_exp_avg_var_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(max_exp_avg_var_, t12)]
         if f_decoupled_decay and f_has_weight_decay:
-            t14 = torch._foreach_mul(param_, _s_s2)
+            t14 = torch._foreach_mul(param_, _s_s6)
         if f_has_weight_decay:
             t15 = t14 if f_decoupled_decay else param_
         t16 = t15 if f_has_weight_decay else param_
-        torch._foreach_mul_(t5, _s_s3)
+        torch._foreach_mul_(t5, _s_s7)
         t17 = t5
         if f_condition and f_rectify2:
-            t18 = torch._foreach_mul(t17, _s_s4)
+            t18 = torch._foreach_mul(t17, _s_rt)
         t19 = t12 if f_ams_bound2 else t10
         torch._foreach_sqrt_(t19)
         t20 = t19
@@ -276,7 +267,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if f_rectify2:
             t25 = t22 if f_condition else t24
         if not f_rectify2:
-            torch._foreach_mul_(t20, _s_s5)
+            torch._foreach_mul_(t20, _s_s8)
             t26 = t20
             torch._foreach_add_(t26, h_eps)
             t27 = t26
@@ -293,9 +284,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         torch._foreach_copy_(max_exp_avg_var, new_max_exp_avg_var_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_s3, h_s4, 0.0, h_s5, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8, h_lr], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s2, _s_s3, _s_s4, _c9, _s_s5, _s_lr,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c9, _s_s8, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -304,25 +295,25 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if f_has_weight_decay:
             t3 = t1 if f_decoupled_decay else t2
         t4 = t3 if f_has_weight_decay else t1
-        torch._foreach_lerp_(exp_avg_, t4, h_s0)
+        torch._foreach_lerp_(exp_avg_, t4, h_s4)
         new_exp_avg_ = exp_avg_
         torch._foreach_mul_(exp_avg_var_, _s_betas_1)
         t6 = exp_avg_var_
         t7 = torch._foreach_sub(t4, new_exp_avg_)
-        torch._foreach_addcmul_(t6, t7, t7, value=h_s1)
+        torch._foreach_addcmul_(t6, t7, t7, value=h_s5)
         t8 = t6
         torch._foreach_add_(t8, h_eps)
         new_exp_avg_var_ = t8
         torch._foreach_maximum_(max_exp_avg_var_, new_exp_avg_var_)
         new_max_exp_avg_var_ = max_exp_avg_var_
         if f_decoupled_decay and f_has_weight_decay:
-            t11 = torch._foreach_mul(param_, _s_s2)
+            t11 = torch._foreach_mul(param_, _s_s6)
         if f_has_weight_decay:
             t12 = t11 if f_decoupled_decay else param_
         t13 = t12 if f_has_weight_decay else param_
-        t14 = torch._foreach_mul(new_exp_avg_, _s_s3)
+        t14 = torch._foreach_mul(new_exp_avg_, _s_s7)
         if f_condition and f_rectify2:
-            t15 = torch._foreach_mul(t14, _s_s4)
+            t15 = torch._foreach_mul(t14, _s_rt)
         t16 = new_max_exp_avg_var_ if f_ams_bound2 else new_exp_avg_var_
         t17 = torch._foreach_sqrt(t16)
         if f_condition and f_rectify2:
@@ -336,7 +327,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if f_rectify2:
             t22 = t19 if f_condition else t21
         if not f_rectify2:
-            torch._foreach_mul_(t17, _s_s5)
+            torch._foreach_mul_(t17, _s_s8)
             t23 = t17
             torch._foreach_add_(t23, h_eps)
             t24 = t23
@@ -357,7 +348,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_var', 'max_exp_avg_var'],
-        'scalars': ['betas_1', 'eps', 'lr', 's0', 's1', 's2', 's3', 's4', 's5', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['ams_bound2', 'condition', 'decoupled_decay', 'degenerated_to_sgd2',
                 'has_weight_decay', 'maximize', 'nonfinite_skip', 'rectify2']}
@@ -410,9 +401,9 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s0: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_weight_decay: tl.float64,
+            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_rt: tl.float64,
+            h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            h_s8: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -438,12 +429,12 @@ else:
         h_betas_1 = tl.cast(h_betas_1, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s0 = tl.cast(h_s0, CDT)
-        h_s1 = tl.cast(h_s1, CDT)
-        h_s2 = tl.cast(h_s2, CDT)
-        h_s3 = tl.cast(h_s3, CDT)
+        h_rt = tl.cast(h_rt, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
+        h_s6 = tl.cast(h_s6, CDT)
+        h_s7 = tl.cast(h_s7, CDT)
+        h_s8 = tl.cast(h_s8, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -471,8 +462,8 @@ else:
             t5 = t4
         else:
             t5 = t1
-        t6 = tl.where(tl.abs(h_s0) < 0.5, exp_avg_ + h_s0 * (t5 - exp_avg_),
-                t5 - (t5 - exp_avg_) * (1.0 - h_s0))
+        t6 = tl.where(tl.abs(h_s4) < 0.5, exp_avg_ + h_s4 * (t5 - exp_avg_),
+                t5 - (t5 - exp_avg_) * (1.0 - h_s4))
         if f_nonfinite_skip:
             t7 = tl.where(r_nonfinite_c != 0, exp_avg_, t6)
         if f_nonfinite_skip:
@@ -482,7 +473,7 @@ else:
         t9 = (h_betas_1 * exp_avg_var_)
         t10 = (t5 - t6)
         t11 = (t10 * t10)
-        t12 = (h_s1 * t11)
+        t12 = (h_s5 * t11)
         t13 = (t9 + t12)
         t14 = (t13 + h_eps)
         if f_nonfinite_skip:
@@ -500,7 +491,7 @@ else:
             new_max_exp_avg_var_ = t17
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t20 = (param_ * h_s2)
+                t20 = (param_ * h_s6)
         if f_has_weight_decay:
             if f_decoupled_decay:
                 t21 = t20
@@ -510,10 +501,10 @@ else:
             t22 = t21
         else:
             t22 = param_
-        t23 = (t6 * h_s3)
+        t23 = (t6 * h_s7)
         if f_condition:
             if f_rectify2:
-                t24 = (t23 * h_s4)
+                t24 = (t23 * h_rt)
         if f_ams_bound2:
             t25 = t17
         else:
@@ -539,7 +530,7 @@ else:
             else:
                 t31 = t30
         if not f_rectify2:
-            t32 = (t26 * h_s5)
+            t32 = (t26 * h_s8)
             t33 = (t32 + h_eps)
             t34 = _div(t23, t33)
         if f_rectify2:
@@ -570,9 +561,9 @@ else:
                 t.ptrs['max_exp_avg_var'],
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
-                h_lr=float(scalars['lr']), h_s0=float(scalars['s0']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
-                h_s5=float(scalars['s5']), h_weight_decay=float(scalars['weight_decay']),
+                h_lr=float(scalars['lr']), h_rt=float(scalars['rt']), h_s4=float(scalars['s4']),
+                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
+                h_s8=float(scalars['s8']), h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_ams_bound2=bool(flags['ams_bound2']),
                 f_condition=bool(flags['condition']),
                 f_decoupled_decay=bool(flags['decoupled_decay']),

@@ -69,18 +69,19 @@ def _host(h, step):
     h_decoupled_weight_decay = h['decoupled_weight_decay']
     h_step = step
     h_curvature_bias_correction = (1.0 - (h_betas_1 ** h_step))
-    h_s1 = (1.0 - h_betas_1)
-    h_s2 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay)))))
-    h_s3 = (1.0 - h_betas_0)
-    h_s4 = (1.0 - (h_lr * h_weight_decay))
-    h_s5 = (1.0 - (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay))))))
-    h_s6 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** ((h_step + 1.0) * h_momentum_decay)))))
-    h_s7 = (1.0 / h_curvature_bias_correction)
+    h_mu = (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay)))))
+    h_mu2 = (h_betas_0 * (1.0 - (0.5 * (0.96 ** (h_step * h_momentum_decay)))))
+    h_mu_next = (h_betas_0 * (1.0 - (0.5 * (0.96 ** ((h_step + 1.0) * h_momentum_decay)))))
+    h_s4 = (1.0 - h_betas_1)
+    h_s5 = (1.0 - h_betas_0)
+    h_s6 = (1.0 - (h_lr * h_weight_decay))
+    h_s7 = (1.0 - h_mu)
+    h_s8 = (1.0 / h_curvature_bias_correction)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'eps': h_eps,
             'weight_decay': h_weight_decay, 'momentum_decay': h_momentum_decay,
             'decoupled_weight_decay': h_decoupled_weight_decay, 'step': h_step,
-            'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1, 's2': h_s2,
-            's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
+            'curvature_bias_correction': h_curvature_bias_correction, 'mu': h_mu, 'mu2': h_mu2,
+            'mu_next': h_mu_next, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'decoupled_decay': bool((h_decoupled_weight_decay != 0.0)),
             'maximize': bool(h['maximize'])}
@@ -89,9 +90,9 @@ def _host(h, step):
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_s1, h_s2, h_s3,
-        h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite, f_decoupled_decay, f_has_weight_decay,
-        f_maximize, f_nonfinite_skip):
+def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_mu2, h_mu_next,
+        h_s4, h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_decoupled_decay,
+        f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -110,33 +111,33 @@ def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr
         t5 = t2 if f_decoupled_decay else t4
     t6 = t5 if f_has_weight_decay else t2
     t7 = (t6 * t6)
-    t8 = (t7 * h_s1)
+    t8 = (t7 * h_s4)
     t9 = (t0 + t8)
     if f_nonfinite_skip:
         t10 = torch.where(r_nonfinite != 0, exp_avg_sq_, t9)
     new_exp_avg_sq_ = t10 if f_nonfinite_skip else t9
-    t12 = (mu_product_ * h_s2)
+    t12 = (mu_product_ * h_mu2)
     if f_nonfinite_skip:
         t13 = torch.where(r_nonfinite != 0, mu_product_, t12)
     new_mu_product_ = t13 if f_nonfinite_skip else t12
-    t15 = torch.lerp(exp_avg_, t6, h_s3)
+    t15 = torch.lerp(exp_avg_, t6, h_s5)
     if f_nonfinite_skip:
         t16 = torch.where(r_nonfinite != 0, exp_avg_, t15)
     new_exp_avg_ = t16 if f_nonfinite_skip else t15
     if f_decoupled_decay and f_has_weight_decay:
-        t18 = (param_ * h_s4)
+        t18 = (param_ * h_s6)
     if f_has_weight_decay:
         t19 = t18 if f_decoupled_decay else param_
     t20 = t19 if f_has_weight_decay else param_
     t21 = (1.0 - t12)
-    t22 = (h_s5 / t21)
+    t22 = (h_s7 / t21)
     t23 = (t22 * t6)
-    t24 = (t12 * h_s6)
+    t24 = (t12 * h_mu_next)
     t25 = (1.0 - t24)
-    t26 = (h_s6 / t25)
+    t26 = (h_mu_next / t25)
     t27 = (t26 * t15)
     t28 = (t23 + t27)
-    t29 = (t9 * h_s7)
+    t29 = (t9 * h_s8)
     t30 = torch.sqrt(t29)
     t31 = (t30 + h_eps)
     t32 = (t28 / t31)
@@ -152,7 +153,7 @@ def _update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'mu_product', 'exp_avg', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
+        'scalars': ['betas_1', 'eps', 'lr', 'mu2', 'mu_next', 's4', 's5', 's6', 's7', 's8',
                 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
@@ -170,8 +171,8 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_s1,
-        h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite, f_decoupled_decay,
+def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_eps, h_lr, h_mu2,
+        h_mu_next, h_s4, h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_decoupled_decay,
         f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
@@ -183,9 +184,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_s4, h_s5, h_s6, h_s7], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s2, _s_s4, _s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -195,39 +196,39 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         if f_has_weight_decay:
             t4 = t2 if f_decoupled_decay else t3
         t5 = t4 if f_has_weight_decay else t2
-        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s4)
         t6 = t0
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(exp_avg_sq_, t6)]
-        t8 = torch._foreach_mul(mu_product_, _s_s2)
+        t8 = torch._foreach_mul(mu_product_, _s_mu2)
         new_mu_product_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(mu_product_, t8)]
-        t10 = torch._foreach_lerp(exp_avg_, t5, h_s3)
+        t10 = torch._foreach_lerp(exp_avg_, t5, h_s5)
         new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t10)]
         if f_decoupled_decay and f_has_weight_decay:
-            t12 = torch._foreach_mul(param_, _s_s4)
+            t12 = torch._foreach_mul(param_, _s_s6)
         if f_has_weight_decay:
             t13 = t12 if f_decoupled_decay else param_
         t14 = t13 if f_has_weight_decay else param_
         t15 = torch._foreach_add(torch._foreach_neg(t8), 1.0)
         torch._foreach_reciprocal_(t15)
-        torch._foreach_mul_(t15, _s_s5)
+        torch._foreach_mul_(t15, _s_s7)
         t16 = t15
         torch._foreach_mul_(t16, t5)
         t17 = t16
-        torch._foreach_mul_(t8, _s_s6)
+        torch._foreach_mul_(t8, _s_mu_next)
         t18 = t8
         torch._foreach_neg_(t18)
         torch._foreach_add_(t18, 1.0)
         t19 = t18
         torch._foreach_reciprocal_(t19)
-        torch._foreach_mul_(t19, _s_s6)
+        torch._foreach_mul_(t19, _s_mu_next)
         t20 = t19
         torch._foreach_mul_(t20, t10)
         t21 = t20
         torch._foreach_add_(t17, t21)
         t22 = t17
-        torch._foreach_mul_(t6, _s_s7)
+        torch._foreach_mul_(t6, _s_s8)
         t23 = t6
         torch._foreach_sqrt_(t23)
         t24 = t23
@@ -240,9 +241,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_s4, h_s5, h_s6, h_s7], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s2, _s_s4, _s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -253,35 +254,35 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         if f_has_weight_decay:
             t4 = t2 if f_decoupled_decay else t3
         t5 = t4 if f_has_weight_decay else t2
-        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s4)
         new_exp_avg_sq_ = t0
-        torch._foreach_mul_(mu_product_, _s_s2)
+        torch._foreach_mul_(mu_product_, _s_mu2)
         new_mu_product_ = mu_product_
-        torch._foreach_lerp_(exp_avg_, t5, h_s3)
+        torch._foreach_lerp_(exp_avg_, t5, h_s5)
         new_exp_avg_ = exp_avg_
         if f_decoupled_decay and f_has_weight_decay:
-            t9 = torch._foreach_mul(param_, _s_s4)
+            t9 = torch._foreach_mul(param_, _s_s6)
         if f_has_weight_decay:
             t10 = t9 if f_decoupled_decay else param_
         t11 = t10 if f_has_weight_decay else param_
         t12 = torch._foreach_add(torch._foreach_neg(new_mu_product_), 1.0)
         torch._foreach_reciprocal_(t12)
-        torch._foreach_mul_(t12, _s_s5)
+        torch._foreach_mul_(t12, _s_s7)
         t13 = t12
         torch._foreach_mul_(t13, t5)
         t14 = t13
-        t15 = torch._foreach_mul(new_mu_product_, _s_s6)
+        t15 = torch._foreach_mul(new_mu_product_, _s_mu_next)
         torch._foreach_neg_(t15)
         torch._foreach_add_(t15, 1.0)
         t16 = t15
         torch._foreach_reciprocal_(t16)
-        torch._foreach_mul_(t16, _s_s6)
+        torch._foreach_mul_(t16, _s_mu_next)
         t17 = t16
         torch._foreach_mul_(t17, new_exp_avg_)
         t18 = t17
         torch._foreach_add_(t14, t18)
         t19 = t14
-        t20 = torch._foreach_mul(new_exp_avg_sq_, _s_s7)
+        t20 = torch._foreach_mul(new_exp_avg_sq_, _s_s8)
         torch._foreach_sqrt_(t20)
         t21 = t20
         torch._foreach_add_(t21, h_eps)
@@ -299,7 +300,7 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'mu_product', 'exp_avg', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
+        'scalars': ['betas_1', 'eps', 'lr', 'mu2', 'mu_next', 's4', 's5', 's6', 's7', 's8',
                 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
@@ -352,9 +353,9 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_s1: tl.float64,
-            h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64, h_s5: tl.float64,
-            h_s6: tl.float64, h_s7: tl.float64, h_weight_decay: tl.float64,
+            h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_mu2: tl.float64,
+            h_mu_next: tl.float64, h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64,
+            h_s7: tl.float64, h_s8: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -378,13 +379,13 @@ else:
         h_betas_1 = tl.cast(h_betas_1, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s1 = tl.cast(h_s1, CDT)
-        h_s2 = tl.cast(h_s2, CDT)
-        h_s3 = tl.cast(h_s3, CDT)
+        h_mu2 = tl.cast(h_mu2, CDT)
+        h_mu_next = tl.cast(h_mu_next, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
         h_s6 = tl.cast(h_s6, CDT)
         h_s7 = tl.cast(h_s7, CDT)
+        h_s8 = tl.cast(h_s8, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -414,7 +415,7 @@ else:
         else:
             t6 = t2
         t7 = (t6 * t6)
-        t8 = (t7 * h_s1)
+        t8 = (t7 * h_s4)
         t9 = (t0 + t8)
         if f_nonfinite_skip:
             t10 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t9)
@@ -422,15 +423,15 @@ else:
             new_exp_avg_sq_ = t10
         else:
             new_exp_avg_sq_ = t9
-        t12 = (mu_product_ * h_s2)
+        t12 = (mu_product_ * h_mu2)
         if f_nonfinite_skip:
             t13 = tl.where(r_nonfinite_c != 0, mu_product_, t12)
         if f_nonfinite_skip:
             new_mu_product_ = t13
         else:
             new_mu_product_ = t12
-        t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_ + h_s3 * (t6 - exp_avg_),
-                t6 - (t6 - exp_avg_) * (1.0 - h_s3))
+        t15 = tl.where(tl.abs(h_s5) < 0.5, exp_avg_ + h_s5 * (t6 - exp_avg_),
+                t6 - (t6 - exp_avg_) * (1.0 - h_s5))
         if f_nonfinite_skip:
             t16 = tl.where(r_nonfinite_c != 0, exp_avg_, t15)
         if f_nonfinite_skip:
@@ -439,7 +440,7 @@ else:
             new_exp_avg_ = t15
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t18 = (param_ * h_s4)
+                t18 = (param_ * h_s6)
         if f_has_weight_decay:
             if f_decoupled_decay:
                 t19 = t18
@@ -450,14 +451,14 @@ else:
         else:
             t20 = param_
         t21 = (1.0 - t12)
-        t22 = _div(h_s5, t21)
+        t22 = _div(h_s7, t21)
         t23 = (t22 * t6)
-        t24 = (t12 * h_s6)
+        t24 = (t12 * h_mu_next)
         t25 = (1.0 - t24)
-        t26 = _div(h_s6, t25)
+        t26 = _div(h_mu_next, t25)
         t27 = (t26 * t15)
         t28 = (t23 + t27)
-        t29 = (t9 * h_s7)
+        t29 = (t9 * h_s8)
         t30 = _sqrt(t29)
         t31 = (t30 + h_eps)
         t32 = _div(t28, t31)
@@ -485,10 +486,10 @@ else:
                 t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
-                h_lr=float(scalars['lr']), h_s1=float(scalars['s1']), h_s2=float(scalars['s2']),
-                h_s3=float(scalars['s3']), h_s4=float(scalars['s4']), h_s5=float(scalars['s5']),
-                h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
-                h_weight_decay=float(scalars['weight_decay']),
+                h_lr=float(scalars['lr']), h_mu2=float(scalars['mu2']),
+                h_mu_next=float(scalars['mu_next']), h_s4=float(scalars['s4']),
+                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
+                h_s8=float(scalars['s8']), h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
