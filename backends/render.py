@@ -101,11 +101,7 @@ def wrap_code(line: str, width: int = WIDTH) -> list[str]:
     # call moves as a whole: `x = tl.load(p).to(` / `tl.pointer_type(T))`
     lists = [p for p in pairs if p[2]]
     outer = [p for p in pairs if not any(o < p[0] and p[1] < c for o, c, _ in pairs)]
-    for k, (start, close, commas) in enumerate(lists + outer[::-1]):
-        if k == len(lists):  # no list to break: an arithmetic expression breaks at operators
-            broken = _wrap_at_operators(line, pairs, width, hang)
-            if len(broken) > 1:
-                return broken
+    for start, close, commas in lists + outer[::-1]:
         if start + 1 > width or close - start < 2:
             continue
         cuts = [start] + commas + [close]
@@ -114,49 +110,8 @@ def wrap_code(line: str, width: int = WIDTH) -> list[str]:
         if len(lines) == 1:
             continue
         # the last line carries the rest of the statement: it may need a break too
-        # an item may itself be too long (a flag's condition); the last line carries
-        # the rest of the statement: each is broken again where it is shorter
-        return [x for ln in lines
-                for x in (wrap_code(ln, width) if len(ln) < len(line) else [ln])]
-    return [line]
-
-
-_BINARY = (" ** ", " + ", " - ", " * ", " / ", " >= ", " <= ", " > ", " < ", " != ", " == ")
-
-
-def _wrap_at_operators(line: str, pairs, width: int, hang: str) -> list[str]:
-    """A long arithmetic line (a host expression of nested lets) broken before the
-    binary operators at the top level of its widest bracket pair; each piece that is
-    still too long is broken the same way inside its own brackets."""
-    for start, close, _ in sorted(pairs, key=lambda p: p[0] - p[1]):
-        inner = {i for a, b, _ in pairs if start < a and b < close for i in range(a, b + 1)}
-        cuts = []
-        i = start + 1
-        while i < close:
-            op = next((o for o in _BINARY if line.startswith(o, i)), None)
-            if op and i not in inner:
-                cuts.append(i + 1)
-                i += len(op)
-            else:
-                i += 1
-        if not cuts:
-            continue
-        bounds = [start + 1] + cuts + [close]
-        pieces = [line[a:b].strip() for a, b in zip(bounds, bounds[1:])]
-        lines, current = [], line[:start + 1] + pieces[0]
-        for piece in pieces[1:]:
-            if len(current) + 1 + len(piece) > width:
-                lines.append(current)
-                current = hang + piece
-            else:
-                current += " " + piece
-        lines.append(current + line[close:])
-        if len(lines) == 1:
-            continue
-        out = []
-        for ln in lines:
-            out += wrap_code(ln, width) if len(ln) < len(line) else [ln]
-        return out
+        rest = wrap_code(lines[-1], width) if len(lines[-1]) < len(line) else lines[-1:]
+        return lines[:-1] + rest
     return [line]
 
 
