@@ -286,6 +286,10 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
         return ir.Const(value.name, value.span)
     if isinstance(value, ast.Ref):
         hyper = hypers.get(value.name)
+        if hyper is None and value.name == MACHINE_EPS:
+            raise CurvError("name.unknown_hyper", value.span, name=value.name,
+                            hint=f"{MACHINE_EPS} is a hyperparameter's default: declare "
+                                 f"`hyper eps = {MACHINE_EPS}` and write eps here")
         if hyper is None:
             close = suggest(value.name, hypers)
             raise CurvError("name.unknown_hyper", value.span, name=value.name,

@@ -228,13 +228,15 @@ def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     (curvc.runtime.matrix.factored) computes it."""
     eq = [f"c     = {_estimate(opt)}",
           "        (a tensor of order k >= 2 is factored over its last two dims, m x n;",
-          "        order < 2 keeps the diagonal: V = the accumulated c, with no R or C)"]
+          "        order < 2 keeps the diagonal, as Adafactor does: V = the accumulated c)"]
     _accumulate(opt, eq, "mean_j c_ij", "R")
     _accumulate(opt, eq, "mean_i c_ij", "C")
     eps = _v(opt.structure.eps) if opt.structure.eps is not None else "0"
     eq.append(f"V     = R C^T / max(mean_i R_i, {eps})   (V = 0 where that is 0)")
     root = nums.matrix or Root("1")
-    eq.append(f"P     = {_preconditioner(root if root.exponent != '1' else Root(None, root.inside, root.after, root.floor), 'V')}")
+    if root.exponent == "1":  # P = V itself (length none, normalized)
+        root = Root(None, root.inside, root.after, root.floor)
+    eq.append(f"P     = {_preconditioner(root, 'V')}")
     if not (root.after or root.floor):
         eq[-1] += "   (d = 0 where P is 0)"
     m = _momentum(opt, eq, nums)
@@ -472,6 +474,10 @@ def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
             f"{h.name}={_default(h.default)}" for h in opt.hypers)]
+        if any(d is None for h in opt.hypers
+               for d in (h.default if isinstance(h.default, tuple) else (h.default,))):
+            lines.append("  (machine_eps: the parameter dtype's torch.finfo(dtype).eps, at step "
+                         "time; None in the constructor)")
     return "\n".join(lines) + "\n"
 
 
