@@ -234,3 +234,17 @@ def test_explain_shows_the_factored_rule():
                  "theta = theta * (1 - lr * weight_decay)",
                  "order < 2 keeps the diagonal", "machine_eps"):
         assert line in text, (line, text)
+
+
+def test_a_checkpoint_for_another_model_is_refused_with_nothing_loaded():
+    Ours = curvc.load("adafactor")
+    small = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    other = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(4))]
+    opt = Ours(small)
+    for p in small:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    fresh = Ours(other)
+    with pytest.raises(ValueError, match=r"'col_var' has shape \(1, 4\), expected \(1, 5\)"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state
