@@ -248,3 +248,29 @@ def test_a_checkpoint_for_another_model_is_refused_with_nothing_loaded():
     with pytest.raises(ValueError, match=r"'col_var' has shape \(1, 4\), expected \(1, 5\)"):
         fresh.load_state_dict(opt.state_dict())
     assert not fresh.state
+
+
+def test_power_ema_on_the_plain_diagonal_matches_its_equations(tmp_path):
+    """iterate power_ema is an axis of its own: with structure diagonal, every 3 steps
+    (t in beta_t counts refreshes), C <- beta_t C + (1 - beta_t) g*g, beta_t = 1 - r^decay."""
+    path = tmp_path / "power_adam.curv"
+    path.write_text("optimizer PowerAdam\nhyper lr = 0.01, decay = -0.7, eps = 1e-8\n"
+                    "curvature empirical_fisher\nstructure diagonal\n"
+                    "iterate   power_ema(decay) every 3\nlength    gradient_norm\n"
+                    "damping   add(eps)\n")
+    Ours = curvc.load(str(path), backend="torch")
+    rng = np.random.default_rng(1)
+    start = rng.standard_normal((4, 3))
+    p = torch.nn.Parameter(torch.tensor(start))
+    opt = Ours([p], lr=0.02, decay=-0.5)
+    x, c, r = start.copy(), np.zeros_like(start), 0
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal((4, 3))
+        p.grad = torch.tensor(g)
+        opt.step()
+        if (t - 1) % 3 == 0:
+            r += 1
+            w = r ** -0.5
+            c = (1 - w) * c + w * g * g
+        x -= 0.02 * g / (np.sqrt(c) + 1e-8)
+    np.testing.assert_allclose(p.detach().numpy(), x, rtol=1e-9, atol=1e-12)
