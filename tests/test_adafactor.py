@@ -274,3 +274,24 @@ def test_power_ema_on_the_plain_diagonal_matches_its_equations(tmp_path):
             c = (1 - w) * c + w * g * g
         x -= 0.02 * g / (np.sqrt(c) + 1e-8)
     np.testing.assert_allclose(p.detach().numpy(), x, rtol=1e-9, atol=1e-12)
+
+
+def test_the_fused_cpu_kernels_around_the_extern_match_torch():
+    """fused=True compiles the head and tail kernels (inductor); the extern between them
+    runs eagerly. Still torch's Adafactor, in float32."""
+    Ours = curvc.load("adafactor", backend="torch")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(), (7,), (33, 5), (2, 3, 4, 5)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(x.clone()) for x in start]
+    ref = [torch.nn.Parameter(x.clone()) for x in start]
+    our_opt = Ours(ours, fused=True, lr=0.05, weight_decay=0.1, d=1.2)
+    ref_opt = torch.optim.Adafactor(ref, lr=0.05, weight_decay=0.1, d=1.2)
+    for _ in range(6):
+        for p, q in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        our_opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
