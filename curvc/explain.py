@@ -246,7 +246,8 @@ def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {m} / P")
     if ln == "normalized":
-        eq.append(f"d     = d / sqrt(sum({m} * d))   (sum over all parameters; d = 0 where it is 0)")
+        eq.append(f"d     = d / sqrt(sum({m} * d))   "
+                  "(sum over all parameters; d = 0 where it is 0)")
     if opt.clip.kind == "tensor_rms":
         eq.append(f"d     = d / max(1, RMS(d) / {_v(opt.clip.threshold)})   (RMS over each tensor)")
     else:

@@ -187,10 +187,11 @@ def _hybrid_reference(params, grads_per_step, lr=0.01, beta=0.9, beta1=0.8, floo
                 c = g * g
                 if g.ndim >= 2:
                     rows, cols = c.mean(axis=-1, keepdims=True), c.mean(axis=-2, keepdims=True)
-                    s["r"] = rows * (1 - beta) if s["r"] is None else beta * s["r"] + (1 - beta) * rows
-                    s["c"] = cols * (1 - beta) if s["c"] is None else beta * s["c"] + (1 - beta) * cols
+                    for key, new in (("r", rows), ("c", cols)):
+                        old = 0.0 if s[key] is None else s[key]
+                        s[key] = beta * old + (1 - beta) * new
                 else:
-                    s["v"] = c * (1 - beta) if s["v"] is None else beta * s["v"] + (1 - beta) * c
+                    s["v"] = beta * (0.0 if s["v"] is None else s["v"]) + (1 - beta) * c
             if g.ndim >= 2:
                 v = s["r"] @ s["c"] / np.maximum(s["r"].mean(axis=-2, keepdims=True), floor)
             else:
