@@ -187,23 +187,22 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
     host = PythonHost()
     params = [host.render_inline(e, lambda x: scalar_name(x.name)) for e in ext.params]
     scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
-    flags = sorted({f for f in (stage.refresh, stage.accumulate_when) if f})
+    flags = list(stage.flags)
     sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [], "flags": flags}
-    kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
-          f"accumulate={stage.accumulate!r}", f"update={_flag_or_true(stage.accumulate_when)}",
-          f"refresh={_flag_or_true(stage.refresh)}", f"length={stage.length!r}",
-          *(f"{n}={a}" for n, a in zip(stage.params, params)), f"per_mode={stage.per_mode}"]
+    kw = stage.keywords(params, _flag_or_true)
     buf.writeline(f"def _{ext.name}({signature_text(sig)}):")
     with buf.indent():
         doc = textwrap.wrap(stage.doc, buf.room - 6)
         buf.writelines(['"""' + doc[0]] + doc[1:-1] + [doc[-1] + '"""'] if len(doc) > 1
                        else ['"""' + doc[0] + '"""'])
         fn = stage.function
-        statistic, value = ext.inputs[0], ext.inputs[-1]  # one tensor when they are the same
+        operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
+        statistic, value = operands[0], operands[-1]  # one tensor when they are the same
+        param = f"{ext.inputs[-1]}.to(cdt), " if stage.reads_param else ""
         # a kernel's temporaries are in the compute dtype already; a raw input may not be
         buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")
         # the statistic is None on a step that does not accumulate (an estimate not due)
         buf.writeline(f"return matrix.{fn}(state, None if {statistic} is None else "
-                      f"{statistic}.to(cdt), {value}.to(cdt), " + ", ".join(kw) + ")")
+                      f"{statistic}.to(cdt), {value}.to(cdt), {param}" + ", ".join(kw) + ")")
     return sig
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import builtins
 import keyword
 import math
+import sys
 from dataclasses import fields
 
 from curvc import check_exprs, ir, names, parse as ast, rules
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
-                            MODIFIER_WHY,
+                            MACHINE_EPS, MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
 
@@ -162,7 +163,7 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         elif isinstance(d, ast.Boolean):
             default = d.value
         else:
-            default = _finite(d)
+            default = _finite(d)  # machine_eps: None, the constructor's default
         seen[p.name] = ir.Hyper(p.name, default, p.span)
     # A tuple's entries reach the generated code as NAME_0, NAME_1, ...
     for h in seen.values():
@@ -182,7 +183,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     return tuple(seen.values())
 
 
-def _finite(n: ast.Number) -> int | float:
+def _finite(n: ast.Number | ast.MachineEps) -> int | float | None:
+    if isinstance(n, ast.MachineEps):
+        return None  # resolved to torch.finfo(dtype).eps at step time
     if not math.isfinite(n.value):
         raise CurvError("value.not_finite", n.span, text=n.text)
     if n.value == 0:
@@ -323,6 +326,10 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
         return ir.Const(value.name, value.span)
     if isinstance(value, ast.Ref):
         hyper = hypers.get(value.name)
+        if hyper is None and value.name == MACHINE_EPS:
+            raise CurvError("name.unknown_hyper", value.span, name=value.name,
+                            hint=f"{MACHINE_EPS} is a hyperparameter's default: declare "
+                                 f"`hyper eps = {MACHINE_EPS}` and write eps here")
         if hyper is None:
             close = suggest(value.name, hypers)
             raise CurvError("name.unknown_hyper", value.span, name=value.name,
@@ -364,6 +371,8 @@ def _entries(name: str, default: tuple) -> str:
 
 
 def _show(v) -> str:
+    if v is None:
+        return MACHINE_EPS
     if isinstance(v, bool):
         return "true" if v else "false"
     return f"{v:g}"
@@ -371,6 +380,8 @@ def _show(v) -> str:
 
 def _check_kind(v, spec_arg: ArgSpec, what: str, span: Span, shown: str) -> None:
     """``shown``: how the value reads in a message (its text, or a hyper's default)."""
+    if v is None:  # machine_eps: a number in (0, 1) whatever the dtype; float64's stands in
+        v = sys.float_info.epsilon
     if spec_arg.kind == "bool":
         if not isinstance(v, bool):
             raise CurvError("value.bool_expected", span, what=what, found=shown)
@@ -392,6 +403,8 @@ def _describe(value) -> str:
         return "true" if value.value else "false"
     if isinstance(value, ast.TupleLiteral):
         return "a tuple"
+    if isinstance(value, ast.MachineEps):
+        return MACHINE_EPS
     return repr(str(value.name))
 
 

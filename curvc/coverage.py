@@ -31,7 +31,8 @@ LR = 1e-2
 NAME = "CrossProduct"
 
 # A sensible value for a required argument, by its constraint (language.ArgSpec).
-_VALUES = {"unit": 0.9, "unit_closed": 0.5, "positive": 1.0, "nonneg": 1e-2, "any": 1.0}
+_VALUES = {"unit": 0.9, "unit_closed": 0.5, "positive": 1.0, "nonneg": 1e-2, "any": 1.0,
+           "nonpos": -0.8}
 _COUNT = 5  # any count_* constraint: a history of 5 pairs, 5 samples, ...
 
 ACCEPTED = "accepted"

@@ -32,6 +32,8 @@ def _literal(v) -> str:
     """A default as Python source, in its kind: ``True``, ``10``, ``1e-08``, ``(0.9, 0.999)``."""
     if isinstance(v, tuple):
         return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    if v is None:  # machine_eps: torch's None, resolved per dtype at step time
+        return "None"
     return repr(v if isinstance(v, (bool, int)) else float(v))
 
 

@@ -61,7 +61,8 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         x = _half(matrix.exponent) if matrix else None
         sa = f"L^-{x} g R^-{x}" if x and opt.curvature.kind != "kfac" else "block-diagonal"
     else:
-        sa = {"scalar": "LI", "diagonal": "diagonal", "dense": "", "low_rank": "rank-2 update"}[s]
+        sa = {"scalar": "LI", "diagonal": "diagonal", "factored": "diagonal, R C^T / mean(R)",
+              "dense": "", "low_rank": "rank-2 update"}[s]
     ia = []
     if opt.curvature.kind == "hutchinson":
         ia.append("Monte Carlo")
@@ -71,7 +72,7 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         ia.append("a a^T (x) dL/ds dL/ds^T")
     if opt.iterate.kind == "sum":
         ia.append("sum")
-    if opt.iterate.kind == "ema":  # the paper calls an EMA of the curvature "momentum"
+    if opt.iterate.kind in ("ema", "power_ema"):  # the paper calls an EMA "momentum"
         ia.append("momentum")
     return dict(zip(TABLE_COLUMNS, (length, ca, sa, ", ".join(ia))))
 
@@ -89,6 +90,11 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     if opt.schedule.kind == "inverse_time":
         eq.append(f"lr_t  = lr / (1 + (t-1) * {_v(opt.schedule.rate)})")
         lr = "lr_t"
+    elif opt.schedule.kind == "relative_step":
+        eq.append(f"lr_t  = min(lr, 1/sqrt(t)) * max({_v(opt.schedule.eps)}, RMS(theta))   "
+                  "(RMS over each tensor, before this step)")
+        lr = "lr_t"
+    decay_lr = "lr" if opt.schedule.kind == "relative_step" else lr  # torch's Adafactor
     if opt.structure.kind == "low_rank":
         return _low_rank(opt, lr)
     eq.append("g     = grad f(theta)            (negated when maximize=True)")
@@ -98,21 +104,23 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     dec = opt.decay
     switch = dec.kind == "l2" and dec.decoupled is not None and dec.decoupled != ir.Const(False)
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
-        eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})")
+        eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})")
     elif dec.kind == "l2":
         if opt.structure.kind != "dense":  # the dense step adds it to d (see _dense)
             eq.append(f"g     = g + {_v(dec.rate)} * theta"
                       + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
         if switch:
-            eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
+            eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
-        eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
+        eq.append(f"theta = theta * (1 - {decay_lr} * {_v(opt.decay.rate)})")
     eq += explain_exprs.definitions(opt, late=False)
     s = opt.structure.kind
     if s in ("scalar", "diagonal"):
         step = _elementwise(opt, lr, nums)
     elif s == "kronecker":
         step = _kronecker(opt, lr, nums)
+    elif s == "factored":
+        step = _factored(opt, lr, nums)
     elif s == "dense":
         step = _dense(opt, lr, nums)
     else:
@@ -174,6 +182,10 @@ def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C",
         every = f"   (every {_v(it.every)} steps{', the first after ' + _v(it.every) if it.delayed else ''})"
     if it.kind == "ema":
         eq.append(f"{name}     = {_v(it.beta)} * {name} + (1 - {_v(it.beta)}) * {new}{every}")
+    elif it.kind == "power_ema":
+        t = "t" if it.every is None else "r"
+        eq.append(f"{name}     = beta_t * {name} + (1 - beta_t) * {new},   beta_t = 1 - "
+                  f"{t}^{_v(it.decay)}{every}")
     elif it.kind == "sum":
         init = f", {name}_0 = {_v(it.init)}" if it.init is not None else ""
         eq.append(f"{name}     = {name} + {new}{every}{init.replace(', ', '   (') + ')' if init else ''}")
@@ -218,6 +230,39 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {u}")
     eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    """The factored structure: the diagonal from row and column means, as the extern
+    (curvc.runtime.matrix.factored) computes it."""
+    eq = [f"c     = {_estimate(opt)}",
+          "        (a tensor of order k >= 2 is factored over its last two dims, m x n;",
+          "        order < 2 keeps the diagonal, as Adafactor does: V = the accumulated c)"]
+    _accumulate(opt, eq, "mean_j c_ij", "R")
+    _accumulate(opt, eq, "mean_i c_ij", "C")
+    eps = _v(opt.structure.eps) if opt.structure.eps is not None else "0"
+    eq.append(f"V     = R C^T / max(mean_i R_i, {eps})   (V = 0 where that is 0)")
+    root = nums.matrix or Root("1")
+    if root.exponent == "1":  # P = V itself (length none, normalized)
+        root = Root(None, root.inside, root.after, root.floor)
+    eq.append(f"P     = {_preconditioner(root, 'V')}")
+    if not (root.after or root.floor):
+        eq[-1] += "   (d = 0 where P is 0)"
+    m = _momentum(opt, eq, nums)
+    ln = opt.length.kind
+    if ln == "eigen_sign":
+        eq.append(f"d     = sign({m}) / P")
+    else:
+        eq.append(f"d     = {m} / P")
+    if ln == "normalized":
+        eq.append(f"d     = d / sqrt(sum({m} * d))   "
+                  "(sum over all parameters; d = 0 where it is 0)")
+    if opt.clip.kind == "tensor_rms":
+        eq.append(f"d     = d / max(1, RMS(d) / {_v(opt.clip.threshold)})   (RMS over each tensor)")
+    else:
+        eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
 
@@ -455,12 +500,18 @@ def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
             f"{h.name}={_default(h.default)}" for h in opt.hypers)]
+        if any(d is None for h in opt.hypers
+               for d in (h.default if isinstance(h.default, tuple) else (h.default,))):
+            lines.append("  (machine_eps: the parameter dtype's torch.finfo(dtype).eps, at step "
+                         "time; None in the constructor)")
     return "\n".join(lines) + "\n"
 
 
 def _default(v) -> str:
+    if v is None:
+        return "machine_eps"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, tuple):
-        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+        return "(" + ", ".join(_default(x) for x in v) + ")"
     return f"{v:g}"

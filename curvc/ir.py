@@ -121,8 +121,9 @@ class Curvature:
 class Structure:
     """Structure approximation: what shape the curvature matrix is given."""
 
-    kind: str  # scalar | diagonal | kronecker | dense | low_rank
+    kind: str  # scalar | diagonal | factored | kronecker | dense | low_rank
     max_dim: Arg | None = None
+    eps: Arg | None = None  # factored: the floor of the mean row statistic
     every: Arg | None = None  # recompute the inverse root every k steps
     span: Span = span_field()
 
@@ -131,8 +132,9 @@ class Structure:
 class Iterate:
     """Iterative approximation: how estimates are combined over steps."""
 
-    kind: str  # instant | ema | sum | secant
+    kind: str  # instant | ema | power_ema | sum | secant
     beta: Arg | None = None
+    decay: Arg | None = None  # power_ema: beta_t = 1 - t^decay
     init: Arg | None = None
     history: Arg | None = None
     iterations: Arg | None = None  # secant: iterations per step (closure evaluations)
@@ -157,7 +159,7 @@ class Length:
 
 @dataclass(frozen=True)
 class Clip:
-    kind: str  # none | global_norm | elementwise
+    kind: str  # none | global_norm | elementwise | tensor_rms
     threshold: Arg | None = None
     scope: Arg | None = None  # global_norm: the norm's tensors (global | group | tensor)
     on: Arg | None = None  # step (the finished d) | gradient (g, before anything reads it)
@@ -198,8 +200,9 @@ class Damping:
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str  # constant | inverse_time
+    kind: str  # constant | inverse_time | relative_step
     rate: Arg | None = None
+    eps: Arg | None = None  # relative_step: the floor of RMS(theta)
     span: Span = span_field()
 
 

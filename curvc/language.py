@@ -73,12 +73,20 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
+        # diag(V) with V = R C^T / max(mean(R), eps): the rank-1 outer product of the row and
+        # column means of the estimate over a tensor's last two dims (Adafactor); order < 2
+        # keeps the plain diagonal
+        "factored": FormSpec((ArgSpec("eps", "number", 0.0, "nonneg"),)),
         "low_rank": FormSpec(),  # rank-2 updates from the secant pairs (iterate secant)
     },
     "iterate": {
         "instant": FormSpec(modifiers=("every",)),  # the current estimate only
         "ema": FormSpec((_BETA(), ArgSpec("keep_max", "bool", False)),  # C <- beta*C + (1-beta)*c
                         modifiers=("bias_corrected", "every", "delayed")),
+        # C <- beta_t*C + (1-beta_t)*c with beta_t = 1 - t^decay, t the refreshes so far
+        # (Adafactor's beta2 schedule; beta_1 = 0, so no zero start to bias-correct)
+        "power_ema": FormSpec((ArgSpec("decay", "number", constraint="nonpos"),),
+                              modifiers=("every", "delayed")),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),),  # C <- C + c
                         modifiers=("every",)),
         # two-loop recursion over the last k pairs, up to `iterations` closure calls a step
@@ -102,6 +110,8 @@ FORMS: dict[str, dict[str, FormSpec]] = {
                                  _SCOPE, _ON)),
         # d_i = clamp(d_i, -threshold, threshold) (Sophia; on = gradient: g_i)
         "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"), _ON)),
+        # d <- d / max(1, RMS(d)/threshold), RMS over each tensor (Adafactor's update clip)
+        "tensor_rms": FormSpec((ArgSpec("threshold", "number", constraint="positive"),)),
     },
     "momentum": {
         "none": FormSpec(),
@@ -130,6 +140,9 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "constant": FormSpec(),
         # lr_t = lr / (1 + (t-1)*rate)
         "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),)),
+        # the relative step: lr_t = min(lr, 1/sqrt(t)) * max(eps, RMS(theta)) per tensor
+        # (Adafactor); weight decay keeps lr
+        "relative_step": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),
     },
 }
 
@@ -215,7 +228,12 @@ MODIFIER_WHY = {
 # generated functions a spec's names are prefixed by the backends, so only the
 # places where a name is the API itself are listed: the constructor's arguments
 # (curvc.names, shared with the emitter) and the words of the language.
-_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every")
+_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every", "machine_eps")
+
+# A hyperparameter default (or tuple entry) that means the parameter dtype's machine epsilon,
+# torch.finfo(dtype).eps: the constructor's default there is None (torch.optim.Adafactor's
+# eps), and None, given or defaulted, is resolved per dtype at step time.
+MACHINE_EPS = "machine_eps"
 RESERVED_WHY: dict[str, str] = {
     **{n: "every compiled optimizer already takes an argument of that name"
        for n in sorted(names.keyword_names() - {n for kws in names.STRUCTURE_KEYWORDS.values()

@@ -12,11 +12,13 @@ from __future__ import annotations
 from curvc import check as checks, ir, rules
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_exprs import Expressions
-from curvc.lower_step import Step, every_flag, nonzero, refresh_count, select
+from curvc.lower_step import (Step, accumulation, every_flag, iterate_beta, nonzero,
+                              refresh_count, select)
 from curvc.passes import PASSES
-from curvc.plan import (Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
-                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Validator)
-from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
+from curvc.plan import (Const, DenseStage, Estimator, Expr, FactoredStage, KroneckerStage, Load,
+                        Plan, Precondition, Reduced, Reduction, Scalar, SecantStage, Select,
+                        Validator)
+from curvc.rules import (DENSE_STRUCTURES, FACTORED_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
                          PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
 
@@ -101,9 +103,10 @@ def _buffer_name(s: Step, role: str) -> str:
     it, c = s.opt.iterate, s.opt.curvature
     if it.kind == "sum":
         return "sum"
-    if it.kind == "ema" and (c.kind == "empirical_fisher" or c.squared):
+    ema = it.kind in ("ema", "power_ema")
+    if ema and (c.kind == "empirical_fisher" or c.squared):
         return "exp_avg_sq"
-    return "hessian" if it.kind == "ema" else "curvature"
+    return "hessian" if ema else "curvature"
 
 
 def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
@@ -121,11 +124,11 @@ def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
         old = s.buffer(name)
         s.store(old.name, c, when=refresh)
         return select(refresh, c, old)
-    if it.kind == "ema":
+    if it.kind in ("ema", "power_ema"):
         old = s.buffer(name)
         name = old.name
-        beta = s.arg(it.beta)
-        new = add(mul(old, beta), mul(c, sub(1.0, beta)))
+        beta, weight = iterate_beta(s)
+        new = add(mul(old, beta), mul(c, weight))
     elif it.kind == "sum":
         old = s.buffer(name, init=s.arg(it.init))
         name = old.name
@@ -272,19 +275,14 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
         # sampled gradients (the Fisher's per example, Gauss-Newton-Bartlett's per draw)
         # as a stack of rows: each factor is the Gram matrix of their unfoldings
         statistic = _lower_estimator(s, s.opt.curvature, rows=True)
-    if ln.kind == "gradient_norm":
-        exponent = div(s.arg(ln.power), 2.0)
-    elif ln.kind == "eigen_sign":
-        exponent = Const(0.5)
-    else:
-        exponent = Const(1.0)
+    exponent = _length_exponent(s)
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
         correction = s.host_scalar("curvature_bias_correction",
                                    sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, it.every))))
     params = {
-        "beta": s.arg(it.beta) if it.kind == "ema" else Const(0.0),
+        "beta": iterate_beta(s)[0] if it.kind in ("ema", "power_ema") else Const(0.0),
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         "exponent": exponent,
         "eps_inside": eps if dmp.kind == "inside" else Const(0.0),
@@ -294,7 +292,7 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
         "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
     }
     stage = KroneckerStage(s.unique("kronecker"), "kronecker", "pre_cond", "inv_pre_cond",
-                           it.kind, accumulate_when, refresh, per_mode=True,
+                           accumulation(it.kind), accumulate_when, refresh, per_mode=True,
                            length="eigen_sign" if ln.kind == "eigen_sign" else "root")
     s.matrix.append(stage)
     u = Precondition("precondition", (statistic, m, *(params[n] for n in stage.params)),
@@ -302,6 +300,62 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     if ln.kind == "normalized":
         u = _normalized(s, m, u)
     return lower_clip(s, u)
+
+
+def _length_exponent(s: Step) -> Expr:
+    """e of a matrix stage's P^-e: power/2 for gradient_norm, 1/2 for eigen_sign, else 1."""
+    ln = s.opt.length
+    if ln.kind == "gradient_norm":
+        return div(s.arg(ln.power), 2.0)
+    return Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
+
+
+def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
+    """d = f(V) m per tensor, V the diagonal from the estimate's row and column means
+    (Adafactor; curvc.plan.FactoredStage, run by curvc.runtime.matrix.factored).
+
+    The means are reductions along one axis, so the stage is an extern between the head
+    kernel (the estimate c, weight decay, momentum) and the tail (normalization, clip,
+    the parameter). The extern also takes the per-tensor norms a spec asks for: the
+    RMS clip of the step and the relative step's RMS(theta), since the plan has no
+    tensor-scope reductions.
+    """
+    it, ln, dmp, clip, sch = (s.opt.iterate, s.opt.length, s.opt.damping, s.opt.clip,
+                              s.opt.schedule)
+    when = every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
+    c = lower_curvature(s, g)
+    # not accumulated on this step: the temporary holds the gradient, never read
+    statistic = c if when is None else Select(when, c, Load("grad"))
+    eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
+    weight = Const(1.0)
+    if it.kind in ("ema", "power_ema"):
+        weight = iterate_beta(s)[1]
+    correction = Const(1.0)
+    if it.kind == "ema" and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction",
+                                   sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, it.every))))
+    params = {
+        "weight": weight,
+        "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
+        "exponent": _length_exponent(s),
+        "eps_inside": eps if dmp.kind == "inside" else Const(0.0),
+        "eps_after": eps if dmp.kind == "add" else Const(0.0),
+        "floor": eps if dmp.kind == "floor" else Const(0.0),
+        "eps": s.arg(s.opt.structure.eps) if s.opt.structure.eps is not None else Const(0.0),
+        "bias_correction": correction,
+        "clip": s.arg(clip.threshold) if clip.kind == "tensor_rms" else Const(0.0),
+        "scale_eps": s.arg(sch.eps) if sch.kind == "relative_step" else Const(0.0),
+    }
+    stage = FactoredStage(s.unique("factored"), accumulation(it.kind), when,
+                          "eigen_sign" if ln.kind == "eigen_sign" else "root",
+                          clipped=clip.kind == "tensor_rms",
+                          relative=sch.kind == "relative_step")
+    s.matrix.append(stage)
+    u = Precondition("precondition", (statistic, m, *(params[n] for n in stage.params)),
+                     stage=stage.name)
+    if ln.kind == "normalized":
+        u = _normalized(s, m, u)
+    return u if clip.kind == "tensor_rms" else lower_clip(s, u)
 
 
 def lower_clip(s: Step, d: Expr, clip: ir.Clip | None = None, base: str = "step_norm_sq") -> Expr:
@@ -333,6 +387,9 @@ def lower_learning_rate(s: Step) -> Expr:
     if sch.kind == "inverse_time":
         return s.host_scalar("lr_t", div(Scalar("lr"), add(1.0, mul(sub(Scalar("step"), 1.0),
                                                                s.arg(sch.rate)))))
+    if sch.kind == "relative_step":  # rho_t; the stage multiplies in max(eps, RMS(theta))
+        return s.host_scalar("lr_t", op("minimum", Scalar("lr"),
+                                        div(1.0, op("sqrt", Scalar("step")))))
     return Scalar("lr")
 
 
@@ -419,12 +476,15 @@ def build(opt: ir.Optimizer) -> Plan:
         dense, g = lower_dense(s)
     else:
         g = lower_kfac(s) if natural else lower_gradient_clip(s, lower_gradient(s))
-    g, p = lower_decay(s, g, lr)
+    # the relative step's weight decay keeps lr (torch.optim.Adafactor's choice)
+    g, p = lower_decay(s, g, Scalar("lr") if opt.schedule.kind == "relative_step" else lr)
     s.exprs.env.update(grad=g, param=Load("param"))
     if dense is not None or natural:  # preconditioned, length taken, by the runtime already
         d = lower_clip(s, lower_momentum(s, g))
     elif opt.structure.kind in MATRIX_STRUCTURES:
         d = lower_kronecker(s, g, lower_momentum(s, g))
+    elif opt.structure.kind in FACTORED_STRUCTURES:
+        d = lower_factored(s, g, lower_momentum(s, g))
     else:
         acc = lower_iterate(s, lower_curvature(s, g))
         m = lower_momentum(s, g)

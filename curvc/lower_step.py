@@ -111,3 +111,21 @@ def refresh_count(s: Step, every: ir.Arg | None) -> Expr:
     k = s.arg(every)
     done = sub(Scalar("step"), 1.0)
     return s.host_scalar("refreshes", add(div(sub(done, op("mod", done, k)), k), 1.0))
+
+
+def iterate_beta(s: Step) -> tuple[Expr, Expr]:
+    """(beta, 1 - beta) of the curvature EMA this step: the spec's for ``ema``; for
+    ``power_ema`` 1 - beta = t^decay itself (t the refreshes so far, so beta_1 = 0: the
+    first estimate replaces the zero start), not 1 - (1 - t^decay)."""
+    it = s.opt.iterate
+    if it.kind == "power_ema":
+        weight = s.host_scalar("curvature_weight",
+                               op("pow", refresh_count(s, it.every), s.arg(it.decay)))
+        return sub(1.0, weight), weight
+    beta = s.arg(it.beta)
+    return beta, sub(1.0, beta)
+
+
+def accumulation(kind: str) -> str:
+    """How a matrix stage accumulates for an iterate form: a step-dependent beta is an EMA."""
+    return "ema" if kind == "power_ema" else kind

@@ -53,13 +53,20 @@ class Ref:
 
 
 @dataclass(frozen=True)
+class MachineEps:
+    """``machine_eps`` as a default: torch.finfo(dtype).eps of the parameter, at step time."""
+
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
 class TupleLiteral:
-    values: tuple[Number, ...]
+    values: tuple[Number | MachineEps, ...]
     span: Span = span_field()
 
 
 Value = Union[Number, Boolean, Ref]
-Literal = Union[Number, Boolean, TupleLiteral]
+Literal = Union[Number, Boolean, MachineEps, TupleLiteral]
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,10 @@ class _ToAST(Transformer):
     def boolean(self, children):
         (tok,) = children
         return Boolean(tok == "true", _span(self.file, tok))
+
+    def machine_eps(self, children):
+        (tok,) = children
+        return MachineEps(_span(self.file, tok))
 
     def ref(self, children):
         (tok,) = children
@@ -298,14 +309,15 @@ _EXPECTED_NAMES = {
     "CLAUSE": "a clause (" + ", ".join(CLAUSES) + ")",
     "EQUAL": "'='", "LPAR": "'('", "LSQB": "'['", "<word>": "",
     "NAME": "a name", "SIGNED_NUMBER": "a number", "INT": "an index (a whole number)",
-    "TRUE": "true", "FALSE": "false", "RSQB": "']'", "COMMA": "','", "RPAR": "')'",
+    "TRUE": "true", "FALSE": "false", "MACHINE_EPS": "machine_eps",
+    "RSQB": "']'", "COMMA": "','", "RPAR": "')'",
     "_LET": "'let'", "_STATE": "'state'", "_UPDATE": "'update'", "_INIT": "'init'",
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "CARET": "'^'",
     "COMPARE": "a comparison", "UNSIGNED_NUMBER": "a number",
     "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
 }
 _VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
-_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR"})
+_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR", "MACHINE_EPS"})
 
 
 def _join(names: list[str]) -> str:

@@ -225,12 +225,76 @@ class KroneckerStage:
     params: tuple[str, ...] = ("beta", "init", "exponent", "eps_inside", "eps_after", "floor",
                                "bias_correction", "max_dim")
 
+    reads_param = False  # the extern's tensors: the statistic and the value only
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(sorted({f for f in (self.refresh, self.accumulate_when) if f}))
+
+    def keywords(self, params: list[str], flag) -> list[str]:
+        """The call's keyword arguments as source: ``params`` rendered in ``self.params``
+        order, ``flag(name)`` a flag (or True for None)."""
+        return [f"factors={self.factors!r}", f"roots={self.roots!r}",
+                f"accumulate={self.accumulate!r}", f"update={flag(self.accumulate_when)}",
+                f"refresh={flag(self.refresh)}", f"length={self.length!r}",
+                *(f"{n}={a}" for n, a in zip(self.params, params)), f"per_mode={self.per_mode}"]
+
     @property
     def doc(self) -> str:
         what = ("the value's sign in the factors' eigenbasis, scaled by their roots"
                 if self.length == "eigen_sign" else "the value times every mode's root")
         return (f"One tensor's Kronecker step: factors accumulated ({self.accumulate}) from "
                 f"the statistic, then {what}.")
+
+
+@dataclass(frozen=True)
+class FactoredStage:
+    """The diagonal of a curvature from its row and column statistics, per tensor (Adafactor).
+
+    For a tensor of order >= 2, the statistic's means over the last dim (R, shape
+    ``(..., m, 1)``) and over the one before (C, ``(..., 1, n)``) are accumulated
+    (``accumulate``: 'ema' with weight ``weight`` = 1 - beta, 'sum' from ``init``, or
+    'instant') when the flag ``accumulate_when`` holds, and the diagonal is their outer
+    product V = R C / max(mean(R), eps) (0 where that is 0), divided by
+    ``bias_correction``; a tensor of lower order keeps the plain diagonal V itself. The
+    step is f(V) times the value (``length='root'``) or its sign (``'eigen_sign'``),
+    f the spectral function of ``curvc.runtime.matrix.spectral`` applied elementwise
+    (exponent, eps_inside, eps_after, floor); then, per tensor, ``clipped``: divided by
+    max(1, RMS / clip), and ``relative``: times max(scale_eps, RMS(param)), the
+    parameter's RMS before the step (the relative step's per-tensor part). Those norms
+    are computed in the extern: the plan has no tensor-scope reductions.
+    """
+
+    name: str
+    accumulate: str  # 'ema' | 'sum' | 'instant'
+    accumulate_when: str | None
+    length: str = "root"
+    clipped: bool = False
+    relative: bool = False
+    function: str = "factored"
+    refresh = None  # V is recomputed from R and C every step
+    params: tuple[str, ...] = ("weight", "init", "exponent", "eps_inside", "eps_after", "floor",
+                               "eps", "bias_correction", "clip", "scale_eps")
+
+    @property
+    def reads_param(self) -> bool:
+        return self.relative
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return (self.accumulate_when,) if self.accumulate_when else ()
+
+    def keywords(self, params: list[str], flag) -> list[str]:
+        return [f"accumulate={self.accumulate!r}", f"update={flag(self.accumulate_when)}",
+                f"length={self.length!r}", f"clipped={self.clipped}",
+                f"relative={self.relative}", *(f"{n}={a}" for n, a in zip(self.params, params))]
+
+    @property
+    def doc(self) -> str:
+        return (f"One tensor's factored step: row and column statistics accumulated "
+                f"({self.accumulate}), their outer product as the diagonal, applied to the "
+                f"value" + (", RMS-clipped" if self.clipped else "")
+                + (", scaled by RMS(param)" if self.relative else "") + ".")
 
 
 @dataclass(frozen=True)
@@ -294,7 +358,7 @@ class Plan:
     reductions: tuple[Reduction, ...]
     stores: tuple[Store, ...]
     estimator: Estimator | None = None
-    matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
+    matrix: tuple[KroneckerStage | FactoredStage, ...] = ()  # per-tensor extern stages
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
     dense: DenseStage | None = None  # the dense matrix feeding the plan's input
 
@@ -303,7 +367,7 @@ class Plan:
         """Names host expressions may read: flattened hyperparameters and 'step'."""
         return tuple(flat_hyper_names(self.hypers)) + ("step",)
 
-    def stage(self, name: str) -> KroneckerStage:
+    def stage(self, name: str) -> KroneckerStage | FactoredStage:
         return next(m for m in self.matrix if m.name == name)
 
     @property

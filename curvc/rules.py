@@ -40,15 +40,15 @@ def _clash(a_node, a: str, b_node, b: str, why: str) -> CurvError:
 
 def _rule_estimator_fixes_structure(opt: ir.Optimizer) -> None:
     c, s = opt.curvature, opt.structure
-    if c.kind == "hutchinson" and s.kind != "diagonal":
+    if c.kind == "hutchinson" and s.kind not in ("diagonal", "factored"):
         raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
                      f"{c.kind} estimates only the diagonal of the curvature, so it needs "
-                     "structure diagonal")
-    if c.kind == "gauss_newton_bartlett" and s.kind not in ("diagonal", "kronecker"):
+                     "structure diagonal (or factored, the diagonal's row and column means)")
+    if c.kind == "gauss_newton_bartlett" and s.kind not in ("diagonal", "kronecker", "factored"):
         raise _clash(c, f"curvature {c.kind}", s, f"structure {s.kind}",
                      "Gauss-Newton-Bartlett is one sampled gradient per draw: its square is "
-                     "a diagonal, its Gram matrices Kronecker factors (structure diagonal "
-                     "or kronecker)")
+                     "a diagonal, its Gram matrices Kronecker factors (structure diagonal, "
+                     "factored or kronecker)")
     if c.kind == "kfac" and s.kind != "kronecker":
         raise _clash(c, "curvature kfac", s, f"structure {s.kind}",
                      "K-FAC's factors (a a^T and dL/ds dL/ds^T) form a Kronecker product, so it "
@@ -130,8 +130,33 @@ def _rule_no_root_of_a_signed_estimate(opt: ir.Optimizer) -> None:
                    "as Sophia-H does")
 
 
+def _rule_factored_needs_nonnegative_estimate(opt: ir.Optimizer) -> None:
+    c, s = opt.curvature, opt.structure
+    if s.kind == "factored" and c.kind in SIGNED_CURVATURES and not c.squared:
+        raise CurvError(
+            "combo.clash", c.span if c.span.line else s.span, a=f"curvature {c.kind}",
+            b="structure factored",
+            why=f"the factored structure fits the diagonal by the outer product of its row "
+                f"and column means, the rank-1 fit of a non-negative matrix; the {c.kind} "
+                "estimate of the diagonal can be negative, so its means can cancel to 0 or "
+                "below, and the fit means nothing",
+            hint="square the estimate, as AdaHessian does (`curvature hutchinson(...) "
+                 "squared`), or use structure diagonal" if c.kind == "hutchinson"
+            else "use structure diagonal or dense")
+
+
+def _rule_factored_has_no_running_maximum(opt: ir.Optimizer) -> None:
+    it, st = opt.iterate, opt.structure
+    if st.kind == "factored" and it.keep_max is not None and it.keep_max != ir.Const(False):
+        raise _clash(it, "iterate ema(keep_max = ...)", st, "structure factored",
+                     "a running maximum of the estimate R C^T / mean(R) needs the whole tensor "
+                     "the factored structure exists not to store, and a maximum of R and C "
+                     "apart is not the maximum of their product")
+
+
 def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
-    if opt.clip.kind == "elementwise" and opt.structure.kind not in ("diagonal", "scalar"):
+    if opt.clip.kind == "elementwise" and \
+            opt.structure.kind not in ("diagonal", "scalar", "factored"):
         raise _clash(opt.clip, "clip elementwise", opt.structure, f"structure {opt.structure.kind}",
                      "clipping coordinate by coordinate approximates eigenbasis clipping only "
                      "when the eigenbasis is the coordinate basis (a diagonal structure)")
@@ -148,8 +173,8 @@ def _rule_running_maximum_needs_coordinates(opt: ir.Optimizer) -> None:
 
 def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
     ln = opt.length
-    if ln.kind == "normalized" and opt.clip.kind == "global_norm":
-        raise _clash(ln, "length normalized", opt.clip, "clip global_norm",
+    if ln.kind == "normalized" and opt.clip.kind in ("global_norm", "tensor_rms"):
+        raise _clash(ln, "length normalized", opt.clip, f"clip {opt.clip.kind}",
                      "a normalized step already has a fixed norm, so there is nothing to clip")
 
 
@@ -214,7 +239,9 @@ COMBINATION_RULES = (
     _rule_secant_has_no_root,
     _rule_constant_is_scalar,
     _rule_constant_has_nothing_to_iterate,
+    _rule_factored_needs_nonnegative_estimate,
     _rule_elementwise_clip_needs_coordinates,
+    _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
     _rule_normalized_step_needs_no_clip,
 )
@@ -226,6 +253,9 @@ COMBINATION_RULES = (
 # path. The rest of Table 1 parses, checks and explains; compiling it is refused.
 ELEMENTWISE_STRUCTURES = ("scalar", "diagonal")
 MATRIX_STRUCTURES = ("kronecker",)
+# The diagonal from row and column statistics (Adafactor): a per-tensor extern between
+# fused kernels, as Kronecker factors are (curvc.runtime.matrix.factored).
+FACTORED_STRUCTURES = ("factored",)
 SECANT_STRUCTURES = ("low_rank",)
 DENSE_STRUCTURES = ("dense",)
 DENSE_CURVATURES = ("hessian", "empirical_fisher", "fisher")
@@ -247,6 +277,8 @@ def code_path(opt: ir.Optimizer) -> str:
         return "kfac"
     if opt.structure.kind in MATRIX_STRUCTURES:
         return "kronecker"
+    if opt.structure.kind in FACTORED_STRUCTURES:
+        return "factored"
     return "elementwise"
 
 
@@ -261,7 +293,7 @@ class Refusal:
     """
 
     name: str
-    path: str  # a value of code_path
+    path: str | tuple[str, ...]  # a value of code_path, or several
     applies: Callable[[ir.Optimizer], bool]
     node: Callable[[ir.Optimizer], object]
     what: str
@@ -299,6 +331,10 @@ _ONE_VECTOR_WHY = ("the step is one vector over all parameters, so its norm is t
                    "one (scope = global)")
 _RAW_GRADIENT_WHY = ("the runtime preconditions the raw gradient before the elementwise step "
                      "sees it; clip the step instead (a clip without `on = gradient`)")
+_TENSOR_SCOPE_WHY = ("an RMS over each tensor is a per-tensor reduction, which only the factored "
+                     "structure computes (inside its extern, curvc.runtime.matrix.factored); "
+                     "the plan has no tensor-scope reductions for the other structures yet")
+_NOT_FACTORED = ("elementwise", "kronecker", "kfac", "dense", "secant")
 
 # In order: on each path the first rule that applies is the one reported.
 REFUSALS: tuple[Refusal, ...] = (
@@ -349,6 +385,28 @@ REFUSALS: tuple[Refusal, ...] = (
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
               f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
       for axis in ("momentum", "decay", "damping", "schedule")),
+    # Per-tensor norms (RMS of the update, of the parameter) are computed only inside the
+    # factored structure's extern; the plan has no tensor-scope reductions elsewhere yet.
+    Refusal("tensor_rms_clip", _NOT_FACTORED, lambda opt: opt.clip.kind == "tensor_rms",
+            _clause("clip"), "clip tensor_rms with structure {structure}",
+            _TENSOR_SCOPE_WHY),
+    Refusal("relative_step_schedule", _NOT_FACTORED,
+            lambda opt: opt.schedule.kind == "relative_step", _clause("schedule"),
+            "schedule relative_step with structure {structure}", _TENSOR_SCOPE_WHY),
+    Refusal("relative_step_after_clip", "factored",
+            lambda opt: opt.schedule.kind == "relative_step" and (
+                opt.clip.kind in ("elementwise", "global_norm")
+                or opt.length.kind == "normalized"),
+            _clause("schedule"), "schedule relative_step with a clip or normalized length in "
+            "the tail (structure {structure})",
+            "the factored extern applies the relative step's RMS(theta) scale to the step it "
+            "returns, so a clip or a global normalization in the tail kernel would act on the "
+            "scaled step instead of before the scale (clip tensor_rms runs in the extern, in "
+            "order)"),
+    Refusal("kfac_power_ema", "kfac", lambda opt: opt.iterate.kind == "power_ema",
+            _clause("iterate"), "iterate {kind} with curvature kfac",
+            "K-FAC counts its statistics steps per layer, in its runtime; a step-dependent "
+            "beta is not passed to it yet (use ema)"),
     # the fused elementwise step: every curvature check admits there has a runtime source
     # (curvc.runtime.estimators), so nothing is refused on that path.
 )
@@ -357,7 +415,8 @@ REFUSALS: tuple[Refusal, ...] = (
 def first_refusal(opt: ir.Optimizer) -> Refusal | None:
     """The refusal a spec that passed check meets when compiled, if any."""
     path = code_path(opt)
-    return next((r for r in REFUSALS if r.path == path and r.applies(opt)), None)
+    return next((r for r in REFUSALS if path in ((r.path,) if isinstance(r.path, str) else r.path)
+                 and r.applies(opt)), None)
 
 
 def refuse_uncompiled(opt: ir.Optimizer) -> None:

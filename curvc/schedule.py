@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from curvc.plan import Buffer, Expr, KroneckerStage, Load, Op, Plan, Precondition, \
-    Reduced, Select, Store, walk
+from curvc.plan import Buffer, Expr, FactoredStage, KroneckerStage, Load, Op, Plan, \
+    Precondition, Reduced, Select, Store, walk
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Extern:
     of ``stage.params``."""
 
     name: str
-    stage: KroneckerStage
+    stage: KroneckerStage | FactoredStage
     inputs: tuple[str, ...]
     output: str
     params: tuple[Expr, ...]
@@ -145,6 +145,10 @@ def split(plan: Plan) -> Program:
     tail = _kernel_plan(plan, tail_stores, tail_reductions,
                         extra_inputs=(*temps.values(), OUTPUT))
     inputs = tuple(operands) if operands[0] != operands[1] else (operands[0],)
-    extern = Extern(node.stage, plan.stage(node.stage), inputs, OUTPUT, tuple(params))
+    stage = plan.stage(node.stage)
+    if stage.reads_param:  # the parameter before the step (the head does not write it)
+        assert "param" not in overwritten, "the head stores the parameter"
+        inputs += ("param",)
+    extern = Extern(node.stage, stage, inputs, OUTPUT, tuple(params))
     return Program((Kernel("head", head, tuple(temps.values()), last=False), extern,
                     Kernel("tail", tail)))

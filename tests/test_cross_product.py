@@ -35,7 +35,10 @@ from curvc.language import FORMS, ArgSpec
 
 # The code-generation refusals the cross product meets: refusal name -> number of specs.
 UNSUPPORTED = {
-    "kronecker_curvature": 21,
+    "tensor_rms_clip": 123,
+    "kronecker_curvature": 40,
+    "dense_iterate": 30,
+    "kfac_power_ema": 7,
 }
 
 # Accepted specs that do not train, as found: label -> why. (The five undamped instant

@@ -17,7 +17,7 @@ import torch
 
 import curvc
 from curvc import explain, resources
-from curvc.plan import Const, Load, Op, Precondition, Scalar, walk
+from curvc.plan import Const, FactoredStage, Load, Op, Precondition, Scalar, walk
 
 SHIPPED = resources.shipped_specs()
 
@@ -45,6 +45,10 @@ VARIANTS = dict(
     + [_variant("kfac", "length    none\ndamping   inside(damping)", f"length    {ln}\n{d}")
        for ln in ("none", "gradient_norm(power = 3)", "eigen_sign")
        for d in ("damping   add(damping)", "")]
+    + [_variant("adafactor", "length    gradient_norm", f"length    gradient_norm(power = {p})")
+       for p in ("1", "3")]
+    + [_variant("adafactor", "damping   floor(eps[0])", f"damping   {d}(eps[0])")
+       for d in ("inside", "add")]
     + [_variant("kfac", "ema(stat_decay) every stat_every", it)
        for it in ("ema(stat_decay) bias_corrected every stat_every", "sum(init = 2)", "instant")]
 )
@@ -61,9 +65,11 @@ def _hyper_values(plan) -> dict:
     out = {"step": 7.0}  # any step: only used to evaluate host expressions
     for h in plan.hypers:
         if isinstance(h.default, tuple):
-            out.update({f"{h.name}_{i}": float(v) for i, v in enumerate(h.default)})
+            # machine_eps (None) as float64's, what the runtime takes for float64 parameters
+            out.update({f"{h.name}_{i}": 2.0 ** -52 if v is None else float(v)
+                        for i, v in enumerate(h.default)})
         else:
-            out[h.name] = float(h.default)
+            out[h.name] = 2.0 ** -52 if h.default is None else float(h.default)
     return out
 
 
@@ -125,7 +131,9 @@ def test_explain_prints_the_exponents_of_the_plan(name):
     words = " ".join(header.split())  # the header wraps long lines at 100 columns
     for line in lines:  # the module header prints the same
         assert " ".join(line.replace("\\", "/").split()) in words, line
-    if plan.matrix:
+    if plan.matrix and isinstance(plan.matrix[0], FactoredStage):
+        _check_factored_lines(plan, lines)
+    elif plan.matrix:
         args = _kronecker_args(plan)
         d = _line(lines, "d     = ")
         for factor in ("L", "R"):  # (F + inside I)^-x, or ((F + inside I)^x + after I)^-1
@@ -174,6 +182,26 @@ def test_explain_prints_the_exponents_of_the_plan(name):
         assert shown == pytest.approx(exponent), p
         base = m.group(1) if m.group(1) is not None else p[:m.start()]  # what the root is of
         assert (" + " in base) == inside, p
+
+
+def _check_factored_lines(plan, lines):
+    """curvc.runtime.matrix.factored takes f(V) = 1 / max((V + eps_inside)^e + eps_after,
+    floor) of the factored diagonal V, elementwise."""
+    node = next(n for n in _param_nodes(plan) if isinstance(n, Precondition))
+    args = {k: _evaluate(plan, v) for k, v in zip(plan.stage(node.stage).params, node.args[2:])}
+    p = _line(lines, "P     = ")[len("P     = "):]
+    e = args["exponent"]
+    if e == 0.5:
+        assert "sqrt(V" in p, p
+    elif e == 1.0:
+        assert "sqrt" not in p and "^" not in p, p
+    else:
+        m = re.search(r"\^\((.*?)\)", p)
+        assert m and _number(m.group(1), plan) == pytest.approx(e), p
+    assert ("V + " in p) == (args["eps_inside"] != 0), p
+    assert p.startswith("max(") == (args["floor"] != 0), p
+    assert bool(re.search(r"\) \+ |V \+ \S+$|\^\S+\) \+ ", p)) == (args["eps_after"] != 0) or \
+        args["eps_inside"] != 0, p
 
 
 def _check_kfac_lines(plan, lines):

@@ -304,5 +304,5 @@ def test_gauss_newton_bartlett_with_a_dense_structure_is_refused_with_both_struc
     path = tmp_path / "g.curv"
     path.write_text("optimizer G\nhyper lr = 1e-3\ncurvature gauss_newton_bartlett\n"
                     "structure dense\nlength none\n")
-    with pytest.raises(curvc.CurvError, match="structure diagonal or kronecker"):
+    with pytest.raises(curvc.CurvError, match="structure diagonal, factored or kronecker"):
         curvc.load(str(path))

@@ -40,7 +40,7 @@ HYPERS = "hyper lr = 0.1, hbool = true"
 # A required argument's value in the starting variant, and its other value.
 REQUIRED = {"unit": ("0.9", "0.6"), "unit_closed": ("0.3", "0.6"), "positive": ("1.5", "0.25"),
             "nonneg": ("0.1", "0.2"), "positive_int": ("3", "5"), "any": ("1.5", "0.25"),
-            "count_history": ("3", "5")}
+            "count_history": ("3", "5"), "nonpos": ("-0.8", "-0.5")}
 
 
 def _show(v) -> str:

@@ -14,6 +14,7 @@ import weakref
 import torch
 
 from curvc.runtime import amp, estimators
+from curvc.runtime.program import resolved
 
 _MODEL_KEY = "model"  # where _estimates keeps a model-wide matrix
 
@@ -90,7 +91,7 @@ class CurvatureSources:
         """Whether the source is refreshed on ``step`` (its plan flag; every step without)."""
         flag = self.ESTIMATOR.when if self.ESTIMATOR is not None else self._source_args()["refresh"]
         h = self._flat_hypers(self.param_groups[0])
-        return flag is None or bool(self.host(h, step)[1][flag])
+        return flag is None or bool(self.host(resolved(h), step)[1][flag])
 
     def wants_curvature(self) -> bool:
         """Whether the next ``step()`` refreshes the curvature estimate.

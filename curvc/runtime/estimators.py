@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from curvc.runtime.program import resolved
+
 GRAPH, LOSS, LOGITS, GRADIENT, LAYERS, CLOSURE = (
     "graph", "loss", "logits", "gradient", "layers", "closure")
 ESTIMATE, PRECONDITIONED, MATRIX, STEP = "estimate", "preconditioned", "matrix", "step"
@@ -143,7 +145,7 @@ def _kfac_natural_gradients(opt, guard):
         if p.grad is not None:
             opt._check_grad(p, p.grad)
     h = opt._flat_hypers(opt.param_groups[0])
-    flags = opt.host(h, opt._next_step())[1]
+    flags = opt.host(resolved(h), opt._next_step())[1]
     args = opt.ESTIMATOR.args(h)
     opt._estimates, updates = kfac.natural_gradients(
         opt, opt._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
@@ -159,7 +161,7 @@ def _kfac_accumulates(opt) -> bool:
     """Whether the next step accumulates K-FAC statistics (asked by the layer tracker)."""
     h = opt._flat_hypers(opt.param_groups[0])
     flag = opt.ESTIMATOR.args(h)["accumulate"]
-    return flag is None or bool(opt.host(h, opt._next_step())[1][flag])
+    return flag is None or bool(opt.host(resolved(h), opt._next_step())[1][flag])
 
 
 def _layer_tracker(model, wanted, params):

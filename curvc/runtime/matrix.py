@@ -284,3 +284,57 @@ def _root_dtypes(dtype: torch.dtype) -> tuple:
     if dtype == torch.float64:
         return (torch.float64,)
     return (torch.float32, torch.float64)
+
+
+def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
+             param: torch.Tensor | None = None, *, accumulate: str, update: bool, length: str,
+             clipped: bool, relative: bool, weight: float, init: float, exponent: float,
+             eps_inside: float, eps_after: float, floor: float, eps: float,
+             bias_correction: float, clip: float, scale_eps: float) -> torch.Tensor:
+    """One tensor's step under the factored structure (``curvc.plan.FactoredStage``).
+
+    The state keys are torch.optim.Adafactor's: ``row_var`` (the statistic's means over
+    the last dim, shape (..., m, 1)) and ``col_var`` (over the one before, (..., 1, n)) for
+    a tensor of order >= 2, ``variance`` (the statistic itself) below that. The RMS norms
+    (the clip, the relative step's RMS(param)) stay on the device: no host sync.
+    """
+    if value.numel() == 0:
+        return value  # a zero-size tensor: nothing to precondition
+
+    def accumulated(key: str, shape, new):
+        acc = state.get(key)
+        if acc is None:
+            acc = state[key] = torch.full(shape, float(init), dtype=value.dtype,
+                                          device=value.device)
+        if update:
+            if accumulate == "ema":
+                acc.lerp_(new(), weight)
+            elif accumulate == "sum":
+                acc.add_(new())
+            else:  # instant: this step's statistics only
+                acc.copy_(new())
+        return acc
+
+    shape = tuple(value.shape)
+    if value.dim() >= 2:
+        row = accumulated("row_var", shape[:-1] + (1,),
+                          lambda: statistic.mean(dim=-1, keepdim=True))
+        col = accumulated("col_var", shape[:-2] + (1, shape[-1]),
+                          lambda: statistic.mean(dim=-2, keepdim=True))
+        # V = R C / max(mean(R), eps): the rank-1 fit whose row and column means are R and C;
+        # a zero mean (a tensor whose statistic was always 0) gives V = 0, the pseudo-inverse
+        scale = row.mean(dim=-2, keepdim=True).clamp(min=eps)
+        tiny = torch.finfo(value.dtype).tiny
+        v = torch.where(scale > 0, (row @ col) / scale.clamp(min=tiny), 0.0)
+    else:  # order < 2 has no rows and columns to factor: the plain diagonal
+        v = accumulated("variance", shape, lambda: statistic)
+    if bias_correction != 1.0:
+        v = v / bias_correction
+    f = spectral(v + eps_inside if eps_inside else v, exponent, eps_after, floor)
+    u = f * (torch.sign(value) if length == "eigen_sign" else value)
+    root_n = math.sqrt(value.numel())
+    if clipped:  # d / max(1, RMS(d) / clip)
+        u = u / (torch.linalg.vector_norm(u) / (root_n * clip)).clamp(min=1.0)
+    if relative:  # the relative step's per-tensor part: max(scale_eps, RMS(param))
+        u = u * (torch.linalg.vector_norm(param) / root_n).clamp(min=scale_eps)
+    return u

@@ -32,7 +32,7 @@ from curvc.constraints import CONSTRAINTS
 from curvc.runtime import amp
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
-from curvc.runtime.program import Program, Runner
+from curvc.runtime.program import Program, Runner, resolved
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
 
@@ -138,12 +138,21 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 if value.numel() != 1:
                     raise ValueError(f"Invalid {name}: a tensor must have one element")
                 value = value.item()
+            if value is None and self._machine_eps(name, index):
+                continue  # the dtype's machine epsilon, resolved at step time
             label, ok = CONSTRAINTS[constraint]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not _finite_number(value) or not ok(value):
                 at = "" if index is None else f" at index {index}"
                 raise ValueError(f"Invalid {name} parameter{at}: {value!r} "
                                  f"({where} must be {label})")
+
+    def _machine_eps(self, name: str, index: int | None) -> bool:
+        """Whether the spec's default there is ``machine_eps`` (None in the signature)."""
+        default = dict(self.HYPERS).get(name)
+        if index is not None:
+            default = default[index] if isinstance(default, tuple) else 0.0
+        return default is None
 
     def _flat_hypers(self, group: dict) -> dict:
         h = {"maximize": bool(group.get("maximize", False))}
@@ -239,9 +248,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self._check_grad(p, g)
             state = self.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
-            if step not in per_step:
-                per_step[step] = self.host(h, step)
-            flags = per_step[step][1]
+            key = (step, p.dtype)
+            if key not in per_step:
+                per_step[key] = self.host(resolved(h, p.dtype), step)
+            flags = per_step[key][1]
             inputs = [self._input(n, p, flags) for n in self.INPUTS]
             todo.append((p, g, step, flags, inputs))
         buckets: dict[tuple, Bucket] = {}
@@ -261,7 +271,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
-        return [(b, *per_step[b.step]) for b in buckets.values()]
+        return [(b, *per_step[(b.step, b.dtype)]) for b in buckets.values()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
         if g.is_sparse:

@@ -134,3 +134,13 @@ class Runner:
 def _temporary(p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(p, dtype=torch.promote_types(p.dtype, torch.float32),
                             memory_format=torch.contiguous_format)
+
+
+def resolved(h: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """Flat hyperparameters ``h`` with every None (a spec's ``machine_eps`` entry) as
+    ``torch.finfo(dtype).eps``, the parameter dtype's, as torch.optim.Adafactor resolves
+    its eps[0] (host flags that only ask whether a step refreshes take float32's)."""
+    if None not in h.values():
+        return h
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+    return {k: eps if v is None else v for k, v in h.items()}

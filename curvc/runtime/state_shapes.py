@@ -13,6 +13,9 @@ the methods whose state is one flat vector or matrix):
 * Kronecker factors and roots ``pre_cond_i`` / ``inv_pre_cond_i``: d_i x d_i;
 * K-FAC's ``kfac_S(_inv)``: out x out; ``kfac_A(_inv)``: in x in, or
   (in + 1) x (in + 1) for a layer with a bias (a Conv2d's in: in_channels * kh * kw);
+* the factored structure's ``row_var`` (p's shape with the last dim 1) and
+  ``col_var`` (the one before 1), for p of order >= 2, and ``variance`` (p's shape)
+  below that (torch.optim.Adafactor's keys);
 * the dense structure's ``curvature``: n x n; the secant method's
   ``d``, ``prev_flat_grad`` and its history: n.
 """
@@ -65,6 +68,8 @@ def _expected(opt, p: torch.Tensor, key: str, n: int) -> list[tuple] | str | Non
         return [(n, n)]
     if opt.secant is not None and key in (*_SECANT_VECTORS, *_SECANT_HISTORY):
         return [(n,)]
+    if key in _FACTORED:  # no other state uses these keys
+        return _factored_shape(p, key)
     match = _KRONECKER.match(key)
     if match:
         mode = int(match.group(1))
@@ -73,6 +78,18 @@ def _expected(opt, p: torch.Tensor, key: str, n: int) -> list[tuple] | str | Non
     if key.startswith("kfac_"):
         return _kfac_shapes(opt, p, key)
     return None
+
+
+_FACTORED = ("row_var", "col_var", "variance")
+
+
+def _factored_shape(p: torch.Tensor, key: str) -> list[tuple] | str:
+    shape = tuple(p.shape)
+    if key == "variance":
+        return [shape] if p.dim() < 2 else "none (a tensor of order >= 2 keeps row_var and col_var)"
+    if p.dim() < 2:
+        return f"none (a tensor of order {p.dim()} keeps variance, not {key})"
+    return [shape[:-1] + (1,)] if key == "row_var" else [shape[:-2] + (1, shape[-1])]
 
 
 def _kfac_shapes(opt, p: torch.Tensor, key: str) -> list[tuple] | str:
