@@ -85,6 +85,8 @@ def variants(axis: str, form: str) -> list[Variant]:
         for mods in itertools.combinations(spec.modifiers, r):
             out.append(make(required, ["every 2" if m == "every" else m for m in mods]))
     for a in spec.args:
+        if a.kind == "expr":  # names a let or state: tests/test_expressions.py covers `of`
+            continue
         if a.required:
             out.append(make({**required, a.name: REQUIRED[a.constraint][1]}))
             continue

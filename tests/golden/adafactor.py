@@ -288,8 +288,8 @@ else:
                 num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce_head(bucket, scalars, flags):
-        """No global reductions in this kernel."""
+    def _triton_reduce_head(bucket, scalars, flags, reduced=None, level=0):
+        """No reductions in this kernel."""
         return {}
 
     @triton.jit
@@ -353,8 +353,8 @@ else:
                 BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce_tail(bucket, scalars, flags):
-        """No global reductions in this kernel."""
+    def _triton_reduce_tail(bucket, scalars, flags, reduced=None, level=0):
+        """No reductions in this kernel."""
         return {}
 
 
