@@ -186,10 +186,11 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
     scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
     flags = sorted({f for f in (stage.refresh, stage.accumulate_when) if f})
     sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [], "flags": flags}
-    kw = [f"factors={stage.factors!r}", f"roots={stage.roots!r}",
-          f"accumulate={stage.accumulate!r}", f"update={_flag_or_true(stage.accumulate_when)}",
-          f"refresh={_flag_or_true(stage.refresh)}", f"length={stage.length!r}",
-          *(f"{n}={a}" for n, a in zip(stage.params, params)), f"per_mode={stage.per_mode}"]
+    def fixed(n, v):
+        return f"{n}={_flag_or_true(v) if n in stage.flag_keywords else repr(v)}"
+    kw = [*(fixed(n, v) for n, v in stage.keywords),
+          *(f"{n}={a}" for n, a in zip(stage.params, params)),
+          *(fixed(n, v) for n, v in stage.trailing)]
     buf.writeline(f"def _{ext.name}({signature_text(sig)}):")
     with buf.indent():
         doc = textwrap.wrap(stage.doc, buf.room - 6)

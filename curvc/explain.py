@@ -290,6 +290,8 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         m = _momentum(opt, eq, nums)
         eq.append(f"d     = {m}")
         return eq + _clip(opt) + [f"theta = theta - {lr} * d"]
+    if nums.polar is not None:
+        return _polar(opt, lr, nums)
     eq = ["G     = g as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
           "        g unfolded along mode i (modes longer than max_dim keep none)"]
     gram_l, gram_r = "G G^T", "G^T G"
@@ -331,6 +333,24 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
                   + (f"   ({per_mode})" if per_mode else ""))
     if opt.length.kind == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   (over all parameters: ||d||_P = 1)")
+    eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    """The polar factor by Newton-Schulz: what L^-1/4 G R^-1/4 is for L = G G^T, R = G^T G."""
+    p = nums.polar
+    eq: list[str] = []
+    m = _momentum(opt, eq, nums)
+    m = "G" if m == "g" else m
+    eq += [f"d     = U V^T for {m} = U S V^T (= L^-1/4 {m} R^-1/4, L = {m} {m}^T, R = {m}^T {m}),",
+           f"        by Newton-Schulz in {p['precision']} ({m} as a matrix: a vector is 1 x n):",
+           f"X     = {m} / max(||{m}||_F, {p['eps']})   (transposed first when it has more rows "
+           "than columns)",
+           f"X     = {p['a']} X + ({p['b']} A + {p['c']} A A) X,  A = X X^T   ({p['steps']} "
+           "times)",
+           "d     = X   (transposed back; its singular values near 1, not at 1)"]
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

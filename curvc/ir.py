@@ -73,6 +73,13 @@ class Structure:
 
     kind: str  # scalar | diagonal | kronecker | dense | low_rank
     max_dim: Arg | None = None
+    root: Arg | None = None  # kronecker: eigh | newton_schulz, and the iteration's arguments
+    steps: Arg | None = None
+    a: Arg | None = None
+    b: Arg | None = None
+    c: Arg | None = None
+    eps: Arg | None = None
+    precision: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
     span: Span = span_field()
 

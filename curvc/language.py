@@ -20,6 +20,9 @@ class ArgSpec:
     default: object = None  # None: required
     constraint: str = "any"  # a key of constraints.CONSTRAINTS (count_* for bounded counts)
     choices: tuple[str, ...] = ()
+    # each choice computes something else (a root method), so `curvc coverage` makes
+    # every choice a point of the language's cross product
+    varies: bool = False
 
     @property
     def required(self) -> bool:
@@ -31,6 +34,14 @@ class FormSpec:
     args: tuple[ArgSpec, ...] = ()
     modifiers: tuple[str, ...] = ()  # bare words and 'every'
 
+
+# Muon's Newton-Schulz iteration (torch.optim.Muon's defaults: Jordan et al.'s quintic)
+_NEWTON_SCHULZ = (ArgSpec("steps", "int", 5.0, "count_newton_schulz_steps"),
+                  ArgSpec("a", "number", 3.4445), ArgSpec("b", "number", -4.775),
+                  ArgSpec("c", "number", 2.0315), ArgSpec("eps", "number", 1e-7, "positive"),
+                  ArgSpec("precision", "enum", "bfloat16",
+                          choices=("bfloat16", "float32", "float64")))
+NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 
 _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
 
@@ -60,8 +71,14 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "structure": {
         "scalar": FormSpec(),  # L*I
         "diagonal": FormSpec(),  # diag(lambda_1..lambda_n)
-        # L kron R per tensor (block-diagonal over tensors)
-        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
+        # L kron R per tensor (block-diagonal over tensors); root = eigh: each factor's
+        # root by an eigendecomposition; root = newton_schulz: the polar factor U V^T that
+        # L^-1/4 G R^-1/4 is (iterate instant, length gradient_norm), by `steps` of
+        # X <- a X + (b A + c A^2) X, A = X X^T, from X = G / max(||G||_F, eps), in `precision`
+        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),
+                               ArgSpec("root", "enum", "eigh", choices=("eigh", "newton_schulz"),
+                                       varies=True),
+                               *_NEWTON_SCHULZ),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
         "low_rank": FormSpec(),  # rank-2 updates from the secant pairs (iterate secant)

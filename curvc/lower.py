@@ -14,7 +14,8 @@ from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, every_flag, nonzero, refresh_count, select
 from curvc.passes import PASSES
 from curvc.plan import (Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
-                        Precondition, Reduced, Reduction, Scalar, SecantStage, Select, Validator)
+                        PolarStage, Precondition, Reduced, Reduction, Scalar, SecantStage,
+                        Select, Validator)
 from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
                          PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
@@ -243,6 +244,8 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     the sign in the eigenbasis for eigen_sign.
     """
     st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
+    if st.root == ir.Const("newton_schulz"):
+        return lower_clip(s, _lower_polar(s, m))
     refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
@@ -281,6 +284,18 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     if ln.kind == "normalized":
         u = _normalized(s, m, u)
     return lower_clip(s, u)
+
+
+def _lower_polar(s: Step, m: Expr) -> Expr:
+    """d = U V^T of m = U S V^T by the Newton-Schulz iteration (Muon): what the
+    eigendecomposition path computes where check admits the root (iterate instant, a
+    gradient-norm length of power 1, no damping, the statistic m itself), so m is both
+    the statistic and the value."""
+    st = s.opt.structure
+    stage = PolarStage(s.unique("polar"), str(st.precision.value))
+    s.matrix.append(stage)
+    return Precondition("precondition", (m, m, *(s.arg(getattr(st, n)) for n in stage.params)),
+                        stage=stage.name)
 
 
 def lower_clip(s: Step, d: Expr) -> Expr:

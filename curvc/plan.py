@@ -204,12 +204,56 @@ class KroneckerStage:
     params: tuple[str, ...] = ("beta", "init", "exponent", "eps_inside", "eps_after", "floor",
                                "bias_correction", "max_dim")
 
+    # The runtime call's keywords besides ``params``: (name, value) before and after
+    # them; a keyword of ``flag_keywords`` holds a flag's name (None: always true).
+    flag_keywords = ("update", "refresh")
+
+    @property
+    def keywords(self) -> tuple[tuple[str, object], ...]:
+        return (("factors", self.factors), ("roots", self.roots),
+                ("accumulate", self.accumulate), ("update", self.accumulate_when),
+                ("refresh", self.refresh), ("length", self.length))
+
+    @property
+    def trailing(self) -> tuple[tuple[str, object], ...]:
+        return (("per_mode", self.per_mode),)
+
     @property
     def doc(self) -> str:
         what = ("the value's sign in the factors' eigenbasis, scaled by their roots"
                 if self.length == "eigen_sign" else "the value times every mode's root")
         return (f"One tensor's Kronecker step: factors accumulated ({self.accumulate}) from "
                 f"the statistic, then {what}.")
+
+
+@dataclass(frozen=True)
+class PolarStage:
+    """The polar factor U V^T of a matrix value (G = U S V^T) by a Newton-Schulz iteration,
+    per tensor, keeping no state: what a KroneckerStage computes for ``iterate instant``
+    and a gradient-norm length when the statistic is the value (L^-1/4 G R^-1/4), with
+    matrix products only (Muon). X_0 = G / max(||G||_F, eps), then ``steps`` times
+    X <- a X + (b A + c A^2) X, A = X X^T (on the shorter side), in ``precision``.
+    A vector is a 1 x n matrix; a tensor of order 3 or more is refused at run time.
+    """
+
+    name: str
+    precision: str  # 'bfloat16' | 'float32' | 'float64'
+    function: str = "polar"
+    params: tuple[str, ...] = ("steps", "a", "b", "c", "eps")
+    refresh: str | None = None  # no roots kept, so nothing to refresh or accumulate
+    accumulate_when: str | None = None
+
+    flag_keywords = ()
+    keywords = ()  # as KroneckerStage's
+
+    @property
+    def trailing(self) -> tuple[tuple[str, object], ...]:
+        return (("precision", self.precision),)
+
+    @property
+    def doc(self) -> str:
+        return (f"One tensor's polar factor by the Newton-Schulz iteration (in "
+                f"{self.precision}), from its value alone.")
 
 
 @dataclass(frozen=True)
@@ -273,7 +317,7 @@ class Plan:
     reductions: tuple[Reduction, ...]
     stores: tuple[Store, ...]
     estimator: Estimator | None = None
-    matrix: tuple[KroneckerStage, ...] = ()  # per-tensor matrix preconditioners
+    matrix: tuple[KroneckerStage | PolarStage, ...] = ()  # per-tensor matrix preconditioners
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
     dense: DenseStage | None = None  # the dense matrix feeding the plan's input
 
@@ -282,7 +326,7 @@ class Plan:
         """Names host expressions may read: flattened hyperparameters and 'step'."""
         return tuple(flat_hyper_names(self.hypers)) + ("step",)
 
-    def stage(self, name: str) -> KroneckerStage:
+    def stage(self, name: str) -> KroneckerStage | PolarStage:
         return next(m for m in self.matrix if m.name == name)
 
     @property
