@@ -32,7 +32,7 @@ def _literal(v) -> str:
     """A default as Python source, in its kind: ``True``, ``10``, ``1e-08``, ``(0.9, 0.999)``."""
     if isinstance(v, tuple):
         return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-    return repr(v if isinstance(v, (bool, int)) else float(v))
+    return repr(v if isinstance(v, (bool, int, str)) else float(v))
 
 
 def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
@@ -305,7 +305,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
-        hypers = [f"_Hyper({h.name!r}, {_literal(h.default)})" for h in opt.hypers]
+        hypers = [f"_Hyper({h.name!r}, {_literal(h.default)}"
+                  + (f", {h.choices!r})" if h.choices else ")") for h in opt.hypers]
         buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
                                   buf.room))
         buf.writeline("VALIDATORS = (")
@@ -321,6 +322,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 buf.writeline(f"_Buffer({b.name!r}, {b.when!r}, lambda h: {init}),")
         buf.writeline(")")
         buf.writeline(f"INPUTS = {tuple(plan.inputs)!r}")
+        if plan.shaped:  # host values read the tensor's shape (rows, cols)
+            buf.writeline("SHAPED = True")
         est = plan.estimator
         if est is None:
             buf.writeline("ESTIMATOR = None")

@@ -47,8 +47,10 @@ class Hyper:
     where the spec wrote a whole number without '.' or an exponent."""
 
     name: str
-    default: Union[int, float, bool, tuple]
+    default: Union[int, float, bool, tuple, str]
     span: Span = span_field()
+    # a word (str default): the words it may take, those of the argument that reads it
+    choices: tuple[str, ...] = ()
 
 
 # --- the paper's axes --------------------------------------------------------
@@ -149,6 +151,7 @@ class Damping:
 class Schedule:
     kind: str  # constant | inverse_time
     rate: Arg | None = None
+    adjust: Arg | None = None  # none | original | match_rms_adamw: the step's lr by shape
     span: Span = span_field()
 
 

@@ -43,6 +43,8 @@ _NEWTON_SCHULZ = (ArgSpec("steps", "int", 5.0, "count_newton_schulz_steps"),
                           choices=("bfloat16", "float32", "float64")))
 NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 
+_ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"))
+
 _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
 
 # Each form's comment is the math it stands for (README's language table says more).
@@ -132,10 +134,13 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "inside": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),
         "floor": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),  # max(P, eps)
     },
+    # adjust: the step (not decoupled decay) takes lr_t * s(rows, cols), the tensor's shape
+    # as a matrix (torch.optim.Muon's adjust_lr_fn): original sqrt(max(1, rows/cols)),
+    # match_rms_adamw 0.2 sqrt(max(rows, cols)), none 1
     "schedule": {
-        "constant": FormSpec(),
+        "constant": FormSpec((_ADJUST,)),
         # lr_t = lr / (1 + (t-1)*rate)
-        "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),)),
+        "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"), _ADJUST)),
     },
 }
 

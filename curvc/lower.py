@@ -15,7 +15,7 @@ from curvc.lower_step import Step, every_flag, nonzero, refresh_count, select
 from curvc.passes import PASSES
 from curvc.plan import (Const, DenseStage, Estimator, Expr, KroneckerStage, Load, Plan,
                         PolarStage, Precondition, Reduced, Reduction, Scalar, SecantStage,
-                        Select, Validator)
+                        SHAPE, Select, Validator)
 from curvc.rules import (DENSE_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
                          PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
@@ -318,6 +318,34 @@ def lower_learning_rate(s: Step) -> Expr:
     return Scalar("lr")
 
 
+# The tensor's shape as a matrix, read by the host like the step count (curvc.plan.SHAPE).
+_ROWS, _COLS = Scalar(SHAPE[0]), Scalar(SHAPE[1])
+# torch.optim.Muon's adjust_lr_fn, each a function of (rows, cols)
+ADJUSTMENTS = {
+    "none": Const(1.0),
+    "original": op("sqrt", op("maximum", 1.0, div(_ROWS, _COLS))),
+    "match_rms_adamw": mul(0.2, op("sqrt", op("maximum", _ROWS, _COLS))),
+}
+
+
+def lower_step_rate(s: Step, lr: Expr) -> Expr:
+    """The step's rate: lr_t times the schedule's shape adjustment (decoupled decay keeps
+    lr_t, as torch.optim.Muon's does). A word hyperparameter picks the adjustment at run
+    time: it reaches the host as its index among the words, and each adjustment is
+    weighted by (index == i), exactly one 1 and the rest 0."""
+    a = s.opt.schedule.adjust
+    if a is None or a == ir.Const("none"):
+        return lr
+    if isinstance(a, ir.Const):
+        return s.host_scalar("lr_step", mul(lr, ADJUSTMENTS[a.value]))
+    words = s.opt.hyper(a.name).choices
+    scale = None
+    for i, word in enumerate(words):
+        term = mul(op("eq", s.arg(a), float(i)), ADJUSTMENTS[word])
+        scale = term if scale is None else add(scale, term)
+    return s.host_scalar("lr_step", mul(lr, scale))
+
+
 def lower_kfac(s: Step) -> Expr:
     """g <- f(S) G f(A) per layer (curvc.runtime.kfac), from the layer's input and
     output-gradient factors A and S; the rest of the step is elementwise on it.
@@ -409,7 +437,7 @@ def build(opt: ir.Optimizer) -> Plan:
         acc = lower_iterate(s, lower_curvature(s, g))
         m = lower_momentum(s, g)
         d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
-    s.store("param", sub(p, mul(lr, d)))
+    s.store("param", sub(p, mul(lower_step_rate(s, lr), d)))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
                 s.estimator, tuple(s.matrix), dense=dense)

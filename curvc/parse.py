@@ -59,7 +59,7 @@ class TupleLiteral:
 
 
 Value = Union[Number, Boolean, Ref]
-Literal = Union[Number, Boolean, TupleLiteral]
+Literal = Union[Number, Boolean, TupleLiteral, Ref]  # a Ref: a word (``original``)
 
 
 @dataclass(frozen=True)

@@ -323,8 +323,17 @@ class Plan:
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
-        """Names host expressions may read: flattened hyperparameters and 'step'."""
-        return tuple(flat_hyper_names(self.hypers)) + ("step",)
+        """Names host expressions may read: flattened hyperparameters, 'step', and the
+        tensor's shape where the plan reads it (``SHAPE``)."""
+        return tuple(flat_hyper_names(self.hypers)) + ("step",) + (SHAPE if self.shaped else ())
+
+    @property
+    def shaped(self) -> bool:
+        """Whether a host value depends on the tensor's shape (then the runtime computes
+        the host values per shape, and buckets tensors by it)."""
+        exprs = [e for _, e in self.host] + [e for _, e in self.flags] + \
+            [st.value for st in self.stores]
+        return any(isinstance(n, Scalar) and n.name in SHAPE for e in exprs for n in walk(e))
 
     def stage(self, name: str) -> KroneckerStage | PolarStage:
         return next(m for m in self.matrix if m.name == name)
@@ -340,6 +349,12 @@ class Plan:
     def whole_model(self) -> bool:
         """Whether the step runs over all parameters as one vector (no stores)."""
         return self.secant is not None or self.dense is not None
+
+
+# The tensor's shape as a matrix (rows, cols), host inputs like "step" that the runtime
+# sets per tensor (a vector is 1 x n; an order-k tensor shape[0] x the rest). Named with
+# a leading '_', which no hyperparameter's name may have.
+SHAPE = ("_rows", "_cols")
 
 
 def flat_hyper_names(hypers) -> list[str]:
