@@ -11,6 +11,8 @@ Layout of a generated module:
 """
 from __future__ import annotations
 
+import pprint
+
 import textwrap
 from dataclasses import fields
 
@@ -109,7 +111,13 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
         else:
             buf.writeline("# a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time")
             sig = torch_backend.render_extern(step, buf)
-            buf.writeline(f"_EXTERN_ARGS_{step.name} = {sig!r}")
+            head = f"_EXTERN_ARGS_{step.name} = "
+            if all(len(f"{k!r}: {v!r}") < buf.room - 8 for k, v in sig.items()):
+                buf.writeline(head + repr(sig))  # the buffer breaks it between keys
+            else:  # a key's list is too long for one line: wrapped too
+                lines = pprint.pformat(sig, width=buf.room - len(head), compact=True,
+                                       sort_dicts=False).split("\n")
+                buf.writelines([head + lines[0]] + [" " * len(head) + x for x in lines[1:]])
         buf.writeline()
         buf.writeline()
     buf.writeline("# --- foreach: the same kernels for many small tensors at once ---")

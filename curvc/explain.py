@@ -105,6 +105,7 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
             eq.append(f"theta = theta * (1 - {lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
         eq.append(f"theta = theta * (1 - {lr} * {_v(opt.decay.rate)})")
+    lr = _adjusted(opt, lr, eq)
     s = opt.structure.kind
     if s in ("scalar", "diagonal"):
         eq += _elementwise(opt, lr, nums)
@@ -115,6 +116,26 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     else:
         eq += _low_rank(opt, lr)
     return eq + [f"        ({note})" for note in nums.notes]
+
+
+# The schedule's shape adjustments (curvc.lower.ADJUSTMENTS), for rows x cols
+_ADJUSTED = {"original": "sqrt(max(1, rows/cols))", "match_rms_adamw": "0.2 sqrt(max(rows, cols))"}
+
+
+def _adjusted(opt: ir.Optimizer, lr: str, eq: list[str]) -> str:
+    """The step's rate: lr scaled by the tensor's shape, when the schedule adjusts it."""
+    a = opt.schedule.adjust
+    if a is None or a == ir.Const("none"):
+        return lr
+    shape = "        (rows x cols: the tensor as a matrix, a vector 1 x n)"
+    if isinstance(a, ir.Const):
+        eq += [f"lr_s  = {lr} * {_ADJUSTED[a.value]}   (per tensor; decay keeps {lr})", shape]
+    else:
+        eq.append(f"lr_s  = {lr} * s(rows, cols)   (per tensor; decay keeps {lr}), s by {a}:")
+        eq.append("        " + ", ".join(f"{w}: {_ADJUSTED.get(w, '1')}"
+                                         for w in opt.hyper(a.name).choices))
+        eq.append(shape)
+    return "lr_s"
 
 
 def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
@@ -458,4 +479,6 @@ def _default(v) -> str:
         return "true" if v else "false"
     if isinstance(v, tuple):
         return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    if isinstance(v, str):
+        return v
     return f"{v:g}"

@@ -8,7 +8,7 @@ never mutate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from curvc.errors import Span, span_field
@@ -50,7 +50,7 @@ class Hyper:
     default: Union[int, float, bool, tuple, str]
     span: Span = span_field()
     # a word (str default): the words it may take, those of the argument that reads it
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = field(default=(), repr=False)
 
 
 # --- the paper's axes --------------------------------------------------------

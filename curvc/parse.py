@@ -209,7 +209,7 @@ _EXPECTED_NAMES = {
     "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
 }
 _VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
-_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR"})
+_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR", "NAME"})
 
 
 def _join(names: list[str]) -> str:
@@ -225,7 +225,8 @@ def _describe_expected(accepts, prev) -> str:
     words: list[str] = []
     if _DEFAULT <= acc and prev_type == "EQUAL":
         acc -= _DEFAULT
-        words.append("a default value (a number, true, false or a tuple like (0.9, 0.999))")
+        words.append("a default value (a number, true, false, a tuple like (0.9, 0.999) "
+                     "or a word)")
     elif _VALUE <= acc:
         acc -= _VALUE
         if prev_type == "COMMA":

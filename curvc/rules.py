@@ -295,7 +295,11 @@ def _clause(axis: str) -> Callable[[ir.Optimizer], object]:
 
 
 def _used(axis: str) -> Callable[[ir.Optimizer], bool]:
-    return lambda opt: getattr(opt, axis).kind not in ("none", "constant")
+    def used(opt: ir.Optimizer) -> bool:
+        node = getattr(opt, axis)
+        adjusts = axis == "schedule" and node.adjust not in (None, ir.Const("none"))
+        return node.kind not in ("none", "constant") or adjusts
+    return used
 
 
 def _keeps_max(it: ir.Iterate) -> bool:
