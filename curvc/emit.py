@@ -313,10 +313,13 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline('"""')
         buf.writeline()
         buf.writeline(f"BACKEND = {backend!r}")
-        hypers = [f"_Hyper({h.name!r}, {_literal(h.default)}"
-                  + (f", {h.choices!r})" if h.choices else ")") for h in opt.hypers]
+        hypers = [f"_Hyper({h.name!r}, {_literal(h.default)})" for h in opt.hypers]
         buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
                                   buf.room))
+        words = {h.name: h.choices for h in opt.hypers if h.choices}
+        if words:  # word hyperparameters: the strings each may be
+            buf.writelines(wrap_items("WORDS = {", [f"{n!r}: {c!r}" for n, c in words.items()],
+                                      "}", buf.room))
         buf.writeline("VALIDATORS = (")
         with buf.indent():
             for v in plan.validators:

@@ -61,6 +61,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
 
     # Filled in by the generated subclass.
     HYPERS: tuple = ()  # program.Hyper
+    WORDS: dict = {}  # a word hyperparameter's name -> the strings it may be (None: default)
     VALIDATORS: tuple = ()  # program.Validator
     BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
@@ -126,9 +127,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # -- hyperparameters -------------------------------------------------------
 
     def _validate(self, hypers: dict) -> None:
-        for name, _, choices in self.HYPERS:
-            if choices and name in hypers and hypers[name] is not None \
-                    and hypers[name] not in choices:
+        for name, choices in self.WORDS.items():
+            if name in hypers and hypers[name] is not None and hypers[name] not in choices:
                 raise ValueError(f"Invalid {name}: {hypers[name]!r} (one of "
                                  f"{', '.join(map(repr, choices))}, or None for the default)")
         for name, index, constraint, where in self.VALIDATORS:
@@ -156,10 +156,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         h = {"maximize": bool(group.get("maximize", False))}
         if self.SHAPED:  # set per tensor by _buckets; NaN wherever a host value is read without
             h.update(dict.fromkeys(SHAPE, math.nan))
-        for name, default, choices in self.HYPERS:
-            value = group[name]
-            if choices:  # a word reaches the host as its index (None: the default)
-                h[name] = float(choices.index(default if value is None else value))
+        for hyper in self.HYPERS:
+            name, default, value = hyper.name, hyper.default, group[hyper.name]
+            if name in self.WORDS:  # a word reaches the host as its index (None: the default)
+                h[name] = float(self.WORDS[name].index(default if value is None else value))
             elif isinstance(default, tuple):
                 for i, v in enumerate(value):
                     h[f"{name}_{i}"] = _number(v)

@@ -25,7 +25,6 @@ class Hyper(NamedTuple):
 
     name: str
     default: object
-    choices: tuple = ()  # a word: the strings it may be (None: the default)
 
 
 class Validator(NamedTuple):

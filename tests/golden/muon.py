@@ -406,8 +406,8 @@ class Muon(CurvOptimizer):
     BACKEND = 'auto'
     HYPERS = (_Hyper('lr', 0.001), _Hyper('weight_decay', 0.1),
             _Hyper('ns_coefficients', (3.4445, -4.775, 2.0315)), _Hyper('eps', 1e-07),
-            _Hyper('ns_steps', 5),
-            _Hyper('adjust_lr_fn', 'original', ('none', 'original', 'match_rms_adamw')))
+            _Hyper('ns_steps', 5), _Hyper('adjust_lr_fn', 'original'))
+    WORDS = {'adjust_lr_fn': ('none', 'original', 'match_rms_adamw')}
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
         _Validator('ns_steps', None, 'count_newton_schulz_steps',
