@@ -295,6 +295,12 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
     if spec_arg.kind == "enum":
         hyper = hypers.get(value.name) if isinstance(value, ast.Ref) else None
         if hyper is not None and isinstance(hyper.default, str) and value.index is None:
+            if not spec_arg.by_hyper:
+                raise CurvError("value.wrong_kind", value.span, what=what,
+                                expected=f"{' or '.join(spec_arg.choices)}, written in the spec",
+                                found=f"the hyperparameter {value.name!r}",
+                                hint="this choice decides the code generated, so it cannot "
+                                     "change at run time")
             if hyper.default not in spec_arg.choices:  # a word hyperparameter: its default
                 close = suggest(hyper.default, spec_arg.choices)
                 raise CurvError("value.wrong_kind", value.span, what=what,
@@ -408,6 +414,6 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and \
-                    specs[f.name].kind not in ("bool", "enum"):  # a word: Hyper.choices
+                    specs[f.name].kind not in ("bool", "enum"):  # a word: checked by WORDS
                 out.append((v, specs[f.name].constraint, f"the {f.name} of {axis} {node.kind}"))
     return out

@@ -23,6 +23,9 @@ class ArgSpec:
     # each choice computes something else (a root method), so `curvc coverage` makes
     # every choice a point of the language's cross product
     varies: bool = False
+    # an enum whose word a hyperparameter may give (chosen at run time, on the host);
+    # the others decide the generated code, so the spec writes them
+    by_hyper: bool = False
 
     @property
     def required(self) -> bool:
@@ -43,7 +46,8 @@ _NEWTON_SCHULZ = (ArgSpec("steps", "int", 5.0, "count_newton_schulz_steps"),
                           choices=("bfloat16", "float32", "float64")))
 NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 
-_ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"))
+_ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"),
+                  by_hyper=True)
 
 _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
 

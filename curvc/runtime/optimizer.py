@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from curvc.constraints import CONSTRAINTS
+from curvc.plan import SHAPE
 from curvc.runtime import amp
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
-from curvc.plan import SHAPE
 from curvc.runtime.program import Program, Runner
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
