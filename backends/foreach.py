@@ -57,6 +57,7 @@ _F = "torch._foreach_"
 # The fused ops (made by ``fuse``, below): operands are lists, the last a host scalar.
 FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
          "add_scaled": "{f}add{in_place}({0}, {1}, alpha={2})",
+         "sub_scaled": "{f}add{in_place}({0}, {1}, alpha=-{2})",
          "subcdiv": "{f}addcdiv{in_place}({0}, {1}, {2}, value=-{3})"}
 
 
@@ -326,8 +327,8 @@ def _foreach_cast(tensors, cdt):
 #
 # The eager path's cost is a fixed overhead per foreach call (a Python call and a
 # parallel region per tensor), so fewer, fatter calls win: a + b*c*s is one
-# _foreach_addcmul, a + b*s one _foreach_add(alpha=s), a - s*(b/c) one
-# _foreach_addcdiv. Rounding may differ from the separate ops in the last bit
+# _foreach_addcmul, a + b*s one _foreach_add(alpha=s), a - s*b one
+# _foreach_add(alpha=-s), a - s*(b/c) one _foreach_addcdiv. Rounding may differ from the separate ops in the last bit
 # (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
 
 def _host_scalar(e) -> bool:
@@ -397,6 +398,10 @@ def _fused(new: Op, old: Op, once) -> Op:
                 if _host_scalar(s) and isinstance(d, Op) and d.op == "div" and \
                         once(om.args[j]) and all(_is_list(x) for x in d.args):
                     return Op("subcdiv", (a, *d.args, s))
+            for j in (0, 1):  # a - s*b: torch.optim's param.add_(d, alpha=-lr)
+                b, s = m.args[j], m.args[1 - j]
+                if _host_scalar(s) and _is_list(b):
+                    return Op("sub_scaled", (a, b, s))
     return new
 
 

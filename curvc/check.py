@@ -106,10 +106,31 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
     values = {k: v for k, v in values.items() if v is not None}
     lets, states = check_exprs.check_all(spec, scope, values,
                                          tuple(values.values()) + ((update,) if update else ()))
+    hypers = _word_choices(hypers, spec, axes)
     opt = ir.Optimizer(spec.name, hypers, source=spec.source, file=spec.file,
                        span=spec.name_span, lets=lets, states=states, update=update, **axes)
     _check_structure_keywords(opt)
     return opt
+
+
+def _word_choices(hypers: tuple[ir.Hyper, ...], spec: ast.SpecAST, axes: dict):
+    """Each word hyperparameter with the words of the argument that reads it (check
+    refused any other use); one read by none would take any string, so it is refused."""
+    read: dict[str, tuple[str, ...]] = {}
+    for axis, node in axes.items():
+        specs = {a.name: a for a in FORMS[axis][node.kind].args}
+        for f in fields(node):
+            v = getattr(node, f.name)
+            if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind == "enum":
+                read.setdefault(v.name, specs[f.name].choices)
+    out = []
+    for h in hypers:
+        if isinstance(h.default, str):
+            if h.name not in read:
+                raise CurvError("name.unread_word_hyper", h.span, name=h.name, word=h.default)
+            h = ir.Hyper(h.name, h.default, h.span, read[h.name])
+        out.append(h)
+    return tuple(out)
 
 
 def _check_structure_keywords(opt: ir.Optimizer) -> None:
@@ -158,7 +179,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         if why:
             raise CurvError("name.reserved_hyper", p.span, name=p.name, why=why)
         d = p.default
-        if isinstance(d, ast.TupleLiteral):
+        if isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
+            default = d.name
+        elif isinstance(d, ast.TupleLiteral):
             default = tuple(_finite(n) for n in d.values)
         elif isinstance(d, ast.Boolean):
             default = d.value
@@ -176,9 +199,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     lr = next((p for p in spec.params if p.name == "lr"), None)
     if lr is not None:
         what = "the learning rate 'lr'"
-        if isinstance(lr.default, ast.TupleLiteral):
+        if isinstance(lr.default, (ast.TupleLiteral, ast.Ref)):
             raise CurvError("value.wrong_kind", lr.default.span, what=what,
-                            expected="one number", found="a tuple")
+                            expected="one number", found=_describe(lr.default))
         _check_kind(seen["lr"].default, LR, what, lr.default.span, _describe(lr.default))
     return tuple(seen.values())
 
@@ -313,6 +336,21 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
         value = check_exprs.vector_ref(value, what, scope or check_exprs.Scope(hypers))
         return None if value == ir.Var("grad") else value
     if spec_arg.kind == "enum":
+        hyper = hypers.get(value.name) if isinstance(value, ast.Ref) else None
+        if hyper is not None and isinstance(hyper.default, str) and value.index is None:
+            if not spec_arg.by_hyper:
+                raise CurvError("value.wrong_kind", value.span, what=what,
+                                expected=f"{' or '.join(spec_arg.choices)}, written in the spec",
+                                found=f"the hyperparameter {value.name!r}",
+                                hint="this choice decides the code generated, so it cannot "
+                                     "change at run time")
+            if hyper.default not in spec_arg.choices:  # a word hyperparameter: its default
+                close = suggest(hyper.default, spec_arg.choices)
+                raise CurvError("value.wrong_kind", value.span, what=what,
+                                expected=" or ".join(spec_arg.choices),
+                                found=f"{hyper.default!r} (the default of {value.name!r})",
+                                hint=f"did you mean {close!r}?" if close else None)
+            return ir.HyperRef(value.name, None, value.span)
         if not isinstance(value, ast.Ref) or value.index is not None:
             found = f"the number {value.text}" if isinstance(value, ast.Number) else (
                 f"{value.name}[{value.index}]" if isinstance(value, ast.Ref) else _describe(value))
@@ -336,6 +374,10 @@ def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hype
                             hint=f"did you mean {close!r}?" if close else
                             "declare it with `hyper NAME = default`")
         default = hyper.default
+        if isinstance(default, str):
+            raise CurvError("value.wrong_kind", value.span, what=what,
+                            expected="a number" if spec_arg.kind != "bool" else "true or false",
+                            found=f"the word {default!r} (the default of {value.name!r})")
         if value.index is not None:
             if not isinstance(default, tuple):
                 raise CurvError("value.bad_index", value.span, name=value.name,
@@ -405,6 +447,8 @@ def _describe(value) -> str:
         return "a tuple"
     if isinstance(value, ast.MachineEps):
         return MACHINE_EPS
+    if isinstance(value, ast.Ref) and value.index is None:
+        return f"the word {value.name!r}"
     return repr(str(value.name))
 
 
@@ -423,7 +467,8 @@ def arg_constraints(opt: ir.Optimizer) -> list[tuple[ir.HyperRef, str, str]]:
         specs["every"] = EVERY
         for f in fields(node):
             v = getattr(node, f.name)
-            if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind != "bool":
+            if isinstance(v, ir.HyperRef) and f.name in specs and \
+                    specs[f.name].kind not in ("bool", "enum"):  # a word: checked by WORDS
                 out.append((v, specs[f.name].constraint,
                             f"the {f.name} of {ir.clause_label(axis, node)}"))
     return out

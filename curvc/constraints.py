@@ -29,6 +29,8 @@ COUNT_LIMITS = {
     # Steps between refreshes: the step counter is a float32 (as in torch.optim),
     # exact only up to 2**24, so no longer period can ever fire a second time.
     "every": 2 ** 24,
+    # Newton-Schulz steps, each two matrix products (Muon: 5; torch.optim.Muon refuses 100+).
+    "newton_schulz_steps": 99,
 }
 
 CONSTRAINTS: dict[str, tuple[str, Callable[[float], bool]]] = {

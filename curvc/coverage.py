@@ -44,10 +44,13 @@ UNSUPPORTED = "codegen.unsupported"
 class Spec:
     forms: dict  # axis -> form, in AXES order
     source: str
+    variants: dict = None  # axis -> (argument, word): a choice of an argument that varies
 
     @property
     def label(self) -> str:
-        return "-".join(self.forms.values())
+        v = self.variants or {}
+        return "-".join(f + (f"({v[a][0]}={v[a][1]})" if a in v else "")
+                        for a, f in self.forms.items())
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,13 @@ def _value(arg: ArgSpec) -> int | float:
     return _VALUES[arg.constraint]
 
 
-def spec_source(forms: dict) -> str:
-    """The spec of one point of the product: required arguments are hyperparameters."""
+def spec_source(forms: dict, variants: dict | None = None) -> str:
+    """The spec of one point of the product: required arguments are hyperparameters;
+    ``variants``: axis -> (argument, word) for an argument that varies."""
     hypers = [f"lr = {LR:g}"]
     lines = []
     for axis, form in forms.items():
-        args = []
+        args = [f"{variants[axis][0]} = {variants[axis][1]}"] if axis in (variants or {}) else []
         for arg in FORMS[axis][form].args:
             if arg.required:
                 name = f"{axis}_{arg.name}"
@@ -81,11 +85,25 @@ def spec_source(forms: dict) -> str:
     return f"optimizer {NAME}\nhyper {', '.join(hypers)}\n" + "\n".join(lines) + "\n"
 
 
+def points(axis: str) -> list[tuple[str, tuple | None]]:
+    """The axis's points of the product: each form, and each other choice of a form's
+    argument that varies (``structure kronecker(root = newton_schulz)``)."""
+    out = []
+    for form, spec in FORMS[axis].items():
+        out.append((form, None))
+        out += [(form, (a.name, word)) for a in spec.args if a.varies
+                for word in a.choices if word != a.default]
+    return out
+
+
 def cross_product() -> list[Spec]:
-    """Every combination of the forms of AXES, in FORMS order."""
-    forms = [list(FORMS[axis]) for axis in AXES]
-    return [Spec(dict(zip(AXES, combo)), spec_source(dict(zip(AXES, combo))))
-            for combo in itertools.product(*forms)]
+    """Every combination of the points of AXES, in FORMS order."""
+    specs = []
+    for combo in itertools.product(*(points(axis) for axis in AXES)):
+        forms = {axis: form for axis, (form, _) in zip(AXES, combo)}
+        variants = {axis: v for axis, (_, v) in zip(AXES, combo) if v is not None}
+        specs.append(Spec(forms, spec_source(forms, variants), variants))
+    return specs
 
 
 def _rule_name(rule) -> str:
@@ -129,7 +147,7 @@ def report() -> str:
     """The counts ``curvc coverage`` prints."""
     specs = cross_product()
     by_key = counts(classify(s) for s in specs)
-    sizes = " x ".join(f"{len(FORMS[a])} {a}" for a in AXES)
+    sizes = " x ".join(f"{len(points(a))} {a}" for a in AXES)
     lines = [f"{len(specs):,} specs: every form of {sizes}",
              f"  {'accepted (compiles)':<50}{sum(by_key[ACCEPTED].values()):>6}"]
     titles = {CLASH: "refused, no meaning (combo.clash)",

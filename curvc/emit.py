@@ -11,6 +11,8 @@ Layout of a generated module:
 """
 from __future__ import annotations
 
+import pprint
+
 import textwrap
 from dataclasses import fields
 
@@ -34,7 +36,7 @@ def _literal(v) -> str:
         return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
     if v is None:  # machine_eps: torch's None, resolved per dtype at step time
         return "None"
-    return repr(v if isinstance(v, (bool, int)) else float(v))
+    return repr(v if isinstance(v, (bool, int, str)) else float(v))
 
 
 def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
@@ -111,7 +113,13 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
         else:
             buf.writeline("# a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time")
             sig = torch_backend.render_extern(step, buf)
-            buf.writeline(f"_EXTERN_ARGS_{step.name} = {sig!r}")
+            head = f"_EXTERN_ARGS_{step.name} = "
+            if all(len(f"{k!r}: {v!r}") < buf.room - 8 for k, v in sig.items()):
+                buf.writeline(head + repr(sig))  # the buffer breaks it between keys
+            else:  # a key's list is too long for one line: wrapped too
+                lines = pprint.pformat(sig, width=buf.room - len(head), compact=True,
+                                       sort_dicts=False).split("\n")
+                buf.writelines([head + lines[0]] + [" " * len(head) + x for x in lines[1:]])
         buf.writeline()
         buf.writeline()
     buf.writeline("# --- foreach: the same kernels for many small tensors at once ---")
@@ -315,6 +323,10 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         hypers = [f"_Hyper({h.name!r}, {_literal(h.default)})" for h in opt.hypers]
         buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
                                   buf.room))
+        words = {h.name: h.choices for h in opt.hypers if h.choices}
+        if words:  # word hyperparameters: the strings each may be
+            buf.writelines(wrap_items("WORDS = {", [f"{n!r}: {c!r}" for n, c in words.items()],
+                                      "}", buf.room))
         buf.writeline("VALIDATORS = (")
         with buf.indent():
             for v in plan.validators:
@@ -328,6 +340,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 buf.writeline(f"_Buffer({b.name!r}, {b.when!r}, lambda h: {init}),")
         buf.writeline(")")
         buf.writeline(f"INPUTS = {tuple(plan.inputs)!r}")
+        if plan.shaped:  # host values read the tensor's shape (rows, cols)
+            buf.writeline("SHAPED = True")
         est = plan.estimator
         if est is None:
             buf.writeline("ESTIMATOR = None")

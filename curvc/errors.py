@@ -65,6 +65,8 @@ MESSAGES: dict[str, str] = {
     "value.bad_index": "{name!r} is not a tuple, so it cannot be indexed",
     "value.index_out_of_range": "{name}[{index}] is out of range: {name!r} has {size} entries",
     "value.out_of_range": "{what} must be {expected}, got {value}",
+    "name.unread_word_hyper": "the hyperparameter {name!r} is the word {word!r}, and no "
+                              "argument that takes words reads it",
     "value.bool_expected": "{what} must be true or false, not {found}",
     "value.underflow": "the number {text} is too small: it underflows to 0",
     # expressions

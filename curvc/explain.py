@@ -113,6 +113,7 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
             eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled":
         eq.append(f"theta = theta * (1 - {decay_lr} * {_v(opt.decay.rate)})")
+    lr = _adjusted(opt, lr, eq)
     eq += explain_exprs.definitions(opt, late=False)
     s = opt.structure.kind
     if s in ("scalar", "diagonal"):
@@ -129,6 +130,26 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     eq += step[:-1] + explain_exprs.definitions(opt, late=True)
     eq.append(explain_exprs.update_line(opt, lr) or step[-1])
     return eq + [f"        ({note})" for note in nums.notes]
+
+
+# The schedule's shape adjustments (curvc.lower.ADJUSTMENTS), for rows x cols
+_ADJUSTED = {"original": "sqrt(max(1, rows/cols))", "match_rms_adamw": "0.2 sqrt(max(rows, cols))"}
+
+
+def _adjusted(opt: ir.Optimizer, lr: str, eq: list[str]) -> str:
+    """The step's rate: lr scaled by the tensor's shape, when the schedule adjusts it."""
+    a = opt.schedule.adjust
+    if a is None or a == ir.Const("none"):
+        return lr
+    shape = "        (rows x cols: the tensor as a matrix, a vector 1 x n)"
+    if isinstance(a, ir.Const):
+        eq += [f"lr_s  = {lr} * {_ADJUSTED[a.value]}   (per tensor; decay keeps {lr})", shape]
+    else:
+        eq.append(f"lr_s  = {lr} * s(rows, cols)   (per tensor; decay keeps {lr}), s by {a}:")
+        eq.append("        " + ", ".join(f"{w}: {_ADJUSTED.get(w, '1')}"
+                                         for w in opt.hyper(a.name).choices))
+        eq.append(shape)
+    return "lr_s"
 
 
 def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
@@ -359,6 +380,8 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         m = _momentum(opt, eq, nums)
         eq.append(f"d     = {m}")
         return eq + _clip(opt) + [f"theta = theta - {lr} * d"]
+    if nums.polar is not None:
+        return _polar(opt, lr, nums)
     of = str(opt.curvature.of) if opt.curvature.of is not None else "g"
     eq = [f"G     = {of} as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
           f"        {of} unfolded along mode i (modes longer than max_dim keep none)"]
@@ -401,6 +424,24 @@ def _kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
                   + (f"   ({per_mode})" if per_mode else ""))
     if opt.length.kind == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   (over {_over(opt.length)}: ||d||_P = 1)")
+    eq += _clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    """The polar factor by Newton-Schulz: what L^-1/4 G R^-1/4 is for L = G G^T, R = G^T G."""
+    p = nums.polar
+    eq: list[str] = []
+    m = _momentum(opt, eq, nums)
+    m = "G" if m == "g" else m
+    eq += [f"d     = U V^T for {m} = U S V^T (= L^-1/4 {m} R^-1/4, L = {m} {m}^T, R = {m}^T {m}),",
+           f"        by Newton-Schulz in {p['precision']} ({m} as a matrix: a vector is 1 x n):",
+           f"X     = {m} / max(||{m}||_F, {p['eps']})   (transposed first when it has more rows "
+           "than columns)",
+           f"X     = {p['a']} X + ({p['b']} A + {p['c']} A A) X,  A = X X^T   ({p['steps']} "
+           "times)",
+           "d     = X   (transposed back; its singular values near 1, not at 1)"]
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
@@ -514,4 +555,6 @@ def _default(v) -> str:
         return "true" if v else "false"
     if isinstance(v, tuple):
         return "(" + ", ".join(_default(x) for x in v) + ")"
+    if isinstance(v, str):
+        return v
     return f"{v:g}"

@@ -8,7 +8,7 @@ never mutate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from curvc.errors import Span, span_field
@@ -95,8 +95,10 @@ class Hyper:
     where the spec wrote a whole number without '.' or an exponent."""
 
     name: str
-    default: Union[int, float, bool, tuple]
+    default: Union[int, float, bool, tuple, str]
     span: Span = span_field()
+    # a word (str default): the words it may take, those of the argument that reads it
+    choices: tuple[str, ...] = field(default=(), repr=False)
 
 
 # --- the paper's axes --------------------------------------------------------
@@ -123,7 +125,13 @@ class Structure:
 
     kind: str  # scalar | diagonal | factored | kronecker | dense | low_rank
     max_dim: Arg | None = None
-    eps: Arg | None = None  # factored: the floor of the mean row statistic
+    root: Arg | None = None  # kronecker: eigh | newton_schulz, and the iteration's arguments
+    steps: Arg | None = None
+    a: Arg | None = None
+    b: Arg | None = None
+    c: Arg | None = None
+    eps: Arg | None = None  # newton_schulz: the norm floor; factored: the mean row's
+    precision: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
     span: Span = span_field()
 
@@ -203,6 +211,7 @@ class Schedule:
     kind: str  # constant | inverse_time | relative_step
     rate: Arg | None = None
     eps: Arg | None = None  # relative_step: the floor of RMS(theta)
+    adjust: Arg | None = None  # none | original | match_rms_adamw: the step's lr by shape
     span: Span = span_field()
 
 

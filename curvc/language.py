@@ -20,6 +20,12 @@ class ArgSpec:
     default: object = None  # None: required
     constraint: str = "any"  # a key of constraints.CONSTRAINTS (count_* for bounded counts)
     choices: tuple[str, ...] = ()
+    # each choice computes something else (a root method), so `curvc coverage` makes
+    # every choice a point of the language's cross product
+    varies: bool = False
+    # an enum whose word a hyperparameter may give (chosen at run time, on the host);
+    # the others decide the generated code, so the spec writes them
+    by_hyper: bool = False
 
     @property
     def required(self) -> bool:
@@ -31,6 +37,17 @@ class FormSpec:
     args: tuple[ArgSpec, ...] = ()
     modifiers: tuple[str, ...] = ()  # bare words and 'every'
 
+
+# Muon's Newton-Schulz iteration (torch.optim.Muon's defaults: Jordan et al.'s quintic)
+_NEWTON_SCHULZ = (ArgSpec("steps", "int", 5.0, "count_newton_schulz_steps"),
+                  ArgSpec("a", "number", 3.4445), ArgSpec("b", "number", -4.775),
+                  ArgSpec("c", "number", 2.0315), ArgSpec("eps", "number", 1e-7, "positive"),
+                  ArgSpec("precision", "enum", "bfloat16",
+                          choices=("bfloat16", "float32", "float64")))
+NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
+
+_ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"),
+                  by_hyper=True)
 
 _BETA = lambda name="beta": ArgSpec(name, "number", constraint="unit")  # noqa: E731
 # Which parameters a norm is taken over: each tensor on its own, the tensors of one
@@ -69,8 +86,14 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     "structure": {
         "scalar": FormSpec(),  # L*I
         "diagonal": FormSpec(),  # diag(lambda_1..lambda_n)
-        # L kron R per tensor (block-diagonal over tensors)
-        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),),
+        # L kron R per tensor (block-diagonal over tensors); root = eigh: each factor's
+        # root by an eigendecomposition; root = newton_schulz: the polar factor U V^T that
+        # L^-1/4 G R^-1/4 is (iterate instant, length gradient_norm), by `steps` of
+        # X <- a X + (b A + c A^2) X, A = X X^T, from X = G / max(||G||_F, eps), in `precision`
+        "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),
+                               ArgSpec("root", "enum", "eigh", choices=("eigh", "newton_schulz"),
+                                       varies=True),
+                               *_NEWTON_SCHULZ),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
         # diag(V) with V = R C^T / max(mean(R), eps): the rank-1 outer product of the row and
@@ -136,10 +159,13 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "inside": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),
         "floor": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),  # max(P, eps)
     },
+    # adjust: the step (not decoupled decay) takes lr_t * s(rows, cols), the tensor's shape
+    # as a matrix (torch.optim.Muon's adjust_lr_fn): original sqrt(max(1, rows/cols)),
+    # match_rms_adamw 0.2 sqrt(max(rows, cols)), none 1
     "schedule": {
-        "constant": FormSpec(),
+        "constant": FormSpec((_ADJUST,)),
         # lr_t = lr / (1 + (t-1)*rate)
-        "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),)),
+        "inverse_time": FormSpec((ArgSpec("rate", "number", constraint="nonneg"), _ADJUST)),
         # the relative step: lr_t = min(lr, 1/sqrt(t)) * max(eps, RMS(theta)) per tensor
         # (Adafactor); weight decay keeps lr
         "relative_step": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),

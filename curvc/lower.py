@@ -16,8 +16,8 @@ from curvc.lower_step import (Step, accumulation, every_flag, iterate_beta, nonz
                               refresh_count, select)
 from curvc.passes import PASSES
 from curvc.plan import (Const, DenseStage, Estimator, Expr, FactoredStage, KroneckerStage, Load,
-                        Plan, Precondition, Reduced, Reduction, Scalar, SecantStage, Select,
-                        Validator)
+                        Plan, PolarStage, Precondition, Reduced, Reduction, Scalar, SecantStage,
+                        SHAPE, Select, Validator)
 from curvc.rules import (DENSE_STRUCTURES, FACTORED_STRUCTURES, MATRIX_STRUCTURES, ROW_CURVATURES,
                          PRECONDITIONING_CURVATURES,
                          SECANT_STRUCTURES)
@@ -265,6 +265,8 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     the sign in the eigenbasis for eigen_sign.
     """
     st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
+    if st.root == ir.Const("newton_schulz"):
+        return lower_clip(s, _lower_polar(s, m))
     refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
@@ -300,6 +302,18 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     if ln.kind == "normalized":
         u = _normalized(s, m, u)
     return lower_clip(s, u)
+
+
+def _lower_polar(s: Step, m: Expr) -> Expr:
+    """d = U V^T of m = U S V^T by the Newton-Schulz iteration (Muon): what the
+    eigendecomposition path computes where check admits the root (iterate instant, a
+    gradient-norm length of power 1, no damping, the statistic m itself), so m is both
+    the statistic and the value."""
+    st = s.opt.structure
+    stage = PolarStage(s.unique("polar"), str(st.precision.value))
+    s.matrix.append(stage)
+    return Precondition("precondition", (m, m, *(s.arg(getattr(st, n)) for n in stage.params)),
+                        stage=stage.name)
 
 
 def _length_exponent(s: Step) -> Expr:
@@ -391,6 +405,34 @@ def lower_learning_rate(s: Step) -> Expr:
         return s.host_scalar("lr_t", op("minimum", Scalar("lr"),
                                         div(1.0, op("sqrt", Scalar("step")))))
     return Scalar("lr")
+
+
+# The tensor's shape as a matrix, read by the host like the step count (curvc.plan.SHAPE).
+_ROWS, _COLS = Scalar(SHAPE[0]), Scalar(SHAPE[1])
+# torch.optim.Muon's adjust_lr_fn, each a function of (rows, cols)
+ADJUSTMENTS = {
+    "none": Const(1.0),
+    "original": op("sqrt", op("maximum", 1.0, div(_ROWS, _COLS))),
+    "match_rms_adamw": mul(0.2, op("sqrt", op("maximum", _ROWS, _COLS))),
+}
+
+
+def lower_step_rate(s: Step, lr: Expr) -> Expr:
+    """The step's rate: lr_t times the schedule's shape adjustment (decoupled decay keeps
+    lr_t, as torch.optim.Muon's does). A word hyperparameter picks the adjustment at run
+    time: it reaches the host as its index among the words, and each adjustment is
+    weighted by (index == i), exactly one 1 and the rest 0."""
+    a = s.opt.schedule.adjust
+    if a is None or a == ir.Const("none"):
+        return lr
+    if isinstance(a, ir.Const):
+        return s.host_scalar("lr_step", mul(lr, ADJUSTMENTS[a.value]))
+    words = s.opt.hyper(a.name).choices
+    scale = None
+    for i, word in enumerate(words):
+        term = mul(op("eq", s.arg(a), float(i)), ADJUSTMENTS[word])
+        scale = term if scale is None else add(scale, term)
+    return s.host_scalar("lr_step", mul(lr, scale))
 
 
 def lower_kfac(s: Step) -> Expr:
@@ -492,7 +534,7 @@ def build(opt: ir.Optimizer) -> Plan:
     s.exprs.env["direction"] = d
     update = s.exprs.lower(opt.update) if opt.update is not None else d
     s.exprs.finish()
-    s.store("param", sub(p, mul(lr, update)))
+    s.store("param", sub(p, mul(lower_step_rate(s, lr), update)))
     return Plan(opt.name, opt.hypers, validators, tuple(s.buffers), tuple(s.inputs),
                 tuple(s.host), tuple(s.flags), tuple(s.reductions), tuple(s.stores),
                 s.estimator, tuple(s.matrix), dense=dense)

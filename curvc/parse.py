@@ -66,7 +66,7 @@ class TupleLiteral:
 
 
 Value = Union[Number, Boolean, Ref]
-Literal = Union[Number, Boolean, MachineEps, TupleLiteral]
+Literal = Union[Number, Boolean, MachineEps, TupleLiteral, Ref]  # a Ref: a word (``original``)
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ _EXPECTED_NAMES = {
     "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
 }
 _VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
-_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR", "MACHINE_EPS"})
+_DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR", "MACHINE_EPS", "NAME"})
 
 
 def _join(names: list[str]) -> str:
@@ -333,7 +333,8 @@ def _describe_expected(accepts, prev) -> str:
     words: list[str] = []
     if _DEFAULT <= acc and prev_type == "EQUAL":
         acc -= _DEFAULT
-        words.append("a default value (a number, true, false or a tuple like (0.9, 0.999))")
+        words.append("a default value (a number, true, false, a tuple like (0.9, 0.999) "
+                     "or a word)")
     elif _VALUE <= acc:
         acc -= _VALUE
         if prev_type == "COMMA":

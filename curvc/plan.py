@@ -298,6 +298,36 @@ class FactoredStage:
 
 
 @dataclass(frozen=True)
+class PolarStage:
+    """The polar factor U V^T of a matrix value (G = U S V^T) by a Newton-Schulz iteration,
+    per tensor, keeping no state: what a KroneckerStage computes for ``iterate instant``
+    and a gradient-norm length when the statistic is the value (L^-1/4 G R^-1/4), with
+    matrix products only (Muon). X_0 = G / max(||G||_F, eps), then ``steps`` times
+    X <- a X + (b A + c A^2) X, A = X X^T (on the shorter side), in ``precision``.
+    A vector is a 1 x n matrix; a tensor of order 3 or more is refused at run time.
+    """
+
+    name: str
+    precision: str  # 'bfloat16' | 'float32' | 'float64'
+    function: str = "polar"
+    params: tuple[str, ...] = ("steps", "a", "b", "c", "eps")
+    refresh: str | None = None  # no roots kept, so nothing to refresh or accumulate
+    accumulate_when: str | None = None
+
+    reads_param = False
+    flags: tuple[str, ...] = ()
+
+    def keywords(self, params: list[str], flag) -> list[str]:
+        return [*(f"{n}={a}" for n, a in zip(self.params, params)),
+                f"precision={self.precision!r}"]
+
+    @property
+    def doc(self) -> str:
+        return (f"One tensor's polar factor by the Newton-Schulz iteration (in "
+                f"{self.precision}), from its value alone.")
+
+
+@dataclass(frozen=True)
 class SecantStage:
     """A quasi-Newton step over all parameters as one flat vector (L-BFGS).
 
@@ -358,16 +388,25 @@ class Plan:
     reductions: tuple[Reduction, ...]
     stores: tuple[Store, ...]
     estimator: Estimator | None = None
-    matrix: tuple[KroneckerStage | FactoredStage, ...] = ()  # per-tensor extern stages
+    matrix: tuple[KroneckerStage | FactoredStage | PolarStage, ...] = ()  # per-tensor externs
     secant: SecantStage | None = None  # a whole-model quasi-Newton step (no stores)
     dense: DenseStage | None = None  # the dense matrix feeding the plan's input
 
     @property
     def host_inputs(self) -> tuple[str, ...]:
-        """Names host expressions may read: flattened hyperparameters and 'step'."""
-        return tuple(flat_hyper_names(self.hypers)) + ("step",)
+        """Names host expressions may read: flattened hyperparameters, 'step', and the
+        tensor's shape where the plan reads it (``SHAPE``)."""
+        return tuple(flat_hyper_names(self.hypers)) + ("step",) + (SHAPE if self.shaped else ())
 
-    def stage(self, name: str) -> KroneckerStage | FactoredStage:
+    @property
+    def shaped(self) -> bool:
+        """Whether a host value depends on the tensor's shape (then the runtime computes
+        the host values per shape, and buckets tensors by it)."""
+        exprs = [e for _, e in self.host] + [e for _, e in self.flags] + \
+            [st.value for st in self.stores]
+        return any(isinstance(n, Scalar) and n.name in SHAPE for e in exprs for n in walk(e))
+
+    def stage(self, name: str) -> KroneckerStage | FactoredStage | PolarStage:
         return next(m for m in self.matrix if m.name == name)
 
     @property
@@ -381,6 +420,12 @@ class Plan:
     def whole_model(self) -> bool:
         """Whether the step runs over all parameters as one vector (no stores)."""
         return self.secant is not None or self.dense is not None
+
+
+# The tensor's shape as a matrix (rows, cols), host inputs like "step" that the runtime
+# sets per tensor (a vector is 1 x n; an order-k tensor shape[0] x the rest). Named with
+# a leading '_', which no hyperparameter's name may have.
+SHAPE = ("_rows", "_cols")
 
 
 def flat_hyper_names(hypers) -> list[str]:

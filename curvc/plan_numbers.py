@@ -35,6 +35,8 @@ class Numbers:
     counts: tuple[tuple[str, str, str], ...] = ()  # (buffer, beta, exponent) of bias corrections
     notes: tuple[str, ...] = ()  # what a symbol in the exponents stands for
     not_compiled: str | None = None  # why curvc refuses the spec (then read from the IR)
+    # Kronecker by Newton-Schulz: its arguments as text (steps, a, b, c, eps, precision)
+    polar: dict | None = None
 
 
 _SYMBOLS = {"add": " + ", "sub": " - ", "mul": " * ", "div": "/", "pow": "^", "mod": " mod "}
@@ -152,8 +154,20 @@ def _matrix_root(plan: Plan, text: _PlanText) -> Root | None:
     if node is None:
         return None
     args = dict(zip(plan.stage(node.stage).params, node.args[2:]))
+    if "exponent" not in args:  # the polar factor: the product's root 1/2, 1/4 per factor
+        return Root("1/2")
     return Root(text(args["exponent"], exponent=True) or "0", text(args["eps_inside"]),
                 text(args["eps_after"]), text(args["floor"]))
+
+
+def _polar(plan: Plan, text: _PlanText) -> dict | None:
+    """A Newton-Schulz stage's arguments, as text."""
+    node = next((n for n in walk(_param_update(plan)) if isinstance(n, Precondition)), None)
+    stage = plan.stage(node.stage) if node is not None else None
+    if stage is None or "exponent" in stage.params:
+        return None
+    out = {n: text(e) or "0" for n, e in zip(stage.params, node.args[2:])}
+    return {**out, **dict(stage.trailing)}
 
 
 def _bias_counts(plan: Plan, text: _PlanText):
@@ -190,7 +204,7 @@ def plan_numbers(plan: Plan) -> Numbers:
         return Numbers()
     if (not plan.elementwise or plan.dense is not None
             or plan.estimator is not None and plan.estimator.kind == "kfac"):
-        return Numbers(None, _matrix_root(plan, text), counts, notes)
+        return Numbers(None, _matrix_root(plan, text), counts, notes, polar=_polar(plan, text))
     return Numbers(_elementwise_root(plan, text), None, counts, notes)
 
 

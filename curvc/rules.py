@@ -171,6 +171,56 @@ def _rule_running_maximum_needs_coordinates(opt: ir.Optimizer) -> None:
                      "maximum (the order of positive semi-definite matrices is partial)")
 
 
+def _newton_schulz(st: ir.Structure) -> bool:
+    return st.kind == "kronecker" and st.root == ir.Const("newton_schulz")
+
+
+def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
+    """root = newton_schulz computes the polar factor U V^T of the value the structure
+    preconditions, so it stands for the eigendecomposition path only where that path
+    computes the same: L^-1/4 G R^-1/4 of this step's Gram matrices of that value."""
+    st = opt.structure
+    if st.kind != "kronecker":
+        return
+    if not _newton_schulz(st):
+        given = [n for n in language.NEWTON_SCHULZ_ARGS if getattr(st, n) is not None
+                 and getattr(st, n) != ir.Const(language.default("structure", "kronecker", n))]
+        if given:
+            raise _clash(st, f"structure kronecker({given[0]} = {getattr(st, given[0])})", st,
+                         f"root = {st.root or 'eigh'}",
+                         f"{given[0]} is an argument of the Newton-Schulz iteration, which "
+                         "only root = newton_schulz runs")
+        return
+    me = "structure kronecker(root = newton_schulz)"
+    polar = ("Newton-Schulz computes the polar factor U V^T of the value it preconditions, "
+             "which is the eigendecomposition's L^-1/4 G R^-1/4 only when L and R are this "
+             "step's Gram matrices of that same value, ")
+    it, ln, dmp, c, m = opt.iterate, opt.length, opt.damping, opt.curvature, opt.momentum
+    if it.kind != "instant" or it.every is not None:
+        raise _clash(it, f"iterate {it.kind}" + (" every k" if it.every is not None else ""),
+                     st, me, polar + "not accumulated or held over steps (iterate instant)")
+    if ln.kind != "gradient_norm" or ln.power != ir.Const(1.0):
+        raise _clash(ln, f"length {ln.kind}" + (f"(power = {ln.power})"
+                                                if ln.kind == "gradient_norm" else ""),
+                     st, me, polar + "rooted by 1/4 each (length gradient_norm with power 1)")
+    if dmp.kind != "none":
+        raise _clash(dmp, f"damping {dmp.kind}", st, me,
+                     polar + "undamped (an eps in the roots changes every singular value)")
+    if c.kind != "empirical_fisher":
+        raise _clash(c, f"curvature {c.kind}", st, me,
+                     polar + "the Gram matrices of the gradient (curvature empirical_fisher)")
+    if m.kind != "none":
+        raise _clash(m, f"momentum {m.kind}", st, me,
+                     polar + "but the factors are the gradient's and the value is the "
+                     "momentum (momentum none)")
+    if st.every is not None or st.max_dim != ir.Const(
+            language.default("structure", "kronecker", "max_dim")):
+        what = "every k" if st.every is not None else f"max_dim = {st.max_dim}"
+        raise _clash(st, f"structure kronecker({what})", st, "root = newton_schulz",
+                     "the Newton-Schulz iteration keeps no factors or roots to refresh or "
+                     "to limit: each step is the polar factor of that step's value")
+
+
 def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
     ln = opt.length
     if ln.kind == "normalized" and opt.clip.kind in ("global_norm", "tensor_rms"):
@@ -243,6 +293,7 @@ COMBINATION_RULES = (
     _rule_elementwise_clip_needs_coordinates,
     _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
+    _rule_newton_schulz_is_the_polar_factor,
     _rule_normalized_step_needs_no_clip,
 )
 
@@ -311,7 +362,11 @@ def _clause(axis: str) -> Callable[[ir.Optimizer], object]:
 
 
 def _used(axis: str) -> Callable[[ir.Optimizer], bool]:
-    return lambda opt: getattr(opt, axis).kind not in ("none", "constant")
+    def used(opt: ir.Optimizer) -> bool:
+        node = getattr(opt, axis)
+        adjusts = axis == "schedule" and node.adjust not in (None, ir.Const("none"))
+        return node.kind not in ("none", "constant") or adjusts
+    return used
 
 
 def _keeps_max(it: ir.Iterate) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 import curvc
 from curvc import explain, resources
-from curvc.plan import Const, FactoredStage, Load, Op, Precondition, Scalar, walk
+from curvc.plan import Const, FactoredStage, Load, Op, PolarStage, Precondition, Scalar, walk
 
 SHIPPED = resources.shipped_specs()
 
@@ -49,6 +49,8 @@ VARIANTS = dict(
        for p in ("1", "3")]
     + [_variant("adafactor", "damping   floor(eps[0])", f"damping   {d}(eps[0])")
        for d in ("inside", "add")]
+    + [_variant("muon", "c = ns_coefficients[2], eps = eps)",
+                "c = 2, eps = 1e-3, precision = float64)")]
     + [_variant("kfac", "ema(stat_decay) every stat_every", it)
        for it in ("ema(stat_decay) bias_corrected every stat_every", "sum(init = 2)", "instant")]
 )
@@ -68,6 +70,8 @@ def _hyper_values(plan) -> dict:
             # machine_eps (None) as float64's, what the runtime takes for float64 parameters
             out.update({f"{h.name}_{i}": 2.0 ** -52 if v is None else float(v)
                         for i, v in enumerate(h.default)})
+        elif h.choices:  # a word reaches the host as its index
+            out[h.name] = float(h.choices.index(h.default))
         else:
             out[h.name] = 2.0 ** -52 if h.default is None else float(h.default)
     return out
@@ -111,6 +115,26 @@ def _kronecker_args(plan) -> dict:
     return {k: _evaluate(plan, v) for k, v in zip(stage.params, node.args[2:])}
 
 
+def _check_polar_lines(plan, opt, lines):
+    """The Newton-Schulz iteration's numbers: explain names the hyperparameters (or
+    prints the numbers) the plan's stage reads, and its precision."""
+    node = next(n for n in _param_nodes(plan) if isinstance(n, Precondition))
+    stage = plan.stage(node.stage)
+    args = dict(zip(stage.params, node.args[2:]))
+    text = {k: _evaluate(plan, v) for k, v in args.items()}
+    values = _hyper_values(plan)
+    start, step = [ln for ln in lines if ln.startswith("X     = ")]
+    m = re.fullmatch(r"X     = (\S+) X \+ \((\S+) A \+ (\S+) A A\) X,  A = X X\^T   \((\S+) "
+                     r"times\)", step)
+    assert m, step
+    printed = [float(eval(g.replace("[", "_").replace("]", ""), {"__builtins__": {}}, values))
+               for g in m.groups()]
+    assert printed == [text["a"], text["b"], text["c"], text["steps"]]
+    eps = re.search(r"max\(\|\|G\|\|_F, (\S+)\)", start).group(1)
+    assert float(eval(eps, {"__builtins__": {}}, values)) == text["eps"]
+    assert f"by Newton-Schulz in {stage.precision}" in " ".join(lines)
+
+
 # --- reading explain ---------------------------------------------------------------
 
 def _line(lines, start):
@@ -133,6 +157,8 @@ def test_explain_prints_the_exponents_of_the_plan(name):
         assert " ".join(line.replace("\\", "/").split()) in words, line
     if plan.matrix and isinstance(plan.matrix[0], FactoredStage):
         _check_factored_lines(plan, lines)
+    elif plan.matrix and isinstance(plan.matrix[0], PolarStage):
+        _check_polar_lines(plan, opt, lines)
     elif plan.matrix:
         args = _kronecker_args(plan)
         d = _line(lines, "d     = ")

@@ -338,3 +338,59 @@ def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
     if relative:  # the relative step's per-tensor part: max(scale_eps, RMS(param))
         u = u * (torch.linalg.vector_norm(param) / root_n).clamp(min=scale_eps)
     return u
+
+
+# --- the polar factor by a Newton-Schulz iteration (Muon) ------------------------------
+#
+# For a matrix G = U S V^T, the eigendecomposition path above computes
+# L^-1/4 G R^-1/4 = U V^T (L = G G^T, R = G^T G). An odd polynomial iteration
+# reaches nearly the same factor with matrix products only: X_0 = G / ||G||_F (so every
+# singular value is at most 1), then X <- a X + (b A + c A^2) X with A = X X^T, which
+# maps each singular value s to a s + b s^3 + c s^5. Muon's coefficients (Jordan et al.)
+# push small singular values up fast (slope a at 0) and leave every one within roughly
+# [0.7, 1.2] after a few steps, not at 1: the step is U S' V^T, S' near I.
+
+PRECISIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def newton_schulz(g: torch.Tensor, steps: int, a: float, b: float, c: float, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The iteration above on a matrix ``g``, in ``dtype`` (returned in ``dtype``).
+
+    The Gram matrix is taken on the shorter side (a wide matrix: X X^T; a tall one is
+    transposed first and back after), which is cheaper and gives the same polynomial
+    in the singular values. Each update is one fused multiply-add of torch's kernels
+    (``addmm``: b A + c A A, then a X + B X), the rounding torch.optim.Muon's bf16
+    iteration has.
+    """
+    x = g.to(dtype)
+    tall = g.shape[0] > g.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(int(steps)):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def polar(state: dict, statistic: torch.Tensor | None, value: torch.Tensor, *, steps: float,
+          a: float, b: float, c: float, eps: float, precision: str) -> torch.Tensor:
+    """One tensor's polar factor by ``newton_schulz`` (``curvc.plan.PolarStage``), in
+    the value's dtype. It keeps no state: the check pass admits it only where the
+    factors would be this step's Gram matrices of the value itself, so ``statistic``
+    (the same tensor) is not read.
+
+    A vector is a 1 x n matrix (its polar factor is v / ||v||, what the eigendecomposition
+    path gives it); a 0-d tensor has no mode and is returned as it is (as that path does).
+    """
+    if value.dim() == 0 or value.numel() == 0:
+        return value
+    if value.dim() > 2:
+        raise ValueError(f"the Newton-Schulz root orthogonalizes matrices, and a tensor of "
+                         f"shape {tuple(value.shape)} is not one (its Kronecker step would be "
+                         "a root per mode, not a polar factor): give it to another optimizer, "
+                         "or use structure kronecker(root = eigh)")
+    g = value if value.dim() == 2 else value.reshape(1, -1)
+    out = newton_schulz(g, steps, a, b, c, eps, PRECISIONS[precision])
+    return out.reshape(value.shape).to(value.dtype)

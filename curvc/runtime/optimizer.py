@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from curvc.constraints import CONSTRAINTS
+from curvc.plan import SHAPE
 from curvc.runtime import amp
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
@@ -60,6 +61,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
 
     # Filled in by the generated subclass.
     HYPERS: tuple = ()  # program.Hyper
+    WORDS: dict = {}  # a word hyperparameter's name -> the strings it may be (None: default)
     VALIDATORS: tuple = ()  # program.Validator
     BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
@@ -67,6 +69,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
     dense: Callable | None = None  # h -> settings, for a dense-curvature plan
     host: Callable = None
+    SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
     PROGRAM: Program | None = None  # kernels and matrix calls (None: the secant driver)
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
@@ -124,6 +127,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # -- hyperparameters -------------------------------------------------------
 
     def _validate(self, hypers: dict) -> None:
+        for name, choices in self.WORDS.items():
+            if name in hypers and hypers[name] is not None and hypers[name] not in choices:
+                raise ValueError(f"Invalid {name}: {hypers[name]!r} (one of "
+                                 f"{', '.join(map(repr, choices))}, or None for the default)")
         for name, index, constraint, where in self.VALIDATORS:
             if name not in hypers:
                 continue
@@ -156,9 +163,13 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
 
     def _flat_hypers(self, group: dict) -> dict:
         h = {"maximize": bool(group.get("maximize", False))}
-        for name, default in self.HYPERS:
-            value = group[name]
-            if isinstance(default, tuple):
+        if self.SHAPED:  # set per tensor by _buckets; NaN wherever a host value is read without
+            h.update(dict.fromkeys(SHAPE, math.nan))
+        for hyper in self.HYPERS:
+            name, default, value = hyper.name, hyper.default, group[hyper.name]
+            if name in self.WORDS:  # a word reaches the host as its index (None: the default)
+                h[name] = float(self.WORDS[name].index(default if value is None else value))
+            elif isinstance(default, tuple):
                 for i, v in enumerate(value):
                     h[f"{name}_{i}"] = _number(v)
             else:
@@ -239,7 +250,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         error leaves the optimizer exactly as it was.
         """
         h = self._flat_hypers(group)
-        per_step: dict[float, tuple[dict, dict]] = {}
+        per_step: dict[tuple, tuple[dict, dict]] = {}
         todo = []
         for p in group["params"]:
             g = p.grad
@@ -248,17 +259,20 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self._check_grad(p, g)
             state = self.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
-            key = (step, p.dtype)
-            if key not in per_step:
-                per_step[key] = self.host(resolved(h, p.dtype), step)
-            flags = per_step[key][1]
+            # machine_eps resolves per dtype; Muon's lr adjustment per matrix shape
+            at = (step, p.dtype, *_matrix_shape(p)) if self.SHAPED else (step, p.dtype)
+            if at not in per_step:
+                per_step[at] = self.host({**resolved(h, p.dtype), **dict(zip(SHAPE, at[2:]))},
+                                         step)
+            flags = per_step[at][1]
             inputs = [self._input(n, p, flags) for n in self.INPUTS]
-            todo.append((p, g, step, flags, inputs))
+            todo.append((p, g, at, flags, inputs))
         buckets: dict[tuple, Bucket] = {}
         names = self.BUFFER_NAMES
-        for p, g, step, flags, inputs in todo:
+        for p, g, at, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
-            key = (p.device, p.dtype, step)
+            step = at[0]
+            key = (p.device, p.dtype, at)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
@@ -271,7 +285,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
-        return [(b, *per_step[(b.step, b.dtype)]) for b in buckets.values()]
+        return [(b, *per_step[key[2]]) for key, b in buckets.items()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
         if g.is_sparse:
@@ -351,6 +365,14 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     def _positions(self) -> dict:
         """Each parameter's position over all param groups (what an error names)."""
         return {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+
+
+def _matrix_shape(p: torch.Tensor) -> tuple[float, float]:
+    """(rows, cols) of a tensor as a matrix: a vector is 1 x n, an order-k tensor
+    shape[0] x the rest; an empty dimension counts as 1 (its step is empty anyway)."""
+    if p.dim() < 2:
+        return 1.0, float(max(p.numel(), 1))
+    return float(max(p.shape[0], 1)), float(max(math.prod(p.shape[1:]), 1))
 
 
 def _finite_number(v) -> bool:

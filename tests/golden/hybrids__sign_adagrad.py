@@ -109,8 +109,6 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -129,17 +127,11 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         t9 = t8
         torch._foreach_clamp_min_(t9, h_s0)
         t10 = t9
-        torch._foreach_mul_(t10, _s_lr)
-        t11 = t10
-        torch._foreach_neg_(t11)
-        torch._foreach_add_(t11, param_)
-        t12 = t11
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        t11 = torch._foreach_add(param_, t10, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t11)]
         torch._foreach_copy_(sum, new_sum_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -156,9 +148,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         t8 = t7
         torch._foreach_clamp_min_(t8, h_s0)
         t9 = t8
-        torch._foreach_mul_(t9, _s_lr)
-        t10 = t9
-        torch._foreach_sub_(param_, t10)
+        torch._foreach_add_(param_, t9, alpha=-h_lr)
         new_param_ = param_
         if new_sum_ is not sum:
             torch._foreach_copy_(sum, new_sum_)

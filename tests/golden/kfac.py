@@ -138,8 +138,6 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
     natural_gradient_ = _foreach_cast(natural_gradient, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(natural_gradient_)
         t1 = t0 if f_maximize else natural_gradient_
@@ -153,17 +151,12 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
             new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                     _e1 in zip(momentum_buffer_, t5)]
         t7 = t5 if f_has_momentum_buffer else t3
-        t8 = torch._foreach_mul(t7, _s_lr)
-        torch._foreach_neg_(t8)
-        torch._foreach_add_(t8, param_)
-        t9 = t8
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
+        t8 = torch._foreach_add(param_, t7, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t8)]
         if f_has_momentum_buffer:
             torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(natural_gradient_)
         t1 = t0 if f_maximize else natural_gradient_
@@ -175,8 +168,7 @@ def _foreach_update(param, grad, natural_gradient, momentum_buffer, h_lr, h_mome
         if f_has_momentum_buffer:
             new_momentum_buffer_ = t3 if f_first_step else t4
         t6 = new_momentum_buffer_ if f_has_momentum_buffer else t3
-        t7 = torch._foreach_mul(t6, _s_lr)
-        torch._foreach_sub_(param_, t7)
+        torch._foreach_add_(param_, t6, alpha=-h_lr)
         new_param_ = param_
         if f_has_momentum_buffer:
             torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)

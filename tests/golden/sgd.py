@@ -128,8 +128,8 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
     grad_ = _foreach_cast(grad, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device)
-        (_s_momentum, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_momentum], dtype=cdt, device=param[0].device)
+        (_s_momentum,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -149,17 +149,14 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
         if f_has_momentum_buffer:
             t9 = t8 if f_nesterov2 else t6
         t10 = t9 if f_has_momentum_buffer else t3
-        t11 = torch._foreach_mul(t10, _s_lr)
-        torch._foreach_neg_(t11)
-        torch._foreach_add_(t11, param_)
-        t12 = t11
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        t11 = torch._foreach_add(param_, t10, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t11)]
         if f_has_momentum_buffer:
             torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_momentum, h_lr], dtype=cdt, device=param[0].device)
-        (_s_momentum, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_momentum], dtype=cdt, device=param[0].device)
+        (_s_momentum,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -178,8 +175,7 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_weig
         if f_has_momentum_buffer:
             t8 = t7 if f_nesterov2 else new_momentum_buffer_
         t9 = t8 if f_has_momentum_buffer else t3
-        t10 = torch._foreach_mul(t9, _s_lr)
-        torch._foreach_sub_(param_, t10)
+        torch._foreach_add_(param_, t9, alpha=-h_lr)
         new_param_ = param_
         if f_has_momentum_buffer and new_momentum_buffer_ is not momentum_buffer:
             torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)

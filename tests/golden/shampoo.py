@@ -216,19 +216,11 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr, r_nonfinite, f_nonfinit
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
-        t0 = torch._foreach_mul(matrix_step_, _s_lr)
-        torch._foreach_neg_(t0)
-        torch._foreach_add_(t0, param_)
-        t1 = t0
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t1)]
+        t0 = torch._foreach_add(param_, matrix_step_, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t0)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
-        t0 = torch._foreach_mul(matrix_step_, _s_lr)
-        torch._foreach_sub_(param_, t0)
+        torch._foreach_add_(param_, matrix_step_, alpha=-h_lr)
         new_param_ = param_
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)

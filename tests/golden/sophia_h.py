@@ -152,8 +152,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s2, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s2], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s2,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
@@ -178,20 +178,16 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t13 = t12
         torch._foreach_clamp_min_(t13, h_s3)
         t14 = t13
-        torch._foreach_mul_(t14, _s_lr)
-        t15 = t14
-        torch._foreach_neg_(t15)
-        torch._foreach_add_(t15, t8)
-        t16 = t15
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
+        t15 = torch._foreach_add(t8, t14, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t15)]
         if f_refresh:
             torch._foreach_copy_(hessian, new_hessian_)
         if f_has_exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s2, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s2, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s2], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s2,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             torch._foreach_add_(t0, curvature_estimate_, alpha=h_s0)
@@ -213,9 +209,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t11 = t10
         torch._foreach_clamp_min_(t11, h_s3)
         t12 = t11
-        torch._foreach_mul_(t12, _s_lr)
-        t13 = t12
-        torch._foreach_sub_(t6, t13)
+        torch._foreach_add_(t6, t12, alpha=-h_lr)
         new_param_ = t6
         if f_refresh:
             torch._foreach_copy_(hessian, new_hessian_)

@@ -102,25 +102,17 @@ def _foreach_update(param, grad, preconditioned, h_lr, r_nonfinite, f_maximize, 
     grad_ = _foreach_cast(grad, cdt)
     preconditioned_ = _foreach_cast(preconditioned, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(preconditioned_)
         t1 = t0 if f_maximize else preconditioned_
-        t2 = torch._foreach_mul(t1, _s_lr)
-        torch._foreach_neg_(t2)
-        torch._foreach_add_(t2, param_)
-        t3 = t2
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t3)]
+        t2 = torch._foreach_add(param_, t1, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t2)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(preconditioned_)
         t1 = t0 if f_maximize else preconditioned_
-        t2 = torch._foreach_mul(t1, _s_lr)
-        torch._foreach_sub_(param_, t2)
+        torch._foreach_add_(param_, t1, alpha=-h_lr)
         new_param_ = param_
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)
