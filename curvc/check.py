@@ -118,7 +118,10 @@ def _word_choices(hypers: tuple[ir.Hyper, ...], spec: ast.SpecAST, axes: dict):
     refused any other use); one read by none would take any string, so it is refused."""
     read: dict[str, tuple[str, ...]] = {}
     for axis, node in axes.items():
-        specs = {a.name: a for a in FORMS[axis][node.kind].args}
+        forms = FORMS["clip" if axis == "gradient_clip" else axis]
+        if node.kind not in forms:  # an expression reads no word
+            continue
+        specs = {a.name: a for a in forms[node.kind].args}
         for f in fields(node):
             v = getattr(node, f.name)
             if isinstance(v, ir.HyperRef) and f.name in specs and specs[f.name].kind == "enum":

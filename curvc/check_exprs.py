@@ -169,6 +169,9 @@ def _name(e: ast.Ref, scope: Scope, stack) -> ir.Expr:
     name = e.name
     if name in scope.hypers:
         default = scope.hypers[name].default
+        if isinstance(default, str):
+            raise CurvError("value.wrong_kind", e.span, what=f"{name!r} in an expression",
+                            expected="a number or a boolean", found=f"the word {default!r}")
         if e.index is not None:
             if not isinstance(default, tuple):
                 raise CurvError("value.bad_index", e.span, name=name,

@@ -167,7 +167,7 @@ def _polar(plan: Plan, text: _PlanText) -> dict | None:
     if stage is None or "exponent" in stage.params:
         return None
     out = {n: text(e) or "0" for n, e in zip(stage.params, node.args[2:])}
-    return {**out, **dict(stage.trailing)}
+    return {**out, "precision": stage.precision}
 
 
 def _bias_counts(plan: Plan, text: _PlanText):
