@@ -209,10 +209,18 @@ def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
     if c.kind != "empirical_fisher":
         raise _clash(c, f"curvature {c.kind}", st, me,
                      polar + "the Gram matrices of the gradient (curvature empirical_fisher)")
-    if m.kind != "none":
-        raise _clash(m, f"momentum {m.kind}", st, me,
-                     polar + "but the factors are the gradient's and the value is the "
-                     "momentum (momentum none)")
+    # the value is the momentum's (the gradient without one); the factors' statistic is
+    # `of`'s (the gradient without it): they must be the same vector
+    same = (m.kind == "none" and c.of is None) or (
+        m.kind == "expression" and c.of is not None and m.value == c.of)
+    if not same:
+        raise _clash(m, "momentum = ..." if m.kind == "expression" else f"momentum {m.kind}",
+                     st, me, polar + "but the factors are of "
+                     + (f"{c.of}" if c.of is not None else "the gradient")
+                     + " and the value is " + ("the gradient" if m.kind == "none" else
+                                               "the momentum")
+                     + " (momentum none, or `curvature empirical_fisher(of = NAME)` with "
+                       "`momentum = NAME`: Muon's momentum readout)")
     if st.every is not None or st.max_dim != ir.Const(
             language.default("structure", "kronecker", "max_dim")):
         what = "every k" if st.every is not None else f"max_dim = {st.max_dim}"

@@ -147,11 +147,29 @@ def test_muon_without_momentum_is_torchs_step_for_step(dtype, adjust):
     pa, pb = _params(dtype), _params(dtype)
     ref = torch.optim.Muon(_groups(pa), lr=0.02, weight_decay=0.2, momentum=0, nesterov=False,
                            ns_steps=6, eps=1e-6, adjust_lr_fn=adjust)
-    ours = Muon(_groups(pb), lr=0.02, weight_decay=0.2, ns_steps=6, eps=1e-6,
-                adjust_lr_fn=adjust, fused=False)
+    ours = Muon(_groups(pb), lr=0.02, weight_decay=0.2, momentum=0, nesterov=False, ns_steps=6,
+                eps=1e-6, adjust_lr_fn=adjust, fused=False)
     worst = _run(ref, pa, ours, pb, x)
     # measured: 0 (bit for bit) on the eager path; the bf16 iteration magnifies any
     # rounding difference upstream, so the bound is the brief's
+    assert worst <= (1e-6 if dtype == torch.float64 else 1e-5), worst
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_muon_with_momentum_is_torchs_step_for_step(dtype, nesterov):
+    # the buffer lerp(b, g, 1 - momentum) and its (Nesterov) readout are the spec's state
+    # and let; the polar factor is of the readout (`of = readout`)
+    Muon = curvc.load("muon")
+    x = torch.randn(64, 32, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    pa, pb = _params(dtype), _params(dtype)
+    groups = lambda ps: [{"params": ps[:2]},  # noqa: E731
+                         {"params": ps[2:], "lr": 0.05, "momentum": 0.8, "nesterov": False}]
+    ref = torch.optim.Muon(groups(pa), lr=0.02, weight_decay=0.2, momentum=0.9,
+                           nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    ours = Muon(groups(pb), lr=0.02, weight_decay=0.2, momentum=0.9, nesterov=nesterov,
+                adjust_lr_fn="match_rms_adamw", fused=False)
+    worst = _run(ref, pa, ours, pb, x)
     assert worst <= (1e-6 if dtype == torch.float64 else 1e-5), worst
 
 
@@ -160,7 +178,8 @@ def test_muon_has_torchs_constructor_arguments():
     Muon = curvc.load("muon")
     ours = inspect.signature(Muon).parameters
     theirs = inspect.signature(torch.optim.Muon).parameters
-    for name in ("lr", "weight_decay", "ns_coefficients", "eps", "ns_steps"):
+    for name in ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
+                 "ns_steps"):
         assert ours[name].default == theirs[name].default, name
     # torch's None means "original"; the spec names its default
     assert theirs["adjust_lr_fn"].default is None and ours["adjust_lr_fn"].default == "original"

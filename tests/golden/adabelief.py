@@ -220,9 +220,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
     exp_avg_var_ = _foreach_cast(exp_avg_var, cdt)
     max_exp_avg_var_ = _foreach_cast(max_exp_avg_var, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c9, _s_s8, _s_lr,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c8, _s_s8,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -261,7 +261,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
             torch._foreach_div_(t18, t21)
             t22 = t18
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
-            t23 = torch._foreach_mul(t17, _c9)
+            t23 = torch._foreach_mul(t17, _c8)
         if not f_condition and f_rectify2:
             t24 = t17 if f_degenerated_to_sgd2 else t23
         if f_rectify2:
@@ -273,20 +273,16 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
             t27 = t26
             t28 = torch._foreach_div(t17, t27)
         t29 = t25 if f_rectify2 else t28
-        torch._foreach_mul_(t29, _s_lr)
-        t30 = t29
-        torch._foreach_neg_(t30)
-        torch._foreach_add_(t30, t16)
-        t31 = t30
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t31)]
+        t30 = torch._foreach_add(t16, t29, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t30)]
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_var, new_exp_avg_var_)
         torch._foreach_copy_(max_exp_avg_var, new_max_exp_avg_var_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c9, _s_s8, _s_lr,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c8, _s_s8,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -321,7 +317,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
             torch._foreach_div_(t15, t18)
             t19 = t15
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
-            t20 = torch._foreach_mul(t14, _c9)
+            t20 = torch._foreach_mul(t14, _c8)
         if not f_condition and f_rectify2:
             t21 = t14 if f_degenerated_to_sgd2 else t20
         if f_rectify2:
@@ -333,9 +329,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
             t24 = t23
             t25 = torch._foreach_div(t14, t24)
         t26 = t22 if f_rectify2 else t25
-        torch._foreach_mul_(t26, _s_lr)
-        t27 = t26
-        torch._foreach_sub_(t13, t27)
+        torch._foreach_add_(t13, t26, alpha=-h_lr)
         new_param_ = t13
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)

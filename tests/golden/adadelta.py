@@ -133,8 +133,6 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
     square_avg_ = _foreach_cast(square_avg, cdt)
     acc_delta_ = _foreach_cast(acc_delta, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -160,18 +158,12 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         t14 = torch._foreach_lerp(acc_delta_, t13, h_s0)
         new_acc_delta_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(acc_delta_, t14)]
-        torch._foreach_mul_(t12, _s_lr)
-        t16 = t12
-        torch._foreach_neg_(t16)
-        torch._foreach_add_(t16, param_)
-        t17 = t16
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
+        t16 = torch._foreach_add(param_, t12, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
         torch._foreach_copy_(square_avg, new_square_avg_)
         torch._foreach_copy_(acc_delta, new_acc_delta_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -194,9 +186,7 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         t12 = torch._foreach_mul(t11, t11)
         torch._foreach_lerp_(acc_delta_, t12, h_s0)
         new_acc_delta_ = acc_delta_
-        torch._foreach_mul_(t11, _s_lr)
-        t14 = t11
-        torch._foreach_sub_(param_, t14)
+        torch._foreach_add_(param_, t11, alpha=-h_lr)
         new_param_ = param_
         if new_square_avg_ is not square_avg:
             torch._foreach_copy_(square_avg, new_square_avg_)

@@ -173,25 +173,21 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr_t, h_s2, r_nonfinite, f_
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s2, h_lr_t], dtype=cdt, device=param[0].device)
-        (_s_s2, _s_lr_t,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
+        (_s_s2,) = _scalars.unbind()
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_
-        t2 = torch._foreach_mul(matrix_step_, _s_lr_t)
-        torch._foreach_neg_(t2)
-        torch._foreach_add_(t2, t1)
-        t3 = t2
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t3)]
+        t2 = torch._foreach_add(t1, matrix_step_, alpha=-h_lr_t)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t2)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s2, h_lr_t], dtype=cdt, device=param[0].device)
-        (_s_s2, _s_lr_t,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
+        (_s_s2,) = _scalars.unbind()
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_
-        t2 = torch._foreach_mul(matrix_step_, _s_lr_t)
-        torch._foreach_sub_(t1, t2)
+        torch._foreach_add_(t1, matrix_step_, alpha=-h_lr_t)
         new_param_ = t1
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)

@@ -127,8 +127,8 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_inf_ = _foreach_cast(exp_inf, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s1, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s1, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s1], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s1,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_inf_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -147,18 +147,14 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
         torch._foreach_mul_(t9, _s_s1)
         t11 = t9
         t12 = [torch.where(_e1 > 0, _e0 / _e1, 0.0) for _e0, _e1 in zip(t11, t7)]
-        torch._foreach_mul_(t12, _s_lr)
-        t13 = t12
-        torch._foreach_neg_(t13)
-        torch._foreach_add_(t13, param_)
-        t14 = t13
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t14)]
+        t13 = torch._foreach_add(param_, t12, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t13)]
         torch._foreach_copy_(exp_inf, new_exp_inf_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s1, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s1, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s1], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s1,) = _scalars.unbind()
         torch._foreach_mul_(exp_inf_, _s_betas_1)
         t0 = exp_inf_
         if f_maximize:
@@ -176,9 +172,7 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
         new_exp_avg_ = exp_avg_
         t9 = torch._foreach_mul(new_exp_avg_, _s_s1)
         t10 = [torch.where(_e1 > 0, _e0 / _e1, 0.0) for _e0, _e1 in zip(t9, new_exp_inf_)]
-        torch._foreach_mul_(t10, _s_lr)
-        t11 = t10
-        torch._foreach_sub_(param_, t11)
+        torch._foreach_add_(param_, t10, alpha=-h_lr)
         new_param_ = param_
         if new_exp_inf_ is not exp_inf:
             torch._foreach_copy_(exp_inf, new_exp_inf_)

@@ -188,9 +188,9 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
     exp_avg_diff_ = _foreach_cast(exp_avg_diff, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_2)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -230,21 +230,17 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         if not f_weight_decouple2:
             t23 = torch._foreach_mul(t22, _s_s7)
         t24 = t22 if f_weight_decouple2 else t23
-        torch._foreach_mul_(t24, _s_lr)
-        t25 = t24
-        torch._foreach_neg_(t25)
-        torch._foreach_add_(t25, param_)
-        t26 = t25
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t26)]
+        t25 = torch._foreach_add(param_, t24, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t25)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
         torch._foreach_copy_(previous_grad, new_previous_grad_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7, h_lr], dtype=cdt,
+        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_2)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -279,9 +275,7 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         if not f_weight_decouple2:
             t19 = torch._foreach_mul(t18, _s_s7)
         t20 = t18 if f_weight_decouple2 else t19
-        torch._foreach_mul_(t20, _s_lr)
-        t21 = t20
-        torch._foreach_sub_(param_, t21)
+        torch._foreach_add_(param_, t20, alpha=-h_lr)
         new_param_ = param_
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)

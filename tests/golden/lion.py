@@ -109,8 +109,8 @@ def _foreach_update(param, grad, exp_avg, h_betas_0, h_lr, h_s0, h_s1, r_nonfini
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s1, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
+        (_s_s1,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -122,17 +122,13 @@ def _foreach_update(param, grad, exp_avg, h_betas_0, h_lr, h_s0, h_s1, r_nonfini
         t6 = torch._foreach_lerp(t1, exp_avg_, h_betas_0)
         torch._foreach_sign_(t6)
         t7 = t6
-        torch._foreach_mul_(t7, _s_lr)
-        t8 = t7
-        torch._foreach_neg_(t8)
-        torch._foreach_add_(t8, t5)
-        t9 = t8
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
+        t8 = torch._foreach_add(t5, t7, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t8)]
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s1, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s1, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
+        (_s_s1,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -143,9 +139,7 @@ def _foreach_update(param, grad, exp_avg, h_betas_0, h_lr, h_s0, h_s1, r_nonfini
         t5 = torch._foreach_lerp(t1, exp_avg_, h_betas_0)
         torch._foreach_sign_(t5)
         t6 = t5
-        torch._foreach_mul_(t6, _s_lr)
-        t7 = t6
-        torch._foreach_sub_(t4, t7)
+        torch._foreach_add_(t4, t6, alpha=-h_lr)
         new_param_ = t4
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         if new_param_ is not param:

@@ -15,9 +15,13 @@ Update, per step t (elementwise unless noted):
     lr_s  = lr * s(rows, cols)   (per tensor; decay keeps lr), s by adjust_lr_fn:
             none: 1, original: sqrt(max(1, rows/cols)), match_rms_adamw: 0.2 sqrt(max(rows, cols))
             (rows x cols: the tensor as a matrix, a vector 1 x n)
-    d     = U V^T for G = U S V^T (= L^-1/4 G R^-1/4, L = G G^T, R = G^T G),
-            by Newton-Schulz in bfloat16 (G as a matrix: a vector is 1 x n):
-    X     = G / max(||G||_F, eps)   (transposed first when it has more rows than columns)
+    momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)   (state: momentum_buffer on the
+        right is the stored value)
+    readout = if(nesterov, lerp(grad, momentum_buffer, momentum), momentum_buffer)
+    m     = readout
+    d     = U V^T for m = U S V^T (= L^-1/4 m R^-1/4, L = m m^T, R = m^T m),
+            by Newton-Schulz in bfloat16 (m as a matrix: a vector is 1 x n):
+    X     = m / max(||m||_F, eps)   (transposed first when it has more rows than columns)
     X     = ns_coefficients[0] X + (ns_coefficients[1] A + ns_coefficients[2] A A) X,  A = X X^T
         (ns_steps times)
     d     = X   (transposed back; its singular values near 1, not at 1)
@@ -25,20 +29,24 @@ Update, per step t (elementwise unless noted):
 """
 
 # The spec:
-#   # Muon (Jordan et al., 2024) with torch.optim.Muon's semantics, for 2-D
-#   # parameters, without momentum (torch.optim.Muon(momentum=0, nesterov=False)):
-#   # the step is the polar factor U V^T of the gradient G = U S V^T, which is
-#   # Shampoo's L^-1/4 G R^-1/4 of this step's Gram matrices (iterate instant),
-#   # computed by 5 Newton-Schulz steps in bfloat16 instead of eigendecompositions;
-#   # lr scaled by the matrix's shape (adjust_lr_fn), weight decay decoupled with
-#   # the unscaled lr.
+#   # Muon (Jordan et al., 2024) with torch.optim.Muon's semantics, for 2-D parameters:
+#   # the momentum buffer b <- lerp(b, g, 1 - momentum), its readout (Nesterov's
+#   # lerp(g, b, momentum), or b), and the step the polar factor U V^T of that readout
+#   # M = U S V^T: Shampoo's L^-1/4 M R^-1/4 of this step's Gram matrices of M
+#   # (iterate instant, `of = readout`), computed by 5 Newton-Schulz steps in bfloat16
+#   # instead of eigendecompositions; lr scaled by the matrix's shape (adjust_lr_fn),
+#   # weight decay decoupled with the unscaled lr.
 #   optimizer Muon
-#   hyper lr = 1e-3, weight_decay = 0.1, ns_coefficients = (3.4445, -4.775, 2.0315), eps = 1e-7,
-#         ns_steps = 5, adjust_lr_fn = original
-#   curvature empirical_fisher
+#   hyper lr = 1e-3, weight_decay = 0.1, momentum = 0.95, nesterov = true,
+#         ns_coefficients = (3.4445, -4.775, 2.0315), eps = 1e-7, ns_steps = 5,
+#         adjust_lr_fn = original
+#   state momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
+#   let readout = if(nesterov, lerp(grad, momentum_buffer, momentum), momentum_buffer)
+#   curvature empirical_fisher(of = readout)
 #   structure kronecker(root = newton_schulz, steps = ns_steps, a = ns_coefficients[0],
 #                       b = ns_coefficients[1], c = ns_coefficients[2], eps = eps)
 #   iterate   instant
+#   momentum = readout
 #   length    gradient_norm
 #   decay     decoupled(weight_decay)
 #   schedule  constant(adjust = adjust_lr_fn)
@@ -57,6 +65,8 @@ def _host(h, step):
     """Per-(group, step) scalars and flags, from the group's hyperparameters h."""
     h_lr = h['lr']
     h_weight_decay = h['weight_decay']
+    h_momentum = h['momentum']
+    h_nesterov = h['nesterov']
     h_ns_coefficients_0 = h['ns_coefficients_0']
     h_ns_coefficients_1 = h['ns_coefficients_1']
     h_ns_coefficients_2 = h['ns_coefficients_2']
@@ -66,35 +76,54 @@ def _host(h, step):
     h_step = step
     h__rows = h['_rows']
     h__cols = h['_cols']
-    h_lr_step = (h_lr * (((h_adjust_lr_fn == 0.0) + ((h_adjust_lr_fn == 1.0) * math.sqrt(max(1.0,
-            (h__rows / h__cols))))) + ((h_adjust_lr_fn == 2.0) * (0.2 * math.sqrt(max(h__rows,
-                    h__cols))))))
-    h_s1 = (1.0 - (h_lr * h_weight_decay))
-    scalars = {'lr': h_lr, 'weight_decay': h_weight_decay,
-            'ns_coefficients_0': h_ns_coefficients_0, 'ns_coefficients_1': h_ns_coefficients_1,
-            'ns_coefficients_2': h_ns_coefficients_2, 'eps': h_eps, 'ns_steps': h_ns_steps,
-            'adjust_lr_fn': h_adjust_lr_fn, 'step': h_step, '_rows': h__rows, '_cols': h__cols,
-            'lr_step': h_lr_step, 's1': h_s1}
-    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)), 'maximize': bool(h['maximize'])}
+    h_lr_step_part1_part0_part0 = (h_adjust_lr_fn == 0.0)
+    h_lr_step_part1_part0_part1_part0 = (h_adjust_lr_fn == 1.0)
+    h_lr_step_part1_part0_part1_part1 = math.sqrt(max(1.0, (h__rows / h__cols)))
+    h_lr_step_part1_part0_part1 = (
+            h_lr_step_part1_part0_part1_part0 * h_lr_step_part1_part0_part1_part1)
+    h_lr_step_part1_part0 = (h_lr_step_part1_part0_part0 + h_lr_step_part1_part0_part1)
+    h_lr_step_part1_part1 = ((h_adjust_lr_fn == 2.0) * (0.2 * math.sqrt(max(h__rows, h__cols))))
+    h_lr_step_part1 = (h_lr_step_part1_part0 + h_lr_step_part1_part1)
+    h_lr_step = (h_lr * h_lr_step_part1)
+    h_s1 = (1.0 - h_momentum)
+    h_s2 = (1.0 - (h_lr * h_weight_decay))
+    scalars = {'lr': h_lr, 'weight_decay': h_weight_decay, 'momentum': h_momentum,
+            'nesterov': h_nesterov, 'ns_coefficients_0': h_ns_coefficients_0,
+            'ns_coefficients_1': h_ns_coefficients_1, 'ns_coefficients_2': h_ns_coefficients_2,
+            'eps': h_eps, 'ns_steps': h_ns_steps, 'adjust_lr_fn': h_adjust_lr_fn, 'step': h_step,
+            '_rows': h__rows, '_cols': h__cols, 'lr_step': h_lr_step, 's1': h_s1, 's2': h_s2}
+    flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'nesterov2': bool((h_nesterov != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update_head(param, grad, matrix_statistic, f_maximize):
+def _update_head(param, grad, momentum_buffer, matrix_statistic, h_momentum, h_s1, r_nonfinite,
+        f_maximize, f_nesterov2, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
     grad_ = None if grad is None else grad.to(cdt)
+    momentum_buffer_ = None if momentum_buffer is None else momentum_buffer.to(cdt)
     matrix_statistic_ = None if matrix_statistic is None else matrix_statistic.to(cdt)
     if f_maximize:
         t0 = (-grad_)
-    new_matrix_statistic_ = t0 if f_maximize else grad_
+    t1 = t0 if f_maximize else grad_
+    t2 = torch.lerp(momentum_buffer_, t1, h_s1)
+    if f_nesterov2:
+        t3 = torch.lerp(t1, t2, h_momentum)
+    new_matrix_statistic_ = t3 if f_nesterov2 else t2
+    if f_nonfinite_skip:
+        t5 = torch.where(r_nonfinite != 0, momentum_buffer_, t2)
+    new_momentum_buffer_ = t5 if f_nonfinite_skip else t2
     matrix_statistic.copy_(new_matrix_statistic_)
+    momentum_buffer.copy_(new_momentum_buffer_)
 
 
-_UPDATE_ARGS_head = {'tensors': ['param', 'grad', 'matrix_statistic'], 'scalars': [],
-        'reduced': [], 'flags': ['maximize']}
+_UPDATE_ARGS_head = {'tensors': ['param', 'grad', 'momentum_buffer', 'matrix_statistic'],
+        'scalars': ['momentum', 's1'], 'reduced': ['nonfinite'],
+        'flags': ['maximize', 'nesterov2', 'nonfinite_skip']}
 _REDUCE_ARGS_head = {}
 
 
@@ -114,7 +143,7 @@ _EXTERN_ARGS_polar = {'tensors': ['state', 'matrix_statistic'],
                       'flags': []}
 
 
-def _update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite, f_has_weight_decay,
+def _update_tail(param, grad, matrix_step, h_lr_step, h_s2, r_nonfinite, f_has_weight_decay,
         f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
@@ -122,7 +151,7 @@ def _update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite, f_has_w
     grad_ = None if grad is None else grad.to(cdt)
     matrix_step_ = None if matrix_step is None else matrix_step.to(cdt)
     if f_has_weight_decay:
-        t0 = (param_ * h_s1)
+        t0 = (param_ * h_s2)
     t1 = t0 if f_has_weight_decay else param_
     t2 = (h_lr_step * matrix_step_)
     t3 = (t1 - t2)
@@ -132,7 +161,7 @@ def _update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite, f_has_w
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr_step', 's1'],
+_UPDATE_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr_step', 's2'],
         'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'nonfinite_skip']}
 _REDUCE_ARGS_tail = {}
 
@@ -148,25 +177,48 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update_head(param, grad, matrix_statistic, f_maximize):
+def _foreach_update_head(param, grad, momentum_buffer, matrix_statistic, h_momentum, h_s1,
+        r_nonfinite, f_maximize, f_nesterov2, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
     cdt = torch.promote_types(param[0].dtype, torch.float32)
     param_ = _foreach_cast(param, cdt)
     grad_ = _foreach_cast(grad, cdt)
+    momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     matrix_statistic_ = _foreach_cast(matrix_statistic, cdt)
-    if f_maximize:
-        t0 = torch._foreach_neg(grad_)
-    new_matrix_statistic_ = t0 if f_maximize else grad_
-    torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)
+    if f_nonfinite_skip:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        t2 = torch._foreach_lerp(momentum_buffer_, t1, h_s1)
+        if f_nesterov2:
+            t3 = torch._foreach_lerp(t1, t2, h_momentum)
+        new_matrix_statistic_ = t3 if f_nesterov2 else t2
+        new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                _e1 in zip(momentum_buffer_, t2)]
+        torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)
+        torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
+    else:
+        if f_maximize:
+            t0 = torch._foreach_neg(grad_)
+        t1 = t0 if f_maximize else grad_
+        torch._foreach_lerp_(momentum_buffer_, t1, h_s1)
+        new_momentum_buffer_ = momentum_buffer_
+        if f_nesterov2:
+            t3 = torch._foreach_lerp(t1, new_momentum_buffer_, h_momentum)
+        new_matrix_statistic_ = t3 if f_nesterov2 else new_momentum_buffer_
+        torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)
+        if new_momentum_buffer_ is not momentum_buffer:
+            torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
 
 
-_FOREACH_ARGS_head = {'tensors': ['param', 'grad', 'matrix_statistic'], 'scalars': [],
-        'reduced': [], 'flags': ['maximize']}
+_FOREACH_ARGS_head = {'tensors': ['param', 'grad', 'momentum_buffer', 'matrix_statistic'],
+        'scalars': ['momentum', 's1'], 'reduced': ['nonfinite'],
+        'flags': ['maximize', 'nesterov2', 'nonfinite_skip']}
 
 
-def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite,
+def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s2, r_nonfinite,
         f_has_weight_decay, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
@@ -176,19 +228,19 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite,
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
+        (_s_s2,) = _scalars.unbind()
         if f_has_weight_decay:
-            t0 = torch._foreach_mul(param_, _s_s1)
+            t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_
         t2 = torch._foreach_add(t1, matrix_step_, alpha=-h_lr_step)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t2)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
+        (_s_s2,) = _scalars.unbind()
         if f_has_weight_decay:
-            t0 = torch._foreach_mul(param_, _s_s1)
+            t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_
         torch._foreach_add_(t1, matrix_step_, alpha=-h_lr_step)
         new_param_ = t1
@@ -196,7 +248,7 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s1, r_nonfinite,
             torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr_step', 's1'],
+_FOREACH_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_step'], 'scalars': ['lr_step', 's2'],
         'reduced': ['nonfinite'], 'flags': ['has_weight_decay', 'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
@@ -243,14 +295,18 @@ else:
     @triton.jit
     def _update_kernel_head(
             # data-pointer tables, one per role
-            grad_ptrs, matrix_statistic_ptrs,
+            grad_ptrs, momentum_buffer_ptrs, matrix_statistic_ptrs,
             # each block's tensor and first element
             numels, block_tensor, block_start,
+            # host scalars (runtime values)
+            h_momentum: tl.float64, h_s1: tl.float64,
+            # global sums (0-d float64)
+            r_nonfinite_ptr,
             # host flags (compile-time)
-            f_maximize: tl.constexpr,
+            f_maximize: tl.constexpr, f_nesterov2: tl.constexpr, f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
-            GRAD_T: tl.constexpr, MATRIX_STATISTIC_T: tl.constexpr, CDT: tl.constexpr,
-            BLOCK: tl.constexpr):
+            GRAD_T: tl.constexpr, MOMENTUM_BUFFER_T: tl.constexpr,
+            MATRIX_STATISTIC_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -258,32 +314,60 @@ else:
         offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
         mask = offs < tl.load(numels + i)
         grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
+        momentum_buffer_addr = tl.load(momentum_buffer_ptrs + i).to(
+                tl.pointer_type(MOMENTUM_BUFFER_T))
         matrix_statistic_addr = tl.load(matrix_statistic_ptrs + i).to(
                 tl.pointer_type(MATRIX_STATISTIC_T))
+        h_momentum = tl.cast(h_momentum, CDT)
+        h_s1 = tl.cast(h_s1, CDT)
+        r_nonfinite = tl.load(r_nonfinite_ptr)
+        r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
+        momentum_buffer_ = tl.load(momentum_buffer_addr + offs, mask=mask).to(CDT)
         if f_maximize:
             t0 = (-grad_)
         if f_maximize:
-            new_matrix_statistic_ = t0
+            t1 = t0
         else:
-            new_matrix_statistic_ = grad_
+            t1 = grad_
+        t2 = tl.where(tl.abs(h_s1) < 0.5, momentum_buffer_ + h_s1 * (t1 - momentum_buffer_),
+                t1 - (t1 - momentum_buffer_) * (1.0 - h_s1))
+        if f_nesterov2:
+            t3 = tl.where(tl.abs(h_momentum) < 0.5, t1 + h_momentum * (t2 - t1),
+                    t2 - (t2 - t1) * (1.0 - h_momentum))
+        if f_nesterov2:
+            new_matrix_statistic_ = t3
+        else:
+            new_matrix_statistic_ = t2
+        if f_nonfinite_skip:
+            t5 = tl.where(r_nonfinite_c != 0, momentum_buffer_, t2)
+        if f_nonfinite_skip:
+            new_momentum_buffer_ = t5
+        else:
+            new_momentum_buffer_ = t2
         _store(matrix_statistic_addr, offs, new_matrix_statistic_, mask, MATRIX_STATISTIC_T)
+        _store(momentum_buffer_addr, offs, new_momentum_buffer_, mask, MOMENTUM_BUFFER_T)
 
-    _TABLES_head = _Tables(['param', 'grad', 'matrix_statistic'], stored=['matrix_statistic'])
+    _TABLES_head = _Tables(['param', 'grad', 'momentum_buffer', 'matrix_statistic'],
+            stored=['matrix_statistic', 'momentum_buffer'])
 
     def _triton_step_head(bucket, scalars, flags, reduced):
         """The bucket's pass: one _update_kernel_head launch for all its tensors."""
         for t in _TABLES_head.launches(bucket, _update_kernel_head):
             _update_kernel_head[(t.blocks,)](
-                t.ptrs['grad'], t.ptrs['matrix_statistic'],
+                t.ptrs['grad'], t.ptrs['momentum_buffer'], t.ptrs['matrix_statistic'],
                 t.numels, t.block_tensor, t.block_start,
-                f_maximize=bool(flags['maximize']),
-                GRAD_T=t.dtypes['grad'], MATRIX_STATISTIC_T=t.dtypes['matrix_statistic'],
-                CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
+                h_momentum=float(scalars['momentum']), h_s1=float(scalars['s1']),
+                r_nonfinite_ptr=reduced['nonfinite'], f_maximize=bool(flags['maximize']),
+                f_nesterov2=bool(flags['nesterov2']),
+                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                GRAD_T=t.dtypes['grad'], MOMENTUM_BUFFER_T=t.dtypes['momentum_buffer'],
+                MATRIX_STATISTIC_T=t.dtypes['matrix_statistic'], CDT=t.compute, BLOCK=t.block,
+                num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce_head(bucket, scalars, flags):
-        """No global reductions in this kernel."""
+    def _triton_reduce_head(bucket, scalars, flags, reduced=None, level=0):
+        """No reductions in this kernel."""
         return {}
 
     @triton.jit
@@ -293,7 +377,7 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_lr_step: tl.float64, h_s1: tl.float64,
+            h_lr_step: tl.float64, h_s2: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -310,13 +394,13 @@ else:
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         matrix_step_addr = tl.load(matrix_step_ptrs + i).to(tl.pointer_type(MATRIX_STEP_T))
         h_lr_step = tl.cast(h_lr_step, CDT)
-        h_s1 = tl.cast(h_s1, CDT)
+        h_s2 = tl.cast(h_s2, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
         matrix_step_ = tl.load(matrix_step_addr + offs, mask=mask).to(CDT)
         if f_has_weight_decay:
-            t0 = (param_ * h_s1)
+            t0 = (param_ * h_s2)
         if f_has_weight_decay:
             t1 = t0
         else:
@@ -339,7 +423,7 @@ else:
             _update_kernel_tail[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['matrix_step'],
                 t.numels, t.block_tensor, t.block_start,
-                h_lr_step=float(scalars['lr_step']), h_s1=float(scalars['s1']),
+                h_lr_step=float(scalars['lr_step']), h_s2=float(scalars['s2']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_has_weight_decay=bool(flags['has_weight_decay']),
                 f_nonfinite_skip=bool(flags['nonfinite_skip']),
@@ -347,8 +431,8 @@ else:
                 BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
-    def _triton_reduce_tail(bucket, scalars, flags):
-        """No global reductions in this kernel."""
+    def _triton_reduce_tail(bucket, scalars, flags, reduced=None, level=0):
+        """No reductions in this kernel."""
         return {}
 
 
@@ -381,6 +465,8 @@ class Muon(CurvOptimizer):
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
     - ``weight_decay=0.1``: the rate of decay decoupled
+    - ``momentum=0.95``: not used by this spec's step
+    - ``nesterov=True``: not used by this spec's step
     - ``ns_coefficients=(3.4445, -4.775, 2.0315)``: ns_coefficients[0] is the a of structure
       kronecker; ns_coefficients[1] is the b of structure kronecker; ns_coefficients[2] is the c of
       structure kronecker
@@ -404,9 +490,9 @@ class Muon(CurvOptimizer):
     """
 
     BACKEND = 'auto'
-    HYPERS = (_Hyper('lr', 0.001), _Hyper('weight_decay', 0.1),
-            _Hyper('ns_coefficients', (3.4445, -4.775, 2.0315)), _Hyper('eps', 1e-07),
-            _Hyper('ns_steps', 5), _Hyper('adjust_lr_fn', 'original'))
+    HYPERS = (_Hyper('lr', 0.001), _Hyper('weight_decay', 0.1), _Hyper('momentum', 0.95),
+            _Hyper('nesterov', True), _Hyper('ns_coefficients', (3.4445, -4.775, 2.0315)),
+            _Hyper('eps', 1e-07), _Hyper('ns_steps', 5), _Hyper('adjust_lr_fn', 'original'))
     WORDS = {'adjust_lr_fn': ('none', 'original', 'match_rms_adamw')}
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
@@ -419,6 +505,7 @@ class Muon(CurvOptimizer):
         _Validator('weight_decay', None, 'nonneg', 'the rate of decay decoupled'),
     )
     BUFFERS = (
+        _Buffer('momentum_buffer', None, lambda h: 0.0),
     )
     INPUTS = ()
     SHAPED = True
@@ -426,14 +513,14 @@ class Muon(CurvOptimizer):
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
-    def __init__(self, params, lr=0.001, weight_decay=0.1,
+    def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
             ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5,
             adjust_lr_fn='original', *, maximize=False, foreach=None, fused=None, capturable=False,
             differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
         """The arguments are listed in the class docstring."""
-        self._construct(params, {'lr': lr, 'weight_decay': weight_decay,
-                'ns_coefficients': ns_coefficients, 'eps': eps, 'ns_steps': ns_steps,
-                'adjust_lr_fn': adjust_lr_fn, 'maximize': maximize, 'foreach': foreach,
-                'fused': fused, 'capturable': capturable, 'differentiable': differentiable,
-                'state_dtype': state_dtype, 'nonfinite': nonfinite,
-                'curvature_group': curvature_group})
+        self._construct(params, {'lr': lr, 'weight_decay': weight_decay, 'momentum': momentum,
+                'nesterov': nesterov, 'ns_coefficients': ns_coefficients, 'eps': eps,
+                'ns_steps': ns_steps, 'adjust_lr_fn': adjust_lr_fn, 'maximize': maximize,
+                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'differentiable': differentiable, 'state_dtype': state_dtype,
+                'nonfinite': nonfinite, 'curvature_group': curvature_group})

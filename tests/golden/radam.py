@@ -167,8 +167,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s5, h_s6, h_s7, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s5, h_s6, h_s7], dtype=cdt, device=param[0].device)
+        (_s_s5, _s_s6, _s_s7,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -201,18 +201,14 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
             torch._foreach_mul_(t16, t13)
             t17 = t16
         t18 = t17 if f_condition else t13
-        torch._foreach_mul_(t18, _s_lr)
-        t19 = t18
-        torch._foreach_neg_(t19)
-        torch._foreach_add_(t19, t12)
-        t20 = t19
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t20)]
+        t19 = torch._foreach_add(t12, t18, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t19)]
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s5, h_s6, h_s7, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_s7, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s5, h_s6, h_s7], dtype=cdt, device=param[0].device)
+        (_s_s5, _s_s6, _s_s7,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -242,9 +238,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
             torch._foreach_mul_(t14, t11)
             t15 = t14
         t16 = t15 if f_condition else t11
-        torch._foreach_mul_(t16, _s_lr)
-        t17 = t16
-        torch._foreach_sub_(t10, t17)
+        torch._foreach_add_(t10, t16, alpha=-h_lr)
         new_param_ = t10
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)

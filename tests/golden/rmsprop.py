@@ -149,8 +149,6 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
     grad_avg_ = _foreach_cast(grad_avg, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -178,19 +176,13 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         new_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(momentum_buffer_, t15)]
         t17 = t15 if f_condition else t14
-        torch._foreach_mul_(t17, _s_lr)
-        t18 = t17
-        torch._foreach_neg_(t18)
-        torch._foreach_add_(t18, param_)
-        t19 = t18
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t19)]
+        t18 = torch._foreach_add(param_, t17, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t18)]
         torch._foreach_copy_(square_avg, new_square_avg_)
         torch._foreach_copy_(grad_avg, new_grad_avg_)
         torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_lr], dtype=cdt, device=param[0].device)
-        (_s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -213,8 +205,7 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         t12 = torch._foreach_div(t3, t11)
         new_momentum_buffer_ = torch._foreach_add(t12, momentum_buffer_, alpha=h_momentum)
         t14 = new_momentum_buffer_ if f_condition else t12
-        t15 = torch._foreach_mul(t14, _s_lr)
-        torch._foreach_sub_(param_, t15)
+        torch._foreach_add_(param_, t14, alpha=-h_lr)
         new_param_ = param_
         if new_square_avg_ is not square_avg:
             torch._foreach_copy_(square_avg, new_square_avg_)
