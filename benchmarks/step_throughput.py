@@ -1,6 +1,6 @@
 """Optimizer step throughput: curvc-compiled optimizers against torch.optim, side by side.
 
-Prints, for Adam, Adagrad and SignGD, on (a) GPT-2-small's parameter shapes
+Prints, for Adam, Adagrad, SignGD, Lion, Adafactor and Muon (its 2-D tensors only), on (a) GPT-2-small's parameter shapes
 (124M parameters in 148 tensors), (b) one large tensor and (c) a small MLP
 (784-256-256-10, 269K parameters in 6 tensors, where per-call overhead
 rather than memory bandwidth sets the pace): parameters
@@ -63,7 +63,8 @@ def methods(name: str, device: str, eager: bool = False):
     except ImportError:
         pass
     backend = "triton" if device == "cuda" else "torch"
-    ours = curvc.load({"Adam": "adam", "Adagrad": "adagrad", "SignGD": "sign_gd"}[name],
+    ours = curvc.load({"Adam": "adam", "Adagrad": "adagrad", "SignGD": "sign_gd",
+                       "Lion": "lion", "Adafactor": "adafactor", "Muon": "muon"}[name],
                       backend=backend)
     out = [("torch Adam fused (anchor)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True))]
     if name == "Adam":
@@ -77,6 +78,22 @@ def methods(name: str, device: str, eager: bool = False):
         out.append(("torch Adagrad foreach",
                     lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True)))
         out.append(("curvc Adagrad", lambda ps: ours(ps, lr=1e-2, fused=True)))
+    elif name == "Lion":
+        try:
+            from lion_pytorch import Lion
+            out.append(("lion_pytorch Lion", lambda ps: Lion(ps, lr=1e-4, weight_decay=0.1)))
+        except ImportError:
+            pass
+        out.append(("curvc Lion", lambda ps: ours(ps, lr=1e-4, weight_decay=0.1, fused=True)))
+    elif name == "Adafactor":
+        out.append(("torch Adafactor foreach",
+                    lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True)))
+        out.append(("torch Adafactor for-loop",
+                    lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=False)))
+        out.append(("curvc Adafactor", lambda ps: ours(ps, lr=1e-2, fused=True)))
+    elif name == "Muon":
+        out.append(("torch Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3)))
+        out.append(("curvc Muon", lambda ps: ours(ps, lr=1e-3, fused=True)))
     else:
         if po is not None:
             out.append(("pytorch_optimizer SignSGD foreach",
@@ -86,6 +103,10 @@ def methods(name: str, device: str, eager: bool = False):
 
 
 def bench(name, shapes, device, dtype, rounds, warmup, eager=False):
+    if name == "Muon":  # Muon orthogonalizes matrices; the rest go to another optimizer
+        shapes = [s for s in shapes if len(s) == 2]
+        if not shapes:
+            return []
     numel = sum(torch.Size(s).numel() for s in shapes)
     entries = []
     for label, factory in methods(name, device, eager):
@@ -135,7 +156,7 @@ def copy_bandwidth(numel, device, dtype, rounds=20):
 
 # Bytes each step moves per parameter element (fp32): reads p, g and state,
 # writes p and state.
-BYTES_PER_ELEMENT = {"Adam": 7 * 4, "Adagrad": 5 * 4, "SignGD": 5 * 4}
+BYTES_PER_ELEMENT = {"Adam": 7 * 4, "Adagrad": 5 * 4, "SignGD": 5 * 4, "Lion": 5 * 4}
 
 
 def main():
@@ -144,7 +165,8 @@ def main():
     ap.add_argument("--big", type=int, default=256 * 2 ** 20, help="elements of the large tensor")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", default="Adam,Adagrad,SignGD")
+    ap.add_argument("--only", default="Adam,Adagrad,SignGD,Lion,Adafactor,Muon")
+    ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
@@ -155,7 +177,8 @@ def main():
     if copy_bw:
         print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
     # (title, shapes, rounds): a small model's step takes microseconds, so many rounds
-    suites = [("GPT-2-small shapes", gpt2_small_shapes(), args.rounds, False)]
+    suites = [] if args.skip_gpt2 else [("GPT-2-small shapes", gpt2_small_shapes(), args.rounds,
+                                         False)]
     if not args.skip_big:
         suites.append((f"one tensor of {args.big} elements", [(args.big,)], args.rounds, False))
     if not args.skip_small:
@@ -164,7 +187,7 @@ def main():
         print(f"\n=== {title}")
         for name in args.only.split(","):
             entries = bench(name, shapes, args.device, dtype, rounds, args.warmup, eager)
-            if copy_bw:
+            if copy_bw and entries and name in BYTES_PER_ELEMENT:
                 numel = sum(torch.Size(s).numel() for s in shapes)
                 ours = next(e for e in entries if e["label"].startswith("curvc"))
                 bw = BYTES_PER_ELEMENT[name] * numel / statistics.median(ours["times"])
