@@ -130,7 +130,7 @@ def _check_polar_lines(plan, opt, lines):
     printed = [float(eval(g.replace("[", "_").replace("]", ""), {"__builtins__": {}}, values))
                for g in m.groups()]
     assert printed == [text["a"], text["b"], text["c"], text["steps"]]
-    eps = re.search(r"max\(\|\|G\|\|_F, (\S+)\)", start).group(1)
+    eps = re.search(r"max\(\|\|\S+\|\|_F, (\S+)\)", start).group(1)
     assert float(eval(eps, {"__builtins__": {}}, values)) == text["eps"]
     assert f"by Newton-Schulz in {stage.precision}" in " ".join(lines)
 

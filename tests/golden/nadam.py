@@ -21,7 +21,7 @@ Update, per step t (elementwise unless noted):
     c     = g * g
     C     = betas[1] * C + (1 - betas[1]) * c
     C     = C / (1 - betas[1]^t)
-    P     = C
+    P     = sqrt(C) + eps
     m     = (1 - mu) / (1 - mu_product) * grad + nesterov
     d     = m / P
     theta = theta - lr * d
