@@ -1,0 +1,215 @@
+"""The update equations of the matrix structures (Kronecker factors and their roots,
+the polar factor, K-FAC's layer factors, the dense curvature, the secant history),
+for ``curvc.explain``: each number (exponent, where eps enters) read off the plan.
+"""
+from __future__ import annotations
+
+import re
+
+from curvc import explain as base, ir
+from curvc.plan_numbers import Numbers, Root
+
+
+def _kfac_factor(name: str, root: Root) -> str:
+    """f(F) of one K-FAC factor as the plan damps and roots it."""
+    e = root.exponent
+    if root.after:
+        return f"({name}{'' if e == '1' else '^' + e} + {root.after} I)^-1"
+    inner = f"({name} + {root.inside} I)" if root.inside else name
+    return f"{inner}^-{e}"
+
+
+def _kfac_eigen(name: str, root: Root) -> str:
+    """f(lambda) of one eigenvalue of a K-FAC factor, for eigen_sign."""
+    if root.after:
+        return f"1/({name}^{root.exponent} + {root.after})"
+    return f"({name} + {root.inside})^-{root.exponent}" if root.inside \
+        else f"{name}^-{root.exponent}"
+
+
+def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
+    """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
+    root, it = nums.matrix, opt.iterate
+    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}"}
+    eq = ["A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)",
+          "S     = ds ds^T    (gradients at layer outputs)"]
+    every = ""
+    if it.every is not None:
+        every = f"every {base._v(it.every)} steps" + (
+            f", the first after {base._v(it.every)}" if it.delayed else "")
+    for name, new in (("A", "a a^T"), ("S", "ds ds^T")):
+        if it.kind == "instant" and not every:
+            break  # the batch's factors, as defined above
+        line = _accumulate_line(opt, name, new).split("   (")[0]
+        notes = ", ".join(n for n in (f"{name}_0 = {start[it.kind]}" if it.kind in start
+                                      else "", every) if n)
+        eq.append(line + (f"   ({notes})" if notes else ""))
+    for name in ("A", "S"):
+        eq += base._bias_correction(nums, "curvature", name)
+    roots = f"; roots every {base._v(opt.structure.every)} steps" \
+        if opt.structure.every is not None else ""
+    g = "[grad W, grad b]"
+    if opt.length.kind == "eigen_sign":
+        eq.append(f"S     = Q_S diag(s) Q_S^T,  A = Q_A diag(a) Q_A^T   (eigenbases{roots})")
+        eq.append(f"g     = Q_S [{_kfac_eigen('s_i', root)} {_kfac_eigen('a_j', root)} "
+                  f"sign(Q_S^T {g} Q_A)_ij] Q_A^T")
+        eq.append("        (per layer; an entry within rounding of 0 has sign 0)")
+    else:
+        eq.append(f"g     = {_kfac_factor('S', root)} {g} {_kfac_factor('A', root)}   "
+                  f"(per layer{roots})")
+    eq.append("        (g = grad outside nn.Linear and nn.Conv2d layers)")
+    if opt.length.kind == "normalized":
+        eq.append(f"g     = g / sqrt(sum(grad * g))   (sum over {base._over(opt.length)}; "
+                  "g = 0 where it is 0)")
+    return eq
+
+
+def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    root_ = nums.matrix
+    if opt.curvature.kind == "kfac":  # g is preconditioned already (_kfac_gradient)
+        eq: list[str] = []
+        m = base._momentum(opt, eq, nums)
+        eq.append(f"d     = {m}")
+        return eq + base._clip(opt) + [f"theta = theta - {lr} * d"]
+    if nums.polar is not None:
+        return _polar(opt, lr, nums)
+    of = str(opt.curvature.of) if opt.curvature.of is not None else "g"
+    eq = [f"G     = {of} as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
+          f"        {of} unfolded along mode i (modes longer than max_dim keep none)"]
+    gram_l, gram_r = "G G^T", "G^T G"
+    rows = _ROWS.get(opt.curvature.kind)
+    if rows:  # the factors' statistic: sampled gradients, as rows
+        eq += rows
+        if opt.curvature.scale is not None:
+            eq.append(f"        (each row times sqrt({base._v(opt.curvature.scale)}))")
+        gram_l, gram_r = "sum_r G_r G_r^T", "sum_r G_r^T G_r"
+    eq.append(_accumulate_line(opt, "L", gram_l).replace("_0 = ", "_0 = I * "))
+    eq.append(_accumulate_line(opt, "R", gram_r).replace("_0 = ", "_0 = I * "))
+    for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
+        eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
+    left, right = "L", "R"
+    power = f"-{base._half(root_.exponent)}"  # a matrix: two factors share the root
+    per_mode = f"order-k tensors: {base._per_mode(root_.exponent)} per mode"
+    m = base._momentum(opt, eq, nums)
+    m = "G" if m == "g" else m
+    every = f"   (roots recomputed every {base._v(opt.structure.every)} steps)" \
+        if opt.structure.every is not None else ""
+    inside = f"({{}} + {root_.inside} I)" if root_.inside else "{}"
+    after = f" + {root_.after} I" if root_.after else ""
+
+    def root(f: str) -> str:
+        if not (after or root_.floor):
+            r = f"{inside.format(f)}^{power}"
+            return f"({r}{after})" if after else r
+        # the spectral function 1 / max(lam^e + after, floor)
+        r = f"{inside.format(f)}^{power[1:]}{after}"
+        return f"max({r}, {root_.floor})^-1" if root_.floor else f"({r})^-1"
+
+    if opt.length.kind == "eigen_sign":
+        eq.append(f"Q_L, w_L, Q_R, w_R = the eigenvectors and eigenvalues of L and R{every}")
+        scale = root("w_L").replace("I", "1") + " " + root("w_R").replace("I", "1")
+        eq.append(f"d     = Q_L [{scale} * sign(Q_L^T {m} Q_R)] Q_R^T"
+                  f"   (sign 0 at rounding level; {per_mode})")
+    else:
+        eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
+                  + (f"   ({per_mode})" if per_mode else ""))
+    if opt.length.kind == "normalized":
+        eq.append(f"d     = d / sqrt(sum({m} * d))   (over {base._over(opt.length)}: ||d||_P = 1)")
+    eq += base._clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    """The polar factor by Newton-Schulz: what L^-1/4 G R^-1/4 is for L = G G^T, R = G^T G."""
+    p = nums.polar
+    eq: list[str] = []
+    m = base._momentum(opt, eq, nums)
+    m = "G" if m == "g" else m
+    eq += [f"d     = U V^T for {m} = U S V^T (= L^-1/4 {m} R^-1/4, L = {m} {m}^T, R = {m}^T {m}),",
+           f"        by Newton-Schulz in {p['precision']} ({m} as a matrix: a vector is 1 x n):",
+           f"X     = {m} / max(||{m}||_F, {p['eps']})   (transposed first when it has more rows "
+           "than columns)",
+           f"X     = {p['a']} X + ({p['b']} A + {p['c']} A A) X,  A = X X^T   ({p['steps']} "
+           "times)",
+           "d     = X   (transposed back; its singular values near 1, not at 1)"]
+    eq += base._clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+# The rows G_r whose Gram matrices are the Kronecker factors of a sampled curvature
+# (curvc.runtime.curvature.gradient_rows).
+_ROWS = {
+    "fisher": ["G_r   = per example and label y ~ p(y|x) (samples per example), the gradient",
+               "        of -log p(y|x), over sqrt(rows): sum_r G_r G_r^T is the mean (the Fisher)"],
+    "gauss_newton_bartlett": [
+        "G_r   = per draw of labels y ~ p(y|x) for the batch, sqrt(B / samples) times the",
+        "        gradient of the mean loss on them (Gauss-Newton-Bartlett)"],
+}
+
+
+def _accumulate_line(opt: ir.Optimizer, name: str, new: str) -> str:
+    eq: list[str] = []
+    base._accumulate(opt, eq, new, name)
+    return eq[0]
+
+
+def _dense_inverse(root: Root) -> str:
+    """(H + eps_inside I)^-e, or (H^e + eps_after I)^-1, as the plan damps it."""
+    e = root.exponent
+    if root.after:
+        return f"(H{'' if e == '1' else '^' + e} + {root.after} I)^-1"
+    h = f"(H + {root.inside} I)" if root.inside else "H"
+    return f"{h}^-{e}"
+
+
+def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    eq: list[str] = []
+    c = opt.curvature.kind
+    src = {"hessian": "grad^2 f(theta)", "fisher": "E_{y ~ p(y|x)} [g_y g_y^T]",
+           "empirical_fisher": "E_data [g g^T]"}.get(c, c)
+    eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
+    if c == "fisher":
+        eq[-1] += "   (H ~ F, the paper's NGD)"
+    m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
+    ln = opt.length.kind
+    inv = _dense_inverse(nums.matrix)
+    if ln == "none":
+        eq.append(f"d     = {inv} {m}")
+    elif ln == "normalized":
+        eq.append(f"d     = {inv} {m} / sqrt({m}^T {inv} {m})     (||d||_H = 1)")
+    elif ln == "gradient_norm":
+        eq.append(f"d     = {inv} {m}                         (||d_i||_H = g_i)")
+    else:
+        eq.append("H     = Q diag(lambda) Q^T")
+        eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
+    dec = opt.decay
+    if dec.kind == "l2" and dec.decoupled != ir.Const(True):
+        switch = dec.decoupled is not None and dec.decoupled != ir.Const(False)
+        eq.append(f"d     = d + {base._v(dec.rate)} * theta"
+                  + (f"   (if not {base._v(dec.decoupled)})" if switch else ""))
+    tail: list[str] = []
+    if base._momentum(opt, tail, nums) != "g":  # the same axis as elsewhere, on d
+        eq += [re.sub(r"\bg\b", "d", line) for line in tail]
+        eq.append(f"d     = {base._momentum(opt, [], nums)}")
+    eq += base._clip(opt)
+    eq.append(f"theta = theta - {lr} * d")
+    return eq
+
+
+def low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
+    it = opt.iterate
+    k, n = base._v(it.history), base._v(it.iterations) if it.iterations is not None else "20"
+    return [
+        f"each step(closure) runs up to {n} iterations of:",
+        "g     = grad f(theta)            (the closure, re-evaluated)",
+        "s     = theta - theta_prev,   y = g - g_prev   (a pair is kept if y^T s > 1e-10; "
+        f"the last {k})",
+        "H0    = (s^T y / y^T y) I      (scale from the newest pair)",
+        "d     = -H g by the two-loop recursion over the pairs (rank-2 update per pair)",
+        f"theta = theta + t * d,   t = {lr} (the first iteration ever: min(1, 1/|g|_1) * {lr};",
+        "        with line_search_fn='strong_wolfe', the step the line search finds)",
+        f"stop early when max |g_i| <= {base._v(it.tolerance_grad) if it.tolerance_grad else '1e-7'} "
+        f"or the step or loss change <= {base._v(it.tolerance_change) if it.tolerance_change else '1e-9'}",
+    ]
