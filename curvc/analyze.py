@@ -16,7 +16,9 @@ from the same point with its own curvature estimate; the analysis is in float64.
 
 Where a spec is one of the paper's rows (Newton with step alpha, normalized,
 gradient-norm normalized and eigenbasis normalized NGD, GD, normalized GD, sign GD),
-the paper's closed forms are evaluated beside the measured values.
+the paper's closed forms (``curvc.analyze_forms``) are evaluated beside the measured
+values. Above ``EXACT_LIMIT`` parameters the Hessian is not formed: the totals come from
+Hessian-vector products and the parts from the top eigenpairs (``curvc.spectrum``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 import curvc
-from curvc import ir
+from curvc import analyze_forms as forms, spectrum
 
 
 # --- problems ------------------------------------------------------------------
@@ -52,19 +54,86 @@ class Problem:
             return torch.nn.functional.cross_entropy(out, y)
         return 0.5 * ((out.squeeze(-1) - y) ** 2).mean()
 
-    def gradient_and_hessian(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """g and H of the full-batch loss at the problem's point, over the flat parameters."""
+    def flat(self):
+        """(theta as one vector, v -> the full-batch loss at parameters v, v -> the loss of
+        each example at v), over the model's parameters in order."""
         names = [n for n, _ in self.model.named_parameters()]
         flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
         shapes = [p.shape for p in self.model.parameters()]
 
-        def f(v):
+        def unflat(v):
             parts, at = {}, 0
             for n, s in zip(names, shapes):
                 parts[n] = v[at:at + math.prod(s)].reshape(s)
                 at += math.prod(s)
-            return self.loss_of(torch.func.functional_call(self.model, parts, (self.x,)), self.y)
+            return parts
+
+        def f(v):
+            return self.loss_of(torch.func.functional_call(self.model, unflat(v), (self.x,)),
+                                self.y)
+
+        def f_one(v, x, y):
+            out = torch.func.functional_call(self.model, unflat(v), (x[None],))
+            return self.loss_of(out, y[None])
+        return flat, f, f_one
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def gradient_and_hessian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """g and H of the full-batch loss at the problem's point, over the flat parameters."""
+        flat, f, _ = self.flat()
         return torch.func.grad(f)(flat), torch.func.hessian(f)(flat)
+
+    def gradient_and_hvp(self) -> tuple[torch.Tensor, spectrum.MatVec]:
+        """g and v -> H v, for models whose Hessian is too large to form."""
+        flat, f, _ = self.flat()
+        return torch.func.grad(f)(flat), spectrum.hessian_vector_product(f, flat)
+
+    def per_example_gradients(self) -> torch.Tensor:
+        """The gradient of each example's loss at the problem's point, one row each."""
+        flat, _, f_one = self.flat()
+        return torch.func.vmap(torch.func.grad(f_one), in_dims=(None, 0, 0))(flat, self.x,
+                                                                              self.y)
+
+    def minibatch_covariance(self, batch: int) -> torch.Tensor:
+        """Sigma_b, the covariance of the mean gradient of ``batch`` examples drawn without
+        replacement (as the analysis draws them): (N - B) / ((N - 1) B) Sigma."""
+        rows = self.per_example_gradients()
+        n = len(rows)
+        centred = rows - rows.mean(0)
+        sigma = centred.T @ centred / n
+        return sigma * ((n - batch) / ((n - 1) * batch))
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What the analysis knows of H at the point: g, v -> H v, and eigenpairs (all of
+    them, with H itself, or the top k by Lanczos, with ``h`` None)."""
+
+    g: torch.Tensor
+    hv: spectrum.MatVec
+    lam: torch.Tensor
+    q: torch.Tensor
+    h: torch.Tensor | None
+
+    @classmethod
+    def of(cls, prob: "Problem", top: int | None = None) -> "Basis":
+        """Exact (eigh of the formed Hessian) unless ``top`` asks for the top-k eigenpairs,
+        or the model has more than EXACT_LIMIT parameters (then the top DEFAULT_TOP)."""
+        if top is None and prob.parameter_count() <= EXACT_LIMIT:
+            g, h = prob.gradient_and_hessian()
+            lam, q = torch.linalg.eigh(h)
+            return cls(g, lambda v: h @ v, lam, q, h)
+        g, hv = prob.gradient_and_hvp()
+        k = min(top or DEFAULT_TOP, len(g))
+        lam, q = spectrum.lanczos(hv, len(g), k)
+        return cls(g, hv, lam, q, None)
+
+
+# Above this many parameters the Hessian (its square in float64) is not formed.
+EXACT_LIMIT = 3000
+DEFAULT_TOP = 32
 
 
 def quadratic(n: int = 50, cond: float = 1e4, seed: int = 0, rows: int | None = None) -> Problem:
@@ -160,6 +229,9 @@ class Analysis:
     closed: dict = field(default_factory=dict)  # the paper's closed forms, where they apply
     noise: float | None = None  # N_b
     noise_i: list[float] | None = None  # E[(e_i^T d_xi)^2]
+    complete: bool = True  # every eigenpair, or only the top k (Lanczos)
+    noise_length: float | None = None  # E[||d_xi||^2]
+    closed_noise: dict = field(default_factory=dict)  # the paper's N_b, where it applies
 
     def bands(self, count: int = 4) -> list[dict]:
         """Per-eigendirection values summed over eigenvalue bands: ``count`` log-spaced
@@ -184,118 +256,64 @@ class Analysis:
             if self.noise_i is not None:
                 row["noise"] = sum(self.noise_i[i] for i in idx)
             out.append(row)
+        if not self.complete:  # the directions outside the top k, by difference
+            row = {"band": "the rest", "count": None,
+                   "delta": self.delta - sum(self.delta_i),
+                   "norm_h": self.norm_h - sum(self.norm_h_i)}
+            if self.noise_i is not None:
+                row["noise"] = self.noise_length - sum(self.noise_i)
+            out.append(row)
         return out
 
     def as_dict(self) -> dict:
         return {"spec": self.spec, "delta": self.delta, "norm_h_sq": self.norm_h,
                 "norm_2": self.norm_2, "closed_form": self.closed, "noise": self.noise,
+                "closed_noise": self.closed_noise, "complete": self.complete,
                 "bands": self.bands(), "eigenvalues": self.lam, "delta_i": self.delta_i,
                 "norm_h_sq_i": self.norm_h_i, "noise_i": self.noise_i}
 
 
 def analyze(spec: str, prob: Problem, batch: int | None = None, samples: int = 32,
-            hypers: dict | None = None, seed: int = 0, basis=None) -> Analysis:
-    """One spec's first step on ``prob`` (see the module docstring)."""
+            hypers: dict | None = None, seed: int = 0, basis: Basis | None = None,
+            top: int | None = None) -> Analysis:
+    """One spec's first step on ``prob`` (see the module docstring); ``basis`` (from
+    ``Basis.of(prob, top)``) is shared by ``analyze_all``."""
     cls = curvc.load(spec)
-    g, h = basis[:2] if basis is not None else prob.gradient_and_hessian()
-    lam, q = basis[2:] if basis is not None else torch.linalg.eigh(h)
+    basis = basis if basis is not None else Basis.of(prob, top)
+    g, lam, q = basis.g, basis.lam, basis.q
     d = step_of(cls, prob, None, hypers)
     gh, dh = q.T @ g, q.T @ d
     delta_i = -(gh * dh + 0.5 * lam * dh ** 2)
-    result = Analysis(cls.__name__, float(-(g @ d + 0.5 * d @ h @ d)), float(d @ h @ d),
+    opt = curvc.to_ir(*curvc.compiler.read(spec))
+    hd = basis.hv(d)
+    result = Analysis(cls.__name__, float(-(g @ d + 0.5 * d @ hd)), float(d @ hd),
                       float(d.norm()), lam.tolist(), delta_i.tolist(),
-                      (lam * dh ** 2).tolist(),
-                      closed_forms(curvc.to_ir(*curvc.compiler.read(spec)), g, h, lam, q,
-                                   hypers or {}))
+                      (lam * dh ** 2).tolist(), complete=basis.h is not None)
+    if basis.h is not None:
+        result.closed = forms.closed_forms(opt, g, basis.h, lam, q, hypers or {})
     if batch:
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.zeros_like(d)
-        total = 0.0
+        noise = torch.zeros_like(dh)
+        total = length = 0.0
         for _ in range(samples):
             idx = torch.randperm(len(prob.x), generator=gen)[:batch]
             xi = step_of(cls, prob, idx, hypers) - d
-            total += float(xi @ h @ xi)
+            total += float(xi @ basis.hv(xi))
+            length += float(xi @ xi)
             noise += (q.T @ xi) ** 2
         result.noise = 0.5 * total / samples
         result.noise_i = (noise / samples).tolist()
+        result.noise_length = length / samples
+        if basis.h is not None:
+            result.closed_noise = forms.noise_forms(opt, lam, q, prob.minibatch_covariance(batch),
+                                                    hypers or {})
     return result
 
 
-def analyze_all(specs: list[str], prob: Problem, **kw) -> list[Analysis]:
-    g, h = prob.gradient_and_hessian()
-    lam, q = torch.linalg.eigh(h)
-    return [analyze(s, prob, basis=(g, h, lam, q), **kw) for s in specs]
-
-
-# --- the paper's closed forms (Section 1) ------------------------------------------
-
-def _default(opt: ir.Optimizer, arg, hypers: dict) -> float:
-    if isinstance(arg, ir.Const):
-        return float(arg.value)
-    value = hypers.get(arg.name, opt.hyper(arg.name).default)
-    return float(value if arg.index is None else value[arg.index])
-
-
-def _first_step_scale(opt: ir.Optimizer, hypers: dict) -> float | None:
-    """c such that the first step's momentum output is c * g; None if not a multiple."""
-    m = opt.momentum
-    if m.kind in ("none", "heavy_ball"):  # heavy ball starts its buffer at g
-        return 1.0
-    if m.kind == "ema":
-        return 1.0 if m.bias_corrected else 1.0 - _default(opt, m.beta, hypers)
-    return None
-
-
-def closed_forms(opt: ir.Optimizer, g, h, lam, q, hypers: dict) -> dict:
-    """{quantity: value} of the paper's formulas for the row ``opt`` is, if it is one:
-    a first step with no decay, clip, damping or schedule, the exact Hessian (dense)
-    or the scalar structure. Eigenvalues that are not positive are left out, as the
-    dense step drops them (the pseudo-inverse)."""
-    plain = all(getattr(opt, a).kind in ("none", "constant", "instant")
-                for a in ("clip", "gradient_clip", "damping", "schedule", "iterate"))
-    # the paper's rows take the norm over every parameter
-    plain = plain and getattr(opt.length.scope, "value", "global") == "global"
-    if opt.decay.kind != "none" and _default(opt, opt.decay.rate, hypers) != 0.0:
-        plain = False
-    c = _first_step_scale(opt, hypers)
-    if not plain or c is None:
-        return {}
-    lr = _default(opt, ir.HyperRef("lr"), hypers)
-    ln = opt.length.kind
-    gh = q.T @ g
-    g2 = float(g @ g)
-    if opt.structure.kind == "dense" and opt.curvature.kind == "hessian":
-        keep = lam > 0
-        gk, lk = gh[keep], lam[keep]
-        if ln == "none":  # Newton with step alpha: alpha (1 - alpha/2) g^T H^-1 g
-            a, s = lr * c, float((gk ** 2 / lk).sum())
-            return {"row": "Newton", "delta": a * (1 - a / 2) * s, "norm_h_sq": a * a * s}
-        if ln == "normalized":  # eps ||g~||_H - eps^2 / 2
-            return {"row": "Normalized NGD", "delta": lr * float((gk ** 2 / lk).sum()) ** 0.5
-                    - lr * lr / 2, "norm_h_sq": lr * lr}
-        if ln == "gradient_norm" and _default(opt, opt.length.power, hypers) == 1.0:
-            e = lr * c  # d = -eps H^-1/2 g
-            return {"row": "GN-Normalized NGD",
-                    "delta": float((e * gk ** 2 / lk.sqrt() - e * e / 2 * gk ** 2).sum()),
-                    "norm_h_sq": e * e * float((gk ** 2).sum())}
-        if ln == "eigen_sign":  # d^_i = -eps sign(g^_i) / sqrt(lambda_i): ||d_i||_H = eps
-            return {"row": "Eigenbasis Normalized NGD",
-                    "delta": float((lr * gk.abs() / lk.sqrt()).sum()) - lr * lr / 2 * len(lk),
-                    "norm_h_sq": lr * lr * len(lk)}
-    if opt.structure.kind == "scalar":
-        if ln == "none":  # GD: eta ||g||^2 - eta^2 g^T H g / 2
-            e = lr * c
-            return {"row": "GD", "delta": e * g2 - e * e / 2 * float(g @ h @ g),
-                    "norm_h_sq": e * e * float(g @ h @ g)}
-        if ln == "normalized":  # d = -eps g / ||g||
-            return {"row": "Normalized GD", "delta": lr * g2 ** 0.5
-                    - lr * lr / 2 * float(g @ h @ g) / g2,
-                    "norm_h_sq": lr * lr * float(g @ h @ g) / g2}
-        if ln == "eigen_sign":  # d = -eta sign(g)
-            s = torch.sign(g)
-            return {"row": "Sign GD", "delta": lr * float(g.abs().sum())
-                    - lr * lr / 2 * float(s @ h @ s), "norm_h_sq": lr * lr * float(s @ h @ s)}
-    return {}
+def analyze_all(specs: list[str], prob: Problem, top: int | None = None,
+                **kw) -> list[Analysis]:
+    basis = Basis.of(prob, top)
+    return [analyze(s, prob, basis=basis, **kw) for s in specs]
 
 
 # --- output -------------------------------------------------------------------------
@@ -303,6 +321,12 @@ def closed_forms(opt: ir.Optimizer, g, h, lam, q, hypers: dict) -> dict:
 def table(results: list[Analysis], prob: Problem, batch: int | None = None) -> str:
     lines = [f"problem {prob.name}: one step from the same point"
              + (f", minibatch noise over batches of {batch}" if batch else ""), ""]
+    if results and not results[0].complete:
+        lines[-1:] = [f"(the top {len(results[0].lam)} eigenpairs of H by Lanczos; "
+                      "'the rest' is the remainder of each total)", ""]
+    if batch and any(r.closed_noise for r in results):
+        lines[-1:] = ["(paper: N_b = tr(H A Sigma_b A^T) / 2 for d = -A g, A at the full-batch "
+                      "curvature, Sigma_b the data's)", ""]
     head = f"{'spec':<30}{'Delta_d':>13}{'||d||_H^2':>13}{'||d||_2':>12}"
     head += f"{'N_b':>12}" if batch else ""
     lines += [head, "-" * len(head)]
@@ -312,20 +336,29 @@ def table(results: list[Analysis], prob: Problem, batch: int | None = None) -> s
             row += f"{r.noise:>12.4g}"
         lines.append(row)
         if r.closed:
-            lines.append(f"{'  paper: ' + r.closed['row']:<30}{r.closed['delta']:>13.5g}"
-                         f"{r.closed['norm_h_sq']:>13.5g}")
+            line = (f"{'  paper: ' + r.closed['row']:<30}{r.closed['delta']:>13.5g}"
+                    f"{r.closed['norm_h_sq']:>13.5g}")
+            if batch and r.closed_noise:
+                line += f"{'':>12}{r.closed_noise['noise']:>12.4g}"
+            lines.append(line)
+            if batch and r.closed_noise:
+                lines.append(f"{'  paper, Sigma_b ~ (k/B) H':<30}{'':>38}"
+                             f"{r.closed_noise['noise_kh']:>12.4g}")
     lines += ["", "per eigendirection, summed over eigenvalue bands "
               "(Delta_d^i | ||d_i||_H^2" + (" | E||d_xi,i||^2" if batch else "") + "):", ""]
     bands = [b["band"] for b in results[0].bands()] if results else []
-    lines.append(f"{'spec':<30}" + "".join(f"{b:>28}" for b in bands))
+    rows = []
     for r in results:
         cells = []
         for b in r.bands():
             cell = f"{b['delta']:.3g} | {b['norm_h']:.3g}"
             if batch:
                 cell += f" | {b['noise']:.3g}"
-            cells.append(f"{cell:>28}")
-        lines.append(f"{r.spec:<30}" + "".join(cells))
+            cells.append(cell)
+        rows.append((r.spec, cells))
+    width = 2 + max([len(c) for _, cells in rows for c in cells] + [len(b) for b in bands])
+    lines.append(f"{'spec':<30}" + "".join(f"{b:>{width}}" for b in bands))
+    lines += [f"{spec:<30}" + "".join(f"{c:>{width}}" for c in cells) for spec, cells in rows]
     return "\n".join(lines) + "\n"
 
 

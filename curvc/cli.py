@@ -172,6 +172,8 @@ def analyze(
     batch: Optional[int] = typer.Option(None, "--batch", help="also the minibatch noise (N_b) "
                                         "over batches of this size"),
     samples: int = typer.Option(32, "--samples", help="minibatches drawn for --batch"),
+    top: Optional[int] = typer.Option(None, "--top", help="only the top K eigenpairs of H, by "
+                                      "Lanczos (the default above 3,000 parameters: 32)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write Delta_d^i and ||d_i||_H^2 "
                                         "against the eigenvalues to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
@@ -180,7 +182,7 @@ def analyze(
     from curvc import analyze as analyze_mod
     try:
         prob = analyze_mod.problem(problem)
-        results = analyze_mod.analyze_all(specs, prob, batch=batch, samples=samples)
+        results = analyze_mod.analyze_all(specs, prob, top=top, batch=batch, samples=samples)
         if plot is not None:
             analyze_mod.plot(results, str(plot), prob)
     except (CurvError, FileNotFoundError, ValueError, RuntimeError, TypeError, OSError) as e:
