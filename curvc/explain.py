@@ -278,10 +278,7 @@ def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     if ln == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   "
                   "(sum over all parameters; d = 0 where it is 0)")
-    if opt.clip.kind == "tensor_rms":
-        eq.append(f"d     = d / max(1, RMS(d) / {_v(opt.clip.threshold)})   (RMS over each tensor)")
-    else:
-        eq += _clip(opt)
+    eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
 
@@ -305,6 +302,9 @@ def _clip(opt: ir.Optimizer, clip: ir.Clip | None = None, x: str = "d") -> list[
     if clip.kind == "global_norm":
         return [f"{x}     = {x} * min(1, {_v(clip.threshold)} / ||{x}||)   "
                 f"(norm over {_over(clip)}" + (f"; {first})" if first else ")")]
+    if clip.kind == "tensor_rms":
+        return [f"{x}     = {x} / max(1, RMS({x}) / {_v(clip.threshold)})   (RMS over each tensor"
+                + (f"; {first})" if first else ")")]
     return []
 
 

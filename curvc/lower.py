@@ -261,7 +261,15 @@ def lower_clip(s: Step, d: Expr, clip: ir.Clip | None = None, base: str = "step_
         norm_sq = _reduce(s, base, mul(d, d), _scope(clip.scope))
         scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", norm_sq)))
         return mul(d, scale)
+    if clip.kind == "tensor_rms":  # d / max(1, RMS(d) / C), RMS over each tensor (Adafactor's)
+        rms = _rms(s, base, d)
+        return op("div", d, op("maximum", 1.0, div(rms, s.arg(clip.threshold))))
     return d
+
+
+def _rms(s: Step, base: str, x: Expr) -> Expr:
+    """sqrt(mean(x^2)) over each tensor: a tensor-scope reduction over its element count."""
+    return op("sqrt", div(_reduce(s, base, mul(x, x), "tensor"), mul(_ROWS, _COLS)))
 
 
 def lower_gradient_clip(s: Step, g: Expr) -> Expr:
@@ -301,7 +309,12 @@ def lower_step_rate(s: Step, lr: Expr) -> Expr:
     lr_t, as torch.optim.Muon's does). A word hyperparameter picks the adjustment at run
     time: it reaches the host as its index among the words, and each adjustment is
     weighted by (index == i), exactly one 1 and the rest 0."""
-    a = s.opt.schedule.adjust
+    sch = s.opt.schedule
+    if sch.kind == "relative_step" and s.opt.structure.kind not in FACTORED_STRUCTURES:
+        # alpha_t = rho_t max(eps, RMS(theta)), theta before decay (the factored extern
+        # multiplies the same in itself)
+        lr = mul(lr, op("maximum", s.arg(sch.eps), _rms(s, "param_norm_sq", Load("param"))))
+    a = sch.adjust
     if a is None or a == ir.Const("none"):
         return lr
     if isinstance(a, ir.Const):

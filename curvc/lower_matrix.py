@@ -92,8 +92,8 @@ def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
     The means are reductions along one axis, so the stage is an extern between the head
     kernel (the estimate c, weight decay, momentum) and the tail (normalization, clip,
     the parameter). The extern also takes the per-tensor norms a spec asks for: the
-    RMS clip of the step and the relative step's RMS(theta), since the plan has no
-    tensor-scope reductions.
+    RMS clip of the step and the relative step's RMS(theta), in order (elsewhere they
+    are the plan's tensor-scope reductions, ``lower._rms``).
     """
     it, ln, dmp, clip, sch = (s.opt.iterate, s.opt.length, s.opt.damping, s.opt.clip,
                               s.opt.schedule)

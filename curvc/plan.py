@@ -262,7 +262,7 @@ class FactoredStage:
     (exponent, eps_inside, eps_after, floor); then, per tensor, ``clipped``: divided by
     max(1, RMS / clip), and ``relative``: times max(scale_eps, RMS(param)), the
     parameter's RMS before the step (the relative step's per-tensor part). Those norms
-    are computed in the extern: the plan has no tensor-scope reductions.
+    are computed in the extern, after its spectral function.
     """
 
     name: str

@@ -394,10 +394,8 @@ _ONE_VECTOR_WHY = ("the step is one vector over all parameters, so its norm is t
                    "one (scope = global)")
 _RAW_GRADIENT_WHY = ("the runtime preconditions the raw gradient before the elementwise step "
                      "sees it; clip the step instead (a clip without `on = gradient`)")
-_TENSOR_SCOPE_WHY = ("an RMS over each tensor is a per-tensor reduction, which only the factored "
-                     "structure computes (inside its extern, curvc.runtime.matrix.factored); "
-                     "the plan has no tensor-scope reductions for the other structures yet")
-_NOT_FACTORED = ("elementwise", "kronecker", "kfac", "dense", "secant")
+_TENSOR_SCOPE_WHY = ("L-BFGS's driver computes its step over all parameters as one vector "
+                     "(curvc.runtime.secant); an RMS over each tensor has no place in it")
 
 # In order: on each path the first rule that applies is the one reported.
 REFUSALS: tuple[Refusal, ...] = (
@@ -448,14 +446,12 @@ REFUSALS: tuple[Refusal, ...] = (
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
               f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
       for axis in ("momentum", "decay", "damping", "schedule")),
-    # Per-tensor norms (RMS of the update, of the parameter) are computed only inside the
-    # factored structure's extern; the plan has no tensor-scope reductions elsewhere yet.
-    Refusal("tensor_rms_clip", _NOT_FACTORED, lambda opt: opt.clip.kind == "tensor_rms",
+    # A per-tensor RMS (of the step, of the parameter) is a tensor-scope reduction of the
+    # plan, or inside the factored extern; L-BFGS's one-vector step has no tensors.
+    # (schedule relative_step meets secant_schedule first.)
+    Refusal("tensor_rms_clip", "secant", lambda opt: opt.clip.kind == "tensor_rms",
             _clause("clip"), "clip tensor_rms with structure {structure}",
             _TENSOR_SCOPE_WHY),
-    Refusal("relative_step_schedule", _NOT_FACTORED,
-            lambda opt: opt.schedule.kind == "relative_step", _clause("schedule"),
-            "schedule relative_step with structure {structure}", _TENSOR_SCOPE_WHY),
     Refusal("relative_step_after_clip", "factored",
             lambda opt: opt.schedule.kind == "relative_step" and (
                 opt.clip.kind in ("elementwise", "global_norm")

@@ -421,10 +421,7 @@ def test_valid_specs_compile_and_step(spec):
         # Arguments and modifiers come from FORMS, so only a combination may be refused.
         assert e.key == "combo.clash", f"{e}\n--- spec:\n{text}"
         return
-    # an RMS clip or a relative step outside structure factored is a listed refusal
-    # (rules.REFUSALS: tensor_rms_clip, relative_step_schedule)
-    elementwise = curvature in COMPILED_CURVATURES and structure in COMPILED_STRUCTURES and \
-        not any(w in text for w in ("tensor_rms", "relative_step"))
+    elementwise = curvature in COMPILED_CURVATURES and structure in COMPILED_STRUCTURES
     try:
         curvc.to_plan(opt)
     except CurvError as e:
