@@ -152,10 +152,13 @@ def lower_kfac(s: Step) -> Expr:
     exponent = Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
     if ln.kind == "gradient_norm":
         exponent = div(s.arg(ln.power), 2.0)
-    args = (("beta", s.arg(it.beta) if it.kind == "ema" else Const(0.0)),
+    beta = Const(0.0)
+    if it.kind in ("ema", "power_ema"):  # power_ema: beta_t of the statistics steps so far
+        beta = iterate_beta(s)[0]
+    args = (("beta", beta),
             ("damping", eps if dmp.kind == "inside" else Const(0.0)),
             ("accumulate", accumulate), ("invert", invert),
-            ("iterate", it.kind),
+            ("iterate", accumulation(it.kind)),
             ("init", s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0)),
             ("bias_corrected", bool(it.bias_corrected)),
             ("exponent", exponent),

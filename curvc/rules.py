@@ -462,10 +462,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "returns, so a clip or a global normalization in the tail kernel would act on the "
             "scaled step instead of before the scale (clip tensor_rms runs in the extern, in "
             "order)"),
-    Refusal("kfac_power_ema", "kfac", lambda opt: opt.iterate.kind == "power_ema",
-            _clause("iterate"), "iterate {kind} with curvature kfac",
-            "K-FAC counts its statistics steps per layer, in its runtime; a step-dependent "
-            "beta is not passed to it yet (use ema)"),
     # the fused elementwise step: every curvature check admits there has a runtime source
     # (curvc.runtime.estimators), so nothing is refused on that path.
 )

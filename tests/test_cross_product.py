@@ -37,7 +37,6 @@ from curvc.language import FORMS, ArgSpec
 UNSUPPORTED = {
     "kronecker_curvature": 40,
     "dense_iterate": 30,
-    "kfac_power_ema": 10,
     "tensor_rms_clip": 1,
 }
 

@@ -121,7 +121,7 @@ def _factor_step(G, S, A, *, length, power, inside, add, floor=0.0):
 
 def _reference(model, data, steps, *, lr, length="none", power=1.0, inside=0.0, add=0.0, floor=0.0,
                iterate="ema", beta=0.95, init=0.0, bias_corrected=False, every=1,
-               delayed=False, roots_every=1):
+               delayed=False, roots_every=1, decay=-0.8):
     """The parameters after ``steps`` steps of theta <- theta - lr * d."""
     rec = Recorder(model)
     factors, count, ops = {}, 0, {}
@@ -135,12 +135,15 @@ def _reference(model, data, steps, *, lr, length="none", power=1.0, inside=0.0, 
                 n = x.shape[0]
                 a = np.concatenate([x, np.ones((n, 1))], axis=1)
                 new = {"A": a.T @ a / n, "S": n * ds.T @ ds}
+                if iterate == "power_ema":  # beta_t = 1 - t^decay, t the statistics steps
+                    beta = 1 - count ** decay
                 for key, f_t in new.items():
                     start = np.zeros_like(f_t) if bias_corrected else np.eye(len(f_t)) * (
                         init if iterate == "sum" else 1.0)
                     old = factors.get((m, key), start)
-                    factors[m, key] = {"instant": f_t, "sum": old + f_t,
-                                       "ema": beta * old + (1 - beta) * f_t}[iterate]
+                    ema = beta * old + (1 - beta) * f_t
+                    factors[m, key] = {"instant": f_t, "sum": old + f_t, "ema": ema,
+                                       "power_ema": ema}[iterate]
         if not factors:  # no statistics yet: the plain gradient
             steps_of = {m: np.concatenate([m.weight.grad.numpy(), m.bias.grad.numpy()[:, None]],
                                           axis=1) for m in rec.layers}
@@ -210,6 +213,11 @@ CASES = {
     "none-sum-delayed": (
         dict(length="none", damping="inside(0.03)", iterate="ema(0.9) every 2 delayed"),
         dict(inside=0.03, beta=0.9, every=2, delayed=True)),
+    "gradient_norm(1)-power_ema-every": (
+        dict(length="gradient_norm(power = 1)", damping="inside(0.02)",
+             iterate="power_ema(-0.6) every 2"),
+        dict(length="gradient_norm", power=1.0, inside=0.02, iterate="power_ema", decay=-0.6,
+             every=2)),
     "none-add-instant": (
         dict(length="none", damping="add(0.05)", iterate="instant"),
         dict(add=0.05, iterate="instant")),

@@ -39,7 +39,10 @@ class CurvatureSources:
         """The source's arguments for this step's hyperparameters (the plan's estimator
         arguments, or the dense settings)."""
         h = self._flat_hypers(self.param_groups[0])
-        return self.ESTIMATOR.args(h) if self.ESTIMATOR is not None else self.dense(h)
+        if self.ESTIMATOR is None:
+            return self.dense(h)
+        # an argument may be a host value of the step (power_ema's beta_t)
+        return self.ESTIMATOR.args({**h, **self.host(resolved(h), self._next_step())[0]})
 
     def track(self, model: torch.nn.Module) -> None:
         """Hook ``model``'s layers so that a layer-statistics source (K-FAC) sees their

@@ -146,7 +146,7 @@ def _kfac_natural_gradients(opt, guard):
             opt._check_grad(p, p.grad)
     h = opt._flat_hypers(opt.param_groups[0])
     flags = opt.host(resolved(h), opt._next_step())[1]
-    args = opt.ESTIMATOR.args(h)
+    args = opt._source_args()
     opt._estimates, updates = kfac.natural_gradients(
         opt, opt._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
         accumulate=args["accumulate"] is None or flags[args["accumulate"]],
@@ -160,7 +160,7 @@ def _kfac_natural_gradients(opt, guard):
 def _kfac_accumulates(opt) -> bool:
     """Whether the next step accumulates K-FAC statistics (asked by the layer tracker)."""
     h = opt._flat_hypers(opt.param_groups[0])
-    flag = opt.ESTIMATOR.args(h)["accumulate"]
+    flag = opt._source_args()["accumulate"]
     return flag is None or bool(opt.host(resolved(h), opt._next_step())[1][flag])
 
 
