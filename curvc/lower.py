@@ -144,7 +144,7 @@ def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
             acc = select(keep, peak, acc)
     if it.bias_corrected:
         beta = s.arg(it.beta)
-        count = refresh_count(s, it.every)
+        count = refresh_count(s, it.every, it.delayed)
         acc = div(acc, s.host_scalar("curvature_bias_correction",
                                      sub(1.0, op("pow", beta, count))))
     return acc

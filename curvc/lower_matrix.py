@@ -42,8 +42,9 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
+        count = refresh_count(s, it.every, it.delayed)
         correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, it.every))))
+                                   sub(1.0, op("pow", s.arg(it.beta), count)))
     params = {
         "beta": iterate_beta(s)[0] if it.kind in ("ema", "power_ema") else Const(0.0),
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
@@ -107,8 +108,9 @@ def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
         weight = iterate_beta(s)[1]
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
+        count = refresh_count(s, it.every, it.delayed)
         correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, it.every))))
+                                   sub(1.0, op("pow", s.arg(it.beta), count)))
     params = {
         "weight": weight,
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),

@@ -104,13 +104,16 @@ def every_flag(s: Step, name: str, every: ir.Arg, delayed: bool = False) -> str:
     return s.flag(name, due)
 
 
-def refresh_count(s: Step, every: ir.Arg | None) -> Expr:
-    """How many times the curvature has been accumulated by this step (for bias correction)."""
+def refresh_count(s: Step, every: ir.Arg | None, delayed: bool = False) -> Expr:
+    """How many times the curvature has been accumulated by this step (for bias correction
+    and power_ema's t): on steps 1, k+1, 2k+1, ..., or k+1, 2k+1, ... when delayed (then at
+    least 1: before the first accumulation the zero start is divided by 1 - beta, not 0)."""
     if every is None:
         return Scalar("step")
     k = s.arg(every)
     done = sub(Scalar("step"), 1.0)
-    return s.host_scalar("refreshes", add(div(sub(done, op("mod", done, k)), k), 1.0))
+    whole = div(sub(done, op("mod", done, k)), k)
+    return s.host_scalar("refreshes", op("maximum", whole, 1.0) if delayed else add(whole, 1.0))
 
 
 def iterate_beta(s: Step) -> tuple[Expr, Expr]:
@@ -120,7 +123,7 @@ def iterate_beta(s: Step) -> tuple[Expr, Expr]:
     it = s.opt.iterate
     if it.kind == "power_ema":
         weight = s.host_scalar("curvature_weight",
-                               op("pow", refresh_count(s, it.every), s.arg(it.decay)))
+                               op("pow", refresh_count(s, it.every, it.delayed), s.arg(it.decay)))
         return sub(1.0, weight), weight
     beta = s.arg(it.beta)
     return beta, sub(1.0, beta)

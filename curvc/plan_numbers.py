@@ -40,7 +40,9 @@ class Numbers:
 
 
 _SYMBOLS = {"add": " + ", "sub": " - ", "mul": " * ", "div": "/", "pow": "^", "mod": " mod "}
-_PRECEDENCE = {"add": 1, "sub": 1, "mul": 2, "div": 2, "mod": 2, "pow": 3}
+_PRECEDENCE = {"add": 1, "sub": 1, "mul": 2, "div": 2, "mod": 2, "pow": 3,
+               "maximum": 4, "minimum": 4}
+_CALLS = {"maximum": "max", "minimum": "min"}  # rendered as calls: f(a, b)
 
 
 _ARITHMETIC = {"add": float.__add__, "sub": float.__sub__, "mul": float.__mul__,
@@ -93,6 +95,9 @@ class _PlanText:
             return _fraction(v) if exponent else f"{v:g}"
         if isinstance(e, Scalar):
             return self.names.get(e.name, e.name)
+        if isinstance(e, Op) and e.op in _CALLS:
+            a, b = (self._render(x, exponent) for x in e.args)
+            return f"{_CALLS[e.op]}({a}, {b})"
         assert isinstance(e, Op) and e.op in _SYMBOLS, e
         a, b = (f"({self._render(x, exponent)})" if self._grouped(e.op, x, right)
                 else self._render(x, exponent) for x, right in zip(e.args, (False, True)))
