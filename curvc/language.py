@@ -186,6 +186,8 @@ EXPRESSION_NAMES = {
     "grad": "the gradient g (after maximize and coupled weight decay)",
     "param": "the parameter theta before this step",
     "step": "the step count t (1 on the first step)",
+    # a host value per tensor: `if(ndim > 1, ...)` treats matrices and vectors apart (LARS)
+    "ndim": "the parameter tensor's number of dimensions (0 for a scalar)",
     "direction": "the preconditioned, length-limited and clipped direction d",
 }
 
