@@ -374,6 +374,9 @@ class DenseStage:
     eps_inside: Expr
     eps_after: Expr
     power: Expr
+    # clip length(C): the Newton step's eigencoordinates capped at C times the length's
+    # (0: no clip)
+    clip: Expr = Const(0.0)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from curvc.language import FORMS, ArgSpec
 UNSUPPORTED = {
     "tensor_rms_clip": 124,
     "kronecker_curvature": 40,
-    "dense_iterate": 30,
+    "dense_iterate": 39,
     "kfac_power_ema": 7,
 }
 
