@@ -237,21 +237,18 @@ def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
 
 
 def _rule_length_clip_needs_a_length_in_an_eigenbasis(opt: ir.Optimizer) -> None:
-    ln, st, clip = opt.length, opt.structure, opt.clip
-    if clip.kind != "length":
-        return
-    if ln.kind == "none":
-        raise _clash(clip, "clip length", ln, "length none",
-                     "clip length bounds the Newton step by the length limitation's step, and "
-                     "length none limits nothing (d is the Newton step already); choose the "
-                     "length to relax: normalized, gradient_norm or eigen_sign")
-    if st.kind not in ("scalar", "diagonal", "dense") or opt.curvature.kind == "kfac":
-        other = (opt.curvature, "curvature kfac") if opt.curvature.kind == "kfac" \
-            else (st, f"structure {st.kind}")
-        raise _clash(clip, "clip length", *other,
-                     "clip length compares the Newton step and the length's step component "
-                     "by component in the curvature's eigenbasis, which only the scalar, "
-                     "diagonal and dense structures compute")
+    ln, st, c = opt.length, opt.structure, opt.curvature
+    if opt.clip.kind == "length" and ln.kind == "none":
+        raise _clash(opt.clip, "clip length", ln, "length none", "clip length bounds the "
+                     "Newton step by the length limitation's step, and length none limits "
+                     "nothing; choose the length to relax: normalized, gradient_norm or eigen_sign")
+    if opt.clip.kind == "length" and (st.kind not in ("scalar", "diagonal", "dense")
+                                      or c.kind == "kfac"):
+        raise _clash(opt.clip, "clip length", *((c, "curvature kfac") if c.kind == "kfac" else
+                                                (st, f"structure {st.kind}")),
+                     "clip length compares the Newton step and the length's step component by "
+                     "component in the curvature's eigenbasis, which only the scalar, diagonal "
+                     "and dense structures compute")
 
 
 def _rule_delayed_needs_every(opt: ir.Optimizer) -> None:
