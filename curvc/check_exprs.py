@@ -19,7 +19,9 @@ from curvc import ir, parse as ast
 from curvc.errors import CurvError, suggest
 from curvc.language import EXPRESSION_NAMES, FUNCTIONS, OPERATORS, RESERVED_WHY
 
-_HOST_NAMES = frozenset({"step"})
+_HOST_NAMES = frozenset({"step", "ndim"})
+# host names that differ per tensor: a buffer's fill value is one per param group
+_PER_TENSOR = frozenset({"ndim"})
 
 
 @dataclass
@@ -41,6 +43,15 @@ class Scope:
                 return self.is_host(self.checked[e.name])
             return e.name in _HOST_NAMES
         return all(self.is_host(a) for a in e.args)
+
+    def per_tensor(self, e: ir.Expr) -> ir.Var | None:
+        """The first name ``e`` reads (through lets) whose value differs per tensor."""
+        for v in _vars(e):
+            if v.name in _PER_TENSOR:
+                return v
+            if v.name in self.lets and self.per_tensor(self.checked[v.name]) is not None:
+                return v
+        return None
 
 
 def definitions(spec: ast.SpecAST, hypers: dict[str, ir.Hyper]) -> Scope:
@@ -90,6 +101,9 @@ def check_all(spec: ast.SpecAST, scope: Scope, clause_exprs: dict[str, ir.Expr],
             init: ir.Expr = ir.Const(0.0)
         else:
             init = expression(d.init, scope)
+            shaped = scope.per_tensor(init)
+            if shaped is not None:
+                raise CurvError("expr.per_tensor_init", shaped.span, name=shaped.name)
             if not scope.is_host(init):
                 bad = next(v for v in _vars(init) if v.name not in _HOST_NAMES
                            and v.name not in scope.lets)

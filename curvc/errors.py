@@ -79,9 +79,11 @@ MESSAGES: dict[str, str] = {
     "expr.name_taken": "{name!r} cannot name a {kind}: {why}",
     "expr.not_a_state": "old() reads a state's stored value; {name!r} is not a state",
     "expr.tensor_condition": "the condition of if() is decided once per step on the host, so "
-    "it may read hyperparameters and step, not {name!r}",
+    "it may read hyperparameters, step and ndim, not {name!r}",
     "expr.boolean_operand": "the boolean {name!r} can only be the condition of if()",
     "expr.host_init": "a state starts from a number or a hyperparameter expression, not {name!r}",
+    "expr.per_tensor_init": "a state starts from one value per param group, so its init "
+    "cannot read {name!r}, which differs per tensor",
     "expr.cycle": "{path}: each needs the other's value of this step",
     "expr.unused": "{kind} {name!r} is defined but never read",
     "expr.expected_name": "{what} must name a vector (grad, a let or a state), not {found}",

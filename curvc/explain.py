@@ -49,6 +49,8 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         "normalized": f"||d||_{h} = eps",
         "eigen_sign": f"||d_i||_{h} = eps",
     }[opt.length.kind]
+    if opt.clip.kind == "length":  # the limit relaxed to a bound, C times the length's
+        length = length.replace(" = eps", " <= C*eps")
     ca = {"constant": "", "hessian": "", "hutchinson": "", "secant": "",
           "expression": str(opt.curvature.value),
           "fisher": "F", "gauss_newton_bartlett": "F",
@@ -235,9 +237,13 @@ def _preconditioner(root: Root, acc: str) -> str:
 def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq: list[str] = []
     constant = nums.root is None or opt.curvature.kind == "constant"
+    newton = acc_name = None  # clip length's Newton step
     if not constant:
         eq.append(f"c     = {_estimate(opt)}")
-        eq.append(f"P     = {_preconditioner(nums.root, _accumulate(opt, eq, 'c', nums=nums))}")
+        acc_name = _accumulate(opt, eq, 'c', nums=nums)
+        eq.append(f"P     = {_preconditioner(nums.root, acc_name)}")
+        r = nums.root
+        newton = _preconditioner(Root(None, r.inside, r.after, r.floor), acc_name)
     m = _momentum(opt, eq, nums)
     ln = opt.length.kind
     u = f"{m}" if constant else f"{m} / P"
@@ -248,6 +254,10 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         eq.append(f"d     = {u} / {norm}   (sum over {_over(opt.length)}; d = 0 where it is 0)")
     else:
         eq.append(f"d     = {u}")
+    if opt.clip.kind == "length":
+        wrap = newton and newton != acc_name  # damped: parenthesized
+        eq.append(f"n     = {m}" + ((f" / ({newton})" if wrap else f" / {newton}") if newton else "")
+                  + "   (the Newton step: the damped curvature, no root)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
@@ -299,6 +309,10 @@ def _clip(opt: ir.Optimizer, clip: ir.Clip | None = None, x: str = "d") -> list[
     if clip.kind == "elementwise":
         t = _v(clip.threshold)
         return [f"{x}     = clamp({x}, -{t}, {t})" + (f"   ({first})" if first else "")]
+    if clip.kind == "length":  # the caller writes n, the Newton step
+        return [f"{x}     = sign(n) * min(|n|, {_v(clip.threshold)} * |{x}|)   (clip length: "
+                "per coordinate of the curvature's eigenbasis, the Newton step capped at "
+                f"{_v(clip.threshold)} times the length's)"]
     if clip.kind == "global_norm":
         return [f"{x}     = {x} * min(1, {_v(clip.threshold)} / ||{x}||)   "
                 f"(norm over {_over(clip)}" + (f"; {first})" if first else ")")]

@@ -184,6 +184,11 @@ def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append("H     = Q diag(lambda) Q^T")
         eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
+    if opt.clip.kind == "length":  # in H's eigenbasis, before decay and momentum read d
+        r = nums.matrix
+        eq.append(f"n     = {_dense_inverse(Root('1', r.inside, r.after))} {m}   "
+                  "(the Newton step)")
+        eq += base._clip(opt)
     dec = opt.decay
     if dec.kind == "l2" and dec.decoupled != ir.Const(True):
         switch = dec.decoupled is not None and dec.decoupled != ir.Const(False)
@@ -193,7 +198,8 @@ def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     if base._momentum(opt, tail, nums) != "g":  # the same axis as elsewhere, on d
         eq += [re.sub(r"\bg\b", "d", line) for line in tail]
         eq.append(f"d     = {base._momentum(opt, [], nums)}")
-    eq += base._clip(opt)
+    if opt.clip.kind != "length":
+        eq += base._clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
 

@@ -167,7 +167,7 @@ class Length:
 
 @dataclass(frozen=True)
 class Clip:
-    kind: str  # none | global_norm | elementwise | tensor_rms
+    kind: str  # none | global_norm | elementwise | tensor_rms | length
     threshold: Arg | None = None
     scope: Arg | None = None  # global_norm: the norm's tensors (global | group | tensor)
     on: Arg | None = None  # step (the finished d) | gradient (g, before anything reads it)

@@ -135,6 +135,11 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"), _ON)),
         # d <- d / max(1, RMS(d)/threshold), RMS over each tensor (Adafactor's update clip)
         "tensor_rms": FormSpec((ArgSpec("threshold", "number", constraint="positive"),)),
+        # the length limitation relaxed to a bound (the paper's clipped NGD variants): in the
+        # curvature's eigenbasis, each component of the Newton step n = P^-1 g capped at C
+        # times the length's step d_L, d_i = sign(n_i) min(|n_i|, C |d_L,i|): for a length
+        # with d_L = n * s, d = n * min(1, C s), so ||d||_P <= C eps where the length fixes eps
+        "length": FormSpec((ArgSpec("threshold", "number", constraint="positive"),)),
     },
     "momentum": {
         "none": FormSpec(),
@@ -186,6 +191,8 @@ EXPRESSION_NAMES = {
     "grad": "the gradient g (after maximize and coupled weight decay)",
     "param": "the parameter theta before this step",
     "step": "the step count t (1 on the first step)",
+    # a host value per tensor: `if(ndim > 1, ...)` treats matrices and vectors apart (LARS)
+    "ndim": "the parameter tensor's number of dimensions (0 for a scalar)",
     "direction": "the preconditioned, length-limited and clipped direction d",
 }
 

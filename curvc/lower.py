@@ -185,15 +185,16 @@ def lower_momentum(s: Step, g: Expr) -> Expr:
     return select(used, out, g)
 
 
-def lower_preconditioner(s: Step, acc: Expr | None) -> Expr | None:
-    """P, the (damped, rooted) curvature that divides the step; None for the identity."""
+def lower_preconditioner(s: Step, acc: Expr | None, newton: bool = False) -> Expr | None:
+    """P, the (damped, rooted) curvature that divides the step; None for the identity.
+    ``newton``: the curvature damped but not rooted, as `length none` takes it."""
     if acc is None:
         return None
     ln, dmp = s.opt.length, s.opt.damping
     eps = s.arg(dmp.eps) if dmp.kind != "none" else None
 
     def root(x):
-        if ln.kind in ("none", "normalized"):
+        if newton or ln.kind in ("none", "normalized"):
             return x
         if ln.kind == "eigen_sign":
             return op("sqrt", x)
@@ -213,8 +214,8 @@ def lower_preconditioner(s: Step, acc: Expr | None) -> Expr | None:
     return p
 
 
-def lower_direction(s: Step, m: Expr, precond: Expr | None) -> Expr:
-    ln = s.opt.length
+def lower_direction(s: Step, m: Expr, precond: Expr | None, newton: bool = False) -> Expr:
+    ln = ir.Length("none") if newton else s.opt.length
     if ln.kind == "eigen_sign":
         u = op("sign", m)
     else:
@@ -249,6 +250,14 @@ def _normalized(s: Step, m: Expr, u: Expr) -> Expr:
     Every structure normalizes so."""
     norm_sq = _reduce(s, "norm_sq", mul(m, u), _scope(s.opt.length.scope))
     return op("div_or_zero", u, op("sqrt", norm_sq))
+
+
+def lower_length_clip(s: Step, m: Expr, acc: Expr | None, d: Expr) -> Expr:
+    """``clip length(C)``: the Newton step n = P^-1 m, each coordinate (the diagonal's
+    eigenbasis) capped at C times the length's step d: sign(n) min(|n|, C |d|)."""
+    n = lower_direction(s, m, lower_preconditioner(s, acc, newton=True), newton=True)
+    cap = mul(s.arg(s.opt.clip.threshold), op("abs", d))
+    return mul(op("sign", n), op("minimum", op("abs", n), cap))
 
 
 def lower_clip(s: Step, d: Expr, clip: ir.Clip | None = None, base: str = "step_norm_sq") -> Expr:
@@ -356,7 +365,8 @@ def build(opt: ir.Optimizer) -> Plan:
     else:
         acc = lower_iterate(s, lower_curvature(s, g))
         m = lower_momentum(s, g)
-        d = lower_clip(s, lower_direction(s, m, lower_preconditioner(s, acc)))
+        d = lower_direction(s, m, lower_preconditioner(s, acc))
+        d = lower_length_clip(s, m, acc, d) if opt.clip.kind == "length" else lower_clip(s, d)
     s.exprs.env["direction"] = d
     update = s.exprs.lower(opt.update) if opt.update is not None else d
     s.exprs.finish()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from curvc import ir
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, select
-from curvc.plan import Const, Expr, Load, Reduced, Reduction, Scalar, walk
+from curvc.plan import SHAPE, Const, Expr, Load, Reduced, Reduction, Scalar, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
 _FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
@@ -69,6 +69,8 @@ class Expressions:
             n = e.name
             if n == "step":
                 return Scalar("step")
+            if n == "ndim":  # set per tensor by the runtime, like the matrix shape
+                return Scalar(SHAPE[2])
             if n in self.lets:
                 return self.let(n, self_state)
             if n in self.states:
@@ -83,8 +85,13 @@ class Expressions:
             return select(flag, self.lower(then, self_state), self.lower(other, self_state))
         args = [self.lower(a, self_state) for a in e.args]
         if fn == "norm":  # a per-tensor sum, read back in the tensor's own step
-            name = s.unique("norm_sq")
-            s.reductions.append(Reduction(name, mul(args[0], args[0]), "tensor"))
+            value = mul(args[0], args[0])
+            # a let read by a state and by update is lowered twice: one sum serves both
+            name = next((r.name for r in s.reductions
+                         if r.value == value and r.scope == "tensor"), None)
+            if name is None:
+                name = s.unique("norm_sq")
+                s.reductions.append(Reduction(name, value, "tensor"))
             return op("sqrt", Reduced(name))
         if fn in _BINARY:
             return _BINARY[fn](*args)
@@ -106,6 +113,9 @@ class Expressions:
             return value.value != 0
         if not (isinstance(value, type(op("gt", 0, 0))) and value.op in ("gt", "ge")):
             value = op("ne", value, 0.0)
+        same = next((n for n, v in self.s.flags if v == value), None)
+        if same is not None:  # the same condition read twice is one flag
+            return same
         name = self.s.unique("condition")
         self.s.flags.append((name, value))
         return name

@@ -191,7 +191,8 @@ def lower_dense(s: Step) -> tuple[DenseStage, Expr]:
         init=s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         eps_inside=eps if dmp.kind == "inside" else Const(0.0),
         eps_after=eps if dmp.kind == "add" else Const(0.0),
-        power=s.arg(ln.power) if ln.kind == "gradient_norm" else Const(1.0))
+        power=s.arg(ln.power) if ln.kind == "gradient_norm" else Const(1.0),
+        clip=s.arg(opt.clip.threshold) if opt.clip.kind == "length" else Const(0.0))
     d = s.input("preconditioned")  # computed on the raw gradient: d is odd in g
     return stage, Select("maximize", op("neg", d), d)
 

@@ -374,6 +374,9 @@ class DenseStage:
     eps_inside: Expr
     eps_after: Expr
     power: Expr
+    # clip length(C): the Newton step's eigencoordinates capped at C times the length's
+    # (0: no clip)
+    clip: Expr = Const(0.0)
 
 
 @dataclass(frozen=True)
@@ -422,10 +425,10 @@ class Plan:
         return self.secant is not None or self.dense is not None
 
 
-# The tensor's shape as a matrix (rows, cols), host inputs like "step" that the runtime
-# sets per tensor (a vector is 1 x n; an order-k tensor shape[0] x the rest). Named with
-# a leading '_', which no hyperparameter's name may have.
-SHAPE = ("_rows", "_cols")
+# The tensor's shape as a matrix (rows, cols), and its order (ndim), host inputs like
+# "step" that the runtime sets per tensor (a vector is 1 x n; an order-k tensor shape[0] x
+# the rest). Named with a leading '_', which no hyperparameter's name may have.
+SHAPE = ("_rows", "_cols", "_ndim")
 
 
 def flat_hyper_names(hypers) -> list[str]:

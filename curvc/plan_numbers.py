@@ -125,7 +125,7 @@ def _elementwise_root(plan: Plan, text: _PlanText) -> Root | None:
     # the outermost such division (walk yields children first): a spec's own arithmetic
     # inside the momentum (NAdam's mu_next / (1 - mu_product mu_next)) comes before it
     p = next((n.args[1] for n in reversed(list(walk(_param_update(plan)))) if isinstance(n, Op)
-              and n.op == "div" and _reads_tensor(n.args[1])), None)
+              and n.op in ("div", "div_or_zero") and _reads_tensor(n.args[1])), None)
     if p is None:
         return None
     after = floor = inside = exponent = None

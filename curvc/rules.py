@@ -236,6 +236,21 @@ def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
                      "a normalized step already has a fixed norm, so there is nothing to clip")
 
 
+def _rule_length_clip_needs_a_length_in_an_eigenbasis(opt: ir.Optimizer) -> None:
+    ln, st, c = opt.length, opt.structure, opt.curvature
+    if opt.clip.kind == "length" and ln.kind == "none":
+        raise _clash(opt.clip, "clip length", ln, "length none", "clip length bounds the "
+                     "Newton step by the length limitation's step, and length none limits "
+                     "nothing; choose the length to relax: normalized, gradient_norm or eigen_sign")
+    if opt.clip.kind == "length" and (st.kind not in ("scalar", "diagonal", "dense")
+                                      or c.kind == "kfac"):
+        raise _clash(opt.clip, "clip length", *((c, "curvature kfac") if c.kind == "kfac" else
+                                                (st, f"structure {st.kind}")),
+                     "clip length compares the Newton step and the length's step component by "
+                     "component in the curvature's eigenbasis, which only the scalar, diagonal "
+                     "and dense structures compute")
+
+
 def _rule_delayed_needs_every(opt: ir.Optimizer) -> None:
     it = opt.iterate
     if it.delayed and it.every is None:
@@ -303,6 +318,7 @@ COMBINATION_RULES = (
     _rule_running_maximum_needs_coordinates,
     _rule_newton_schulz_is_the_polar_factor,
     _rule_normalized_step_needs_no_clip,
+    _rule_length_clip_needs_a_length_in_an_eigenbasis,
 )
 
 

@@ -60,12 +60,29 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict) -> torch.Tensor:
     coords = q.T @ g.to(torch.float64)
     if s["length"] == "eigen_sign":
         coords = matrix.sign_above_rounding(coords)
+    if s.get("clip", 0.0):
+        return _length_clipped(w, q, positive, g, coords, inv, s)
     d = q @ (inv * coords)
     if s["length"] == "normalized":  # no host sync: a zero norm gives a zero step
         norm_sq = g.to(torch.float64).dot(d)
         d = torch.where(norm_sq > 0, d / norm_sq.clamp(min=torch.finfo(d.dtype).tiny).sqrt(),
                         torch.zeros_like(d))
     return d.to(g.dtype)
+
+
+def _length_clipped(w, q, positive, g, coords, inv, s) -> torch.Tensor:
+    """clip length(C): in the eigenbasis, the Newton step's coordinates n_i = g^_i / w_i
+    (damped as the length's root is) capped at C times the length's d_L,i:
+    sign(n_i) min(|n_i|, C |d_L,i|), the paper's clipped NGD variants."""
+    raw = q.T @ g.to(torch.float64)
+    newton = torch.where(positive, raw / (w + s["eps_after"]), torch.zeros_like(w))
+    length = inv * coords
+    if s["length"] == "normalized":  # d_L = n / sqrt(g^T n): one scale for every coordinate
+        norm_sq = raw.dot(length)
+        length = torch.where(norm_sq > 0, length / norm_sq.clamp(
+            min=torch.finfo(w.dtype).tiny).sqrt(), torch.zeros_like(length))
+    capped = newton.sign() * torch.minimum(newton.abs(), s["clip"] * length.abs())
+    return (q @ capped).to(g.dtype)
 
 
 def accumulate(acc: torch.Tensor | None, matrix: torch.Tensor, settings: dict) -> torch.Tensor:

@@ -259,8 +259,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self._check_grad(p, g)
             state = self.state.get(p, {})
             step = float(state["step"]) + 1.0 if "step" in state else 1.0
-            # machine_eps resolves per dtype; Muon's lr adjustment per matrix shape
-            at = (step, p.dtype, *_matrix_shape(p)) if self.SHAPED else (step, p.dtype)
+            # machine_eps resolves per dtype; Muon's lr adjustment per matrix shape, ndim per order
+            at = (step, p.dtype, *_matrix_shape(p), float(p.dim())) if self.SHAPED \
+                else (step, p.dtype)
             if at not in per_step:
                 per_step[at] = self.host({**resolved(h, p.dtype), **dict(zip(SHAPE, at[2:]))},
                                          step)

@@ -15,8 +15,11 @@ Update, per step t (elementwise unless noted):
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
     exp_inf = max(betas[1] * exp_inf, abs(grad) + eps)   (state: exp_inf on the right is the stored
         value)
+    c     = exp_inf
+    C     = c
+    P     = C
     m     = exp_avg / (1 - betas[0] ^ step)
-    d     = m
+    d     = m / P
     theta = theta - lr * d
 """
 

@@ -84,7 +84,7 @@ def _host(h, step):
             'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple, 'eps': h_eps,
             'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1,
             's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
-    flags = {'condition': bool((h_step > 1.0)), 'condition2': bool((h_step > 1.0)),
+    flags = {'condition': bool((h_step > 1.0)),
             'weight_decouple2': bool((h_weight_decouple != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
 
@@ -93,7 +93,7 @@ def _host(h, step):
 
 def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1, h_betas_2,
         h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite,
-        f_condition, f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+        f_condition, f_maximize, f_nonfinite_skip, f_weight_decouple2):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -106,8 +106,10 @@ def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_bet
     if f_maximize:
         t1 = (-grad_)
     t2 = t1 if f_maximize else grad_
-    t3 = (t2 - previous_grad_)
-    t4 = (0.0 * t2)
+    if f_condition:
+        t3 = (t2 - previous_grad_)
+    if not f_condition:
+        t4 = (0.0 * t2)
     t5 = t3 if f_condition else t4
     t6 = (h_betas_1 * t5)
     t7 = (t2 + t6)
@@ -121,32 +123,31 @@ def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_bet
     if f_nonfinite_skip:
         t14 = torch.where(r_nonfinite != 0, exp_avg_, t13)
     new_exp_avg_ = t14 if f_nonfinite_skip else t13
-    t16 = t3 if f_condition2 else t4
-    t17 = torch.lerp(exp_avg_diff_, t16, h_s3)
+    t16 = torch.lerp(exp_avg_diff_, t5, h_s3)
     if f_nonfinite_skip:
-        t18 = torch.where(r_nonfinite != 0, exp_avg_diff_, t17)
-    new_exp_avg_diff_ = t18 if f_nonfinite_skip else t17
+        t17 = torch.where(r_nonfinite != 0, exp_avg_diff_, t16)
+    new_exp_avg_diff_ = t17 if f_nonfinite_skip else t16
     if f_nonfinite_skip:
-        t20 = torch.where(r_nonfinite != 0, previous_grad_, t2)
-    new_previous_grad_ = t20 if f_nonfinite_skip else t2
-    t22 = (t13 * h_s4)
-    t23 = (h_betas_1 * t17)
-    t24 = (t23 * h_s5)
-    t25 = (t22 + t24)
-    t26 = (t10 * h_s6)
-    t27 = torch.sqrt(t26)
-    t28 = (t27 + h_eps)
-    t29 = (t25 / t28)
-    t30 = (h_weight_decay * param_)
-    t31 = (t29 + t30)
+        t19 = torch.where(r_nonfinite != 0, previous_grad_, t2)
+    new_previous_grad_ = t19 if f_nonfinite_skip else t2
+    t21 = (t13 * h_s4)
+    t22 = (h_betas_1 * t16)
+    t23 = (t22 * h_s5)
+    t24 = (t21 + t23)
+    t25 = (t10 * h_s6)
+    t26 = torch.sqrt(t25)
+    t27 = (t26 + h_eps)
+    t28 = (t24 / t27)
+    t29 = (h_weight_decay * param_)
+    t30 = (t28 + t29)
     if not f_weight_decouple2:
-        t32 = (t31 * h_s7)
-    t33 = t31 if f_weight_decouple2 else t32
-    t34 = (h_lr * t33)
-    t35 = (param_ - t34)
+        t31 = (t30 * h_s7)
+    t32 = t30 if f_weight_decouple2 else t31
+    t33 = (h_lr * t32)
+    t34 = (param_ - t33)
     if f_nonfinite_skip:
-        t36 = torch.where(r_nonfinite != 0, param_, t35)
-    new_param_ = t36 if f_nonfinite_skip else t35
+        t35 = torch.where(r_nonfinite != 0, param_, t34)
+    new_param_ = t35 if f_nonfinite_skip else t34
     exp_avg_sq.copy_(new_exp_avg_sq_)
     exp_avg.copy_(new_exp_avg_)
     exp_avg_diff.copy_(new_exp_avg_diff_)
@@ -159,7 +160,7 @@ _UPDATE_ARGS = {
         'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
                 'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['condition', 'condition2', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
+        'flags': ['condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
 _REDUCE_ARGS = {}
 
 
@@ -176,7 +177,7 @@ def _foreach_cast(tensors, cdt):
 
 def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1,
         h_betas_2, h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay,
-        r_nonfinite, f_condition, f_condition2, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+        r_nonfinite, f_condition, f_maximize, f_nonfinite_skip, f_weight_decouple2):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -195,8 +196,10 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
         t2 = t1 if f_maximize else grad_
-        t3 = torch._foreach_sub(t2, previous_grad_)
-        t4 = torch._foreach_mul(t2, _c1)
+        if f_condition:
+            t3 = torch._foreach_sub(t2, previous_grad_)
+        if not f_condition:
+            t4 = torch._foreach_mul(t2, _c1)
         t5 = t3 if f_condition else t4
         t6 = torch._foreach_add(t2, t5, alpha=h_betas_1)
         torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
@@ -205,33 +208,32 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
                 _e1 in zip(exp_avg_sq_, t7)]
         t9 = torch._foreach_lerp(exp_avg_, t2, h_s2)
         new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t9)]
-        t11 = t3 if f_condition2 else t4
-        t12 = torch._foreach_lerp(exp_avg_diff_, t11, h_s3)
+        t11 = torch._foreach_lerp(exp_avg_diff_, t5, h_s3)
         new_exp_avg_diff_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_diff_, t12)]
+                _e1 in zip(exp_avg_diff_, t11)]
         new_previous_grad_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(previous_grad_, t2)]
         torch._foreach_mul_(t9, _s_s4)
-        t15 = t9
-        torch._foreach_mul_(t12, _s_betas_1)
-        t16 = t12
-        torch._foreach_add_(t15, t16, alpha=h_s5)
-        t17 = t15
+        t14 = t9
+        torch._foreach_mul_(t11, _s_betas_1)
+        t15 = t11
+        torch._foreach_add_(t14, t15, alpha=h_s5)
+        t16 = t14
         torch._foreach_mul_(t7, _s_s6)
-        t18 = t7
-        torch._foreach_sqrt_(t18)
+        t17 = t7
+        torch._foreach_sqrt_(t17)
+        t18 = t17
+        torch._foreach_add_(t18, h_eps)
         t19 = t18
-        torch._foreach_add_(t19, h_eps)
-        t20 = t19
-        torch._foreach_div_(t17, t20)
-        t21 = t17
-        torch._foreach_add_(t21, param_, alpha=h_weight_decay)
-        t22 = t21
+        torch._foreach_div_(t16, t19)
+        t20 = t16
+        torch._foreach_add_(t20, param_, alpha=h_weight_decay)
+        t21 = t20
         if not f_weight_decouple2:
-            t23 = torch._foreach_mul(t22, _s_s7)
-        t24 = t22 if f_weight_decouple2 else t23
-        t25 = torch._foreach_add(param_, t24, alpha=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t25)]
+            t22 = torch._foreach_mul(t21, _s_s7)
+        t23 = t21 if f_weight_decouple2 else t22
+        t24 = torch._foreach_add(param_, t23, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t24)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
@@ -246,36 +248,37 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
         new_previous_grad_ = t1 if f_maximize else grad_
-        torch._foreach_neg_(previous_grad_)
-        torch._foreach_add_(previous_grad_, new_previous_grad_)
-        t3 = previous_grad_
-        t4 = torch._foreach_mul(new_previous_grad_, _c1)
+        if f_condition:
+            torch._foreach_neg_(previous_grad_)
+            torch._foreach_add_(previous_grad_, new_previous_grad_)
+            t3 = previous_grad_
+        if not f_condition:
+            t4 = torch._foreach_mul(new_previous_grad_, _c1)
         t5 = t3 if f_condition else t4
         t6 = torch._foreach_add(new_previous_grad_, t5, alpha=h_betas_1)
         torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
         new_exp_avg_sq_ = t0
         torch._foreach_lerp_(exp_avg_, new_previous_grad_, h_s2)
         new_exp_avg_ = exp_avg_
-        t9 = t3 if f_condition2 else t4
-        torch._foreach_lerp_(exp_avg_diff_, t9, h_s3)
+        torch._foreach_lerp_(exp_avg_diff_, t5, h_s3)
         new_exp_avg_diff_ = exp_avg_diff_
-        t11 = torch._foreach_mul(new_exp_avg_, _s_s4)
-        t12 = torch._foreach_mul(new_exp_avg_diff_, _s_betas_1)
-        torch._foreach_add_(t11, t12, alpha=h_s5)
-        t13 = t11
-        t14 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
-        torch._foreach_sqrt_(t14)
+        t10 = torch._foreach_mul(new_exp_avg_, _s_s4)
+        t11 = torch._foreach_mul(new_exp_avg_diff_, _s_betas_1)
+        torch._foreach_add_(t10, t11, alpha=h_s5)
+        t12 = t10
+        t13 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        torch._foreach_sqrt_(t13)
+        t14 = t13
+        torch._foreach_add_(t14, h_eps)
         t15 = t14
-        torch._foreach_add_(t15, h_eps)
-        t16 = t15
-        torch._foreach_div_(t13, t16)
-        t17 = t13
-        torch._foreach_add_(t17, param_, alpha=h_weight_decay)
-        t18 = t17
+        torch._foreach_div_(t12, t15)
+        t16 = t12
+        torch._foreach_add_(t16, param_, alpha=h_weight_decay)
+        t17 = t16
         if not f_weight_decouple2:
-            t19 = torch._foreach_mul(t18, _s_s7)
-        t20 = t18 if f_weight_decouple2 else t19
-        torch._foreach_add_(param_, t20, alpha=-h_lr)
+            t18 = torch._foreach_mul(t17, _s_s7)
+        t19 = t17 if f_weight_decouple2 else t18
+        torch._foreach_add_(param_, t19, alpha=-h_lr)
         new_param_ = param_
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
@@ -293,7 +296,7 @@ _FOREACH_ARGS = {
         'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
                 'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['condition', 'condition2', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
+        'flags': ['condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -350,8 +353,8 @@ else:
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_condition: tl.constexpr, f_condition2: tl.constexpr, f_maximize: tl.constexpr,
-            f_nonfinite_skip: tl.constexpr, f_weight_decouple2: tl.constexpr,
+            f_condition: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_weight_decouple2: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, PREVIOUS_GRAD_T: tl.constexpr,
             EXP_AVG_T: tl.constexpr, EXP_AVG_DIFF_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
@@ -395,8 +398,10 @@ else:
             t2 = t1
         else:
             t2 = grad_
-        t3 = (t2 - previous_grad_)
-        t4 = (0.0 * t2)
+        if f_condition:
+            t3 = (t2 - previous_grad_)
+        if not f_condition:
+            t4 = (0.0 * t2)
         if f_condition:
             t5 = t3
         else:
@@ -420,48 +425,44 @@ else:
             new_exp_avg_ = t14
         else:
             new_exp_avg_ = t13
-        if f_condition2:
-            t16 = t3
-        else:
-            t16 = t4
-        t17 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_diff_ + h_s3 * (t16 - exp_avg_diff_),
-                t16 - (t16 - exp_avg_diff_) * (1.0 - h_s3))
+        t16 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_diff_ + h_s3 * (t5 - exp_avg_diff_),
+                t5 - (t5 - exp_avg_diff_) * (1.0 - h_s3))
         if f_nonfinite_skip:
-            t18 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t17)
+            t17 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t16)
         if f_nonfinite_skip:
-            new_exp_avg_diff_ = t18
-        else:
             new_exp_avg_diff_ = t17
+        else:
+            new_exp_avg_diff_ = t16
         if f_nonfinite_skip:
-            t20 = tl.where(r_nonfinite_c != 0, previous_grad_, t2)
+            t19 = tl.where(r_nonfinite_c != 0, previous_grad_, t2)
         if f_nonfinite_skip:
-            new_previous_grad_ = t20
+            new_previous_grad_ = t19
         else:
             new_previous_grad_ = t2
-        t22 = (t13 * h_s4)
-        t23 = (h_betas_1 * t17)
-        t24 = (t23 * h_s5)
-        t25 = (t22 + t24)
-        t26 = (t10 * h_s6)
-        t27 = _sqrt(t26)
-        t28 = (t27 + h_eps)
-        t29 = _div(t25, t28)
-        t30 = (h_weight_decay * param_)
-        t31 = (t29 + t30)
+        t21 = (t13 * h_s4)
+        t22 = (h_betas_1 * t16)
+        t23 = (t22 * h_s5)
+        t24 = (t21 + t23)
+        t25 = (t10 * h_s6)
+        t26 = _sqrt(t25)
+        t27 = (t26 + h_eps)
+        t28 = _div(t24, t27)
+        t29 = (h_weight_decay * param_)
+        t30 = (t28 + t29)
         if not f_weight_decouple2:
-            t32 = (t31 * h_s7)
+            t31 = (t30 * h_s7)
         if f_weight_decouple2:
-            t33 = t31
+            t32 = t30
         else:
-            t33 = t32
-        t34 = (h_lr * t33)
-        t35 = (param_ - t34)
+            t32 = t31
+        t33 = (h_lr * t32)
+        t34 = (param_ - t33)
         if f_nonfinite_skip:
-            t36 = tl.where(r_nonfinite_c != 0, param_, t35)
+            t35 = tl.where(r_nonfinite_c != 0, param_, t34)
         if f_nonfinite_skip:
-            new_param_ = t36
-        else:
             new_param_ = t35
+        else:
+            new_param_ = t34
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_diff_addr, offs, new_exp_avg_diff_, mask, EXP_AVG_DIFF_T)
@@ -484,8 +485,7 @@ else:
                 h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
                 h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_condition=bool(flags['condition']),
-                f_condition2=bool(flags['condition2']), f_maximize=bool(flags['maximize']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 f_weight_decouple2=bool(flags['weight_decouple2']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
                 PREVIOUS_GRAD_T=t.dtypes['previous_grad'], EXP_AVG_T=t.dtypes['exp_avg'],

@@ -76,6 +76,7 @@ def _host(h, step):
     h_step = step
     h__rows = h['_rows']
     h__cols = h['_cols']
+    h__ndim = h['_ndim']
     h_lr_step_part1_part0_part0 = (h_adjust_lr_fn == 0.0)
     h_lr_step_part1_part0_part1_part0 = (h_adjust_lr_fn == 1.0)
     h_lr_step_part1_part0_part1_part1 = math.sqrt(max(1.0, (h__rows / h__cols)))
@@ -91,7 +92,8 @@ def _host(h, step):
             'nesterov': h_nesterov, 'ns_coefficients_0': h_ns_coefficients_0,
             'ns_coefficients_1': h_ns_coefficients_1, 'ns_coefficients_2': h_ns_coefficients_2,
             'eps': h_eps, 'ns_steps': h_ns_steps, 'adjust_lr_fn': h_adjust_lr_fn, 'step': h_step,
-            '_rows': h__rows, '_cols': h__cols, 'lr_step': h_lr_step, 's1': h_s1, 's2': h_s2}
+            '_rows': h__rows, '_cols': h__cols, '_ndim': h__ndim, 'lr_step': h_lr_step, 's1': h_s1,
+            's2': h_s2}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'nesterov2': bool((h_nesterov != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags

@@ -53,6 +53,7 @@ def _dense(h):
     settings['eps_inside'] = float(0.0)
     settings['eps_after'] = float(0.0)
     settings['power'] = float(1.0)
+    settings['clip'] = float(0.0)
     return settings
 
 
