@@ -133,6 +133,12 @@ class Structure:
     eps: Arg | None = None  # newton_schulz: the norm floor; factored: the mean row's
     precision: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
+    # kronecker(basis = eigen): the diagonal pipeline in the factors' eigenbasis
+    basis: Arg | None = None
+    factor_beta: Arg | None = None
+    refresh: Arg | None = None
+    merge_dims: Arg | None = None
+    vectors: Arg | None = None
     span: Span = span_field()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from curvc import ir
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, select
-from curvc.plan import Const, Expr, Load, Reduced, Reduction, Scalar, walk
+from curvc.plan import Const, Expr, Load, Reduced, Reduction, Scalar, SHAPE, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
 _FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
@@ -86,6 +86,10 @@ class Expressions:
             name = s.unique("norm_sq")
             s.reductions.append(Reduction(name, mul(args[0], args[0]), "tensor"))
             return op("sqrt", Reduced(name))
+        if fn == "rms":  # the same sum, over the tensor's element count (rows x cols)
+            name = s.unique("rms_sq")
+            s.reductions.append(Reduction(name, mul(args[0], args[0]), "tensor"))
+            return op("sqrt", div(Reduced(name), mul(Scalar(SHAPE[0]), Scalar(SHAPE[1]))))
         if fn in _BINARY:
             return _BINARY[fn](*args)
         if fn == "neg":

@@ -304,6 +304,8 @@ COMBINATION_RULES = (
     _rule_newton_schulz_is_the_polar_factor,
     _rule_normalized_step_needs_no_clip,
 )
+from curvc.rules_eigen import rule_eigenbasis_runs_a_diagonal_pipeline  # noqa: E402
+COMBINATION_RULES += (rule_eigenbasis_runs_a_diagonal_pipeline,)
 
 
 # --- what the code generator does not render yet -------------------------------
