@@ -54,7 +54,9 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
           "fisher": "F", "gauss_newton_bartlett": "F",
           "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
     s = opt.structure.kind
-    if s == "kronecker":
+    if s == "kronecker" and opt.structure.basis == ir.Const("eigen"):
+        sa = "diagonal in the eigenbasis of L (x) R"
+    elif s == "kronecker":
         matrix = numbers(opt, plan).matrix
         x = _half(matrix.exponent) if matrix else None
         sa = f"L^-{x} g R^-{x}" if x and opt.curvature.kind != "kfac" else "block-diagonal"

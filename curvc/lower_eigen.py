@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from curvc import lower as axes
 from curvc.fold import op, sub
-from curvc.lower_step import Step, every_flag, iterate_beta, refresh_count
-from curvc.plan import Const, Expr, Precondition
+from curvc.lower_step import Step, every_flag, iterate_beta
+from curvc.plan import Const, Expr, Precondition, Scalar
 from curvc.plan_eigen import EigenbasisStage
 
 
@@ -20,8 +20,9 @@ def lower_eigenbasis(s: Step, g: Expr, m: Expr, exponent: Expr) -> Expr:
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
+        # V takes its first statistic on the second step (the first has no basis yet)
         correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), refresh_count(s, None))))
+                                   sub(1.0, op("pow", s.arg(it.beta), sub(Scalar("step"), 1.0))))
     params = {
         "factor_beta": s.arg(st.factor_beta),
         "weight": iterate_beta(s)[1] if it.kind == "ema" else Const(0.0),

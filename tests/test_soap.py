@@ -119,3 +119,132 @@ def test_soap_takes_the_reference_constructor_arguments_and_defaults():
             continue
         assert name in ours, name
         assert ours[name].default == p.default, name
+
+
+# --- the hybrids, against the equations written out here ----------------------------------
+#
+# Per tensor (a vector as an n x 1 matrix, whose 1 x 1 factor's basis is +-1): G' = Q_L^T G
+# Q_R, V accumulated from G'^2 from the second step on, D' = rotate(M) / P(V), d = Q_L D'
+# Q_R^T, then L, R <- EMA with G G^T, G^T G and, every k steps after the first, a new basis;
+# the first step only gathers L, R and takes their eigenvectors. A basis is unique up to the
+# signs of its columns, and every pipeline here is invariant to those, so the shapes keep
+# every factor's null space at most 1-dimensional on the first step.
+
+HYBRID_SHAPES = [(4, 3), (2,), (3, 4), (3, 3)]
+
+
+def _desc_eigenvectors(a):
+    return torch.linalg.eigh(a)[1].flip(1)
+
+
+def _power_qr(f, q, v, axis):
+    p = f @ q
+    order = torch.argsort((q * p).sum(0), descending=True)
+    new = torch.linalg.qr(p[:, order].to(torch.float32))[0].to(f.dtype)
+    return new, v.index_select(axis, order)
+
+
+class _Reference:
+    """The rotation around a diagonal pipeline: ``pipeline(V, c, t) -> V`` accumulates,
+    ``divide(M', V, t) -> D'``; ``refresh`` is 'eigh' or 'power_qr'."""
+
+    def __init__(self, factor_beta, every, refresh, accumulate, divide):
+        self.fb, self.every, self.refresh = factor_beta, every, refresh
+        self.accumulate, self.divide, self.state = accumulate, divide, {}
+
+    def direction(self, key, g, m, t):
+        G, M = (g.reshape(-1, 1), m.reshape(-1, 1)) if g.dim() == 1 else (g, m)
+        s = self.state.setdefault(key, {"L": torch.zeros(G.shape[0], G.shape[0],
+                                                         dtype=G.dtype),
+                                        "R": torch.zeros(G.shape[1], G.shape[1],
+                                                         dtype=G.dtype)})
+        if t == 1:
+            d = torch.zeros_like(G)
+            s["V"] = torch.zeros_like(G)
+        else:
+            ql, qr = s["QL"], s["QR"]
+            s["V"] = self.accumulate(s["V"], (ql.T @ G @ qr) ** 2)
+            d = ql @ self.divide(ql.T @ M @ qr, s["V"], t) @ qr.T
+        s["L"] = self.fb * s["L"] + (1 - self.fb) * (G @ G.T)
+        s["R"] = self.fb * s["R"] + (1 - self.fb) * (G.T @ G)
+        if t == 1 or self.refresh == "eigh" and (t - 1) % self.every == 0:
+            s["QL"], s["QR"] = _desc_eigenvectors(s["L"]), _desc_eigenvectors(s["R"])
+        elif (t - 1) % self.every == 0:
+            s["QL"], s["V"] = _power_qr(s["L"], s["QL"], s["V"], 0)
+            s["QR"], s["V"] = _power_qr(s["R"], s["QR"], s["V"], 1)
+        return d.reshape(g.shape)
+
+
+def _ekfac_like(groups, grads_seq, kw, g2):
+    """Decoupled decay, the bias-corrected momentum m-hat rotated, divided by
+    V / (1 - stat_decay^(t-1)) + damping."""
+    out = []
+    for gi, params in enumerate(groups):
+        h = {**kw, **(g2 if gi else {})}
+        ref_g = _Reference(h["factor_decay"], h["refresh_every"], "power_qr",
+                           lambda v, c, h=h: h["stat_decay"] * v + (1 - h["stat_decay"]) * c,
+                           lambda mp, v, t, h=h: mp / (v / (1 - h["stat_decay"] ** (t - 1))
+                                                       + h["damping"]))
+        ms = [torch.zeros_like(p) for p in params]
+        traj = []
+        ps = [p.clone() for p in params]
+        for t, grads in enumerate(grads_seq[gi], start=1):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                ms[i] = h["momentum"] * ms[i] + (1 - h["momentum"]) * g
+                mhat = ms[i] / (1 - h["momentum"] ** t)
+                d = ref_g.direction(i, g, mhat, t)
+                ps[i] = p * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * d
+            traj.append([p.clone() for p in ps])
+        out.append(traj)
+    return out
+
+
+def _eigen_adagrad(groups, grads_seq, kw, g2):
+    """Coupled decay, the gradient rotated, divided by sqrt(V) + eps, V summed."""
+    out = []
+    for gi, params in enumerate(groups):
+        h = {**kw, **(g2 if gi else {})}
+        ref = _Reference(h["factor_beta"], h["refresh_every"], "eigh",
+                         lambda v, c: v + c, lambda gp, v, t, h=h: gp / (v.sqrt() + h["eps"]))
+        ps = [p.clone() for p in params]
+        traj = []
+        for t, grads in enumerate(grads_seq[gi], start=1):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                g = g + h["weight_decay"] * p
+                ps[i] = p - h["lr"] * ref.direction(i, g, g, t)
+            traj.append([p.clone() for p in ps])
+        out.append(traj)
+    return out
+
+
+HYBRIDS = {
+    "hybrids/ekfac_like": (_ekfac_like,
+                           dict(lr=2e-2, momentum=0.8, stat_decay=0.9, factor_decay=0.85,
+                                damping=1e-2, refresh_every=3, weight_decay=0.05),
+                           dict(lr=1e-2, damping=3e-2)),
+    "hybrids/eigen_adagrad": (_eigen_adagrad,
+                              dict(lr=3e-2, eps=1e-6, factor_beta=0.9, refresh_every=4,
+                                   weight_decay=0.01),
+                              dict(lr=1e-2, factor_beta=0.8)),
+}
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_hybrid_matches_its_equations_in_float64(name):
+    equations, kw, g2 = HYBRIDS[name]
+    ours_p = _params(HYBRID_SHAPES)
+    start = [p.detach().clone() for p in ours_p]
+    half = len(ours_p) // 2
+    ours = _make(curvc.load(name, backend="torch"), ours_p, kw, g2)
+    grads = _grads(HYBRID_SHAPES, STEPS)
+    traj = [[] for _ in range(STEPS)]
+    for t, g in enumerate(grads):
+        _step(ours, ours_p, g)
+        traj[t] = [p.detach().clone() for p in ours_p]
+    expected = equations([start[:half], start[half:]],
+                         [[g[:half] for g in grads], [g[half:] for g in grads]], kw, g2)
+    for t in range(STEPS):
+        want = expected[0][t] + expected[1][t]
+        for a, b in zip(traj[t], want):
+            assert _relative(a, b) <= TOL, (name, t + 1, tuple(a.shape), _relative(a, b))
+    assert all(_relative(p.detach(), q) > 1e-3 for p, q in zip(ours_p, start))
