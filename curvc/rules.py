@@ -165,7 +165,7 @@ def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
 def _rule_running_maximum_needs_coordinates(opt: ir.Optimizer) -> None:
     it, st = opt.iterate, opt.structure
     if it.keep_max is not None and it.keep_max != ir.Const(False) and \
-            st.kind not in ("diagonal", "scalar"):
+            st.kind not in ("diagonal", "scalar") and st.basis != ir.Const("eigen"):
         raise _clash(it, "iterate ema(keep_max = ...)", st, f"structure {st.kind}",
                      "a running maximum is taken coordinate by coordinate; matrices have no "
                      "maximum (the order of positive semi-definite matrices is partial)")
