@@ -139,6 +139,7 @@ class Structure:
     refresh: Arg | None = None
     merge_dims: Arg | None = None
     vectors: Arg | None = None
+    layout: Arg | None = None
     span: Span = span_field()
 
 

@@ -49,12 +49,16 @@ NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 # basis = eigen: the spec's diagonal pipeline (iterate, length, damping) runs in the
 # eigenbasis of the factors, EMAs with factor_beta, refreshed every k steps by `refresh`
 # (power_qr: one power-iteration step and a QR; eigh); merge_dims merges adjacent small dims
-# into modes up to max_dim; vectors = false gives a 1-D tensor no factor (SOAP's
-# precondition_1d)
+# into modes up to max_dim (layout: a 4-D tensor's NCHW or NHWC); vectors = false gives a
+# 1-D tensor no factor (SOAP's precondition_1d)
 _EIGENBASIS = (ArgSpec("basis", "enum", "none", choices=("none", "eigen")),
                ArgSpec("factor_beta", "number", 0.95, "unit"),
                ArgSpec("refresh", "enum", "power_qr", choices=("power_qr", "eigh")),
-               ArgSpec("merge_dims", "bool", False), ArgSpec("vectors", "bool", True))
+               ArgSpec("merge_dims", "bool", False), ArgSpec("vectors", "bool", True),
+               # how a 4-D tensor's dims are laid out for merge_dims: NCHW, or NHWC (whose
+               # channels are moved to dim 1 before merging), a word a hyperparameter may give
+               ArgSpec("layout", "enum", "channels_first",
+                       choices=("channels_first", "channels_last"), by_hyper=True))
 EIGENBASIS_ARGS = tuple(a.name for a in _EIGENBASIS)
 
 _ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"),

@@ -5,11 +5,14 @@ lets, the update and the decay stay elementwise around it, in the parameter's ow
 """
 from __future__ import annotations
 
-from curvc import lower as axes
+from curvc import ir, lower as axes
+from curvc.language import FORMS
 from curvc.fold import op, sub
 from curvc.lower_step import Step, every_flag, iterate_beta
 from curvc.plan import Const, Expr, Precondition, Scalar
 from curvc.plan_eigen import EigenbasisStage
+
+LAYOUTS = next(a.choices for a in FORMS["structure"]["kronecker"].args if a.name == "layout")
 
 
 def lower_eigenbasis(s: Step, g: Expr, m: Expr, exponent: Expr) -> Expr:
@@ -35,6 +38,9 @@ def lower_eigenbasis(s: Step, g: Expr, m: Expr, exponent: Expr) -> Expr:
         "max_dim": s.arg(st.max_dim),
         "merge": s.arg(st.merge_dims),
         "vectors": s.arg(st.vectors),
+        # a word reaches the host as its index among the choices (channels_last: 1)
+        "layout": (s.arg(st.layout) if isinstance(st.layout, ir.HyperRef)
+                   else Const(float(LAYOUTS.index(st.layout.value)))),
     }
     stage = EigenbasisStage(s.unique("eigenbasis"), it.kind, refresh, str(st.refresh.value),
                             "eigen_sign" if ln.kind == "eigen_sign" else "root")

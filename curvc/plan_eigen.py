@@ -17,7 +17,8 @@ class EigenbasisStage:
     rotated back. The factors are EMAs (``factor_beta``) of the Gram matrices of G's
     unfoldings, accumulated after the step; the basis is refreshed (``method``: 'power_qr'
     or 'eigh') when the flag ``refresh`` holds. The first call returns 0 (no basis yet).
-    ``merge``: adjacent small dims merged into modes up to ``max_dim``; ``vectors``: a
+    ``merge``: adjacent small dims merged into modes up to ``max_dim`` (``layout`` 1: a
+    4-D tensor's NHWC dims taken as NCHW first); ``vectors``: a
     tensor of order 1 keeps a factor (else its basis is I).
     """
 
@@ -30,7 +31,7 @@ class EigenbasisStage:
     accumulate_when = None  # V and the factors take every step's statistic
     params: tuple[str, ...] = ("factor_beta", "weight", "init", "exponent", "eps_inside",
                                "eps_after", "floor", "bias_correction", "max_dim", "merge",
-                               "vectors")
+                               "vectors", "layout")
 
     reads_param = False
 

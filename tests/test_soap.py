@@ -67,6 +67,12 @@ CASES = {
                    dict(lr=1e-2, betas=(0.9, 0.95), shampoo_beta=0.85, precondition_frequency=3,
                         max_precondition_dim=6, merge_dims=True),
                    dict(lr=4e-3, shampoo_beta=0.7)),
+    # channels_last: a 4-D tensor's NHWC dims merged as NCHW, (2, 3, 4, 5) -> (10, 3, 4)
+    "merge_dims-channels_last": ([(2, 3, 4, 5), (5, 4), (3, 2, 2, 4), (6, 3)],
+                                 dict(lr=1e-2, betas=(0.9, 0.95), shampoo_beta=0.85,
+                                      precondition_frequency=3, max_precondition_dim=10,
+                                      merge_dims=True, data_format="channels_last"),
+                                 dict(lr=4e-3, weight_decay=0.1)),
 }
 
 
@@ -115,7 +121,7 @@ def test_soap_takes_the_reference_constructor_arguments_and_defaults():
     ours = inspect.signature(curvc.load("soap", backend="torch")).parameters
     ref = inspect.signature(_soap()).parameters
     for name, p in ref.items():
-        if name in ("self", "kwargs", "data_format", "shampoo_beta"):
+        if name in ("self", "kwargs", "shampoo_beta"):
             continue
         assert name in ours, name
         assert ours[name].default == p.default, name

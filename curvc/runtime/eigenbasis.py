@@ -40,6 +40,29 @@ def merged_shape(shape, max_dim: float) -> list[int]:
     return out
 
 
+class _Modes:
+    """A tensor's modes as the factors see them: its own dims, or (``merge``) the merged
+    ones, a 4-D tensor of ``layout`` 1 (NHWC) taken as NCHW before merging."""
+
+    def __init__(self, value: torch.Tensor, max_dim: float, merge: float, layout: float):
+        self.original = tuple(value.shape)
+        self.nhwc = bool(merge) and bool(layout) and value.dim() == 4
+        self.laid = self.original
+        if self.nhwc:
+            n, h, w, c = self.original
+            self.laid = (n, c, h, w)
+        self.shape = list(self.original)
+        if merge and value.dim() > 1:
+            self.shape = merged_shape(self.laid, max_dim)
+
+    def into(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 3, 1, 2) if self.nhwc else x).reshape(self.shape)
+
+    def back(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.laid).permute(0, 2, 3, 1) if self.nhwc \
+            else x.reshape(self.original)
+
+
 def _has_factor(shape, d: int, max_dim: float, vectors: bool) -> bool:
     return d <= max_dim and (len(shape) > 1 or vectors)
 
@@ -66,7 +89,7 @@ def eigenbasis(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, acc
                refresh: bool, method: str, length: str, factor_beta: float, weight: float,
                init: float, exponent: float, eps_inside: float, eps_after: float,
                floor: float, bias_correction: float, max_dim: float, merge: float,
-               vectors: float) -> torch.Tensor:
+               vectors: float, layout: float) -> torch.Tensor:
     """One tensor's step (see the module docstring and ``curvc.plan_eigen.EigenbasisStage``).
 
     State keys: ``GG_i`` the factors, ``Q_i`` their bases, ``exp_avg_sq`` V (the shape of
@@ -74,10 +97,9 @@ def eigenbasis(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, acc
     """
     if value.numel() == 0:
         return value
-    shape = list(value.shape)
-    if merge and value.dim() > 1:
-        shape = merged_shape(shape, max_dim)
-    g = statistic.reshape(shape)
+    modes_of = _Modes(value, max_dim, merge, layout)
+    shape = modes_of.shape
+    g = modes_of.into(statistic)
     modes = [i for i, d in enumerate(shape) if _has_factor(shape, d, max_dim, bool(vectors))]
     first = "exp_avg_sq" not in state
     if first:
@@ -87,16 +109,17 @@ def eigenbasis(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, acc
     else:
         bases = [state.get(f"Q_{i}") for i in range(len(shape))]
         v = state["exp_avg_sq"]
-        c = _rotate(g, bases, back=False).square().reshape(v.shape)
+        c = modes_of.back(_rotate(g, bases, back=False)).square()
         if accumulate == "ema":
             v.lerp_(c, weight)
         elif accumulate == "sum":
             v.add_(c)
         else:  # instant: this step's only
             v.copy_(c)
-        out = _rotate(_scaled(_rotate(value.reshape(shape), bases, back=False),
-                              v.reshape(shape), length, exponent, eps_inside, eps_after, floor,
-                              bias_correction), bases, back=True).reshape(value.shape)
+        out = modes_of.back(_rotate(_scaled(_rotate(modes_of.into(value), bases, back=False),
+                                            modes_of.into(v), length, exponent, eps_inside,
+                                            eps_after, floor, bias_correction),
+                                    bases, back=True))
     for i in modes:
         key = f"GG_{i}"
         if key not in state:
@@ -107,7 +130,7 @@ def eigenbasis(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, acc
         for i in modes:
             state[f"Q_{i}"] = _eigenvectors(state[f"GG_{i}"])
     elif refresh:
-        _refresh(state, modes, shape, method)
+        _refresh(state, modes, modes_of, method)
     return out
 
 
@@ -131,9 +154,8 @@ def _scaled(m: torch.Tensor, v: torch.Tensor, length: str, exponent: float, eps_
     return u / p
 
 
-def _refresh(state: dict, modes: list, shape: list, method: str) -> None:
-    v = state["exp_avg_sq"]
-    vm = v.reshape(shape)
+def _refresh(state: dict, modes: list, modes_of: "_Modes", method: str) -> None:
+    vm = modes_of.into(state["exp_avg_sq"])
     for i in modes:
         factor, q = state[f"GG_{i}"], state[f"Q_{i}"]
         if method == "eigh":
@@ -145,4 +167,4 @@ def _refresh(state: dict, modes: list, shape: list, method: str) -> None:
         vm = vm.index_select(i, order)
         new, _ = torch.linalg.qr(product.index_select(1, order).to(torch.float32))
         state[f"Q_{i}"] = new.to(factor.dtype)
-    state["exp_avg_sq"] = vm.reshape(v.shape).contiguous()
+    state["exp_avg_sq"] = modes_of.back(vm).contiguous()

@@ -100,7 +100,7 @@ def _eigenbasis(state, matrix_statistic, h_eps, h_factor_beta, f_refresh_basis):
             matrix_statistic.to(cdt), accumulate='sum', refresh=f_refresh_basis, method='eigh',
             length='root', factor_beta=h_factor_beta, weight=0.0, init=0.0, exponent=0.5,
             eps_inside=0.0, eps_after=h_eps, floor=0.0, bias_correction=1.0, max_dim=8192.0,
-            merge=0.0, vectors=1.0)
+            merge=0.0, vectors=1.0, layout=0.0)
 _EXTERN_ARGS_eigenbasis = {'tensors': ['state', 'matrix_statistic'],
         'scalars': ['eps', 'factor_beta'], 'reduced': [], 'flags': ['refresh_basis']}
 

@@ -135,7 +135,8 @@ def _eigenbasis(state, matrix_statistic, matrix_value, h_curvature_bias_correcti
             matrix_value.to(cdt), accumulate='ema', refresh=f_refresh_basis, method='power_qr',
             length='root', factor_beta=h_factor_decay, weight=h_s5, init=0.0, exponent=1.0,
             eps_inside=h_damping, eps_after=0.0, floor=0.0,
-            bias_correction=h_curvature_bias_correction, max_dim=8192.0, merge=0.0, vectors=1.0)
+            bias_correction=h_curvature_bias_correction, max_dim=8192.0, merge=0.0, vectors=1.0,
+            layout=0.0)
 _EXTERN_ARGS_eigenbasis = {'tensors': ['state', 'matrix_statistic', 'matrix_value'],
         'scalars': ['curvature_bias_correction', 'damping', 'factor_decay', 's5'], 'reduced': [],
         'flags': ['refresh_basis']}

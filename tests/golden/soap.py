@@ -50,13 +50,14 @@ Update, per step t (elementwise unless noted):
 #   optimizer SOAP
 #   hyper lr = 3e-3, betas = (0.95, 0.95), shampoo_beta = 0.95, weight_decay = 1e-2
 #   hyper precondition_frequency = 10, max_precondition_dim = 10000, merge_dims = false
-#   hyper precondition_1d = false, correct_bias = true, normalize_gradient = false, eps = 1e-8
+#   hyper precondition_1d = false, correct_bias = true, normalize_gradient = false,
+#         data_format = channels_first, eps = 1e-8
 #   state exp_avg = if(step > 1, lerp(exp_avg, grad, 1 - betas[0]), exp_avg)
 #   momentum = exp_avg
 #   curvature empirical_fisher
 #   structure kronecker(basis = eigen, factor_beta = shampoo_beta, max_dim = max_precondition_dim,
-#                       merge_dims = merge_dims,
-#       vectors = precondition_1d) every precondition_frequency
+#                       merge_dims = merge_dims, vectors = precondition_1d,
+#                       layout = data_format) every precondition_frequency
 #   iterate   ema(betas[1])
 #   length    gradient_norm
 #   damping   add(eps)
@@ -90,6 +91,7 @@ def _host(h, step):
     h_precondition_1d = h['precondition_1d']
     h_correct_bias = h['correct_bias']
     h_normalize_gradient = h['normalize_gradient']
+    h_data_format = h['data_format']
     h_eps = h['eps']
     h_step = step
     h__rows = h['_rows']
@@ -106,9 +108,9 @@ def _host(h, step):
             'precondition_frequency': h_precondition_frequency,
             'max_precondition_dim': h_max_precondition_dim, 'merge_dims': h_merge_dims,
             'precondition_1d': h_precondition_1d, 'correct_bias': h_correct_bias,
-            'normalize_gradient': h_normalize_gradient, 'eps': h_eps, 'step': h_step,
-            '_rows': h__rows, '_cols': h__cols, 't': h_t, 's1': h_s1, 's2': h_s2, 's3': h_s3,
-            's4': h_s4, 's5': h_s5, 's6': h_s6}
+            'normalize_gradient': h_normalize_gradient, 'data_format': h_data_format, 'eps': h_eps,
+            'step': h_step, '_rows': h__rows, '_cols': h__cols, 't': h_t, 's1': h_s1, 's2': h_s2,
+            's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}
     flags = {'condition': bool((h_step > 1.0)),
             'refresh_basis': bool((((h_step - 1.0) % h_precondition_frequency) == 0.0)),
             'condition2': bool((h_step > 1.0)), 'correct_bias2': bool((h_correct_bias != 0.0)),
@@ -149,8 +151,9 @@ _REDUCE_ARGS_head = {}
 
 
 # a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time
-def _eigenbasis(state, matrix_statistic, matrix_value, h_eps, h_max_precondition_dim, h_merge_dims,
-        h_precondition_1d, h_s2, h_shampoo_beta, f_refresh_basis):
+def _eigenbasis(state, matrix_statistic, matrix_value, h_data_format, h_eps,
+        h_max_precondition_dim, h_merge_dims, h_precondition_1d, h_s2, h_shampoo_beta,
+        f_refresh_basis):
     """One tensor's step in its Kronecker factors' eigenbasis: the value rotated in, divided by
     the root of the rotated statistic's ema square, rotated back; the basis refreshed by
     power_qr."""
@@ -159,9 +162,10 @@ def _eigenbasis(state, matrix_statistic, matrix_value, h_eps, h_max_precondition
             matrix_value.to(cdt), accumulate='ema', refresh=f_refresh_basis, method='power_qr',
             length='root', factor_beta=h_shampoo_beta, weight=h_s2, init=0.0, exponent=0.5,
             eps_inside=0.0, eps_after=h_eps, floor=0.0, bias_correction=1.0,
-            max_dim=h_max_precondition_dim, merge=h_merge_dims, vectors=h_precondition_1d)
+            max_dim=h_max_precondition_dim, merge=h_merge_dims, vectors=h_precondition_1d,
+            layout=h_data_format)
 _EXTERN_ARGS_eigenbasis = {'tensors': ['state', 'matrix_statistic', 'matrix_value'],
-                           'scalars': ['eps', 'max_precondition_dim', 'merge_dims',
+                           'scalars': ['data_format', 'eps', 'max_precondition_dim', 'merge_dims',
                                        'precondition_1d', 's2', 'shampoo_beta'],
                            'reduced': [],
                            'flags': ['refresh_basis']}
@@ -633,6 +637,7 @@ class SOAP(CurvOptimizer):
     - ``precondition_1d=False``: the vectors of structure kronecker
     - ``correct_bias=True``: not used by this spec's step
     - ``normalize_gradient=False``: not used by this spec's step
+    - ``data_format='channels_first'``: the layout of structure kronecker
     - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:
@@ -655,7 +660,9 @@ class SOAP(CurvOptimizer):
             _Hyper('weight_decay', 0.01), _Hyper('precondition_frequency', 10),
             _Hyper('max_precondition_dim', 10000), _Hyper('merge_dims', False),
             _Hyper('precondition_1d', False), _Hyper('correct_bias', True),
-            _Hyper('normalize_gradient', False), _Hyper('eps', 1e-08))
+            _Hyper('normalize_gradient', False), _Hyper('data_format', 'channels_first'),
+            _Hyper('eps', 1e-08))
+    WORDS = {'data_format': ('channels_first', 'channels_last')}
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
         _Validator('max_precondition_dim', None, 'count_max_dim',
@@ -677,15 +684,16 @@ class SOAP(CurvOptimizer):
 
     def __init__(self, params, lr=0.003, betas=(0.95, 0.95), shampoo_beta=0.95, weight_decay=0.01,
             precondition_frequency=10, max_precondition_dim=10000, merge_dims=False,
-            precondition_1d=False, correct_bias=True, normalize_gradient=False, eps=1e-08, *,
-            maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-            state_dtype=None, nonfinite='propagate', curvature_group=None):
+            precondition_1d=False, correct_bias=True, normalize_gradient=False,
+            data_format='channels_first', eps=1e-08, *, maximize=False, foreach=None, fused=None,
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
+            curvature_group=None):
         """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'shampoo_beta': shampoo_beta,
                 'weight_decay': weight_decay, 'precondition_frequency': precondition_frequency,
                 'max_precondition_dim': max_precondition_dim, 'merge_dims': merge_dims,
                 'precondition_1d': precondition_1d, 'correct_bias': correct_bias,
-                'normalize_gradient': normalize_gradient, 'eps': eps, 'maximize': maximize,
-                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'normalize_gradient': normalize_gradient, 'data_format': data_format, 'eps': eps,
+                'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype,
                 'nonfinite': nonfinite, 'curvature_group': curvature_group})
