@@ -173,6 +173,7 @@ def _reserved_hyper_why(name: str) -> str | None:
 
 def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     seen: dict[str, ir.Hyper] = {}
+    declared = {p.name for p in spec.params}
     for p in spec.params:
         if p.name in seen:
             first = seen[p.name].span
@@ -182,7 +183,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         if why:
             raise CurvError("name.reserved_hyper", p.span, name=p.name, why=why)
         d = p.default
-        if isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
+        if isinstance(d, ast.Ref) and (d.index is not None or d.name in declared):
+            default = d  # another hyperparameter's value: resolved below
+        elif isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
             default = d.name
         elif isinstance(d, ast.TupleLiteral):
             default = tuple(_finite(n) for n in d.values)
@@ -191,6 +194,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         else:
             default = _finite(d)  # machine_eps: None, the constructor's default
         seen[p.name] = ir.Hyper(p.name, default, p.span)
+    for name, h in seen.items():
+        if isinstance(h.default, ast.Ref):
+            seen[name] = _fallback(h, seen)
     # A tuple's entries reach the generated code as NAME_0, NAME_1, ...
     for h in seen.values():
         if isinstance(h.default, tuple):
@@ -207,6 +213,32 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
                             expected="one number", found=_describe(lr.default))
         _check_kind(seen["lr"].default, LR, what, lr.default.span, _describe(lr.default))
     return tuple(seen.values())
+
+
+def _fallback(h: ir.Hyper, seen: dict) -> ir.Hyper:
+    """``NAME = OTHER[i]``: a default that is another hyperparameter's number (SOAP's
+    shampoo_beta = betas[1]); the constructor's default is None, read as that one's value."""
+    ref = h.default
+    other = seen.get(ref.name)
+    what = f"the default of {h.name!r}"
+    if other is None:
+        close = suggest(ref.name, seen)
+        raise CurvError("name.unknown_hyper", ref.span, name=ref.name,
+                        hint=f"did you mean {close!r}?" if close else
+                        "declare it with `hyper NAME = default`")
+    d = other.default
+    if isinstance(d, tuple) and ref.index is not None and ref.index < len(d) and \
+            d[ref.index] is not None:
+        default = d[ref.index]
+    elif not isinstance(d, (tuple, str, ast.Ref, bool)) and d is not None and ref.index is None:
+        default = d
+    else:
+        raise CurvError("value.wrong_kind", ref.span, what=what,
+                        expected="a number, or another hyperparameter's number (NAME or "
+                                 "NAME[i])", found=f"{ref.name}" + (
+                                     f"[{ref.index}]" if ref.index is not None else ""))
+    return ir.Hyper(h.name, default, h.span,
+                    fallback=ir.HyperRef(ref.name, ref.index, ref.span))
 
 
 def _finite(n: ast.Number | ast.MachineEps) -> int | float | None:

@@ -335,7 +335,7 @@ def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
     lines += [f"    {e}" for e in equations(opt, plan)]
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
-            f"{h.name}={_default(h.default)}" for h in opt.hypers)]
+            f"{h.name}={h.fallback or _default(h.default)}" for h in opt.hypers)]
         if any(d is None for h in opt.hypers
                for d in (h.default if isinstance(h.default, tuple) else (h.default,))):
             lines.append("  (machine_eps: the parameter dtype's torch.finfo(dtype).eps, at step "

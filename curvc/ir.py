@@ -99,6 +99,10 @@ class Hyper:
     span: Span = span_field()
     # a word (str default): the words it may take, those of the argument that reads it
     choices: tuple[str, ...] = field(default=(), repr=False)
+    # a default that is another hyperparameter (``shampoo_beta = betas[1]``): the
+    # constructor's default is None, which reads that one's value at step time; ``default``
+    # holds that one's default (what check and explain evaluate)
+    fallback: "HyperRef | None" = field(default=None, repr=False)
 
 
 # --- the paper's axes --------------------------------------------------------

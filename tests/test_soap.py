@@ -50,7 +50,8 @@ def _relative(a, b):
 # refreshed every 3 steps (so reused in between), group 2 changing lr and one more
 SHAPES = [(5, 4), (3,), (4, 3, 2), (6, 3), (7,), (2, 5)]
 CASES = {
-    "default-options": (SHAPES, dict(lr=1e-2, betas=(0.9, 0.97), shampoo_beta=0.9,
+    # shampoo_beta None (the default): betas[1]
+    "default-options": (SHAPES, dict(lr=1e-2, betas=(0.9, 0.97),
                                      weight_decay=0.05, precondition_frequency=3, eps=1e-6),
                         dict(lr=3e-3, eps=1e-4)),
     "precondition_1d-normalize": (SHAPES, dict(lr=1e-2, betas=(0.85, 0.9), shampoo_beta=0.8,
@@ -121,7 +122,7 @@ def test_soap_takes_the_reference_constructor_arguments_and_defaults():
     ours = inspect.signature(curvc.load("soap", backend="torch")).parameters
     ref = inspect.signature(_soap()).parameters
     for name, p in ref.items():
-        if name in ("self", "kwargs", "shampoo_beta"):
+        if name in ("self", "kwargs"):
             continue
         assert name in ours, name
         assert ours[name].default == p.default, name

@@ -48,7 +48,7 @@ Update, per step t (elementwise unless noted):
 #   # yet). Bias correction and the decoupled decay (applied after the step, with lr) count
 #   # the steps after the first.
 #   optimizer SOAP
-#   hyper lr = 3e-3, betas = (0.95, 0.95), shampoo_beta = 0.95, weight_decay = 1e-2
+#   hyper lr = 3e-3, betas = (0.95, 0.95), shampoo_beta = betas[1], weight_decay = 1e-2
 #   hyper precondition_frequency = 10, max_precondition_dim = 10000, merge_dims = false
 #   hyper precondition_1d = false, correct_bias = true, normalize_gradient = false,
 #         data_format = channels_first, eps = 1e-8
@@ -629,7 +629,7 @@ class SOAP(CurvOptimizer):
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.003``: the learning rate
     - ``betas=(0.95, 0.95)``: betas[1] is the beta of iterate ema
-    - ``shampoo_beta=0.95``: the factor_beta of structure kronecker
+    - ``shampoo_beta=None``: (None: betas[1]) the factor_beta of structure kronecker
     - ``weight_decay=0.01``: not used by this spec's step
     - ``precondition_frequency=10``: the period in steps of structure kronecker
     - ``max_precondition_dim=10000``: the max_dim of structure kronecker
@@ -662,6 +662,7 @@ class SOAP(CurvOptimizer):
             _Hyper('precondition_1d', False), _Hyper('correct_bias', True),
             _Hyper('normalize_gradient', False), _Hyper('data_format', 'channels_first'),
             _Hyper('eps', 1e-08))
+    FALLBACKS = {'shampoo_beta': ('betas', 1)}
     WORDS = {'data_format': ('channels_first', 'channels_last')}
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
@@ -682,7 +683,7 @@ class SOAP(CurvOptimizer):
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
-    def __init__(self, params, lr=0.003, betas=(0.95, 0.95), shampoo_beta=0.95, weight_decay=0.01,
+    def __init__(self, params, lr=0.003, betas=(0.95, 0.95), shampoo_beta=None, weight_decay=0.01,
             precondition_frequency=10, max_precondition_dim=10000, merge_dims=False,
             precondition_1d=False, correct_bias=True, normalize_gradient=False,
             data_format='channels_first', eps=1e-08, *, maximize=False, foreach=None, fused=None,
