@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 
 from curvc import check_exprs, ir, names, parse as ast, rules
+from curvc.check_fallback import fallback
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
@@ -196,7 +197,7 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         seen[p.name] = ir.Hyper(p.name, default, p.span)
     for name, h in seen.items():
         if isinstance(h.default, ast.Ref):
-            seen[name] = _fallback(h, seen)
+            seen[name] = fallback(h, seen)
     # A tuple's entries reach the generated code as NAME_0, NAME_1, ...
     for h in seen.values():
         if isinstance(h.default, tuple):
@@ -213,32 +214,6 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
                             expected="one number", found=_describe(lr.default))
         _check_kind(seen["lr"].default, LR, what, lr.default.span, _describe(lr.default))
     return tuple(seen.values())
-
-
-def _fallback(h: ir.Hyper, seen: dict) -> ir.Hyper:
-    """``NAME = OTHER[i]``: a default that is another hyperparameter's number (SOAP's
-    shampoo_beta = betas[1]); the constructor's default is None, read as that one's value."""
-    ref = h.default
-    other = seen.get(ref.name)
-    what = f"the default of {h.name!r}"
-    if other is None:
-        close = suggest(ref.name, seen)
-        raise CurvError("name.unknown_hyper", ref.span, name=ref.name,
-                        hint=f"did you mean {close!r}?" if close else
-                        "declare it with `hyper NAME = default`")
-    d = other.default
-    if isinstance(d, tuple) and ref.index is not None and ref.index < len(d) and \
-            d[ref.index] is not None:
-        default = d[ref.index]
-    elif not isinstance(d, (tuple, str, ast.Ref, bool)) and d is not None and ref.index is None:
-        default = d
-    else:
-        raise CurvError("value.wrong_kind", ref.span, what=what,
-                        expected="a number, or another hyperparameter's number (NAME or "
-                                 "NAME[i])", found=f"{ref.name}" + (
-                                     f"[{ref.index}]" if ref.index is not None else ""))
-    return ir.Hyper(h.name, default, h.span,
-                    fallback=ir.HyperRef(ref.name, ref.index, ref.span))
 
 
 def _finite(n: ast.Number | ast.MachineEps) -> int | float | None:
