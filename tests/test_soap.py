@@ -95,6 +95,21 @@ def test_soap_matches_pytorch_optimizer_in_float64(case):
     assert all(_relative(p.detach(), q) > 1e-3 for p, q in zip(ours_p, _params(shapes)))
 
 
+def test_soap_matches_pytorch_optimizer_in_float32():
+    """Both compute in float32 (the reference's dtype is the parameter's): 1e-5."""
+    shapes, kw, g2 = CASES["default-options"]
+    ours_p = [torch.nn.Parameter(p.detach().float()) for p in _params(shapes)]
+    ref_p = [torch.nn.Parameter(p.detach().float()) for p in _params(shapes)]
+    ours = _make(curvc.load("soap"), ours_p, kw, g2)
+    ref = _make(_soap(), ref_p, kw, g2)
+    for t, grads in enumerate(_grads(shapes, STEPS)):
+        grads = [g.float() for g in grads]
+        _step(ours, ours_p, grads)
+        _step(ref, ref_p, grads)
+        for a, b in zip(ours_p, ref_p):
+            assert _relative(a.detach(), b.detach()) <= 1e-5, (t + 1, tuple(a.shape))
+
+
 def test_soap_state_dict_round_trip_is_bitwise():
     shapes, kw, g2 = CASES["default-options"]
     cls = curvc.load("soap", backend="torch")
