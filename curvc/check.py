@@ -17,6 +17,7 @@ import sys
 from dataclasses import fields
 
 from curvc import check_exprs, ir, names, parse as ast, rules
+from curvc.check_fallback import fallback
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
@@ -173,6 +174,7 @@ def _reserved_hyper_why(name: str) -> str | None:
 
 def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     seen: dict[str, ir.Hyper] = {}
+    declared = {p.name for p in spec.params}
     for p in spec.params:
         if p.name in seen:
             first = seen[p.name].span
@@ -182,7 +184,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         if why:
             raise CurvError("name.reserved_hyper", p.span, name=p.name, why=why)
         d = p.default
-        if isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
+        if isinstance(d, ast.Ref) and (d.index is not None or d.name in declared):
+            default = d  # another hyperparameter's value: resolved below
+        elif isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
             default = d.name
         elif isinstance(d, ast.TupleLiteral):
             default = tuple(_finite(n) for n in d.values)
@@ -191,6 +195,9 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
         else:
             default = _finite(d)  # machine_eps: None, the constructor's default
         seen[p.name] = ir.Hyper(p.name, default, p.span)
+    for name, h in seen.items():
+        if isinstance(h.default, ast.Ref):
+            seen[name] = fallback(h, seen)
     # A tuple's entries reach the generated code as NAME_0, NAME_1, ...
     for h in seen.values():
         if isinstance(h.default, tuple):

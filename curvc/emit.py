@@ -308,7 +308,9 @@ def class_doc(opt: ir.Optimizer, plan: Plan) -> list[str]:
     uses = _uses(opt, plan)
     lines = ["Arguments:", "",
              "- ``params``: an iterable of tensors or of param-group dicts"]
-    lines += [f"- ``{h.name}={_literal(h.default)}``: {_meaning(h, uses)}" for h in opt.hypers]
+    lines += [f"- ``{h.name}={_literal(None if h.fallback else h.default)}``: "
+              + (f"(None: {h.fallback}) " if h.fallback else "") + _meaning(h, uses)
+              for h in opt.hypers]
     lines += ["", "Keyword-only arguments:", ""]
     lines += [f"- ``{n}={d!r}``: {KEYWORD_DOCS[n]}"
               for n, d in names.constructor_keywords(opt.structure.kind)]
@@ -329,6 +331,10 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         hypers = [f"_Hyper({h.name!r}, {_literal(h.default)})" for h in opt.hypers]
         buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
                                   buf.room))
+        fallbacks = {h.name: (h.fallback.name, h.fallback.index) for h in opt.hypers
+                     if h.fallback}
+        if fallbacks:  # None reads another hyperparameter's value (NAME = OTHER[i])
+            buf.writeline(f"FALLBACKS = {fallbacks!r}")
         words = {h.name: h.choices for h in opt.hypers if h.choices}
         if words:  # word hyperparameters: the strings each may be
             buf.writelines(wrap_items("WORDS = {", [f"{n!r}: {c!r}" for n, c in words.items()],
@@ -366,7 +372,7 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
         buf.writeline("PROGRAM = _PROGRAM")
         buf.writeline()
         keywords = names.constructor_keywords(opt.structure.kind)
-        args = [f"{h.name}={_literal(h.default)}" for h in opt.hypers]
+        args = [f"{h.name}={_literal(None if h.fallback else h.default)}" for h in opt.hypers]
         args += ["*"] + [f"{n}={d!r}" for n, d in keywords]
         buf.writelines(wrap_items("def __init__(", ["self", "params"] + args, "):", buf.room))
         with buf.indent():

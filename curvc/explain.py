@@ -56,7 +56,9 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
           "fisher": "F", "gauss_newton_bartlett": "F",
           "empirical_fisher": "F~", "kfac": "F~"}[opt.curvature.kind]
     s = opt.structure.kind
-    if s == "kronecker":
+    if s == "kronecker" and opt.structure.basis == ir.Const("eigen"):
+        sa = "diagonal in the eigenbasis of L (x) R"
+    elif s == "kronecker":
         matrix = numbers(opt, plan).matrix
         x = _half(matrix.exponent) if matrix else None
         sa = f"L^-{x} g R^-{x}" if x and opt.curvature.kind != "kfac" else "block-diagonal"
@@ -347,7 +349,7 @@ def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
     lines += [f"    {e}" for e in equations(opt, plan)]
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
-            f"{h.name}={_default(h.default)}" for h in opt.hypers)]
+            f"{h.name}={h.fallback or _default(h.default)}" for h in opt.hypers)]
         if any(d is None for h in opt.hypers
                for d in (h.default if isinstance(h.default, tuple) else (h.default,))):
             lines.append("  (machine_eps: the parameter dtype's torch.finfo(dtype).eps, at step "

@@ -73,6 +73,9 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         return eq + base._clip(opt) + [f"theta = theta - {lr} * d"]
     if nums.polar is not None:
         return _polar(opt, lr, nums)
+    if opt.structure.basis == ir.Const("eigen"):
+        from curvc.explain_eigen import eigenbasis
+        return eigenbasis(opt, lr, nums)
     of = str(opt.curvature.of) if opt.curvature.of is not None else "g"
     eq = [f"G     = {of} as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
           f"        {of} unfolded along mode i (modes longer than max_dim keep none)"]

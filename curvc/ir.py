@@ -99,6 +99,10 @@ class Hyper:
     span: Span = span_field()
     # a word (str default): the words it may take, those of the argument that reads it
     choices: tuple[str, ...] = field(default=(), repr=False)
+    # a default that is another hyperparameter (``shampoo_beta = betas[1]``): the
+    # constructor's default is None, which reads that one's value at step time; ``default``
+    # holds that one's default (what check and explain evaluate)
+    fallback: "HyperRef | None" = field(default=None, repr=False)
 
 
 # --- the paper's axes --------------------------------------------------------
@@ -133,6 +137,13 @@ class Structure:
     eps: Arg | None = None  # newton_schulz: the norm floor; factored: the mean row's
     precision: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
+    # kronecker(basis = eigen): the diagonal pipeline in the factors' eigenbasis
+    basis: Arg | None = None
+    factor_beta: Arg | None = None
+    refresh: Arg | None = None
+    merge_dims: Arg | None = None
+    vectors: Arg | None = None
+    layout: Arg | None = None
     span: Span = span_field()
 
 

@@ -46,6 +46,21 @@ _NEWTON_SCHULZ = (ArgSpec("steps", "int", 5.0, "count_newton_schulz_steps"),
                           choices=("bfloat16", "float32", "float64")))
 NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 
+# basis = eigen: the spec's diagonal pipeline (iterate, length, damping) runs in the
+# eigenbasis of the factors, EMAs with factor_beta, refreshed every k steps by `refresh`
+# (power_qr: one power-iteration step and a QR; eigh); merge_dims merges adjacent small dims
+# into modes up to max_dim (layout: a 4-D tensor's NCHW or NHWC); vectors = false gives a
+# 1-D tensor no factor (SOAP's precondition_1d)
+_EIGENBASIS = (ArgSpec("basis", "enum", "none", choices=("none", "eigen")),
+               ArgSpec("factor_beta", "number", 0.95, "unit"),
+               ArgSpec("refresh", "enum", "power_qr", choices=("power_qr", "eigh")),
+               ArgSpec("merge_dims", "bool", False), ArgSpec("vectors", "bool", True),
+               # how a 4-D tensor's dims are laid out for merge_dims: NCHW, or NHWC (whose
+               # channels are moved to dim 1 before merging), a word a hyperparameter may give
+               ArgSpec("layout", "enum", "channels_first",
+                       choices=("channels_first", "channels_last"), by_hyper=True))
+EIGENBASIS_ARGS = tuple(a.name for a in _EIGENBASIS)
+
 _ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"),
                   by_hyper=True)
 
@@ -93,7 +108,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),
                                ArgSpec("root", "enum", "eigh", choices=("eigh", "newton_schulz"),
                                        varies=True),
-                               *_NEWTON_SCHULZ),
+                               *_NEWTON_SCHULZ, *_EIGENBASIS),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
         # diag(V) with V = R C^T / max(mean(R), eps): the rank-1 outer product of the row and
@@ -206,6 +221,7 @@ FUNCTIONS: dict[str, tuple[int, str]] = {
     "if": (3, "if(condition, then, else), the condition a host value"),
     "old": (1, "a state's stored value, before this step's update"),
     "norm": (1, "the Euclidean norm of the whole tensor (one per parameter tensor)"),
+    "rms": (1, "the root mean square of the whole tensor, norm(x) / sqrt(numel)"),
 }
 # Operators, by precedence (low to high): comparison, + -, * /, unary -, ^.
 OPERATORS = {"op+": "+", "op-": "-", "op*": "*", "op/": "/", "op^": "^",

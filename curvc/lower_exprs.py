@@ -93,6 +93,10 @@ class Expressions:
                 name = s.unique("norm_sq")
                 s.reductions.append(Reduction(name, value, "tensor"))
             return op("sqrt", Reduced(name))
+        if fn == "rms":  # the same sum, over the tensor's element count (rows x cols)
+            name = s.unique("rms_sq")
+            s.reductions.append(Reduction(name, mul(args[0], args[0]), "tensor"))
+            return op("sqrt", div(Reduced(name), mul(Scalar(SHAPE[0]), Scalar(SHAPE[1]))))
         if fn in _BINARY:
             return _BINARY[fn](*args)
         if fn == "neg":

@@ -28,6 +28,9 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     st, it, ln, dmp = s.opt.structure, s.opt.iterate, s.opt.length, s.opt.damping
     if st.root == ir.Const("newton_schulz"):
         return axes.lower_clip(s, _lower_polar(s, m))
+    if st.basis == ir.Const("eigen"):  # the diagonal pipeline in the factors' eigenbasis
+        from curvc.lower_eigen import lower_eigenbasis
+        return lower_eigenbasis(s, g, m, _length_exponent(s))
     refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)

@@ -165,7 +165,7 @@ def _rule_elementwise_clip_needs_coordinates(opt: ir.Optimizer) -> None:
 def _rule_running_maximum_needs_coordinates(opt: ir.Optimizer) -> None:
     it, st = opt.iterate, opt.structure
     if it.keep_max is not None and it.keep_max != ir.Const(False) and \
-            st.kind not in ("diagonal", "scalar"):
+            st.kind not in ("diagonal", "scalar") and st.basis != ir.Const("eigen"):
         raise _clash(it, "iterate ema(keep_max = ...)", st, f"structure {st.kind}",
                      "a running maximum is taken coordinate by coordinate; matrices have no "
                      "maximum (the order of positive semi-definite matrices is partial)")
@@ -320,6 +320,8 @@ COMBINATION_RULES = (
     _rule_normalized_step_needs_no_clip,
     _rule_length_clip_needs_a_length_in_an_eigenbasis,
 )
+from curvc.rules_eigen import rule_eigenbasis_runs_a_diagonal_pipeline  # noqa: E402
+COMBINATION_RULES += (rule_eigenbasis_runs_a_diagonal_pipeline,)
 
 
 # --- what the code generator does not render yet -------------------------------

@@ -18,6 +18,7 @@ import torch
 import curvc
 from curvc import explain, resources
 from curvc.plan import Const, FactoredStage, Load, Op, PolarStage, Precondition, Scalar, walk
+from curvc.plan_eigen import EigenbasisStage
 
 SHIPPED = resources.shipped_specs()
 
@@ -53,6 +54,9 @@ VARIANTS = dict(
                 "c = 2, eps = 1e-3, precision = float64)")]
     + [_variant("kfac", "ema(stat_decay) every stat_every", it)
        for it in ("ema(stat_decay) bias_corrected every stat_every", "sum(init = 2)", "instant")]
+    + [_variant("ekfac_like", "length    none\ndamping   inside(damping)", f"{ln}\n{d}")
+       for ln in ("length    none", "length    gradient_norm(power = 3)", "length    eigen_sign")
+       for d in ("damping   add(damping)", "damping   floor(damping)", "")]
 )
 
 
@@ -115,6 +119,29 @@ def _kronecker_args(plan) -> dict:
     return {k: _evaluate(plan, v) for k, v in zip(stage.params, node.args[2:])}
 
 
+def _check_eigenbasis_lines(plan, lines):
+    """The D' line divides by the stage's P of V: its root, eps inside or after, floor."""
+    node = next(n for n in _param_nodes(plan) if isinstance(n, Precondition))
+    stage = plan.stage(node.stage)
+    args = {k: _evaluate(plan, v) for k, v in zip(stage.params, node.args[2:])}
+    d = _line(lines, "D'    = ")
+    what, p = re.fullmatch(r"D'    = (\S+) / \((.*?)\)(   \(0 where that is 0\))?", d).group(1, 2)
+    assert (what == "sign(M')") == (stage.length == "eigen_sign"), d
+    if args["floor"]:
+        p = re.fullmatch(rf"max\((.*), \S+\)", p).group(1)
+    if args["eps_after"]:
+        p = re.fullmatch(r"(.*) \+ \S+", p).group(1)
+    e = args["exponent"]
+    inner = r"V \+ \S+" if args["eps_inside"] else "V"
+    want = {0.5: rf"sqrt\({inner}\)", 1.0: inner}.get(
+        e, (rf"\({inner}\)" if args["eps_inside"] else inner) + r"\^\((\S+)\)")
+    m = re.fullmatch(want, p)
+    assert m, (want, p)
+    if e not in (0.5, 1.0):
+        assert Fraction(m.group(1)) == Fraction(e).limit_denominator(64), d
+    assert ("qr(L Q)" in " ".join(lines)) == (stage.method == "power_qr")
+
+
 def _check_polar_lines(plan, opt, lines):
     """The Newton-Schulz iteration's numbers: explain names the hyperparameters (or
     prints the numbers) the plan's stage reads, and its precision."""
@@ -155,7 +182,9 @@ def test_explain_prints_the_exponents_of_the_plan(name):
     words = " ".join(header.split())  # the header wraps long lines at 100 columns
     for line in lines:  # the module header prints the same
         assert " ".join(line.replace("\\", "/").split()) in words, line
-    if plan.matrix and isinstance(plan.matrix[0], FactoredStage):
+    if plan.matrix and isinstance(plan.matrix[0], EigenbasisStage):
+        _check_eigenbasis_lines(plan, lines)
+    elif plan.matrix and isinstance(plan.matrix[0], FactoredStage):
         _check_factored_lines(plan, lines)
     elif plan.matrix and isinstance(plan.matrix[0], PolarStage):
         _check_polar_lines(plan, opt, lines)
@@ -264,7 +293,8 @@ def test_explain_prints_what_each_bias_correction_counts(name):
     opt, plan = _compile(VARIANTS[name])
     lines = explain.equations(opt, plan)
     host = dict(plan.host)
-    for buffer, var in (("curvature", "C"), ("momentum", "m")):
+    eigen = any(isinstance(st, EigenbasisStage) for st in plan.matrix)  # V, in the basis
+    for buffer, var in (("curvature", "V" if eigen else "C"), ("momentum", "m")):
         corrections = [e for n, e in host.items() if n.startswith(f"{buffer}_bias_correction")]
         shown = [line for line in lines if line.startswith(f"{var}     = {var} / (1 - ")]
         assert len(shown) == len(corrections), (buffer, lines)

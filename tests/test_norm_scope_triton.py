@@ -53,6 +53,25 @@ length    normalized(scope = group)
 damping   inside(1e-2)
 clip      global_norm(c, scope = tensor, on = gradient)
 """,
+    # rms(x): a tensor-scope sum over the tensor's element count (a shape host value)
+    "rms_update": """hyper lr = 0.05, c = 1.0
+curvature empirical_fisher
+structure diagonal
+iterate   ema(0.9)
+length    gradient_norm
+damping   add(1e-3)
+update = direction / (rms(direction) + 1e-8) * c
+""",
+    # the eigenbasis stage between the head and tail kernels, rms in the tail (SOAP's)
+    "eigenbasis_rms": """hyper lr = 0.05, c = 1.0
+curvature empirical_fisher
+structure kronecker(basis = eigen, factor_beta = 0.9) every 2
+iterate   ema(0.9)
+momentum  ema(0.8)
+length    gradient_norm
+damping   add(1e-3)
+update = direction / (rms(direction) + 1e-8) * c
+""",
 }
 
 

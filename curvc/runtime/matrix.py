@@ -394,3 +394,7 @@ def polar(state: dict, statistic: torch.Tensor | None, value: torch.Tensor, *, s
     g = value if value.dim() == 2 else value.reshape(1, -1)
     out = newton_schulz(g, steps, a, b, c, eps, PRECISIONS[precision])
     return out.reshape(value.shape).to(value.dtype)
+
+
+# The eigenbasis stage (SOAP) lives in its own module; generated code calls matrix.<fn>.
+from curvc.runtime.eigenbasis import eigenbasis  # noqa: E402,F401

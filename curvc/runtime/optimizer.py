@@ -62,6 +62,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # Filled in by the generated subclass.
     HYPERS: tuple = ()  # program.Hyper
     WORDS: dict = {}  # a word hyperparameter's name -> the strings it may be (None: default)
+    FALLBACKS: dict = {}  # name -> (other, index): None reads the other's value (or entry)
     VALIDATORS: tuple = ()  # program.Validator
     BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
@@ -145,8 +146,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 if value.numel() != 1:
                     raise ValueError(f"Invalid {name}: a tensor must have one element")
                 value = value.item()
-            if value is None and self._machine_eps(name, index):
-                continue  # the dtype's machine epsilon, resolved at step time
+            if value is None and (name in self.FALLBACKS or self._machine_eps(name, index)):
+                continue  # another's value (validated as that one), or the dtype's eps
             label, ok = CONSTRAINTS[constraint]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not _finite_number(value) or not ok(value):
@@ -167,6 +168,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             h.update(dict.fromkeys(SHAPE, math.nan))
         for hyper in self.HYPERS:
             name, default, value = hyper.name, hyper.default, group[hyper.name]
+            if value is None and name in self.FALLBACKS:
+                other, index = self.FALLBACKS[name]
+                value = group[other] if index is None else group[other][index]
             if name in self.WORDS:  # a word reaches the host as its index (None: the default)
                 h[name] = float(self.WORDS[name].index(default if value is None else value))
             elif isinstance(default, tuple):
