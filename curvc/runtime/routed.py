@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from curvc.names import CONSTRUCTOR_KEYWORDS
+from curvc.runtime import amp
 
 
 class Pipeline(NamedTuple):
@@ -131,7 +132,15 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for opt, _, _ in self._pipelines():
+        children = self._pipelines()
+        # nonfinite='skip' or 'raise' decides for the whole step, before any pipeline runs
+        # (a host read): a NaN in one pipeline's gradient leaves the others' too.
+        guard = amp.StepGuard(self)
+        guard.unscale_grads()  # raise mode raises here, naming the routed position
+        if guard.active and guard.skips_on_host():
+            guard.count_skip([p for g in self.param_groups for p in g["params"]])
+            return loss
+        for opt, _, _ in children:
             opt.step()
         return loss
 
