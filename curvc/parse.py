@@ -342,17 +342,23 @@ class _ToAST(Transformer):
     def rule_op(self, children):
         return str(children[0])
 
+    def _whole(self, tok) -> int:
+        digits = tok.lstrip("0") or "0"
+        if len(digits) > 18:  # int() refuses over 4300 digits; no tensor is that long
+            raise CurvError("syntax.index_too_large", _span(self.file, tok), text=str(tok))
+        return int(digits)
+
     @v_args(meta=True)
     def rule_compare(self, meta, children):
         name, op, value = children
-        return rast.Compare(str(name), None, op, int(value), _span(self.file, meta),
+        return rast.Compare(str(name), None, op, self._whole(value), _span(self.file, meta),
                             _span(self.file, name))
 
     @v_args(meta=True)
     def rule_compare_indexed(self, meta, children):
         name, index, op, value = children
         span = _span(self.file, meta)
-        return rast.Compare(str(name), int(index), op, int(value), span,
+        return rast.Compare(str(name), self._whole(index), op, self._whole(value), span,
                             Span(self.file, span.line, span.column, index.end_line,
                                  index.end_column + 1))
 

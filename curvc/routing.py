@@ -27,6 +27,7 @@ from curvc.errors import CurvError, Span, span_field, suggest
 PROPERTIES = {"ndim": "the number of dimensions", "numel": "the number of entries",
               "shape": "a dimension's length (shape[i]; false where the tensor has no dim i)"}
 _MAX_POINTS = 200_000  # shapes x flag values the overlap search visits at most
+_MAX_NDIM = 8  # and dimensions
 
 
 @dataclass(frozen=True)
@@ -283,11 +284,13 @@ def _walk(rule):
 
 
 def _divisors(n: int) -> set[int]:
+    if n > 10 ** 6:  # a large numel: its own value (as one dim) is what the search tries
+        return {1, n}
     return {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
 
 
 def _points(routed: Routed):
-    """Shapes and flag values that tell the rules apart: every dim length near a number a
+    """(points, whether they are all there is to try): shapes and flag values that tell the rules apart: every dim length near a number a
     rule names (and the divisors of a numel it names), up to one dim more than any rule
     reads; and every combination of the flags the rules read."""
     nodes = [n for r in routed.routes if r.rule is not None for n in _walk(r.rule)]
@@ -304,18 +307,24 @@ def _points(routed: Routed):
                 if n.prop == "shape":
                     ndims |= {n.index, n.index + 1, n.index + 2}
     lengths = sorted(x for x in lengths if x >= 1)
-    for values in itertools.product((False, True), repeat=len(flags)):
-        group = dict(zip(flags, values))
-        for ndim in sorted(ndims):
-            for shape in itertools.product(lengths, repeat=ndim):
-                yield shape, group
+    complete = max(ndims) <= _MAX_NDIM  # beyond it a rule is checked at run time only
+    ndims = sorted(n for n in ndims if n <= _MAX_NDIM)
+
+    def points():
+        for values in itertools.product((False, True), repeat=len(flags)):
+            group = dict(zip(flags, values))
+            for ndim in ndims:
+                for shape in itertools.product(lengths, repeat=ndim):
+                    yield shape, group
+    return points(), complete
 
 
 def _search(routed: Routed) -> None:
     tests = [(r, eval(f"lambda ndim, numel, shape, group: {render(r.rule)}", {}))  # noqa: S307
              for r in routed.routes if r.rule is not None]  # our own rendering of checked names
     matched = {id(r): False for r, _ in tests}
-    for count, (shape, group) in enumerate(_points(routed)):
+    points, complete = _points(routed)
+    for count, (shape, group) in enumerate(points):
         if count > _MAX_POINTS:
             return  # too many to visit: the runtime still refuses a parameter two routes take
         hits = [r for r, test in tests
@@ -328,7 +337,7 @@ def _search(routed: Routed) -> None:
                             second=b.pipeline, example=_example(shape, group),
                             hint="make the rules exclusive, or make one of them `otherwise`")
     for r, _ in tests:
-        if not matched[id(r)]:
+        if complete and not matched[id(r)]:
             raise CurvError("route.never_matches", r.span, pipeline=r.pipeline,
                             rule=show(r.rule))
 

@@ -79,8 +79,8 @@ def _worst(pa, pb):
     return max(((pa[k] - pb[k]).abs().max() / pa[k].abs().max()).item() for k in pa)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype, nesterov", [(torch.float64, False), (torch.float64, True),
+                                             (torch.float32, True)])
 def test_muon_adamw_is_torchs_muon_and_adamw_step_for_step(dtype, nesterov):
     """50 steps; Muon's Newton-Schulz runs in bfloat16 in both (torch's default)."""
     MuonAdamW = curvc.load("muon_adamw")
@@ -248,3 +248,28 @@ def test_explain_and_table_show_each_pipeline_and_its_rule():
     assert "fixed at its spec's defaults: ns_coefficients=(3.4445, -4.775, 2.0315)" in out
     table = CliRunner().invoke(app, ["table"]).output
     assert "MuonAdamW/muon" in table and "MuonAdamW/adamw" in table
+
+
+def test_a_word_and_a_number_fixed_in_the_mapping_reach_the_pipeline(tmp_path):
+    path = tmp_path / "rms.curv"
+    path.write_text("routed RmsMuon\nhyper lr = 0.02\n"
+                    "pipeline muon = muon(lr = lr, adjust_lr_fn = match_rms_adamw, ns_steps = 3)\n"
+                    "pipeline sgd = sgd(lr = lr)\n"
+                    "route muon when ndim == 2\nroute sgd otherwise\n")
+    Rms = curvc.load(str(path))
+    gen = torch.Generator().manual_seed(0)
+    pa = [torch.randn(8, 5, dtype=torch.float64, generator=gen).requires_grad_(),
+          torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    refs = (torch.optim.Muon([pa[0]], lr=0.02, adjust_lr_fn="match_rms_adamw", ns_steps=3),
+            torch.optim.SGD([pa[1]], lr=0.02))
+    ours = Rms(pb)
+    assert "adjust_lr_fn" not in inspect.signature(Rms).parameters  # fixed, not an argument
+    for _ in range(20):
+        for ps, opts in ((pa, refs), (pb, (ours,))):
+            for o in opts:
+                o.zero_grad()
+            (torch.tanh(ps[0] @ ps[1]) ** 2).sum().backward()
+            for o in opts:
+                o.step()
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(pa, pb)) <= 1e-6
