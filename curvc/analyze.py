@@ -123,7 +123,7 @@ def step_of(cls, prob: Problem, idx: torch.Tensor | None = None,
     params = list(model.parameters())
     start = torch.cat([p.detach().reshape(-1) for p in params])
     opt = cls(model, **(hypers or {}))  # the model: K-FAC hooks its layers
-    if cls.secant is not None:
+    if getattr(cls, "secant", None) is not None:  # a routed class has none (its pipelines)
         def closure():
             opt.zero_grad()
             loss = prob.loss(model, idx)
@@ -251,6 +251,8 @@ def closed_forms(opt: ir.Optimizer, g, h, lam, q, hypers: dict) -> dict:
     a first step with no decay, clip, damping or schedule, the exact Hessian (dense)
     or the scalar structure. Eigenvalues that are not positive are left out, as the
     dense step drops them (the pseudo-inverse)."""
+    if not isinstance(opt, ir.Optimizer):  # a routed spec: several rows, none of the paper's
+        return {}
     plain = all(getattr(opt, a).kind in ("none", "constant", "instant")
                 for a in ("clip", "gradient_clip", "damping", "schedule", "iterate"))
     # the paper's rows take the norm over every parameter
