@@ -236,6 +236,12 @@ def test_a_parameter_no_route_takes_is_refused_by_name_at_construction(tmp_path)
                                          r"\(shape \(2, 2\), ndim 2\).*small when"):
         Split([{"params": [torch.zeros(30, requires_grad=True)]},
                {"params": [small], "frozen": True}])
+    opt = Split([torch.zeros(30, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"no route takes param_groups\[1\]"):
+        opt.add_param_group({"params": [small], "frozen": True})
+    assert len(opt.param_groups) == 1  # refused: nothing added
+    opt.add_param_group({"params": [small]})
+    assert opt.route(small, opt.param_groups[1]) == "small"
 
 
 def test_explain_and_table_show_each_pipeline_and_its_rule():

@@ -62,6 +62,16 @@ class RoutedOptimizer(torch.optim.Optimizer):
         self._children: list = []
         self._pipelines()  # route now: a parameter no route takes is refused here
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if "_layout" in self.__dict__:  # after construction: route the new group now
+            try:
+                self._pipelines()
+            except ValueError:
+                self.param_groups.pop()  # refused: the optimizer stays as it was
+                self._layout = None
+                raise
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_group_choice", None)
