@@ -92,7 +92,7 @@ def test_muon_adamw_is_torchs_muon_and_adamw_step_for_step(dtype, nesterov):
         _step(refs, pa)
         _step([ours], pb)
         worst = max(worst, _worst(pa, pb))
-    # measured: 0 in float64 and float32 (the pipelines are torch's arithmetic)
+    # measured: about 2e-16 in float64 and 1e-7 in float32 (foreach may fuse an op)
     assert worst <= (1e-6 if dtype == torch.float64 else 1e-5), worst
     assert all((pb[k] - _params(dtype)[k]).abs().max() > 0 for k in pb)  # every one moved
 
