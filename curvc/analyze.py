@@ -192,7 +192,7 @@ def step_of(cls, prob: Problem, idx: torch.Tensor | None = None,
     params = list(model.parameters())
     start = torch.cat([p.detach().reshape(-1) for p in params])
     opt = cls(model, **(hypers or {}))  # the model: K-FAC hooks its layers
-    if cls.secant is not None:
+    if getattr(cls, "secant", None) is not None:  # a routed class has none (its pipelines)
         def closure():
             opt.zero_grad()
             loss = prob.loss(model, idx)

@@ -40,6 +40,8 @@ def _first_step_scale(opt: ir.Optimizer, hypers: dict) -> float | None:
 def _plain(opt: ir.Optimizer, hypers: dict) -> float | None:
     """c of a first step d = c * (the row's step) if ``opt`` is one of the paper's rows as
     written: no decay, clip, damping or schedule, the norm over every parameter."""
+    if not isinstance(opt, ir.Optimizer):  # a routed spec: several rows, none of the paper's
+        return None
     plain = all(getattr(opt, a).kind in ("none", "constant", "instant")
                 for a in ("clip", "gradient_clip", "damping", "schedule", "iterate"))
     # the paper's rows take the norm over every parameter

@@ -20,6 +20,7 @@ from curvc import check_exprs, ir, names, parse as ast, rules
 from curvc.check_fallback import fallback
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
+from curvc.routing_ast import RoutedAST
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
                             MACHINE_EPS, MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
@@ -40,6 +41,9 @@ def check(spec: ast.SpecAST, *, compilable: bool = True) -> ir.Optimizer:
     a spec that passes check compiles. ``curvc explain`` passes False: a
     refused spec still has an update rule to show.
     """
+    if isinstance(spec, RoutedAST):  # several pipelines and their routes
+        from curvc import routing
+        return routing.check(spec)
     try:
         opt = _build(spec)
         rules.check_combinations(opt)

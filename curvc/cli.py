@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from curvc import cache, compiler, explain as explain_mod, resources
+from curvc import cache, compiler, explain as explain_mod, resources, routing, routing_emit
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError
 
@@ -83,7 +83,10 @@ def explain(spec: str = typer.Argument(..., help="a spec file or shipped name"))
     try:
         source, file = compiler.read(spec)
         # a spec compile refuses still has equations: the refusal message points here
-        typer.echo(explain_mod.explain(compiler.to_ir(source, file, compilable=False)), nl=False)
+        opt = compiler.to_ir(source, file, compilable=False)
+        text = routing_emit.explain_routed(opt) if routing.is_routed(opt) else \
+            explain_mod.explain(opt)
+        typer.echo(text, nl=False)
     except (CurvError, OSError) as e:
         _fail(e)
 
@@ -110,12 +113,14 @@ def list_cmd() -> None:
     for name in compiler.available():
         source, file = compiler.read(name)
         opt = compiler.to_ir(source, file)
-        row = explain_mod.table_row(opt)
-        # Table 1's cells, '-' where the paper leaves one empty (Newton's row is all '-')
-        cells = "; ".join(f"{c.split()[0].lower()}: {row[c] or '-'}"
-                          for c in explain_mod.TABLE_COLUMNS)
         typer.echo(f"{name:<34}{opt.name:<26}{_description(source)}")
-        typer.echo(f"{'':<34}{cells}")
+        rows = routing_emit.table_rows(opt) if routing.is_routed(opt) else \
+            [(None, explain_mod.table_row(opt))]
+        for label, row in rows:  # a routed spec: one row per pipeline
+            # Table 1's cells, '-' where the paper leaves one empty (Newton's row is all '-')
+            cells = "; ".join(f"{c.split()[0].lower()}: {row[c] or '-'}"
+                              for c in explain_mod.TABLE_COLUMNS)
+            typer.echo(f"{'':<34}{label + ': ' if label else ''}{cells}")
 
 
 @app.command("coverage")
@@ -149,6 +154,10 @@ def table(markdown: bool = typer.Option(False, "--markdown", help="a Markdown ta
         opt = compiler.to_ir(*compiler.read(path))
         # the paper's order, then its other variants, then the hybrids
         key = (path.parent.name == "hybrids", order.get(opt.name, len(order)), opt.name)
+        if routing.is_routed(opt):  # a row per pipeline: MuonAdamW/muon, MuonAdamW/adamw
+            rows += [((*key, i), label, row)
+                     for i, (label, row) in enumerate(routing_emit.table_rows(opt))]
+            continue
         rows.append((key, opt.name, explain_mod.table_row(opt)))
     rows = [(n, r) for _, n, r in sorted(rows, key=lambda x: x[0])]
     cols = ("Optimizer",) + explain_mod.TABLE_COLUMNS

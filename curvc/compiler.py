@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from curvc import cache, check as check_mod, emit as emit_mod, ir, lower as lower_mod
-from curvc import parse as parse_mod, resources
+from curvc import parse as parse_mod, resources, routing, routing_emit
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError, suggest
 from curvc.plan import Plan
@@ -89,6 +89,8 @@ def to_plan(opt: ir.Optimizer) -> Plan:
 
 def to_module_source(source: str, file: str = "<spec>", backend: str = "auto") -> str:
     opt = to_ir(source, file)
+    if routing.is_routed(opt):
+        return routing_emit.emit(opt, backend)
     return emit_mod.emit(opt, to_plan(opt), backend)
 
 
@@ -102,6 +104,9 @@ def dump(source: str, file: str, stage: str, backend: str = "auto") -> str:
     opt = check_mod.check(ast)
     if stage == "check":
         return pprint.pformat(opt, width=100)
+    if routing.is_routed(opt):  # each pipeline's plan, then the module
+        return routing_emit.dump_plans(opt) if stage == "lower" else \
+            routing_emit.emit(opt, backend)
     plan = to_plan(opt)
     if stage == "lower":
         return pprint.pformat(plan, width=100)
@@ -113,11 +118,13 @@ def _load_cached(source: str, file: str, backend: str):
     """The class, from the verified cache file when there is one (no compile at all)."""
     def build() -> tuple[str, str]:
         opt = to_ir(source, file)
-        return opt.name, emit_mod.emit(opt, to_plan(opt), backend)
+        return opt.name, to_module_source(source, file, backend)
 
     if backend not in BACKENDS:  # before the cache, which would only miss
         raise CurvError("codegen.unknown_backend", name=backend, allowed=", ".join(BACKENDS))
-    return cache.load_class(cache.cache_key(source, backend, file), build)
+    # a routed spec's module holds its pipelines' texts: they are part of the key
+    keyed = source + "".join(routing.pipeline_texts(source, file))
+    return cache.load_class(cache.cache_key(keyed, backend, file), build)
 
 
 def load(spec: str | Path, backend: str = "auto") -> type[CurvOptimizer]:

@@ -97,6 +97,28 @@ MESSAGES: dict[str, str] = {
     "`curvc explain` shows its update rule",
     "codegen.unknown_backend": "unknown backend {name!r}; choose one of {allowed}",
     "codegen.unknown_stage": "unknown stage {name!r} for --dump; choose one of {allowed}",
+    # routed specs (curvc/routing.py)
+    "route.incomplete": "a routed spec needs {missing}",
+    "route.duplicate_pipeline": "pipeline {name!r} is defined twice",
+    "route.spec_not_found": "pipeline {name!r}: no spec {ref!r} (a shipped spec, or "
+    "a .curv file beside this one)",
+    "route.nested": "pipeline {name!r}: {ref!r} is itself a routed spec; a pipeline is one "
+    "optimizer (name its pipelines here instead)",
+    "route.whole_model": "pipeline {name!r}: {ref!r} reads the whole model (its layers, or "
+    "all parameters as one vector), so it cannot share the parameters with other pipelines",
+    "route.unknown_hyper": "{ref!r} has no hyperparameter {name!r}; its hyperparameters: "
+    "{allowed}",
+    "route.bad_mapping": "{why}",
+    "route.unknown_pipeline": "no pipeline named {name!r}; pipelines: {allowed}",
+    "route.bad_property": "a rule cannot read {name!r}: {why}",
+    "route.two_otherwise": "two routes say `otherwise`; one takes every parameter no rule "
+    "takes",
+    "route.unrouted_pipeline": "pipeline {name!r} has no route: add `route {name} when RULE` "
+    "(or `route {name} otherwise`)",
+    "route.overlap": "a parameter of {example} is taken by route {first} (line {line}) and "
+    "by route {second}",
+    "route.never_matches": "route {pipeline} takes no parameter: `{rule}` is false for every "
+    "shape and flag",
     # loading
     "load.not_found": "no spec named {name!r}; shipped specs: {allowed}",
     # files: reading specs, writing modules, the cache

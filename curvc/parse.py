@@ -15,7 +15,7 @@ from typing import Union
 import lark
 from lark import Lark, Transformer, v_args
 
-from curvc import resources
+from curvc import resources, routing_ast as rast
 from curvc.parse_errors import syntax_error
 from curvc.errors import CurvError, Span, span_field
 
@@ -295,6 +295,73 @@ class _ToAST(Transformer):
     def start(self, children):
         return children
 
+    # --- a routed spec (curvc/routing_ast.py) ---
+
+    routed_header = header
+
+    def routed_start(self, children):
+        return ("routed", children)
+
+    def spec_ref(self, children):
+        return "".join(str(t) for t in children), children
+
+    @v_args(meta=True)
+    def pipeline(self, meta, children):
+        name, (ref, toks), *args = children
+        first, last = _span(self.file, toks[0]), _span(self.file, toks[-1])
+        ref_span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return rast.PipelineAST(str(name), ref, tuple(a for a in args if a is not None),
+                                _span(self.file, meta), _span(self.file, name), ref_span)
+
+    @v_args(meta=True)
+    def route(self, meta, children):
+        name, rule = children
+        return rast.RouteAST(str(name), rule, _span(self.file, meta), _span(self.file, name))
+
+    @v_args(meta=True)
+    def route_otherwise(self, meta, children):
+        (name,) = children
+        return rast.RouteAST(str(name), None, _span(self.file, meta), _span(self.file, name))
+
+    @v_args(meta=True)
+    def rule_or(self, meta, children):
+        return rast.BoolOp("or", tuple(children), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def rule_and(self, meta, children):
+        return rast.BoolOp("and", tuple(children), _span(self.file, meta))
+
+    @v_args(meta=True)
+    def rule_not(self, meta, children):
+        return rast.Not(children[0], _span(self.file, meta))
+
+    def rule_flag(self, children):
+        (tok,) = children
+        return rast.Flag(str(tok), _span(self.file, tok))
+
+    def rule_op(self, children):
+        return str(children[0])
+
+    def _whole(self, tok) -> int:
+        digits = tok.lstrip("0") or "0"
+        if len(digits) > 18:  # int() refuses over 4300 digits; no tensor is that long
+            raise CurvError("syntax.index_too_large", _span(self.file, tok), text=str(tok))
+        return int(digits)
+
+    @v_args(meta=True)
+    def rule_compare(self, meta, children):
+        name, op, value = children
+        return rast.Compare(str(name), None, op, self._whole(value), _span(self.file, meta),
+                            _span(self.file, name))
+
+    @v_args(meta=True)
+    def rule_compare_indexed(self, meta, children):
+        name, index, op, value = children
+        span = _span(self.file, meta)
+        return rast.Compare(str(name), self._whole(index), op, self._whole(value), span,
+                            Span(self.file, span.line, span.column, index.end_line,
+                                 index.end_column + 1))
+
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
@@ -336,8 +403,9 @@ def _blank_comments(text: str) -> str:
     return "".join(out)
 
 
-def parse(source: str, file: str = "<spec>") -> SpecAST:
-    """Parse spec text; raise ``CurvError`` (never a Lark exception) on bad syntax."""
+def parse(source: str, file: str = "<spec>") -> SpecAST | rast.RoutedAST:
+    """Parse spec text; raise ``CurvError`` (never a Lark exception) on bad syntax.
+    A ``routed NAME`` spec gives a ``RoutedAST``."""
     source = normalize(source)
     text = source if source.endswith("\n") else source + "\n"
     try:
@@ -345,11 +413,19 @@ def parse(source: str, file: str = "<spec>") -> SpecAST:
     except lark.exceptions.UnexpectedInput as e:
         raise syntax_error(e, text, file) from None
     try:
-        header, *statements = _ToAST(file).transform(tree)
+        top = _ToAST(file).transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, CurvError):
             raise e.orig_exc.with_source(source) from None
         raise
+    if isinstance(top, tuple):  # ("routed", [header, statements...])
+        header, *statements = top[1]
+        params = tuple(p for st in statements if isinstance(st, tuple) for p in st[1])
+        return rast.RoutedAST(
+            str(header), params, tuple(s for s in statements if isinstance(s, rast.PipelineAST)),
+            tuple(s for s in statements if isinstance(s, rast.RouteAST)), source, file,
+            _span(file, header))
+    header, *statements = top
     params, clauses, definitions = [], [], []
     for st in statements:
         if isinstance(st, tuple) and st[0] == "hyper":

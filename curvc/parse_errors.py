@@ -25,7 +25,10 @@ _EXPECTED_NAMES = {
     "_LET": "'let'", "_STATE": "'state'", "_UPDATE": "'update'", "_INIT": "'init'",
     "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "CARET": "'^'",
     "COMPARE": "a comparison", "UNSIGNED_NUMBER": "a number",
-    "_EVERY": "'every'", "_NL": "the end of the line", "$END": "the end of the spec",
+    "_EVERY": "'every'", "_ROUTED": "'routed'", "_PIPELINE": "'pipeline'", "_ROUTE": "'route'",
+    "_WHEN": "'when'", "_OTHERWISE": "'otherwise'", "_NOT": "'not'", "_AND": "'and'",
+    "_OR": "'or'", "EQUALITY": "an equality test (== or !=)",
+    "_NL": "the end of the line", "$END": "the end of the spec",
 }
 _VALUE = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "NAME"})
 _DEFAULT = frozenset({"SIGNED_NUMBER", "TRUE", "FALSE", "LPAR", "MACHINE_EPS", "NAME"})
@@ -52,7 +55,7 @@ def _describe_expected(accepts, prev) -> str:
             acc.discard("_NL")  # an argument list may break after a comma; a value must follow
         words.append("a value (a number, true, false or a name)")
     if "NAME" in acc:
-        if prev_type == "_OPTIMIZER":
+        if prev_type in ("_OPTIMIZER", "_ROUTED"):
             acc.discard("NAME")
             words.append("the optimizer's name")
         elif prev_type in ("_HYPER", "COMMA") and "RPAR" not in acc:

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import curvc
-from curvc import explain
+from curvc import explain, ir, routing
 from curvc.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +109,13 @@ def test_explain_prints_the_equations(cli, spec):
     assert result.exit_code == 0, result.output
     opt = curvc.to_ir((ROOT / spec).read_text(), spec)
     assert result.stdout.startswith(f"{opt.name}  ({spec})")
+    if routing.is_routed(opt):  # each pipeline's equations, under its routed names
+        for p in opt.pipelines:
+            assert f"pipeline {p.name} = {p.opt.name} " in result.stdout
+            if all(isinstance(v, ir.HyperRef) and v.name == k for k, v in p.mapping):
+                for line in explain.equations(p.opt):
+                    assert line in result.stdout
+        return
     for line in explain.equations(opt):
         assert line in result.stdout
     assert "theta = theta - " in result.stdout or "theta = theta + t * d" in result.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import curvc
-from curvc import resources
+from curvc import resources, routing
 from curvc.runtime import estimators
 
 SHIPPED = resources.shipped_specs()
@@ -26,6 +26,16 @@ def _model_for(Opt):
 def test_every_shipped_optimizer_finds_the_source_of_its_curvature(name):
     ir = curvc.to_ir(SHIPPED[name].read_text(), str(SHIPPED[name]))
     _, opt = _model_for(curvc.load(str(SHIPPED[name]), backend="torch"))
+    if routing.is_routed(ir):  # each pipeline's optimizer finds its own
+        children = opt._pipelines()
+        assert len(children) == len(ir.pipelines)  # the model has a weight and a bias
+        for child, pipe, _ in children:
+            _finds_its_source(ir.pipeline(pipe.name).opt, child)
+        return
+    _finds_its_source(ir, opt)
+
+
+def _finds_its_source(ir, opt):
     source = estimators.source_of(opt)
     kind = ir.curvature.kind
     if ir.structure.kind in ("scalar", "diagonal", "factored", "kronecker") and \

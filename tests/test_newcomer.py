@@ -29,7 +29,9 @@ def test_list_shows_every_spec_with_its_class_and_description():
     for name in curvc.available():
         assert name in res.output
     assert "Adam (Kingma & Ba, 2015) with torch.optim.Adam's semantics." in res.output
-    assert res.output.count("length: ") == len(curvc.available())  # a Table-1 row each
+    # a Table-1 row each, one per pipeline of a routed spec (MuonAdamW: Muon's and AdamW's)
+    assert res.output.count("length: ") == len(curvc.available()) + 1
+    assert "MuonAdamW/adamw: length:" in res.output
     assert "structure: LI" in res.output  # SGD's
     assert max(len(line) for line in res.output.splitlines()) < 160
 

@@ -3,7 +3,7 @@ import pytest
 from typer.testing import CliRunner
 
 import curvc
-from curvc import explain, resources
+from curvc import explain, resources, routing
 from curvc.cli import app
 
 H = "||d_i||_H' = eps*g_i"
@@ -63,7 +63,12 @@ def test_curvc_table_prints_one_row_per_shipped_spec_in_the_papers_order():
     assert result.exit_code == 0
     lines = result.output.splitlines()[2:]
     names = [line.split()[0] for line in lines]
-    assert sorted(names) == sorted(_shipped())
+    # a routed spec has a row per pipeline, in the spec's order: MuonAdamW/muon, .../adamw
+    expected = [f"{name}/{p.name}" if routing.is_routed(opt) else name
+                for name, opt in _shipped().items()
+                for p in (opt.pipelines if routing.is_routed(opt) else (None,))]
+    assert sorted(names) == sorted(expected)
+    assert names.index("MuonAdamW/muon") + 1 == names.index("MuonAdamW/adamw")
     assert names.index("Newton") < names.index("SGD") < names.index("Adam") < names.index("Sophia")
     adam = next(line for line in lines if line.startswith("Adam "))
     assert "diagonal" in adam and "F~" in adam

@@ -1,0 +1,188 @@
+"""A routed spec's explanation (each pipeline's row and equations, its rule) and its
+generated module: the pipelines' spec texts, compiled from the cache on import, and a
+``RoutedOptimizer`` subclass whose constructor takes the routed spec's hyperparameters."""
+from __future__ import annotations
+
+import re
+
+from curvc import explain, ir, lower as lower_mod, names, routing
+from curvc.backends import BACKENDS
+from curvc.backends.render import IndentedBuffer, wrap_items
+from curvc.emit import KEYWORD_DOCS, _comment_safe, _literal, _wrap_text
+from curvc.version import __version__
+
+# The routed class's keyword-only arguments: every pipeline's own (none reads the model).
+KEYWORDS = names.CONSTRUCTOR_KEYWORDS
+
+
+def _source(value: ir.HyperRef | ir.Const) -> str:
+    if isinstance(value, ir.HyperRef):
+        return str(value)
+    return explain._default(value.value)
+
+
+def rule_of(r: routing.Routed, pipeline: str) -> str:
+    rules = [routing.show(x.rule) for x in r.routes if x.pipeline == pipeline]
+    return " or ".join(rules if len(rules) == 1 else [f"({t})" for t in rules])
+
+
+def _renamed(line: str, mapping: dict[str, str]) -> str:
+    """An equation of a pipeline in the routed spec's names (``lr`` -> ``adamw_lr``)."""
+    if not mapping:
+        return line
+    pattern = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, mapping)) +
+                         r")(?![A-Za-z0-9_])")
+    return pattern.sub(lambda m: mapping[m.group(1)], line)
+
+
+def pipeline_lines(r: routing.Routed, p: routing.Pipeline) -> list[str]:
+    """One pipeline: what it is, which parameters it takes, its row and its equations."""
+    mapping = {mine: _source(v) for mine, v in p.mapping}
+    fixed = [h for h in p.opt.hypers if h.name not in mapping]
+    rule = rule_of(r, p.name)
+    lines = [f"pipeline {p.name} = {p.opt.name} ({p.opt.file}), for " +
+             ("every parameter no rule takes:" if rule == "otherwise" else
+              f"the parameters where {rule}:"), ""]
+    row = explain.table_row(p.opt)
+    width = max(len(c) for c in explain.TABLE_COLUMNS)
+    lines += [f"  {col:<{width}}  {row[col] or '-'}" for col in explain.TABLE_COLUMNS]
+    lines += ["", "  update, per step t:"]
+    lines += [f"    {_renamed(e, mapping)}" for e in explain.equations(p.opt)]
+    if mapping:
+        lines += ["", "  its hyperparameters: " + ", ".join(f"{k} = {v}" for k, v in
+                                                           mapping.items() if k != v)
+                  if any(k != v for k, v in mapping.items()) else ""]
+        lines = lines if lines[-1] else lines[:-2]
+    if fixed:
+        lines.append("  fixed at its spec's defaults: " + ", ".join(
+            f"{h.name}={explain._default(h.default)}" for h in fixed))
+    return lines
+
+
+def explain_routed(r: routing.Routed) -> str:
+    lines = [f"{r.name}  ({r.file})", "",
+             f"  routed: {len(r.pipelines)} pipelines; each parameter goes to the one whose "
+             "rule it meets", ""]
+    for route in r.routes:
+        lines.append(f"    route {route.pipeline:<10} {'when ' if route.rule else ''}"
+                     f"{routing.show(route.rule)}")
+    lines.append("    (shape[i] is false where the tensor has no dim i; a flag is read from "
+                 "the parameter's group)")
+    for p in r.pipelines:
+        lines += [""] + [f"  {x}" if x else "" for x in pipeline_lines(r, p)]
+    lines += ["", "  hyperparameters: " + ", ".join(
+        f"{h.name}={explain._default(h.default)}" for h in r.hypers)]
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(r: routing.Routed) -> list[tuple[str, dict[str, str]]]:
+    """Table 1's rows: one per pipeline, named ``Routed/pipeline``."""
+    return [(f"{r.name}/{p.name}", explain.table_row(p.opt)) for p in r.pipelines]
+
+
+def dump_plans(r: routing.Routed) -> str:
+    import pprint
+    return "\n\n".join(f"# pipeline {p.name} ({p.opt.file})\n" +
+                       pprint.pformat(lower_mod.lower(p.opt), width=100) for p in r.pipelines)
+
+
+def _meaning(r: routing.Routed, h: ir.Hyper) -> str:
+    uses = []
+    for p in r.pipelines:
+        for mine, v in p.mapping:
+            if isinstance(v, ir.HyperRef) and v.name == h.name:
+                uses.append(f"{p.name}'s {mine}" if v.index is None else
+                            f"{v} is {p.name}'s {mine}")
+    for route in r.routes:
+        if route.rule is not None and any(isinstance(n, routing.rast.Flag) and
+                                          n.name == h.name for n in routing._walk(route.rule)):
+            uses.append(f"a param group's flag, read by the route to {route.pipeline}")
+    return "; ".join(uses) or "not used"
+
+
+def emit(r: routing.Routed, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        from curvc.errors import CurvError
+        raise CurvError("codegen.unknown_backend", name=backend, allowed=", ".join(BACKENDS))
+    buf = IndentedBuffer()
+    buf.writeline("# -*- coding: utf-8 -*-")
+    buf.writeline(f"# Generated by curvc {__version__} (backend: {backend}) from "
+                  f"{_comment_safe(r.file)}.")
+    buf.writeline("# Do not edit: change the spec and recompile (`curvc compile`).")
+    buf.writeline('"""' + f"{r.name}, compiled by curvc: a routed optimizer.")
+    buf.writeline()
+    for line in explain_routed(r).splitlines()[2:]:
+        buf.writelines(_wrap_text(line.replace("\\", "/"), buf.room) if line else [""])
+    buf.writeline('"""')
+    buf.writeline()
+    buf.writeline("# The spec:")
+    for line in r.source.splitlines():
+        buf.writeline(f"#   {_comment_safe(line)}".rstrip())
+    buf.writeline()
+    buf.writelines(wrap_items("from curvc.runtime.routed import (", [
+        "Pipeline as _Pipeline", "Route as _Route", "RoutedOptimizer as _RoutedOptimizer",
+        "pipeline_class as _pipeline_class"], ")", buf.room))
+    buf.writeline()
+    buf.writeline("# Each pipeline's spec, as it was when this module was generated; its class")
+    buf.writeline("# comes from curvc's compiler (and its cache).")
+    for i, p in enumerate(r.pipelines):
+        source, _ = routing._resolve(p.ref, r.file)
+        buf.writeline(f"_SPEC_{i} = (")
+        with buf.indent():
+            for line in source.splitlines(True):
+                buf.writeline(repr(line))
+        buf.writeline(")")
+    buf.writeline()
+    buf.writeline()
+    buf.writeline(f"class {r.name}(_RoutedOptimizer):")
+    with buf.indent():
+        buf.writeline(f'"""{r.name}: see the module docstring for its pipelines and routes.')
+        buf.writeline()
+        doc = ["Arguments:", "", "- ``params``: an iterable of tensors or of param-group dicts"]
+        doc += [f"- ``{h.name}={_literal(h.default)}``: {_meaning(r, h)}" for h in r.hypers]
+        doc += ["", "Keyword-only arguments (passed to every pipeline):", ""]
+        doc += [f"- ``{n}={d!r}``: {KEYWORD_DOCS[n]}" for n, d in KEYWORDS]
+        for line in doc:
+            buf.writelines(_wrap_text(line, buf.room, hang="  ") if line else [""])
+        buf.writeline('"""')
+        buf.writeline()
+        hypers = [f"({h.name!r}, {_literal(h.default)})" for h in r.hypers]
+        buf.writelines(wrap_items("HYPERS = (", hypers, ",)" if len(hypers) == 1 else ")",
+                                  buf.room))
+        buf.writeline("PIPELINES = (")
+        with buf.indent():
+            for i, p in enumerate(r.pipelines):
+                mapped = [f"({mine!r}, {v.name!r}, {v.index!r})" for mine, v in p.mapping
+                          if isinstance(v, ir.HyperRef)]
+                fixed = [f"({mine!r}, {_literal(v.value)})" for mine, v in p.mapping
+                         if isinstance(v, ir.Const)]
+                buf.writeline(f"_Pipeline({p.name!r}, _pipeline_class(_SPEC_{i}, "
+                              f"{p.opt.file!r}, {backend!r}),")
+                with buf.indent():
+                    for items, end in ((mapped, ","), (fixed, "),")):
+                        if not items:
+                            buf.writeline("()" + end)
+                        else:
+                            buf.writelines(wrap_items("(", items, (",)" if len(items) == 1
+                                                                   else ")") + end, buf.room))
+        buf.writeline(")")
+        index = {p.name: i for i, p in enumerate(r.pipelines)}
+        buf.writeline("ROUTES = (")
+        with buf.indent():
+            for route in r.routes:
+                buf.writeline(f"_Route({index[route.pipeline]}, text={routing.show(route.rule)!r},")
+                # the rendering has no string with a space in it: it may break at any space
+                test = "None" if route.rule is None else \
+                    f"lambda ndim, numel, shape, group: {routing.render(route.rule)}"
+                buf.writelines(_wrap_text(f"       test={test}),", buf.room, hang="           "))
+        buf.writeline(")")
+        buf.writeline()
+        args = [f"{h.name}={_literal(h.default)}" for h in r.hypers]
+        args += ["*"] + [f"{n}={d!r}" for n, d in KEYWORDS]
+        buf.writelines(wrap_items("def __init__(", ["self", "params"] + args, "):", buf.room))
+        with buf.indent():
+            buf.writeline('"""The arguments are listed in the class docstring."""')
+            every = [h.name for h in r.hypers] + [n for n, _ in KEYWORDS]
+            buf.writelines(wrap_items("self._construct(params, {", [f"{n!r}: {n}" for n in every],
+                                      "})", buf.room))
+    return buf.getvalue()
