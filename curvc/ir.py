@@ -133,6 +133,8 @@ class Structure:
     eps: Arg | None = None  # newton_schulz: the norm floor; factored: the mean row's
     precision: Arg | None = None
     every: Arg | None = None  # recompute the inverse root every k steps
+    block: Arg | None = None  # kronecker: split modes longer than max_dim into blocks
+    merge_dims: Arg | None = None  # kronecker: merge small adjacent dims first
     span: Span = span_field()
 
 
@@ -215,10 +217,22 @@ class Schedule:
     span: Span = span_field()
 
 
+@dataclass(frozen=True)
+class Graft:
+    """The step's direction from the structure, its per-block norm from a diagonal
+    pipeline's step on the same momentum (Distributed Shampoo's grafting)."""
+
+    kind: str  # none | sgd | adagrad | rmsprop | adam
+    beta: Arg | None = None
+    eps: Arg | None = None
+    start: Arg | None = None  # before this step, the grafted pipeline's step alone
+    span: Span = span_field()
+
+
 # One per clause of the language (curvc.language.CLAUSES, in that order).
 AXIS_TYPES = {"curvature": Curvature, "structure": Structure, "iterate": Iterate,
               "length": Length, "clip": Clip, "momentum": Momentum, "decay": Decay,
-              "damping": Damping, "schedule": Schedule}
+              "damping": Damping, "schedule": Schedule, "graft": Graft}
 
 
 def clause_label(axis: str, node) -> str:
@@ -243,6 +257,7 @@ class Optimizer:
     schedule: Schedule
     # A second clip clause, `clip ...(on = gradient)`: the gradient's, before the step.
     gradient_clip: Clip = Clip("none")
+    graft: Graft = Graft("none")
     lets: tuple[Let, ...] = ()
     states: tuple[State, ...] = ()
     update: Expr | None = None  # what multiplies lr (default: the direction d)

@@ -221,12 +221,33 @@ def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
                                                "the momentum")
                      + " (momentum none, or `curvature empirical_fisher(of = NAME)` with "
                        "`momentum = NAME`: Muon's momentum readout)")
-    if st.every is not None or st.max_dim != ir.Const(
+    blocking = [n for n in ("block", "merge_dims")
+                if getattr(st, n) not in (None, ir.Const(False))]
+    if st.every is not None or blocking or st.max_dim != ir.Const(
             language.default("structure", "kronecker", "max_dim")):
-        what = "every k" if st.every is not None else f"max_dim = {st.max_dim}"
+        what = "every k" if st.every is not None else (
+            f"{blocking[0]} = {getattr(st, blocking[0])}" if blocking else f"max_dim = {st.max_dim}")
         raise _clash(st, f"structure kronecker({what})", st, "root = newton_schulz",
                      "the Newton-Schulz iteration keeps no factors or roots to refresh or "
                      "to limit: each step is the polar factor of that step's value")
+
+
+def _rule_graft_needs_a_direction(opt: ir.Optimizer) -> None:
+    """A graft rescales the structure's direction per block; the polar factor's is fixed
+    (its singular values all near 1), and the secant method's step is sized by its line
+    search."""
+    gr = opt.graft
+    if gr.kind == "none":
+        return
+    st = opt.structure
+    if _newton_schulz(st):
+        raise _clash(gr, f"graft {gr.kind}", st, "structure kronecker(root = newton_schulz)",
+                     "the polar factor U V^T is the step whose norm the iteration fixes; "
+                     "graft onto root = eigh, whose Kronecker step the graft then rescales")
+    if st.kind in SECANT_STRUCTURES:
+        raise _clash(gr, f"graft {gr.kind}", st, f"structure {st.kind}",
+                     "the secant method's step is sized by its line search over the whole "
+                     "parameter vector, so there is no per-block direction to rescale")
 
 
 def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
@@ -302,6 +323,7 @@ COMBINATION_RULES = (
     _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
     _rule_newton_schulz_is_the_polar_factor,
+    _rule_graft_needs_a_direction,
     _rule_normalized_step_needs_no_clip,
 )
 
@@ -470,6 +492,28 @@ REFUSALS: tuple[Refusal, ...] = (
             _clause("iterate"), "iterate {kind} with curvature kfac",
             "K-FAC counts its statistics steps per layer, in its runtime; a step-dependent "
             "beta is not passed to it yet (use ema)"),
+    # Grafting and blocking (curvc.lower_graft): the grafted pipeline is written into the
+    # plan beside an elementwise or a Kronecker step; elsewhere the runtime computes the step
+    Refusal("graft_structure", ("kfac", "dense", "factored"),
+            lambda opt: opt.graft.kind != "none", _clause("graft"),
+            "graft {kind} with structure {structure} (or curvature kfac)",
+            "the grafted pipeline's norm is applied per tensor to an elementwise step, or per "
+            "block inside the Kronecker extern; K-FAC's and the dense step are computed by "
+            "the runtime before the plan sees the gradient, and the factored extern clips and "
+            "scales its step itself"),
+    Refusal("ema_or_sum_iterate", ("kfac", "factored"),
+            lambda opt: opt.iterate.kind == "ema_or_sum", _clause("iterate"),
+            "iterate {kind} with structure {structure} (or curvature kfac)",
+            "K-FAC's runtime and the factored extern take an EMA's beta alone (1 - beta is "
+            "their weight), so beta = 1 would keep the zero start: use ema or sum"),
+    Refusal("kronecker_blocks", ("kfac", "kronecker"),
+            lambda opt: any(getattr(opt.structure, n) not in (None, ir.Const(False))
+                            for n in ("block", "merge_dims")) and (
+                opt.curvature.kind in (*ROW_CURVATURES, *PRECONDITIONING_CURVATURES)),
+            _clause("structure"), "structure kronecker(block or merge_dims) with a sampled "
+            "curvature or kfac",
+            "blocks are cut from one tensor's gradient; K-FAC's factors belong to a layer, and "
+            "a sampled curvature's rows would be cut along the stack too (not built yet)"),
     # the fused elementwise step: every curvature check admits there has a runtime source
     # (curvc.runtime.estimators), so nothing is refused on that path.
 )
