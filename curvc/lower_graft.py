@@ -132,9 +132,10 @@ def roots_flag(s: Step) -> str | None:
         return None
     t, start = Scalar("step"), s.arg(gr.start or one)
     k = s.arg(st.every) if st.every is not None else Const(1.0)
-    later = op("and", op("gt", t, start), op("eq", op("mod", t, k), 0.0))
-    due = op("not", op("and", op("not", op("eq", t, start)), op("not", later)))
-    return s.flag("refresh_roots", due)
+    # (t == start) + (t > start) (t mod k == 0): a host count, so its line can be split
+    due = s.host_scalar("roots_due", add(op("eq", t, start), mul(
+        op("gt", t, start), op("eq", op("mod", t, k), 0.0))))
+    return s.flag("refresh_roots", op("ne", due, 0.0))
 
 
 def lower_blocked(s: Step, g: Expr, statistic: Expr, m: Expr, params: dict,

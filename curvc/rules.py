@@ -494,18 +494,22 @@ REFUSALS: tuple[Refusal, ...] = (
             "beta is not passed to it yet (use ema)"),
     # Grafting and blocking (curvc.lower_graft): the grafted pipeline is written into the
     # plan beside an elementwise or a Kronecker step; elsewhere the runtime computes the step
-    Refusal("graft_structure", ("kfac", "dense", "factored"),
-            lambda opt: opt.graft.kind != "none", _clause("graft"),
-            "graft {kind} with structure {structure} (or curvature kfac)",
-            "the grafted pipeline's norm is applied per tensor to an elementwise step, or per "
-            "block inside the Kronecker extern; K-FAC's and the dense step are computed by "
-            "the runtime before the plan sees the gradient, and the factored extern clips and "
-            "scales its step itself"),
-    Refusal("ema_or_sum_iterate", ("kfac", "factored"),
-            lambda opt: opt.iterate.kind == "ema_or_sum", _clause("iterate"),
-            "iterate {kind} with structure {structure} (or curvature kfac)",
-            "K-FAC's runtime and the factored extern take an EMA's beta alone (1 - beta is "
-            "their weight), so beta = 1 would keep the zero start: use ema or sum"),
+    *(Refusal(f"graft_{path}", path, lambda opt: opt.graft.kind != "none", _clause("graft"),
+              what, "the grafted pipeline's norm is applied per tensor to an elementwise step, "
+              "or per block inside the Kronecker extern; " + why)
+      for path, what, why in (
+          ("kfac", "graft {kind} with curvature kfac", "K-FAC's natural gradient is computed "
+           "by its runtime before the plan sees the gradient"),
+          ("dense", "graft {kind} with structure dense", "the dense step is computed by its "
+           "runtime before the plan sees the gradient"),
+          ("factored", "graft {kind} with structure factored", "the factored extern clips and "
+           "scales its step itself, so a graft in the tail would rescale after that"))),
+    *(Refusal(f"ema_or_sum_{path}", path, lambda opt: opt.iterate.kind == "ema_or_sum",
+              _clause("iterate"), what, why + " takes an EMA's beta alone (1 - beta is its "
+              "weight), so beta = 1 would keep the zero start: use ema or sum")
+      for path, what, why in (("kfac", "iterate {kind} with curvature kfac", "K-FAC's runtime"),
+                              ("factored", "iterate {kind} with structure factored",
+                               "the factored extern"))),
     Refusal("kronecker_blocks", ("kfac", "kronecker"),
             lambda opt: any(getattr(opt.structure, n) not in (None, ir.Const(False))
                             for n in ("block", "merge_dims")) and (

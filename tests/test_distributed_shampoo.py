@@ -211,3 +211,46 @@ def test_constructor_checks_its_arguments(bad):
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError):
         curvc.load("distributed_shampoo")([p], **bad)
+
+
+# --- the graft on an elementwise structure: the norm of each tensor ---------------------
+
+GRAFTED_SIGN = """
+optimizer GraftedSign
+hyper lr = 1e-3, betas = (0.9, 0.999), eps = 1e-8, start = 1
+curvature constant
+structure scalar
+length    eigen_sign
+momentum  ema(betas[0]) bias_corrected
+graft     adam(betas[1], eps, start = start)
+"""
+
+
+def test_an_elementwise_step_takes_the_grafted_norm_per_tensor(tmp_path):
+    """sign(m) per tensor at the norm of Adam's step, Adam's step alone before `start`."""
+    spec = tmp_path / "grafted_sign.curv"
+    spec.write_text(GRAFTED_SIGN)
+    opt_cls = curvc.load(spec)
+    hypers = [dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, start=1),
+              dict(lr=0.02, betas=(0.5, 0.9), eps=1e-7, start=6)]
+    params = [[p.clone().requires_grad_(True) for p in g] for g in make_params(3)]
+    ref = [[p.detach().clone() for p in g] for g in params]
+    states = [[{"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for p in g] for g in ref]
+    opt = opt_cls([dict(params=ps, **h) for ps, h in zip(params, hypers)])
+    for t in range(1, 21):
+        flat = [p for g in ref for p in g]
+        grads = iter(grads_at(flat, t))
+        for g, sts, h in zip(ref, states, hypers):
+            b1, b2 = h["betas"]
+            for i, (p, st) in enumerate(zip(g, sts)):
+                grad = next(grads)
+                st["m"] = b1 * st["m"] + (1 - b1) * grad
+                st["v"] = b2 * st["v"] + (1 - b2) * grad * grad
+                m = st["m"] / (1 - b1 ** t)
+                adam = m / ((st["v"] / (1 - b2 ** t)).sqrt() + h["eps"])
+                d = torch.sign(m)
+                d = d * adam.norm() / (d.norm() + 1e-16) if t >= h["start"] else adam
+                g[i] = p - h["lr"] * d
+        train(opt, params, 1, first=t)
+    for e, g in zip([p for g in ref for p in g], [p for g in params for p in g]):
+        assert (g.detach() - e).norm() <= 1e-10 * e.norm()
