@@ -13,7 +13,7 @@ from curvc import check as checks, ir, lower_graft as grafting, lower_matrix as 
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_exprs import Expressions
 from curvc.lower_step import (Step, ema_bias_correction, every_flag, iterate_beta, nonzero,
-                              refresh_count, select)
+                              select)
 from curvc.passes import PASSES
 from curvc.plan import (Const, Estimator, Expr, Load, Plan, Reduced, Reduction, Scalar, SHAPE,
                         Select, Validator)

@@ -160,6 +160,6 @@ def lower_blocked(s: Step, g: Expr, statistic: Expr, m: Expr, params: dict,
     args = (statistic, m, *(params[n] for n in stage.params))
     u = Precondition("precondition", args + ((graft,) if graft is not None else ()),
                      stage=stage.name)
-    if ln.kind == "normalized":
+    if ln.kind == "normalized":  # check refuses a graft of a normalized step
         u = axes._normalized(s, m, u)
     return axes.lower_clip(s, started(s, u, graft))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from curvc import ir, language
+from curvc import ir, language, rules_graft
 from curvc.errors import CurvError
 
 
@@ -232,24 +232,6 @@ def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
                      "to limit: each step is the polar factor of that step's value")
 
 
-def _rule_graft_needs_a_direction(opt: ir.Optimizer) -> None:
-    """A graft rescales the structure's direction per block; the polar factor's is fixed
-    (its singular values all near 1), and the secant method's step is sized by its line
-    search."""
-    gr = opt.graft
-    if gr.kind == "none":
-        return
-    st = opt.structure
-    if _newton_schulz(st):
-        raise _clash(gr, f"graft {gr.kind}", st, "structure kronecker(root = newton_schulz)",
-                     "the polar factor U V^T is the step whose norm the iteration fixes; "
-                     "graft onto root = eigh, whose Kronecker step the graft then rescales")
-    if st.kind in SECANT_STRUCTURES:
-        raise _clash(gr, f"graft {gr.kind}", st, f"structure {st.kind}",
-                     "the secant method's step is sized by its line search over the whole "
-                     "parameter vector, so there is no per-block direction to rescale")
-
-
 def _rule_normalized_step_needs_no_clip(opt: ir.Optimizer) -> None:
     ln = opt.length
     if ln.kind == "normalized" and opt.clip.kind in ("global_norm", "tensor_rms"):
@@ -323,7 +305,7 @@ COMBINATION_RULES = (
     _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
     _rule_newton_schulz_is_the_polar_factor,
-    _rule_graft_needs_a_direction,
+    rules_graft._rule_graft_needs_a_direction,
     _rule_normalized_step_needs_no_clip,
 )
 
@@ -492,32 +474,8 @@ REFUSALS: tuple[Refusal, ...] = (
             _clause("iterate"), "iterate {kind} with curvature kfac",
             "K-FAC counts its statistics steps per layer, in its runtime; a step-dependent "
             "beta is not passed to it yet (use ema)"),
-    # Grafting and blocking (curvc.lower_graft): the grafted pipeline is written into the
-    # plan beside an elementwise or a Kronecker step; elsewhere the runtime computes the step
-    *(Refusal(f"graft_{path}", path, lambda opt: opt.graft.kind != "none", _clause("graft"),
-              what, "the grafted pipeline's norm is applied per tensor to an elementwise step, "
-              "or per block inside the Kronecker extern; " + why)
-      for path, what, why in (
-          ("kfac", "graft {kind} with curvature kfac", "K-FAC's natural gradient is computed "
-           "by its runtime before the plan sees the gradient"),
-          ("dense", "graft {kind} with structure dense", "the dense step is computed by its "
-           "runtime before the plan sees the gradient"),
-          ("factored", "graft {kind} with structure factored", "the factored extern clips and "
-           "scales its step itself, so a graft in the tail would rescale after that"))),
-    *(Refusal(f"ema_or_sum_{path}", path, lambda opt: opt.iterate.kind == "ema_or_sum",
-              _clause("iterate"), what, why + " takes an EMA's beta alone (1 - beta is its "
-              "weight), so beta = 1 would keep the zero start: use ema or sum")
-      for path, what, why in (("kfac", "iterate {kind} with curvature kfac", "K-FAC's runtime"),
-                              ("factored", "iterate {kind} with structure factored",
-                               "the factored extern"))),
-    Refusal("kronecker_blocks", ("kfac", "kronecker"),
-            lambda opt: any(getattr(opt.structure, n) not in (None, ir.Const(False))
-                            for n in ("block", "merge_dims")) and (
-                opt.curvature.kind in (*ROW_CURVATURES, *PRECONDITIONING_CURVATURES)),
-            _clause("structure"), "structure kronecker(block or merge_dims) with a sampled "
-            "curvature or kfac",
-            "blocks are cut from one tensor's gradient; K-FAC's factors belong to a layer, and "
-            "a sampled curvature's rows would be cut along the stack too (not built yet)"),
+    # grafting, Kronecker blocks and ema_or_sum (curvc.rules_graft)
+    *rules_graft.refusals(Refusal, _clause),
     # the fused elementwise step: every curvature check admits there has a runtime source
     # (curvc.runtime.estimators), so nothing is refused on that path.
 )
