@@ -198,7 +198,8 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
         fn = stage.function
         operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
         named = getattr(stage, "operands", ())  # the stage's own tensors, by keyword
-        operands, extra = operands[:len(operands) - len(named)], operands[len(operands) - len(named):]
+        cut = len(operands) - len(named)
+        operands, extra = operands[:cut], operands[cut:]
         statistic, value = operands[0], operands[-1]  # one tensor when they are the same
         param = f"{ext.inputs[-1]}.to(cdt), " if stage.reads_param else ""
         param += "".join(f"{k}={x}.to(cdt), " for k, x in zip(named, extra))

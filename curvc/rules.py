@@ -225,8 +225,10 @@ def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
                 if getattr(st, n) not in (None, ir.Const(False))]
     if st.every is not None or blocking or st.max_dim != ir.Const(
             language.default("structure", "kronecker", "max_dim")):
-        what = "every k" if st.every is not None else (
-            f"{blocking[0]} = {getattr(st, blocking[0])}" if blocking else f"max_dim = {st.max_dim}")
+        what = f"max_dim = {st.max_dim}"
+        if st.every is not None or blocking:
+            what = "every k" if st.every is not None else \
+                f"{blocking[0]} = {getattr(st, blocking[0])}"
         raise _clash(st, f"structure kronecker({what})", st, "root = newton_schulz",
                      "the Newton-Schulz iteration keeps no factors or roots to refresh or "
                      "to limit: each step is the polar factor of that step's value")

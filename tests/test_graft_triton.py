@@ -20,8 +20,9 @@ triton = pytest.importorskip("triton")
 import curvc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
-              pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning"),
+    pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")]
 
 GRAFTED = """optimizer GraftedSign
 hyper lr = 0.05, betas = (0.9, 0.99), eps = 1e-8, start = 3
