@@ -197,8 +197,12 @@ def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
                        else ['"""' + doc[0] + '"""'])
         fn = stage.function
         operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
+        named = getattr(stage, "operands", ())  # the stage's own tensors, by keyword
+        cut = len(operands) - len(named)
+        operands, extra = operands[:cut], operands[cut:]
         statistic, value = operands[0], operands[-1]  # one tensor when they are the same
         param = f"{ext.inputs[-1]}.to(cdt), " if stage.reads_param else ""
+        param += "".join(f"{k}={x}.to(cdt), " for k, x in zip(named, extra))
         # a kernel's temporaries are in the compute dtype already; a raw input may not be
         buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")
         # the statistic is None on a step that does not accumulate (an estimate not due)

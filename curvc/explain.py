@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from curvc import explain_exprs, explain_matrix as matrix, ir
+from curvc import explain_exprs, explain_graft as graft, explain_matrix as matrix, ir
 from curvc import lower as lower_mod
 from curvc.plan import Plan
 from curvc.plan_numbers import Numbers, Root, numbers
@@ -74,7 +74,7 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
         ia.append("a a^T (x) dL/ds dL/ds^T")
     if opt.iterate.kind == "sum":
         ia.append("sum")
-    if opt.iterate.kind in ("ema", "power_ema"):  # the paper calls an EMA "momentum"
+    if opt.iterate.kind in ("ema", "power_ema", "ema_or_sum"):  # the paper: "momentum"
         ia.append("momentum")
     return dict(zip(TABLE_COLUMNS, (length, ca, sa, ", ".join(ia))))
 
@@ -205,6 +205,8 @@ def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C",
         every = f"   (every {_v(it.every)} steps{', the first after ' + _v(it.every) if it.delayed else ''})"
     if it.kind == "ema":
         eq.append(f"{name}     = {_v(it.beta)} * {name} + (1 - {_v(it.beta)}) * {new}{every}")
+    elif it.kind == "ema_or_sum":
+        eq += graft.ema_or_sum(name, new, it.beta, every)
     elif it.kind == "power_ema":
         t = "t" if it.every is None else "r"
         eq.append(f"{name}     = beta_t * {name} + (1 - beta_t) * {new},   beta_t = 1 - "
@@ -256,6 +258,8 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         eq.append(f"d     = {u} / {norm}   (sum over {_over(opt.length)}; d = 0 where it is 0)")
     else:
         eq.append(f"d     = {u}")
+    if opt.graft.kind != "none":
+        eq += graft.direction(opt, m) + graft.rescale(opt, "over each tensor")
     if opt.clip.kind == "length":
         wrap = newton and newton != acc_name  # damped: parenthesized
         eq.append(f"n     = {m}" + ((f" / ({newton})" if wrap else f" / {newton}") if newton else "")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from curvc import explain as base, ir
+from curvc import explain as base, explain_graft as graft, ir
 from curvc.plan_numbers import Numbers, Root
 
 
@@ -77,8 +77,12 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         from curvc.explain_eigen import eigenbasis
         return eigenbasis(opt, lr, nums)
     of = str(opt.curvature.of) if opt.curvature.of is not None else "g"
-    eq = [f"G     = {of} as a matrix; an order-k tensor has one factor per mode i, from G_(i),",
-          f"        {of} unfolded along mode i (modes longer than max_dim keep none)"]
+    cut = graft.blocking(opt, of)
+    eq = cut + [f"G     = {'G' if cut else of} as a matrix; an order-k tensor has one factor per "
+                f"mode i, from G_(i),",
+                f"        {'G' if cut else of} unfolded along mode i "
+                + ("(a block's modes are all <= max_dim)" if graft._on(opt.structure.block)
+                   else "(modes longer than max_dim keep none)")]
     gram_l, gram_r = "G G^T", "G^T G"
     rows = _ROWS.get(opt.curvature.kind)
     if rows:  # the factors' statistic: sampled gradients, as rows
@@ -95,8 +99,10 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     per_mode = f"order-k tensors: {base._per_mode(root_.exponent)} per mode"
     m = base._momentum(opt, eq, nums)
     m = "G" if m == "g" else m
-    every = f"   (roots recomputed every {base._v(opt.structure.every)} steps)" \
-        if opt.structure.every is not None else ""
+    every, schedule = graft.roots_schedule(opt), []
+    if opt.graft.kind != "none" and every:  # Distributed Shampoo's: a line of its own
+        first, _, rest = every.strip().partition(" and ")
+        every, schedule = "", ["        " + first, "         and " + rest]
     inside = f"({{}} + {root_.inside} I)" if root_.inside else "{}"
     after = f" + {root_.after} I" if root_.after else ""
 
@@ -116,6 +122,10 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
                   + (f"   ({per_mode})" if per_mode else ""))
+    eq += schedule
+    if opt.graft.kind != "none":
+        per = "over each block" if graft._on(opt.structure.block) else "over each tensor"
+        eq += graft.direction(opt, m) + graft.rescale(opt, per)
     if opt.length.kind == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   (over {base._over(opt.length)}: ||d||_P = 1)")
     eq += base._clip(opt)

@@ -141,9 +141,10 @@ class Structure:
     basis: Arg | None = None
     factor_beta: Arg | None = None
     refresh: Arg | None = None
-    merge_dims: Arg | None = None
+    merge_dims: Arg | None = None  # kronecker: merge small adjacent dims first
     vectors: Arg | None = None
     layout: Arg | None = None
+    block: Arg | None = None  # kronecker: split modes longer than max_dim into blocks
     span: Span = span_field()
 
 
@@ -226,10 +227,22 @@ class Schedule:
     span: Span = span_field()
 
 
+@dataclass(frozen=True)
+class Graft:
+    """The step's direction from the structure, its per-block norm from a diagonal
+    pipeline's step on the same momentum (Distributed Shampoo's grafting)."""
+
+    kind: str  # none | sgd | adagrad | rmsprop | adam
+    beta: Arg | None = None
+    eps: Arg | None = None
+    start: Arg | None = None  # before this step, the grafted pipeline's step alone
+    span: Span = span_field()
+
+
 # One per clause of the language (curvc.language.CLAUSES, in that order).
 AXIS_TYPES = {"curvature": Curvature, "structure": Structure, "iterate": Iterate,
               "length": Length, "clip": Clip, "momentum": Momentum, "decay": Decay,
-              "damping": Damping, "schedule": Schedule}
+              "damping": Damping, "schedule": Schedule, "graft": Graft}
 
 
 def clause_label(axis: str, node) -> str:
@@ -254,6 +267,7 @@ class Optimizer:
     schedule: Schedule
     # A second clip clause, `clip ...(on = gradient)`: the gradient's, before the step.
     gradient_clip: Clip = Clip("none")
+    graft: Graft = Graft("none")
     lets: tuple[Let, ...] = ()
     states: tuple[State, ...] = ()
     update: Expr | None = None  # what multiplies lr (default: the direction d)

@@ -48,18 +48,29 @@ NEWTON_SCHULZ_ARGS = tuple(a.name for a in _NEWTON_SCHULZ)
 
 # basis = eigen: the spec's diagonal pipeline (iterate, length, damping) runs in the
 # eigenbasis of the factors, EMAs with factor_beta, refreshed every k steps by `refresh`
-# (power_qr: one power-iteration step and a QR; eigh); merge_dims merges adjacent small dims
-# into modes up to max_dim (layout: a 4-D tensor's NCHW or NHWC); vectors = false gives a
-# 1-D tensor no factor (SOAP's precondition_1d)
+# (power_qr: one power-iteration step and a QR; eigh); there merge_dims (below) is SOAP's
+# merge of adjacent small dims (layout: a 4-D tensor's NCHW or NHWC); vectors = false gives
+# a 1-D tensor no factor (SOAP's precondition_1d)
 _EIGENBASIS = (ArgSpec("basis", "enum", "none", choices=("none", "eigen")),
                ArgSpec("factor_beta", "number", 0.95, "unit"),
                ArgSpec("refresh", "enum", "power_qr", choices=("power_qr", "eigh")),
-               ArgSpec("merge_dims", "bool", False), ArgSpec("vectors", "bool", True),
+               ArgSpec("vectors", "bool", True),
                # how a 4-D tensor's dims are laid out for merge_dims: NCHW, or NHWC (whose
                # channels are moved to dim 1 before merging), a word a hyperparameter may give
                ArgSpec("layout", "enum", "channels_first",
                        choices=("channels_first", "channels_last"), by_hyper=True))
 EIGENBASIS_ARGS = tuple(a.name for a in _EIGENBASIS)
+# Distributed Shampoo's handling of large tensors (Shi et al. 2023): `block` splits every
+# mode longer than max_dim into blocks of max_dim (each block its own factors) instead of
+# leaving that mode without one; `merge_dims` first drops size-1 dims and merges adjacent
+# dims (from the last) while their product stays <= max_dim (a 4 x 8 weight: one 32-vector)
+_BLOCKING = (ArgSpec("block", "bool", False), ArgSpec("merge_dims", "bool", False))
+
+# Grafting: where the step's per-block norm comes from (a block of a blocked Kronecker
+# tensor, else the whole tensor). `start`: before that step the grafted step alone is taken
+# (Distributed Shampoo's start_preconditioning_step; the roots are computed from then on).
+_START = ArgSpec("start", "int", 1.0, "count_every")
+_GRAFT_EPS = ArgSpec("eps", "number", 1e-10, "positive")
 
 _ADJUST = ArgSpec("adjust", "enum", "none", choices=("none", "original", "match_rms_adamw"),
                   by_hyper=True)
@@ -108,7 +119,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),
                                ArgSpec("root", "enum", "eigh", choices=("eigh", "newton_schulz"),
                                        varies=True),
-                               *_NEWTON_SCHULZ, *_EIGENBASIS),
+                               *_NEWTON_SCHULZ, *_EIGENBASIS, *_BLOCKING),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
         # diag(V) with V = R C^T / max(mean(R), eps): the rank-1 outer product of the row and
@@ -125,6 +136,10 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         # (Adafactor's beta2 schedule; beta_1 = 0, so no zero start to bias-correct)
         "power_ema": FormSpec((ArgSpec("decay", "number", constraint="nonpos"),),
                               modifiers=("every", "delayed")),
+        # Distributed Shampoo's betas[1]: an EMA (bias-corrected if asked) for beta < 1,
+        # the plain sum C <- C + c at beta = 1
+        "ema_or_sum": FormSpec((ArgSpec("beta", "number", constraint="unit_closed"),),
+                               modifiers=("bias_corrected", "every")),
         "sum": FormSpec((ArgSpec("init", "number", 0.0, "nonneg"),),  # C <- C + c
                         modifiers=("every",)),
         # two-loop recursion over the last k pairs, up to `iterations` closure calls a step
@@ -189,6 +204,17 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         # the relative step: lr_t = min(lr, 1/sqrt(t)) * max(eps, RMS(theta)) per tensor
         # (Adafactor); weight decay keeps lr
         "relative_step": FormSpec((ArgSpec("eps", "number", constraint="nonneg"),)),
+    },
+    # The direction d the structure computes, rescaled per block to the norm of another
+    # pipeline's step on the same momentum m: d * ||d_g|| / (||d|| + 1e-16). d_g: sgd m;
+    # adagrad m / (sqrt(V) + eps), V <- V + g^2; rmsprop the same with V <- beta V +
+    # (1 - beta) g^2; adam the same V, bias-corrected: m / (sqrt(V / (1 - beta^t)) + eps)
+    "graft": {
+        "none": FormSpec(),
+        "sgd": FormSpec((_START,)),
+        "adagrad": FormSpec((_GRAFT_EPS, _START)),
+        "rmsprop": FormSpec((_BETA(), _GRAFT_EPS, _START)),
+        "adam": FormSpec((_BETA(), _GRAFT_EPS, _START)),
     },
 }
 
@@ -255,7 +281,7 @@ def show_apply(e) -> str:
 CLAUSES: tuple[str, ...] = tuple(FORMS)
 
 DEFAULT_FORMS = {"iterate": "instant", "clip": "none", "momentum": "none", "decay": "none",
-                 "damping": "none", "schedule": "constant"}
+                 "damping": "none", "schedule": "constant", "graft": "none"}
 REQUIRED_CLAUSES = {
     "curvature": "the paper's Calculating Approximation column",
     "structure": "the paper's Structure Approximation column",

@@ -9,10 +9,10 @@ only ever see the result.
 """
 from __future__ import annotations
 
-from curvc import check as checks, ir, lower_matrix as matrix, rules
+from curvc import check as checks, ir, lower_graft as grafting, lower_matrix as matrix, rules
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_exprs import Expressions
-from curvc.lower_step import (Step, every_flag, iterate_beta, nonzero, refresh_count,
+from curvc.lower_step import (Step, ema_bias_correction, every_flag, iterate_beta, nonzero,
                               select)
 from curvc.passes import PASSES
 from curvc.plan import (Const, Estimator, Expr, Load, Plan, Reduced, Reduction, Scalar, SHAPE,
@@ -101,7 +101,7 @@ def _buffer_name(s: Step, role: str) -> str:
     it, c = s.opt.iterate, s.opt.curvature
     if it.kind == "sum":
         return "sum"
-    ema = it.kind in ("ema", "power_ema")
+    ema = it.kind in ("ema", "power_ema", "ema_or_sum")
     if ema and (c.kind == "empirical_fisher" or c.squared):
         return "exp_avg_sq"
     return "hessian" if ema else "curvature"
@@ -122,7 +122,7 @@ def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
         old = s.buffer(name)
         s.store(old.name, c, when=refresh)
         return select(refresh, c, old)
-    if it.kind in ("ema", "power_ema"):
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):
         old = s.buffer(name)
         name = old.name
         beta, weight = iterate_beta(s)
@@ -143,10 +143,7 @@ def lower_iterate(s: Step, c: Expr | None) -> Expr | None:
             s.store(prev.name, peak, when=keep if isinstance(keep, str) else None)
             acc = select(keep, peak, acc)
     if it.bias_corrected:
-        beta = s.arg(it.beta)
-        count = refresh_count(s, it.every, it.delayed)
-        acc = div(acc, s.host_scalar("curvature_bias_correction",
-                                     sub(1.0, op("pow", beta, count))))
+        acc = div(acc, s.host_scalar("curvature_bias_correction", ema_bias_correction(s)))
     return acc
 
 
@@ -366,6 +363,8 @@ def build(opt: ir.Optimizer) -> Plan:
         acc = lower_iterate(s, lower_curvature(s, g))
         m = lower_momentum(s, g)
         d = lower_direction(s, m, lower_preconditioner(s, acc))
+        # a graft's norm per tensor (curvc.lower_graft), before the clip
+        d = grafting.grafted_per_tensor(s, d, grafting.graft_direction(s, g, m))
         d = lower_length_clip(s, m, acc, d) if opt.clip.kind == "length" else lower_clip(s, d)
     s.exprs.env["direction"] = d
     update = s.exprs.lower(opt.update) if opt.update is not None else d

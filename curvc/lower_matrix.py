@@ -6,9 +6,9 @@ live in curvc.lower, which calls these from ``build``.
 """
 from __future__ import annotations
 
-from curvc import ir, lower as axes
-from curvc.fold import div, op, sub
-from curvc.lower_step import (Step, accumulation, every_flag, iterate_beta, refresh_count)
+from curvc import ir, lower as axes, lower_graft as blocks
+from curvc.fold import div, op
+from curvc.lower_step import Step, accumulation, ema_bias_correction, every_flag, iterate_beta
 from curvc.plan import (Const, DenseStage, Estimator, Expr, FactoredStage, KroneckerStage, Load,
                         PolarStage, Precondition, Select, SecantStage)
 from curvc.rules import ROW_CURVATURES
@@ -31,7 +31,6 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     if st.basis == ir.Const("eigen"):  # the diagonal pipeline in the factors' eigenbasis
         from curvc.lower_eigen import lower_eigenbasis
         return lower_eigenbasis(s, g, m, _length_exponent(s))
-    refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     accumulate_when = (every_flag(s, "refresh", it.every, it.delayed)
                        if it.every is not None else None)
     statistic = g
@@ -44,12 +43,10 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
     exponent = _length_exponent(s)
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     correction = Const(1.0)
-    if it.kind == "ema" and it.bias_corrected:
-        count = refresh_count(s, it.every, it.delayed)
-        correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), count)))
+    if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     params = {
-        "beta": iterate_beta(s)[0] if it.kind in ("ema", "power_ema") else Const(0.0),
+        "beta": iterate_beta(s)[0] if it.kind in ("ema", "power_ema", "ema_or_sum") else Const(0.0),
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         "exponent": exponent,
         "eps_inside": eps if dmp.kind == "inside" else Const(0.0),
@@ -58,6 +55,9 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
         "bias_correction": correction,
         "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
     }
+    if blocks.needs_blocks(s.opt):  # merged or blocked dims, a graft (curvc.lower_graft)
+        return blocks.lower_blocked(s, g, statistic, m, params, accumulate_when)
+    refresh = every_flag(s, "refresh_roots", st.every) if st.every is not None else None
     stage = KroneckerStage(s.unique("kronecker"), "kronecker", "pre_cond", "inv_pre_cond",
                            accumulation(it.kind), accumulate_when, refresh, per_mode=True,
                            length="eigen_sign" if ln.kind == "eigen_sign" else "root")
@@ -107,13 +107,11 @@ def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
     statistic = c if when is None else Select(when, c, Load("grad"))
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     weight = Const(1.0)
-    if it.kind in ("ema", "power_ema"):
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):
         weight = iterate_beta(s)[1]
     correction = Const(1.0)
-    if it.kind == "ema" and it.bias_corrected:
-        count = refresh_count(s, it.every, it.delayed)
-        correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), count)))
+    if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     params = {
         "weight": weight,
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),

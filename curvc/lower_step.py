@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from curvc import ir
-from curvc.fold import add, div, op, sub
+from curvc.fold import add, div, mul, op, sub
 from curvc.plan import Buffer, Const, Estimator, Expr, Load, Scalar, Select, Store, \
     flat_hyper_names
 
@@ -126,9 +126,21 @@ def iterate_beta(s: Step) -> tuple[Expr, Expr]:
                                op("pow", refresh_count(s, it.every, it.delayed), s.arg(it.decay)))
         return sub(1.0, weight), weight
     beta = s.arg(it.beta)
+    if it.kind == "ema_or_sum":  # weight 1 at beta = 1: the sum
+        return beta, sub(1.0, mul(beta, op("ne", beta, 1.0)))
     return beta, sub(1.0, beta)
+
+
+def ema_bias_correction(s: Step) -> Expr:
+    """1 - beta^n of a bias-corrected EMA iterate, n its refreshes so far; 1 for
+    ``ema_or_sum`` at beta = 1 (a sum has no zero start to undo)."""
+    it = s.opt.iterate
+    power = op("pow", s.arg(it.beta), refresh_count(s, it.every, it.delayed))
+    if it.kind == "ema_or_sum":
+        power = mul(power, op("ne", s.arg(it.beta), 1.0))
+    return sub(1.0, power)
 
 
 def accumulation(kind: str) -> str:
     """How a matrix stage accumulates for an iterate form: a step-dependent beta is an EMA."""
-    return "ema" if kind == "power_ema" else kind
+    return "ema" if kind in ("power_ema", "ema_or_sum") else kind

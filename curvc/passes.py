@@ -119,7 +119,9 @@ def verify(plan: Plan) -> Plan:
     for e in [st.value for st in plan.stores] + [r.value for r in plan.reductions]:
         for n in walk(e):
             if isinstance(n, Precondition):
-                assert n.stage in stages and len(n.args) == 2 + len(stages[n.stage].params), n
+                stage = stages.get(n.stage)
+                assert stage is not None and len(n.args) == 2 + len(stage.params) + len(
+                    getattr(stage, "operands", ())), n
     for m in plan.matrix:
         assert {m.refresh, m.accumulate_when} - {None} <= flags, m
     return plan

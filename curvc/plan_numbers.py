@@ -184,7 +184,11 @@ def _bias_counts(plan: Plan, text: _PlanText):
         for buffer in ("curvature", "momentum"):
             if not name.startswith(f"{buffer}_bias_correction"):
                 continue
-            beta, n = e.args[1].args  # 1 - beta^n
+            power = e.args[1]  # 1 - beta^n
+            if isinstance(power, Op) and power.op == "mul":  # ema_or_sum: beta^n (beta != 1)
+                power = power.args[0]
+                notes.append(f"no correction at {text(power.args[0])} = 1, a sum")
+            beta, n = power.args
             count = text(n)
             if count != "t":  # refreshed every k steps: the refreshes so far
                 notes.append(f"r = {count}, the refreshes so far")

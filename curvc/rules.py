@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from curvc import ir, language
+from curvc import ir, language, rules_graft
 from curvc.errors import CurvError
 
 
@@ -221,9 +221,14 @@ def _rule_newton_schulz_is_the_polar_factor(opt: ir.Optimizer) -> None:
                                                "the momentum")
                      + " (momentum none, or `curvature empirical_fisher(of = NAME)` with "
                        "`momentum = NAME`: Muon's momentum readout)")
-    if st.every is not None or st.max_dim != ir.Const(
+    blocking = [n for n in ("block", "merge_dims")
+                if getattr(st, n) not in (None, ir.Const(False))]
+    if st.every is not None or blocking or st.max_dim != ir.Const(
             language.default("structure", "kronecker", "max_dim")):
-        what = "every k" if st.every is not None else f"max_dim = {st.max_dim}"
+        what = f"max_dim = {st.max_dim}"
+        if st.every is not None or blocking:
+            what = "every k" if st.every is not None else \
+                f"{blocking[0]} = {getattr(st, blocking[0])}"
         raise _clash(st, f"structure kronecker({what})", st, "root = newton_schulz",
                      "the Newton-Schulz iteration keeps no factors or roots to refresh or "
                      "to limit: each step is the polar factor of that step's value")
@@ -317,6 +322,7 @@ COMBINATION_RULES = (
     _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
     _rule_newton_schulz_is_the_polar_factor,
+    rules_graft._rule_graft_needs_a_direction,
     _rule_normalized_step_needs_no_clip,
     _rule_length_clip_needs_a_length_in_an_eigenbasis,
 )
@@ -480,6 +486,8 @@ REFUSALS: tuple[Refusal, ...] = (
             "returns, so a clip or a global normalization in the tail kernel would act on the "
             "scaled step instead of before the scale (clip tensor_rms runs in the extern, in "
             "order)"),
+    # grafting, Kronecker blocks and ema_or_sum (curvc.rules_graft)
+    *rules_graft.refusals(Refusal, _clause),
     # the fused elementwise step: every curvature check admits there has a runtime source
     # (curvc.runtime.estimators), so nothing is refused on that path.
 )

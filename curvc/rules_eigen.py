@@ -25,6 +25,10 @@ def rule_eigenbasis_runs_a_diagonal_pipeline(opt: ir.Optimizer) -> None:
                          "no `basis = eigen`", f"{given[0]} is an argument of the eigenbasis "
                          "rotation, which only basis = eigen runs")
         return
+    if st.block not in (None, ir.Const(False)):
+        raise _clash(st, "structure kronecker(block = ...)", st, me,
+                     "the eigenbasis stage keeps one basis per mode of each (merged) tensor; "
+                     "blocks of a mode are Distributed Shampoo's root = eigh step")
     inside = "in the eigenbasis the spec's diagonal pipeline runs on the rotated gradient, "
     if st.root == ir.Const("newton_schulz"):
         raise _clash(st, "root = newton_schulz", st, "basis = eigen",

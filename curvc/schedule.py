@@ -105,7 +105,10 @@ def split(plan: Plan) -> Program:
     if len(externs) > 1:
         raise AssertionError("a plan with more than one matrix stage")  # lowering makes one
     node = externs.pop()
-    statistic, value, *params = node.args
+    stage = plan.stage(node.stage)
+    n_params = len(stage.params)  # then the stage's own tensor operands (a graft's step)
+    statistic, value = node.args[:2]
+    params, extra = node.args[2:2 + n_params], node.args[2 + n_params:]
     head_stores = [st for st in plan.stores if not _contains(st.value, node)]
     tail_stores = [st for st in plan.stores if _contains(st.value, node)]
     head_reductions = [r for r in plan.reductions if not _contains(r.value, node)]
@@ -117,7 +120,8 @@ def split(plan: Plan) -> Program:
     head_sums = {r.name for r in head_reductions}
     temps: dict[Expr, str] = {}
     operands = []  # the extern's tensor inputs: a tensor the head leaves alone goes as it is
-    for e, name in ((statistic, STATISTIC), (value, VALUE)):
+    for e, name in ((statistic, STATISTIC), (value, VALUE),
+                    *((x, f"matrix_{n}") for x, n in zip(extra, getattr(stage, "operands", ())))):
         if isinstance(e, Load) and e.name not in overwritten:
             operands.append(e.name)
         else:
@@ -144,8 +148,8 @@ def split(plan: Plan) -> Program:
                         temporaries=tuple(temps.values()))
     tail = _kernel_plan(plan, tail_stores, tail_reductions,
                         extra_inputs=(*temps.values(), OUTPUT))
-    inputs = tuple(operands) if operands[0] != operands[1] else (operands[0],)
-    stage = plan.stage(node.stage)
+    inputs = tuple(operands[:2]) if operands[0] != operands[1] else (operands[0],)
+    inputs += tuple(operands[2:])
     if stage.reads_param:  # the parameter before the step (the head does not write it)
         assert "param" not in overwritten, "the head stores the parameter"
         inputs += ("param",)

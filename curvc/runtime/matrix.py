@@ -177,9 +177,10 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
               roots: str, accumulate: str, update: bool, refresh: bool, length: str,
               beta: float, init: float, exponent: float, eps_inside: float, eps_after: float,
               floor: float, bias_correction: float, max_dim: float,
-              per_mode: bool) -> torch.Tensor:
+              per_mode: bool, weight: float | None = None) -> torch.Tensor:
     """One tensor's Kronecker-preconditioned value (see the module docstring and
-    ``curvc.plan.KroneckerStage``).
+    ``curvc.plan.KroneckerStage``); ``weight``: the EMA's weight of this step's Gram
+    matrix when it is not 1 - beta (1 at beta = 1 for ``iterate ema_or_sum``).
 
     ``state`` is the parameter's optimizer state: factor i lives under
     ``f"{factors}_{i}"`` and its root (or, for ``length='eigen_sign'``, its
@@ -206,7 +207,7 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
             if accumulate == "sum":
                 factor.addmm_(u, ut)
             elif accumulate == "ema":
-                factor.mul_(beta).addmm_(u, ut, alpha=1.0 - beta)
+                factor.mul_(beta).addmm_(u, ut, alpha=1.0 - beta if weight is None else weight)
             else:  # instant: this step's statistic only
                 torch.mm(u, ut, out=factor)
         if refresh or root_key not in state:
@@ -398,3 +399,5 @@ def polar(state: dict, statistic: torch.Tensor | None, value: torch.Tensor, *, s
 
 # The eigenbasis stage (SOAP) lives in its own module; generated code calls matrix.<fn>.
 from curvc.runtime.eigenbasis import eigenbasis  # noqa: E402,F401
+# Distributed Shampoo's blocking and grafting (curvc.runtime.blocks), beside the others
+from curvc.runtime.blocks import blocked_kronecker  # noqa: E402
