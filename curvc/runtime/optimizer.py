@@ -30,7 +30,7 @@ import torch
 
 from curvc.constraints import CONSTRAINTS
 from curvc.plan import SHAPE
-from curvc.runtime import amp
+from curvc.runtime import amp, sharded
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
 from curvc.runtime.program import Program, Runner, resolved
@@ -48,6 +48,7 @@ class Bucket:
     grads: list = field(default_factory=list)
     steps: list = field(default_factory=list)  # the per-parameter step counters to bump
     tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
+    shards: list | None = None  # DTensor parameters: where each local shard sits (sharded.py)
 
     def args(self, names):
         """Per-tensor argument lists, in ``names`` order (param and grad included)."""
@@ -272,7 +273,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         for p, g, at, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
             step = at[0]
-            key = (p.device, p.dtype, at)
+            key = (p.device, p.dtype, at, sharded.layout(p))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
@@ -285,6 +286,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
+        for b in buckets.values():
+            sharded.localize(b)  # FSDP2: the step runs on each rank's local shard
         return [(b, *per_step[key[2]]) for key, b in buckets.items()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
