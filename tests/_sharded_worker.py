@@ -8,8 +8,10 @@ its own batches (the same streams as there) and saves, per case, the whole param
 
 * fsdp_<name>: under FSDP2 (fully_shard per layer and the root), STEPS steps of
   torch.optim.Adam, compiled Adam (default, fused=False, fused=True), two param groups
-  and non-default hyperparameters; Shampoo and K-FAC;
+  and non-default hyperparameters; Shampoo (its blocks split over the ranks, and
+  computed on every rank) and K-FAC;
 * zero_<spec>: under DDP with ZeroRedundancyOptimizer(optimizer_class=curvc.load(spec));
+  zero_sophia(_own): Sophia's estimates, averaged (refused) or each rank's own;
 * dcp_<spec>: under FSDP2, STEPS steps straight, and STEPS // 2 steps, a DCP save of the
   model and optimizer, a fresh model and optimizer loaded from it, the rest;
 * ddp_ckpt: under DDP, a state_dict saved on rank 0 at half time and loaded on every rank.
@@ -63,6 +65,10 @@ def make(name, net):
     if name.startswith("adam"):
         fused = {"adam": {}, "adam_unfused": {"fused": False}, "adam_fused": {"fused": True}}
         return curvc.load("adam")(groups(net), **ADAM, **fused[name])
+    if name == "shampoo_replicated":  # every rank computes every block's roots
+        opt = curvc.load("shampoo")(net.parameters(), **MATRIX["shampoo"])
+        opt.matrix_split = False
+        return opt
     return curvc.load(name)(net if name == "kfac" else net.parameters(), **MATRIX[name])
 
 
@@ -84,13 +90,32 @@ def fsdp(name, rank):
     opt = make(name, net)
     train(net, opt, w.data(rank)[:STEPS])
     compiled = type(opt).__dict__.get("_fused_kernels", {})  # the fused CPU kernels it built
-    return {"params": whole(net), "fused": sum(k is not None for k in compiled.values())}
+    return {"params": whole(net), "fused": sum(k is not None for k in compiled.values()),
+            "keys": [sorted(opt.state[p]) for p in net.parameters()]}
 
 
 def zero(spec, rank):
     net = DistributedDataParallel(w.model())
     opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=curvc.load(spec), lr=0.01)
     train(net, opt, w.data(rank)[:STEPS])
+    return {"params": whole(net.module)}
+
+
+def zero_estimator(rank, **kw):
+    """Sophia under ZeRO: each rank estimates the curvature of its own partition."""
+    net = DistributedDataParallel(w.model())
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=curvc.load("sophia"),
+                                  lr=0.01, k=2, **kw)
+    try:
+        for xb, yb in w.data(rank)[:4]:
+            opt.zero_grad()
+            logits = net(xb)
+            if opt.optim.wants_curvature():
+                opt.optim.estimate_curvature(logits=logits)
+            torch.nn.functional.cross_entropy(logits, yb).backward()
+            opt.step()
+    except RuntimeError as e:
+        return {"error": str(e)}
     return {"params": whole(net.module)}
 
 
@@ -134,10 +159,13 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
-        for name in ("torch_adam", "adam", "adam_unfused", "adam_fused", "shampoo", "kfac"):
+        for name in ("torch_adam", "adam", "adam_unfused", "adam_fused", "shampoo",
+                     "shampoo_replicated", "kfac"):
             torch.save(fsdp(name, rank), out / f"fsdp_{name}_{rank}.pt")
         for spec in ZERO_SPECS:
             torch.save(zero(spec, rank), out / f"zero_{spec}_{rank}.pt")
+        torch.save(zero_estimator(rank), out / f"zero_sophia_{rank}.pt")
+        torch.save(zero_estimator(rank, curvature_group=False), out / f"zero_sophia_own_{rank}.pt")
         for name in ("adam", "shampoo"):
             torch.save(resumed_dcp(name, rank, out / f"dcp_{name}"), out / f"dcp_{name}_{rank}.pt")
         torch.save(ddp_checkpoint(rank, out / "ddp.ckpt"), out / f"ddp_ckpt_{rank}.pt")

@@ -101,16 +101,38 @@ def test_fsdp2_torch_adam_reference_is_data_parallel_adam(out):
     _close(_load(out, "fsdp_torch_adam")["params"], [p.detach() for p in net.parameters()], 1e-5)
 
 
-@pytest.mark.parametrize("spec", ["shampoo", "kfac"])
-def test_fsdp2_matrix_specs_equal_one_process_on_the_whole_batch(spec, out):
-    _same_on_both_ranks(out, f"fsdp_{spec}")
-    _close(_load(out, f"fsdp_{spec}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-4)
+@pytest.mark.parametrize("case", ["shampoo", "shampoo_replicated", "kfac"])
+def test_fsdp2_matrix_specs_equal_one_process_on_the_whole_batch(case, out):
+    _same_on_both_ranks(out, f"fsdp_{case}")
+    spec = case.split("_")[0]
+    _close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-4)
+
+
+def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(out):
+    """Each block's factors live on one rank, and both ranks own some blocks; with
+    matrix_split off, every rank keeps every block's."""
+    keys = [_load(out, "fsdp_shampoo", r)["keys"] for r in range(2)]
+    owned = [[any(k != "step" for k in ks) for ks in keys[r]] for r in range(2)]
+    assert all(a != b for a, b in zip(*owned))  # exactly one owner per block
+    assert any(owned[0]) and any(owned[1])
+    everywhere = [_load(out, "fsdp_shampoo_replicated", r)["keys"] for r in range(2)]
+    assert everywhere[0] == everywhere[1]
+    assert all(any(k != "step" for k in ks) for ks in everywhere[0])
 
 
 @pytest.mark.parametrize("spec", s.ZERO_SPECS)
 def test_zero_redundancy_equals_one_process(spec, out):
     _same_on_both_ranks(out, f"zero_{spec}")
     _close(_load(out, f"zero_{spec}")["params"], _one_process(spec, lr=0.01), 1e-5)
+
+
+def test_zero_refuses_to_average_estimates_of_different_partitions(out):
+    """Under ZeRO each rank holds other parameters: averaging their curvature estimates
+    would mix different tensors, so both ranks refuse, saying what to do."""
+    for rank in range(2):
+        error = _load(out, "zero_sophia", rank).get("error", "")
+        assert "hold different parameters" in error and "curvature_group=False" in error
+    _same_on_both_ranks(out, "zero_sophia_own")
 
 
 @pytest.mark.parametrize("name", ["adam", "shampoo"])

@@ -72,6 +72,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     host: Callable = None
     SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
     PROGRAM: Program | None = None  # kernels and matrix calls (None: the secant driver)
+    # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
+    # False on an instance: every rank computes every block.
+    matrix_split = True
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 

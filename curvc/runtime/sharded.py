@@ -14,8 +14,11 @@ the elements. What is not elementwise is made whole:
   gradient of its block: the shards are all-gathered, the call runs on the whole
   tensors on every rank (its factors and roots are then replicated, plain tensors
   in the state), and each rank keeps its own slice of the result (``extern_rows``,
-  ``full`` and ``local_like``). Every rank computes every block's roots: the work
-  is not split across ranks.
+  ``full`` and ``local_like``). By default the blocks are split over the ranks they
+  are sharded across: each block's owner alone keeps its factors and roots and
+  computes its result, which it broadcasts (``owners``); with ``opt.matrix_split =
+  False`` every rank computes every block. K-FAC's layer steps
+  are computed on every rank.
 
 The state stays DTensor (the buffers ``full_like`` makes), so
 ``torch.distributed.checkpoint`` saves and loads it sharded.
@@ -121,15 +124,60 @@ def whole_sums(bucket, part: dict) -> dict:
     return out
 
 
-def extern_rows(bucket, fn, rows, extra) -> list:
-    """A matrix call on every row of a sharded bucket: on the whole tensors (gathered),
-    each rank keeping its slice of the result."""
-    out = []
-    for sharding, row in zip(bucket.shards, rows):
-        whole = [sharding.whole(t.contiguous()) if isinstance(t, torch.Tensor) else t
-                 for t in row]
-        out.append(sharding.local(fn(*whole, *extra)))
-    return out
+def extern_rows(bucket, fn, rows, extra, split: bool = True) -> list:
+    """A matrix call on every row of a sharded bucket, on the whole tensors (gathered),
+    each rank keeping its slice of the result.
+
+    ``split``: each row is computed by one rank of the shard group, its *owner*, which
+    alone keeps the row's factors and roots in its state, and broadcasts the result
+    (Distributed Shampoo's split of the work: each rank refreshes the roots of its own
+    blocks); otherwise every rank computes every row."""
+    group = _split_group(bucket.shards[0]) if split else None
+    wholes = [[sh.whole(t.contiguous()) if isinstance(t, torch.Tensor) else t for t in row]
+              for sh, row in zip(bucket.shards, rows)]
+    if group is None:
+        return [sh.local(fn(*row, *extra)) for sh, row in zip(bucket.shards, wholes)]
+    dist = torch.distributed
+    ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    owner = owners([sh.shape for sh in bucket.shards], ranks)
+    results = [fn(*row, *extra) if owner[j] == me else None for j, row in enumerate(wholes)]
+    for r in range(ranks):  # each owner's results, to every rank of the group
+        mine = [j for j in range(len(rows)) if owner[j] == r]
+        if not mine:
+            continue
+        meta = [[(results[j].shape, results[j].dtype) for j in mine] if r == me else None]
+        dist.broadcast_object_list(meta, group=group, group_src=r)
+        for j, (shape, dtype) in zip(mine, meta[0]):
+            if results[j] is None:
+                results[j] = torch.empty(shape, dtype=dtype, device=bucket.device)
+            else:
+                results[j] = results[j].contiguous()
+            dist.broadcast(results[j], group=group, group_src=r)
+    return [sh.local(x) for sh, x in zip(bucket.shards, results)]
+
+
+def owners(shapes: list, ranks: int) -> list[int]:
+    """Each block's owning rank: the largest blocks first, each to the rank with the
+    least work so far, the work of a block its roots' (the sum of d^3 over its
+    dimensions, an eigendecomposition's cost). The same on every rank (shapes only)."""
+    load = [0] * ranks
+    owner = [0] * len(shapes)
+    cost = [sum(d ** 3 for d in shape) for shape in shapes]
+    for j in sorted(range(len(shapes)), key=lambda j: (-cost[j], j)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[j] = r
+        load[r] += cost[j]
+    return owner
+
+
+def _split_group(sharding: Sharding):
+    """The group to split a bucket's matrix work over: the ranks its tensors are
+    sharded across (one sharded mesh dimension), or None to compute everywhere."""
+    dims = [i for i, pl in enumerate(sharding.placements) if isinstance(pl, Shard)]
+    if len(dims) != 1:
+        return None
+    group = sharding.mesh.get_group(dims[0])
+    return group if torch.distributed.get_world_size(group) > 1 else None
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
