@@ -131,8 +131,8 @@ class Runner:
             rows = bucket.args(sig["tensors"])
             if bucket.shards:  # DTensor shards: the call on the whole tensors (sharded.py)
                 from curvc.runtime import sharded
-                bucket.tensors[e.output] = sharded.extern_rows(
-                    bucket, e.fn, rows, extra, self.opt.matrix_split)
+                bucket.tensors[e.output] = sharded.extern_rows(bucket, e.fn, rows, extra,
+                                                               self.opt)
                 continue
             bucket.tensors[e.output] = [e.fn(*row, *extra) for row in rows]
 

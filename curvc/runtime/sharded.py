@@ -25,7 +25,7 @@ The state stays DTensor (the buffers ``full_like`` makes), so
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,7 @@ class Sharding:
     stride: tuple
     local_shape: tuple
     offset: tuple
+    param: object = field(default=None, compare=False, repr=False)  # the DTensor parameter
 
     def local(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a whole tensor (a copy: the whole one can go)."""
@@ -77,7 +78,7 @@ def sharding_of(p) -> Sharding:
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
                                                                 p.placements)
     return Sharding(p.device_mesh, tuple(p.placements), p.shape, p.stride(),
-                    tuple(local_shape), tuple(offset))
+                    tuple(local_shape), tuple(offset), p)
 
 
 def localize(bucket) -> None:
@@ -124,22 +125,25 @@ def whole_sums(bucket, part: dict) -> dict:
     return out
 
 
-def extern_rows(bucket, fn, rows, extra, split: bool = True) -> list:
+def extern_rows(bucket, fn, rows, extra, opt=None) -> list:
     """A matrix call on every row of a sharded bucket, on the whole tensors (gathered),
     each rank keeping its slice of the result.
 
-    ``split``: each row is computed by one rank of the shard group, its *owner*, which
-    alone keeps the row's factors and roots in its state, and broadcasts the result
-    (Distributed Shampoo's split of the work: each rank refreshes the roots of its own
-    blocks); otherwise every rank computes every row."""
-    group = _split_group(bucket.shards[0]) if split else None
+    With ``opt.matrix_split``, each row is computed by one rank of the shard group, its
+    *owner* (``owners`` over all of ``opt``'s parameters, so a block keeps its owner
+    whichever others have gradients), which alone keeps the row's factors and roots in
+    its state, and broadcasts the result (Distributed Shampoo's split of the work: each
+    rank refreshes the roots of its own blocks); otherwise every rank computes every
+    row."""
+    group = _split_group(bucket.shards[0]) if opt is not None and opt.matrix_split else None
     wholes = [[sh.whole(t.contiguous()) if isinstance(t, torch.Tensor) else t for t in row]
               for sh, row in zip(bucket.shards, rows)]
     if group is None:
         return [sh.local(fn(*row, *extra)) for sh, row in zip(bucket.shards, wholes)]
     dist = torch.distributed
     ranks, me = dist.get_world_size(group), dist.get_rank(group)
-    owner = owners([sh.shape for sh in bucket.shards], ranks)
+    of = _owner_map(opt, ranks)
+    owner = [of[id(sh.param)] for sh in bucket.shards]
     results = [fn(*row, *extra) if owner[j] == me else None for j, row in enumerate(wholes)]
     for r in range(ranks):  # each owner's results, to every rank of the group
         mine = [j for j in range(len(rows)) if owner[j] == r]
@@ -168,6 +172,19 @@ def owners(shapes: list, ranks: int) -> list[int]:
         owner[j] = r
         load[r] += cost[j]
     return owner
+
+
+def _owner_map(opt, ranks: int) -> dict:
+    """id(parameter) -> its owner, over every DTensor parameter of the optimizer in
+    order (cached until the parameters change)."""
+    params = [p for g in opt.param_groups for p in g["params"] if is_sharded(p)]
+    key = (ranks, tuple(id(p) for p in params))
+    cached = opt.__dict__.get("_sharded_owners")
+    if cached is None or cached[0] != key:
+        owner = owners([p.shape for p in params], ranks)
+        cached = opt.__dict__["_sharded_owners"] = (key, {id(p): r for p, r in
+                                                          zip(params, owner)})
+    return cached[1]
 
 
 def _split_group(sharding: Sharding):
