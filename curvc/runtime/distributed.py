@@ -36,10 +36,13 @@ def average(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     """The mean of each tensor over the group's ranks (new tensors; the inputs are
     untouched), with one all-reduce per (device, dtype). Every rank must pass
     tensors of the same shapes in the same order."""
-    if group is None or not tensors:
+    if group is None:
         return list(tensors)
     dist = torch.distributed
     ranks = dist.get_world_size(group)
+    _check_same_tensors(tensors, group, ranks)
+    if not tensors:
+        return []
     out: list = [None] * len(tensors)
     buckets: dict = {}
     for i, t in enumerate(tensors):
@@ -55,3 +58,22 @@ def average(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
             out[i] = flat[at:at + n].view(tensors[i].shape)
             at += n
     return out
+
+
+def _check_same_tensors(tensors: list, group, ranks: int) -> None:
+    """Refuse, on every rank, to average estimates of different tensors (one small
+    all-gather): ZeroRedundancyOptimizer gives each rank other parameters, whose sums
+    would be mixed up, or a rank with none would wait forever."""
+    dist = torch.distributed
+    cuda = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.int64,
+                        device=device)
+    every = [torch.empty_like(mine) for _ in range(ranks)]
+    dist.all_gather(every, mine, group=group)
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise RuntimeError(
+            "curvature estimates cannot be averaged over the ranks: they hold different "
+            "parameters (as under ZeroRedundancyOptimizer, each rank its own partition; "
+            f"tensors and elements per rank: {[e.tolist() for e in every]}). Pass "
+            "curvature_group=False to keep each rank's estimate of its own parameters")

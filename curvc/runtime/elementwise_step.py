@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from curvc.runtime import amp
+from curvc.runtime import amp, sharded
 
 if TYPE_CHECKING:
     from curvc.runtime.optimizer import Bucket
@@ -162,7 +162,8 @@ class ElementwiseSteps:
             parts = []
             for (group, bucket, scalars, flags), known in zip(work, values):
                 if self._uses_triton(k, bucket, group):
-                    parts.append(k.triton_reduce(bucket, scalars, flags, known, level))
+                    parts.append(sharded.whole_sums(
+                        bucket, k.triton_reduce(bucket, scalars, flags, known, level)))
                     continue
                 part = {}
                 for name in names:
@@ -172,7 +173,7 @@ class ElementwiseSteps:
                                                if per_tensor else known, flags)).double()
                             for j, t in enumerate(bucket.args(spec["tensors"]))]
                     part[name] = sums if k.scopes.get(name) == "tensor" else sum(sums)
-                parts.append(part)
+                parts.append(sharded.whole_sums(bucket, part))  # a shard's sums: the whole's
             for name in names:
                 scope = k.scopes.get(name, "global")
                 if scope == "tensor":

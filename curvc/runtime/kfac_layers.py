@@ -40,6 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from curvc.runtime import sharded
+
 
 def refusal(module: torch.nn.Module) -> str | None:
     """Why K-FAC cannot precondition ``module``'s weight (None: it can, or the module
@@ -112,8 +114,9 @@ def gradient_matrix(module: torch.nn.Module) -> torch.Tensor:
     """The layer's gradient as K-FAC's matrix: out x (weight's other axes), the
     bias's gradient its last column."""
     w, b = module.weight, module.bias
-    g = w.grad.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: a zero-width layer
-    return g if b is None else torch.cat([g, b.grad[:, None]], dim=1)
+    # FSDP2's shards: the whole gradient (the layer's step mixes every entry)
+    g = sharded.full(w.grad).reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: zero width
+    return g if b is None else torch.cat([g, sharded.full(b.grad)[:, None]], dim=1)
 
 
 def split_step(module: torch.nn.Module, v: torch.Tensor) -> dict:
@@ -121,7 +124,7 @@ def split_step(module: torch.nn.Module, v: torch.Tensor) -> dict:
     ``gradient_matrix``."""
     w, b = module.weight, module.bias
     k = math.prod(w.shape[1:])
-    out = {w: v[:, :k].reshape(w.shape).to(w.grad.dtype)}
-    if b is not None:
-        out[b] = v[:, k].to(b.grad.dtype)
+    out = {w: sharded.local_like(v[:, :k].reshape(w.shape).to(w.grad.dtype), w.grad)}
+    if b is not None:  # a DTensor's step: this rank's slice of it
+        out[b] = sharded.local_like(v[:, k].to(b.grad.dtype), b.grad)
     return out

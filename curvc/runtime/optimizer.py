@@ -30,7 +30,7 @@ import torch
 
 from curvc.constraints import CONSTRAINTS
 from curvc.plan import SHAPE
-from curvc.runtime import amp
+from curvc.runtime import amp, sharded
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
 from curvc.runtime.program import Program, Runner, resolved
@@ -48,6 +48,7 @@ class Bucket:
     grads: list = field(default_factory=list)
     steps: list = field(default_factory=list)  # the per-parameter step counters to bump
     tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
+    shards: list | None = None  # DTensor parameters: where each local shard sits (sharded.py)
 
     def args(self, names):
         """Per-tensor argument lists, in ``names`` order (param and grad included)."""
@@ -72,6 +73,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     host: Callable = None
     SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
     PROGRAM: Program | None = None  # kernels and matrix calls (None: the secant driver)
+    # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
+    # False on an instance: every rank computes every block.
+    matrix_split = True
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 
@@ -277,7 +281,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         for p, g, at, flags, inputs in todo:
             state = self._init_state(p, group, h, flags)
             step = at[0]
-            key = (p.device, p.dtype, at)
+            key = (p.device, p.dtype, at, sharded.layout(p))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
@@ -290,6 +294,8 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             for n, t in zip(self.INPUTS, inputs):
                 b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
+        for b in buckets.values():
+            sharded.localize(b)  # FSDP2: the step runs on each rank's local shard
         return [(b, *per_step[key[2]]) for key, b in buckets.items()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:

@@ -128,7 +128,13 @@ class Runner:
         sig = e.args
         for _, bucket, scalars, flags in self.work:
             extra = [scalars[n] for n in sig["scalars"]] + [flags[n] for n in sig["flags"]]
-            bucket.tensors[e.output] = [e.fn(*row, *extra) for row in bucket.args(sig["tensors"])]
+            rows = bucket.args(sig["tensors"])
+            if bucket.shards:  # DTensor shards: the call on the whole tensors (sharded.py)
+                from curvc.runtime import sharded
+                bucket.tensors[e.output] = sharded.extern_rows(bucket, e.fn, rows, extra,
+                                                               self.opt)
+                continue
+            bucket.tensors[e.output] = [e.fn(*row, *extra) for row in rows]
 
 
 def _temporary(p: torch.Tensor) -> torch.Tensor:

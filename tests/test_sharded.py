@@ -1,0 +1,156 @@
+"""Compiled optimizers under FSDP2, ZeRO and distributed checkpoints.
+
+Two gloo processes on 127.0.0.1 (tests/_sharded_worker.py, run once for every case)
+train the model of tests/_ddp_worker.py on different data per rank. References:
+torch.optim.Adam under the same FSDP2 setup, and one process trained on both ranks'
+batches together (what data parallelism over two ranks computes: FSDP2 and DDP
+average the gradients, and K-FAC's factors are averaged over the ranks).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvc
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_sharded_worker.py"
+sys.path.insert(0, str(HERE))
+try:
+    import _ddp_worker as w
+    import _sharded_worker as s
+finally:
+    sys.path.pop(0)
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    where = tmp_path_factory.mktemp("sharded")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CURVC_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(where)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=3600)  # a hang guard, not a speed requirement
+        assert p.returncode == 0, err[-3000:]
+    return where
+
+
+def _load(out, case, rank=0):
+    return torch.load(out / f"{case}_{rank}.pt", weights_only=False)
+
+
+def _close(got, want, tol):
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert (a - b).norm() <= tol * b.norm(), ((a - b).norm() / b.norm()).item()
+
+
+def _one_process(spec, steps=s.STEPS, **kw):
+    """``spec`` trained on both ranks' batches together, in this process."""
+    net = w.model()
+    opt = curvc.load(spec)(net if spec == "kfac" else net.parameters(), **kw)
+    for (x0, y0), (x1, y1) in list(zip(w.data(0), w.data(1)))[:steps]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.cat([x0, x1])),
+                                          torch.cat([y0, y1])).backward()
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def _same_on_both_ranks(out, case):
+    for a, b in zip(_load(out, case, 0)["params"], _load(out, case, 1)["params"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["adam", "adam_unfused", "adam_fused"])
+def test_fsdp2_compiled_adam_equals_torch_adam(name, out):
+    _same_on_both_ranks(out, f"fsdp_{name}")
+    _close(_load(out, f"fsdp_{name}")["params"], _load(out, "fsdp_torch_adam")["params"], 1e-5)
+
+
+def test_fsdp2_fused_true_compiles_the_local_shards_step(out):
+    """fused=True took the compiled CPU kernel (on the local shards), not a fallback."""
+    assert _load(out, "fsdp_adam_fused")["fused"] > 0
+    assert _load(out, "fsdp_adam_unfused")["fused"] == 0
+
+
+def test_fsdp2_torch_adam_reference_is_data_parallel_adam(out):
+    """The reference itself: torch's Adam under FSDP2 is Adam on the whole batch."""
+    net = w.model()
+    opt = torch.optim.Adam(s.groups(net), **s.ADAM)
+    for (x0, y0), (x1, y1) in list(zip(w.data(0), w.data(1)))[:s.STEPS]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.cat([x0, x1])),
+                                          torch.cat([y0, y1])).backward()
+        opt.step()
+    _close(_load(out, "fsdp_torch_adam")["params"], [p.detach() for p in net.parameters()], 1e-5)
+
+
+@pytest.mark.parametrize("case", ["shampoo", "shampoo_replicated", "kfac"])
+def test_fsdp2_matrix_specs_equal_one_process_on_the_whole_batch(case, out):
+    _same_on_both_ranks(out, f"fsdp_{case}")
+    spec = case.split("_")[0]
+    _close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-4)
+
+
+def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(out):
+    """Each block's factors live on one rank, and both ranks own some blocks; with
+    matrix_split off, every rank keeps every block's."""
+    keys = [_load(out, "fsdp_shampoo", r)["keys"] for r in range(2)]
+    owned = [[any(k != "step" for k in ks) for ks in keys[r]] for r in range(2)]
+    assert all(a != b for a, b in zip(*owned))  # exactly one owner per block
+    assert any(owned[0]) and any(owned[1])
+    everywhere = [_load(out, "fsdp_shampoo_replicated", r)["keys"] for r in range(2)]
+    assert everywhere[0] == everywhere[1]
+    assert all(any(k != "step" for k in ks) for ks in everywhere[0])
+
+
+@pytest.mark.parametrize("spec", s.ZERO_SPECS)
+def test_zero_redundancy_equals_one_process(spec, out):
+    _same_on_both_ranks(out, f"zero_{spec}")
+    _close(_load(out, f"zero_{spec}")["params"], _one_process(spec, lr=0.01), 1e-5)
+
+
+def test_zero_refuses_to_average_estimates_of_different_partitions(out):
+    """Under ZeRO each rank holds other parameters: averaging their curvature estimates
+    would mix different tensors, so both ranks refuse, saying what to do."""
+    for rank in range(2):
+        error = _load(out, "zero_sophia", rank).get("error", "")
+        assert "hold different parameters" in error and "curvature_group=False" in error
+    _same_on_both_ranks(out, "zero_sophia_own")
+
+
+@pytest.mark.parametrize("name", ["adam", "shampoo"])
+def test_dcp_checkpoint_under_fsdp2_resumes_identically(name, out):
+    """Saved with torch.distributed.checkpoint at half time, loaded into a fresh model and
+    optimizer: the rest of the run is the uninterrupted one's, bit for bit."""
+    for rank in range(2):
+        got, want = _load(out, f"dcp_{name}", rank), _load(out, f"fsdp_{name}", rank)
+        for a, b in zip(got["params"], want["params"]):
+            assert torch.equal(a, b)
+
+
+def test_ddp_checkpoint_saved_on_rank_0_resumes_on_every_rank(out):
+    a, b = _load(out, "ddp_ckpt", 0), _load(out, "ddp_ckpt", 1)
+    _same_on_both_ranks(out, "ddp_ckpt")
+    sa = [v for k in sorted(a["state"]) for _, v in sorted(a["state"][k].items())]
+    sb = [v for k in sorted(b["state"]) for _, v in sorted(b["state"][k].items())]
+    assert len(sa) == len(sb) > 0
+    for x, y in zip(sa, sb):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    _close(a["params"], _one_process("shampoo", **s.MATRIX["shampoo"]), 1e-5)
