@@ -27,6 +27,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The tests' tensors are tiny, so torch's intra-op threads only add a barrier per op;
+# on a busy machine each barrier waits for a time slice (a cross-product spec's exact
+# Hessian diagonal: 9 s with 2 threads, 0.4 s with 1). Results are compared within one
+# process, under the same setting. The fused CPU path compiles OpenMP-parallel code
+# sized by the thread count, so its tests keep the default.
+_THREADS = torch.get_num_threads()
+_DEFAULT_THREADS = {"test_fused_cpu.py", "test_compile_step.py"}
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _default_threads_for_the_fused_path(request):
+    if request.path.name not in _DEFAULT_THREADS:
+        yield
+        return
+    torch.set_num_threads(_THREADS)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from sklearn.datasets import load_digits
