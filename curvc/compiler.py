@@ -81,6 +81,9 @@ def to_ir(source: str, file: str = "<spec>", *, compilable: bool = True) -> ir.O
 
 
 def to_plan(opt: ir.Optimizer) -> Plan:
+    if routing.is_routed(opt):  # a plan per pipeline: the caller picks one
+        raise CurvError("route.one_plan", opt.span, opt.source,
+                        pipelines=", ".join(p.name for p in opt.pipelines))
     try:
         return lower_mod.lower(opt)
     except CurvError as e:

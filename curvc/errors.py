@@ -99,6 +99,8 @@ MESSAGES: dict[str, str] = {
     "codegen.unknown_stage": "unknown stage {name!r} for --dump; choose one of {allowed}",
     # routed specs (curvc/routing.py)
     "route.incomplete": "a routed spec needs {missing}",
+    "route.one_plan": "a routed spec has one plan per pipeline ({pipelines}): lower each "
+    "pipeline's optimizer, to_plan(spec.pipeline(NAME).opt)",
     "route.duplicate_pipeline": "pipeline {name!r} is defined twice",
     "route.spec_not_found": "pipeline {name!r}: no spec {ref!r} (a shipped spec, or "
     "a .curv file beside this one)",

@@ -67,7 +67,9 @@ def test_a_step_with_an_inf_gradient_under_the_scaler_changes_nothing(name):
     train_step(opt, model, batches[2], 2, bad=float("inf"), scaler=s)
     assert_same(snapshot(model, opt), before)
     assert s.get_scale() == SCALE / 2  # the scaler saw the inf and backed off
-    assert all(float(opt.state[p]["skipped_steps"]) == 1.0 for p in model.parameters())
+    if getattr(opt, "_step_supports_amp_scaling", False):  # the step saw the inf itself
+        assert all(float(opt.state[p]["skipped_steps"]) == 1.0 for p in model.parameters())
+    # (else, as for a routed spec's optimizer, the scaler skipped the step: no counter)
 
 
 def test_the_optimizer_unscales_the_gradients_in_place_as_the_scaler_would():

@@ -279,3 +279,13 @@ def test_a_word_and_a_number_fixed_in_the_mapping_reach_the_pipeline(tmp_path):
             for o in opts:
                 o.step()
     assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(pa, pb)) <= 1e-6
+
+
+def test_to_plan_of_a_routed_spec_names_its_pipelines():
+    """A routed spec has a plan per pipeline: to_plan says so (a CurvError, not a crash)."""
+    from curvc import compiler
+    from curvc.errors import CurvError
+    routed = curvc.to_ir(*compiler.read("muon_adamw"))
+    with pytest.raises(CurvError, match=r"one plan per pipeline \(muon, adamw\)"):
+        curvc.to_plan(routed)
+    assert curvc.to_plan(routed.pipeline("muon").opt).name == "Muon"
