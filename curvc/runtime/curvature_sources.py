@@ -35,14 +35,16 @@ class CurvatureSources:
     def _source(self) -> estimators.Source | None:
         return estimators.source_of(self)
 
-    def _source_args(self) -> dict:
+    def _source_args(self, host: tuple | None = None) -> dict:
         """The source's arguments for this step's hyperparameters (the plan's estimator
-        arguments, or the dense settings)."""
+        arguments, or the dense settings); ``host``: this step's (scalars, flags), if the
+        caller has them already."""
         h = self._flat_hypers(self.param_groups[0])
         if self.ESTIMATOR is None:
             return self.dense(h)
         # an argument may be a host value of the step (power_ema's beta_t)
-        return self.ESTIMATOR.args({**h, **self.host(resolved(h), self._next_step())[0]})
+        scalars = (host or self.host(resolved(h), self._next_step()))[0]
+        return self.ESTIMATOR.args({**h, **scalars})
 
     def track(self, model: torch.nn.Module) -> None:
         """Hook ``model``'s layers so that a layer-statistics source (K-FAC) sees their

@@ -145,8 +145,9 @@ def _kfac_natural_gradients(opt, guard):
         if p.grad is not None:
             opt._check_grad(p, p.grad)
     h = opt._flat_hypers(opt.param_groups[0])
-    flags = opt.host(resolved(h), opt._next_step())[1]
-    args = opt._source_args()
+    host = opt.host(resolved(h), opt._next_step())
+    flags = host[1]
+    args = opt._source_args(host)
     opt._estimates, updates = kfac.natural_gradients(
         opt, opt._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
         accumulate=args["accumulate"] is None or flags[args["accumulate"]],
@@ -160,8 +161,9 @@ def _kfac_natural_gradients(opt, guard):
 def _kfac_accumulates(opt) -> bool:
     """Whether the next step accumulates K-FAC statistics (asked by the layer tracker)."""
     h = opt._flat_hypers(opt.param_groups[0])
-    flag = opt._source_args()["accumulate"]
-    return flag is None or bool(opt.host(resolved(h), opt._next_step())[1][flag])
+    host = opt.host(resolved(h), opt._next_step())
+    flag = opt._source_args(host)["accumulate"]
+    return flag is None or bool(host[1][flag])
 
 
 def _layer_tracker(model, wanted, params):
