@@ -192,7 +192,8 @@ def step_of(cls, prob: Problem, idx: torch.Tensor | None = None,
     params = list(model.parameters())
     start = torch.cat([p.detach().reshape(-1) for p in params])
     opt = cls(model, **(hypers or {}))  # the model: K-FAC hooks its layers
-    if getattr(cls, "secant", None) is not None:  # a routed class has none (its pipelines)
+    source = getattr(cls, "curvature_source", lambda: None)()  # routed: its pipelines'
+    if source is not None and source.needs_closure:
         def closure():
             opt.zero_grad()
             loss = prob.loss(model, idx)

@@ -83,6 +83,7 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     contract = ["Buffer", "Hyper", "Validator"]
     contract += ["Estimator"] if plan.estimator is not None else []
     contract += ["Kernel", "Program"] if plan.secant is None else []
+    contract += ["WholeModel"] if plan.secant is not None or plan.dense is not None else []
     contract += ["Extern"] if plan.matrix else []
     buf.writelines(wrap_items("from curvc.runtime.program import (",
                               [f"{n} as _{n}" for n in sorted(contract)], ")", buf.room))
@@ -364,10 +365,10 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 for k, v in est.args)
             buf.writeline(f"ESTIMATOR = _Estimator({est.kind!r}, {est.input!r}, {est.when!r}, "
                           f"lambda h: {{{args}}})")
-        if plan.secant is not None:
-            buf.writeline("secant = staticmethod(_secant)  # settings of the quasi-Newton step")
-        if plan.dense is not None:
-            buf.writeline("dense = staticmethod(_dense)  # settings of the dense-curvature step")
+        if plan.secant is not None:  # the closure driver, with its settings
+            buf.writeline("WHOLE_MODEL = _WholeModel('secant', _secant)")
+        if plan.dense is not None:  # the matrix's source, with the stage's settings
+            buf.writeline(f"WHOLE_MODEL = _WholeModel({plan.dense.curvature!r}, _dense)")
         buf.writeline("host = staticmethod(_host)")
         buf.writeline("PROGRAM = _PROGRAM")
         buf.writeline()

@@ -58,7 +58,13 @@ def load_digits():
 
 
 def is_dense(Opt) -> bool:
-    return Opt.dense is not None
+    source = Opt.curvature_source()
+    return source is not None and source.is_matrix
+
+
+def needs_closure(Opt) -> bool:
+    source = Opt.curvature_source()
+    return source is not None and source.needs_closure
 
 
 def estimator_of(Opt):
@@ -87,14 +93,14 @@ def make_model(arch: str, Opt) -> torch.nn.Module:
 def make_optimizer(Opt, model: torch.nn.Module, lr: float | None):
     # K-FAC takes the model, to hook its layers; every other optimizer its parameters.
     kw = {"lr": lr} if lr is not None else {}
-    if Opt.secant is not None:
+    if needs_closure(Opt):
         kw["line_search_fn"] = "strong_wolfe"  # L-BFGS on minibatches needs a line search
     return Opt(model, **kw)  # every compiled optimizer takes the model; K-FAC hooks its layers
 
 
 def describe(Opt) -> str:
     """What the loop gives this optimizer, in words."""
-    return estimator_of(Opt) or ("secant, with a closure" if Opt.secant else
+    return estimator_of(Opt) or ("secant, with a closure" if needs_closure(Opt) else
                                  "dense, over all parameters" if is_dense(Opt) else
                                  "gradient only")
 
@@ -102,7 +108,7 @@ def describe(Opt) -> str:
 def train_step(opt, model, xb, yb) -> tuple[float, int]:
     """One optimizer step on a batch: (the batch loss, loss evaluations it took)."""
     Opt = type(opt)
-    if Opt.secant is not None:
+    if needs_closure(Opt):
         evals = 0
 
         def closure():

@@ -74,7 +74,7 @@ def main():
     def report(epoch, loss, acc):
         print(f"epoch {epoch + 1:2d}  train loss {loss:.4f}  test accuracy {acc:.3f}")
 
-    progress = loop.progress_bar(not args.no_progress, show_evals=Opt.secant is not None)
+    progress = loop.progress_bar(not args.no_progress, show_evals=loop.needs_closure(Opt))
     hist = loop.train(opt, model, data, epochs=args.epochs, batch=args.batch,
                       steps=args.steps, seed=args.seed, progress=progress, on_epoch=report)
     if args.plot:

@@ -46,11 +46,10 @@ def curvature_kind(opt) -> str | None:
         kinds = {curvature_kind(child) for child, _, _ in opt._pipelines()} - {None}
         assert len(kinds) <= 1, kinds
         return kinds.pop() if kinds else None
-    if opt.secant is not None:
+    source = opt.curvature_source()
+    if source is not None and source.needs_closure:
         return "closure"
-    if opt.dense is not None:
-        return opt.dense(opt._flat_hypers(opt.param_groups[0]))["curvature"]
-    return opt.ESTIMATOR[0] if opt.ESTIMATOR is not None else None
+    return source.kind if source is not None else None
 
 
 def make(name: str, model, backend: str = "torch", **kw):
@@ -277,7 +276,7 @@ def _has_stores(name) -> bool:
     cls = curvc.load(name, backend="torch")
     if _routed(name):  # its pipelines are shipped specs, tested as such
         return False
-    return cls.secant is None and cls.dense is None  # whole-model steps have no stores
+    return cls.WHOLE_MODEL is None  # whole-model steps have no stores
 
 
 @pytest.mark.parametrize("name", [n for n in SPECS if _has_stores(n)])

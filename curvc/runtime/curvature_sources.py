@@ -32,8 +32,16 @@ class CurvatureSources:
         itself asks ``_source()``)."""
         return cls.ESTIMATOR.kind if cls.ESTIMATOR is not None else None
 
+    @classmethod
+    def curvature_source(cls) -> estimators.Source | None:
+        """Where this class's curvature comes from: its entry of
+        ``curvc.runtime.estimators`` (what it needs from the training loop, e.g.
+        ``needs_closure``; ``whole_model`` for a step over all parameters as one vector),
+        or None for a step from the gradient alone."""
+        return estimators.source_of(cls)
+
     def _source(self) -> estimators.Source | None:
-        return estimators.source_of(self)
+        return estimators.source_of(type(self))
 
     def _source_args(self, host: tuple | None = None) -> dict:
         """The source's arguments for this step's hyperparameters (the plan's estimator
@@ -41,7 +49,7 @@ class CurvatureSources:
         caller has them already."""
         h = self._flat_hypers(self.param_groups[0])
         if self.ESTIMATOR is None:
-            return self.dense(h)
+            return self.WHOLE_MODEL.settings(h)
         # an argument may be a host value of the step (power_ema's beta_t)
         scalars = (host or self.host(resolved(h), self._next_step()))[0]
         return self.ESTIMATOR.args({**h, **scalars})

@@ -58,6 +58,9 @@ class Source:
     request_error: type = TypeError  # RuntimeError: estimate_curvature() is not for it
     tracker: Callable | None = None  # (model, wanted, params) -> hooks on its layers
     records: Callable | None = None  # opt -> whether the next step records statistics
+    # a whole-model source's state, for checkpoint validation: key -> "vector" (n, all
+    # parameters' elements), "vectors" (a list of them) or "matrix" (n x n)
+    state: tuple[tuple[str, str], ...] = ()
 
     @property
     def needs_graph(self) -> bool:
@@ -93,6 +96,11 @@ class Source:
     @property
     def drives_step(self) -> bool:
         return self.yields == STEP
+
+    @property
+    def is_matrix(self) -> bool:
+        """Whether it yields one n x n matrix over all parameters (the dense structure)."""
+        return self.yields == MATRIX
 
     @property
     def whole_model(self) -> bool:
@@ -189,7 +197,8 @@ def _empirical_fisher_matrix(params, args):
 
 def _secant_step(opt, closure):
     from curvc.runtime import amp
-    return amp.secant_step(opt, closure, opt.secant(opt._flat_hypers(opt.param_groups[0])))
+    return amp.secant_step(opt, closure,
+                           opt.WHOLE_MODEL.settings(opt._flat_hypers(opt.param_groups[0])))
 
 
 # --- the messages --------------------------------------------------------------
@@ -242,36 +251,40 @@ PLAN_INPUTS: dict[str, Source] = {s.kind: s for s in (
            LAYERS_REQUEST, RuntimeError, tracker=_layer_tracker, records=_kfac_accumulates),
 )}
 
+_MATRIX_STATE = (("curvature", "matrix"),)  # curvc.runtime.dense's accumulated matrix
+
 # Sources of a step over all parameters as one vector: the dense structure's matrix
 # (DenseStage.curvature) and the secant method's closure driver.
 WHOLE_MODEL: dict[str, Source] = {s.kind: s for s in (
     Source("hessian", MODEL, (GRAPH, LOSS), MATRIX, _dense_hessian, HESSIAN_MISSING,
-           "{name}.estimate_curvature() needs loss=... for its hessian curvature"),
+           "{name}.estimate_curvature() needs loss=... for its hessian curvature",
+           state=_MATRIX_STATE),
     Source("fisher", MODEL, (LOGITS,), MATRIX, _dense_fisher, LOGITS_MISSING,
-           "{name}.estimate_curvature() needs logits=... for its fisher curvature"),
+           "{name}.estimate_curvature() needs logits=... for its fisher curvature",
+           state=_MATRIX_STATE),
     Source("empirical_fisher", MODEL, (GRADIENT,), MATRIX, _empirical_fisher_matrix,
            HESSIAN_MISSING,  # unreachable: the gradient is always there on a step
            "{name} builds its curvature from the step's gradient; estimate_curvature() is not "
-           "needed", RuntimeError),
+           "needed", RuntimeError, state=_MATRIX_STATE),
+    # torch.optim.LBFGS's keys (curvc.runtime.secant keeps them with the first tensor)
     Source("secant", MODEL, (CLOSURE,), STEP, _secant_step, "",
-           NOTHING_TO_REQUEST, RuntimeError),
+           NOTHING_TO_REQUEST, RuntimeError,
+           state=(("d", "vector"), ("prev_flat_grad", "vector"), ("old_dirs", "vectors"),
+                  ("old_stps", "vectors"))),
 )}
 
 
-def source_of(opt) -> Source | None:
-    """The curvature source of ``opt``'s class (None: the gradient alone, elementwise),
-    found once per class from what its generated module declares."""
-    cls = type(opt)
+def source_of(cls: type) -> Source | None:
+    """The curvature source of an optimizer class (None: the gradient alone,
+    elementwise), found once per class from what its generated module declares."""
     if "_curvature_source" not in cls.__dict__:
-        cls._curvature_source = _find(opt)
+        cls._curvature_source = _find(cls)
     return cls._curvature_source
 
 
-def _find(opt) -> Source | None:
-    if opt.ESTIMATOR is not None:
-        return PLAN_INPUTS[opt.ESTIMATOR.kind]
-    if getattr(opt, "secant", None) is not None:
-        return WHOLE_MODEL["secant"]
-    if opt.dense is not None:
-        return WHOLE_MODEL[opt.dense(opt._flat_hypers(opt.param_groups[0]))["curvature"]]
+def _find(cls: type) -> Source | None:
+    if cls.ESTIMATOR is not None:
+        return PLAN_INPUTS[cls.ESTIMATOR.kind]
+    if cls.WHOLE_MODEL is not None:
+        return WHOLE_MODEL[cls.WHOLE_MODEL.source]
     return None

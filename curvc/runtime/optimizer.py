@@ -33,7 +33,7 @@ from curvc.plan import SHAPE
 from curvc.runtime import amp, sharded
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
-from curvc.runtime.program import Program, Runner, resolved
+from curvc.runtime.program import Program, Runner, WholeModel, resolved
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
 
@@ -68,11 +68,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
     ESTIMATOR: tuple | None = None  # program.Estimator
-    secant: Callable | None = None  # h -> settings, for a quasi-Newton (secant) plan
-    dense: Callable | None = None  # h -> settings, for a dense-curvature plan
+    WHOLE_MODEL: WholeModel | None = None  # a step over all parameters as one vector
     host: Callable = None
     SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
-    PROGRAM: Program | None = None  # kernels and matrix calls (None: the secant driver)
+    PROGRAM: Program | None = None  # kernels and matrix calls (None: a closure driver)
     # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
     # False on an instance: every rank computes every block.
     matrix_split = True

@@ -56,6 +56,15 @@ class Estimator(NamedTuple):
     args: Callable
 
 
+class WholeModel(NamedTuple):
+    """A step over all parameters as one flat vector: ``source`` names its entry of
+    ``curvc.runtime.estimators.WHOLE_MODEL`` (a matrix curvature, or a closure driver),
+    ``settings(h)`` gives that source's settings from the group's hyperparameters."""
+
+    source: str
+    settings: Callable
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One fused elementwise pass over every tensor, in each of its renderings."""

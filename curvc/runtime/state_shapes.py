@@ -27,8 +27,6 @@ import re
 import torch
 
 _KRONECKER = re.compile(r"(?:inv_)?pre_cond_(\d+)$")
-_SECANT_VECTORS = ("d", "prev_flat_grad")
-_SECANT_HISTORY = ("old_dirs", "old_stps")
 
 
 def check(opt, state_dict: dict) -> None:
@@ -40,13 +38,14 @@ def check(opt, state_dict: dict) -> None:
     ids = [i for g in groups for i in g["params"]]
     params = [p for g in opt.param_groups for p in g["params"]]
     n = sum(p.numel() for p in params)
+    source = opt._source()
+    whole = dict(source.state) if source is not None else {}  # a whole-model step's keys
     for index, (pid, p) in enumerate(zip(ids, params)):
         for key, value in saved.get(pid, {}).items():
-            for item in (value if key in _SECANT_HISTORY and opt.secant is not None
-                         else [value]):
+            for item in (value if whole.get(key) == "vectors" else [value]):
                 if not isinstance(item, torch.Tensor):
                     continue
-                expected = _expected(opt, p, key, n)
+                expected = _expected(opt, p, key, n, whole)
                 if expected is None or (not isinstance(expected, str)
                                         and tuple(item.shape) in expected):
                     continue
@@ -59,15 +58,13 @@ def check(opt, state_dict: dict) -> None:
                     "for another model? Nothing was loaded")
 
 
-def _expected(opt, p: torch.Tensor, key: str, n: int) -> list[tuple] | str | None:
+def _expected(opt, p: torch.Tensor, key: str, n: int, whole: dict) -> list[tuple] | str | None:
     """The shapes ``key`` may have for parameter ``p``; a string: none (why); None:
     not checked."""
     if key in opt.BUFFER_NAMES:
         return [tuple(p.shape)]
-    if opt.dense is not None and key == "curvature":
-        return [(n, n)]
-    if opt.secant is not None and key in (*_SECANT_VECTORS, *_SECANT_HISTORY):
-        return [(n,)]
+    if key in whole:  # the source's own keys (estimators.Source.state)
+        return [(n, n)] if whole[key] == "matrix" else [(n,)]
     if key in _FACTORED:  # no other state uses these keys
         return _factored_shape(p, key)
     match = _KRONECKER.match(key)

@@ -40,7 +40,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Validator as _Validator)
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Validator as _Validator,
+        WholeModel as _WholeModel)
 
 
 def _host(h, step):
@@ -116,7 +117,7 @@ class LBFGS(CurvOptimizer):
     )
     INPUTS = ()
     ESTIMATOR = None
-    secant = staticmethod(_secant)  # settings of the quasi-Newton step
+    WHOLE_MODEL = _WholeModel('secant', _secant)
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

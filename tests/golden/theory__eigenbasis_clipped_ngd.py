@@ -37,7 +37,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, WholeModel as _WholeModel)
 
 
 def _host(h, step):
@@ -281,7 +281,7 @@ class EigenbasisClippedNGD(CurvOptimizer):
     )
     INPUTS = ('preconditioned',)
     ESTIMATOR = None
-    dense = staticmethod(_dense)  # settings of the dense-curvature step
+    WHOLE_MODEL = _WholeModel('hessian', _dense)
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

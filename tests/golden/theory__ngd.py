@@ -31,7 +31,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, WholeModel as _WholeModel)
 
 
 def _host(h, step):
@@ -272,7 +272,7 @@ class NGD(CurvOptimizer):
     )
     INPUTS = ('preconditioned',)
     ESTIMATOR = None
-    dense = staticmethod(_dense)  # settings of the dense-curvature step
+    WHOLE_MODEL = _WholeModel('fisher', _dense)
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
