@@ -33,7 +33,10 @@ def _first_step_scale(opt: ir.Optimizer, hypers: dict) -> float | None:
     if m.kind in ("none", "heavy_ball"):  # heavy ball starts its buffer at g
         return 1.0
     if m.kind == "ema":
-        return 1.0 if m.bias_corrected else 1.0 - _default(opt, m.beta, hypers)
+        on = m.bias_corrected
+        if isinstance(on, ir.HyperRef):  # bias_corrected(flag): the flag's value
+            on = bool(hypers.get(on.name, opt.hyper(on.name).default))
+        return 1.0 if on else 1.0 - _default(opt, m.beta, hypers)
     return None
 
 

@@ -22,7 +22,7 @@ from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 from curvc.routing_ast import RoutedAST
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
-                            MACHINE_EPS, MODIFIER_WHY,
+                            MACHINE_EPS, MODIFIER_SWITCHES, MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
 
@@ -79,12 +79,16 @@ def _build(spec: ast.SpecAST) -> ir.Optimizer:
             # a clip of the gradient (`on = gradient`) is a clause of its own beside the step's
             axis = "gradient_clip" if isinstance(node, ir.Clip) and node.on_gradient else \
                 clause.keyword
+            if isinstance(node, ir.Momentum) and node.on_step:  # the step's, after P
+                axis = "step_momentum"
         if axis in first:
             raise CurvError("name.duplicate_clause", clause.keyword_span, clause=clause.keyword,
                             hint=f"the first {clause.keyword} clause is on line "
                                  f"{first[axis].keyword_span.line}" + (
                                      "; a spec may clip the step and (on = gradient) the "
-                                     "gradient, once each" if clause.keyword == "clip" else ""))
+                                     "gradient, once each" if clause.keyword == "clip" else
+                                     "; a spec may average the gradient and (on = step) the "
+                                     "step, once each" if clause.keyword == "momentum" else ""))
         first[axis] = clause
         if isinstance(clause, ast.ExprClause):
             value = _check_expr_clause(clause, scope)
@@ -123,7 +127,7 @@ def _word_choices(hypers: tuple[ir.Hyper, ...], spec: ast.SpecAST, axes: dict):
     refused any other use); one read by none would take any string, so it is refused."""
     read: dict[str, tuple[str, ...]] = {}
     for axis, node in axes.items():
-        forms = FORMS["clip" if axis == "gradient_clip" else axis]
+        forms = FORMS[{"gradient_clip": "clip", "step_momentum": "momentum"}.get(axis, axis)]
         if node.kind not in forms:  # an expression reads no word
             continue
         specs = {a.name: a for a in forms[node.kind].args}
@@ -313,6 +317,14 @@ def _check_clause(clause: ast.Clause, hypers: dict[str, ir.Hyper],
         if mod.name == "every":
             flags["every"] = _check_value(mod.value, EVERY, where, hypers,
                                           what=f"the step count after 'every' in {where}")
+        elif mod.value is not None:  # `bias_corrected(flag)`: on or off by a boolean
+            if mod.name not in MODIFIER_SWITCHES:
+                raise CurvError("name.modifier_takes_no_value", mod.span, name=mod.name,
+                                hint=f"write `{mod.name}` alone")
+            v = _check_value(mod.value, MODIFIER_SWITCHES[mod.name], where, hypers,
+                             what=f"the switch of {mod.name!r} in {where}")
+            # a hyperparameter decides it on the host each step; a literal here and now
+            flags[mod.name] = v if isinstance(v, ir.HyperRef) else bool(v.value)
         else:
             flags[mod.name] = True
     cls = ir.AXIS_TYPES[clause.keyword]

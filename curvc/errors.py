@@ -52,6 +52,7 @@ MESSAGES: dict[str, str] = {
     "name.duplicate_clause": "the {clause} clause is given twice",
     "name.duplicate_hyper": "hyperparameter {name!r} is defined twice",
     "name.duplicate_modifier": "the modifier {name!r} is given twice",
+    "name.modifier_takes_no_value": "the modifier {name!r} takes no value",
     "name.duplicate_argument": "the argument {name!r} of {clause} {form} is given twice",
     "name.reserved_hyper": "{name!r} cannot name a hyperparameter: {why}",
     "name.reserved_optimizer": "{name!r} cannot name an optimizer: {why}",

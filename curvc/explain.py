@@ -105,15 +105,18 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
         eq += matrix.kfac_gradient(opt, nums)
     dec = opt.decay
     switch = dec.kind == "l2" and dec.decoupled is not None and dec.decoupled != ir.Const(False)
+    # under a momentum of the step, decoupled decay joins the step (_step_momentum)
+    into_step = opt.step_momentum.kind != "none"
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
-        eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})")
+        if not into_step:
+            eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})")
     elif dec.kind == "l2":
         if opt.structure.kind != "dense":  # the dense step adds it to d (see _dense)
             eq.append(f"g     = g + {_v(dec.rate)} * theta"
                       + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
-        if switch:
+        if switch and not into_step:
             eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
-    elif opt.decay.kind == "decoupled":
+    elif opt.decay.kind == "decoupled" and not into_step:
         eq.append(f"theta = theta * (1 - {decay_lr} * {_v(opt.decay.rate)})")
     lr = _adjusted(opt, lr, eq)
     eq += explain_exprs.definitions(opt, late=False)
@@ -129,7 +132,7 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     else:
         step = matrix.low_rank(opt, lr)
     # the last line is theta's update: the states that read d come before it
-    eq += step[:-1] + explain_exprs.definitions(opt, late=True)
+    eq += step[:-1] + _step_momentum(opt, nums) + explain_exprs.definitions(opt, late=True)
     eq.append(explain_exprs.update_line(opt, lr) or step[-1])
     return eq + [f"        ({note})" for note in nums.notes]
 
@@ -155,7 +158,8 @@ def _adjusted(opt: ir.Optimizer, lr: str, eq: list[str]) -> str:
 
 
 def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
-    return [f"{name}     = {name} / (1 - {beta}^{n})" for b, beta, n in nums.counts if b == buffer]
+    return [f"{name}     = {name} / (1 - {beta}^{n})" + (f"   (if {switch})" if switch else "")
+            for b, beta, n, switch in nums.counts if b == buffer]
 
 
 def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
@@ -175,6 +179,32 @@ def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
             return "m"
         return "b"
     return "g"
+
+
+def _step_momentum(opt: ir.Optimizer, nums: Numbers) -> list[str]:
+    """``momentum ...(on = step)``: the finished step d (decoupled decay added to it first)
+    averaged in M, Distributed Shampoo's momentum after preconditioning."""
+    m = opt.step_momentum
+    if m.kind == "none":
+        return []
+    dec, eq = opt.decay, []
+    if dec.kind == "decoupled" or dec.kind == "l2" and dec.decoupled not in (None, ir.Const(False)):
+        when = f"if {_v(dec.decoupled)}; " if isinstance(dec.decoupled, ir.HyperRef) else ""
+        eq.append(f"d     = d + {_v(dec.rate)} * theta   ({when}decoupled decay joins the step)")
+    beta = _v(m.beta)
+    if m.kind == "ema":
+        eq.append(f"M     = {beta} * M + (1 - {beta}) * d   (the momentum of the step)")
+        eq += [line.replace("M     = M", "d     = M") for line in
+               _bias_correction(nums, "step_momentum", "M")] or ["d     = M"]
+        return eq
+    damp = "" if m.dampening == ir.Const(0.0) else f"(1 - {_v(m.dampening)}) * "
+    eq.append(f"M     = {beta} * M + {damp}d   (the momentum of the step; M = d at t = 1)")
+    if m.nesterov is not None and m.nesterov != ir.Const(False):
+        when = f" if {_v(m.nesterov)} else M" if isinstance(m.nesterov, ir.HyperRef) else ""
+        eq.append(f"d     = d + {beta} * M{when}")
+    else:
+        eq.append("d     = M")
+    return eq
 
 
 def _estimate(opt: ir.Optimizer) -> str:

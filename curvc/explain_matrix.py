@@ -92,11 +92,19 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         gram_l, gram_r = "sum_r G_r G_r^T", "sum_r G_r^T G_r"
     eq.append(_accumulate_line(opt, "L", gram_l).replace("_0 = ", "_0 = I * "))
     eq.append(_accumulate_line(opt, "R", gram_r).replace("_0 = ", "_0 = I * "))
-    for _, beta, n in (c for c in nums.counts if c[0] == "curvature"):
-        eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only)")
+    for _, beta, n, switch in (c for c in nums.counts if c[0] == "curvature"):
+        eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only"
+                  + (f"; if {switch})" if switch else ")"))
     left, right = "L", "R"
     power = f"-{base._half(root_.exponent)}"  # a matrix: two factors share the root
     per_mode = f"order-k tensors: {base._per_mode(root_.exponent)} per mode"
+    fr, pw = opt.structure.factor_root, base._v(getattr(opt.length, "power", None))
+    overridden = []
+    if isinstance(fr, ir.Const) and fr.value:  # every factor at -power/p, whatever the order
+        power, per_mode = f"-{pw}/{fr}", f"every factor of every order: ^-{pw}/{fr}"
+    elif isinstance(fr, ir.HyperRef):  # Distributed Shampoo's inv_root_override
+        overridden = [f"        (every factor ^-{pw}/{fr} instead, whatever the order, "
+                      f"when {fr} > 0)"]
     m = base._momentum(opt, eq, nums)
     m = "G" if m == "g" else m
     every, schedule = graft.roots_schedule(opt), []
@@ -122,7 +130,7 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
                   + (f"   ({per_mode})" if per_mode else ""))
-    eq += schedule
+    eq += overridden + schedule
     if opt.graft.kind != "none":
         per = "over each block" if graft._on(opt.structure.block) else "over each tensor"
         eq += graft.direction(opt, m) + graft.rescale(opt, per)

@@ -145,6 +145,7 @@ class Structure:
     vectors: Arg | None = None
     layout: Arg | None = None
     block: Arg | None = None  # kronecker: split modes longer than max_dim into blocks
+    factor_root: Arg | None = None  # kronecker: each factor's root p, L^(-power/p) (0: 2k)
     span: Span = span_field()
 
 
@@ -163,7 +164,8 @@ class Iterate:
     keep_max: Arg | None = None  # also track the running maximum (AMSGrad)
     every: Arg | None = None
     delayed: bool = False  # the first refresh comes after k steps, not at step 1
-    bias_corrected: bool = False
+    # True, or a boolean hyperparameter (`bias_corrected(flag)`) that decides it each step
+    bias_corrected: "bool | HyperRef" = False
     span: Span = span_field()
 
 
@@ -196,9 +198,14 @@ class Momentum:
     beta: Arg | None = None
     dampening: Arg | None = None
     nesterov: Arg | None = None
-    bias_corrected: bool = False
+    bias_corrected: "bool | HyperRef" = False  # as Iterate's
     value: Expr | None = None  # kind 'expression': the direction that is preconditioned
+    on: Arg | None = None  # gradient (g, before the preconditioner) | step (the finished d)
     span: Span = span_field()
+
+    @property
+    def on_step(self) -> bool:
+        return self.on is not None and self.on.value == "step"
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,7 @@ def clause_label(axis: str, node) -> str:
     """How messages and docstrings name a clause: ``clip global_norm``, and the gradient's
     clip as ``clip global_norm (on = gradient)``."""
     on = " (on = gradient)" if isinstance(node, Clip) and node.on_gradient else ""
+    on = " (on = step)" if isinstance(node, Momentum) and node.on_step else on
     return f"{axis} {node.kind}{on}"
 
 
@@ -268,6 +276,9 @@ class Optimizer:
     # A second clip clause, `clip ...(on = gradient)`: the gradient's, before the step.
     gradient_clip: Clip = Clip("none")
     graft: Graft = Graft("none")
+    # A second momentum clause, `momentum ...(on = step)`: of the finished step, after the
+    # preconditioner (Distributed Shampoo's momentum).
+    step_momentum: Momentum = Momentum("none")
     lets: tuple[Let, ...] = ()
     states: tuple[State, ...] = ()
     update: Expr | None = None  # what multiplies lr (default: the direction d)
@@ -276,11 +287,14 @@ class Optimizer:
     span: Span = span_field()
 
     def axes(self) -> list[tuple[str, object]]:
-        """(clause, node) for every clause the spec has: one per axis, and the gradient's
-        clip (a second ``clip`` clause) when it has one."""
+        """(clause, node) for every clause the spec has: one per axis, the gradient's
+        clip (a second ``clip`` clause) and the step's momentum (a second ``momentum``)
+        when it has them."""
         out = [(axis, getattr(self, axis)) for axis in AXIS_TYPES]
         if self.gradient_clip.kind != "none":
             out.append(("clip", self.gradient_clip))
+        if self.step_momentum.kind != "none":
+            out.append(("momentum", self.step_momentum))
         return out
 
     def hyper(self, name: str) -> Hyper:

@@ -65,6 +65,9 @@ EIGENBASIS_ARGS = tuple(a.name for a in _EIGENBASIS)
 # leaving that mode without one; `merge_dims` first drops size-1 dims and merges adjacent
 # dims (from the last) while their product stays <= max_dim (a 4 x 8 weight: one 32-vector)
 _BLOCKING = (ArgSpec("block", "bool", False), ArgSpec("merge_dims", "bool", False))
+# Distributed Shampoo's inv_root_override: each factor of a block of order k is raised to
+# -power/factor_root instead of -power/(2k) (0, the default: 2k)
+_FACTOR_ROOT = ArgSpec("factor_root", "int", 0.0, "nonneg")
 
 # Grafting: where the step's per-block norm comes from (a block of a blocked Kronecker
 # tensor, else the whole tensor). `start`: before that step the grafted step alone is taken
@@ -83,6 +86,10 @@ _SCOPE = ArgSpec("scope", "enum", "global", choices=("global", "group", "tensor"
 # (torch.nn.utils.clip_grad_norm_ / clip_grad_value_ ahead of the step). A spec may
 # have one clip of each.
 _ON = ArgSpec("on", "enum", "step", choices=("step", "gradient"))
+# What a momentum averages: the gradient g, the value the preconditioner divides (the
+# default), or the finished step d, after the preconditioner, graft, clip and decoupled
+# decay (Distributed Shampoo's momentum and use_nesterov). A spec may have one of each.
+_MOMENTUM_ON = ArgSpec("on", "enum", "gradient", choices=("gradient", "step"))
 
 # Each form's comment is the math it stands for (README's language table says more).
 FORMS: dict[str, dict[str, FormSpec]] = {
@@ -119,7 +126,7 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "kronecker": FormSpec((ArgSpec("max_dim", "int", 8192.0, "count_max_dim"),
                                ArgSpec("root", "enum", "eigh", choices=("eigh", "newton_schulz"),
                                        varies=True),
-                               *_NEWTON_SCHULZ, *_EIGENBASIS, *_BLOCKING),
+                               *_NEWTON_SCHULZ, *_EIGENBASIS, *_BLOCKING, _FACTOR_ROOT),
                               modifiers=("every",)),
         "dense": FormSpec(),  # the whole n x n matrix
         # diag(V) with V = R C^T / max(mean(R), eps): the rank-1 outer product of the row and
@@ -173,10 +180,11 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     },
     "momentum": {
         "none": FormSpec(),
-        "ema": FormSpec((_BETA(),), modifiers=("bias_corrected",)),  # m <- beta*m + (1-beta)*g
+        # m <- beta*m + (1-beta)*g
+        "ema": FormSpec((_BETA(), _MOMENTUM_ON), modifiers=("bias_corrected",)),
         # b <- beta*b + (1-dampening)*g (b = g on the first step)
         "heavy_ball": FormSpec((_BETA(), ArgSpec("dampening", "number", 0.0, "unit_closed"),
-                                ArgSpec("nesterov", "bool", False))),
+                                ArgSpec("nesterov", "bool", False), _MOMENTUM_ON)),
     },
     "decay": {
         "none": FormSpec(),
@@ -298,6 +306,10 @@ MODIFIER_WHY = {
     "squared": "AdaHessian accumulates the square of Hutchinson's estimate",
     "delayed": "the first refresh after k steps (Sophia's release) needs `every k`",
 }
+
+# Modifiers that may take a boolean, `bias_corrected(use_bias_correction)`: a hyperparameter
+# turns it on or off on the host each step (no recompile), a literal in the spec.
+MODIFIER_SWITCHES = {"bias_corrected": ArgSpec("bias_corrected", "bool")}
 
 # Hyperparameter names that would clash with something else, and why. Inside
 # generated functions a spec's names are prefixed by the backends, so only the

@@ -12,8 +12,8 @@ from __future__ import annotations
 from curvc import check as checks, ir, lower_graft as grafting, lower_matrix as matrix, rules
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_exprs import Expressions
-from curvc.lower_step import (Step, ema_bias_correction, every_flag, iterate_beta, nonzero,
-                              select)
+from curvc.lower_step import (Step, bias_correction, ema_bias_correction, every_flag,
+                              iterate_beta, nonzero, select)
 from curvc.passes import PASSES
 from curvc.plan import (Const, Estimator, Expr, Load, Plan, Reduced, Reduction, Scalar, SHAPE,
                         Select, Validator)
@@ -27,21 +27,26 @@ def lower_gradient(s: Step) -> Expr:
     return Select("maximize", op("neg", Load("grad")), Load("grad"))
 
 
-def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr]:
-    """Returns (gradient, parameter) after weight decay."""
+def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr, Expr | None]:
+    """Returns (gradient, parameter, step term) after weight decay. The step term is
+    decoupled decay's wd * theta when a momentum of the step (``on = step``) follows: then
+    it joins the step d before that momentum (Distributed Shampoo's order), and the
+    parameter is not scaled by 1 - lr * wd; else None."""
     d, p = s.opt.decay, Load("param")
     if d.kind == "none":
-        return g, p
+        return g, p, None
     # A zero rate (the usual default) skips the term rather than adding 0 * theta.
     used = nonzero(s, "has_weight_decay", d.rate)
-    coupled = (add(g, mul(p, s.arg(d.rate))), p)
-    decoupled = (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))))
+    into_step = s.opt.step_momentum.kind != "none"
+    coupled = (add(g, mul(p, s.arg(d.rate))), p, Const(0.0))
+    decoupled = (g, p, mul(p, s.arg(d.rate))) if into_step else \
+        (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))), Const(0.0))
     switch: str | bool = d.kind == "decoupled"
     if d.kind == "l2" and d.decoupled is not None:
         switch = s.bool_arg("decoupled_decay", d.decoupled)
-    g_new = select(switch, decoupled[0], coupled[0])
-    p_new = select(switch, decoupled[1], coupled[1])
-    return select(used, g_new, g), select(used, p_new, p)
+    new = [select(used, select(switch, a, b), old)
+           for a, b, old in zip(decoupled, coupled, (g, p, Const(0.0)))]
+    return new[0], new[1], new[2] if into_step else None
 
 
 def lower_curvature(s: Step, g: Expr) -> Expr | None:
@@ -154,13 +159,17 @@ def _lerp(s: Step, a: Expr, b: Expr, w: Expr) -> Expr:
     return op("lerp", a, b, w)
 
 
-def lower_momentum(s: Step, g: Expr) -> Expr:
-    m = s.opt.momentum
+def lower_momentum(s: Step, g: Expr, m: ir.Momentum | None = None) -> Expr:
+    """The momentum of g (``m``: the spec's momentum clause, or its step momentum, whose
+    buffer is named ``step_`` + the same name and whose g is the finished step)."""
+    m = s.opt.momentum if m is None else m
     if m.kind == "none":
         return g
     if m.kind == "expression":
         return s.exprs.lower(m.value)
     name = _buffer_name(s, "momentum")
+    if m.on_step:
+        name = "step_" + ("momentum_buffer" if m.kind == "heavy_ball" else "exp_avg")
     beta = s.arg(m.beta)
     used = nonzero(s, "has_" + name, m.beta)
     when = used if isinstance(used, str) else None
@@ -171,8 +180,9 @@ def lower_momentum(s: Step, g: Expr) -> Expr:
         s.store(name, new, when=when)
         out = new
         if m.bias_corrected:
-            out = div(new, s.host_scalar("momentum_bias_correction",
-                                         sub(1.0, op("pow", beta, Scalar("step")))))
+            base = "step_momentum_bias_correction" if m.on_step else "momentum_bias_correction"
+            out = div(new, s.host_scalar(base, bias_correction(
+                s, op("pow", beta, Scalar("step")), m.bias_corrected)))
     else:  # heavy_ball, torch.optim.SGD's convention: the buffer starts at g
         first = s.flag("first_step", op("eq", Scalar("step"), 1.0))
         new = Select(first, g, add(mul(old, beta), mul(g, sub(1.0, s.arg(m.dampening)))))
@@ -351,7 +361,8 @@ def build(opt: ir.Optimizer) -> Plan:
     else:
         g = matrix.lower_kfac(s) if natural else lower_gradient_clip(s, lower_gradient(s))
     # the relative step's weight decay keeps lr (torch.optim.Adafactor's choice)
-    g, p = lower_decay(s, g, Scalar("lr") if opt.schedule.kind == "relative_step" else lr)
+    g, p, decay_step = lower_decay(s, g, Scalar("lr") if opt.schedule.kind == "relative_step"
+                                   else lr)
     s.exprs.env.update(grad=g, param=Load("param"))
     if dense is not None or natural:  # preconditioned, length taken, by the runtime already
         d = lower_clip(s, lower_momentum(s, g))
@@ -366,6 +377,10 @@ def build(opt: ir.Optimizer) -> Plan:
         # a graft's norm per tensor (curvc.lower_graft), before the clip
         d = grafting.grafted_per_tensor(s, d, grafting.graft_direction(s, g, m))
         d = lower_length_clip(s, m, acc, d) if opt.clip.kind == "length" else lower_clip(s, d)
+    if opt.step_momentum.kind != "none":  # of the finished step, decoupled decay included
+        if decay_step not in (None, Const(0.0)):
+            d = add(d, decay_step)
+        d = lower_momentum(s, d, opt.step_momentum)
     s.exprs.env["direction"] = d
     update = s.exprs.lower(opt.update) if opt.update is not None else d
     s.exprs.finish()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from curvc import ir, lower as axes
 from curvc.language import FORMS
 from curvc.fold import op, sub
-from curvc.lower_step import Step, every_flag, iterate_beta
+from curvc.lower_step import Step, bias_correction, every_flag, iterate_beta
 from curvc.plan import Const, Expr, Precondition, Scalar
 from curvc.plan_eigen import EigenbasisStage
 
@@ -24,8 +24,8 @@ def lower_eigenbasis(s: Step, g: Expr, m: Expr, exponent: Expr) -> Expr:
     correction = Const(1.0)
     if it.kind == "ema" and it.bias_corrected:
         # V takes its first statistic on the second step (the first has no basis yet)
-        correction = s.host_scalar("curvature_bias_correction",
-                                   sub(1.0, op("pow", s.arg(it.beta), sub(Scalar("step"), 1.0))))
+        correction = s.host_scalar("curvature_bias_correction", bias_correction(
+            s, op("pow", s.arg(it.beta), sub(Scalar("step"), 1.0)), it.bias_corrected))
     params = {
         "factor_beta": s.arg(st.factor_beta),
         "weight": iterate_beta(s)[1] if it.kind == "ema" else Const(0.0),

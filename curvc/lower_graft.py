@@ -32,7 +32,9 @@ class BlockedKroneckerStage(KroneckerStage):
     small dims (``merge``), split modes longer than max_dim into blocks (``block``), each
     with its own factors, and rescale each block of the step to the norm of the same block
     of the operand ``graft`` (``grafted``). ``params`` adds ``weight``, the accumulation's
-    weight of this step's Gram matrix (1 - beta, or 1 for ``iterate ema_or_sum`` at 1)."""
+    weight of this step's Gram matrix (1 - beta, or 1 for ``iterate ema_or_sum`` at 1), and
+    ``factor_root`` p: each factor's root is then 2 * exponent / p instead of exponent / k
+    for a block of order k (0: the latter; Distributed Shampoo's inv_root_override)."""
 
     block: str | bool = False  # a flag name, or a value written in the spec
     merge: str | bool = False
@@ -67,7 +69,8 @@ def needs_blocks(opt: ir.Optimizer) -> bool:
     st = opt.structure
     return (opt.graft.kind != "none" or opt.iterate.kind == "ema_or_sum"
             or st.block not in (None, ir.Const(False))
-            or st.merge_dims not in (None, ir.Const(False)))
+            or st.merge_dims not in (None, ir.Const(False))
+            or st.factor_root not in (None, ir.Const(0.0)))
 
 
 def graft_direction(s: Step, g: Expr, m: Expr) -> Expr | None:
@@ -152,7 +155,7 @@ def lower_blocked(s: Step, g: Expr, statistic: Expr, m: Expr, params: dict,
         s.unique("kronecker"), "blocked_kronecker", "pre_cond", "inv_pre_cond",
         accumulation(it.kind), accumulate_when, refresh, per_mode=True,
         length="eigen_sign" if ln.kind == "eigen_sign" else "root",
-        params=(*KroneckerStage.params, "weight"),
+        params=(*KroneckerStage.params, "weight", "factor_root"),
         block=s.bool_arg("block", st.block) if st.block is not None else False,
         merge=s.bool_arg("merge_dims", st.merge_dims) if st.merge_dims is not None else False,
         grafted=graft is not None)

@@ -54,6 +54,8 @@ def lower_kronecker(s: Step, g: Expr, m: Expr) -> Expr:
         "floor": eps if dmp.kind == "floor" else Const(0.0),
         "bias_correction": correction,
         "max_dim": s.arg(st.max_dim) if st.max_dim is not None else Const(float(2 ** 63)),
+        # the blocked extern's (a factor_root other than 0 takes that path)
+        "factor_root": s.arg(st.factor_root) if st.factor_root is not None else Const(0.0),
     }
     if blocks.needs_blocks(s.opt):  # merged or blocked dims, a graft (curvc.lower_graft)
         return blocks.lower_blocked(s, g, statistic, m, params, accumulate_when)

@@ -138,6 +138,14 @@ def ema_bias_correction(s: Step) -> Expr:
     power = op("pow", s.arg(it.beta), refresh_count(s, it.every, it.delayed))
     if it.kind == "ema_or_sum":
         power = mul(power, op("ne", s.arg(it.beta), 1.0))
+    return bias_correction(s, power, it.bias_corrected)
+
+
+def bias_correction(s: Step, power: Expr, switch: bool | ir.HyperRef) -> Expr:
+    """1 - power (power = beta^n); under ``bias_corrected(flag)``, 1 - power * (flag != 0):
+    a host value, 1 (no correction) on the steps the flag is off, so no recompile."""
+    if isinstance(switch, ir.HyperRef):
+        power = mul(power, op("ne", s.arg(switch), 0.0))
     return sub(1.0, power)
 
 

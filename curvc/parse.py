@@ -86,7 +86,8 @@ class Arg:
 
 @dataclass(frozen=True)
 class Modifier:
-    """``every k`` (name 'every', value k) or a bare word such as ``bias_corrected``."""
+    """``every k`` (name 'every', value k), a bare word such as ``bias_corrected``, or a
+    word with a boolean, ``bias_corrected(use_bias_correction)`` (its value)."""
 
     name: str
     value: Value | None = None
@@ -223,6 +224,11 @@ class _ToAST(Transformer):
     def flag(self, children):
         (tok,) = children
         return Modifier(str(tok), None, _span(self.file, tok))
+
+    @v_args(meta=True)
+    def flag_arg(self, meta, children):
+        tok, value = children
+        return Modifier(str(tok), value, _span(self.file, meta))
 
     def form(self, children):
         name, *args = children

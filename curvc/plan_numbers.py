@@ -32,7 +32,9 @@ class Root:
 class Numbers:
     root: Root | None = None  # the elementwise P; None: no preconditioner
     matrix: Root | None = None  # Kronecker: the whole product's; K-FAC: each factor's; dense
-    counts: tuple[tuple[str, str, str], ...] = ()  # (buffer, beta, exponent) of bias corrections
+    # (buffer, beta, exponent, switch) of bias corrections; switch: the hyperparameter of
+    # bias_corrected(flag) ("" when always on)
+    counts: tuple[tuple[str, str, str, str], ...] = ()
     notes: tuple[str, ...] = ()  # what a symbol in the exponents stands for
     not_compiled: str | None = None  # why curvc refuses the spec (then read from the IR)
     # Kronecker by Newton-Schulz: its arguments as text (steps, a, b, c, eps, precision)
@@ -181,19 +183,22 @@ def _bias_counts(plan: Plan, text: _PlanText):
     """(buffer, beta, exponent) for each bias correction 1 - beta^n the plan computes."""
     counts, notes = [], []
     for name, e in plan.host:
-        for buffer in ("curvature", "momentum"):
+        for buffer in ("curvature", "momentum", "step_momentum"):
             if not name.startswith(f"{buffer}_bias_correction"):
                 continue
-            power = e.args[1]  # 1 - beta^n
-            if isinstance(power, Op) and power.op == "mul":  # ema_or_sum: beta^n (beta != 1)
-                power = power.args[0]
-                notes.append(f"no correction at {text(power.args[0])} = 1, a sum")
+            power, switch = e.args[1], ""  # 1 - beta^n
+            while isinstance(power, Op) and power.op == "mul":
+                power, cond = power.args
+                if cond.args[1] == Const(0.0):  # bias_corrected(flag): beta^n (flag != 0)
+                    switch = text(cond.args[0])
+                else:  # ema_or_sum: beta^n (beta != 1)
+                    notes.append(f"no correction at {text(power.args[0])} = 1, a sum")
             beta, n = power.args
             count = text(n)
             if count != "t":  # refreshed every k steps: the refreshes so far
                 notes.append(f"r = {count}, the refreshes so far")
                 count = "r"
-            counts.append((buffer, text(beta), count))
+            counts.append((buffer, text(beta), count, switch))
     return tuple(counts), tuple(notes)
 
 
@@ -202,7 +207,7 @@ def _kfac_counts(plan: Plan, text: _PlanText):
     args = dict(plan.estimator.args)
     if not args["bias_corrected"]:
         return (), ()
-    return (("curvature", text(args["beta"]), "n"),), \
+    return (("curvature", text(args["beta"]), "n", ""),), \
         ("n = the statistics steps of the layer so far",)
 
 
@@ -235,10 +240,14 @@ def ir_numbers(opt: ir.Optimizer, why: str) -> Numbers:
     d, c, it = opt.damping, opt.curvature, opt.iterate
     eps = str(d.eps) if d.kind != "none" else None
     counts = []
+    def switch(flag) -> str:  # bias_corrected(flag)
+        return str(flag) if isinstance(flag, ir.HyperRef) else ""
     if it.bias_corrected:
-        counts.append(("curvature", str(it.beta), "t" if it.every is None else "r"))
+        counts.append(("curvature", str(it.beta), "t" if it.every is None else "r",
+                       switch(it.bias_corrected)))
     if opt.momentum.bias_corrected:
-        counts.append(("momentum", str(opt.momentum.beta), "t"))
+        counts.append(("momentum", str(opt.momentum.beta), "t",
+                       switch(opt.momentum.bias_corrected)))
     notes = ("r = the refreshes so far",) if it.bias_corrected and it.every is not None else ()
     exponent = _ir_exponent(opt)
     if opt.structure.kind in ("scalar", "diagonal"):

@@ -322,7 +322,7 @@ COMBINATION_RULES = (
     _rule_factored_has_no_running_maximum,
     _rule_running_maximum_needs_coordinates,
     _rule_newton_schulz_is_the_polar_factor,
-    rules_graft._rule_graft_needs_a_direction,
+    *rules_graft.RULES,
     _rule_normalized_step_needs_no_clip,
     _rule_length_clip_needs_a_length_in_an_eigenbasis,
 )

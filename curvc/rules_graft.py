@@ -1,6 +1,8 @@
-"""The combination rule and code-generation refusals of grafting, Kronecker blocks and
-``iterate ema_or_sum`` (Distributed Shampoo; ``curvc.lower_graft``), listed by
-``curvc.rules`` among the others."""
+"""The combination rules and code-generation refusals of Distributed Shampoo's constructs:
+grafting, Kronecker blocks and ``iterate ema_or_sum`` (``curvc.lower_graft``), a factor's
+root (``structure kronecker(factor_root)``), the momentum of the step (``momentum ...(on =
+step)``) and a bias correction a hyperparameter switches (``bias_corrected(flag)``), listed
+by ``curvc.rules`` among the others."""
 from __future__ import annotations
 
 from curvc import ir
@@ -40,6 +42,54 @@ def _rule_graft_needs_a_direction(opt: ir.Optimizer) -> None:
                      "parameter vector, so there is no per-block direction to rescale")
 
 
+def _rule_factor_root_needs_factor_roots(opt: ir.Optimizer) -> None:
+    """factor_root replaces the root 2k of each of a block's k factors: it needs the
+    factors' roots of a gradient-norm length (what the root divides power by)."""
+    from curvc.rules import _clash
+    st, ln = opt.structure, opt.length
+    if st.factor_root in (None, ir.Const(0.0)):
+        return
+    what = f"structure kronecker(factor_root = {st.factor_root})"
+    if st.root == ir.Const("newton_schulz"):
+        raise _clash(st, what, st, "root = newton_schulz",
+                     "the polar factor is computed from G by matrix products, with no "
+                     "factor whose root could be chosen; use root = eigh")
+    if st.basis == ir.Const("eigen"):
+        raise _clash(st, what, st, "basis = eigen",
+                     "the eigenbasis stage roots the diagonal V in the factors' basis (the "
+                     "length's power), not the factors; factor_root is Shampoo's")
+    if opt.curvature.kind == "kfac":
+        raise _clash(st, what, opt.curvature, "curvature kfac",
+                     "K-FAC's two factors per layer take the length's exponent (power/2), "
+                     "not a root per mode of a block")
+    if ln.kind != "gradient_norm":
+        raise _clash(st, what, ln, f"length {ln.kind}",
+                     "each factor's root is -power/factor_root, power the gradient-norm "
+                     "length's; other lengths fix their own exponent")
+
+
+def _rule_step_momentum_follows_the_step(opt: ir.Optimizer) -> None:
+    """A momentum of the step averages the finished step d, decoupled decay included."""
+    from curvc.rules import _clash
+    m, sch = opt.step_momentum, opt.schedule
+    if m.kind == "none":
+        return
+    what = f"momentum {m.kind}(on = step)"
+    if opt.update is not None:
+        raise _clash(m, what, opt.structure, "update = ...",
+                     "update = EXPR replaces the step the momentum would average; write the "
+                     "momentum in the expression (a state of direction)")
+    if sch.kind == "relative_step" or sch.adjust not in (None, ir.Const("none")):
+        raise _clash(m, what, sch, f"schedule {sch.kind}"
+                     + ("" if sch.kind == "relative_step" else "(adjust)"),
+                     "this schedule sizes the step per tensor but keeps decoupled decay at lr, "
+                     "and a momentum of the step averages the decay into the step")
+
+
+RULES = (_rule_graft_needs_a_direction, _rule_factor_root_needs_factor_roots,
+         _rule_step_momentum_follows_the_step)
+
+
 def _blocked(opt: ir.Optimizer) -> bool:
     return any(getattr(opt.structure, n) not in (None, ir.Const(False))
                for n in ("block", "merge_dims"))
@@ -74,4 +124,14 @@ def refusals(refusal, clause) -> tuple:
                 "blocks are cut from one tensor's gradient; K-FAC's factors belong to a layer, "
                 "and a sampled curvature's rows would be cut along the stack too (not built "
                 "yet)"),
+        refusal("kfac_bias_switch", "kfac",
+                lambda opt: isinstance(opt.iterate.bias_corrected, ir.HyperRef),
+                clause("iterate"), "iterate {kind} bias_corrected(flag) with curvature kfac",
+                "K-FAC's runtime fixes at construction whether its factors start at 0 and are "
+                "corrected, or start at I; write bias_corrected or leave it out"),
+        refusal("secant_step_momentum", "secant",
+                lambda opt: opt.step_momentum.kind != "none", clause("step_momentum"),
+                "momentum {kind}(on = step) with structure low_rank",
+                "L-BFGS's driver takes its step by a line search over all parameters; there "
+                "is no finished step in the plan to average"),
     )

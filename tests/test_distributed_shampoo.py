@@ -4,8 +4,32 @@ one EMA (or, at beta2 = 1, sum) of Kronecker factors per mode of each block, bia
 (L + eps I)^(-1/2k) by eigendecompositions on step start_preconditioning_step and the
 multiples of precondition_frequency after it, the bias-corrected filtered gradient
 preconditioned per block, its norm grafted per block from Adam's step (the grafted step
-alone before the start), decoupled or L2 weight decay. Float64, 50 steps, two param groups
-with non-default values; then the state_dict round trip, bitwise.
+alone before the start), decoupled or L2 weight decay, then the momentum of the step.
+Float64, 50 steps, two param groups with non-default values; then the state_dict round trip,
+bitwise.
+
+The three options after the first release of the spec, with their semantics as
+facebookresearch/optimizers (the v2 release of the paper's code, commit df2099d, 2024-02-14)
+has them:
+
+* ``momentum``, ``use_nesterov``: ``DistributedShampoo._per_group_step_impl`` (in
+  distributed_shampoo/distributed_shampoo.py) computes the filtered gradient, the Shampoo
+  search direction, grafts it per block, *then* adds decoupled weight decay wd * theta to
+  the search direction, and only then updates the momentum buffer M <- momentum * M + d
+  (starting from zero, so M = d on the first step) and takes d = M, or with Nesterov
+  d + momentum * M; the parameter moves by -lr * d. So the decoupled decay is averaged by
+  the momentum (the older v1 code, commit b4ef566, 2023-09-15, does the same), and that is
+  the order the reference below follows; L2 decay is in g before anything reads it.
+* ``use_bias_correction``: False drops 1 - beta1^t of the filtered gradient (the same
+  function) and 1 - beta2^t of the factors (``ShampooPreconditionerList``,
+  distributed_shampoo/utils/shampoo_preconditioner_list.py, ``update_preconditioners``);
+  Adam grafting keeps its own correction (``use_bias_correction=isinstance(...,
+  AdamGraftingConfig)`` in ``_instantiate_grafting``).
+* ``inv_root_override``: ``ShampooPreconditionerList._get_inverse_roots_from_override``
+  gives a block of order k the root 2k when the override is 0 and the override p itself
+  otherwise, the same p for every factor, and ``matrix_inverse_root`` raises the damped
+  factor to -exponent_multiplier / root (exponent_multiplier 1 here). So p > 0 gives
+  (L + eps I)^(-1/p) per factor, whatever the order.
 """
 from __future__ import annotations
 
@@ -18,7 +42,7 @@ import torch
 import curvc
 
 STEPS = 50
-GROUPS = [
+BASE = [
     dict(lr=0.02, betas=(0.85, 0.97), epsilon=1e-6, weight_decay=0.01, max_preconditioner_dim=6,
          precondition_frequency=3, start_preconditioning_step=5, use_decoupled_weight_decay=True,
          use_merge_dims=True, grafting_beta2=0.99, grafting_epsilon=1e-8),
@@ -26,6 +50,14 @@ GROUPS = [
          precondition_frequency=2, start_preconditioning_step=4, use_decoupled_weight_decay=False,
          use_merge_dims=True, grafting_beta2=0.9, grafting_epsilon=1e-7),
 ]
+# the constructor's defaults of the later options
+DEFAULTS = dict(momentum=0.0, use_nesterov=False, use_bias_correction=True, inv_root_override=0)
+# ... and values other than those: Nesterov momentum over decoupled decay and no bias
+# correction in one group, heavy ball over L2 decay and the root 5 in the other
+OPTIONS = [dict(momentum=0.6, use_nesterov=True, use_bias_correction=False, inv_root_override=3),
+           dict(momentum=0.4, use_nesterov=False, use_bias_correction=True, inv_root_override=5)]
+GROUPS = [{**b, **o} for b, o in zip(BASE, OPTIONS)]
+DEFAULT_GROUPS = [{**b, **DEFAULTS} for b in BASE]
 # (10, 7) is cut into 4 blocks; (3, 2, 2) merges to (3, 4); (1, 5) squeezes to (5,); (10,) is
 # cut in two
 SHAPES = [[(10, 7), (10,)], [(3, 2, 2), (1, 5)]]
@@ -77,7 +109,8 @@ def reference_step(p, grad, st, h, t):
     st.setdefault("m", torch.zeros_like(p))
     st.setdefault("v", torch.zeros_like(p))
     st["m"] = b1 * st["m"] + (1 - b1) * g
-    m = st["m"] / (1 - b1 ** t)
+    corrected = h["use_bias_correction"]
+    m = st["m"] / (1 - b1 ** t) if corrected else st["m"]
     gb2 = h["grafting_beta2"]
     st["v"] = gb2 * st["v"] + (1 - gb2) * g * g
     graft = m / ((st["v"] / (1 - gb2 ** t)).sqrt() + h["grafting_epsilon"])
@@ -96,9 +129,10 @@ def reference_step(p, grad, st, h, t):
             others = [j for j in range(k) if j != i]
             outer = torch.tensordot(gb, gb, dims=(others, others))
             factors[i] = b2 * factors[i] + (1.0 if b2 == 1.0 else 1 - b2) * outer
-        correction = 1 - b2 ** t if b2 < 1 else 1.0
+        correction = 1 - b2 ** t if b2 < 1 and corrected else 1.0
+        root = h["inv_root_override"] or 2 * k
         if refresh:
-            roots[:] = [inverse_root(f / correction, h["epsilon"], 2 * k) for f in factors]
+            roots[:] = [inverse_root(f / correction, h["epsilon"], root) for f in factors]
         if t < start:
             out.append(grb)
         else:
@@ -111,6 +145,9 @@ def reference_step(p, grad, st, h, t):
     step = step.reshape(p.shape)
     if h["use_decoupled_weight_decay"]:
         step = step + h["weight_decay"] * p
+    if h["momentum"] != 0.0:  # after decoupled decay: the search direction's momentum
+        st["M"] = h["momentum"] * st.get("M", torch.zeros_like(p)) + step
+        step = step + h["momentum"] * st["M"] if h["use_nesterov"] else st["M"]
     return p - h["lr"] * step
 
 
@@ -138,20 +175,20 @@ def grads_at(params, t):
     return torch.autograd.grad(loss_fn(leaves, t), leaves)
 
 
-def run_reference(steps=STEPS):
+def run_reference(steps=STEPS, hypers=GROUPS):
     groups = make_params()
     states = [[{} for _ in g] for g in groups]
     for t in range(1, steps + 1):
         flat = [p for g in groups for p in g]
         grads = iter(grads_at(flat, t))
         groups = [[reference_step(p, next(grads), st, h, t) for p, st in zip(g, sts)]
-                  for g, sts, h in zip(groups, states, GROUPS)]
+                  for g, sts, h in zip(groups, states, hypers)]
     return [p for g in groups for p in g]
 
 
-def compiled(params):
+def compiled(params, hypers=GROUPS):
     opt_cls = curvc.load("distributed_shampoo")
-    return opt_cls([dict(params=ps, **h) for ps, h in zip(params, GROUPS)])
+    return opt_cls([dict(params=ps, **h) for ps, h in zip(params, hypers)])
 
 
 def train(opt, params, steps, first=1):
@@ -169,10 +206,11 @@ def test_blocking_and_merging_happen():
     assert merge_dims((3, 2, 2), limit) == (3, 4) and merge_dims((1, 5), limit) == (5,)
 
 
-def test_matches_the_algorithm_written_out():
-    expected = run_reference()
+@pytest.mark.parametrize("hypers", [GROUPS, DEFAULT_GROUPS], ids=["options", "defaults"])
+def test_matches_the_algorithm_written_out(hypers):
+    expected = run_reference(hypers=hypers)
     params = [[p.clone().requires_grad_(True) for p in g] for g in make_params()]
-    got = train(compiled(params), params, STEPS)
+    got = train(compiled(params, hypers), params, STEPS)
     for e, g in zip(expected, got):
         assert (g.detach() - e).norm() <= 1e-6 * e.norm(), (g.shape, (g.detach() - e).norm())
     # and it moved far from where it started, by more than the tolerance

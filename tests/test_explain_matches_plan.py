@@ -306,7 +306,8 @@ def test_explain_prints_what_each_bias_correction_counts(name):
         assert len(shown) == len(corrections), (buffer, lines)
         for e, line in zip(corrections, shown):
             power = e.args[1]  # 1 - beta^count
-            if power.op == "mul":  # iterate ema_or_sum: beta^count (beta != 1)
+            # iterate ema_or_sum: beta^count (beta != 1); bias_corrected(flag): (flag != 0)
+            while power.op == "mul":
                 power = power.args[0]
             count = power.args[1]
             by_step = count == Scalar("step")

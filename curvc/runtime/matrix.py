@@ -177,7 +177,8 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
               roots: str, accumulate: str, update: bool, refresh: bool, length: str,
               beta: float, init: float, exponent: float, eps_inside: float, eps_after: float,
               floor: float, bias_correction: float, max_dim: float,
-              per_mode: bool, weight: float | None = None) -> torch.Tensor:
+              per_mode: bool, weight: float | None = None,
+              factor_root: float = 0.0) -> torch.Tensor:
     """One tensor's Kronecker-preconditioned value (see the module docstring and
     ``curvc.plan.KroneckerStage``); ``weight``: the EMA's weight of this step's Gram
     matrix when it is not 1 - beta (1 at beta = 1 for ``iterate ema_or_sum``).
@@ -187,11 +188,15 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
     eigenbasis and spectral function) under ``f"{roots}_{i}"``, created on first use
     (the factor as ``init * I``). Modes longer than ``max_dim`` keep no factor (the
     identity), as an embedding's vocabulary would cost a vocabulary-squared matrix.
+    ``factor_root`` p > 0: every factor's root is ``2 * exponent / p`` (L^(-power/p) for a
+    gradient-norm length), whatever the order (Distributed Shampoo's inv_root_override).
     """
     if value.numel() == 0:
         return value  # a zero-size tensor (Linear(4, 0)): nothing to precondition
     order = value.dim()
     e = exponent / order if per_mode and order else exponent
+    if per_mode and factor_root:
+        e = 2.0 * exponent / factor_root
     modes = []
     for i, d in enumerate(value.shape):
         if d > max_dim:

@@ -12,7 +12,6 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     g     = g + weight_decay * theta   (if not use_decoupled_weight_decay)
-    theta = theta * (1 - lr * weight_decay)   (if use_decoupled_weight_decay)
     G     = g without its size-1 dims, neighbours merged from the last
             while their product <= max_preconditioner_dim (if use_merge_dims)
     G     = each block of G, every dim cut into pieces of at most max_preconditioner_dim:
@@ -21,16 +20,23 @@ Update, per step t (elementwise unless noted):
             G unfolded along mode i (a block's modes are all <= max_dim)
     L     = betas[1] * L + (1 - betas[1]) * G G^T   (L = L + G G^T when betas[1] = 1)
     R     = betas[1] * R + (1 - betas[1]) * G^T G   (R = R + G^T G when betas[1] = 1)
-    L, R  = L / (1 - betas[1]^t), R / (1 - betas[1]^t)   (for the roots only)
+    L, R  = L / (1 - betas[1]^t), R / (1 - betas[1]^t)   (for the roots only; if
+        use_bias_correction)
     m     = betas[0] * m + (1 - betas[0]) * g
-    m     = m / (1 - betas[0]^t)
+    m     = m / (1 - betas[0]^t)   (if use_bias_correction)
     d     = (L + epsilon I)^-1/4 m (R + epsilon I)^-1/4   (order-k tensors: ^-1/(2k) per mode)
+            (every factor ^-1/inv_root_override instead, whatever the order, when inv_root_override
+                > 0)
             (roots recomputed on step start_preconditioning_step
              and the multiples of precondition_frequency after it)
     V     = grafting_beta2 * V + (1 - grafting_beta2) * g * g   (graft adam)
     d_g   = m / (sqrt(V / (1 - grafting_beta2^t)) + grafting_epsilon)
     d     = d * ||d_g|| / (||d|| + 1e-16)   (norms over each block)
     d     = d_g   (steps t < start_preconditioning_step: the grafted step alone)
+    d     = d + weight_decay * theta   (if use_decoupled_weight_decay; decoupled decay joins the
+        step)
+    M     = momentum * M + d   (the momentum of the step; M = d at t = 1)
+    d     = d + momentum * M if use_nesterov else M
     theta = theta - lr * d
             (no correction at betas[1] = 1, a sum)
 """
@@ -40,33 +46,40 @@ Update, per step t (elementwise unless noted):
 #   # of the Distributed Shampoo Optimizer"), single device, with Adam grafting: each tensor is
 #   # viewed with its small dims merged (use_merge_dims) and cut into blocks of at most
 #   # max_preconditioner_dim per dim, each block its own Kronecker factors L_i <- beta2 L_i +
-#   # (1 - beta2) G_(i) G_(i)^T (the sum at beta2 = 1), bias-corrected, and the step
-#   # (L_i + epsilon I)^(-1/2k) along every mode i of the block's filtered gradient (the
-#   # bias-corrected EMA of g with betas[0]), its norm per block grafted from Adam's step on
-#   # the same filtered gradient (grafting_beta2, grafting_epsilon). Before
-#   # start_preconditioning_step the Adam step alone is taken; the roots are computed at that
-#   # step and on the multiples of precondition_frequency after it. Weight decay is decoupled
-#   # (use_decoupled_weight_decay, the default) or L2. Constructor arguments: DistributedShampoo's
-#   # lr, betas, epsilon, weight_decay, max_preconditioner_dim, precondition_frequency,
-#   # start_preconditioning_step (-1 is not taken: give the step), use_decoupled_weight_decay,
-#   # use_merge_dims (the paper's release), and its AdamGraftingConfig's beta2 and epsilon as
-#   # grafting_beta2, grafting_epsilon. Not expressed: momentum after preconditioning (its
-#   # default 0), use_bias_correction = False, exponent overrides, Adagrad or SGD grafting (a
-#   # one-line change: `graft adagrad(grafting_epsilon, ...)`), distributed execution.
+#   # (1 - beta2) G_(i) G_(i)^T (the sum at beta2 = 1), bias-corrected (use_bias_correction),
+#   # and the step (L_i + epsilon I)^(-1/2k) along every mode i of the block's filtered
+#   # gradient (the EMA of g with betas[0], bias-corrected alike), -1/inv_root_override
+#   # instead when that is > 0, its norm per block grafted from Adam's step on the same
+#   # filtered gradient (grafting_beta2, grafting_epsilon). Before start_preconditioning_step
+#   # the Adam step alone is taken; the roots are computed at that step and on the multiples
+#   # of precondition_frequency after it. Weight decay is decoupled (use_decoupled_weight_decay,
+#   # the default: added to the step) or L2; then the step's heavy-ball momentum M <- momentum
+#   # M + d, the step M (use_nesterov: d + momentum M). Constructor arguments:
+#   # DistributedShampoo's lr, betas, epsilon, momentum, weight_decay, max_preconditioner_dim,
+#   # precondition_frequency, start_preconditioning_step (-1 is not taken: give the step),
+#   # inv_root_override (one int; the per-order list is not taken), use_nesterov,
+#   # use_bias_correction, use_decoupled_weight_decay, use_merge_dims (the paper's release),
+#   # and its AdamGraftingConfig's beta2 and epsilon as grafting_beta2, grafting_epsilon. Not
+#   # expressed: exponent_multiplier (it is `length gradient_norm(power = ...)`), the
+#   # per-order list of inv_root_override, Adagrad or SGD grafting (a one-line change:
+#   # `graft adagrad(grafting_epsilon, ...)`), distributed execution.
 #   optimizer DistributedShampoo
-#   hyper lr = 1e-2, betas = (0.9, 1.0), epsilon = 1e-12, weight_decay = 0.0,
+#   hyper lr = 1e-2, betas = (0.9, 1.0), epsilon = 1e-12, momentum = 0.0, weight_decay = 0.0,
 #         max_preconditioner_dim = 1024, precondition_frequency = 1,
-#         start_preconditioning_step = 1, use_decoupled_weight_decay = true,
+#         start_preconditioning_step = 1, inv_root_override = 0, use_nesterov = false,
+#         use_bias_correction = true, use_decoupled_weight_decay = true,
 #         use_merge_dims = true, grafting_beta2 = 0.999, grafting_epsilon = 1e-10
 #   curvature empirical_fisher
 #   structure kronecker(max_dim = max_preconditioner_dim, block = true,
-#                       merge_dims = use_merge_dims) every precondition_frequency
-#   iterate   ema_or_sum(betas[1]) bias_corrected
-#   momentum  ema(betas[0]) bias_corrected
+#                       merge_dims = use_merge_dims,
+#                       factor_root = inv_root_override) every precondition_frequency
+#   iterate   ema_or_sum(betas[1]) bias_corrected(use_bias_correction)
+#   momentum  ema(betas[0]) bias_corrected(use_bias_correction)
 #   length    gradient_norm
 #   damping   inside(epsilon)
 #   decay     l2(weight_decay, decoupled = use_decoupled_weight_decay)
 #   graft     adam(grafting_beta2, grafting_epsilon, start = start_preconditioning_step)
+#   momentum  heavy_ball(momentum, nesterov = use_nesterov, on = step)
 
 import math
 
@@ -84,17 +97,25 @@ def _host(h, step):
     h_betas_0 = h['betas_0']
     h_betas_1 = h['betas_1']
     h_epsilon = h['epsilon']
+    h_momentum = h['momentum']
     h_weight_decay = h['weight_decay']
     h_max_preconditioner_dim = h['max_preconditioner_dim']
     h_precondition_frequency = h['precondition_frequency']
     h_start_preconditioning_step = h['start_preconditioning_step']
+    h_inv_root_override = h['inv_root_override']
+    h_use_nesterov = h['use_nesterov']
+    h_use_bias_correction = h['use_bias_correction']
     h_use_decoupled_weight_decay = h['use_decoupled_weight_decay']
     h_use_merge_dims = h['use_merge_dims']
     h_grafting_beta2 = h['grafting_beta2']
     h_grafting_epsilon = h['grafting_epsilon']
     h_step = step
-    h_momentum_bias_correction = (1.0 - (h_betas_0 ** h_step))
-    h_curvature_bias_correction = (1.0 - ((h_betas_1 ** h_step) * (h_betas_1 != 1.0)))
+    h_momentum_bias_correction = (1.0 - ((h_betas_0 ** h_step) * (h_use_bias_correction != 0.0)))
+    h_curvature_bias_correction_part1_part0 = ((h_betas_1 ** h_step) * (h_betas_1 != 1.0))
+    h_curvature_bias_correction_part1_part1 = (h_use_bias_correction != 0.0)
+    h_curvature_bias_correction_part1 = (
+            h_curvature_bias_correction_part1_part0 * h_curvature_bias_correction_part1_part1)
+    h_curvature_bias_correction = (1.0 - h_curvature_bias_correction_part1)
     h_graft_bias_correction = (1.0 - (h_grafting_beta2 ** h_step))
     h_roots_due_part0 = (h_step == h_start_preconditioning_step)
     h_roots_due_part1_part0 = (h_step > h_start_preconditioning_step)
@@ -103,26 +124,30 @@ def _host(h, step):
     h_roots_due = (h_roots_due_part0 + h_roots_due_part1)
     h_s4 = (1.0 - h_betas_0)
     h_s5 = (1.0 - h_grafting_beta2)
-    h_s6 = (1.0 - (h_lr * h_weight_decay))
-    h_s7 = (1.0 / h_momentum_bias_correction)
-    h_s8 = (1.0 - (h_betas_1 * (h_betas_1 != 1.0)))
-    h_s9 = (1.0 / h_graft_bias_correction)
+    h_s6 = (1.0 / h_momentum_bias_correction)
+    h_s7 = (1.0 - (h_betas_1 * (h_betas_1 != 1.0)))
+    h_s8 = (1.0 / h_graft_bias_correction)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'epsilon': h_epsilon,
-            'weight_decay': h_weight_decay, 'max_preconditioner_dim': h_max_preconditioner_dim,
+            'momentum': h_momentum, 'weight_decay': h_weight_decay,
+            'max_preconditioner_dim': h_max_preconditioner_dim,
             'precondition_frequency': h_precondition_frequency,
             'start_preconditioning_step': h_start_preconditioning_step,
+            'inv_root_override': h_inv_root_override, 'use_nesterov': h_use_nesterov,
+            'use_bias_correction': h_use_bias_correction,
             'use_decoupled_weight_decay': h_use_decoupled_weight_decay,
             'use_merge_dims': h_use_merge_dims, 'grafting_beta2': h_grafting_beta2,
             'grafting_epsilon': h_grafting_epsilon, 'step': h_step,
             'momentum_bias_correction': h_momentum_bias_correction,
             'curvature_bias_correction': h_curvature_bias_correction,
             'graft_bias_correction': h_graft_bias_correction, 'roots_due': h_roots_due, 's4': h_s4,
-            's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8, 's9': h_s9}
+            's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
             'decoupled_decay': bool((h_use_decoupled_weight_decay != 0.0)),
             'has_exp_avg': bool((h_betas_0 != 0.0)), 'refresh_roots': bool((h_roots_due != 0.0)),
             'merge_dims': bool((h_use_merge_dims != 0.0)),
             'preconditioning': bool((h_step >= h_start_preconditioning_step)),
+            'has_step_momentum_buffer': bool((h_momentum != 0.0)),
+            'first_step': bool((h_step == 1.0)), 'nesterov': bool((h_use_nesterov != 0.0)),
             'maximize': bool(h['maximize'])}
     return scalars, flags
 
@@ -130,7 +155,7 @@ def _host(h, step):
 # --- torch: the CPU path, and the reference for every other backend ---
 
 def _update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statistic, matrix_value,
-        matrix_graft, h_grafting_beta2, h_grafting_epsilon, h_s4, h_s5, h_s7, h_s9, h_weight_decay,
+        matrix_graft, h_grafting_beta2, h_grafting_epsilon, h_s4, h_s5, h_s6, h_s8, h_weight_decay,
         r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_maximize,
         f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
@@ -153,13 +178,13 @@ def _update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statistic, matri
     new_matrix_statistic_ = t4 if f_has_weight_decay else t1
     if f_has_exp_avg:
         t6 = torch.lerp(exp_avg_, new_matrix_statistic_, h_s4)
-        t7 = (t6 * h_s7)
+        t7 = (t6 * h_s6)
     new_matrix_value_ = t7 if f_has_exp_avg else new_matrix_statistic_
     t9 = (graft_exp_avg_sq_ * h_grafting_beta2)
     t10 = (new_matrix_statistic_ * new_matrix_statistic_)
     t11 = (t10 * h_s5)
     t12 = (t9 + t11)
-    t13 = (t12 * h_s9)
+    t13 = (t12 * h_s8)
     t14 = torch.sqrt(t13)
     t15 = (t14 + h_grafting_epsilon)
     new_matrix_graft_ = (new_matrix_value_ / t15)
@@ -181,7 +206,7 @@ def _update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statistic, matri
 _UPDATE_ARGS_head = {
         'tensors': ['param', 'grad', 'exp_avg', 'graft_exp_avg_sq', 'matrix_statistic',
                 'matrix_value', 'matrix_graft'],
-        'scalars': ['grafting_beta2', 'grafting_epsilon', 's4', 's5', 's7', 's9', 'weight_decay'],
+        'scalars': ['grafting_beta2', 'grafting_epsilon', 's4', 's5', 's6', 's8', 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'maximize',
                 'nonfinite_skip']}
@@ -190,8 +215,8 @@ _REDUCE_ARGS_head = {}
 
 # a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time
 def _kronecker(state, matrix_statistic, matrix_value, matrix_graft, h_betas_1,
-        h_curvature_bias_correction, h_epsilon, h_max_preconditioner_dim, h_s8, f_merge_dims,
-        f_refresh_roots):
+        h_curvature_bias_correction, h_epsilon, h_inv_root_override, h_max_preconditioner_dim,
+        h_s7, f_merge_dims, f_refresh_roots):
     """One tensor's Kronecker step: factors accumulated (ema) from the statistic, then the value
     times every mode's root (merged and blocked); each block rescaled to the grafted step's
     norm."""
@@ -202,39 +227,62 @@ def _kronecker(state, matrix_statistic, matrix_value, matrix_graft, h_betas_1,
             update=True, refresh=f_refresh_roots, length='root', beta=h_betas_1, init=0.0,
             exponent=0.5, eps_inside=h_epsilon, eps_after=0.0, floor=0.0,
             bias_correction=h_curvature_bias_correction, max_dim=h_max_preconditioner_dim,
-            weight=h_s8, per_mode=True, block=True, merge=f_merge_dims)
+            weight=h_s7, factor_root=h_inv_root_override, per_mode=True, block=True,
+            merge=f_merge_dims)
 _EXTERN_ARGS_kronecker = {'tensors': ['state', 'matrix_statistic', 'matrix_value', 'matrix_graft'],
                           'scalars': ['betas_1', 'curvature_bias_correction', 'epsilon',
-                                      'max_preconditioner_dim', 's8'],
+                                      'inv_root_override', 'max_preconditioner_dim', 's7'],
                           'reduced': [],
                           'flags': ['merge_dims', 'refresh_roots']}
 
 
-def _update_tail(param, grad, matrix_graft, matrix_step, h_lr, h_s6, r_nonfinite,
-        f_decoupled_decay, f_has_weight_decay, f_nonfinite_skip, f_preconditioning):
+def _update_tail(param, grad, matrix_graft, matrix_step, step_momentum_buffer, h_lr, h_momentum,
+        h_weight_decay, r_nonfinite, f_decoupled_decay, f_first_step, f_has_step_momentum_buffer,
+        f_has_weight_decay, f_nesterov, f_nonfinite_skip, f_preconditioning):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
     grad_ = None if grad is None else grad.to(cdt)
     matrix_graft_ = None if matrix_graft is None else matrix_graft.to(cdt)
     matrix_step_ = None if matrix_step is None else matrix_step.to(cdt)
+    step_momentum_buffer_ = None if step_momentum_buffer is None else step_momentum_buffer.to(cdt)
+    t0 = matrix_step_ if f_preconditioning else matrix_graft_
     if f_decoupled_decay and f_has_weight_decay:
-        t0 = (param_ * h_s6)
+        t1 = (param_ * h_weight_decay)
     if f_has_weight_decay:
-        t1 = t0 if f_decoupled_decay else param_
-    t2 = t1 if f_has_weight_decay else param_
-    t3 = matrix_step_ if f_preconditioning else matrix_graft_
-    t4 = (h_lr * t3)
-    t5 = (t2 - t4)
+        t2 = t1 if f_decoupled_decay else 0.0
+    t3 = t2 if f_has_weight_decay else 0.0
+    t4 = (t0 + t3)
+    if not f_first_step and f_has_step_momentum_buffer:
+        t5 = (step_momentum_buffer_ * h_momentum)
+        t6 = (t5 + t4)
+    if f_has_step_momentum_buffer:
+        t7 = t4 if f_first_step else t6
+    if f_has_step_momentum_buffer and f_nonfinite_skip:
+        t8 = torch.where(r_nonfinite != 0, step_momentum_buffer_, t7)
+    if f_has_step_momentum_buffer:
+        new_step_momentum_buffer_ = t8 if f_nonfinite_skip else t7
+    if f_has_step_momentum_buffer and f_nesterov:
+        t10 = (t7 * h_momentum)
+        t11 = (t4 + t10)
+    if f_has_step_momentum_buffer:
+        t12 = t11 if f_nesterov else t7
+    t13 = t12 if f_has_step_momentum_buffer else t4
+    t14 = (h_lr * t13)
+    t15 = (param_ - t14)
     if f_nonfinite_skip:
-        t6 = torch.where(r_nonfinite != 0, param_, t5)
-    new_param_ = t6 if f_nonfinite_skip else t5
+        t16 = torch.where(r_nonfinite != 0, param_, t15)
+    new_param_ = t16 if f_nonfinite_skip else t15
+    if f_has_step_momentum_buffer:
+        step_momentum_buffer.copy_(new_step_momentum_buffer_)
     param.copy_(new_param_)
 
 
-_UPDATE_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_graft', 'matrix_step'],
-        'scalars': ['lr', 's6'], 'reduced': ['nonfinite'],
-        'flags': ['decoupled_decay', 'has_weight_decay', 'nonfinite_skip', 'preconditioning']}
+_UPDATE_ARGS_tail = {
+        'tensors': ['param', 'grad', 'matrix_graft', 'matrix_step', 'step_momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['decoupled_decay', 'first_step', 'has_step_momentum_buffer', 'has_weight_decay',
+                'nesterov', 'nonfinite_skip', 'preconditioning']}
 _REDUCE_ARGS_tail = {}
 
 
@@ -250,7 +298,7 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statistic, matrix_value,
-        matrix_graft, h_grafting_beta2, h_grafting_epsilon, h_s4, h_s5, h_s7, h_s9, h_weight_decay,
+        matrix_graft, h_grafting_beta2, h_grafting_epsilon, h_s4, h_s5, h_s6, h_s8, h_weight_decay,
         r_nonfinite, f_decoupled_decay, f_has_exp_avg, f_has_weight_decay, f_maximize,
         f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
@@ -265,8 +313,8 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
     matrix_value_ = _foreach_cast(matrix_value, cdt)
     matrix_graft_ = _foreach_cast(matrix_graft, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s7, h_grafting_beta2, h_s9], dtype=cdt, device=param[0].device)
-        (_s_s7, _s_grafting_beta2, _s_s9,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8], dtype=cdt, device=param[0].device)
+        (_s_s6, _s_grafting_beta2, _s_s8,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -277,12 +325,12 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
         new_matrix_statistic_ = t3 if f_has_weight_decay else t1
         if f_has_exp_avg:
             t5 = torch._foreach_lerp(exp_avg_, new_matrix_statistic_, h_s4)
-            t6 = torch._foreach_mul(t5, _s_s7)
+            t6 = torch._foreach_mul(t5, _s_s6)
         new_matrix_value_ = t6 if f_has_exp_avg else new_matrix_statistic_
         t8 = torch._foreach_mul(graft_exp_avg_sq_, _s_grafting_beta2)
         torch._foreach_addcmul_(t8, new_matrix_statistic_, new_matrix_statistic_, value=h_s5)
         t9 = t8
-        t10 = torch._foreach_mul(t9, _s_s9)
+        t10 = torch._foreach_mul(t9, _s_s8)
         torch._foreach_sqrt_(t10)
         t11 = t10
         torch._foreach_add_(t11, h_grafting_epsilon)
@@ -300,8 +348,8 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(graft_exp_avg_sq, new_graft_exp_avg_sq_)
     else:
-        _scalars = torch.tensor([h_s7, h_grafting_beta2, h_s9], dtype=cdt, device=param[0].device)
-        (_s_s7, _s_grafting_beta2, _s_s9,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8], dtype=cdt, device=param[0].device)
+        (_s_s6, _s_grafting_beta2, _s_s8,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -313,13 +361,13 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
         if f_has_exp_avg:
             torch._foreach_lerp_(exp_avg_, new_matrix_statistic_, h_s4)
             new_exp_avg_ = exp_avg_
-            t6 = torch._foreach_mul(new_exp_avg_, _s_s7)
+            t6 = torch._foreach_mul(new_exp_avg_, _s_s6)
         new_matrix_value_ = t6 if f_has_exp_avg else new_matrix_statistic_
         torch._foreach_mul_(graft_exp_avg_sq_, _s_grafting_beta2)
         t8 = graft_exp_avg_sq_
         torch._foreach_addcmul_(t8, new_matrix_statistic_, new_matrix_statistic_, value=h_s5)
         new_graft_exp_avg_sq_ = t8
-        t10 = torch._foreach_mul(new_graft_exp_avg_sq_, _s_s9)
+        t10 = torch._foreach_mul(new_graft_exp_avg_sq_, _s_s8)
         torch._foreach_sqrt_(t10)
         t11 = t10
         torch._foreach_add_(t11, h_grafting_epsilon)
@@ -337,14 +385,16 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
 _FOREACH_ARGS_head = {
         'tensors': ['param', 'grad', 'exp_avg', 'graft_exp_avg_sq', 'matrix_statistic',
                 'matrix_value', 'matrix_graft'],
-        'scalars': ['grafting_beta2', 'grafting_epsilon', 's4', 's5', 's7', 's9', 'weight_decay'],
+        'scalars': ['grafting_beta2', 'grafting_epsilon', 's4', 's5', 's6', 's8', 'weight_decay'],
         'reduced': ['nonfinite'],
         'flags': ['decoupled_decay', 'has_exp_avg', 'has_weight_decay', 'maximize',
                 'nonfinite_skip']}
 
 
-def _foreach_update_tail(param, grad, matrix_graft, matrix_step, h_lr, h_s6, r_nonfinite,
-        f_decoupled_decay, f_has_weight_decay, f_nonfinite_skip, f_preconditioning):
+def _foreach_update_tail(param, grad, matrix_graft, matrix_step, step_momentum_buffer, h_lr,
+        h_momentum, h_weight_decay, r_nonfinite, f_decoupled_decay, f_first_step,
+        f_has_step_momentum_buffer, f_has_weight_decay, f_nesterov, f_nonfinite_skip,
+        f_preconditioning):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -353,36 +403,65 @@ def _foreach_update_tail(param, grad, matrix_graft, matrix_step, h_lr, h_s6, r_n
     grad_ = _foreach_cast(grad, cdt)
     matrix_graft_ = _foreach_cast(matrix_graft, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
+    step_momentum_buffer_ = _foreach_cast(step_momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s6], dtype=cdt, device=param[0].device)
-        (_s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_weight_decay], dtype=cdt, device=param[0].device)
+        (_s_weight_decay,) = _scalars.unbind()
+        t0 = matrix_step_ if f_preconditioning else matrix_graft_
         if f_decoupled_decay and f_has_weight_decay:
-            t0 = torch._foreach_mul(param_, _s_s6)
+            t1 = torch._foreach_mul(param_, _s_weight_decay)
         if f_has_weight_decay:
-            t1 = t0 if f_decoupled_decay else param_
-        t2 = t1 if f_has_weight_decay else param_
-        t3 = matrix_step_ if f_preconditioning else matrix_graft_
-        t4 = torch._foreach_add(t2, t3, alpha=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t4)]
+            t2 = t1 if f_decoupled_decay else [torch.full_like(_e, 0.0) for _e in param_]
+        t3 = t2 if f_has_weight_decay else [torch.full_like(_e, 0.0) for _e in param_]
+        t4 = torch._foreach_add(t0, t3)
+        if not f_first_step and f_has_step_momentum_buffer:
+            t5 = torch._foreach_add(t4, step_momentum_buffer_, alpha=h_momentum)
+        if f_has_step_momentum_buffer:
+            t6 = t4 if f_first_step else t5
+            new_step_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
+                    _e1 in zip(step_momentum_buffer_, t6)]
+        if f_has_step_momentum_buffer and f_nesterov:
+            t8 = torch._foreach_add(t4, t6, alpha=h_momentum)
+        if f_has_step_momentum_buffer:
+            t9 = t8 if f_nesterov else t6
+        t10 = t9 if f_has_step_momentum_buffer else t4
+        t11 = torch._foreach_add(param_, t10, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t11)]
+        if f_has_step_momentum_buffer:
+            torch._foreach_copy_(step_momentum_buffer, new_step_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s6], dtype=cdt, device=param[0].device)
-        (_s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_weight_decay], dtype=cdt, device=param[0].device)
+        (_s_weight_decay,) = _scalars.unbind()
+        t0 = matrix_step_ if f_preconditioning else matrix_graft_
         if f_decoupled_decay and f_has_weight_decay:
-            t0 = torch._foreach_mul(param_, _s_s6)
+            t1 = torch._foreach_mul(param_, _s_weight_decay)
         if f_has_weight_decay:
-            t1 = t0 if f_decoupled_decay else param_
-        t2 = t1 if f_has_weight_decay else param_
-        t3 = matrix_step_ if f_preconditioning else matrix_graft_
-        torch._foreach_add_(t2, t3, alpha=-h_lr)
-        new_param_ = t2
+            t2 = t1 if f_decoupled_decay else [torch.full_like(_e, 0.0) for _e in param_]
+        t3 = t2 if f_has_weight_decay else [torch.full_like(_e, 0.0) for _e in param_]
+        t4 = torch._foreach_add(t0, t3)
+        if not f_first_step and f_has_step_momentum_buffer:
+            t5 = torch._foreach_add(t4, step_momentum_buffer_, alpha=h_momentum)
+        if f_has_step_momentum_buffer:
+            new_step_momentum_buffer_ = t4 if f_first_step else t5
+        if f_has_step_momentum_buffer and f_nesterov:
+            t7 = torch._foreach_add(t4, new_step_momentum_buffer_, alpha=h_momentum)
+        if f_has_step_momentum_buffer:
+            t8 = t7 if f_nesterov else new_step_momentum_buffer_
+        t9 = t8 if f_has_step_momentum_buffer else t4
+        torch._foreach_add_(param_, t9, alpha=-h_lr)
+        new_param_ = param_
+        if f_has_step_momentum_buffer:
+            torch._foreach_copy_(step_momentum_buffer, new_step_momentum_buffer_)
         if new_param_ is not param:
             torch._foreach_copy_(param, new_param_)
 
 
-_FOREACH_ARGS_tail = {'tensors': ['param', 'grad', 'matrix_graft', 'matrix_step'],
-        'scalars': ['lr', 's6'], 'reduced': ['nonfinite'],
-        'flags': ['decoupled_decay', 'has_weight_decay', 'nonfinite_skip', 'preconditioning']}
+_FOREACH_ARGS_tail = {
+        'tensors': ['param', 'grad', 'matrix_graft', 'matrix_step', 'step_momentum_buffer'],
+        'scalars': ['lr', 'momentum', 'weight_decay'], 'reduced': ['nonfinite'],
+        'flags': ['decoupled_decay', 'first_step', 'has_step_momentum_buffer', 'has_weight_decay',
+                'nesterov', 'nonfinite_skip', 'preconditioning']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -434,7 +513,7 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_grafting_beta2: tl.float64, h_grafting_epsilon: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_s7: tl.float64, h_s9: tl.float64, h_weight_decay: tl.float64,
+            h_s5: tl.float64, h_s6: tl.float64, h_s8: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
@@ -465,8 +544,8 @@ else:
         h_grafting_epsilon = tl.cast(h_grafting_epsilon, CDT)
         h_s4 = tl.cast(h_s4, CDT)
         h_s5 = tl.cast(h_s5, CDT)
-        h_s7 = tl.cast(h_s7, CDT)
-        h_s9 = tl.cast(h_s9, CDT)
+        h_s6 = tl.cast(h_s6, CDT)
+        h_s8 = tl.cast(h_s8, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -499,7 +578,7 @@ else:
         if f_has_exp_avg:
             t6 = tl.where(tl.abs(h_s4) < 0.5, exp_avg_ + h_s4 * (new_matrix_statistic_ - exp_avg_),
                     new_matrix_statistic_ - (new_matrix_statistic_ - exp_avg_) * (1.0 - h_s4))
-            t7 = (t6 * h_s7)
+            t7 = (t6 * h_s6)
         if f_has_exp_avg:
             new_matrix_value_ = t7
         else:
@@ -508,7 +587,7 @@ else:
         t10 = (new_matrix_statistic_ * new_matrix_statistic_)
         t11 = (t10 * h_s5)
         t12 = (t9 + t11)
-        t13 = (t12 * h_s9)
+        t13 = (t12 * h_s8)
         t14 = _sqrt(t13)
         t15 = (t14 + h_grafting_epsilon)
         new_matrix_graft_ = _div(new_matrix_value_, t15)
@@ -548,7 +627,7 @@ else:
                 t.numels, t.block_tensor, t.block_start,
                 h_grafting_beta2=float(scalars['grafting_beta2']),
                 h_grafting_epsilon=float(scalars['grafting_epsilon']), h_s4=float(scalars['s4']),
-                h_s5=float(scalars['s5']), h_s7=float(scalars['s7']), h_s9=float(scalars['s9']),
+                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s8=float(scalars['s8']),
                 h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']),
@@ -569,19 +648,21 @@ else:
     @triton.jit
     def _update_kernel_tail(
             # data-pointer tables, one per role
-            param_ptrs, matrix_graft_ptrs, matrix_step_ptrs,
+            param_ptrs, matrix_graft_ptrs, matrix_step_ptrs, step_momentum_buffer_ptrs,
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_lr: tl.float64, h_s6: tl.float64,
+            h_lr: tl.float64, h_momentum: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_decoupled_decay: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_nonfinite_skip: tl.constexpr, f_preconditioning: tl.constexpr,
+            f_decoupled_decay: tl.constexpr, f_first_step: tl.constexpr,
+            f_has_step_momentum_buffer: tl.constexpr, f_has_weight_decay: tl.constexpr,
+            f_nesterov: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_preconditioning: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, MATRIX_GRAFT_T: tl.constexpr, MATRIX_STEP_T: tl.constexpr,
-            CDT: tl.constexpr, BLOCK: tl.constexpr):
+            STEP_MOMENTUM_BUFFER_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
         # The whole step for one BLOCK of one tensor: every value computed from
         # the old state, then each buffer and the parameter stored once.
         pid = tl.program_id(0)
@@ -591,8 +672,11 @@ else:
         param_addr = tl.load(param_ptrs + i).to(tl.pointer_type(PARAM_T))
         matrix_graft_addr = tl.load(matrix_graft_ptrs + i).to(tl.pointer_type(MATRIX_GRAFT_T))
         matrix_step_addr = tl.load(matrix_step_ptrs + i).to(tl.pointer_type(MATRIX_STEP_T))
+        step_momentum_buffer_addr = tl.load(step_momentum_buffer_ptrs + i).to(
+                tl.pointer_type(STEP_MOMENTUM_BUFFER_T))
         h_lr = tl.cast(h_lr, CDT)
-        h_s6 = tl.cast(h_s6, CDT)
+        h_momentum = tl.cast(h_momentum, CDT)
+        h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
@@ -600,49 +684,92 @@ else:
             matrix_graft_ = tl.load(matrix_graft_addr + offs, mask=mask).to(CDT)
         if f_preconditioning:
             matrix_step_ = tl.load(matrix_step_addr + offs, mask=mask).to(CDT)
+        if f_has_step_momentum_buffer:
+            step_momentum_buffer_ = tl.load(step_momentum_buffer_addr + offs, mask=mask).to(CDT)
+        if f_preconditioning:
+            t0 = matrix_step_
+        else:
+            t0 = matrix_graft_
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t0 = (param_ * h_s6)
+                t1 = (param_ * h_weight_decay)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t1 = t0
+                t2 = t1
             else:
-                t1 = param_
+                t2 = 0.0
         if f_has_weight_decay:
-            t2 = t1
+            t3 = t2
         else:
-            t2 = param_
-        if f_preconditioning:
-            t3 = matrix_step_
+            t3 = 0.0
+        t4 = (t0 + t3)
+        if not f_first_step:
+            if f_has_step_momentum_buffer:
+                t5 = (step_momentum_buffer_ * h_momentum)
+                t6 = (t5 + t4)
+        if f_has_step_momentum_buffer:
+            if f_first_step:
+                t7 = t4
+            else:
+                t7 = t6
+        if f_has_step_momentum_buffer:
+            if f_nonfinite_skip:
+                t8 = tl.where(r_nonfinite_c != 0, step_momentum_buffer_, t7)
+        if f_has_step_momentum_buffer:
+            if f_nonfinite_skip:
+                new_step_momentum_buffer_ = t8
+            else:
+                new_step_momentum_buffer_ = t7
+        if f_has_step_momentum_buffer:
+            if f_nesterov:
+                t10 = (t7 * h_momentum)
+                t11 = (t4 + t10)
+        if f_has_step_momentum_buffer:
+            if f_nesterov:
+                t12 = t11
+            else:
+                t12 = t7
+        if f_has_step_momentum_buffer:
+            t13 = t12
         else:
-            t3 = matrix_graft_
-        t4 = (h_lr * t3)
-        t5 = (t2 - t4)
+            t13 = t4
+        t14 = (h_lr * t13)
+        t15 = (param_ - t14)
         if f_nonfinite_skip:
-            t6 = tl.where(r_nonfinite_c != 0, param_, t5)
+            t16 = tl.where(r_nonfinite_c != 0, param_, t15)
         if f_nonfinite_skip:
-            new_param_ = t6
+            new_param_ = t16
         else:
-            new_param_ = t5
+            new_param_ = t15
+        if f_has_step_momentum_buffer:
+            _store(step_momentum_buffer_addr, offs, new_step_momentum_buffer_, mask,
+                    STEP_MOMENTUM_BUFFER_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
 
-    _TABLES_tail = _Tables(['param', 'grad', 'matrix_graft', 'matrix_step'], stored=['param'])
+    _TABLES_tail = _Tables(
+            ['param', 'grad', 'matrix_graft', 'matrix_step', 'step_momentum_buffer'],
+            stored=['param', 'step_momentum_buffer'])
 
     def _triton_step_tail(bucket, scalars, flags, reduced):
         """The bucket's pass: one _update_kernel_tail launch for all its tensors."""
         for t in _TABLES_tail.launches(bucket, _update_kernel_tail):
             _update_kernel_tail[(t.blocks,)](
                 t.ptrs['param'], t.ptrs['matrix_graft'], t.ptrs['matrix_step'],
+                t.ptrs['step_momentum_buffer'],
                 t.numels, t.block_tensor, t.block_start,
-                h_lr=float(scalars['lr']), h_s6=float(scalars['s6']),
+                h_lr=float(scalars['lr']), h_momentum=float(scalars['momentum']),
+                h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'],
                 f_decoupled_decay=bool(flags['decoupled_decay']),
+                f_first_step=bool(flags['first_step']),
+                f_has_step_momentum_buffer=bool(flags['has_step_momentum_buffer']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
-                f_nonfinite_skip=bool(flags['nonfinite_skip']),
+                f_nesterov=bool(flags['nesterov']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 f_preconditioning=bool(flags['preconditioning']),
                 PARAM_T=t.dtypes['param'], MATRIX_GRAFT_T=t.dtypes['matrix_graft'],
-                MATRIX_STEP_T=t.dtypes['matrix_step'], CDT=t.compute, BLOCK=t.block,
-                num_warps=t.num_warps)
+                MATRIX_STEP_T=t.dtypes['matrix_step'],
+                STEP_MOMENTUM_BUFFER_T=t.dtypes['step_momentum_buffer'], CDT=t.compute,
+                BLOCK=t.block, num_warps=t.num_warps)
             t.finish()
 
     def _triton_reduce_tail(bucket, scalars, flags, reduced=None, level=0):
@@ -681,10 +808,15 @@ class DistributedShampoo(CurvOptimizer):
     - ``betas=(0.9, 1.0)``: betas[0] is the beta of momentum ema; betas[1] is the beta of iterate
       ema_or_sum
     - ``epsilon=1e-12``: the eps of damping inside
+    - ``momentum=0.0``: the beta of momentum heavy_ball (on = step)
     - ``weight_decay=0.0``: the rate of decay l2
     - ``max_preconditioner_dim=1024``: the max_dim of structure kronecker
     - ``precondition_frequency=1``: the period in steps of structure kronecker
     - ``start_preconditioning_step=1``: the start of graft adam
+    - ``inv_root_override=0``: the factor_root of structure kronecker
+    - ``use_nesterov=False``: whether momentum heavy_ball (on = step) uses Nesterov's form
+    - ``use_bias_correction=True``: the bias_corrected of iterate ema_or_sum; the bias_corrected of
+      momentum ema
     - ``use_decoupled_weight_decay=True``: whether decay l2 is decoupled (applied to the parameter,
       not the gradient)
     - ``use_merge_dims=True``: the merge_dims of structure kronecker
@@ -708,8 +840,10 @@ class DistributedShampoo(CurvOptimizer):
 
     BACKEND = 'auto'
     HYPERS = (_Hyper('lr', 0.01), _Hyper('betas', (0.9, 1.0)), _Hyper('epsilon', 1e-12),
-            _Hyper('weight_decay', 0.0), _Hyper('max_preconditioner_dim', 1024),
-            _Hyper('precondition_frequency', 1), _Hyper('start_preconditioning_step', 1),
+            _Hyper('momentum', 0.0), _Hyper('weight_decay', 0.0),
+            _Hyper('max_preconditioner_dim', 1024), _Hyper('precondition_frequency', 1),
+            _Hyper('start_preconditioning_step', 1), _Hyper('inv_root_override', 0),
+            _Hyper('use_nesterov', False), _Hyper('use_bias_correction', True),
             _Hyper('use_decoupled_weight_decay', True), _Hyper('use_merge_dims', True),
             _Hyper('grafting_beta2', 0.999), _Hyper('grafting_epsilon', 1e-10))
     VALIDATORS = (
@@ -718,6 +852,7 @@ class DistributedShampoo(CurvOptimizer):
                 'the max_dim of structure kronecker'),
         _Validator('precondition_frequency', None, 'count_every',
                 'the every of structure kronecker'),
+        _Validator('inv_root_override', None, 'nonneg', 'the factor_root of structure kronecker'),
         _Validator('betas', 1, 'unit_closed', 'the beta of iterate ema_or_sum'),
         _Validator('betas', 0, 'unit', 'the beta of momentum ema'),
         _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
@@ -725,26 +860,33 @@ class DistributedShampoo(CurvOptimizer):
         _Validator('grafting_beta2', None, 'unit', 'the beta of graft adam'),
         _Validator('grafting_epsilon', None, 'positive', 'the eps of graft adam'),
         _Validator('start_preconditioning_step', None, 'count_every', 'the start of graft adam'),
+        _Validator('momentum', None, 'unit', 'the beta of momentum heavy_ball (on = step)'),
     )
     BUFFERS = (
         _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
         _Buffer('graft_exp_avg_sq', None, lambda h: 0.0),
+        _Buffer('step_momentum_buffer', 'has_step_momentum_buffer', lambda h: 0.0),
     )
     INPUTS = ()
     ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
-    def __init__(self, params, lr=0.01, betas=(0.9, 1.0), epsilon=1e-12, weight_decay=0.0,
-            max_preconditioner_dim=1024, precondition_frequency=1, start_preconditioning_step=1,
-            use_decoupled_weight_decay=True, use_merge_dims=True, grafting_beta2=0.999,
-            grafting_epsilon=1e-10, *, maximize=False, foreach=None, fused=None, capturable=False,
-            differentiable=False, state_dtype=None, nonfinite='propagate', curvature_group=None):
+    def __init__(self, params, lr=0.01, betas=(0.9, 1.0), epsilon=1e-12, momentum=0.0,
+            weight_decay=0.0, max_preconditioner_dim=1024, precondition_frequency=1,
+            start_preconditioning_step=1, inv_root_override=0, use_nesterov=False,
+            use_bias_correction=True, use_decoupled_weight_decay=True, use_merge_dims=True,
+            grafting_beta2=0.999, grafting_epsilon=1e-10, *, maximize=False, foreach=None,
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate', curvature_group=None):
         """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'epsilon': epsilon,
-                'weight_decay': weight_decay, 'max_preconditioner_dim': max_preconditioner_dim,
+                'momentum': momentum, 'weight_decay': weight_decay,
+                'max_preconditioner_dim': max_preconditioner_dim,
                 'precondition_frequency': precondition_frequency,
                 'start_preconditioning_step': start_preconditioning_step,
+                'inv_root_override': inv_root_override, 'use_nesterov': use_nesterov,
+                'use_bias_correction': use_bias_correction,
                 'use_decoupled_weight_decay': use_decoupled_weight_decay,
                 'use_merge_dims': use_merge_dims, 'grafting_beta2': grafting_beta2,
                 'grafting_epsilon': grafting_epsilon, 'maximize': maximize, 'foreach': foreach,
