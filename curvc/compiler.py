@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from curvc import cache, check as check_mod, emit as emit_mod, ir, lower as lower_mod
-from curvc import parse as parse_mod, resources, routing, routing_emit
+from curvc import parse as parse_mod, plan_text, resources, routing, routing_emit
 from curvc.backends import BACKENDS
 from curvc.errors import CurvError, suggest
 from curvc.plan import Plan
@@ -112,7 +112,7 @@ def dump(source: str, file: str, stage: str, backend: str = "auto") -> str:
             routing_emit.emit(opt, backend)
     plan = to_plan(opt)
     if stage == "lower":
-        return pprint.pformat(plan, width=100)
+        return plan_text.format_plan(plan)
     return emit_mod.emit(opt, plan, backend)
 
 

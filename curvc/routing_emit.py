@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from curvc import explain, ir, lower as lower_mod, names, routing
+from curvc import explain, ir, lower as lower_mod, names, plan_text, routing
 from curvc.backends import BACKENDS
 from curvc.backends.render import IndentedBuffer, wrap_items
 from curvc.emit import KEYWORD_DOCS, _comment_safe, _literal, _wrap_text
@@ -81,9 +81,8 @@ def table_rows(r: routing.Routed) -> list[tuple[str, dict[str, str]]]:
 
 
 def dump_plans(r: routing.Routed) -> str:
-    import pprint
     return "\n\n".join(f"# pipeline {p.name} ({p.opt.file})\n" +
-                       pprint.pformat(lower_mod.lower(p.opt), width=100) for p in r.pipelines)
+                       plan_text.format_plan(lower_mod.lower(p.opt)) for p in r.pipelines)
 
 
 def _meaning(r: routing.Routed, h: ir.Hyper) -> str:
