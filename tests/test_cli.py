@@ -172,7 +172,8 @@ def test_compile_dump_lower_prints_the_plan(cli, tmp_path):
     result = cli("compile", "--dump", "lower", "specs/sgd.curv", "-o", str(tmp_path))
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert out.startswith("Plan(name='SGD'")
+    # the shared values first (%k = ...), then the plan that reads them
+    assert out.startswith("%0 = ") and "\nPlan(name='SGD'" in out
     for field in ("validators=", "buffers=", "host=", "flags=", "stores="):
         assert field in out
     assert list(tmp_path.iterdir()) == []  # a dump writes nothing
