@@ -185,6 +185,7 @@ def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
     if c == "fisher":
         eq[-1] += "   (H ~ F, the paper's NGD)"
+    eq += base._bias_correction(nums, "curvature", "H")  # the stored H stays uncorrected
     m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
     ln = opt.length.kind
     inv = _dense_inverse(nums.matrix)

@@ -182,13 +182,20 @@ def lower_dense(s: Step) -> tuple[DenseStage, Expr]:
     gradient. Returns the stage and d."""
     opt = s.opt
     it, ln, dmp = opt.iterate, opt.length, opt.damping
-    refresh = every_flag(s, "refresh", it.every) if it.every is not None else None
+    refresh = every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     c = opt.curvature
+    # C <- beta C + weight c, the elementwise iterate's math on the matrix: power_ema's
+    # beta_t, ema_or_sum's weight 1 at beta = 1 (the sum), host values of the step
+    beta, weight = (iterate_beta(s) if it.kind in ("ema", "power_ema", "ema_or_sum")
+                    else (Const(0.0), Const(0.0)))
+    correction = Const(1.0)
+    if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     stage = DenseStage(
-        c.kind, it.kind, refresh, ln.kind,
+        c.kind, accumulation(it.kind), refresh, ln.kind,
         samples=s.arg(c.samples) if c.samples is not None else Const(1.0),
-        beta=s.arg(it.beta) if it.kind == "ema" else Const(0.0),
+        beta=beta, weight=weight, bias_correction=correction,
         init=s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         eps_inside=eps if dmp.kind == "inside" else Const(0.0),
         eps_after=eps if dmp.kind == "add" else Const(0.0),

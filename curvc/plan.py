@@ -356,8 +356,9 @@ class DenseStage:
     ``curvature`` is 'hessian' (exact, from gradients that carry their graph),
     'fisher' (from per-example gradients on labels sampled from the model's
     logits) or 'empirical_fisher' (g g^T of the step's gradient). It is accumulated
-    (``accumulate``: 'instant' | 'ema' | 'sum') on steps where the flag
-    ``refresh`` holds (every step when None), and the step is
+    (``accumulate``: 'instant', 'ema': C <- beta C + weight c from 0, or 'sum' from
+    init I) on steps where the flag ``refresh`` holds (every step when None), divided by
+    ``bias_correction`` (C stays uncorrected), and the step is
     ``d = (root(C + eps_inside I) + eps_after I)^-1 g`` shaped by ``length``
     ('none': root = C; 'gradient_norm': C^(power/2); 'normalized': d scaled to
     ||d||_C = 1; 'eigen_sign': C^-1/2 Q sign(Q^T g)). ``curvc.runtime.dense``
@@ -374,6 +375,8 @@ class DenseStage:
     eps_inside: Expr
     eps_after: Expr
     power: Expr
+    weight: Expr = Const(0.0)  # this refresh's weight in an EMA (1 - beta; 1 for a sum)
+    bias_correction: Expr = Const(1.0)  # 1 - beta^r of a bias-corrected EMA, else 1
     # clip length(C): the Newton step's eigencoordinates capped at C times the length's
     # (0: no clip)
     clip: Expr = Const(0.0)

@@ -401,10 +401,6 @@ def _used(axis: str) -> Callable[[ir.Optimizer], bool]:
     return used
 
 
-def _keeps_max(it: ir.Iterate) -> bool:
-    return it.keep_max is not None and it.keep_max != ir.Const(False)
-
-
 _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
@@ -444,12 +440,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "Shampoo's per-mode factors"),
     # the whole n x n matrix (curvc.runtime.dense); check admits only DENSE_CURVATURES here,
     # unmodified (tests/test_refusals.py)
-    Refusal("dense_iterate", "dense",
-            lambda opt: (opt.iterate.kind not in ("instant", "ema", "sum")
-                         or opt.iterate.bias_corrected or opt.iterate.delayed
-                         or _keeps_max(opt.iterate)), _clause("iterate"),
-            "iterate {kind} with structure dense",
-            "the dense matrix is the current estimate, a sum or an EMA"),
     Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
             _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
     Refusal("dense_normalized_scope", "dense", _scoped(_clause("length")), _clause("length"),

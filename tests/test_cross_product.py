@@ -38,7 +38,6 @@ from curvc.language import FORMS, ArgSpec
 
 # The code-generation refusals the cross product meets: refusal name -> number of specs.
 UNSUPPORTED = {
-    "dense_iterate": 78,
     "kronecker_curvature": 50,
     "ema_or_sum_factored": 42,
     "ema_or_sum_kfac": 10,

@@ -273,5 +273,5 @@ def _find(opt) -> Source | None:
     if getattr(opt, "secant", None) is not None:
         return WHOLE_MODEL["secant"]
     if opt.dense is not None:
-        return WHOLE_MODEL[opt.dense(opt._flat_hypers(opt.param_groups[0]))["curvature"]]
+        return WHOLE_MODEL[opt._source_args()["curvature"]]
     return None
