@@ -106,13 +106,14 @@ def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
     # not accumulated on this step: the temporary holds the gradient, never read
     statistic = c if when is None else Select(when, c, Load("grad"))
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
-    weight = Const(1.0)
-    if it.kind in ("ema", "power_ema", "ema_or_sum"):
-        weight = iterate_beta(s)[1]
+    beta, weight = Const(0.0), Const(1.0)
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):  # ema_or_sum at beta = 1: 1 and 1, a sum
+        beta, weight = iterate_beta(s)
     correction = Const(1.0)
     if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
         correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     params = {
+        "beta": beta,
         "weight": weight,
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         "exponent": _length_exponent(s),

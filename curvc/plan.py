@@ -253,8 +253,9 @@ class FactoredStage:
 
     For a tensor of order >= 2, the statistic's means over the last dim (R, shape
     ``(..., m, 1)``) and over the one before (C, ``(..., 1, n)``) are accumulated
-    (``accumulate``: 'ema' with weight ``weight`` = 1 - beta, 'sum' from ``init``, or
-    'instant') when the flag ``accumulate_when`` holds, and the diagonal is their outer
+    (``accumulate``: 'ema', R <- beta R + weight r from 0 with weight = 1 - beta, or 1 for
+    ``ema_or_sum``'s sum at beta = 1; 'sum' from ``init``; or 'instant') when the flag
+    ``accumulate_when`` holds, and the diagonal is their outer
     product V = R C / max(mean(R), eps) (0 where that is 0), divided by
     ``bias_correction``; a tensor of lower order keeps the plain diagonal V itself. The
     step is f(V) times the value (``length='root'``) or its sign (``'eigen_sign'``),
@@ -273,8 +274,8 @@ class FactoredStage:
     relative: bool = False
     function: str = "factored"
     refresh = None  # V is recomputed from R and C every step
-    params: tuple[str, ...] = ("weight", "init", "exponent", "eps_inside", "eps_after", "floor",
-                               "eps", "bias_correction", "clip", "scale_eps")
+    params: tuple[str, ...] = ("beta", "weight", "init", "exponent", "eps_inside", "eps_after",
+                               "floor", "eps", "bias_correction", "clip", "scale_eps")
 
     @property
     def reads_param(self) -> bool:

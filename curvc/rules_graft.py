@@ -65,8 +65,7 @@ def refusals(refusal, clause) -> tuple:
         *(refusal(f"ema_or_sum_{path}", path, lambda opt: opt.iterate.kind == "ema_or_sum",
                   clause("iterate"), what, who + ema)
           for path, what, who in (
-              ("kfac", "iterate {kind} with curvature kfac", "K-FAC's runtime"),
-              ("factored", "iterate {kind} with structure factored", "the factored extern"))),
+              ("kfac", "iterate {kind} with curvature kfac", "K-FAC's runtime"),)),
         refusal("kronecker_blocks", ("kfac", "kronecker"),
                 lambda opt: _blocked(opt) and opt.curvature.kind in _SAMPLED,
                 clause("structure"),
