@@ -30,7 +30,8 @@ def _kfac_eigen(name: str, root: Root) -> str:
 def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
     root, it = nums.matrix, opt.iterate
-    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}"}
+    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}",
+             "ema_or_sum": "0" if it.bias_corrected else f"I, or 0 when {base._v(it.beta)} = 1"}
     eq = ["A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)",
           "S     = ds ds^T    (gradients at layer outputs)"]
     every = ""
@@ -41,7 +42,9 @@ def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
         if it.kind == "instant" and not every:
             break  # the batch's factors, as defined above
         line = _accumulate_line(opt, name, new).split("   (")[0]
-        notes = ", ".join(n for n in (f"{name}_0 = {start[it.kind]}" if it.kind in start
+        summed = (f"{name} = {name} + {new} when {base._v(it.beta)} = 1"
+                  if it.kind == "ema_or_sum" else "")
+        notes = ", ".join(n for n in (summed, f"{name}_0 = {start[it.kind]}" if it.kind in start
                                       else "", every) if n)
         eq.append(line + (f"   ({notes})" if notes else ""))
     for name in ("A", "S"):

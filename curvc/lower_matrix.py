@@ -156,19 +156,28 @@ def lower_kfac(s: Step) -> Expr:
     exponent = Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
     if ln.kind == "gradient_norm":
         exponent = div(s.arg(ln.power), 2.0)
-    beta = Const(0.0)
-    if it.kind in ("ema", "power_ema"):  # power_ema: beta_t of the statistics steps so far
-        beta = iterate_beta(s)[0]
+    beta = weight = Const(0.0)
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):  # power_ema: beta_t of the steps so far
+        beta, weight = iterate_beta(s)
+    corrected = bool(it.bias_corrected)
+    if it.kind == "ema_or_sum" and corrected:  # a sum (beta = 1) has no zero start to undo
+        corrected = op("ne", beta, 1.0)
+        corrected = bool(corrected.value) if isinstance(corrected, Const) else corrected
     args = (("beta", beta),
             ("damping", eps if dmp.kind == "inside" else Const(0.0)),
             ("accumulate", accumulate), ("invert", invert),
             ("iterate", accumulation(it.kind)),
             ("init", s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0)),
-            ("bias_corrected", bool(it.bias_corrected)),
+            ("bias_corrected", corrected),
             ("exponent", exponent),
             ("damping_after", eps if dmp.kind == "add" else Const(0.0)),
             ("floor", eps if dmp.kind == "floor" else Const(0.0)),
             ("sign", ln.kind == "eigen_sign"))
+    if it.kind == "ema_or_sum":
+        # ema(beta) below 1 (K-FAC's start I, 0 when bias-corrected); at 1 the sum from 0,
+        # as `iterate sum`: this batch's weight 1 - beta there, 1 here
+        start = Const(0.0) if it.bias_corrected else op("ne", beta, 1.0)
+        args += (("weight", weight), ("start", start))
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
     if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g)

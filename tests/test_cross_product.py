@@ -39,7 +39,6 @@ from curvc.language import FORMS, ArgSpec
 # The code-generation refusals the cross product meets: refusal name -> number of specs.
 UNSUPPORTED = {
     "kronecker_curvature": 50,
-    "ema_or_sum_kfac": 10,
     "tensor_rms_clip": 1,
 }
 
