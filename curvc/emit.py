@@ -230,7 +230,7 @@ def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
                    [("history", "int", sec.history), ("iterations", "int", sec.iterations),
                     ("tolerance_grad", "float", sec.tolerance_grad),
                     ("tolerance_change", "float", sec.tolerance_change),
-                    ("clip", "float", sec.clip)])
+                    ("clip", "float", sec.clip), ("rms_clip", "float", sec.rms_clip)])
     buf.writeline("_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)")
 
 

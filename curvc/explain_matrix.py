@@ -231,6 +231,9 @@ def low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
         f"the last {k})",
         "H0    = (s^T y / y^T y) I      (scale from the newest pair)",
         "d     = -H g by the two-loop recursion over the pairs (rank-2 update per pair)",
+        *(["d     = d / sqrt(-g^T d)          (||d||_H = 1; d = 0 stays 0)"]
+          if opt.length.kind == "normalized" else []),
+        *base._clip(opt),  # of the direction, before its step size
         f"theta = theta + t * d,   t = {lr} (the first iteration ever: min(1, 1/|g|_1) * {lr};",
         "        with line_search_fn='strong_wolfe', the step the line search finds)",
         f"stop early when max |g_i| <= {base._v(it.tolerance_grad) if it.tolerance_grad else '1e-7'} "

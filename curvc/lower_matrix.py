@@ -219,5 +219,6 @@ def lower_secant(opt: ir.Optimizer) -> SecantStage:
     s = Step(opt)
     it = opt.iterate
     clip = s.arg(opt.clip.threshold) if opt.clip.kind == "global_norm" else Const(0.0)
+    rms = s.arg(opt.clip.threshold) if opt.clip.kind == "tensor_rms" else Const(0.0)
     return SecantStage(s.arg(it.history), s.arg(it.iterations), s.arg(it.tolerance_grad),
-                       s.arg(it.tolerance_change), opt.length.kind == "normalized", clip)
+                       s.arg(it.tolerance_change), opt.length.kind == "normalized", clip, rms)

@@ -339,7 +339,8 @@ class SecantStage:
     hyperparameters. ``curvc.runtime.secant`` runs it. Each iteration's
     direction d = -H^-1 g is then divided by sqrt(g^T H^-1 g) when ``normalized``
     (so ||d||_H = 1), and scaled by min(1, clip / ||d||) when ``clip`` is not
-    0, before the step size (lr or the line search) is applied.
+    0, or each parameter's slice d_p divided by max(1, RMS(d_p) / rms_clip) when
+    ``rms_clip`` is not 0, before the step size (lr or the line search) is applied.
     """
 
     history: Expr
@@ -348,6 +349,7 @@ class SecantStage:
     tolerance_change: Expr
     normalized: bool = False
     clip: Expr = Const(0.0)
+    rms_clip: Expr = Const(0.0)
 
 
 @dataclass(frozen=True)
