@@ -118,7 +118,8 @@ def _reference(spec, ref, A, b, x):
         corrected = C
         if ref.get("corrected") and not (kind == "ema_or_sum" and beta == 1.0):
             corrected = C / (1 - beta ** max(r, 1))  # before the first refresh: 0 / (1 - beta)
-        x = x - lr * _direction(corrected, g, power=ref.get("power", 2.0), inside=inside, add=add)
+        x = x - lr * _direction(corrected, g, power=ref.get("power", 2.0), inside=inside,
+                                add=add)
         out.append(x.copy())
     return out, C
 

@@ -97,7 +97,8 @@ def test_factored_ema_or_sum_follows_its_equations_in_both_groups(tmp_path, corr
     params = _params()
     targets = _targets(params)
     expected = [[_reference(p.detach().numpy().copy(), t.numpy(), hyper, bool(corrected))
-                 for p, t in zip(group, tg)] for group, tg, hyper in zip(params, targets, GROUPS)]
+                 for p, t in zip(group, tg)]
+                for group, tg, hyper in zip(params, targets, GROUPS)]
     opt = Opt([{"params": group, **hyper} for group, hyper in zip(params, GROUPS)])
     worst = 0.0
     for step in range(STEPS):

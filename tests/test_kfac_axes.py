@@ -230,7 +230,8 @@ CASES = {
         dict(length="none", damping="add(0.05)", iterate="instant"),
         dict(add=0.05, iterate="instant")),
     "none-ema_or_sum-sum-every": (
-        dict(length="none", damping="inside(0.05)", iterate="ema_or_sum(1.0) bias_corrected every 2"),
+        dict(length="none", damping="inside(0.05)",
+             iterate="ema_or_sum(1.0) bias_corrected every 2"),
         dict(inside=0.05, iterate="ema_or_sum", beta=1.0, bias_corrected=True, every=2)),
     "gradient_norm(1)-ema_or_sum-ema": (
         dict(length="gradient_norm(power = 1)", damping="inside(0.02)",
@@ -238,7 +239,8 @@ CASES = {
         dict(length="gradient_norm", power=1.0, inside=0.02, iterate="ema_or_sum", beta=0.85)),
     "eigen_sign-ema_or_sum-bias_corrected": (
         dict(length="eigen_sign", damping="add(0.1)", iterate="ema_or_sum(0.7) bias_corrected"),
-        dict(length="eigen_sign", add=0.1, iterate="ema_or_sum", beta=0.7, bias_corrected=True)),
+        dict(length="eigen_sign", add=0.1, iterate="ema_or_sum", beta=0.7,
+             bias_corrected=True)),
 }
 
 

@@ -112,8 +112,8 @@ def _lbfgs_reference(x, lr, steps, history, c):
             h = eye * ((s_n @ y_n) / (y_n @ y_n))
             for s_i, y_i in pairs:
                 rho = 1.0 / (y_i @ s_i)
-                h = (eye - rho * torch.outer(s_i, y_i)) @ h @ (eye - rho * torch.outer(y_i, s_i)) \
-                    + rho * torch.outer(s_i, s_i)
+                left, right = eye - rho * torch.outer(s_i, y_i), eye - rho * torch.outer(y_i, s_i)
+                h = left @ h @ right + rho * torch.outer(s_i, s_i)
             d, t = -h @ g, lr
         shaped, n = _rms_clipped(d, c)
         if g @ shaped > -1e-9:
@@ -129,7 +129,8 @@ def _lbfgs_reference(x, lr, steps, history, c):
 
 def test_a_tensor_rms_clipped_secant_direction_matches_the_lbfgs_equations(tmp_path):
     path = tmp_path / "rms_lbfgs.curv"
-    path.write_text("optimizer RmsLBFGS\nhyper lr = 0.8, history_size = 3, max_iter = 1, c = 0.05\n"
+    path.write_text("optimizer RmsLBFGS\n"
+                    "hyper lr = 0.8, history_size = 3, max_iter = 1, c = 0.05\n"
                     "curvature secant\nstructure low_rank\n"
                     "iterate secant(history = history_size, iterations = max_iter)\n"
                     "length none\nclip tensor_rms(c)\n")
@@ -164,4 +165,5 @@ def test_explain_shows_the_rms_clip_of_the_secant_direction():
                                "clip tensor_rms(c)\n"))
     lines = [line.strip() for line in text.splitlines()]
     two_loop = next(i for i, l in enumerate(lines) if l.startswith("d     = -H g"))
-    assert lines[two_loop + 1] == "d     = d / max(1, RMS(d) / c)   (RMS over each tensor)", text
+    want = "d     = d / max(1, RMS(d) / c)   (RMS over each tensor)"
+    assert lines[two_loop + 1] == want, text
