@@ -205,16 +205,16 @@ def _wrap_text(text: str, width: int, prefix: str = "", hang: str = "    ") -> l
 
 
 def _emit_settings(buf: IndentedBuffer, name: str, comment: str, fixed: dict,
-                   fields: list[tuple[str, str, object]]) -> None:
+                   fields: list[tuple[str, str, object]], of: str = "hyperparameters h") -> None:
     """A whole-model stage's settings function ``name(h)``: the ``fixed`` values
-    spelled out, each (field, cast, expression) rendered from the hyperparameters h.
-    The stage's step itself lives in curvc.runtime."""
+    spelled out, each (field, cast, expression) rendered from the hyperparameters h
+    (``of`` says what h holds). The stage's step itself lives in curvc.runtime."""
     host = PythonHost()
     buf.writeline(f"# --- {name}: {comment} (curvc.runtime.{name}) ---")
     buf.writeline()
     buf.writeline(f"def _{name}(h):")
     with buf.indent():
-        buf.writeline(f'"""The {name} stage\'s settings from the group\'s hyperparameters h."""')
+        buf.writeline(f'"""The {name} stage\'s settings from the group\'s {of}."""')
         buf.writeline("settings = dict(" + ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + ")")
         for field, cast, expr in fields:
             text = host.render_inline(expr, lambda x: f"h[{x.name!r}]")
@@ -231,7 +231,7 @@ def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
                    [("history", "int", sec.history), ("iterations", "int", sec.iterations),
                     ("tolerance_grad", "float", sec.tolerance_grad),
                     ("tolerance_change", "float", sec.tolerance_change),
-                    ("clip", "float", sec.clip)])
+                    ("clip", "float", sec.clip), ("rms_clip", "float", sec.rms_clip)])
     buf.writeline("_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)")
 
 
@@ -241,7 +241,9 @@ def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
                    dict(curvature=st.curvature, accumulate=st.accumulate, refresh=st.refresh,
                         length=st.length),
                    [(f, "float", getattr(st, f)) for f in
-                    ("samples", "beta", "init", "eps_inside", "eps_after", "power", "clip")])
+                    ("samples", "beta", "weight", "init", "bias_correction", "eps_inside",
+                     "eps_after", "power", "clip")],
+                   of="hyperparameters and host scalars h")
 
 
 # What each keyword-only argument does (names.CONSTRUCTOR_KEYWORDS and

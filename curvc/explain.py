@@ -309,6 +309,7 @@ def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     _accumulate(opt, eq, "mean_i c_ij", "C")
     eps = _v(opt.structure.eps) if opt.structure.eps is not None else "0"
     eq.append(f"V     = R C^T / max(mean_i R_i, {eps})   (V = 0 where that is 0)")
+    eq += _bias_correction(nums, "curvature", "V")  # the extern divides V, not R and C
     root = nums.matrix or Root("1")
     if root.exponent == "1":  # P = V itself (length none, normalized)
         root = Root(None, root.inside, root.after, root.floor)

@@ -30,7 +30,8 @@ def _kfac_eigen(name: str, root: Root) -> str:
 def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
     root, it = nums.matrix, opt.iterate
-    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}"}
+    start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}",
+             "ema_or_sum": "0" if it.bias_corrected else f"I, or 0 when {base._v(it.beta)} = 1"}
     eq = ["A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)",
           "S     = ds ds^T    (gradients at layer outputs)"]
     every = ""
@@ -41,7 +42,9 @@ def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
         if it.kind == "instant" and not every:
             break  # the batch's factors, as defined above
         line = _accumulate_line(opt, name, new).split("   (")[0]
-        notes = ", ".join(n for n in (f"{name}_0 = {start[it.kind]}" if it.kind in start
+        summed = (f"{name} = {name} + {new} when {base._v(it.beta)} = 1"
+                  if it.kind == "ema_or_sum" else "")
+        notes = ", ".join(n for n in (summed, f"{name}_0 = {start[it.kind]}" if it.kind in start
                                       else "", every) if n)
         eq.append(line + (f"   ({notes})" if notes else ""))
     for name in ("A", "S"):
@@ -193,6 +196,7 @@ def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
     if c == "fisher":
         eq[-1] += "   (H ~ F, the paper's NGD)"
+    eq += base._bias_correction(nums, "curvature", "H")  # the stored H stays uncorrected
     m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
     ln = opt.length.kind
     inv = _dense_inverse(nums.matrix)
@@ -235,6 +239,9 @@ def low_rank(opt: ir.Optimizer, lr: str) -> list[str]:
         f"the last {k})",
         "H0    = (s^T y / y^T y) I      (scale from the newest pair)",
         "d     = -H g by the two-loop recursion over the pairs (rank-2 update per pair)",
+        *(["d     = d / sqrt(-g^T d)          (||d||_H = 1; d = 0 stays 0)"]
+          if opt.length.kind == "normalized" else []),
+        *base._clip(opt),  # of the direction, before its step size
         f"theta = theta + t * d,   t = {lr} (the first iteration ever: min(1, 1/|g|_1) * {lr};",
         "        with line_search_fn='strong_wolfe', the step the line search finds)",
         f"stop early when max |g_i| <= {base._v(it.tolerance_grad) if it.tolerance_grad else '1e-7'} "

@@ -108,13 +108,14 @@ def lower_factored(s: Step, g: Expr, m: Expr) -> Expr:
     # not accumulated on this step: the temporary holds the gradient, never read
     statistic = c if when is None else Select(when, c, Load("grad"))
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
-    weight = Const(1.0)
-    if it.kind in ("ema", "power_ema", "ema_or_sum"):
-        weight = iterate_beta(s)[1]
+    beta, weight = Const(0.0), Const(1.0)
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):  # ema_or_sum at beta = 1: 1 and 1, a sum
+        beta, weight = iterate_beta(s)
     correction = Const(1.0)
     if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
         correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     params = {
+        "beta": beta,
         "weight": weight,
         "init": s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         "exponent": _length_exponent(s),
@@ -157,19 +158,28 @@ def lower_kfac(s: Step) -> Expr:
     exponent = Const(0.5) if ln.kind == "eigen_sign" else Const(1.0)
     if ln.kind == "gradient_norm":
         exponent = div(s.arg(ln.power), 2.0)
-    beta = Const(0.0)
-    if it.kind in ("ema", "power_ema"):  # power_ema: beta_t of the statistics steps so far
-        beta = iterate_beta(s)[0]
+    beta = weight = Const(0.0)
+    if it.kind in ("ema", "power_ema", "ema_or_sum"):  # power_ema: beta_t of the steps so far
+        beta, weight = iterate_beta(s)
+    corrected = bool(it.bias_corrected)
+    if it.kind == "ema_or_sum" and corrected:  # a sum (beta = 1) has no zero start to undo
+        corrected = op("ne", beta, 1.0)
+        corrected = bool(corrected.value) if isinstance(corrected, Const) else corrected
     args = (("beta", beta),
             ("damping", eps if dmp.kind == "inside" else Const(0.0)),
             ("accumulate", accumulate), ("invert", invert),
             ("iterate", accumulation(it.kind)),
             ("init", s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0)),
-            ("bias_corrected", bool(it.bias_corrected)),
+            ("bias_corrected", corrected),
             ("exponent", exponent),
             ("damping_after", eps if dmp.kind == "add" else Const(0.0)),
             ("floor", eps if dmp.kind == "floor" else Const(0.0)),
             ("sign", ln.kind == "eigen_sign"))
+    if it.kind == "ema_or_sum":
+        # ema(beta) below 1 (K-FAC's start I, 0 when bias-corrected); at 1 the sum from 0,
+        # as `iterate sum`: this batch's weight 1 - beta there, 1 here
+        start = Const(0.0) if it.bias_corrected else op("ne", beta, 1.0)
+        args += (("weight", weight), ("start", start))
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args)
     if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g)
@@ -184,13 +194,20 @@ def lower_dense(s: Step) -> tuple[DenseStage, Expr]:
     gradient. Returns the stage and d."""
     opt = s.opt
     it, ln, dmp = opt.iterate, opt.length, opt.damping
-    refresh = every_flag(s, "refresh", it.every) if it.every is not None else None
+    refresh = every_flag(s, "refresh", it.every, it.delayed) if it.every is not None else None
     eps = s.arg(dmp.eps) if dmp.kind != "none" else Const(0.0)
     c = opt.curvature
+    # C <- beta C + weight c, the elementwise iterate's math on the matrix: power_ema's
+    # beta_t, ema_or_sum's weight 1 at beta = 1 (the sum), host values of the step
+    beta, weight = (iterate_beta(s) if it.kind in ("ema", "power_ema", "ema_or_sum")
+                    else (Const(0.0), Const(0.0)))
+    correction = Const(1.0)
+    if it.kind in ("ema", "ema_or_sum") and it.bias_corrected:
+        correction = s.host_scalar("curvature_bias_correction", ema_bias_correction(s))
     stage = DenseStage(
-        c.kind, it.kind, refresh, ln.kind,
+        c.kind, accumulation(it.kind), refresh, ln.kind,
         samples=s.arg(c.samples) if c.samples is not None else Const(1.0),
-        beta=s.arg(it.beta) if it.kind == "ema" else Const(0.0),
+        beta=beta, weight=weight, bias_correction=correction,
         init=s.arg(it.init) if it.kind == "sum" and it.init is not None else Const(0.0),
         eps_inside=eps if dmp.kind == "inside" else Const(0.0),
         eps_after=eps if dmp.kind == "add" else Const(0.0),
@@ -204,5 +221,6 @@ def lower_secant(opt: ir.Optimizer) -> SecantStage:
     s = Step(opt)
     it = opt.iterate
     clip = s.arg(opt.clip.threshold) if opt.clip.kind == "global_norm" else Const(0.0)
+    rms = s.arg(opt.clip.threshold) if opt.clip.kind == "tensor_rms" else Const(0.0)
     return SecantStage(s.arg(it.history), s.arg(it.iterations), s.arg(it.tolerance_grad),
-                       s.arg(it.tolerance_change), opt.length.kind == "normalized", clip)
+                       s.arg(it.tolerance_change), opt.length.kind == "normalized", clip, rms)

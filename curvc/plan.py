@@ -253,8 +253,9 @@ class FactoredStage:
 
     For a tensor of order >= 2, the statistic's means over the last dim (R, shape
     ``(..., m, 1)``) and over the one before (C, ``(..., 1, n)``) are accumulated
-    (``accumulate``: 'ema' with weight ``weight`` = 1 - beta, 'sum' from ``init``, or
-    'instant') when the flag ``accumulate_when`` holds, and the diagonal is their outer
+    (``accumulate``: 'ema', R <- beta R + weight r from 0 with weight = 1 - beta, or 1 for
+    ``ema_or_sum``'s sum at beta = 1; 'sum' from ``init``; or 'instant') when the flag
+    ``accumulate_when`` holds, and the diagonal is their outer
     product V = R C / max(mean(R), eps) (0 where that is 0), divided by
     ``bias_correction``; a tensor of lower order keeps the plain diagonal V itself. The
     step is f(V) times the value (``length='root'``) or its sign (``'eigen_sign'``),
@@ -273,8 +274,8 @@ class FactoredStage:
     relative: bool = False
     function: str = "factored"
     refresh = None  # V is recomputed from R and C every step
-    params: tuple[str, ...] = ("weight", "init", "exponent", "eps_inside", "eps_after", "floor",
-                               "eps", "bias_correction", "clip", "scale_eps")
+    params: tuple[str, ...] = ("beta", "weight", "init", "exponent", "eps_inside", "eps_after",
+                               "floor", "eps", "bias_correction", "clip", "scale_eps")
 
     @property
     def reads_param(self) -> bool:
@@ -338,7 +339,8 @@ class SecantStage:
     hyperparameters. ``curvc.runtime.secant`` runs it. Each iteration's
     direction d = -H^-1 g is then divided by sqrt(g^T H^-1 g) when ``normalized``
     (so ||d||_H = 1), and scaled by min(1, clip / ||d||) when ``clip`` is not
-    0, before the step size (lr or the line search) is applied.
+    0, or each parameter's slice d_p divided by max(1, RMS(d_p) / rms_clip) when
+    ``rms_clip`` is not 0, before the step size (lr or the line search) is applied.
     """
 
     history: Expr
@@ -347,6 +349,7 @@ class SecantStage:
     tolerance_change: Expr
     normalized: bool = False
     clip: Expr = Const(0.0)
+    rms_clip: Expr = Const(0.0)
 
 
 @dataclass(frozen=True)
@@ -356,8 +359,9 @@ class DenseStage:
     ``curvature`` is 'hessian' (exact, from gradients that carry their graph),
     'fisher' (from per-example gradients on labels sampled from the model's
     logits) or 'empirical_fisher' (g g^T of the step's gradient). It is accumulated
-    (``accumulate``: 'instant' | 'ema' | 'sum') on steps where the flag
-    ``refresh`` holds (every step when None), and the step is
+    (``accumulate``: 'instant', 'ema': C <- beta C + weight c from 0, or 'sum' from
+    init I) on steps where the flag ``refresh`` holds (every step when None), divided by
+    ``bias_correction`` (C stays uncorrected), and the step is
     ``d = (root(C + eps_inside I) + eps_after I)^-1 g`` shaped by ``length``
     ('none': root = C; 'gradient_norm': C^(power/2); 'normalized': d scaled to
     ||d||_C = 1; 'eigen_sign': C^-1/2 Q sign(Q^T g)). ``curvc.runtime.dense``
@@ -374,6 +378,8 @@ class DenseStage:
     eps_inside: Expr
     eps_after: Expr
     power: Expr
+    weight: Expr = Const(0.0)  # this refresh's weight in an EMA (1 - beta; 1 for a sum)
+    bias_correction: Expr = Const(1.0)  # 1 - beta^r of a bias-corrected EMA, else 1
     # clip length(C): the Newton step's eigencoordinates capped at C times the length's
     # (0: no clip)
     clip: Expr = Const(0.0)

@@ -207,8 +207,10 @@ def _kfac_counts(plan: Plan, text: _PlanText):
     args = dict(plan.estimator.args)
     if not args["bias_corrected"]:
         return (), ()
-    return (("curvature", text(args["beta"]), "n", ""),), \
-        ("n = the statistics steps of the layer so far",)
+    notes = ("n = the statistics steps of the layer so far",)
+    if isinstance(args["bias_corrected"], Op):  # ema_or_sum: beta != 1
+        notes += (f"no correction at {text(args['beta'])} = 1, a sum",)
+    return (("curvature", text(args["beta"]), "n", ""),), notes
 
 
 def plan_numbers(plan: Plan) -> Numbers:

@@ -307,6 +307,21 @@ def _rule_expressions_are_elementwise(opt: ir.Optimizer) -> None:
                      "`curvature empirical_fisher(of = NAME)`")
 
 
+def _rule_kronecker_factors_are_gram_matrices(opt: ir.Optimizer) -> None:
+    c, s = opt.curvature, opt.structure
+    if s.kind == "kronecker" and c.kind == "hessian":
+        raise CurvError(
+            "combo.clash", c.span if c.span.line else s.span, a="curvature hessian",
+            b="structure kronecker",
+            why="Kronecker factors are Gram matrices (G G^T, G^T G) of a vector's unfoldings: "
+                "the gradient (Shampoo) or sampled gradients (the Fisher, Gauss-Newton-"
+                "Bartlett); the exact Hessian is no vector's Gram matrix (it can be "
+                "indefinite), and its Kronecker approximations (KFRA, KFLR) factor its "
+                "Gauss-Newton part instead",
+            hint="use `curvature gauss_newton_bartlett` or `fisher` with structure kronecker "
+                 "(the Gauss-Newton's factors), or keep the Hessian with structure dense")
+
+
 COMBINATION_RULES = (
     _rule_expressions_are_elementwise,
     _rule_estimator_fixes_structure,
@@ -327,7 +342,8 @@ COMBINATION_RULES = (
     _rule_length_clip_needs_a_length_in_an_eigenbasis,
 )
 from curvc.rules_eigen import rule_eigenbasis_runs_a_diagonal_pipeline  # noqa: E402
-COMBINATION_RULES += (rule_eigenbasis_runs_a_diagonal_pipeline,)
+COMBINATION_RULES += (rule_eigenbasis_runs_a_diagonal_pipeline,
+                      _rule_kronecker_factors_are_gram_matrices)
 
 
 # --- what the code generator does not render yet -------------------------------
@@ -401,10 +417,6 @@ def _used(axis: str) -> Callable[[ir.Optimizer], bool]:
     return used
 
 
-def _keeps_max(it: ir.Iterate) -> bool:
-    return it.keep_max is not None and it.keep_max != ir.Const(False)
-
-
 _FLOOR_WHY = "a floor is elementwise; a matrix is damped by adding eps I (inside or add)"
 _SECANT_WHY = ("the secant pairs must see the raw gradient and the steps taken; "
                "add the term to the loss in the closure instead")
@@ -418,18 +430,11 @@ _ONE_VECTOR_WHY = ("the step is one vector over all parameters, so its norm is t
                    "one (scope = global)")
 _RAW_GRADIENT_WHY = ("the runtime preconditions the raw gradient before the elementwise step "
                      "sees it; clip the step instead (a clip without `on = gradient`)")
-_TENSOR_SCOPE_WHY = ("L-BFGS's driver computes its step over all parameters as one vector "
-                     "(curvc.runtime.secant); an RMS over each tensor has no place in it")
 
 # In order: on each path the first rule that applies is the one reported.
 REFUSALS: tuple[Refusal, ...] = (
-    # Shampoo's Kronecker factors (curvc.runtime.matrix)
-    Refusal("kronecker_curvature", "kronecker",
-            lambda opt: opt.curvature.kind not in ("empirical_fisher", *ROW_CURVATURES),
-            _clause("curvature"), "curvature {kind} with structure kronecker",
-            "Kronecker factors are Gram matrices of a per-step statistic (the gradient, or "
-            "sampled gradients for the Fisher and Gauss-Newton-Bartlett); the exact Hessian "
-            "has no such factors without a layer-wise recursion (KFRA) curvc does not have"),
+    # Shampoo's Kronecker factors (curvc.runtime.matrix); the Hessian has none
+    # (rule kronecker_factors_are_gram_matrices)
     Refusal("kronecker_estimate_modifiers", "kronecker",
             lambda opt: opt.curvature.squared or opt.curvature.every is not None,
             _clause("curvature"), "curvature {kind} squared or every k with structure kronecker",
@@ -444,12 +449,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "Shampoo's per-mode factors"),
     # the whole n x n matrix (curvc.runtime.dense); check admits only DENSE_CURVATURES here,
     # unmodified (tests/test_refusals.py)
-    Refusal("dense_iterate", "dense",
-            lambda opt: (opt.iterate.kind not in ("instant", "ema", "sum")
-                         or opt.iterate.bias_corrected or opt.iterate.delayed
-                         or _keeps_max(opt.iterate)), _clause("iterate"),
-            "iterate {kind} with structure dense",
-            "the dense matrix is the current estimate, a sum or an EMA"),
     Refusal("dense_damping_floor", "dense", lambda opt: opt.damping.kind == "floor",
             _clause("damping"), "damping floor with structure dense", _FLOOR_WHY),
     Refusal("dense_normalized_scope", "dense", _scoped(_clause("length")), _clause("length"),
@@ -470,12 +469,6 @@ REFUSALS: tuple[Refusal, ...] = (
     *(Refusal(f"secant_{axis}", "secant", _used(axis), _clause(axis),
               f"{axis} {{kind}} with structure low_rank", _SECANT_WHY)
       for axis in ("momentum", "decay", "damping", "schedule")),
-    # A per-tensor RMS (of the step, of the parameter) is a tensor-scope reduction of the
-    # plan, or inside the factored extern; L-BFGS's one-vector step has no tensors.
-    # (schedule relative_step meets secant_schedule first.)
-    Refusal("tensor_rms_clip", "secant", lambda opt: opt.clip.kind == "tensor_rms",
-            _clause("clip"), "clip tensor_rms with structure {structure}",
-            _TENSOR_SCOPE_WHY),
     Refusal("relative_step_after_clip", "factored",
             lambda opt: opt.schedule.kind == "relative_step" and (
                 opt.clip.kind in ("elementwise", "global_norm")

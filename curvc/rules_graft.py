@@ -99,8 +99,6 @@ def refusals(refusal, clause) -> tuple:
     """The Refusals (``curvc.rules.Refusal``; ``clause``: its node picker), in order."""
     graft = "the grafted pipeline's norm is applied per tensor to an elementwise step, or " \
             "per block inside the Kronecker extern; "
-    ema = " takes an EMA's beta alone (1 - beta is its weight), so beta = 1 would keep the " \
-          "zero start: use ema or sum"
     return (
         *(refusal(f"graft_{path}", path, lambda opt: opt.graft.kind != "none", clause("graft"),
                   what, graft + why)
@@ -112,11 +110,6 @@ def refusals(refusal, clause) -> tuple:
               ("factored", "graft {kind} with structure factored", "the factored extern "
                "clips and scales its step itself, so a graft in the tail would rescale after "
                "that"))),
-        *(refusal(f"ema_or_sum_{path}", path, lambda opt: opt.iterate.kind == "ema_or_sum",
-                  clause("iterate"), what, who + ema)
-          for path, what, who in (
-              ("kfac", "iterate {kind} with curvature kfac", "K-FAC's runtime"),
-              ("factored", "iterate {kind} with structure factored", "the factored extern"))),
         refusal("kronecker_blocks", ("kfac", "kronecker"),
                 lambda opt: _blocked(opt) and opt.curvature.kind in _SAMPLED,
                 clause("structure"),

@@ -136,15 +136,15 @@ def test_explain_bad_spec(cli):
 # --- compile ----------------------------------------------------------------
 
 def test_compile_refuses_an_uncompiled_combination_with_the_codegen_message(cli, tmp_path):
-    result = cli("compile", "tests/errors/codegen_dense_iterate.curv", "-o", str(tmp_path),
+    result = cli("compile", "tests/errors/codegen_dense_damping_floor.curv", "-o", str(tmp_path),
                  "--backend", "torch")
     assert_clean_failure(result)
     err = result.stderr
-    assert err.startswith("tests/errors/codegen_dense_iterate.curv:")
-    assert "error: code generation for iterate ema with structure dense (CorrectedNewton) " \
+    assert err.startswith("tests/errors/codegen_dense_damping_floor.curv:")
+    assert "error: code generation for damping floor with structure dense (FlooredNewton) " \
            "is not available" in err
     assert "`curvc explain` shows its update rule" in err
-    assert not (tmp_path / "codegen_dense_iterate.py").exists()
+    assert not (tmp_path / "codegen_dense_damping_floor.py").exists()
 
 
 def test_compile_codegen_refusal_matches_the_error_case(cli, tmp_path):

@@ -324,9 +324,9 @@ def test_shampoo_with_power_2_is_documented_with_the_exponent_it_runs():
 
 
 def test_a_spec_curvc_does_not_compile_is_explained_from_its_ir_and_says_so():
-    path = Path(__file__).parent / "errors" / "codegen_kronecker_curvature.curv"
+    path = Path(__file__).parent / "errors" / "codegen_kfac_max_dim.curv"
     out = explain.explain(curvc.to_ir(path.read_text(), str(path), compilable=False))
-    assert "not compiled (curvature hessian with structure kronecker" in out
+    assert "not compiled (structure kronecker(max_dim) with curvature kfac" in out
 
 
 def _inverse_root(m, x):

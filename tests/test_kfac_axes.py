@@ -20,6 +20,8 @@ Matrix powers come from scipy (``fractional_matrix_power``), inverses from numpy
 
 Iterate: ``ema(beta)`` from the identity; ``ema(beta) bias_corrected`` from zero,
 divided by 1 - beta^n (n accumulations so far); ``sum(init)`` from init * I;
+``ema_or_sum(beta)`` as ``ema(beta)`` for beta < 1 and, at beta = 1, the sum F <- F + F_t
+from 0 with no bias correction (Distributed Shampoo's betas[1]);
 ``instant`` the last accumulated batch's factors. ``every k`` accumulates on steps
 1, k+1, ... (``delayed``: k+1, 2k+1, ...; before the first, the plain gradient);
 ``structure kronecker every m`` recomputes the roots on steps 1, m+1, ...
@@ -32,6 +34,7 @@ import torch
 from scipy.linalg import fractional_matrix_power
 
 import curvc
+from curvc.explain import explain
 from conftest import batches
 
 
@@ -121,9 +124,12 @@ def _factor_step(G, S, A, *, length, power, inside, add, floor=0.0):
 
 def _reference(model, data, steps, *, lr, length="none", power=1.0, inside=0.0, add=0.0, floor=0.0,
                iterate="ema", beta=0.95, init=0.0, bias_corrected=False, every=1,
-               delayed=False, roots_every=1, decay=-0.8):
-    """The parameters after ``steps`` steps of theta <- theta - lr * d."""
+               delayed=False, roots_every=1, decay=-0.8, last_lr=None):
+    """The parameters after ``steps`` steps of theta <- theta - lr * d (``last_lr``: the
+    last layer's, a second param group's)."""
     rec = Recorder(model)
+    summed = iterate == "ema_or_sum" and beta == 1.0  # the sum from 0, never corrected
+    bias_corrected = bias_corrected and not summed
     factors, count, ops = {}, 0, {}
     for t, (xb, yb) in enumerate(batches(data, steps, batch=64), start=1):
         model.zero_grad()
@@ -138,12 +144,13 @@ def _reference(model, data, steps, *, lr, length="none", power=1.0, inside=0.0, 
                 if iterate == "power_ema":  # beta_t = 1 - t^decay, t the statistics steps
                     beta = 1 - count ** decay
                 for key, f_t in new.items():
-                    start = np.zeros_like(f_t) if bias_corrected else np.eye(len(f_t)) * (
-                        init if iterate == "sum" else 1.0)
+                    start = np.zeros_like(f_t) if bias_corrected or summed else np.eye(
+                        len(f_t)) * (init if iterate == "sum" else 1.0)
                     old = factors.get((m, key), start)
                     ema = beta * old + (1 - beta) * f_t
                     factors[m, key] = {"instant": f_t, "sum": old + f_t, "ema": ema,
-                                       "power_ema": ema}[iterate]
+                                       "power_ema": ema,
+                                       "ema_or_sum": old + f_t if summed else ema}[iterate]
         if not factors:  # no statistics yet: the plain gradient
             steps_of = {m: np.concatenate([m.weight.grad.numpy(), m.bias.grad.numpy()[:, None]],
                                           axis=1) for m in rec.layers}
@@ -165,8 +172,9 @@ def _reference(model, data, steps, *, lr, length="none", power=1.0, inside=0.0, 
                 steps_of = {m: d / np.sqrt(norm_sq) for m, d in steps_of.items()}
         with torch.no_grad():
             for m, d in steps_of.items():
-                m.weight -= lr * torch.from_numpy(d[:, :-1])
-                m.bias -= lr * torch.from_numpy(d[:, -1])
+                rate = last_lr if last_lr is not None and m is rec.layers[-1] else lr
+                m.weight -= rate * torch.from_numpy(d[:, :-1])
+                m.bias -= rate * torch.from_numpy(d[:, -1])
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -221,6 +229,18 @@ CASES = {
     "none-add-instant": (
         dict(length="none", damping="add(0.05)", iterate="instant"),
         dict(add=0.05, iterate="instant")),
+    "none-ema_or_sum-sum-every": (
+        dict(length="none", damping="inside(0.05)",
+             iterate="ema_or_sum(1.0) bias_corrected every 2"),
+        dict(inside=0.05, iterate="ema_or_sum", beta=1.0, bias_corrected=True, every=2)),
+    "gradient_norm(1)-ema_or_sum-ema": (
+        dict(length="gradient_norm(power = 1)", damping="inside(0.02)",
+             iterate="ema_or_sum(0.85)"),
+        dict(length="gradient_norm", power=1.0, inside=0.02, iterate="ema_or_sum", beta=0.85)),
+    "eigen_sign-ema_or_sum-bias_corrected": (
+        dict(length="eigen_sign", damping="add(0.1)", iterate="ema_or_sum(0.7) bias_corrected"),
+        dict(length="eigen_sign", add=0.1, iterate="ema_or_sum", beta=0.7,
+             bias_corrected=True)),
 }
 
 
@@ -235,6 +255,32 @@ def test_kfac_axis_matches_its_equation(case, data, tmp_path):
     _ours(Opt, model, data, 6)
     for p, q in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), q, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.8])
+def test_ema_or_sum_over_50_steps_and_two_groups(beta, data, tmp_path):
+    """ema_or_sum(beta) bias_corrected, beta a hyperparameter: the sum at 1, the debiased
+    EMA below; the last layer in a second param group with its own lr."""
+    path = tmp_path / "ema_or_sum_kfac.curv"
+    path.write_text("optimizer SummedKFAC\nhyper lr = 0.05, beta = 0.9\ncurvature kfac\n"
+                    "structure kronecker\niterate ema_or_sum(beta) bias_corrected\n"
+                    "length none\ndamping inside(0.05)\n")
+    Opt = curvc.load(path)
+    model = make_mlp().double()
+    expected = _reference(copy.deepcopy(model), data, 50, lr=0.05, last_lr=0.03, inside=0.05,
+                          iterate="ema_or_sum", beta=beta, bias_corrected=True)
+    first, last = model[0], model[2]
+    opt = Opt([{"params": list(first.parameters())},
+               {"params": list(last.parameters()), "lr": 0.03}], beta=beta)
+    opt.track(model)
+    for xb, yb in batches(data, 50, batch=64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb.double()), yb).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-9)
+    state = opt.state[first.weight]
+    assert ("kfac_count" in state) == (beta != 1.0)  # a sum counts nothing to correct
 
 
 def test_gradient_norm_power_2_is_the_natural_gradient(data, tmp_path):
@@ -369,3 +415,14 @@ def test_eigen_sign_takes_no_step_where_the_gradient_has_none(data, tmp_path):
     assert d.abs().max() > 0.1  # a step was taken
     torch.testing.assert_close(d.detach().sum(dim=0), torch.zeros(d.shape[1], dtype=d.dtype),
                                rtol=0, atol=1e-12)
+
+
+def test_explain_shows_ema_or_sum_on_the_factors():
+    text = explain(curvc.to_ir(SPEC.format(lr=0.05, roots_every="", length="none",
+                                                 iterate="ema_or_sum(beta) bias_corrected",
+                                                 damping="inside(0.05)").replace(
+        "hyper lr = 0.05", "hyper lr = 0.05, beta = 0.9")))
+    assert "A     = beta * A + (1 - beta) * a a^T   (A = A + a a^T when beta = 1, A_0 = 0)" \
+        in text, text
+    assert "A     = A / (1 - beta^n)" in text, text
+    assert "(no correction at beta = 1, a sum)" in text, text

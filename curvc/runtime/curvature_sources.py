@@ -48,10 +48,10 @@ class CurvatureSources:
         arguments, or the dense settings); ``host``: this step's (scalars, flags), if the
         caller has them already."""
         h = self._flat_hypers(self.param_groups[0])
-        if self.ESTIMATOR is None:
-            return self.WHOLE_MODEL.settings(h)
-        # an argument may be a host value of the step (power_ema's beta_t)
+        # an argument may be a host value of the step (power_ema's beta_t, a bias correction)
         scalars = (host or self.host(resolved(h), self._next_step()))[0]
+        if self.ESTIMATOR is None:
+            return self.WHOLE_MODEL.settings({**h, **scalars})
         return self.ESTIMATOR.args({**h, **scalars})
 
     def track(self, model: torch.nn.Module) -> None:
@@ -223,6 +223,8 @@ class CurvatureSources:
             self._estimates = {}
             return ()
         acc = dense.accumulate(prev, matrix, settings) if refresh else prev
+        if acc is None:  # a delayed refresh: before the first, the zero (or init I) start
+            acc = dense.start(sum(p.numel() for p in params), params[0], settings)
         d = dense.gradient_direction(acc, params, settings)
         self._estimates = dense.preconditioned(params, d)
         return ((params[0], "curvature", acc),)

@@ -85,23 +85,34 @@ def _length_clipped(w, q, positive, g, coords, inv, s) -> torch.Tensor:
     return (q @ capped).to(g.dtype)
 
 
+def start(n: int, like: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The accumulated curvature before any refresh: 0, or init * I for a sum."""
+    acc = torch.zeros(n, n, dtype=like.dtype, device=like.device)
+    if settings["accumulate"] == "sum":
+        acc += settings["init"] * torch.eye(n, dtype=acc.dtype, device=acc.device)
+    return acc
+
+
 def accumulate(acc: torch.Tensor | None, matrix: torch.Tensor, settings: dict) -> torch.Tensor:
-    """The accumulated curvature after this refresh's ``matrix`` ('instant' | 'ema' | 'sum',
-    the sum starting from init * I); ``acc`` is the previous one (None on the first)."""
+    """The accumulated curvature after this refresh's ``matrix``: 'instant' (the matrix),
+    'ema' (C <- beta C + weight c from 0: weight 1 - beta, power_ema's beta_t, or 1 for
+    ema_or_sum's sum at beta = 1) or 'sum' (C <- C + c from init * I); ``acc`` is the
+    previous one (None on the first)."""
     kind = settings["accumulate"]
     if kind == "instant":
         return matrix
     if acc is None:
-        acc = torch.zeros_like(matrix)
-        if kind == "sum":
-            acc += settings["init"] * torch.eye(acc.shape[0], dtype=acc.dtype, device=acc.device)
+        acc = start(matrix.shape[0], matrix, settings)
     if kind == "ema":
-        return acc * settings["beta"] + matrix * (1.0 - settings["beta"])
+        return acc * settings["beta"] + matrix * settings["weight"]
     return acc + matrix
 
 
 def gradient_direction(acc: torch.Tensor, params: list[torch.Tensor], s: dict) -> torch.Tensor:
-    """d for the accumulated curvature and the parameters' gradients as one vector."""
+    """d for the accumulated curvature (divided by a bias correction 1 - beta^r, which the
+    stored matrix does not keep) and the parameters' gradients as one vector."""
+    if s.get("bias_correction", 1.0) != 1.0:
+        acc = acc / s["bias_correction"]
     return direction(acc, flat_grad(params).detach(), s)
 
 

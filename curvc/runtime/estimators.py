@@ -162,7 +162,7 @@ def _kfac_natural_gradients(opt, guard):
         invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale(),
         group=opt._curvature_group(),
         **{k: args[k] for k in ("iterate", "init", "bias_corrected", "exponent", "damping_after",
-                                "floor", "sign")})
+                                "floor", "sign", "weight", "start") if k in args})
     return updates
 
 

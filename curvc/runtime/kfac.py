@@ -140,7 +140,10 @@ class Settings:
 
     ``iterate``: ``ema`` (from the identity, or from zero and divided by
     ``1 - beta^n`` when ``bias_corrected``), ``sum`` (from ``init * I``) or
-    ``instant`` (the last accumulated batch's factor). Each factor F then
+    ``instant`` (the last accumulated batch's factor). ``weight``: this batch's weight
+    in the EMA when it is not 1 - beta, and ``start``: the multiple of I it starts from
+    when the plan says (``iterate ema_or_sum``: the sum from 0 at beta = 1, weight 1).
+    Each factor F then
     becomes ``f(F)`` with f(lambda) = 1 / max((lambda + damping)^exponent +
     damping_after, floor) (``matrix.spectral``: 0 for a non-positive eigenvalue without
     damping after or floor, the pseudo-inverse);
@@ -156,6 +159,8 @@ class Settings:
     damping_after: float = 0.0
     floor: float = 0.0
     sign: bool = False
+    weight: float | None = None
+    start: float | None = None
 
 
 def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> torch.Tensor:
@@ -164,10 +169,11 @@ def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> t
         return new
     if old is None:  # the start: I (K-FAC's EMA), init * I (a sum), 0 (a debiased EMA)
         start = 0.0 if st.bias_corrected else (st.init if st.iterate == "sum" else 1.0)
+        start = start if st.start is None else st.start
         old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device) * start
     if st.iterate == "sum":
         return old + new
-    return old * st.beta + new * (1.0 - st.beta)
+    return old * st.beta + new * (1.0 - st.beta if st.weight is None else st.weight)
 
 
 def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +282,9 @@ def _typed(settings: dict) -> dict:
     if unknown:
         raise TypeError(f"natural_gradients() got unknown settings {sorted(unknown)}")
     cast = {"float": float, "bool": bool, "str": str}
-    return {k: cast[known[k]](v) for k, v in settings.items()}
+    # "float | None": a float, or None when the plan leaves it to the iterate's rule
+    return {k: None if v is None else cast[known[k].split(" |")[0]](v)
+            for k, v in settings.items()}
 
 
 def _batch_factors(opt, tracker: LayerTracker, layers: list, group) -> dict:

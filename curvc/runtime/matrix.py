@@ -294,8 +294,8 @@ def _root_dtypes(dtype: torch.dtype) -> tuple:
 
 def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
              param: torch.Tensor | None = None, *, accumulate: str, update: bool, length: str,
-             clipped: bool, relative: bool, weight: float, init: float, exponent: float,
-             eps_inside: float, eps_after: float, floor: float, eps: float,
+             clipped: bool, relative: bool, beta: float, weight: float, init: float,
+             exponent: float, eps_inside: float, eps_after: float, floor: float, eps: float,
              bias_correction: float, clip: float, scale_eps: float) -> torch.Tensor:
     """One tensor's step under the factored structure (``curvc.plan.FactoredStage``).
 
@@ -313,8 +313,8 @@ def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
             acc = state[key] = torch.full(shape, float(init), dtype=value.dtype,
                                           device=value.device)
         if update:
-            if accumulate == "ema":
-                acc.lerp_(new(), weight)
+            if accumulate == "ema":  # beta acc + weight new: an EMA, or a sum at 1 and 1
+                acc.mul_(beta).add_(new(), alpha=weight)
             elif accumulate == "sum":
                 acc.add_(new())
             else:  # instant: this step's statistics only

@@ -53,9 +53,12 @@ def two_loop(g: torch.Tensor, ys: list, ss: list, rho: list, h0, alpha: list) ->
     return r
 
 
-def _shaped(d: torch.Tensor, g: torch.Tensor, settings: dict) -> torch.Tensor:
+def _shaped(d: torch.Tensor, g: torch.Tensor, settings: dict,
+            sizes: list[int]) -> torch.Tensor:
     """The direction after the length and clip axes: d / sqrt(g^T H^-1 g) (d = -H^-1 g,
-    so g^T H^-1 g = -g.d; a zero one is left alone), then d * min(1, clip / ||d||)."""
+    so g^T H^-1 g = -g.d; a zero one is left alone), then d * min(1, clip / ||d||), or
+    each parameter's slice (``sizes``, as ``flat_grad`` lays them out) divided by
+    max(1, RMS(d_p) / rms_clip)."""
     if settings.get("normalized"):
         norm_sq = -g.dot(d)
         if norm_sq > 0:
@@ -65,6 +68,12 @@ def _shaped(d: torch.Tensor, g: torch.Tensor, settings: dict) -> torch.Tensor:
         norm = d.norm()
         if norm > clip:
             d = d * (clip / norm)
+    rms_clip = settings.get("rms_clip", 0.0)
+    if rms_clip:  # Adafactor's update clip, per tensor of the one vector
+        parts = [part / (torch.linalg.vector_norm(part) / (part.numel() ** 0.5 * rms_clip)
+                         ).clamp(min=1.0) if part.numel() else part
+                 for part in d.split(sizes)]
+        d = torch.cat(parts)
     return d
 
 
@@ -126,7 +135,7 @@ def step(opt, closure, settings: dict):
             prev_g.copy_(g)
         prev_loss = loss
 
-        d = _shaped(d, g, settings)
+        d = _shaped(d, g, settings, [p.numel() for p in params])
         t = min(1.0, 1.0 / g.abs().sum()) * lr if state["n_iter"] == 1 else lr
         slope = g.dot(d)
         if slope > -tol_change:  # not a descent direction (any more)

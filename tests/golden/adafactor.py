@@ -64,9 +64,10 @@ def _host(h, step):
     h_lr_t = min(h_lr, (1.0 / math.sqrt(h_step)))
     h_curvature_weight = (h_step ** h_beta2_decay)
     h_s2 = (1.0 - (h_lr * h_weight_decay))
+    h_s3 = (1.0 - h_curvature_weight)
     scalars = {'lr': h_lr, 'beta2_decay': h_beta2_decay, 'eps_0': h_eps_0, 'eps_1': h_eps_1,
             'd': h_d, 'weight_decay': h_weight_decay, 'step': h_step, 'lr_t': h_lr_t,
-            'curvature_weight': h_curvature_weight, 's2': h_s2}
+            'curvature_weight': h_curvature_weight, 's2': h_s2, 's3': h_s3}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
 
@@ -95,17 +96,17 @@ _REDUCE_ARGS_head = {}
 
 # a matrix call: torch's kernels (cuBLAS/LAPACK), one tensor at a time
 def _factored(state, matrix_statistic, matrix_value, param, h_curvature_weight, h_d, h_eps_0,
-        h_eps_1):
+        h_eps_1, h_s3):
     """One tensor's factored step: row and column statistics accumulated (ema), their outer
     product as the diagonal, applied to the value, RMS-clipped, scaled by RMS(param)."""
     cdt = torch.promote_types(matrix_value.dtype, torch.float32)
     return matrix.factored(state, None if matrix_statistic is None else matrix_statistic.to(cdt),
             matrix_value.to(cdt), param.to(cdt), accumulate='ema', update=True, length='root',
-            clipped=True, relative=True, weight=h_curvature_weight, init=0.0, exponent=0.5,
-            eps_inside=0.0, eps_after=0.0, floor=h_eps_0, eps=h_eps_0, bias_correction=1.0,
-            clip=h_d, scale_eps=h_eps_1)
+            clipped=True, relative=True, beta=h_s3, weight=h_curvature_weight, init=0.0,
+            exponent=0.5, eps_inside=0.0, eps_after=0.0, floor=h_eps_0, eps=h_eps_0,
+            bias_correction=1.0, clip=h_d, scale_eps=h_eps_1)
 _EXTERN_ARGS_factored = {'tensors': ['state', 'matrix_statistic', 'matrix_value', 'param'],
-        'scalars': ['curvature_weight', 'd', 'eps_0', 'eps_1'], 'reduced': [], 'flags': []}
+        'scalars': ['curvature_weight', 'd', 'eps_0', 'eps_1', 's3'], 'reduced': [], 'flags': []}
 
 
 def _update_tail(param, grad, matrix_step, h_lr_t, h_s2, r_nonfinite, f_has_weight_decay,

@@ -49,11 +49,13 @@ def _host(h, step):
 # --- dense: the whole curvature matrix over all parameters (curvc.runtime.dense) ---
 
 def _dense(h):
-    """The dense stage's settings from the group's hyperparameters h."""
+    """The dense stage's settings from the group's hyperparameters and host scalars h."""
     settings = dict(curvature='hessian', accumulate='instant', refresh=None, length='none')
     settings['samples'] = float(1.0)
     settings['beta'] = float(0.0)
+    settings['weight'] = float(0.0)
     settings['init'] = float(0.0)
+    settings['bias_correction'] = float(1.0)
     settings['eps_inside'] = float(h['lam'])
     settings['eps_after'] = float(0.0)
     settings['power'] = float(1.0)

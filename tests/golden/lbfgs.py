@@ -68,6 +68,7 @@ def _secant(h):
     settings['tolerance_grad'] = float(h['tolerance_grad'])
     settings['tolerance_change'] = float(h['tolerance_change'])
     settings['clip'] = float(0.0)
+    settings['rms_clip'] = float(0.0)
     return settings
 
 
