@@ -185,6 +185,10 @@ class StepGuard:
         # As the scaler computes it: the reciprocal in float64, rounded to float32.
         return self.scale.double().reciprocal().float().to(device, non_blocking=True)
 
+    def _device(self) -> torch.device:
+        params = self.params()
+        return params[0].device if params else torch.device("cpu")
+
     def _flag(self, device) -> torch.Tensor:
         self._total = None  # the flag is about to change
         device = torch.device(device)
@@ -197,7 +201,7 @@ class StepGuard:
     def total(self) -> torch.Tensor | None:
         """1.0 where any device found a non-finite value, else 0.0 (a 0-d device tensor)."""
         if self._total is None and (self._found or self._groups):
-            flags = list(self._found.values()) or [torch.zeros((), dtype=torch.float32)]
+            flags = list(self._found.values()) or [self._flag(self._device())]
             total = flags[0]
             for f in flags[1:]:
                 total = total + f.to(total.device, non_blocking=True)

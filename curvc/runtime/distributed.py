@@ -18,6 +18,8 @@ parameters, where each rank's estimate belongs to its own shard); or a
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -96,11 +98,12 @@ def decision_groups(opt) -> list:
     ``curvature_group`` reads: ``None``, the default group whenever torch.distributed
     runs with 2+ ranks; ``False``, none; or a ``ProcessGroup``) and, unless that is the
     default group (which holds them), the mesh groups DTensor parameters are sharded
-    over: a tensor's shards always decide together. Cached while the parameters stay."""
+    over: a tensor's shards always decide together. Cached while the parameters stay
+    (off the optimizer: a copy or pickle of it must not carry a ProcessGroup)."""
     choice = getattr(opt, "nonfinite_group", None)
     params = [p for g in opt.param_groups for p in g["params"]]
     key = (id(choice), tuple(id(p) for p in params))
-    cached = opt.__dict__.get("_decision_groups")
+    cached = _DECISION_GROUPS.get(opt)
     if cached is not None and cached[0] == key:
         return cached[1]
     from curvc.runtime import sharded
@@ -117,8 +120,11 @@ def decision_groups(opt) -> list:
                 if isinstance(placement, sharded.Shard) and all(group is not g for g in groups) \
                         and torch.distributed.get_world_size(group) > 1:
                     groups.append(group)
-    opt.__dict__["_decision_groups"] = (key, groups)
+    _DECISION_GROUPS[opt] = (key, groups)
     return groups
+
+
+_DECISION_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def agree(flag: torch.Tensor, groups: list) -> torch.Tensor:
