@@ -200,7 +200,9 @@ class StepGuard:
 
     def total(self) -> torch.Tensor | None:
         """1.0 where any device found a non-finite value, else 0.0 (a 0-d device tensor)."""
-        if self._total is None and (self._found or self._groups):
+        # raise mode decided in check() already (unless the scaler flagged the step)
+        agreed = self._groups and (self.mode != "raise" or self.scaled)
+        if self._total is None and (self._found or agreed):
             flags = list(self._found.values()) or [self._flag(self._device())]
             total = flags[0]
             for f in flags[1:]:
