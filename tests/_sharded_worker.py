@@ -113,7 +113,7 @@ def zero(spec, rank):
     return {"params": whole(net.module)}
 
 
-POISONED = 3  # the (0-based) step on which rank 0 alone poisons a gradient
+POISONED, NAN_STEPS = 3, 6  # rank 0 alone poisons a gradient on step 3 (0-based) of 6
 NONFINITE = [("fsdp", "adam", "skip"), ("fsdp", "lamb", "skip"), ("fsdp", "shampoo", "skip"),
              ("fsdp", "adam", "scaler"), ("fsdp", "shampoo", "scaler"), ("fsdp", "adam", "raise"),
              ("zero", "adam", "skip"), ("zero", "shampoo", "skip"), ("zero", "muon_adamw", "skip"),
@@ -136,12 +136,12 @@ def setup(where, spec, **kw):
 
 
 def poisoned(where, spec, how, rank):
-    """STEPS steps, rank 0 poisoning one gradient on step POISONED; whether each step left
+    """NAN_STEPS steps, rank 0 poisoning a gradient on step POISONED; whether each step left
     the whole parameters bitwise as they were, the errors raised, the skip counters."""
     net, opt, inner, module = setup(where, spec, nonfinite="raise" if how == "raise" else "skip")
     scaler = torch.amp.GradScaler("cpu", init_scale=16.0) if how == "scaler" else None
     unchanged, errors = [], []
-    for i, (xb, yb) in enumerate(w.data(rank)[:STEPS]):
+    for i, (xb, yb) in enumerate(w.data(rank)[:NAN_STEPS]):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(xb), yb)
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -169,7 +169,7 @@ def poisoned(where, spec, how, rank):
 def dropped(where, spec, rank):
     """The same setup on the batches without the poisoned one."""
     net, opt, _, module = setup(where, spec)
-    batches = w.data(rank)[:STEPS]
+    batches = w.data(rank)[:NAN_STEPS]
     train(net, opt, batches[:POISONED] + batches[POISONED + 1:])
     return {"params": whole(module)}
 

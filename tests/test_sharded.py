@@ -182,7 +182,7 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(where, sp
     raise mode both ranks raise: rank 0 naming the parameter, rank 1 the other rank)."""
     for rank in range(2):
         got = _load(out, f"nan_{where}_{spec}_{how}", rank)
-        assert got["unchanged"] == [i == s.POISONED for i in range(s.STEPS)], rank
+        assert got["unchanged"] == [i == s.POISONED for i in range(s.NAN_STEPS)], rank
         if how == "raise":
             (step, error), = got["errors"]
             assert step == s.POISONED
@@ -207,4 +207,4 @@ def test_the_run_without_the_poisoned_batch_equals_one_process(where, spec, out)
     _same_on_both_ranks(out, f"dropped_{where}_{spec}")
     kw = {**dict(lr=0.01), **s.MATRIX.get(spec, {})}
     _close(_load(out, f"dropped_{where}_{spec}")["params"],
-           _one_process(spec, drop=s.POISONED, **kw), 1e-10)
+           _one_process(spec, steps=s.NAN_STEPS, drop=s.POISONED, **kw), 1e-10)
