@@ -4,7 +4,8 @@
 
 Each rank trains the same model (same seed) on its own slice of digits, under
 DistributedDataParallel on a gloo group over 127.0.0.1, and saves its parameters
-and optimizer state per spec to OUT/<spec>_<rank>.pt.
+and optimizer state per spec to OUT/<spec>_<rank>.pt. The specs of NEWER take their
+non-default hyperparameters there and two param groups (``groups``).
 """
 import sys
 
@@ -14,6 +15,32 @@ import torch.distributed as dist
 import curvc
 
 STEPS, BATCH = 20, 32
+# Non-default hyperparameters (the biases' group at NEWER_BIAS_LR): the gradient-only specs
+# test_distributed compares with one process on the same averaged gradients.
+NEWER = {
+    "lion": dict(lr=3e-4, betas=(0.85, 0.97), weight_decay=0.05),
+    "lamb": dict(lr=5e-3, betas=(0.85, 0.99), weight_decay=0.01, eps=1e-7),
+    "lars": dict(lr=0.05, weight_decay=1e-3, momentum=0.8, trust_coefficient=0.02,
+                 nesterov=True),
+    "adafactor": dict(lr=5e-3, beta2_decay=-0.7, weight_decay=0.01),
+    "muon": dict(lr=0.02, momentum=0.9, weight_decay=0.05, ns_steps=4, nesterov=False),
+    "soap": dict(lr=3e-3, betas=(0.9, 0.97), shampoo_beta=0.9, weight_decay=0.01,
+                 precondition_frequency=3),
+    "distributed_shampoo": dict(lr=5e-3, betas=(0.85, 0.98), epsilon=1e-8,
+                                weight_decay=0.01, max_preconditioner_dim=8,
+                                precondition_frequency=3, start_preconditioning_step=2,
+                                grafting_beta2=0.99, grafting_epsilon=1e-8),
+    "adan": dict(lr=3e-3, betas=(0.9, 0.9, 0.98), weight_decay=0.02, weight_decouple=True),
+    "adabelief": dict(lr=3e-3, betas=(0.85, 0.99), weight_decay=0.01, rectify=True),
+}
+NEWER_BIAS_LR = 2e-3
+
+
+def groups(net):
+    """Two param groups: weights, and biases at NEWER_BIAS_LR."""
+    ps = list(net.named_parameters())
+    return [{"params": [p for n, p in ps if n.endswith("weight")]},
+            {"params": [p for n, p in ps if n.endswith("bias")], "lr": NEWER_BIAS_LR}]
 
 
 def data(rank: int):
@@ -35,7 +62,10 @@ def model():
 def train(spec: str, rank: int):
     net = torch.nn.parallel.DistributedDataParallel(model())
     cls = curvc.load(spec)
-    opt = cls(net, lr=0.01)  # the model: K-FAC hooks its layers
+    if spec in NEWER:
+        opt = cls(groups(net.module), **NEWER[spec])
+    else:
+        opt = cls(net, lr=0.01)  # the model: K-FAC hooks its layers
     for xb, yb in data(rank):
         opt.zero_grad()
         logits = net(xb)

@@ -4,7 +4,9 @@ Two gloo processes on 127.0.0.1 (tests/_sharded_worker.py, run once for every ca
 train the model of tests/_ddp_worker.py on different data per rank. References:
 torch.optim.Adam under the same FSDP2 setup, and one process trained on both ranks'
 batches together (what data parallelism over two ranks computes: FSDP2 and DDP
-average the gradients, and K-FAC's factors are averaged over the ranks).
+average the gradients, and K-FAC's factors are averaged over the ranks). A non-finite
+gradient on one rank only (its shard, partition or replica) must skip the step on every
+rank: the reference is the same setup on the batches without the poisoned one.
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ def _close(got, want, tol):
         assert (a - b).norm() <= tol * b.norm(), ((a - b).norm() / b.norm()).item()
 
 
-def _one_process(spec, steps=s.STEPS, **kw):
-    """``spec`` trained on both ranks' batches together, in this process."""
+def _one_process(spec, steps=s.STEPS, drop=None, **kw):
+    """``spec`` trained on both ranks' batches together, in this process (without the
+    step ``drop``'s)."""
     net = w.model()
     opt = curvc.load(spec)(net if spec == "kfac" else net.parameters(), **kw)
-    for (x0, y0), (x1, y1) in list(zip(w.data(0), w.data(1)))[:steps]:
+    batches = list(zip(w.data(0), w.data(1)))[:steps]
+    for (x0, y0), (x1, y1) in [b for i, b in enumerate(batches) if i != drop]:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(torch.cat([x0, x1])),
                                           torch.cat([y0, y1])).backward()
@@ -101,23 +105,33 @@ def test_fsdp2_torch_adam_reference_is_data_parallel_adam(out):
     _close(_load(out, "fsdp_torch_adam")["params"], [p.detach() for p in net.parameters()], 1e-5)
 
 
-@pytest.mark.parametrize("case", ["shampoo", "shampoo_replicated", "kfac"])
+@pytest.mark.parametrize("case", ["shampoo", "shampoo_replicated", "kfac",
+                                  "distributed_shampoo", "distributed_shampoo_replicated"])
 def test_fsdp2_matrix_specs_equal_one_process_on_the_whole_batch(case, out):
     _same_on_both_ranks(out, f"fsdp_{case}")
-    spec = case.split("_")[0]
-    _close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-4)
+    spec = case.removesuffix("_replicated")
+    _close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-9)
 
 
-def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(out):
-    """Each block's factors live on one rank, and both ranks own some blocks; with
-    matrix_split off, every rank keeps every block's."""
-    keys = [_load(out, "fsdp_shampoo", r)["keys"] for r in range(2)]
-    owned = [[any(k != "step" for k in ks) for ks in keys[r]] for r in range(2)]
+def test_fsdp2_distributed_shampoo_splits_equal_every_rank_computing_every_block(out):
+    """Grafted, blocked Distributed Shampoo: the split roots (each tensor's blocks on its
+    owner, broadcast) give what every rank computing every block gives."""
+    _close(_load(out, "fsdp_distributed_shampoo")["params"],
+           _load(out, "fsdp_distributed_shampoo_replicated")["params"], 1e-12)
+
+
+@pytest.mark.parametrize("spec", ["shampoo", "distributed_shampoo"])
+def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(spec, out):
+    """Each tensor's factors (all of its blocks') live on one rank, and both ranks own
+    some; with matrix_split off, every rank keeps every tensor's. (Distributed Shampoo's
+    grafting and momentum buffers are elementwise: every rank keeps its shard of them.)"""
+    keys = [_load(out, f"fsdp_{spec}", r)["keys"] for r in range(2)]
+    owned = [[any("pre_cond" in k for k in ks) for ks in keys[r]] for r in range(2)]
     assert all(a != b for a, b in zip(*owned))  # exactly one owner per block
     assert any(owned[0]) and any(owned[1])
-    everywhere = [_load(out, "fsdp_shampoo_replicated", r)["keys"] for r in range(2)]
+    everywhere = [_load(out, f"fsdp_{spec}_replicated", r)["keys"] for r in range(2)]
     assert everywhere[0] == everywhere[1]
-    assert all(any(k != "step" for k in ks) for ks in everywhere[0])
+    assert all(any("pre_cond" in k for k in ks) for ks in everywhere[0])
 
 
 @pytest.mark.parametrize("spec", s.ZERO_SPECS)
@@ -154,3 +168,43 @@ def test_ddp_checkpoint_saved_on_rank_0_resumes_on_every_rank(out):
     for x, y in zip(sa, sb):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
     _close(a["params"], _one_process("shampoo", **s.MATRIX["shampoo"]), 1e-5)
+
+
+NAN_CASES = pytest.mark.parametrize("where, spec, how", s.NONFINITE,
+                                    ids=["_".join(c) for c in s.NONFINITE])
+
+
+@NAN_CASES
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(where, spec, how, out):
+    """Rank 0 alone poisons its shard (FSDP2), a tensor of its partition (ZeRO) or its
+    replica's gradient (DDP): on both ranks that step leaves every whole parameter
+    bitwise as it was, and only that one; every parameter counts one skipped step (in
+    raise mode both ranks raise: rank 0 naming the parameter, rank 1 the other rank)."""
+    for rank in range(2):
+        got = _load(out, f"nan_{where}_{spec}_{how}", rank)
+        assert got["unchanged"] == [i == s.POISONED for i in range(s.NAN_STEPS)], rank
+        if how == "raise":
+            (step, error), = got["errors"]
+            assert step == s.POISONED
+            assert ("param_groups[0]['params'][0]" if rank == 0 else "another rank") in error
+        else:
+            assert got["errors"] == [] and got["skipped"] and set(got["skipped"]) == {1.0}
+
+
+@NAN_CASES
+def test_the_run_after_a_skipped_step_is_the_run_without_its_batch(where, spec, how, out):
+    """Bitwise the same setup trained without the poisoned batch, on both ranks (a
+    GradScaler's power-of-two scale unscales exactly in float64)."""
+    for rank in range(2):
+        got = _load(out, f"nan_{where}_{spec}_{how}", rank)
+        want = _load(out, f"dropped_{where}_{spec}", rank)
+        for a, b in zip(got["params"], want["params"], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where, spec", sorted({c[:2] for c in s.NONFINITE}))
+def test_the_run_without_the_poisoned_batch_equals_one_process(where, spec, out):
+    _same_on_both_ranks(out, f"dropped_{where}_{spec}")
+    kw = {**dict(lr=0.01), **s.MATRIX.get(spec, {})}
+    _close(_load(out, f"dropped_{where}_{spec}")["params"],
+           _one_process(spec, steps=s.NAN_STEPS, drop=s.POISONED, **kw), 1e-10)

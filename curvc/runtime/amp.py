@@ -25,6 +25,15 @@ history) read the flag on the host and skip the whole step. Skipped steps
 are counted in ``state[p]["skipped_steps"]`` (a 0-d float32 tensor on the
 parameter's device) whenever a step may be skipped.
 
+Across ranks the decision is one: the flag is max-reduced over
+``curvc.runtime.distributed.decision_groups`` (``opt.nonfinite_group``, by default
+the default group whenever torch.distributed runs with 2+ ranks, and always the mesh
+groups a DTensor parameter is sharded over), so a NaN in one rank's shard (FSDP2),
+partition (ZeRO) or replica (DDP) skips the step on every rank, and in raise mode
+every rank raises. Each check takes part in one all-reduce of a scalar whether or not
+this rank has anything to check, so every rank makes the same collective calls.
+Sharded tensors are checked and unscaled on their local shards.
+
 Unscaling (a GradScaler with a known scale): the gradients are divided in
 place (``torch._amp_foreach_non_finite_check_and_unscale_``, one op per
 device and dtype, as the scaler does), and every estimate built from the
@@ -43,6 +52,7 @@ import math
 import torch
 
 from curvc.plan import NONFINITE_FLAG, NONFINITE_VALUE
+from curvc.runtime import distributed, sharded
 
 MODES = ("propagate", "skip", "raise")
 
@@ -62,6 +72,8 @@ class StepGuard:
         self.active = self.mode != "propagate" or self.scaler_found is not None
         self._found: dict = {}  # device -> 0-d float32, nonzero where a value is not finite
         self._total = None
+        # the ranks that decide together (one all-reduce of the flag per decision)
+        self._groups = distributed.decision_groups(opt) if self.active else []
 
     @property
     def scaled(self) -> bool:
@@ -77,7 +89,9 @@ class StepGuard:
         In raise mode, a non-finite gradient raises here, before anything changes."""
         if not self.active:
             return
-        named = [(i, p, p.grad) for i, p in enumerate(self.params()) if p.grad is not None
+        self._total = None
+        named = [(i, p, _local(p.grad)) for i, p in enumerate(self.params())
+                 if p.grad is not None
                  and not (p.grad.is_sparse or torch.is_complex(p.grad))]  # refused later
         if self.scale is not None:
             groups: dict = {}
@@ -97,11 +111,13 @@ class StepGuard:
         in raise mode, raise naming the first."""
         if not self.active:
             return
-        items = [(i, what, t) for i, what, t in items if t is not None and t.numel()]
-        if not items:
-            return
+        self._total = None  # decided again: every rank, whether or not it has items
+        items = [(i, what, _local(t)) for i, what, t in items if t is not None]
+        items = [(i, what, t) for i, what, t in items if t.numel()]
         if self.mode == "raise":
             self._raise_if_any(items)
+            return
+        if not items:
             return
         groups: dict = {}
         for _, _, t in items:
@@ -119,12 +135,21 @@ class StepGuard:
         for flags in per_device.values():
             for (n, _), ok in zip(flags, torch.stack([f for _, f in flags]).tolist()):
                 finite[n] = ok
+        elsewhere = False
+        if self._groups:  # every rank raises, or none
+            bad = torch.tensor(0.0 if all(finite) else 1.0)
+            elsewhere = bool(distributed.agree(bad, self._groups).item())
         for (i, what, t), ok in zip(items, finite):
             if not ok:
                 raise ValueError(f"{type(self.opt).__name__}: the {what} of {self._where(i)} "
-                                 f"(shape {tuple(t.shape)}) has a non-finite value (nan or "
+                                 f"({_shape(t, i, self)}) has a non-finite value (nan or "
                                  "inf); nonfinite='raise' stopped the step before it changed "
                                  "anything")
+        if elsewhere:
+            raise ValueError(f"{type(self.opt).__name__}: another rank found a non-finite "
+                             "value (nan or inf) in its gradients or curvature estimates (its "
+                             "shard or partition of them); nonfinite='raise' stopped the step "
+                             "on every rank before it changed anything")
 
     def _where(self, index) -> str:
         if isinstance(index, str):
@@ -160,6 +185,10 @@ class StepGuard:
         # As the scaler computes it: the reciprocal in float64, rounded to float32.
         return self.scale.double().reciprocal().float().to(device, non_blocking=True)
 
+    def _device(self) -> torch.device:
+        params = self.params()
+        return params[0].device if params else torch.device("cpu")
+
     def _flag(self, device) -> torch.Tensor:
         self._total = None  # the flag is about to change
         device = torch.device(device)
@@ -171,12 +200,14 @@ class StepGuard:
 
     def total(self) -> torch.Tensor | None:
         """1.0 where any device found a non-finite value, else 0.0 (a 0-d device tensor)."""
-        if self._total is None and self._found:
-            flags = list(self._found.values())
+        # raise mode decided in check() already (unless the scaler flagged the step)
+        agreed = self._groups and (self.mode != "raise" or self.scaled)
+        if self._total is None and (self._found or agreed):
+            flags = list(self._found.values()) or [self._flag(self._device())]
             total = flags[0]
             for f in flags[1:]:
                 total = total + f.to(total.device, non_blocking=True)
-            self._total = (total > 0).to(torch.float32)
+            self._total = distributed.agree((total > 0).to(torch.float32), self._groups)
         return self._total
 
     def skips_on_host(self) -> bool:
@@ -222,8 +253,23 @@ class StepGuard:
             if host is None:
                 host = total if total.is_cpu else total.to("cpu")  # CUDA: one copy per step
             torch._foreach_sub_(bucket.steps, [host] * len(bucket.steps))
-            counters = [self._counter(p) for p in bucket.params]
+            params = [sh.param for sh in bucket.shards] if bucket.shards else bucket.params
+            counters = [self._counter(p) for p in params]  # the DTensor's, not its shard's
             torch._foreach_add_(counters, [flag] * len(counters))
+
+
+def _local(t):
+    """A DTensor's local shard (checked and unscaled in place there); a tensor as it is."""
+    return t._local_tensor if sharded.is_sharded(t) else t
+
+
+def _shape(t, index, guard) -> str:
+    """The shape an error names: the whole parameter's, for a shard."""
+    if isinstance(index, int):
+        params = guard.params()
+        if index < len(params) and sharded.is_sharded(params[index]):
+            return f"shape {tuple(params[index].shape)}, this rank's shard {tuple(t.shape)}"
+    return f"shape {tuple(t.shape)}"
 
 
 _ZEROS: dict = {}

@@ -18,6 +18,8 @@ parameters, where each rank's estimate belongs to its own shard); or a
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -86,3 +88,53 @@ def _check_same_tensors(tensors: list, group, ranks: int) -> None:
             "parameters (as under ZeroRedundancyOptimizer, each rank its own partition; "
             f"tensors and elements per rank: {[e.tolist() for e in every]}). Pass "
             "curvature_group=False to keep each rank's estimate of its own parameters")
+
+
+# -- the non-finite skip decision, made the same on every rank ---------------------------
+
+def decision_groups(opt) -> list:
+    """The groups a step's skip decision (curvc.runtime.amp) is max-reduced over, so that
+    one rank's NaN skips the step on every rank: ``opt.nonfinite_group`` (as
+    ``curvature_group`` reads: ``None``, the default group whenever torch.distributed
+    runs with 2+ ranks; ``False``, none; or a ``ProcessGroup``) and, unless that is the
+    default group (which holds them), the mesh groups DTensor parameters are sharded
+    over: a tensor's shards always decide together. Cached while the parameters stay
+    (off the optimizer: a copy or pickle of it must not carry a ProcessGroup)."""
+    choice = getattr(opt, "nonfinite_group", None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    key = (id(choice), tuple(id(p) for p in params))
+    cached = _DECISION_GROUPS.get(opt)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    from curvc.runtime import sharded
+    groups: list = []
+    chosen = group_of(choice)
+    if chosen is not None:
+        groups.append(chosen)
+    if chosen is None or chosen is not torch.distributed.group.WORLD:
+        for p in params:
+            if not sharded.is_sharded(p):
+                continue
+            for dim, placement in enumerate(p.placements):
+                group = p.device_mesh.get_group(dim)
+                if isinstance(placement, sharded.Shard) and all(group is not g for g in groups) \
+                        and torch.distributed.get_world_size(group) > 1:
+                    groups.append(group)
+    _DECISION_GROUPS[opt] = (key, groups)
+    return groups
+
+
+_DECISION_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def agree(flag: torch.Tensor, groups: list) -> torch.Tensor:
+    """``flag`` (a 0-d float32 tensor) max-reduced over ``groups`` in order (a new tensor
+    where it had to move to the group's device; ``flag`` itself otherwise)."""
+    dist = torch.distributed
+    for group in groups:
+        on = flag
+        if dist.get_backend(group) == "nccl" and not flag.is_cuda:
+            on = flag.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
+        flag = on if on is flag else on.to(flag.device)
+    return flag

@@ -75,6 +75,11 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
     # False on an instance: every rank computes every block.
     matrix_split = True
+    # The ranks a non-finite step's skip (or raise) is decided over (runtime.distributed.
+    # decision_groups): None, the default group when torch.distributed runs; False, none
+    # (a DTensor's shards still decide together); or a ProcessGroup. Not a hyperparameter:
+    # a checkpoint carries no ProcessGroup.
+    nonfinite_group = None
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling (curvc.runtime.amp).
     _step_supports_amp_scaling = True
 

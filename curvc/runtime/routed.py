@@ -49,6 +49,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
     HYPERS: tuple = ()  # (name, default)
     PIPELINES: tuple = ()  # Pipeline
     ROUTES: tuple = ()  # Route
+    # The ranks the skip decision is made over (CurvOptimizer.nonfinite_group); the
+    # pipelines decide nothing more across ranks: the routed step decided for all of them.
+    nonfinite_group = None
 
     def _construct(self, params, defaults: dict) -> None:
         RoutedOptimizer.__init__(self, params, defaults)
@@ -128,6 +131,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
                 children.append((opt, pipe, index))
             self._children, self._layout = children, layout
         for opt, pipe, index in self._children:  # a scheduler may have moved a value
+            # decided for every rank by the routed step; under ZeRO another rank may hold
+            # other pipelines, which a per-pipeline all-reduce would leave waiting
+            opt.nonfinite_group = False
             for child_group, gi in zip(opt.param_groups, index):
                 child_group.update(self._mapped(pipe, self.param_groups[gi]))
             opt.state = self.state  # one state: load_state_dict rebinds it
