@@ -289,3 +289,41 @@ def test_to_plan_of_a_routed_spec_names_its_pipelines():
     with pytest.raises(CurvError, match=r"one plan per pipeline \(muon, adamw\)"):
         curvc.to_plan(routed)
     assert curvc.to_plan(routed.pipeline("muon").opt).name == "Muon"
+
+
+HANDED = """routed Handed
+hyper lr = 0.05, sgd_lr = 0.1
+pipeline curved = sophia_h(lr = lr, update_period = 1)
+pipeline plain = sgd(lr = sgd_lr)
+route curved when ndim == 2
+route plain otherwise
+"""
+
+
+def test_handed_curvature_reaches_each_pipeline_for_its_own_parameters(tmp_path):
+    """step(curvature=...) on the routed optimizer is each pipeline's set_curvature with
+    its own parameters' estimates (the 2-D weights' here), in its order."""
+    path = tmp_path / "handed.curv"
+    path.write_text(HANDED)
+    Handed = curvc.load(str(path), backend="torch")
+    SophiaH = curvc.load("sophia_h", backend="torch")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4,), (3, 4), (3,), (2, 3)]
+    pa = [torch.randn(*s, dtype=torch.float64, generator=gen).requires_grad_() for s in shapes]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    ours = Handed(pa, lr=0.05, sgd_lr=0.1)
+    curved = SophiaH([pb[1], pb[3]], lr=0.05, update_period=1)
+    plain = torch.optim.SGD([pb[0], pb[2]], lr=0.1)
+    for t in range(6):
+        est = [torch.rand(*s, dtype=torch.float64, generator=gen) + 0.1 for s in shapes]
+        for ps in (pa, pb):
+            for p in ps:
+                p.grad = None
+            sum(((p - 0.5) ** 4).sum() for p in ps).backward()
+        ours.step(curvature=[None if len(s) == 1 else e for s, e in zip(shapes, est)])
+        curved.step(curvature=[est[1], est[3]])
+        plain.step()
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="got 3 tensors for 4 parameters"):
+        ours.set_curvature(est[:3])

@@ -142,8 +142,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Performs a single optimization step: each pipeline's, in the spec's order."""
+    def step(self, closure=None, *, curvature=None):
+        """Performs a single optimization step: each pipeline's, in the spec's order.
+        ``curvature`` (optional): this step's estimates, as ``set_curvature`` takes them."""
+        if curvature is not None:
+            self.set_curvature(curvature)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,6 +170,28 @@ class RoutedOptimizer(torch.optim.Optimizer):
         for opt, _, _ in self._pipelines():
             if opt.wants_curvature():
                 opt.estimate_curvature(*args, **kwargs)
+
+    def set_curvature(self, estimates) -> None:
+        """Hand the next ``step()`` its curvature estimates: one tensor per parameter, in
+        this optimizer's ``param_groups`` order (None where a parameter has none); each
+        pipeline gets its own parameters' estimates, in its order."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        estimates = list(estimates)
+        if len(estimates) != len(params):
+            raise ValueError(f"set_curvature() got {len(estimates)} tensors for "
+                             f"{len(params)} parameters")
+        by_param = {id(p): e for p, e in zip(params, estimates)}
+        children = self._pipelines()
+        for opt, pipe, _ in children:  # checked first: a refusal hands nothing over
+            source = opt._source()
+            if source is not None and source.whole_model:
+                raise ValueError(f"{type(self).__name__}.set_curvature: pipeline "
+                                 f"{pipe.name!r} takes one matrix over all of its "
+                                 "parameters; call its own set_curvature")
+        for opt, _, _ in children:
+            mine = [by_param[id(p)] for g in opt.param_groups for p in g["params"]]
+            if any(e is not None for e in mine):
+                opt.set_curvature(mine)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but state keeps the dtype it was saved with and every step counter
