@@ -27,6 +27,7 @@ import torch
 
 import curvc
 from curvc.explain import explain
+from test_dense_composes import _flat, _loss, _params, _problem  # the same problem
 
 SPEC = """optimizer DenseIterate
 hyper lr = {lr}, beta = {beta}, decay = -0.7, eps = {eps}
@@ -65,27 +66,6 @@ CASES = {
              length="gradient_norm(power = 1)", damping="inside", beta=0.9, eps=0.05, lr=0.05),
         dict(kind="power_ema", power=1.0, fisher=True)),
 }
-
-
-def _problem(n=7, seed=0):
-    rng = np.random.default_rng(seed)
-    m = rng.standard_normal((n, n))
-    return m @ m.T / n + np.eye(n), rng.standard_normal(n)
-
-
-def _params():
-    """Two tensors (a matrix and a vector), so each gets its slice of d."""
-    w = torch.linspace(-0.5, 0.5, 4, dtype=torch.float64).reshape(2, 2).requires_grad_()
-    v = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
-    return [w, v]
-
-
-def _flat(params):
-    return torch.cat([p.reshape(-1) for p in params])
-
-
-def _loss(x, A, b):
-    return 0.5 * x @ torch.tensor(A) @ x - torch.tensor(b) @ x + (x ** 4).sum() / 4
 
 
 def _direction(C, g, *, power, inside, add):
