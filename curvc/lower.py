@@ -9,6 +9,8 @@ only ever see the result.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from curvc import check as checks, ir, lower_graft as grafting, lower_matrix as matrix, rules
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_exprs import Expressions
@@ -27,26 +29,30 @@ def lower_gradient(s: Step) -> Expr:
     return Select("maximize", op("neg", Load("grad")), Load("grad"))
 
 
-def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr, Expr | None]:
-    """Returns (gradient, parameter, step term) after weight decay. The step term is
-    decoupled decay's wd * theta when a momentum of the step (``on = step``) follows: then
-    it joins the step d before that momentum (Distributed Shampoo's order), and the
-    parameter is not scaled by 1 - lr * wd; else None."""
+def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr, Callable | None]:
+    """Returns (gradient, parameter, join) after weight decay. ``join(d)`` is the step d
+    with decoupled decay's wd * theta added, when a momentum of the step (``on = step``)
+    follows: the term joins d before that momentum (Distributed Shampoo's order), and the
+    parameter is not scaled by 1 - lr * wd; else None. Where decay is off or coupled,
+    join(d) is d itself, so no zero term is added on every step."""
     d, p = s.opt.decay, Load("param")
     if d.kind == "none":
         return g, p, None
     # A zero rate (the usual default) skips the term rather than adding 0 * theta.
     used = nonzero(s, "has_weight_decay", d.rate)
     into_step = s.opt.step_momentum.kind != "none"
-    coupled = (add(g, mul(p, s.arg(d.rate))), p, Const(0.0))
+    coupled = (add(g, mul(p, s.arg(d.rate))), p)
     decoupled = (g, p, mul(p, s.arg(d.rate))) if into_step else \
-        (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))), Const(0.0))
+        (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))))
     switch: str | bool = d.kind == "decoupled"
     if d.kind == "l2" and d.decoupled is not None:
         switch = s.bool_arg("decoupled_decay", d.decoupled)
     new = [select(used, select(switch, a, b), old)
-           for a, b, old in zip(decoupled, coupled, (g, p, Const(0.0)))]
-    return new[0], new[1], new[2] if into_step else None
+           for a, b, old in zip(decoupled[:2], coupled[:2], (g, p))]
+
+    def join(step: Expr) -> Expr:
+        return select(used, select(switch, add(step, decoupled[2]), step), step)
+    return new[0], new[1], join if into_step else None
 
 
 def lower_curvature(s: Step, g: Expr) -> Expr | None:
@@ -378,8 +384,8 @@ def build(opt: ir.Optimizer) -> Plan:
         d = grafting.grafted_per_tensor(s, d, grafting.graft_direction(s, g, m))
         d = lower_length_clip(s, m, acc, d) if opt.clip.kind == "length" else lower_clip(s, d)
     if opt.step_momentum.kind != "none":  # of the finished step, decoupled decay included
-        if decay_step not in (None, Const(0.0)):
-            d = add(d, decay_step)
+        if decay_step is not None:
+            d = decay_step(d)
         d = lower_momentum(s, d, opt.step_momentum)
     s.exprs.env["direction"] = d
     update = s.exprs.lower(opt.update) if opt.update is not None else d

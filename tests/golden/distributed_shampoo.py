@@ -249,10 +249,10 @@ def _update_tail(param, grad, matrix_graft, matrix_step, step_momentum_buffer, h
     t0 = matrix_step_ if f_preconditioning else matrix_graft_
     if f_decoupled_decay and f_has_weight_decay:
         t1 = (param_ * h_weight_decay)
+        t2 = (t0 + t1)
     if f_has_weight_decay:
-        t2 = t1 if f_decoupled_decay else 0.0
-    t3 = t2 if f_has_weight_decay else 0.0
-    t4 = (t0 + t3)
+        t3 = t2 if f_decoupled_decay else t0
+    t4 = t3 if f_has_weight_decay else t0
     if not f_first_step and f_has_step_momentum_buffer:
         t5 = (step_momentum_buffer_ * h_momentum)
         t6 = (t5 + t4)
@@ -405,51 +405,45 @@ def _foreach_update_tail(param, grad, matrix_graft, matrix_step, step_momentum_b
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     step_momentum_buffer_ = _foreach_cast(step_momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_weight_decay], dtype=cdt, device=param[0].device)
-        (_s_weight_decay,) = _scalars.unbind()
         t0 = matrix_step_ if f_preconditioning else matrix_graft_
         if f_decoupled_decay and f_has_weight_decay:
-            t1 = torch._foreach_mul(param_, _s_weight_decay)
+            t1 = torch._foreach_add(t0, param_, alpha=h_weight_decay)
         if f_has_weight_decay:
-            t2 = t1 if f_decoupled_decay else [torch.full_like(_e, 0.0) for _e in param_]
-        t3 = t2 if f_has_weight_decay else [torch.full_like(_e, 0.0) for _e in param_]
-        t4 = torch._foreach_add(t0, t3)
+            t2 = t1 if f_decoupled_decay else t0
+        t3 = t2 if f_has_weight_decay else t0
         if not f_first_step and f_has_step_momentum_buffer:
-            t5 = torch._foreach_add(t4, step_momentum_buffer_, alpha=h_momentum)
+            t4 = torch._foreach_add(t3, step_momentum_buffer_, alpha=h_momentum)
         if f_has_step_momentum_buffer:
-            t6 = t4 if f_first_step else t5
+            t5 = t3 if f_first_step else t4
             new_step_momentum_buffer_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                    _e1 in zip(step_momentum_buffer_, t6)]
+                    _e1 in zip(step_momentum_buffer_, t5)]
         if f_has_step_momentum_buffer and f_nesterov:
-            t8 = torch._foreach_add(t4, t6, alpha=h_momentum)
+            t7 = torch._foreach_add(t3, t5, alpha=h_momentum)
         if f_has_step_momentum_buffer:
-            t9 = t8 if f_nesterov else t6
-        t10 = t9 if f_has_step_momentum_buffer else t4
-        t11 = torch._foreach_add(param_, t10, alpha=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t11)]
+            t8 = t7 if f_nesterov else t5
+        t9 = t8 if f_has_step_momentum_buffer else t3
+        t10 = torch._foreach_add(param_, t9, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t10)]
         if f_has_step_momentum_buffer:
             torch._foreach_copy_(step_momentum_buffer, new_step_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_weight_decay], dtype=cdt, device=param[0].device)
-        (_s_weight_decay,) = _scalars.unbind()
         t0 = matrix_step_ if f_preconditioning else matrix_graft_
         if f_decoupled_decay and f_has_weight_decay:
-            t1 = torch._foreach_mul(param_, _s_weight_decay)
+            t1 = torch._foreach_add(t0, param_, alpha=h_weight_decay)
         if f_has_weight_decay:
-            t2 = t1 if f_decoupled_decay else [torch.full_like(_e, 0.0) for _e in param_]
-        t3 = t2 if f_has_weight_decay else [torch.full_like(_e, 0.0) for _e in param_]
-        t4 = torch._foreach_add(t0, t3)
+            t2 = t1 if f_decoupled_decay else t0
+        t3 = t2 if f_has_weight_decay else t0
         if not f_first_step and f_has_step_momentum_buffer:
-            t5 = torch._foreach_add(t4, step_momentum_buffer_, alpha=h_momentum)
+            t4 = torch._foreach_add(t3, step_momentum_buffer_, alpha=h_momentum)
         if f_has_step_momentum_buffer:
-            new_step_momentum_buffer_ = t4 if f_first_step else t5
+            new_step_momentum_buffer_ = t3 if f_first_step else t4
         if f_has_step_momentum_buffer and f_nesterov:
-            t7 = torch._foreach_add(t4, new_step_momentum_buffer_, alpha=h_momentum)
+            t6 = torch._foreach_add(t3, new_step_momentum_buffer_, alpha=h_momentum)
         if f_has_step_momentum_buffer:
-            t8 = t7 if f_nesterov else new_step_momentum_buffer_
-        t9 = t8 if f_has_step_momentum_buffer else t4
-        torch._foreach_add_(param_, t9, alpha=-h_lr)
+            t7 = t6 if f_nesterov else new_step_momentum_buffer_
+        t8 = t7 if f_has_step_momentum_buffer else t3
+        torch._foreach_add_(param_, t8, alpha=-h_lr)
         new_param_ = param_
         if f_has_step_momentum_buffer:
             torch._foreach_copy_(step_momentum_buffer, new_step_momentum_buffer_)
@@ -693,16 +687,16 @@ else:
         if f_decoupled_decay:
             if f_has_weight_decay:
                 t1 = (param_ * h_weight_decay)
+                t2 = (t0 + t1)
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t2 = t1
+                t3 = t2
             else:
-                t2 = 0.0
+                t3 = t0
         if f_has_weight_decay:
-            t3 = t2
+            t4 = t3
         else:
-            t3 = 0.0
-        t4 = (t0 + t3)
+            t4 = t0
         if not f_first_step:
             if f_has_step_momentum_buffer:
                 t5 = (step_momentum_buffer_ * h_momentum)
