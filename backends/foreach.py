@@ -43,22 +43,16 @@ import math
 
 from dataclasses import replace
 
-from curvc.plan import NONFINITE_FLAG, Const, Load, Op, Plan, Reduced, Scalar, Select, walk
+from curvc.plan import NONFINITE_FLAG, Const, Op, Plan, Scalar, Select, walk
 from curvc.backends.render import (IndentedBuffer, flag_name, narrowed, plan_roots, reduced_name,
                                    schedule)
+from curvc.backends.foreach_fuse import FUSED, fuse
 from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signature_text,
                                   update_signature)
 
 LIST, TENSOR, SCALAR = "list", "tensor", "scalar"  # a value's kind (see the module docstring)
 
 _F = "torch._foreach_"
-
-
-# The fused ops (made by ``fuse``, below): operands are lists, the last a host scalar.
-FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
-         "add_scaled": "{f}add{in_place}({0}, {1}, alpha={2})",
-         "sub_scaled": "{f}add{in_place}({0}, {1}, alpha=-{2})",
-         "subcdiv": "{f}addcdiv{in_place}({0}, {1}, {2}, value=-{3})"}
 
 
 class ForeachRenderer(TorchRenderer):
@@ -327,84 +321,6 @@ def _foreach_cast(tensors, cdt):
 #
 # The eager path's cost is a fixed overhead per foreach call (a Python call and a
 # parallel region per tensor), so fewer, fatter calls win: a + b*c*s is one
-# _foreach_addcmul, a + b*s one _foreach_add(alpha=s), a - s*b one
-# _foreach_add(alpha=-s), a - s*(b/c) one _foreach_addcdiv. Rounding may differ from the separate ops in the last bit
-# (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
-
-def _host_scalar(e) -> bool:
-    return isinstance(e, (Scalar, Const))
-
-
-def _is_list(e) -> bool:
-    """Whether ``e`` is a list in this backend: downstream of a load, of no reduction."""
-    found = False
-    for n in walk(e):
-        if isinstance(n, Reduced):
-            return False
-        found = found or isinstance(n, Load)
-    return found
-
-
-def fuse(plan: Plan) -> Plan:
-    """The plan with foreach-fusable chains as single ops (fused only where the inner
-    node has no other use, so nothing is computed twice)."""
-    uses: dict = {}
-    roots = [st.value for st in plan.stores] + [r.value for r in plan.reductions]
-    nodes = {n: None for root in roots for n in walk(root)}  # each node once, over all roots
-    for n in nodes:
-        for a in (n.args if isinstance(n, Op) else (n.then, n.other)
-                  if isinstance(n, Select) else ()):
-            uses[a] = uses.get(a, 0) + 1
-    once = lambda e: uses.get(e, 0) <= 1  # noqa: E731
-    memo: dict = {}
-
-    def visit(e):
-        if e in memo:
-            return memo[e]
-        out = e
-        if isinstance(e, Select):
-            out = Select(e.flag, visit(e.then), visit(e.other))
-        elif isinstance(e, Op):
-            out = _fused(Op(e.op, tuple(visit(a) for a in e.args)), e, once)
-        memo[e] = out
-        return out
-
-    return replace(plan, stores=tuple(replace(st, value=visit(st.value)) for st in plan.stores))
-
-
-def _fused(new: Op, old: Op, once) -> Op:
-    """One fusion rule applied at ``new`` (``old``: the same node before its operands were
-    rewritten, whose operands' use counts decide)."""
-    if new.op == "add":
-        for i in (0, 1):
-            a, m = new.args[i], new.args[1 - i]
-            om = old.args[1 - i]
-            if not (_is_list(a) and isinstance(m, Op) and m.op == "mul" and once(om)):
-                continue
-            for j in (0, 1):
-                inner, s = m.args[j], m.args[1 - j]
-                if not _host_scalar(s) or not _is_list(inner):
-                    continue
-                if isinstance(inner, Op) and inner.op == "mul" and once(om.args[j]) and \
-                        all(_is_list(x) for x in inner.args):
-                    return Op("addcmul", (a, *inner.args, s))
-                return Op("add_scaled", (a, inner, s))
-    if new.op == "sub":
-        a, m = new.args
-        om = old.args[1]
-        if _is_list(a) and isinstance(m, Op) and m.op == "mul" and once(om):
-            for j in (0, 1):
-                d, s = m.args[j], m.args[1 - j]
-                if _host_scalar(s) and isinstance(d, Op) and d.op == "div" and \
-                        once(om.args[j]) and all(_is_list(x) for x in d.args):
-                    return Op("subcdiv", (a, *d.args, s))
-            for j in (0, 1):  # a - s*b: torch.optim's param.add_(d, alpha=-lr)
-                b, s = m.args[j], m.args[1 - j]
-                if _host_scalar(s) and _is_list(b):
-                    return Op("sub_scaled", (a, b, s))
-    return new
-
-
 def render_foreach_update(plan: Plan, buf: IndentedBuffer, suffix: str = "") -> dict:
     """``foreach_update(...)``, the step of a bucket of tensors. Returns its signature."""
     plan = narrowed(plan)
