@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import curvc
-from curvc.errors import CurvError
 from curvc.explain import explain
 
 STEPS = 30
@@ -162,13 +161,6 @@ def test_shampoo_with_an_rms_clip_is_shampoos_step_rescaled(tmp_path):
         rms = (d / 0.1).pow(2).mean().sqrt().item()  # of the step before lr
         assert rms / 0.05 > 1.5  # the clip binds on every tensor here
         assert torch.allclose(dc, d / max(1.0, rms / 0.05), rtol=1e-9, atol=1e-14)
-
-
-def test_lbfgs_refuses_a_per_tensor_rms_and_says_why():
-    text = ("optimizer RmsLBFGS\nhyper lr = 1\ncurvature secant\nstructure low_rank\n"
-            "iterate secant(10)\nlength none\nclip tensor_rms(1)\n")
-    with pytest.raises(CurvError, match="one vector"):
-        curvc.to_plan(curvc.to_ir(text, "rms_lbfgs.curv", compilable=False))
 
 
 @pytest.mark.parametrize("structure", ["diagonal", "kronecker"])
