@@ -294,6 +294,14 @@ def _uses(opt: ir.Optimizer, plan: Plan) -> dict[tuple[str, int | None], list[st
             if isinstance(ref := getattr(node, f.name), ir.HyperRef):
                 use(ref, _USE_PHRASES.get(f.name, "the {arg} of {clause}").format(
                     arg=f.name, clause=clause))
+    readers: dict[tuple[str, int | None], list[str]] = {}
+    for where, expr in opt.expressions():
+        for ref in ir.hyper_refs(expr):
+            if f"``{where}``" not in (seen := readers.setdefault((ref.name, ref.index), [])):
+                seen.append(f"``{where}``")
+    for (name, index), where in readers.items():
+        listed = ", ".join(where[:-1]) + " and " + where[-1] if len(where) > 1 else where[0]
+        use(ir.HyperRef(name, index), f"read by {listed}")
     return uses
 
 

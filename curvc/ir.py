@@ -72,6 +72,15 @@ class Apply:
 Expr = Union[Const, HyperRef, Var, Apply]
 
 
+def hyper_refs(expr: "Expr | None"):
+    """Every hyperparameter reference in an expression, in reading order."""
+    if isinstance(expr, HyperRef):
+        yield expr
+    elif isinstance(expr, Apply):
+        for a in expr.args:
+            yield from hyper_refs(a)
+
+
 @dataclass(frozen=True)
 class Let:
     name: str
@@ -295,6 +304,20 @@ class Optimizer:
             out.append(("clip", self.gradient_clip))
         if self.step_momentum.kind != "none":
             out.append(("momentum", self.step_momentum))
+        return out
+
+    def expressions(self) -> list[tuple[str, Expr]]:
+        """(where, expression) for every expression the spec writes outside a clause
+        argument: its lets, its states' updates and starts, the momentum and curvature
+        expressions and the update."""
+        out = [(f"let {x.name}", x.expr) for x in self.lets]
+        for s in self.states:
+            out += [(f"state {s.name}", s.expr), (f"the start of state {s.name}", s.init)]
+        for axis, node in (("momentum", self.momentum), ("curvature", self.curvature)):
+            out += [(axis, e) for e in (getattr(node, "value", None),
+                                        getattr(node, "of", None)) if e is not None]
+        if self.update is not None:
+            out.append(("update", self.update))
         return out
 
     def hyper(self, name: str) -> Hyper:

@@ -95,6 +95,19 @@ def test_a_tuple_hyperparameter_documents_each_entry():
     assert "``weight_decay=0``: the rate of decay l2" in doc
 
 
+def test_a_hyperparameter_read_only_by_expressions_names_its_readers():
+    doc = " ".join(curvc.load("adan").__doc__.split())  # one line: the docstring wraps
+    assert "``weight_decay=0``: read by ``let decayed`` and ``update``" in doc
+    assert ("betas[1] is read by ``let nesterov_grad``, ``let nesterov`` and "
+            "``state exp_avg_diff``") in doc
+
+
+def test_no_shipped_spec_documents_an_argument_as_unused():
+    unused = [name for name in compiler.available()
+              if "not used by this spec's step" in (curvc.load(name).__doc__ or "")]
+    assert unused == []
+
+
 def test_a_generated_module_compiles_for_every_shipped_spec():
     for name in compiler.available():
         source, file = compiler.read(name)

@@ -598,15 +598,16 @@ class AdaBelief(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999)``: not used by this spec's step
+    - ``betas=(0.9, 0.999)``: betas[0] is read by ``state exp_avg`` and ``momentum``; betas[1] is
+      read by ``let n_sma_max``, ``let n_sma``, ``let rt``, ``let adam`` and ``state exp_avg_var``
     - ``weight_decay=0``: the rate of decay l2
     - ``weight_decouple=True``: whether decay l2 is decoupled (applied to the parameter, not the
       gradient)
-    - ``rectify=False``: not used by this spec's step
-    - ``n_sma_threshold=5``: not used by this spec's step
-    - ``degenerated_to_sgd=True``: not used by this spec's step
-    - ``ams_bound=False``: not used by this spec's step
-    - ``eps=1e-16``: not used by this spec's step
+    - ``rectify=False``: read by ``update``
+    - ``n_sma_threshold=5``: read by ``let rectified``
+    - ``degenerated_to_sgd=True``: read by ``let below``
+    - ``ams_bound=False``: read by ``let var``
+    - ``eps=1e-16``: read by ``let rectified``, ``let adam`` and ``state exp_avg_var``
 
     Keyword-only arguments:
 

@@ -372,8 +372,8 @@ class Adadelta(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=1.0``: the learning rate
-    - ``rho=0.9``: not used by this spec's step
-    - ``eps=1e-06``: the eps of damping inside
+    - ``rho=0.9``: read by ``state square_avg`` and ``state acc_delta``
+    - ``eps=1e-06``: the eps of damping inside; read by ``momentum``
     - ``weight_decay=0``: the rate of decay l2
 
     Keyword-only arguments:

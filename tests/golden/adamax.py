@@ -360,8 +360,9 @@ class Adamax(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.002``: the learning rate
-    - ``betas=(0.9, 0.999)``: not used by this spec's step
-    - ``eps=1e-08``: not used by this spec's step
+    - ``betas=(0.9, 0.999)``: betas[0] is read by ``state exp_avg`` and ``momentum``; betas[1] is
+      read by ``state exp_inf``
+    - ``eps=1e-08``: read by ``state exp_inf``
     - ``weight_decay=0``: the rate of decay l2
 
     Keyword-only arguments:

@@ -519,10 +519,12 @@ class Adan(CurvOptimizer):
     Arguments:
 
     - ``params``: an iterable of tensors or of param-group dicts
-    - ``lr=0.001``: the learning rate
-    - ``betas=(0.98, 0.92, 0.99)``: betas[2] is the beta of iterate ema
-    - ``weight_decay=0``: not used by this spec's step
-    - ``weight_decouple=False``: not used by this spec's step
+    - ``lr=0.001``: the learning rate; read by ``update``
+    - ``betas=(0.98, 0.92, 0.99)``: betas[0] is read by ``state exp_avg`` and ``momentum``; betas[1]
+      is read by ``let nesterov_grad``, ``let nesterov`` and ``state exp_avg_diff``; betas[2] is the
+      beta of iterate ema
+    - ``weight_decay=0``: read by ``let decayed`` and ``update``
+    - ``weight_decouple=False``: read by ``update``
     - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:

@@ -478,11 +478,12 @@ class AdEMAMix(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999, 0.9999)``: betas[1] is the beta of iterate ema
+    - ``betas=(0.9, 0.999, 0.9999)``: betas[0] is read by ``state exp_avg`` and ``momentum``;
+      betas[1] is the beta of iterate ema; betas[2] is read by ``state exp_avg_slow``
     - ``weight_decay=0``: the rate of decay l2
     - ``weight_decouple=False``: whether decay l2 is decoupled (applied to the parameter, not the
       gradient)
-    - ``alpha=5.0``: not used by this spec's step
+    - ``alpha=5.0``: read by ``momentum``
     - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:

@@ -568,11 +568,12 @@ class Lamb(CurvOptimizer):
     Arguments:
 
     - ``params``: an iterable of tensors or of param-group dicts
-    - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999)``: not used by this spec's step
-    - ``weight_decay=0``: the rate of decay decoupled
-    - ``eps=1e-06``: the eps of damping add
-    - ``grad_averaging=True``: not used by this spec's step
+    - ``lr=0.001``: the learning rate; read by ``let weight_norm``
+    - ``betas=(0.9, 0.999)``: betas[0] is read by ``state exp_avg`` and ``update``; betas[1] is read
+      by ``state exp_avg_sq``
+    - ``weight_decay=0``: the rate of decay decoupled; read by ``let weight_norm``
+    - ``eps=1e-06``: the eps of damping add; read by ``let trust``
+    - ``grad_averaging=True``: read by ``state exp_avg``
 
     Keyword-only arguments:
 

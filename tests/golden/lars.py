@@ -516,11 +516,11 @@ class LARS(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``weight_decay=0``: not used by this spec's step
-    - ``momentum=0.9``: not used by this spec's step
-    - ``dampening=0``: not used by this spec's step
-    - ``trust_coefficient=0.001``: not used by this spec's step
-    - ``nesterov=False``: not used by this spec's step
+    - ``weight_decay=0``: read by ``let denominator`` and ``let scaled``
+    - ``momentum=0.9``: read by ``let readout``, ``state momentum_buffer`` and ``update``
+    - ``dampening=0``: read by ``state momentum_buffer``
+    - ``trust_coefficient=0.001``: read by ``let ratio``
+    - ``nesterov=False``: read by ``let readout``
 
     Keyword-only arguments:
 

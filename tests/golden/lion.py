@@ -302,7 +302,7 @@ class Lion(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.0001``: the learning rate
-    - ``betas=(0.9, 0.99)``: not used by this spec's step
+    - ``betas=(0.9, 0.99)``: betas[0] is read by ``momentum``; betas[1] is read by ``state exp_avg``
     - ``weight_decay=0``: the rate of decay decoupled
 
     Keyword-only arguments:

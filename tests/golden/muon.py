@@ -467,8 +467,8 @@ class Muon(CurvOptimizer):
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
     - ``weight_decay=0.1``: the rate of decay decoupled
-    - ``momentum=0.95``: not used by this spec's step
-    - ``nesterov=True``: not used by this spec's step
+    - ``momentum=0.95``: read by ``let readout`` and ``state momentum_buffer``
+    - ``nesterov=True``: read by ``let readout``
     - ``ns_coefficients=(3.4445, -4.775, 2.0315)``: ns_coefficients[0] is the a of structure
       kronecker; ns_coefficients[1] is the b of structure kronecker; ns_coefficients[2] is the c of
       structure kronecker

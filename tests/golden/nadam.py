@@ -527,10 +527,11 @@ class NAdam(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.002``: the learning rate
-    - ``betas=(0.9, 0.999)``: betas[1] is the beta of iterate ema
+    - ``betas=(0.9, 0.999)``: betas[0] is read by ``let mu``, ``let mu_next`` and ``state exp_avg``;
+      betas[1] is the beta of iterate ema
     - ``eps=1e-08``: the eps of damping add
     - ``weight_decay=0``: the rate of decay l2
-    - ``momentum_decay=0.004``: not used by this spec's step
+    - ``momentum_decay=0.004``: read by ``let mu`` and ``let mu_next``
     - ``decoupled_weight_decay=False``: whether decay l2 is decoupled (applied to the parameter, not
       the gradient)
 

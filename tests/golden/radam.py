@@ -454,8 +454,9 @@ class RAdam(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999)``: not used by this spec's step
-    - ``eps=1e-08``: not used by this spec's step
+    - ``betas=(0.9, 0.999)``: betas[0] is read by ``state exp_avg`` and ``momentum``; betas[1] is
+      read by ``let rho_inf``, ``let rho``, ``let adaptive`` and ``state exp_avg_sq``
+    - ``eps=1e-08``: read by ``let adaptive``
     - ``weight_decay=0``: the rate of decay l2
     - ``decoupled_weight_decay=False``: whether decay l2 is decoupled (applied to the parameter, not
       the gradient)

@@ -418,11 +418,11 @@ class RMSprop(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.01``: the learning rate
-    - ``alpha=0.99``: not used by this spec's step
+    - ``alpha=0.99``: read by ``state square_avg`` and ``state grad_avg``
     - ``eps=1e-08``: the eps of damping add
     - ``weight_decay=0``: the rate of decay l2
-    - ``momentum=0``: not used by this spec's step
-    - ``centered=False``: not used by this spec's step
+    - ``momentum=0``: read by ``state momentum_buffer`` and ``update``
+    - ``centered=False``: read by ``curvature``
 
     Keyword-only arguments:
 

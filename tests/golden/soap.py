@@ -627,18 +627,19 @@ class SOAP(CurvOptimizer):
     Arguments:
 
     - ``params``: an iterable of tensors or of param-group dicts
-    - ``lr=0.003``: the learning rate
-    - ``betas=(0.95, 0.95)``: betas[1] is the beta of iterate ema
+    - ``lr=0.003``: the learning rate; read by ``update``
+    - ``betas=(0.95, 0.95)``: betas[0] is read by ``let u`` and ``state exp_avg``; betas[1] is the
+      beta of iterate ema and read by ``let u``
     - ``shampoo_beta=None``: (None: betas[1]) the factor_beta of structure kronecker
-    - ``weight_decay=0.01``: not used by this spec's step
+    - ``weight_decay=0.01``: read by ``update``
     - ``precondition_frequency=10``: the period in steps of structure kronecker
     - ``max_precondition_dim=10000``: the max_dim of structure kronecker
     - ``merge_dims=False``: the merge_dims of structure kronecker
     - ``precondition_1d=False``: the vectors of structure kronecker
-    - ``correct_bias=True``: not used by this spec's step
-    - ``normalize_gradient=False``: not used by this spec's step
+    - ``correct_bias=True``: read by ``let u``
+    - ``normalize_gradient=False``: read by ``let normalized``
     - ``data_format='channels_first'``: the layout of structure kronecker
-    - ``eps=1e-08``: the eps of damping add
+    - ``eps=1e-08``: the eps of damping add; read by ``let normalized``
 
     Keyword-only arguments:
 
