@@ -350,3 +350,17 @@ def test_shampoo_on_cuda_equals_shampoo_on_cpu_in_float64():
         runs[device] = [p.detach().cpu() for p in params]
     for a, b in zip(runs["cuda"], runs["cpu"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 0.37])
+def test_the_damped_factor_is_the_symmetrized_sum_with_eps_identity_to_the_last_bit(dtype, eps):
+    from curvc.runtime.matrix import damped_symmetric
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(17, 5, generator=g)
+    factor = a @ a.T + 1e-3 * torch.randn(17, 17, generator=g)  # not quite symmetric
+    damped = factor.to(dtype) + eps * torch.eye(17, dtype=dtype)
+    expected = (damped + damped.T) / 2
+    got = damped_symmetric(factor, eps, dtype)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, got.T)

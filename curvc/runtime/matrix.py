@@ -47,9 +47,12 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0, *,
 
 def damped_symmetric(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     a = matrix.to(dtype)
+    # Symmetric to the last bit, as eigh assumes; eps on the diagonal afterwards gives
+    # the same bits as (A + eps I + (A + eps I)^T) / 2 without an identity matrix.
+    out = (a + a.T).mul_(0.5)
     if eps:
-        a = a + eps * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    return (a + a.T) / 2  # symmetric to the last bit, as eigh assumes
+        out.diagonal().add_(eps)
+    return out
 
 
 def spectral(w: torch.Tensor, exponent: float, after: float = 0.0,
