@@ -222,3 +222,25 @@ def test_sophia_under_zero_equals_sophia_under_ddp(out):
     _assert_equal_to(got, _load(out, "ddp_sophia", 0)["params"], start, 1e-12)
     own = _load(out, "own_sophia", 0)["params"]
     assert any((a - b).abs().max() > 1e-6 * b.abs().max() for a, b in zip(own, got))
+
+
+def test_outside_zero_nothing_is_refused_or_partitioned():
+    """With ZeRO's module loaded but no ZeRO building it, L-BFGS and damped Newton are
+    built as ever; a subclass of ZeRO building one (its own method on the stack) is
+    seen."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from curvc.runtime import zero
+    for spec in z.WHOLE:
+        opt = curvc.load(spec)(z.tiny().parameters(), **z.WHOLE[spec])
+        assert zero.all_params(opt) is None
+
+    class Building(ZeroRedundancyOptimizer):
+        def __init__(self):  # no process group needed to be seen building
+            pass
+
+        def build(self):
+            return curvc.load("lbfgs")(z.tiny().parameters())
+
+    with pytest.raises(curvc.CurvError, match="ZeroRedundancyOptimizer"):
+        Building().build()

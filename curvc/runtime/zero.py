@@ -36,7 +36,6 @@ curvature is averaged.
 """
 from __future__ import annotations
 
-import inspect
 import sys
 import weakref
 
@@ -57,32 +56,23 @@ LAYERS_MISSING = (
 
 
 def building():
-    """The ZeroRedundancyOptimizer constructing the optimizer being built (a frame of
-    one of its methods, ``_init_local_optimizer``, is on the stack), or None. Nothing is
-    imported: without ZeRO's module loaded, no ZeRO can be building anything."""
+    """The ZeroRedundancyOptimizer constructing the optimizer being built, or None: the
+    ``self`` of a method frame on the constructor's stack (``_init_local_optimizer``, or
+    a subclass's override of it). Nothing is imported: without ZeRO's module loaded, no
+    ZeRO can be building anything."""
     module = sys.modules.get(_ZERO_MODULE)
     if module is None:
         return None
     cls = module.ZeroRedundancyOptimizer
-    codes = _method_codes(cls)
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code in codes:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
             owner = frame.f_locals.get("self")
             if isinstance(owner, cls):
                 return owner
         frame = frame.f_back
     return None
-
-
-def _method_codes(cls) -> frozenset:
-    """The code objects of ``cls``'s own methods (whichever of them builds it)."""
-    if cls not in _CODES:
-        _CODES[cls] = frozenset(f.__code__ for f in vars(cls).values() if inspect.isfunction(f))
-    return _CODES[cls]
-
-
-_CODES: dict = {}
 
 
 def adopt(opt, source) -> None:
