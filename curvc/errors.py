@@ -122,6 +122,10 @@ MESSAGES: dict[str, str] = {
     "by route {second}",
     "route.never_matches": "route {pipeline} takes no parameter: `{rule}` is false for every "
     "shape and flag",
+    # running: a compiled optimizer used where its step has no meaning
+    "runtime.zero_partitioned": "{name}'s {what} cannot run under ZeroRedundancyOptimizer, "
+    "which partitions the parameters over the ranks (no rank holds them all); use "
+    "DistributedDataParallel with {name} itself (every rank keeps every parameter)",
     # loading
     "load.not_found": "no spec named {name!r}; shipped specs: {allowed}",
     # files: reading specs, writing modules, the cache

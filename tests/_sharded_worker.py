@@ -10,8 +10,8 @@ its own batches (the same streams as there) and saves, per case, the whole param
   torch.optim.Adam, compiled Adam (default, fused=False, fused=True), two param groups
   and non-default hyperparameters; Shampoo and Distributed Shampoo (blocks, Adam
   grafting), their roots split over the ranks and computed on every rank; K-FAC;
-* zero_<spec>: under DDP with ZeroRedundancyOptimizer(optimizer_class=curvc.load(spec));
-  zero_sophia(_own): Sophia's estimates, averaged (refused) or each rank's own;
+* zero_<spec>: under DDP with ZeroRedundancyOptimizer(optimizer_class=curvc.load(spec))
+  (K-FAC, the estimators and the refused whole-model specs: tests/_zero_worker.py);
 * dcp_<spec>: under FSDP2, STEPS steps straight, and STEPS // 2 steps, a DCP save of the
   model and optimizer, a fresh model and optimizer loaded from it, the rest;
 * ddp_ckpt: under DDP, a state_dict saved on rank 0 at half time and loaded on every rank;
@@ -174,24 +174,6 @@ def dropped(where, spec, rank):
     return {"params": whole(module)}
 
 
-def zero_estimator(rank, **kw):
-    """Sophia under ZeRO: each rank estimates the curvature of its own partition."""
-    net = DistributedDataParallel(w.model())
-    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=curvc.load("sophia"),
-                                  lr=0.01, k=2, **kw)
-    try:
-        for xb, yb in w.data(rank)[:4]:
-            opt.zero_grad()
-            logits = net(xb)
-            if opt.optim.wants_curvature():
-                opt.optim.estimate_curvature(logits=logits)
-            torch.nn.functional.cross_entropy(logits, yb).backward()
-            opt.step()
-    except RuntimeError as e:
-        return {"error": str(e)}
-    return {"params": whole(net.module)}
-
-
 def resumed_dcp(name, rank, where: Path):
     batches = w.data(rank)[:STEPS]
     net = sharded_model()
@@ -238,8 +220,6 @@ def main():
             torch.save(fsdp(name, rank), out / f"fsdp_{name}_{rank}.pt")
         for spec in ZERO_SPECS:
             torch.save(zero(spec, rank), out / f"zero_{spec}_{rank}.pt")
-        torch.save(zero_estimator(rank), out / f"zero_sophia_{rank}.pt")
-        torch.save(zero_estimator(rank, curvature_group=False), out / f"zero_sophia_own_{rank}.pt")
         for name in ("adam", "shampoo"):
             torch.save(resumed_dcp(name, rank, out / f"dcp_{name}"), out / f"dcp_{name}_{rank}.pt")
         torch.save(ddp_checkpoint(rank, out / "ddp.ckpt"), out / f"ddp_ckpt_{rank}.pt")

@@ -11,7 +11,6 @@ stepping on each step's two per-rank gradients averaged, what DDP hands the opti
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,24 +27,24 @@ NEWER_SPECS = ["lion", "lamb", "lars", "adafactor", "muon", "soap", "distributed
                "adan", "adabelief"]
 
 
+def _gloo():
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _gloo
+    finally:
+        sys.path.pop(0)
+    return _gloo
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _gloo().free_port()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    port = _free_port()
     specs = CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS
-    env = {**os.environ, "CURVC_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(out),
-                               *specs], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=3600)  # a hang guard, not a speed requirement
-        assert p.returncode == 0, err[-3000:]
+    _gloo().run_ranks(WORKER, out, *specs)
     return {(s, r): torch.load(out / f"{s}_{r}.pt", weights_only=False)
             for s in specs for r in range(2)}
 

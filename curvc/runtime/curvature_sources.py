@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from curvc.runtime import amp, estimators
+from curvc.runtime import amp, estimators, zero
 from curvc.runtime.program import resolved
 
 _MODEL_KEY = "model"  # where _estimates keeps a model-wide matrix
@@ -121,6 +121,16 @@ class CurvatureSources:
     def _trainable(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
+    def _estimated(self) -> list[torch.Tensor]:
+        """The tensors whose curvature this rank estimates: its trainable ones; as
+        ZeroRedundancyOptimizer's local optimizer averaging over the ranks, every rank's
+        (each rank's data must enter the average of every tensor: ``_averaged`` then
+        keeps this rank's own)."""
+        everyone = zero.all_params(self) if self._curvature_group() is not None else None
+        if everyone is None:
+            return self._trainable()
+        return [p for p in everyone if p.requires_grad]
+
     def estimate_curvature(self, logits: torch.Tensor | None = None,
                            loss: torch.Tensor | None = None) -> None:
         """Compute this step's curvature estimate now; ``step()`` then uses it.
@@ -136,7 +146,7 @@ class CurvatureSources:
         if not source.estimated_on_request:
             raise source.request_error(source.message(source.request, self))
         args = self._source_args()
-        params = self.param_groups[0]["params"] if source.whole_model else self._trainable()
+        params = self.param_groups[0]["params"] if source.whole_model else self._estimated()
         with torch.enable_grad():
             if source.needs_logits and logits is not None:
                 est = source.compute(params, logits, args)
@@ -273,11 +283,15 @@ class CurvatureSources:
                                "pass curvature_group=False to keep each rank's own")
         from curvc.runtime import distributed
         keys = list(estimates)
-        return dict(zip(keys, distributed.average([estimates[k] for k in keys], group)))
+        averaged = dict(zip(keys, distributed.average([estimates[k] for k in keys], group)))
+        if zero.all_params(self) is not None:  # ZeRO: of every rank's tensors, this one's own
+            own = {id(p) for p in self._trainable()}
+            averaged = {p: e for p, e in averaged.items() if id(p) in own}
+        return averaged
 
     def _estimate_from_graph(self, source: estimators.Source, guard: amp.StepGuard) -> None:
         """The estimate from gradients that carry their graph (backward(create_graph=True))."""
-        pairs = [(p, p.grad) for p in self._trainable() if p.grad is not None]
+        pairs = [(p, p.grad) for p in self._estimated() if p.grad is not None]
         if all(g.grad_fn is None for _, g in pairs):
             return  # no graph at all: backward() ran without create_graph
         with torch.enable_grad():
@@ -289,6 +303,6 @@ class CurvatureSources:
     def _release_graphs(self) -> None:
         """Drop gradients' graphs after use: p.grad -> graph -> p is a reference cycle
         that would keep every step's graph alive."""
-        for p in self._trainable():
+        for p in self._estimated():
             if p.grad is not None and p.grad.grad_fn is not None:
                 p.grad = p.grad.detach()

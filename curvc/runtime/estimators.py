@@ -145,9 +145,11 @@ def _fisher_diagonal(params, logits, args):
 def _kfac_natural_gradients(opt, guard):
     """This step's natural gradients into ``opt._estimates``; returns the statistics
     updates to commit once the step is accepted."""
-    from curvc.runtime import kfac
+    from curvc.runtime import kfac, zero
+    partitioned = zero.all_params(opt)
     if opt._tracker is None:
-        raise RuntimeError(LAYERS_MISSING.format(name=type(opt).__name__))
+        missing = LAYERS_MISSING if partitioned is None else zero.LAYERS_MISSING
+        raise RuntimeError(missing.format(name=type(opt).__name__))
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
         if p.grad is not None:
@@ -160,7 +162,7 @@ def _kfac_natural_gradients(opt, guard):
         opt, opt._tracker, params, beta=float(args["beta"]), damping=float(args["damping"]),
         accumulate=args["accumulate"] is None or flags[args["accumulate"]],
         invert=args["invert"] is None or flags[args["invert"]], grad_scale=guard.kfac_scale(),
-        group=opt._curvature_group(),
+        group=opt._curvature_group(), partitioned=partitioned,
         **{k: args[k] for k in ("iterate", "init", "bias_corrected", "exponent", "damping_after",
                                 "floor", "sign", "weight", "start") if k in args})
     return updates

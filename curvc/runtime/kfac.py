@@ -223,7 +223,7 @@ def _sign_above_rounding(c: torch.Tensor, g: torch.Tensor, s_op: torch.Tensor,
 def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *, beta: float,
                       damping: float, accumulate: bool, invert: bool,
                       grad_scale: torch.Tensor | None = None, group=None,
-                      **settings) -> tuple[dict, list]:
+                      partitioned: list | None = None, **settings) -> tuple[dict, list]:
     """({param: its preconditioned gradient} for every param with a gradient, the state
     updates).
 
@@ -235,6 +235,12 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     backward pass was of ``scale * loss``); S_t is divided by its square. The
     parameters' gradients must already be unscaled.
 
+    ``partitioned``: under ZeroRedundancyOptimizer (``curvc.runtime.zero``), all of its
+    parameters, ``params`` being this rank's: every layer of them has its batch factors
+    averaged over ``group`` on every rank, and the layers with a tensor in ``params``
+    are stepped here (their factors kept in the state of the weight, or of the bias
+    where the weight is another rank's).
+
     Nothing is written: the updates, ``(state, key, value)``, are applied by the
     caller once the rest of the step has been checked, so a refused step leaves
     the statistics as they were.
@@ -243,12 +249,20 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     out = {p: p.grad for p in params if p.grad is not None}
     tracker.refuse(out)
     updates: list = []
-    layers = [m for m in tracker.layers
-              if m.weight in out and (m.bias is None or m.bias in out)]  # optimized, with grads
-    batch = _batch_factors(opt, tracker, layers, group) if accumulate else {}
+    if partitioned is None:
+        layers = [m for m in tracker.layers
+                  if m.weight in out and (m.bias is None or m.bias in out)]  # optimized, with grads
+        averaged = layers
+    else:  # ZeRO: every rank averages every partitioned layer's factors, steps its own layers
+        everyone = {id(p) for p in partitioned}
+        averaged = [m for m in tracker.layers if _with_grads(m) and
+                    any(id(p) in everyone for p in _layer_params(m))]
+        layers = [m for m in averaged if any(p in out for p in _layer_params(m))]
+    batch = _batch_factors(opt, tracker, averaged, group) if accumulate else {}
     op_keys = ("kfac_A_basis", "kfac_S_basis") if st.sign else ("kfac_A_inv", "kfac_S_inv")
     for module in layers:
-        w = module.weight
+        # the state of the weight, or of the bias where another rank owns the weight (ZeRO)
+        w = module.weight if module.weight in out else module.bias
         state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
         if accumulate:
             a_t, s_t = batch[module]
@@ -271,8 +285,16 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
                 updates.append((w, op_key, state[op_key]))
         v = preconditioned(kfac_layers.gradient_matrix(module), state[op_keys[1]],
                            state[op_keys[0]], st.sign)
-        out.update(kfac_layers.split_step(module, v))
+        out.update({p: d for p, d in kfac_layers.split_step(module, v).items() if p in out})
     return out, updates
+
+
+def _layer_params(module: torch.nn.Module) -> list:
+    return [module.weight] + ([module.bias] if module.bias is not None else [])
+
+
+def _with_grads(module: torch.nn.Module) -> bool:
+    return all(p.grad is not None for p in _layer_params(module))
 
 
 def _typed(settings: dict) -> dict:

@@ -30,7 +30,7 @@ import torch
 
 from curvc.constraints import CONSTRAINTS
 from curvc.plan import SHAPE
-from curvc.runtime import amp, sharded
+from curvc.runtime import amp, sharded, zero
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
 from curvc.runtime.program import Program, Runner, WholeModel, resolved
@@ -108,6 +108,7 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             self._validate(group)
         amp.validate(self, defaults)
         source = self._source()
+        zero.adopt(self, source)  # built by ZeroRedundancyOptimizer: a partition of the tensors
         if source is not None and source.whole_model:
             self._check_whole_model_groups(source)
         self._estimates: dict = {}
