@@ -54,9 +54,9 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict, solve: bool = True) -> 
     ``solve``: take the Cholesky route where it gives the same d (``definite_solve``);
     False always takes the eigendecomposition (the benchmark's reference)."""
     a = c.to(torch.float64)
-    a = (a + a.T) / 2
+    a = (a + a.T).mul_(0.5)  # a new matrix: c itself is never written
     if s["eps_inside"]:
-        a = a + s["eps_inside"] * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        a.diagonal().add_(s["eps_inside"])
     if solve and s["length"] in SOLVED_LENGTHS and not s.get("clip", 0.0):
         d = definite_solve(a, g.to(torch.float64), s["eps_after"])
         if d is not None:
@@ -107,14 +107,16 @@ def definite_solve(a: torch.Tensor, g: torch.Tensor, eps_after: float) -> torch.
     singular or nearly singular matrix, or one with a NaN): the caller takes eigh.
     Two factorizations of n^3/3 flops each: at n = 650 about a seventh of eigh's time
     (benchmarks/dense_step.py)."""
-    n = a.shape[0]
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
     bound = a.abs().sum(dim=1).max()  # ||a||_inf, an upper bound of the spectral radius
-    t = CERTIFICATE_MARGIN * n * torch.finfo(a.dtype).eps * bound
-    _, info = torch.linalg.cholesky_ex(a - t * eye)
+    shifted = a.clone()
+    shifted.diagonal().sub_(CERTIFICATE_MARGIN * a.shape[0] * torch.finfo(a.dtype).eps * bound)
+    _, info = torch.linalg.cholesky_ex(shifted)
     if info.item() != 0:  # one host sync, as eigh's own error check takes
         return None
-    m = a + eps_after * eye if eps_after else a
+    m = a
+    if eps_after:
+        m = a.clone()
+        m.diagonal().add_(eps_after)
     factor, info = torch.linalg.cholesky_ex(m)
     if info.item() != 0:
         return None
