@@ -35,6 +35,20 @@ SPLIT_SEED = 0  # the train/test split is fixed, whatever --seed says
 N_TRAIN = 1500
 
 
+def add_threads_option(ap) -> None:
+    """--threads: torch's intra-op threads for the run (default 1). The models here are
+    tiny (a 650 x 650 dense curvature at most): a second thread saves little and costs
+    its synchronisation on every op, many times over on a box shared with other work."""
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: these models are too small to split)")
+
+
+def use_threads(n: int) -> None:
+    if n < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+
+
 def optimizer_class(target: str):
     """A compiled module (build/adam.py) or a spec name or path -> the optimizer class."""
     if target.endswith(".py"):

@@ -62,7 +62,9 @@ def main():
                     help="write the per-epoch training loss and test accuracy curves (PNG)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is off anyway when stderr is not a terminal)")
+    loop.add_threads_option(ap)
     args = ap.parse_args()
+    loop.use_threads(args.threads)
 
     data = loop.load_digits()
     Opt = loop.optimizer_class(args.optimizer)
