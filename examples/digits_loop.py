@@ -61,11 +61,31 @@ def optimizer_class(target: str):
     return curvc.load(target)
 
 
+def digits_arrays():
+    """scikit-learn's digits as numpy arrays (1797 x 64 pixels, 1797 labels), read from
+    the CSV scikit-learn ships where it keeps it: importing sklearn.datasets (scipy,
+    its validation machinery) takes seconds, longer than some specs train here. Any
+    other layout goes through scikit-learn's loader."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(int)
+    from sklearn.datasets import load_digits as sklearn_digits
+    return sklearn_digits(return_X_y=True)
+
+
 def load_digits():
     """scikit-learn's 8x8 digits (shipped with it, no download), scaled to [0, 1]:
     x (1797, 64), y (1797,), and fixed train/test index tensors."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    x, y = sklearn_digits(return_X_y=True)
+    x, y = digits_arrays()
     x = torch.tensor(x, dtype=torch.float32) / 16.0
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
     return x, torch.tensor(y), perm[:N_TRAIN], perm[N_TRAIN:]
