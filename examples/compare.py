@@ -117,7 +117,9 @@ def main():
                     help="the comparison plot (PNG; default: compare.png)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is off anyway when stderr is not a terminal)")
+    loop.add_threads_option(ap)
     args = ap.parse_args()
+    loop.use_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:

@@ -35,6 +35,20 @@ SPLIT_SEED = 0  # the train/test split is fixed, whatever --seed says
 N_TRAIN = 1500
 
 
+def add_threads_option(ap) -> None:
+    """--threads: torch's intra-op threads for the run (default 1). The models here are
+    tiny (a 650 x 650 dense curvature at most): a second thread saves little and costs
+    its synchronisation on every op, many times over on a box shared with other work."""
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: these models are too small to split)")
+
+
+def use_threads(n: int) -> None:
+    if n < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+
+
 def optimizer_class(target: str):
     """A compiled module (build/adam.py) or a spec name or path -> the optimizer class."""
     if target.endswith(".py"):
@@ -47,11 +61,31 @@ def optimizer_class(target: str):
     return curvc.load(target)
 
 
+def digits_arrays():
+    """scikit-learn's digits as numpy arrays (1797 x 64 pixels, 1797 labels), read from
+    the CSV scikit-learn ships where it keeps it: importing sklearn.datasets (scipy,
+    its validation machinery) takes seconds, longer than some specs train here. Any
+    other layout goes through scikit-learn's loader."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(int)
+    from sklearn.datasets import load_digits as sklearn_digits
+    return sklearn_digits(return_X_y=True)
+
+
 def load_digits():
     """scikit-learn's 8x8 digits (shipped with it, no download), scaled to [0, 1]:
     x (1797, 64), y (1797,), and fixed train/test index tensors."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    x, y = sklearn_digits(return_X_y=True)
+    x, y = digits_arrays()
     x = torch.tensor(x, dtype=torch.float32) / 16.0
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
     return x, torch.tensor(y), perm[:N_TRAIN], perm[N_TRAIN:]

@@ -17,7 +17,8 @@ n x n matrix and so trains a linear classifier (650 parameters).
 
 --seed fixes the model's initialisation, the batch order and any sampling
 the optimizer does (Hutchinson probes, sampled labels): two runs with the same
-seed print the same losses. A progress bar shows each epoch's steps on a
+seed print the same losses. --threads sets torch's threads (default 1: these
+models are too small for a second). A progress bar shows each epoch's steps on a
 terminal; it stays off when output is piped, or with --no-progress.
 """
 from __future__ import annotations
@@ -62,7 +63,9 @@ def main():
                     help="write the per-epoch training loss and test accuracy curves (PNG)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is off anyway when stderr is not a terminal)")
+    loop.add_threads_option(ap)
     args = ap.parse_args()
+    loop.use_threads(args.threads)
 
     data = loop.load_digits()
     Opt = loop.optimizer_class(args.optimizer)
