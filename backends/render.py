@@ -305,7 +305,7 @@ class PythonHost(Renderer):
 
     ops = {**Renderer.ops, "sqrt": "math.sqrt({0})", "abs": "abs({0})",
            "maximum": "max({0}, {1})", "minimum": "min({0}, {1})",
-           "sign": "math.copysign(1.0, {0})"}
+           "sign": "math.copysign(1.0, {0})", "exp": "math.exp({0})", "log": "math.log({0})"}
 
 
 def guard_text(guard: Guard) -> str:

@@ -250,6 +250,7 @@ EXPRESSION_NAMES = {
 # hyperparameters and step), so it never branches per coordinate.
 FUNCTIONS: dict[str, tuple[int, str]] = {
     "sqrt": (1, "square root"), "abs": (1, "absolute value"), "sign": (1, "sign (0 at 0)"),
+    "exp": (1, "exponential e^x"), "log": (1, "natural logarithm (x > 0)"),
     "max": (2, "elementwise maximum"), "min": (2, "elementwise minimum"),
     "lerp": (3, "lerp(a, b, w) = a + w * (b - a)"),
     "if": (3, "if(condition, then, else), the condition a host value"),

@@ -14,7 +14,8 @@ from curvc.lower_step import Step, select
 from curvc.plan import SHAPE, Const, Expr, Load, Reduced, Reduction, Scalar, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
-_FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
+_FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "exp": "exp", "log": "log",
+                 "max": "maximum",
                  "min": "minimum", "lerp": "lerp"}
 
 

@@ -58,6 +58,8 @@ VARIANTS = {
     "sign_fisher_clip": [dict(max_norm=0.5), dict(betas=(0.0, 0.99), maximize=True)],
     "sum_normalized_hb": [dict(momentum=0.9, nesterov=True, weight_decay=0.01, lr_decay=0.05),
                           dict(momentum=0.0, maximize=True)],
+    # exp and log of a list, and on the host
+    "exp_log_step": [dict(beta=0.8, tau=5.0), dict(tau=3.0, maximize=True)],
 }
 
 # (spec, variant, param dtype, state dtype: None for float32 state of bf16 params, as the runtime)

@@ -151,6 +151,8 @@ CASES = {
               dict(decoupled_weight_decay=True)),
     "every_keep_max_pow": ("every_keep_max_pow", dict(lr=0.01, power=0.5, k=3, amsgrad=True),
                            dict(power=1.0, amsgrad=False, k=2)),
+    # exp and log elementwise (tl.exp, tl.log) and on the host (math.exp, math.log)
+    "exp_log_step": ("exp_log_step", dict(lr=0.01, beta=0.8, tau=5.0), dict(tau=3.0)),
 }
 
 
