@@ -225,3 +225,38 @@ def test_exp_and_log_elementwise_and_on_the_host_follow_torch_exp_and_log(path):
     # the parameters moved from their start: a step that did nothing could not pass
     assert (ws[0].detach() - torch.randn(shapes[0], generator=torch.Generator().manual_seed(3),
                                          dtype=torch.float64)).abs().max() > 1e-3
+
+
+def test_an_optional_hyperparameter_defaults_to_none_and_given_picks_the_branch():
+    # hyper warmup = none: d = g * min(t / warmup, 1) when warmup is given, else d = g
+    cls = _spec("momentum = if(given(warmup), grad * min(step / warmup, 1), grad)\n"
+                "curvature constant\nstructure scalar\nlength none",
+                hyper="lr = 1.0, warmup = none")
+    import inspect
+    assert inspect.signature(cls).parameters["warmup"].default is None
+    for warmup, expected in ((None, (-1.0, -2.0, -3.0, -4.0)), (2.0, (-0.5, -1.5, -2.5, -3.5))):
+        w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        opt = cls([w], warmup=warmup)
+        for t, value in enumerate(expected, 1):
+            w.grad = torch.ones(1, dtype=torch.float64)
+            opt.step()
+            assert w.item() == value, (warmup, t)
+    with pytest.raises(ValueError, match="warmup"):
+        cls([w], warmup=float("inf"))
+
+
+def test_a_host_if_on_given_computes_only_the_branch_taken():
+    # the other branch, log(lr - lr) = log(0), raises on the host if it is ever computed
+    cls = _spec("let scale = if(given(warmup), warmup, log(lr - lr))\n"
+                "momentum = grad * scale\ncurvature constant\nstructure scalar\nlength none",
+                hyper="lr = 1.0, warmup = none")
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = cls([w], warmup=3.0)
+    for t in (1, 2):
+        w.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        assert w.item() == -3.0 * t
+    opt = cls([w], warmup=None)  # now the branch taken is log(0)
+    w.grad = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="math domain error"):
+        opt.step()

@@ -48,9 +48,11 @@ VARIANTS = {
                   dict(rectify=True, degenerated_to_sgd=False, weight_decouple=False,
                        weight_decay=0.1)],
     "adan": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                          maximize=True)],
+                                          maximize=True), dict(max_grad_norm=0.5)],
     "ademamix": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                              maximize=True)],
+                                              maximize=True),
+                 dict(t_alpha_beta3=3.0, weight_decouple=True, fixed_decay=True,
+                      weight_decay=0.1)],
     "nadam": [dict(weight_decay=0.1), dict(decoupled_weight_decay=True, weight_decay=0.1,
                                            maximize=True)],
     # test hybrids: pow, a reduction under a clip, Nesterov heavy-ball, keep_max every k
