@@ -53,6 +53,8 @@ from curvc.backends.torch import (TorchRenderer, _emit_statements, _leaf, signat
 LIST, TENSOR, SCALAR = "list", "tensor", "scalar"  # a value's kind (see the module docstring)
 
 _F = "torch._foreach_"
+# plan ops that are one torch._foreach_<op> (and <op>_ in place) of one list
+UNARY = ("neg", "sqrt", "abs", "sign", "exp", "log")
 
 
 class ForeachRenderer(TorchRenderer):
@@ -142,7 +144,7 @@ class ForeachRenderer(TorchRenderer):
         with the out-of-place call's exact arithmetic; None where there is none."""
         if not dying:
             return None
-        if op in ("neg", "sqrt", "abs", "sign"):
+        if op in UNARY:
             return args[0], [f"{_F}{op}_({args[0]})"]
         if op in FUSED:  # written into the accumulated operand, the first
             if args[0] not in dying:
@@ -206,7 +208,7 @@ class ForeachRenderer(TorchRenderer):
 
     def _foreach(self, op: str, args: list[str], kinds: list[str]) -> str | None:
         """One foreach call (or a short chain) for ``op``; None where no overload fits."""
-        if op in ("neg", "sqrt", "abs", "sign"):
+        if op in UNARY:
             return f"{_F}{op}({args[0]})"
         if op in FUSED:
             return FUSED[op].format(*args, f=_F, in_place="")

@@ -305,7 +305,10 @@ class PythonHost(Renderer):
 
     ops = {**Renderer.ops, "sqrt": "math.sqrt({0})", "abs": "abs({0})",
            "maximum": "max({0}, {1})", "minimum": "min({0}, {1})",
-           "sign": "math.copysign(1.0, {0})"}
+           "sign": "math.copysign(1.0, {0})", "exp": "math.exp({0})", "log": "math.log({0})",
+           # an optional hyperparameter not given is NaN on the host (CurvOptimizer.OPTIONAL)
+           "given": "(not math.isnan({0}))", "choose": "({1} if {0} else {2})",
+           "not_given": "math.nan"}
 
 
 def guard_text(guard: Guard) -> str:
@@ -316,6 +319,15 @@ def guard_text(guard: Guard) -> str:
 def _host_line(buf: IndentedBuffer, r: Renderer, name: str, e: Expr, leaf, taken: set) -> None:
     """``h_name = e``, its operands first as lines of their own while it is too long
     (a spec's long ``let``): the line stays under the page width, the arithmetic as is."""
+    if isinstance(e, Op) and e.op == "choose":  # lazy: only the branch taken is computed
+        cond = r.render_inline(e.args[0], leaf)
+        buf.writeline(f"if {cond[1:-1] if e.args[0].op == 'given' else cond}:")
+        for branch in e.args[1:]:
+            with buf.indent():
+                _host_line(buf, r, name, branch, leaf, taken)
+            if branch is e.args[1]:
+                buf.writeline("else:")
+        return
     text = f"{scalar_name(name)} = {r.render_inline(e, leaf)}"
     if len(text) <= buf.room or not isinstance(e, Op):
         buf.writeline(text)

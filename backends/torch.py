@@ -21,7 +21,8 @@ from curvc.backends.render import (Guard, IndentedBuffer, PythonHost, Renderer, 
 
 class TorchRenderer(Renderer):
     ops = {**Renderer.ops, "sqrt": "torch.sqrt({0})", "abs": "torch.abs({0})",
-           "sign": "torch.sign({0})", "lerp": "torch.lerp({0}, {1}, {2})",
+           "sign": "torch.sign({0})", "exp": "torch.exp({0})", "log": "torch.log({0})",
+           "lerp": "torch.lerp({0}, {1}, {2})",
            "div_or_zero": "torch.where({1} > 0, {0} / {1}, 0.0)",
            "keep_if": "torch.where({0} != 0, {1}, {2})", "narrow": "{0}.to(cdt)"}
 

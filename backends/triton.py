@@ -41,6 +41,7 @@ class TritonRenderer(Renderer):
 
     ops = {**Renderer.ops,
            "div": "_div({0}, {1})", "sqrt": "_sqrt({0})", "abs": "tl.abs({0})",
+           "exp": "tl.exp({0})", "log": "tl.log({0})",
            # torch.sign: 0 at 0 (and at NaN)
            "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
            # torch.maximum/clamp propagate NaN; Triton's default does not

@@ -17,12 +17,12 @@ import sys
 from dataclasses import fields
 
 from curvc import check_exprs, ir, names, parse as ast, rules
-from curvc.check_fallback import fallback
+from curvc.check_fallback import fallback, reserved_hyper_why
 from curvc.constraints import CONSTRAINTS
 from curvc.errors import CurvError, Span, suggest
 from curvc.routing_ast import RoutedAST
 from curvc.language import (DEFAULT_FORMS, EVERY, EXPRESSION_CLAUSES, FORMS, LR,
-                            MACHINE_EPS, MODIFIER_SWITCHES, MODIFIER_WHY,
+                            MACHINE_EPS, MODIFIER_SWITCHES, NONE, MODIFIER_WHY,
                             REQUIRED_CLAUSES, RESERVED_WHY, ArgSpec, FormSpec)
 
 
@@ -170,16 +170,6 @@ def _check_optimizer_name(name: str, span: Span) -> None:
     raise CurvError("name.reserved_optimizer", span, name=name, why=why)
 
 
-def _reserved_hyper_why(name: str) -> str | None:
-    if name in RESERVED_WHY:
-        return RESERVED_WHY[name]
-    if keyword.iskeyword(name):
-        return "it is a Python keyword, and hyperparameters become Python keyword arguments"
-    if name.startswith("_"):
-        return "names starting with '_' are kept for the generated code"
-    return None
-
-
 def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
     seen: dict[str, ir.Hyper] = {}
     declared = {p.name for p in spec.params}
@@ -188,11 +178,13 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
             first = seen[p.name].span
             raise CurvError("name.duplicate_hyper", p.span, name=p.name,
                             hint=f"first defined at line {first.line}, column {first.column}")
-        why = _reserved_hyper_why(p.name)
+        why = reserved_hyper_why(p.name)
         if why:
             raise CurvError("name.reserved_hyper", p.span, name=p.name, why=why)
         d = p.default
-        if isinstance(d, ast.Ref) and (d.index is not None or d.name in declared):
+        if isinstance(d, ast.Ref) and d.index is None and d.name == NONE:
+            default = None  # optional: None in the constructor, read only under given()
+        elif isinstance(d, ast.Ref) and (d.index is not None or d.name in declared):
             default = d  # another hyperparameter's value: resolved below
         elif isinstance(d, ast.Ref):  # a word: its choices come from the argument reading it
             default = d.name
@@ -202,7 +194,8 @@ def _check_hypers(spec: ast.SpecAST) -> tuple[ir.Hyper, ...]:
             default = d.value
         else:
             default = _finite(d)  # machine_eps: None, the constructor's default
-        seen[p.name] = ir.Hyper(p.name, default, p.span)
+        seen[p.name] = ir.Hyper(p.name, default, p.span, optional=default is None and
+                                isinstance(d, ast.Ref))
     for name, h in seen.items():
         if isinstance(h.default, ast.Ref):
             seen[name] = fallback(h, seen)
@@ -358,6 +351,7 @@ def _bad_modifier(clause: ast.Clause, form: FormSpec, mod: ast.Modifier) -> Curv
 def _check_value(value, spec_arg: ArgSpec, where: str, hypers: dict[str, ir.Hyper],
                  what: str | None = None, scope: check_exprs.Scope | None = None) -> ir.Arg:
     what = what or f"the {spec_arg.name!r} of {where}"
+    check_exprs.refuse_none(value, hypers)
     if spec_arg.kind == "expr":
         value = check_exprs.vector_ref(value, what, scope or check_exprs.Scope(hypers))
         return None if value == ir.Var("grad") else value

@@ -7,6 +7,9 @@ Beyond names and arities, two rules keep every expression meaningful:
 
 * an ``if`` condition is a host value (hyperparameters and step), decided once
   per step, so no coordinate branches;
+* an optional hyperparameter (``hyper NAME = none``, None unless given) is read only
+  inside ``if(given(NAME), A, B)``'s ``A``; a let that reads it unguarded may itself
+  be read only there;
 * this step's values form no cycle: a state read anywhere but in its own
   definition (or through ``old``) is its new value, so ``state u = ... direction``
   with a ``momentum = ... u`` needs ``old(u)``; the error names the cycle.
@@ -33,6 +36,10 @@ class Scope:
     states: dict[str, ast.Definition] = field(default_factory=dict)
     checked: dict[str, ir.Expr] = field(default_factory=dict)  # let name -> its IR
     read: set[str] = field(default_factory=set)  # lets and states some expression reads
+    # optional hyperparameters given() holds for where the expression being checked is
+    guarded: frozenset = frozenset()
+    # let name -> {optional hyperparameter: where it reads it unguarded}
+    unguarded: dict[str, dict] = field(default_factory=dict)
 
     def is_host(self, e: ir.Expr) -> bool:
         """Whether ``e`` is a per-step host value (reads no tensor)."""
@@ -124,8 +131,34 @@ def let_expr(scope: Scope, name: str, stack: tuple[str, ...] = ()) -> ir.Expr:
         if name in stack:
             path = " -> ".join((*stack[stack.index(name):], name))
             raise CurvError("expr.cycle", scope.lets[name].name_span, path=f"let {path}")
-        scope.checked[name] = expression(scope.lets[name].expr, scope, stack + (name,))
+        # a let means the same wherever it is read: its own guards only
+        outer, scope.guarded = scope.guarded, frozenset()
+        scope.unguarded[name] = {}
+        try:
+            scope.checked[name] = expression(scope.lets[name].expr, scope, stack + (name,))
+        finally:
+            scope.guarded = outer
     return scope.checked[name]
+
+
+def refuse_none(value, hypers: dict[str, ir.Hyper]) -> None:
+    """A form argument (or a default) may not name an optional hyperparameter."""
+    if isinstance(value, ast.Ref) and value.name in hypers and hypers[value.name].optional:
+        raise CurvError("expr.unguarded_none", value.span, name=value.name,
+                        hint="a form's argument is a number at every step; write the clause "
+                             "as an expression, or give the hyperparameter a default")
+
+
+def _read_none(name: str, span, scope: Scope, stack: tuple[str, ...], via=None) -> None:
+    """An optional hyperparameter read at ``span`` (``via``: through that let)."""
+    if name in scope.guarded:
+        return
+    if stack:  # inside a let: its readers must guard it
+        scope.unguarded[stack[-1]].setdefault(name, span)
+        return
+    hint = (f"the let {via[0]!r} reads it outside given({name}) (line {span.line}, column "
+            f"{span.column})" if via else None)
+    raise CurvError("expr.unguarded_none", span if via is None else via[1], name=name, hint=hint)
 
 
 def expression(e: ast.Expr, scope: Scope, stack: tuple[str, ...] = ()) -> ir.Expr:
@@ -157,6 +190,11 @@ def expression(e: ast.Expr, scope: Scope, stack: tuple[str, ...] = ()) -> ir.Exp
                             else "declare one with `state NAME = EXPR`")
         scope.read.add(a.name)
         return ir.Apply("old", (ir.Var(a.name, a.span),), e.span)
+    if fn == "given":
+        raise CurvError("expr.given_outside_if", e.span,
+                        hint="compare values in a condition; given() only guards if()'s branches")
+    if fn == "if" and isinstance(args[0], ast.Call) and args[0].name == "given":
+        return _if_given(e, scope, stack)
     out = [expression(a, scope, stack) for a in args]
     if fn == "if":
         cond = out[0]
@@ -169,6 +207,33 @@ def expression(e: ast.Expr, scope: Scope, stack: tuple[str, ...] = ()) -> ir.Exp
     for a, node in zip(args[len(out) - len(operands):], operands):
         _refuse_boolean(a, node, scope)
     return ir.Apply(fn, tuple(out), e.span)
+
+
+def _if_given(e: ast.Call, scope: Scope, stack) -> ir.Expr:
+    """``if(given(NAME), A, B)``: A may read NAME; decided on the host, lazily (B alone is
+    computed where NAME is None)."""
+    given, then, other = e.args
+    if len(given.args) != 1:
+        raise CurvError("expr.arity", given.span, name="given", count=1, s="",
+                        given=len(given.args), hint=FUNCTIONS["given"][1])
+    (ref,) = given.args
+    h = scope.hypers.get(ref.name) if isinstance(ref, ast.Ref) else None
+    if h is None or not h.optional or ref.index is not None:
+        found = repr(ref.name) if isinstance(ref, ast.Ref) else "an expression"
+        optional = [n for n, x in scope.hypers.items() if x.optional]
+        raise CurvError("expr.given_not_optional", ref.span, found=found,
+                        hint=f"the optional ones: {', '.join(optional)}" if optional else
+                        "declare one with `hyper NAME = none`")
+    outer, scope.guarded = scope.guarded, scope.guarded | {ref.name}
+    try:
+        a = expression(then, scope, stack)
+    finally:
+        scope.guarded = outer
+    b = expression(other, scope, stack)
+    for x, node in ((then, a), (other, b)):
+        _refuse_boolean(x, node, scope)
+    cond = ir.Apply("given", (ir.HyperRef(ref.name, None, ref.span),), given.span)
+    return ir.Apply("if", (cond, a, b), e.span)
 
 
 def _refuse_boolean(a: ast.Expr, node: ir.Expr, scope: Scope) -> None:
@@ -197,6 +262,8 @@ def _name(e: ast.Ref, scope: Scope, stack) -> ir.Expr:
             raise CurvError("value.wrong_kind", e.span, what=f"{name!r} in an expression",
                             expected="one value", found=f"the tuple {name!r}",
                             hint=f"pick an entry: {name}[0]")
+        if scope.hypers[name].optional:
+            _read_none(name, e.span, scope, stack)
         return ir.HyperRef(name, e.index, e.span)
     if e.index is not None:
         raise CurvError("value.bad_index", e.span, name=name,
@@ -204,6 +271,8 @@ def _name(e: ast.Ref, scope: Scope, stack) -> ir.Expr:
     if name in scope.lets:
         scope.read.add(name)
         let_expr(scope, name, stack)
+        for hyper, span in scope.unguarded.get(name, {}).items():
+            _read_none(hyper, span, scope, stack, via=(name, e.span))
     elif name in scope.states:
         scope.read.add(name)
     elif name not in EXPRESSION_NAMES:

@@ -1,8 +1,23 @@
-"""A hyperparameter default that is another hyperparameter's number (curvc.check)."""
+"""Hyperparameter declarations (curvc.check): the names a hyperparameter may not take,
+and a default that is another hyperparameter's number."""
 from __future__ import annotations
+
+import keyword
 
 from curvc import ir, parse as ast
 from curvc.errors import CurvError, suggest
+from curvc.language import RESERVED_WHY
+
+
+def reserved_hyper_why(name: str) -> str | None:
+    """Why ``name`` cannot name a hyperparameter; None if it can."""
+    if name in RESERVED_WHY:
+        return RESERVED_WHY[name]
+    if keyword.iskeyword(name):
+        return "it is a Python keyword, and hyperparameters become Python keyword arguments"
+    if name.startswith("_"):
+        return "names starting with '_' are kept for the generated code"
+    return None
 
 
 def fallback(h: ir.Hyper, seen: dict) -> ir.Hyper:

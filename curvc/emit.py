@@ -346,6 +346,9 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                      if h.fallback}
         if fallbacks:  # None reads another hyperparameter's value (NAME = OTHER[i])
             buf.writeline(f"FALLBACKS = {fallbacks!r}")
+        optional = tuple(h.name for h in opt.hypers if h.optional)
+        if optional:  # `hyper NAME = none`: None means not given
+            buf.writeline(f"OPTIONAL = {optional!r}")
         words = {h.name: h.choices for h in opt.hypers if h.choices}
         if words:  # word hyperparameters: the strings each may be
             buf.writelines(wrap_items("WORDS = {", [f"{n!r}: {c!r}" for n, c in words.items()],

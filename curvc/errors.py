@@ -88,6 +88,12 @@ MESSAGES: dict[str, str] = {
     "expr.cycle": "{path}: each needs the other's value of this step",
     "expr.unused": "{kind} {name!r} is defined but never read",
     "expr.expected_name": "{what} must name a vector (grad, a let or a state), not {found}",
+    "expr.unguarded_none": "{name!r} has no value unless one is given (`hyper {name} = none`), "
+    "so it is read only inside the A of if(given({name}), A, B)",
+    "expr.given_not_optional": "given() asks whether an optional hyperparameter (`hyper NAME = "
+    "none`) was given; {found} is not one",
+    "expr.given_outside_if": "given() is only the whole condition of an if(): "
+    "if(given(NAME), A, B)",
     # combinations of axes
     "combo.missing_clause": "a spec needs a {clause} clause ({why})",
     "combo.missing_lr": "a spec needs the hyperparameter 'lr' (every step is "

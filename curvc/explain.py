@@ -109,15 +109,16 @@ def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     into_step = opt.step_momentum.kind != "none"
     if dec.kind == "l2" and switch and dec.decoupled == ir.Const(True):
         if not into_step:
-            eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})")
+            eq.append(f"theta = theta * (1 - {_decay_rate(dec, decay_lr)})")
     elif dec.kind == "l2":
         if opt.structure.kind != "dense":  # the dense step adds it to d (see _dense)
             eq.append(f"g     = g + {_v(dec.rate)} * theta"
                       + (f"   (if not {_v(dec.decoupled)})" if switch else ""))
         if switch and not into_step:
-            eq.append(f"theta = theta * (1 - {decay_lr} * {_v(dec.rate)})   (if {_v(dec.decoupled)})")
+            eq.append(f"theta = theta * (1 - {_decay_rate(dec, decay_lr)})   "
+                      f"(if {_v(dec.decoupled)})")
     elif opt.decay.kind == "decoupled" and not into_step:
-        eq.append(f"theta = theta * (1 - {decay_lr} * {_v(opt.decay.rate)})")
+        eq.append(f"theta = theta * (1 - {_decay_rate(dec, decay_lr)})")
     lr = _adjusted(opt, lr, eq)
     eq += explain_exprs.definitions(opt, late=False)
     s = opt.structure.kind
@@ -351,8 +352,11 @@ def _clip(opt: ir.Optimizer, clip: ir.Clip | None = None, x: str = "d") -> list[
                 "per coordinate of the curvature's eigenbasis, the Newton step capped at "
                 f"{_v(clip.threshold)} times the length's)"]
     if clip.kind == "global_norm":
-        return [f"{x}     = {x} * min(1, {_v(clip.threshold)} / ||{x}||)   "
-                f"(norm over {_over(clip)}" + (f"; {first})" if first else ")")]
+        norm = f"||{x}||" if clip.eps in (None, ir.Const(0.0)) else f"(||{x}|| + {_v(clip.eps)})"
+        off = f"; none where {_v(clip.threshold)} = 0" if isinstance(clip.threshold,
+                                                                   ir.HyperRef) else ""
+        return [f"{x}     = {x} * min(1, {_v(clip.threshold)} / {norm})   "
+                f"(norm over {_over(clip)}{off}" + (f"; {first})" if first else ")")]
     if clip.kind == "tensor_rms":
         return [f"{x}     = {x} / max(1, RMS({x}) / {_v(clip.threshold)})   (RMS over each tensor"
                 + (f"; {first})" if first else ")")]
@@ -384,12 +388,26 @@ def explain(opt: ir.Optimizer, plan: Plan | None = None) -> str:
     lines += [f"    {e}" for e in equations(opt, plan)]
     if opt.hypers:
         lines += ["", "  hyperparameters: " + ", ".join(
-            f"{h.name}={h.fallback or _default(h.default)}" for h in opt.hypers)]
-        if any(d is None for h in opt.hypers
+            f"{h.name}={h.fallback or ('none' if h.optional else _default(h.default))}"
+            for h in opt.hypers)]
+        if any(d is None for h in opt.hypers if not h.optional
                for d in (h.default if isinstance(h.default, tuple) else (h.default,))):
             lines.append("  (machine_eps: the parameter dtype's torch.finfo(dtype).eps, at step "
                          "time; None in the constructor)")
+        if any(h.optional for h in opt.hypers):
+            lines += ["  (none: None in the constructor, not given; if(given(NAME), A, B) is A",
+                      "  where NAME is a number, else B, computing only the branch taken)"]
     return "\n".join(lines) + "\n"
+
+
+def _decay_rate(dec: ir.Decay, lr: str) -> str:
+    """What decoupled decay takes off theta's scale: lr * wd, or wd where it is fixed."""
+    scaled = f"{lr} * {_v(dec.rate)}"
+    if dec.fixed in (None, ir.Const(False)):
+        return scaled
+    if dec.fixed == ir.Const(True):
+        return _v(dec.rate)
+    return f"({_v(dec.rate)} if {_v(dec.fixed)} else {scaled})"
 
 
 def _default(v) -> str:

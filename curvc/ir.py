@@ -112,6 +112,9 @@ class Hyper:
     # constructor's default is None, which reads that one's value at step time; ``default``
     # holds that one's default (what check and explain evaluate)
     fallback: "HyperRef | None" = field(default=None, repr=False)
+    # ``hyper NAME = none``: the constructor's default is None (not given), which only
+    # ``given(NAME)`` reads; ``default`` is None then
+    optional: bool = field(default=False, repr=False)
 
 
 # --- the paper's axes --------------------------------------------------------
@@ -194,6 +197,7 @@ class Clip:
     threshold: Arg | None = None
     scope: Arg | None = None  # global_norm: the norm's tensors (global | group | tensor)
     on: Arg | None = None  # step (the finished d) | gradient (g, before anything reads it)
+    eps: Arg | None = None  # global_norm: added to the norm, C / (||d|| + eps)
     span: Span = span_field()
 
     @property
@@ -222,6 +226,7 @@ class Decay:
     kind: str  # none | l2 | decoupled
     rate: Arg | None = None
     decoupled: Arg | None = None  # l2 only: switch to decoupled decay (torch Adam's flag)
+    fixed: Arg | None = None  # the decoupled decay's factor is 1 - wd, not 1 - lr*wd
     span: Span = span_field()
 
 

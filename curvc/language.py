@@ -91,6 +91,9 @@ _ON = ArgSpec("on", "enum", "step", choices=("step", "gradient"))
 # decay (Distributed Shampoo's momentum and use_nesterov). A spec may have one of each.
 _MOMENTUM_ON = ArgSpec("on", "enum", "gradient", choices=("gradient", "step"))
 
+# Decoupled decay not scaled by lr, theta <- theta*(1 - wd) (pytorch_optimizer's fixed_decay)
+_FIXED = ArgSpec("fixed", "bool", False)
+
 # Each form's comment is the math it stands for (README's language table says more).
 FORMS: dict[str, dict[str, FormSpec]] = {
     "curvature": {
@@ -165,9 +168,10 @@ FORMS: dict[str, dict[str, FormSpec]] = {
     },
     "clip": {
         "none": FormSpec(),
-        # d <- d * min(1, C/||d||), ||d|| over the scope's tensors (on = gradient: g)
-        "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="positive"),
-                                 _SCOPE, _ON)),
+        # d <- d * min(1, C/(||d|| + eps)), ||d|| over the scope's tensors (on = gradient: g);
+        # C = 0: no clip (pytorch_optimizer's max_grad_norm = 0)
+        "global_norm": FormSpec((ArgSpec("threshold", "number", constraint="nonneg"),
+                                 _SCOPE, _ON, ArgSpec("eps", "number", 0.0, "nonneg"))),
         # d_i = clamp(d_i, -threshold, threshold) (Sophia; on = gradient: g_i)
         "elementwise": FormSpec((ArgSpec("threshold", "number", constraint="positive"), _ON)),
         # d <- d / max(1, RMS(d)/threshold), RMS over each tensor (Adafactor's update clip)
@@ -190,9 +194,9 @@ FORMS: dict[str, dict[str, FormSpec]] = {
         "none": FormSpec(),
         # g <- g + wd*theta (decoupled = true: as `decay decoupled`)
         "l2": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),
-                        ArgSpec("decoupled", "bool", False))),
-        # theta <- theta*(1 - lr*wd)
-        "decoupled": FormSpec((ArgSpec("rate", "number", constraint="nonneg"),)),
+                        ArgSpec("decoupled", "bool", False), _FIXED)),
+        # theta <- theta*(1 - lr*wd); fixed = true: theta*(1 - wd), lr not read
+        "decoupled": FormSpec((ArgSpec("rate", "number", constraint="nonneg"), _FIXED)),
     },
     "damping": {
         "none": FormSpec(),
@@ -250,10 +254,13 @@ EXPRESSION_NAMES = {
 # hyperparameters and step), so it never branches per coordinate.
 FUNCTIONS: dict[str, tuple[int, str]] = {
     "sqrt": (1, "square root"), "abs": (1, "absolute value"), "sign": (1, "sign (0 at 0)"),
+    "exp": (1, "exponential e^x"), "log": (1, "natural logarithm (x > 0)"),
     "max": (2, "elementwise maximum"), "min": (2, "elementwise minimum"),
     "lerp": (3, "lerp(a, b, w) = a + w * (b - a)"),
     "if": (3, "if(condition, then, else), the condition a host value"),
     "old": (1, "a state's stored value, before this step's update"),
+    "given": (1, "given(NAME): whether the optional hyperparameter NAME (`hyper NAME = none`) "
+                 "is not None, as the whole condition of an if()"),
     "norm": (1, "the Euclidean norm of the whole tensor (one per parameter tensor)"),
     "rms": (1, "the root mean square of the whole tensor, norm(x) / sqrt(numel)"),
 }
@@ -315,12 +322,15 @@ MODIFIER_SWITCHES = {"bias_corrected": ArgSpec("bias_corrected", "bool")}
 # generated functions a spec's names are prefixed by the backends, so only the
 # places where a name is the API itself are listed: the constructor's arguments
 # (curvc.names, shared with the emitter) and the words of the language.
-_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every", "machine_eps")
+_LANGUAGE_WORDS = ("true", "false", "optimizer", "hyper", "every", "machine_eps", "none")
 
 # A hyperparameter default (or tuple entry) that means the parameter dtype's machine epsilon,
 # torch.finfo(dtype).eps: the constructor's default there is None (torch.optim.Adafactor's
 # eps), and None, given or defaulted, is resolved per dtype at step time.
 MACHINE_EPS = "machine_eps"
+# A hyperparameter default that means "not given": the constructor's default is None, and
+# only given(NAME) reads it (AdEMAMix's t_alpha_beta3 = None, no warmup).
+NONE = "none"
 RESERVED_WHY: dict[str, str] = {
     **{n: "every compiled optimizer already takes an argument of that name"
        for n in sorted(names.keyword_names() - {n for kws in names.STRUCTURE_KEYWORDS.values()

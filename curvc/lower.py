@@ -42,8 +42,10 @@ def lower_decay(s: Step, g: Expr, lr: Expr) -> tuple[Expr, Expr, Callable | None
     used = nonzero(s, "has_weight_decay", d.rate)
     into_step = s.opt.step_momentum.kind != "none"
     coupled = (add(g, mul(p, s.arg(d.rate))), p)
+    fixed = s.bool_arg("decay_fixed", d.fixed) if d.fixed is not None else False
     decoupled = (g, p, mul(p, s.arg(d.rate))) if into_step else \
-        (g, mul(p, sub(1.0, mul(lr, s.arg(d.rate)))))
+        (g, select(fixed, mul(p, sub(1.0, s.arg(d.rate))),
+                   mul(p, sub(1.0, mul(lr, s.arg(d.rate))))))
     switch: str | bool = d.kind == "decoupled"
     if d.kind == "l2" and d.decoupled is not None:
         switch = s.bool_arg("decoupled_decay", d.decoupled)
@@ -280,9 +282,8 @@ def lower_clip(s: Step, d: Expr, clip: ir.Clip | None = None, base: str = "step_
         t = s.arg(clip.threshold)
         return op("maximum", op("minimum", d, t), op("neg", t))
     if clip.kind == "global_norm":
-        norm_sq = _reduce(s, base, mul(d, d), _scope(clip.scope))
-        scale = op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", norm_sq)))
-        return mul(d, scale)
+        return _global_norm_clip(s, d, clip, lambda: _reduce(s, base, mul(d, d),
+                                                             _scope(clip.scope)))
     if clip.kind == "tensor_rms":  # d / max(1, RMS(d) / C), RMS over each tensor (Adafactor's)
         rms = _rms(s, base, d)
         return op("div", d, op("maximum", 1.0, div(rms, s.arg(clip.threshold))))
@@ -301,8 +302,19 @@ def lower_gradient_clip(s: Step, g: Expr) -> Expr:
     clip = s.opt.gradient_clip
     if clip.kind != "global_norm":
         return lower_clip(s, g, clip)
-    norm_sq = _reduce(s, "grad_norm_sq", mul(Load("grad"), Load("grad")), _scope(clip.scope))
-    return mul(g, op("minimum", 1.0, op("div", s.arg(clip.threshold), op("sqrt", norm_sq))))
+    return _global_norm_clip(s, g, clip, lambda: _reduce(
+        s, "grad_norm_sq", mul(Load("grad"), Load("grad")), _scope(clip.scope)))
+
+
+def _global_norm_clip(s: Step, x: Expr, clip: ir.Clip, norm_sq: Callable) -> Expr:
+    """x * min(1, C / (||x|| + eps)); C = 0 (a hyperparameter's value, a flag) is no clip."""
+    on = nonzero(s, "clips", clip.threshold)
+    if on is False:
+        return x
+    norm = op("sqrt", norm_sq())
+    if clip.eps not in (None, ir.Const(0.0)):
+        norm = add(norm, s.arg(clip.eps))
+    return select(on, mul(x, op("minimum", 1.0, op("div", s.arg(clip.threshold), norm))), x)
 
 
 def lower_learning_rate(s: Step) -> Expr:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from curvc import ir
 from curvc.fold import add, div, mul, op, sub
 from curvc.lower_step import Step, select
-from curvc.plan import SHAPE, Const, Expr, Load, Reduced, Reduction, Scalar, walk
+from curvc.plan import SHAPE, Const, Expr, Load, Op, Reduced, Reduction, Scalar, Select, walk
 
 _BINARY = {"op+": add, "op-": sub, "op*": mul, "op/": div}
-_FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "max": "maximum",
+_FUNCTION_OPS = {"sqrt": "sqrt", "abs": "abs", "sign": "sign", "exp": "exp", "log": "log",
+                 "max": "maximum",
                  "min": "minimum", "lerp": "lerp"}
 
 
@@ -30,6 +31,10 @@ class Expressions:
                         for n, st in self.states.items()}
         self.new: dict[str, Expr] = {}
         self.let_values: dict[tuple, Expr] = {}
+        # host names -> the optional hyperparameters they need given: each optional
+        # hyperparameter, and each host let computed only where they are
+        self.needs: dict[str, frozenset] = {h.name: frozenset({h.name})
+                                            for h in s.opt.hypers if h.optional}
 
     def let(self, name: str, self_state: str | None) -> Expr:
         """A let's value; one that reads no tensor is a named host scalar (``h_rho``), so
@@ -38,7 +43,17 @@ class Expressions:
         if key not in self.let_values:
             value = self.lower(self.lets[name], self_state)
             if not isinstance(value, Const) and not _reads_tensor(value):
+                # one that reads an optional hyperparameter outside given() is computed only
+                # where it is given, else NaN (check lets only given()'s branches read it)
+                unguarded = sorted(_unguarded(value, self.needs))
+                if unguarded:
+                    given = [op("given", Scalar(n)) for n in unguarded]
+                    while len(given) > 1:
+                        given[:2] = [op("and", given[0], given[1])]
+                    value = op("choose", given[0], value, op("not_given"))
                 value = self.s.host_scalar(name, value)
+                if unguarded:
+                    self.needs[value.name] = frozenset(unguarded)
             self.let_values[key] = value
         return self.let_values[key]
 
@@ -79,6 +94,8 @@ class Expressions:
         fn = e.fn
         if fn == "old":
             return Load(self.buffers[e.args[0].name])
+        if fn == "if" and getattr(e.args[0], "fn", None) == "given":
+            return self.if_given(*e.args, self_state)
         if fn == "if":
             cond, then, other = e.args
             flag = self.condition(cond)
@@ -108,6 +125,16 @@ class Expressions:
             return op("gt" if fn in ("op>", "op<") else "ge", a, b)
         return op(_FUNCTION_OPS[fn], *args)
 
+    def if_given(self, given: ir.Apply, then: ir.Expr, other: ir.Expr, self_state) -> Expr:
+        """``if(given(NAME), A, B)``: a host value is the lazy ``choose`` (the host computes
+        only the branch taken, so A never sees the NaN that stands for None); a tensor
+        selects on a flag (the kernel computes only the branch taken)."""
+        is_given = op("given", self.s.arg(given.args[0]))
+        a, b = self.lower(then, self_state), self.lower(other, self_state)
+        if _on_host(a) and _on_host(b):
+            return a if a == b else op("choose", is_given, a, b)
+        return select(self.s.flag(f"{given.args[0].name}_given", is_given), a, b)
+
     def condition(self, cond: ir.Expr) -> str | bool:
         """A host flag for ``if``: a boolean hyperparameter, or a comparison on the host."""
         if isinstance(cond, ir.HyperRef):
@@ -127,6 +154,23 @@ class Expressions:
 
 def _reads_tensor(e: Expr) -> bool:
     return any(isinstance(n, (Load, Reduced)) for n in walk(e))
+
+
+def _on_host(e: Expr) -> bool:
+    return not any(isinstance(n, (Load, Reduced, Select)) for n in walk(e))
+
+
+def _unguarded(e: Expr, needs: dict) -> set[str]:
+    """The optional hyperparameters ``e`` needs outside a ``choose``'s first branch (a let
+    check allowed because each of its readers guards them)."""
+    if isinstance(e, Scalar):
+        return set(needs.get(e.name, ()))
+    if isinstance(e, Op) and e.op != "given":
+        args = (e.args[2],) if e.op == "choose" else e.args
+        return set().union(*(_unguarded(a, needs) for a in args))
+    if isinstance(e, Select):
+        return _unguarded(e.then, needs) | _unguarded(e.other, needs)
+    return set()
 
 
 def _power(x: Expr, p: Expr) -> Expr:

@@ -75,6 +75,10 @@ def _rule_step_momentum_follows_the_step(opt: ir.Optimizer) -> None:
     if m.kind == "none":
         return
     what = f"momentum {m.kind}(on = step)"
+    if opt.decay.fixed not in (None, ir.Const(False)):
+        raise _clash(m, what, opt.decay, f"decay {opt.decay.kind}(fixed = ...)",
+                     "the momentum averages decoupled decay into the step, which lr then "
+                     "multiplies, so the decay cannot be kept apart from lr")
     if opt.update is not None:
         raise _clash(m, what, opt.structure, "update = ...",
                      "update = EXPR replaces the step the momentum would average; write the "
@@ -122,6 +126,12 @@ def refusals(refusal, clause) -> tuple:
                 clause("iterate"), "iterate {kind} bias_corrected(flag) with curvature kfac",
                 "K-FAC's runtime fixes at construction whether its factors start at 0 and are "
                 "corrected, or start at I; write bias_corrected or leave it out"),
+        refusal("secant_clip_eps", "secant",
+                lambda opt: opt.clip.kind == "global_norm" and opt.clip.eps not in (
+                    None, ir.Const(0.0)), clause("clip"),
+                "clip global_norm(eps = ...) with structure low_rank",
+                "L-BFGS's driver scales its direction by min(1, C / ||d||) itself, with no "
+                "eps; leave eps out"),
         refusal("secant_step_momentum", "secant",
                 lambda opt: opt.step_momentum.kind != "none", clause("step_momentum"),
                 "momentum {kind}(on = step) with structure low_rank",

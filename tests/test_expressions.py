@@ -4,6 +4,8 @@ stored vs new value, host conditions, a named statistic for Kronecker factors) a
 the ones the README states, checked against equations written out here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -185,3 +187,76 @@ def test_adabelief_style_curvature_of_a_difference():
         v = 0.9 * v + 0.1 * (g - m) ** 2
         theta = theta - m / (v.sqrt() + 1e-3)
         assert torch.allclose(w.detach(), theta, rtol=1e-12, atol=0)
+
+
+EXP_LOG_SPEC = str(Path(__file__).parent / "specs" / "exp_log_step.curv")
+
+
+@pytest.mark.parametrize("path", ["per-tensor", "foreach", "fused"])
+def test_exp_and_log_elementwise_and_on_the_host_follow_torch_exp_and_log(path):
+    # tests/specs/exp_log_step.curv, written out: w_t = exp(log(beta) t / tau) on the host,
+    # m_t = lerp(m, g, 1 - w_t), n = log(1 + exp(m_t)) - log(2) elementwise,
+    # v_t = 0.99 v + 0.01 g^2, theta -= lr n / (sqrt(v_t / (1 - 0.99^t)) + eps)
+    cls = curvc.load(EXP_LOG_SPEC, backend="torch")
+    lr, beta, eps, tau = 0.05, 0.8, 1e-6, 7.0
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 3), (4,), (3,)]
+    ws = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    theta = [w.detach().clone() for w in ws]
+    m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    kw = dict(lr=lr, beta=beta, eps=eps, tau=tau)
+    kw.update(foreach=path == "foreach", fused=path == "fused")
+    opt = cls(ws, **kw)
+    for t in range(1, 13):
+        warm = torch.exp(torch.log(torch.tensor(beta, dtype=torch.float64)) * t / tau)
+        for i, w in enumerate(ws):
+            g = torch.randn(shapes[i], generator=gen, dtype=torch.float64)
+            w.grad = g.clone()
+            m[i] = m[i] + (1 - warm) * (g - m[i])
+            n = torch.log(1 + torch.exp(m[i])) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+            v[i] = 0.99 * v[i] + 0.01 * g * g
+            theta[i] = theta[i] - lr * n / (torch.sqrt(v[i] / (1 - 0.99 ** t)) + eps)
+        opt.step()
+        for i, w in enumerate(ws):
+            err = ((w.detach() - theta[i]).abs().max() / theta[i].abs().max()).item()
+            assert err <= 1e-12, f"step {t}, parameter {i}: relative error {err:.3g}"
+            assert torch.allclose(opt.state[w]["m"], m[i], rtol=1e-12, atol=0)
+    # the parameters moved from their start: a step that did nothing could not pass
+    assert (ws[0].detach() - torch.randn(shapes[0], generator=torch.Generator().manual_seed(3),
+                                         dtype=torch.float64)).abs().max() > 1e-3
+
+
+def test_an_optional_hyperparameter_defaults_to_none_and_given_picks_the_branch():
+    # hyper warmup = none: d = g * min(t / warmup, 1) when warmup is given, else d = g
+    cls = _spec("momentum = if(given(warmup), grad * min(step / warmup, 1), grad)\n"
+                "curvature constant\nstructure scalar\nlength none",
+                hyper="lr = 1.0, warmup = none")
+    import inspect
+    assert inspect.signature(cls).parameters["warmup"].default is None
+    for warmup, expected in ((None, (-1.0, -2.0, -3.0, -4.0)), (2.0, (-0.5, -1.5, -2.5, -3.5))):
+        w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        opt = cls([w], warmup=warmup)
+        for t, value in enumerate(expected, 1):
+            w.grad = torch.ones(1, dtype=torch.float64)
+            opt.step()
+            assert w.item() == value, (warmup, t)
+    with pytest.raises(ValueError, match="warmup"):
+        cls([w], warmup=float("inf"))
+
+
+def test_a_host_if_on_given_computes_only_the_branch_taken():
+    # the other branch, log(lr - lr) = log(0), raises on the host if it is ever computed
+    cls = _spec("let scale = if(given(warmup), warmup, log(lr - lr))\n"
+                "momentum = grad * scale\ncurvature constant\nstructure scalar\nlength none",
+                hyper="lr = 1.0, warmup = none")
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = cls([w], warmup=3.0)
+    for t in (1, 2):
+        w.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        assert w.item() == -3.0 * t
+    opt = cls([w], warmup=None)  # now the branch taken is log(0)
+    w.grad = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="math domain error"):
+        opt.step()

@@ -48,9 +48,11 @@ VARIANTS = {
                   dict(rectify=True, degenerated_to_sgd=False, weight_decouple=False,
                        weight_decay=0.1)],
     "adan": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                          maximize=True)],
+                                          maximize=True), dict(max_grad_norm=0.5)],
     "ademamix": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                              maximize=True)],
+                                              maximize=True),
+                 dict(t_alpha_beta3=3.0, weight_decouple=True, fixed_decay=True,
+                      weight_decay=0.1)],
     "nadam": [dict(weight_decay=0.1), dict(decoupled_weight_decay=True, weight_decay=0.1,
                                            maximize=True)],
     # test hybrids: pow, a reduction under a clip, Nesterov heavy-ball, keep_max every k
@@ -58,6 +60,8 @@ VARIANTS = {
     "sign_fisher_clip": [dict(max_norm=0.5), dict(betas=(0.0, 0.99), maximize=True)],
     "sum_normalized_hb": [dict(momentum=0.9, nesterov=True, weight_decay=0.01, lr_decay=0.05),
                           dict(momentum=0.0, maximize=True)],
+    # exp and log of a list, and on the host
+    "exp_log_step": [dict(beta=0.8, tau=5.0), dict(tau=3.0, maximize=True)],
 }
 
 # (spec, variant, param dtype, state dtype: None for float32 state of bf16 params, as the runtime)

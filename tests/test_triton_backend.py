@@ -147,10 +147,21 @@ CASES = {
              dict(weight_decouple=True)),
     "ademamix": ("ademamix", dict(lr=0.01, alpha=3.0, weight_decay=0.05),
                  dict(weight_decouple=True)),
+    # the warmup (exp and log on the host) in group 1; group 2 without it, decay fixed
+    # (beta3 0.99: a slow EMA near 0.9999's, ~1e-4 of g, would cross zero and show the
+    # ulp-level differences of torch's vectorized lerp as large relative errors)
+    "ademamix-warmup": ("ademamix", dict(lr=0.01, alpha=3.0, weight_decay=0.05,
+                                         t_alpha_beta3=5.0, betas=(0.9, 0.999, 0.99)),
+                        dict(weight_decouple=True, fixed_decay=True, t_alpha_beta3=None)),
+    # the gradients clipped by their global norm (with eps) before everything else
+    "adan-clip": ("adan", dict(lr=0.01, betas=(0.9, 0.8, 0.95), max_grad_norm=1.0),
+                  dict(weight_decouple=True)),
     "nadam": ("nadam", dict(lr=0.01, momentum_decay=0.01, weight_decay=0.05),
               dict(decoupled_weight_decay=True)),
     "every_keep_max_pow": ("every_keep_max_pow", dict(lr=0.01, power=0.5, k=3, amsgrad=True),
                            dict(power=1.0, amsgrad=False, k=2)),
+    # exp and log elementwise (tl.exp, tl.log) and on the host (math.exp, math.log)
+    "exp_log_step": ("exp_log_step", dict(lr=0.01, beta=0.8, tau=5.0), dict(tau=3.0)),
 }
 
 

@@ -64,6 +64,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     HYPERS: tuple = ()  # program.Hyper
     WORDS: dict = {}  # a word hyperparameter's name -> the strings it may be (None: default)
     FALLBACKS: dict = {}  # name -> (other, index): None reads the other's value (or entry)
+    # `hyper NAME = none`: None (not given) reaches the host as NaN, which only the host's
+    # given(NAME) reads (check refuses any other read of it)
+    OPTIONAL: tuple = ()
     VALIDATORS: tuple = ()  # program.Validator
     BUFFERS: tuple = ()  # program.Buffer
     INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
@@ -137,6 +140,12 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # -- hyperparameters -------------------------------------------------------
 
     def _validate(self, hypers: dict) -> None:
+        for name in self.OPTIONAL:
+            value = _number(hypers.get(name))
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not _finite_number(value) or math.isinf(value)):
+                raise ValueError(f"Invalid {name}: {value!r} (a finite number, or None: "
+                                 "not given)")
         for name, choices in self.WORDS.items():
             if name in hypers and hypers[name] is not None and hypers[name] not in choices:
                 raise ValueError(f"Invalid {name}: {hypers[name]!r} (one of "
@@ -177,6 +186,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             h.update(dict.fromkeys(SHAPE, math.nan))
         for hyper in self.HYPERS:
             name, default, value = hyper.name, hyper.default, group[hyper.name]
+            if name in self.OPTIONAL:
+                h[name] = math.nan if value is None else float(_number(value))
+                continue
             if value is None and name in self.FALLBACKS:
                 other, index = self.FALLBACKS[name]
                 value = group[other] if index is None else group[other][index]

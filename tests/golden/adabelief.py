@@ -12,7 +12,8 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     g     = g + weight_decay * theta   (if not weight_decouple)
-    theta = theta * (1 - lr * weight_decay)   (if weight_decouple)
+    theta = theta * (1 - (weight_decay if fixed_decay else lr * weight_decay))   (if
+        weight_decouple)
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
     exp_avg_var = betas[1] * exp_avg_var + (1 - betas[1]) * (grad - exp_avg) ^ 2 + eps   (state:
         exp_avg_var on the right is the stored value)
@@ -36,9 +37,11 @@ Update, per step t (elementwise unless noted):
 #   # moment is the EMA of the prediction error (g - m)^2 (plus eps, every step) instead of
 #   # g^2, so the step is large where the gradient agrees with its mean. `rectify` takes
 #   # RAdam's rectified step (r_t, the SGD step or none below n_sma_threshold), `ams_bound`
-#   # divides by the running maximum of that moment.
+#   # divides by the running maximum of that moment; fixed_decay the decoupled decay
+#   # theta (1 - wd), not theta (1 - lr wd).
 #   optimizer AdaBelief
-#   hyper lr = 1e-3, betas = (0.9, 0.999), weight_decay = 0, weight_decouple = true
+#   hyper lr = 1e-3, betas = (0.9, 0.999), weight_decay = 0, weight_decouple = true,
+#         fixed_decay = false
 #   hyper rectify = false, n_sma_threshold = 5, degenerated_to_sgd = true, ams_bound = false
 #   hyper eps = 1e-16
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
@@ -58,7 +61,7 @@ Update, per step t (elementwise unless noted):
 #   curvature constant
 #   structure scalar
 #   length    none
-#   decay     l2(weight_decay, decoupled = weight_decouple)
+#   decay     l2(weight_decay, decoupled = weight_decouple, fixed = fixed_decay)
 #   let adam = direction / (sqrt(var) / sqrt(1 - betas[1]^step) + eps)
 #   update = if(rectify, rectified, adam)
 
@@ -78,6 +81,7 @@ def _host(h, step):
     h_betas_1 = h['betas_1']
     h_weight_decay = h['weight_decay']
     h_weight_decouple = h['weight_decouple']
+    h_fixed_decay = h['fixed_decay']
     h_rectify = h['rectify']
     h_n_sma_threshold = h['n_sma_threshold']
     h_degenerated_to_sgd = h['degenerated_to_sgd']
@@ -94,16 +98,19 @@ def _host(h, step):
     h_rt = math.sqrt(max(0.0, ((1.0 - (h_betas_1 ** h_step)) * h_rt2)))
     h_s4 = (1.0 - h_betas_0)
     h_s5 = (1.0 - h_betas_1)
-    h_s6 = (1.0 - (h_lr * h_weight_decay))
-    h_s7 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
-    h_s8 = (1.0 / math.sqrt((1.0 - (h_betas_1 ** h_step))))
+    h_s6 = (1.0 - h_weight_decay)
+    h_s7 = (1.0 - (h_lr * h_weight_decay))
+    h_s8 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
+    h_s9 = (1.0 / math.sqrt((1.0 - (h_betas_1 ** h_step))))
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1,
             'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple,
-            'rectify': h_rectify, 'n_sma_threshold': h_n_sma_threshold,
-            'degenerated_to_sgd': h_degenerated_to_sgd, 'ams_bound': h_ams_bound, 'eps': h_eps,
-            'step': h_step, 'n_sma_max': h_n_sma_max, 'n_sma': h_n_sma, 'rt2': h_rt2, 'rt': h_rt,
-            's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7, 's8': h_s8}
+            'fixed_decay': h_fixed_decay, 'rectify': h_rectify,
+            'n_sma_threshold': h_n_sma_threshold, 'degenerated_to_sgd': h_degenerated_to_sgd,
+            'ams_bound': h_ams_bound, 'eps': h_eps, 'step': h_step, 'n_sma_max': h_n_sma_max,
+            'n_sma': h_n_sma, 'rt2': h_rt2, 'rt': h_rt, 's4': h_s4, 's5': h_s5, 's6': h_s6,
+            's7': h_s7, 's8': h_s8, 's9': h_s9}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'decay_fixed': bool((h_fixed_decay != 0.0)),
             'decoupled_decay': bool((h_weight_decouple != 0.0)),
             'rectify2': bool((h_rectify != 0.0)),
             'condition': bool((h_n_sma >= h_n_sma_threshold)),
@@ -116,9 +123,9 @@ def _host(h, step):
 # --- torch: the CPU path, and the reference for every other backend ---
 
 def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps, h_lr, h_rt, h_s4,
-        h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
-        f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay, f_maximize, f_nonfinite_skip,
-        f_rectify2):
+        h_s5, h_s6, h_s7, h_s8, h_s9, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
+        f_decay_fixed, f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay, f_maximize,
+        f_nonfinite_skip, f_rectify2):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -152,35 +159,39 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
     if f_nonfinite_skip:
         t18 = torch.where(r_nonfinite != 0, max_exp_avg_var_, t17)
     new_max_exp_avg_var_ = t18 if f_nonfinite_skip else t17
-    if f_decoupled_decay and f_has_weight_decay:
+    if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
         t20 = (param_ * h_s6)
+    if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+        t21 = (param_ * h_s7)
+    if f_decoupled_decay and f_has_weight_decay:
+        t22 = t20 if f_decay_fixed else t21
     if f_has_weight_decay:
-        t21 = t20 if f_decoupled_decay else param_
-    t22 = t21 if f_has_weight_decay else param_
-    t23 = (t6 * h_s7)
+        t23 = t22 if f_decoupled_decay else param_
+    t24 = t23 if f_has_weight_decay else param_
+    t25 = (t6 * h_s8)
     if f_condition and f_rectify2:
-        t24 = (t23 * h_rt)
-    t25 = t17 if f_ams_bound2 else t14
-    t26 = torch.sqrt(t25)
+        t26 = (t25 * h_rt)
+    t27 = t17 if f_ams_bound2 else t14
+    t28 = torch.sqrt(t27)
     if f_condition and f_rectify2:
-        t27 = (t26 + h_eps)
-        t28 = (t24 / t27)
+        t29 = (t28 + h_eps)
+        t30 = (t26 / t29)
     if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
-        t29 = (0.0 * t23)
+        t31 = (0.0 * t25)
     if not f_condition and f_rectify2:
-        t30 = t23 if f_degenerated_to_sgd2 else t29
+        t32 = t25 if f_degenerated_to_sgd2 else t31
     if f_rectify2:
-        t31 = t28 if f_condition else t30
+        t33 = t30 if f_condition else t32
     if not f_rectify2:
-        t32 = (t26 * h_s8)
-        t33 = (t32 + h_eps)
-        t34 = (t23 / t33)
-    t35 = t31 if f_rectify2 else t34
-    t36 = (h_lr * t35)
-    t37 = (t22 - t36)
+        t34 = (t28 * h_s9)
+        t35 = (t34 + h_eps)
+        t36 = (t25 / t35)
+    t37 = t33 if f_rectify2 else t36
+    t38 = (h_lr * t37)
+    t39 = (t24 - t38)
     if f_nonfinite_skip:
-        t38 = torch.where(r_nonfinite != 0, param_, t37)
-    new_param_ = t38 if f_nonfinite_skip else t37
+        t40 = torch.where(r_nonfinite != 0, param_, t39)
+    new_param_ = t40 if f_nonfinite_skip else t39
     exp_avg.copy_(new_exp_avg_)
     exp_avg_var.copy_(new_exp_avg_var_)
     max_exp_avg_var.copy_(new_max_exp_avg_var_)
@@ -188,10 +199,12 @@ def _update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_var', 'max_exp_avg_var'],
-        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 's9',
+                'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['ams_bound2', 'condition', 'decoupled_decay', 'degenerated_to_sgd2',
-                'has_weight_decay', 'maximize', 'nonfinite_skip', 'rectify2']}
+        'flags': ['ams_bound2', 'condition', 'decay_fixed', 'decoupled_decay',
+                'degenerated_to_sgd2', 'has_weight_decay', 'maximize', 'nonfinite_skip',
+                'rectify2']}
 _REDUCE_ARGS = {}
 
 
@@ -207,9 +220,9 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_1, h_eps, h_lr,
-        h_rt, h_s4, h_s5, h_s6, h_s7, h_s8, h_weight_decay, r_nonfinite, f_ams_bound2, f_condition,
-        f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay, f_maximize, f_nonfinite_skip,
-        f_rectify2):
+        h_rt, h_s4, h_s5, h_s6, h_s7, h_s8, h_s9, h_weight_decay, r_nonfinite, f_ams_bound2,
+        f_condition, f_decay_fixed, f_decoupled_decay, f_degenerated_to_sgd2, f_has_weight_decay,
+        f_maximize, f_nonfinite_skip, f_rectify2):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -220,9 +233,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
     exp_avg_var_ = _foreach_cast(exp_avg_var, cdt)
     max_exp_avg_var_ = _foreach_cast(max_exp_avg_var, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c8, _s_s8,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -244,45 +257,49 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         t12 = torch._foreach_maximum(max_exp_avg_var_, t10)
         new_max_exp_avg_var_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(max_exp_avg_var_, t12)]
-        if f_decoupled_decay and f_has_weight_decay:
+        if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
             t14 = torch._foreach_mul(param_, _s_s6)
+        if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t15 = torch._foreach_mul(param_, _s_s7)
+        if f_decoupled_decay and f_has_weight_decay:
+            t16 = t14 if f_decay_fixed else t15
         if f_has_weight_decay:
-            t15 = t14 if f_decoupled_decay else param_
-        t16 = t15 if f_has_weight_decay else param_
-        torch._foreach_mul_(t5, _s_s7)
-        t17 = t5
+            t17 = t16 if f_decoupled_decay else param_
+        t18 = t17 if f_has_weight_decay else param_
+        torch._foreach_mul_(t5, _s_s8)
+        t19 = t5
         if f_condition and f_rectify2:
-            t18 = torch._foreach_mul(t17, _s_rt)
-        t19 = t12 if f_ams_bound2 else t10
-        torch._foreach_sqrt_(t19)
-        t20 = t19
+            t20 = torch._foreach_mul(t19, _s_rt)
+        t21 = t12 if f_ams_bound2 else t10
+        torch._foreach_sqrt_(t21)
+        t22 = t21
         if f_condition and f_rectify2:
-            t21 = torch._foreach_add(t20, h_eps)
-            torch._foreach_div_(t18, t21)
-            t22 = t18
+            t23 = torch._foreach_add(t22, h_eps)
+            torch._foreach_div_(t20, t23)
+            t24 = t20
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
-            t23 = torch._foreach_mul(t17, _c8)
+            t25 = torch._foreach_mul(t19, _c9)
         if not f_condition and f_rectify2:
-            t24 = t17 if f_degenerated_to_sgd2 else t23
+            t26 = t19 if f_degenerated_to_sgd2 else t25
         if f_rectify2:
-            t25 = t22 if f_condition else t24
+            t27 = t24 if f_condition else t26
         if not f_rectify2:
-            torch._foreach_mul_(t20, _s_s8)
-            t26 = t20
-            torch._foreach_add_(t26, h_eps)
-            t27 = t26
-            t28 = torch._foreach_div(t17, t27)
-        t29 = t25 if f_rectify2 else t28
-        t30 = torch._foreach_add(t16, t29, alpha=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t30)]
+            torch._foreach_mul_(t22, _s_s9)
+            t28 = t22
+            torch._foreach_add_(t28, h_eps)
+            t29 = t28
+            t30 = torch._foreach_div(t19, t29)
+        t31 = t27 if f_rectify2 else t30
+        t32 = torch._foreach_add(t18, t31, alpha=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t32)]
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_var, new_exp_avg_var_)
         torch._foreach_copy_(max_exp_avg_var, new_max_exp_avg_var_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_rt, 0.0, h_s8], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_rt, _c8, _s_s8,) = _scalars.unbind()
+        (_s_betas_1, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -302,35 +319,39 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         new_exp_avg_var_ = t8
         torch._foreach_maximum_(max_exp_avg_var_, new_exp_avg_var_)
         new_max_exp_avg_var_ = max_exp_avg_var_
-        if f_decoupled_decay and f_has_weight_decay:
+        if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
             t11 = torch._foreach_mul(param_, _s_s6)
+        if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t12 = torch._foreach_mul(param_, _s_s7)
+        if f_decoupled_decay and f_has_weight_decay:
+            t13 = t11 if f_decay_fixed else t12
         if f_has_weight_decay:
-            t12 = t11 if f_decoupled_decay else param_
-        t13 = t12 if f_has_weight_decay else param_
-        t14 = torch._foreach_mul(new_exp_avg_, _s_s7)
+            t14 = t13 if f_decoupled_decay else param_
+        t15 = t14 if f_has_weight_decay else param_
+        t16 = torch._foreach_mul(new_exp_avg_, _s_s8)
         if f_condition and f_rectify2:
-            t15 = torch._foreach_mul(t14, _s_rt)
-        t16 = new_max_exp_avg_var_ if f_ams_bound2 else new_exp_avg_var_
-        t17 = torch._foreach_sqrt(t16)
+            t17 = torch._foreach_mul(t16, _s_rt)
+        t18 = new_max_exp_avg_var_ if f_ams_bound2 else new_exp_avg_var_
+        t19 = torch._foreach_sqrt(t18)
         if f_condition and f_rectify2:
-            t18 = torch._foreach_add(t17, h_eps)
-            torch._foreach_div_(t15, t18)
-            t19 = t15
+            t20 = torch._foreach_add(t19, h_eps)
+            torch._foreach_div_(t17, t20)
+            t21 = t17
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
-            t20 = torch._foreach_mul(t14, _c8)
+            t22 = torch._foreach_mul(t16, _c9)
         if not f_condition and f_rectify2:
-            t21 = t14 if f_degenerated_to_sgd2 else t20
+            t23 = t16 if f_degenerated_to_sgd2 else t22
         if f_rectify2:
-            t22 = t19 if f_condition else t21
+            t24 = t21 if f_condition else t23
         if not f_rectify2:
-            torch._foreach_mul_(t17, _s_s8)
-            t23 = t17
-            torch._foreach_add_(t23, h_eps)
-            t24 = t23
-            t25 = torch._foreach_div(t14, t24)
-        t26 = t22 if f_rectify2 else t25
-        torch._foreach_add_(t13, t26, alpha=-h_lr)
-        new_param_ = t13
+            torch._foreach_mul_(t19, _s_s9)
+            t25 = t19
+            torch._foreach_add_(t25, h_eps)
+            t26 = t25
+            t27 = torch._foreach_div(t16, t26)
+        t28 = t24 if f_rectify2 else t27
+        torch._foreach_add_(t15, t28, alpha=-h_lr)
+        new_param_ = t15
         if new_exp_avg_ is not exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         if new_exp_avg_var_ is not exp_avg_var:
@@ -342,10 +363,12 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_var', 'max_exp_avg_var'],
-        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 'weight_decay'],
+        'scalars': ['betas_1', 'eps', 'lr', 'rt', 's4', 's5', 's6', 's7', 's8', 's9',
+                'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['ams_bound2', 'condition', 'decoupled_decay', 'degenerated_to_sgd2',
-                'has_weight_decay', 'maximize', 'nonfinite_skip', 'rectify2']}
+        'flags': ['ams_bound2', 'condition', 'decay_fixed', 'decoupled_decay',
+                'degenerated_to_sgd2', 'has_weight_decay', 'maximize', 'nonfinite_skip',
+                'rectify2']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -397,13 +420,14 @@ else:
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64, h_rt: tl.float64,
             h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
-            h_s8: tl.float64, h_weight_decay: tl.float64,
+            h_s8: tl.float64, h_s9: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_ams_bound2: tl.constexpr, f_condition: tl.constexpr, f_decoupled_decay: tl.constexpr,
-            f_degenerated_to_sgd2: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr, f_rectify2: tl.constexpr,
+            f_ams_bound2: tl.constexpr, f_condition: tl.constexpr, f_decay_fixed: tl.constexpr,
+            f_decoupled_decay: tl.constexpr, f_degenerated_to_sgd2: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr, f_rectify2: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
             EXP_AVG_VAR_T: tl.constexpr, MAX_EXP_AVG_VAR_T: tl.constexpr, CDT: tl.constexpr,
@@ -429,6 +453,7 @@ else:
         h_s6 = tl.cast(h_s6, CDT)
         h_s7 = tl.cast(h_s7, CDT)
         h_s8 = tl.cast(h_s8, CDT)
+        h_s9 = tl.cast(h_s9, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -483,62 +508,73 @@ else:
             new_max_exp_avg_var_ = t18
         else:
             new_max_exp_avg_var_ = t17
+        if f_decay_fixed:
+            if f_decoupled_decay:
+                if f_has_weight_decay:
+                    t20 = (param_ * h_s6)
+        if not f_decay_fixed:
+            if f_decoupled_decay:
+                if f_has_weight_decay:
+                    t21 = (param_ * h_s7)
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t20 = (param_ * h_s6)
+                if f_decay_fixed:
+                    t22 = t20
+                else:
+                    t22 = t21
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t21 = t20
+                t23 = t22
             else:
-                t21 = param_
+                t23 = param_
         if f_has_weight_decay:
-            t22 = t21
+            t24 = t23
         else:
-            t22 = param_
-        t23 = (t6 * h_s7)
+            t24 = param_
+        t25 = (t6 * h_s8)
         if f_condition:
             if f_rectify2:
-                t24 = (t23 * h_rt)
+                t26 = (t25 * h_rt)
         if f_ams_bound2:
-            t25 = t17
+            t27 = t17
         else:
-            t25 = t14
-        t26 = _sqrt(t25)
+            t27 = t14
+        t28 = _sqrt(t27)
         if f_condition:
             if f_rectify2:
-                t27 = (t26 + h_eps)
-                t28 = _div(t24, t27)
+                t29 = (t28 + h_eps)
+                t30 = _div(t26, t29)
         if not f_condition:
             if not f_degenerated_to_sgd2:
                 if f_rectify2:
-                    t29 = (0.0 * t23)
+                    t31 = (0.0 * t25)
         if not f_condition:
             if f_rectify2:
                 if f_degenerated_to_sgd2:
-                    t30 = t23
+                    t32 = t25
                 else:
-                    t30 = t29
+                    t32 = t31
         if f_rectify2:
             if f_condition:
-                t31 = t28
+                t33 = t30
             else:
-                t31 = t30
+                t33 = t32
         if not f_rectify2:
-            t32 = (t26 * h_s8)
-            t33 = (t32 + h_eps)
-            t34 = _div(t23, t33)
+            t34 = (t28 * h_s9)
+            t35 = (t34 + h_eps)
+            t36 = _div(t25, t35)
         if f_rectify2:
-            t35 = t31
+            t37 = t33
         else:
-            t35 = t34
-        t36 = (h_lr * t35)
-        t37 = (t22 - t36)
+            t37 = t36
+        t38 = (h_lr * t37)
+        t39 = (t24 - t38)
         if f_nonfinite_skip:
-            t38 = tl.where(r_nonfinite_c != 0, param_, t37)
+            t40 = tl.where(r_nonfinite_c != 0, param_, t39)
         if f_nonfinite_skip:
-            new_param_ = t38
+            new_param_ = t40
         else:
-            new_param_ = t37
+            new_param_ = t39
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_var_addr, offs, new_exp_avg_var_, mask, EXP_AVG_VAR_T)
         _store(max_exp_avg_var_addr, offs, new_max_exp_avg_var_, mask, MAX_EXP_AVG_VAR_T)
@@ -557,9 +593,10 @@ else:
                 h_betas_1=float(scalars['betas_1']), h_eps=float(scalars['eps']),
                 h_lr=float(scalars['lr']), h_rt=float(scalars['rt']), h_s4=float(scalars['s4']),
                 h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
-                h_s8=float(scalars['s8']), h_weight_decay=float(scalars['weight_decay']),
+                h_s8=float(scalars['s8']), h_s9=float(scalars['s9']),
+                h_weight_decay=float(scalars['weight_decay']),
                 r_nonfinite_ptr=reduced['nonfinite'], f_ams_bound2=bool(flags['ams_bound2']),
-                f_condition=bool(flags['condition']),
+                f_condition=bool(flags['condition']), f_decay_fixed=bool(flags['decay_fixed']),
                 f_decoupled_decay=bool(flags['decoupled_decay']),
                 f_degenerated_to_sgd2=bool(flags['degenerated_to_sgd2']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
@@ -603,6 +640,7 @@ class AdaBelief(CurvOptimizer):
     - ``weight_decay=0``: the rate of decay l2
     - ``weight_decouple=True``: whether decay l2 is decoupled (applied to the parameter, not the
       gradient)
+    - ``fixed_decay=False``: the fixed of decay l2
     - ``rectify=False``: read by ``update``
     - ``n_sma_threshold=5``: read by ``let rectified``
     - ``degenerated_to_sgd=True``: read by ``let below``
@@ -626,9 +664,9 @@ class AdaBelief(CurvOptimizer):
 
     BACKEND = 'auto'
     HYPERS = (_Hyper('lr', 0.001), _Hyper('betas', (0.9, 0.999)), _Hyper('weight_decay', 0),
-            _Hyper('weight_decouple', True), _Hyper('rectify', False),
-            _Hyper('n_sma_threshold', 5), _Hyper('degenerated_to_sgd', True),
-            _Hyper('ams_bound', False), _Hyper('eps', 1e-16))
+            _Hyper('weight_decouple', True), _Hyper('fixed_decay', False),
+            _Hyper('rectify', False), _Hyper('n_sma_threshold', 5),
+            _Hyper('degenerated_to_sgd', True), _Hyper('ams_bound', False), _Hyper('eps', 1e-16))
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
         _Validator('weight_decay', None, 'nonneg', 'the rate of decay l2'),
@@ -644,12 +682,13 @@ class AdaBelief(CurvOptimizer):
     PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), weight_decay=0, weight_decouple=True,
-            rectify=False, n_sma_threshold=5, degenerated_to_sgd=True, ams_bound=False, eps=1e-16,
-            *, maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-            state_dtype=None, nonfinite='propagate', curvature_group=None):
+            fixed_decay=False, rectify=False, n_sma_threshold=5, degenerated_to_sgd=True,
+            ams_bound=False, eps=1e-16, *, maximize=False, foreach=None, fused=None,
+            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
+            curvature_group=None):
         """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay,
-                'weight_decouple': weight_decouple, 'rectify': rectify,
+                'weight_decouple': weight_decouple, 'fixed_decay': fixed_decay, 'rectify': rectify,
                 'n_sma_threshold': n_sma_threshold, 'degenerated_to_sgd': degenerated_to_sgd,
                 'ams_bound': ams_bound, 'eps': eps, 'maximize': maximize, 'foreach': foreach,
                 'fused': fused, 'capturable': capturable, 'differentiable': differentiable,

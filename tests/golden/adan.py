@@ -11,6 +11,8 @@ Iterative Approximation: momentum
 Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
+    g     = g * min(1, max_grad_norm / (||g|| + eps))   (norm over all parameters; none where
+        max_grad_norm = 0; before decay, curvature and momentum read it)
     previous_grad = grad   (state: previous_grad on the right is the stored value)
     grad_diff = if(step > 1, grad - old(previous_grad), 0 * grad)
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
@@ -33,11 +35,15 @@ Update, per step t (elementwise unless noted):
 #   # the gradient difference g_t - g_{t-1} (zero on the first step): m the EMA of g, n the
 #   # EMA of the difference, v the EMA of (g + beta2 (g_t - g_{t-1}))^2, and
 #   # d = (m / (1 - beta1^t) + beta2 n / (1 - beta2^t)) / (sqrt(v / (1 - beta3^t)) + eps).
+#   # max_grad_norm > 0 first scales every gradient by min(1, max_grad_norm / (||g|| + eps)),
+#   # ||g|| over all parameters, and the differences are of those clipped gradients (0: no
+#   # clip; the reference reads max_grad_norm and eps from the constructor only, so a group
+#   # overriding them differs).
 #   # Weight decay is the paper's proximal step theta <- (theta - lr d) / (1 + lr wd), or with
 #   # weight_decouple AdamW's theta (1 - lr wd) - lr d, both written as what multiplies lr.
 #   optimizer Adan
 #   hyper lr = 1e-3, betas = (0.98, 0.92, 0.99), weight_decay = 0, weight_decouple = false,
-#       eps = 1e-8
+#         max_grad_norm = 0.0, eps = 1e-8
 #   state previous_grad = grad
 #   let grad_diff = if(step > 1, grad - old(previous_grad), 0 * grad)
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
@@ -50,6 +56,7 @@ Update, per step t (elementwise unless noted):
 #   iterate   ema(betas[2]) bias_corrected
 #   length    gradient_norm
 #   damping   add(eps)
+#   clip      global_norm(max_grad_norm, on = gradient, eps = eps)
 #   let decayed = direction + weight_decay * param
 #   update = if(weight_decouple, decayed, decayed / (1 + lr * weight_decay))
 
@@ -70,6 +77,7 @@ def _host(h, step):
     h_betas_2 = h['betas_2']
     h_weight_decay = h['weight_decay']
     h_weight_decouple = h['weight_decouple']
+    h_max_grad_norm = h['max_grad_norm']
     h_eps = h['eps']
     h_step = step
     h_curvature_bias_correction = (1.0 - (h_betas_2 ** h_step))
@@ -81,10 +89,11 @@ def _host(h, step):
     h_s6 = (1.0 / h_curvature_bias_correction)
     h_s7 = (1.0 / (1.0 + (h_lr * h_weight_decay)))
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'betas_2': h_betas_2,
-            'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple, 'eps': h_eps,
-            'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1,
-            's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
-    flags = {'condition': bool((h_step > 1.0)),
+            'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple,
+            'max_grad_norm': h_max_grad_norm, 'eps': h_eps, 'step': h_step,
+            'curvature_bias_correction': h_curvature_bias_correction, 's1': h_s1, 's2': h_s2,
+            's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6, 's7': h_s7}
+    flags = {'clips': bool((h_max_grad_norm != 0.0)), 'condition': bool((h_step > 1.0)),
             'weight_decouple2': bool((h_weight_decouple != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
 
@@ -92,8 +101,9 @@ def _host(h, step):
 # --- torch: the CPU path, and the reference for every other backend ---
 
 def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1, h_betas_2,
-        h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay, r_nonfinite,
-        f_condition, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+        h_eps, h_lr, h_max_grad_norm, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay,
+        r_grad_norm_sq, r_nonfinite, f_clips, f_condition, f_maximize, f_nonfinite_skip,
+        f_weight_decouple2):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -106,48 +116,56 @@ def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_bet
     if f_maximize:
         t1 = (-grad_)
     t2 = t1 if f_maximize else grad_
+    if f_clips:
+        t3 = torch.sqrt(r_grad_norm_sq)
+        t4 = (t3 + h_eps)
+        t5 = (h_max_grad_norm / t4)
+        t6 = torch.clamp(t5, max=1.0)
+        t7 = t6.to(cdt)
+        t8 = (t2 * t7)
+    t9 = t8 if f_clips else t2
     if f_condition:
-        t3 = (t2 - previous_grad_)
+        t10 = (t9 - previous_grad_)
     if not f_condition:
-        t4 = (0.0 * t2)
-    t5 = t3 if f_condition else t4
-    t6 = (h_betas_1 * t5)
-    t7 = (t2 + t6)
-    t8 = (t7 * t7)
-    t9 = (t8 * h_s1)
-    t10 = (t0 + t9)
+        t11 = (0.0 * t9)
+    t12 = t10 if f_condition else t11
+    t13 = (h_betas_1 * t12)
+    t14 = (t9 + t13)
+    t15 = (t14 * t14)
+    t16 = (t15 * h_s1)
+    t17 = (t0 + t16)
     if f_nonfinite_skip:
-        t11 = torch.where(r_nonfinite != 0, exp_avg_sq_, t10)
-    new_exp_avg_sq_ = t11 if f_nonfinite_skip else t10
-    t13 = torch.lerp(exp_avg_, t2, h_s2)
+        t18 = torch.where(r_nonfinite != 0, exp_avg_sq_, t17)
+    new_exp_avg_sq_ = t18 if f_nonfinite_skip else t17
+    t20 = torch.lerp(exp_avg_, t9, h_s2)
     if f_nonfinite_skip:
-        t14 = torch.where(r_nonfinite != 0, exp_avg_, t13)
-    new_exp_avg_ = t14 if f_nonfinite_skip else t13
-    t16 = torch.lerp(exp_avg_diff_, t5, h_s3)
+        t21 = torch.where(r_nonfinite != 0, exp_avg_, t20)
+    new_exp_avg_ = t21 if f_nonfinite_skip else t20
+    t23 = torch.lerp(exp_avg_diff_, t12, h_s3)
     if f_nonfinite_skip:
-        t17 = torch.where(r_nonfinite != 0, exp_avg_diff_, t16)
-    new_exp_avg_diff_ = t17 if f_nonfinite_skip else t16
+        t24 = torch.where(r_nonfinite != 0, exp_avg_diff_, t23)
+    new_exp_avg_diff_ = t24 if f_nonfinite_skip else t23
     if f_nonfinite_skip:
-        t19 = torch.where(r_nonfinite != 0, previous_grad_, t2)
-    new_previous_grad_ = t19 if f_nonfinite_skip else t2
-    t21 = (t13 * h_s4)
-    t22 = (h_betas_1 * t16)
-    t23 = (t22 * h_s5)
-    t24 = (t21 + t23)
-    t25 = (t10 * h_s6)
-    t26 = torch.sqrt(t25)
-    t27 = (t26 + h_eps)
-    t28 = (t24 / t27)
-    t29 = (h_weight_decay * param_)
-    t30 = (t28 + t29)
+        t26 = torch.where(r_nonfinite != 0, previous_grad_, t9)
+    new_previous_grad_ = t26 if f_nonfinite_skip else t9
+    t28 = (t20 * h_s4)
+    t29 = (h_betas_1 * t23)
+    t30 = (t29 * h_s5)
+    t31 = (t28 + t30)
+    t32 = (t17 * h_s6)
+    t33 = torch.sqrt(t32)
+    t34 = (t33 + h_eps)
+    t35 = (t31 / t34)
+    t36 = (h_weight_decay * param_)
+    t37 = (t35 + t36)
     if not f_weight_decouple2:
-        t31 = (t30 * h_s7)
-    t32 = t30 if f_weight_decouple2 else t31
-    t33 = (h_lr * t32)
-    t34 = (param_ - t33)
+        t38 = (t37 * h_s7)
+    t39 = t37 if f_weight_decouple2 else t38
+    t40 = (h_lr * t39)
+    t41 = (param_ - t40)
     if f_nonfinite_skip:
-        t35 = torch.where(r_nonfinite != 0, param_, t34)
-    new_param_ = t35 if f_nonfinite_skip else t34
+        t42 = torch.where(r_nonfinite != 0, param_, t41)
+    new_param_ = t42 if f_nonfinite_skip else t41
     exp_avg_sq.copy_(new_exp_avg_sq_)
     exp_avg.copy_(new_exp_avg_)
     exp_avg_diff.copy_(new_exp_avg_diff_)
@@ -155,13 +173,26 @@ def _update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_bet
     param.copy_(new_param_)
 
 
+def _reduce_grad_norm_sq(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq):
+    cdt = torch.promote_types(param.dtype, torch.float32)
+    param_ = None if param is None else param.to(cdt)
+    grad_ = None if grad is None else grad.to(cdt)
+    previous_grad_ = None if previous_grad is None else previous_grad.to(cdt)
+    exp_avg_ = None if exp_avg is None else exp_avg.to(cdt)
+    exp_avg_diff_ = None if exp_avg_diff is None else exp_avg_diff.to(cdt)
+    exp_avg_sq_ = None if exp_avg_sq is None else exp_avg_sq.to(cdt)
+    t0 = (grad_ * grad_)
+    return torch.sum(t0, dtype=cdt)
+
 _UPDATE_ARGS = {
         'tensors': ['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
-                'weight_decay'],
-        'reduced': ['nonfinite'],
-        'flags': ['condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
-_REDUCE_ARGS = {}
+        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 'max_grad_norm', 's1', 's2', 's3', 's4',
+                's5', 's6', 's7', 'weight_decay'],
+        'reduced': ['grad_norm_sq', 'nonfinite'],
+        'flags': ['clips', 'condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
+_REDUCE_ARGS = {'grad_norm_sq': {
+        'tensors': ['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
+        'scalars': [], 'reduced': [], 'flags': []}}
 
 
 # --- foreach: the same kernels for many small tensors at once ---
@@ -176,8 +207,9 @@ def _foreach_cast(tensors, cdt):
 
 
 def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_sq, h_betas_1,
-        h_betas_2, h_eps, h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7, h_weight_decay,
-        r_nonfinite, f_condition, f_maximize, f_nonfinite_skip, f_weight_decouple2):
+        h_betas_2, h_eps, h_lr, h_max_grad_norm, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_s7,
+        h_weight_decay, r_grad_norm_sq, r_nonfinite, f_clips, f_condition, f_maximize,
+        f_nonfinite_skip, f_weight_decouple2):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -189,114 +221,122 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
     exp_avg_diff_ = _foreach_cast(exp_avg_diff, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7,) = _scalars.unbind()
+        _scalars = torch.tensor(
+                [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7, h_lr],
+                dtype=cdt, device=param[0].device)
+        (_s_betas_2, _c5, _s_betas_1, _s_s1, _s_s4, _s_s5, _s_s6, _s_weight_decay, _s_s7, _s_lr,
+                ) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_2)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
         t2 = t1 if f_maximize else grad_
+        if f_clips:
+            t3 = torch.sqrt(r_grad_norm_sq)
+            t4 = (t3 + h_eps)
+            t5 = (h_max_grad_norm / t4)
+            t6 = torch.clamp(t5, max=1.0)
+            t7 = t6.to(cdt)
+            t8 = torch._foreach_mul(t2, t7)
+        t9 = t8 if f_clips else t2
         if f_condition:
-            t3 = torch._foreach_sub(t2, previous_grad_)
+            t10 = torch._foreach_sub(t9, previous_grad_)
         if not f_condition:
-            t4 = torch._foreach_mul(t2, _c1)
-        t5 = t3 if f_condition else t4
-        t6 = torch._foreach_add(t2, t5, alpha=h_betas_1)
-        torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
-        t7 = t0
+            t11 = torch._foreach_mul(t9, _c5)
+        t12 = t10 if f_condition else t11
+        t13 = torch._foreach_mul(t12, _s_betas_1)
+        t14 = torch._foreach_add(t9, t13)
+        t15 = torch._foreach_mul(t14, t14)
+        t16 = torch._foreach_mul(t15, _s_s1)
+        t17 = torch._foreach_add(t0, t16)
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_sq_, t7)]
-        t9 = torch._foreach_lerp(exp_avg_, t2, h_s2)
-        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t9)]
-        t11 = torch._foreach_lerp(exp_avg_diff_, t5, h_s3)
+                _e1 in zip(exp_avg_sq_, t17)]
+        t19 = torch._foreach_lerp(exp_avg_, t9, h_s2)
+        new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t19)]
+        t21 = torch._foreach_lerp(exp_avg_diff_, t12, h_s3)
         new_exp_avg_diff_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(exp_avg_diff_, t11)]
+                _e1 in zip(exp_avg_diff_, t21)]
         new_previous_grad_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
-                _e1 in zip(previous_grad_, t2)]
-        torch._foreach_mul_(t9, _s_s4)
-        t14 = t9
-        torch._foreach_mul_(t11, _s_betas_1)
-        t15 = t11
-        torch._foreach_add_(t14, t15, alpha=h_s5)
-        t16 = t14
-        torch._foreach_mul_(t7, _s_s6)
-        t17 = t7
-        torch._foreach_sqrt_(t17)
-        t18 = t17
-        torch._foreach_add_(t18, h_eps)
-        t19 = t18
-        torch._foreach_div_(t16, t19)
-        t20 = t16
-        torch._foreach_add_(t20, param_, alpha=h_weight_decay)
-        t21 = t20
+                _e1 in zip(previous_grad_, t9)]
+        t24 = torch._foreach_mul(t19, _s_s4)
+        t25 = torch._foreach_mul(t21, _s_betas_1)
+        t26 = torch._foreach_mul(t25, _s_s5)
+        t27 = torch._foreach_add(t24, t26)
+        t28 = torch._foreach_mul(t17, _s_s6)
+        t29 = torch._foreach_sqrt(t28)
+        t30 = torch._foreach_add(t29, h_eps)
+        t31 = torch._foreach_div(t27, t30)
+        t32 = torch._foreach_mul(param_, _s_weight_decay)
+        t33 = torch._foreach_add(t31, t32)
         if not f_weight_decouple2:
-            t22 = torch._foreach_mul(t21, _s_s7)
-        t23 = t21 if f_weight_decouple2 else t22
-        t24 = torch._foreach_add(param_, t23, alpha=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t24)]
+            t34 = torch._foreach_mul(t33, _s_s7)
+        t35 = t33 if f_weight_decouple2 else t34
+        t36 = torch._foreach_mul(t35, _s_lr)
+        t37 = torch._foreach_sub(param_, t36)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t37)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
         torch._foreach_copy_(previous_grad, new_previous_grad_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_2, 0.0, h_s4, h_betas_1, h_s6, h_s7], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_2, _c1, _s_s4, _s_betas_1, _s_s6, _s_s7,) = _scalars.unbind()
+        _scalars = torch.tensor(
+                [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7, h_lr],
+                dtype=cdt, device=param[0].device)
+        (_s_betas_2, _c5, _s_betas_1, _s_s1, _s_s4, _s_s5, _s_s6, _s_weight_decay, _s_s7, _s_lr,
+                ) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_2)
         t0 = exp_avg_sq_
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
-        new_previous_grad_ = t1 if f_maximize else grad_
+        t2 = t1 if f_maximize else grad_
+        if f_clips:
+            t3 = torch.sqrt(r_grad_norm_sq)
+            t4 = (t3 + h_eps)
+            t5 = (h_max_grad_norm / t4)
+            t6 = torch.clamp(t5, max=1.0)
+            t7 = t6.to(cdt)
+            t8 = torch._foreach_mul(t2, t7)
+        new_previous_grad_ = t8 if f_clips else t2
         if f_condition:
-            torch._foreach_neg_(previous_grad_)
-            torch._foreach_add_(previous_grad_, new_previous_grad_)
-            t3 = previous_grad_
+            t10 = torch._foreach_sub(new_previous_grad_, previous_grad_)
         if not f_condition:
-            t4 = torch._foreach_mul(new_previous_grad_, _c1)
-        t5 = t3 if f_condition else t4
-        t6 = torch._foreach_add(new_previous_grad_, t5, alpha=h_betas_1)
-        torch._foreach_addcmul_(t0, t6, t6, value=h_s1)
-        new_exp_avg_sq_ = t0
-        torch._foreach_lerp_(exp_avg_, new_previous_grad_, h_s2)
-        new_exp_avg_ = exp_avg_
-        torch._foreach_lerp_(exp_avg_diff_, t5, h_s3)
-        new_exp_avg_diff_ = exp_avg_diff_
-        t10 = torch._foreach_mul(new_exp_avg_, _s_s4)
-        t11 = torch._foreach_mul(new_exp_avg_diff_, _s_betas_1)
-        torch._foreach_add_(t10, t11, alpha=h_s5)
-        t12 = t10
-        t13 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
-        torch._foreach_sqrt_(t13)
-        t14 = t13
-        torch._foreach_add_(t14, h_eps)
-        t15 = t14
-        torch._foreach_div_(t12, t15)
-        t16 = t12
-        torch._foreach_add_(t16, param_, alpha=h_weight_decay)
-        t17 = t16
+            t11 = torch._foreach_mul(new_previous_grad_, _c5)
+        t12 = t10 if f_condition else t11
+        t13 = torch._foreach_mul(t12, _s_betas_1)
+        t14 = torch._foreach_add(new_previous_grad_, t13)
+        t15 = torch._foreach_mul(t14, t14)
+        t16 = torch._foreach_mul(t15, _s_s1)
+        new_exp_avg_sq_ = torch._foreach_add(t0, t16)
+        new_exp_avg_ = torch._foreach_lerp(exp_avg_, new_previous_grad_, h_s2)
+        new_exp_avg_diff_ = torch._foreach_lerp(exp_avg_diff_, t12, h_s3)
+        t20 = torch._foreach_mul(new_exp_avg_, _s_s4)
+        t21 = torch._foreach_mul(new_exp_avg_diff_, _s_betas_1)
+        t22 = torch._foreach_mul(t21, _s_s5)
+        t23 = torch._foreach_add(t20, t22)
+        t24 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        t25 = torch._foreach_sqrt(t24)
+        t26 = torch._foreach_add(t25, h_eps)
+        t27 = torch._foreach_div(t23, t26)
+        t28 = torch._foreach_mul(param_, _s_weight_decay)
+        t29 = torch._foreach_add(t27, t28)
         if not f_weight_decouple2:
-            t18 = torch._foreach_mul(t17, _s_s7)
-        t19 = t17 if f_weight_decouple2 else t18
-        torch._foreach_add_(param_, t19, alpha=-h_lr)
-        new_param_ = param_
-        if new_exp_avg_sq_ is not exp_avg_sq:
-            torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        if new_exp_avg_ is not exp_avg:
-            torch._foreach_copy_(exp_avg, new_exp_avg_)
-        if new_exp_avg_diff_ is not exp_avg_diff:
-            torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
+            t30 = torch._foreach_mul(t29, _s_s7)
+        t31 = t29 if f_weight_decouple2 else t30
+        t32 = torch._foreach_mul(t31, _s_lr)
+        new_param_ = torch._foreach_sub(param_, t32)
+        torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
+        torch._foreach_copy_(exp_avg, new_exp_avg_)
+        torch._foreach_copy_(exp_avg_diff, new_exp_avg_diff_)
         torch._foreach_copy_(previous_grad, new_previous_grad_)
-        if new_param_ is not param:
-            torch._foreach_copy_(param, new_param_)
+        torch._foreach_copy_(param, new_param_)
 
 
 _FOREACH_ARGS = {
         'tensors': ['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
-        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6', 's7',
-                'weight_decay'],
-        'reduced': ['nonfinite'],
-        'flags': ['condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
+        'scalars': ['betas_1', 'betas_2', 'eps', 'lr', 'max_grad_norm', 's1', 's2', 's3', 's4',
+                's5', 's6', 's7', 'weight_decay'],
+        'reduced': ['grad_norm_sq', 'nonfinite'],
+        'flags': ['clips', 'condition', 'maximize', 'nonfinite_skip', 'weight_decouple2']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -348,13 +388,14 @@ else:
             numels, block_tensor, block_start,
             # host scalars (runtime values)
             h_betas_1: tl.float64, h_betas_2: tl.float64, h_eps: tl.float64, h_lr: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64, h_weight_decay: tl.float64,
+            h_max_grad_norm: tl.float64, h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64,
+            h_s4: tl.float64, h_s5: tl.float64, h_s6: tl.float64, h_s7: tl.float64,
+            h_weight_decay: tl.float64,
             # global sums (0-d float64)
-            r_nonfinite_ptr,
+            r_grad_norm_sq_ptr, r_nonfinite_ptr,
             # host flags (compile-time)
-            f_condition: tl.constexpr, f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
-            f_weight_decouple2: tl.constexpr,
+            f_clips: tl.constexpr, f_condition: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr, f_weight_decouple2: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, PREVIOUS_GRAD_T: tl.constexpr,
             EXP_AVG_T: tl.constexpr, EXP_AVG_DIFF_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
@@ -375,6 +416,7 @@ else:
         h_betas_2 = tl.cast(h_betas_2, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
+        h_max_grad_norm = tl.cast(h_max_grad_norm, CDT)
         h_s1 = tl.cast(h_s1, CDT)
         h_s2 = tl.cast(h_s2, CDT)
         h_s3 = tl.cast(h_s3, CDT)
@@ -383,6 +425,7 @@ else:
         h_s6 = tl.cast(h_s6, CDT)
         h_s7 = tl.cast(h_s7, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
+        r_grad_norm_sq = tl.load(r_grad_norm_sq_ptr)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
         param_ = tl.load(param_addr + offs, mask=mask).to(CDT)
@@ -398,76 +441,107 @@ else:
             t2 = t1
         else:
             t2 = grad_
+        if f_clips:
+            t3 = _sqrt(r_grad_norm_sq)
+            t4 = (t3 + h_eps)
+            t5 = _div(h_max_grad_norm, t4)
+            t6 = tl.minimum(1.0, t5, propagate_nan=tl.PropagateNan.ALL)
+            t6_c = tl.cast(t6, CDT)
+            t7 = (t2 * t6_c)
+        if f_clips:
+            t8 = t7
+        else:
+            t8 = t2
         if f_condition:
-            t3 = (t2 - previous_grad_)
+            t9 = (t8 - previous_grad_)
         if not f_condition:
-            t4 = (0.0 * t2)
+            t10 = (0.0 * t8)
         if f_condition:
-            t5 = t3
+            t11 = t9
         else:
-            t5 = t4
-        t6 = (h_betas_1 * t5)
-        t7 = (t2 + t6)
-        t8 = (t7 * t7)
-        t9 = (t8 * h_s1)
-        t10 = (t0 + t9)
+            t11 = t10
+        t12 = (h_betas_1 * t11)
+        t13 = (t8 + t12)
+        t14 = (t13 * t13)
+        t15 = (t14 * h_s1)
+        t16 = (t0 + t15)
         if f_nonfinite_skip:
-            t11 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t10)
+            t17 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t16)
         if f_nonfinite_skip:
-            new_exp_avg_sq_ = t11
+            new_exp_avg_sq_ = t17
         else:
-            new_exp_avg_sq_ = t10
-        t13 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_ + h_s2 * (t2 - exp_avg_),
-                t2 - (t2 - exp_avg_) * (1.0 - h_s2))
+            new_exp_avg_sq_ = t16
+        t19 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_ + h_s2 * (t8 - exp_avg_),
+                t8 - (t8 - exp_avg_) * (1.0 - h_s2))
         if f_nonfinite_skip:
-            t14 = tl.where(r_nonfinite_c != 0, exp_avg_, t13)
+            t20 = tl.where(r_nonfinite_c != 0, exp_avg_, t19)
         if f_nonfinite_skip:
-            new_exp_avg_ = t14
+            new_exp_avg_ = t20
         else:
-            new_exp_avg_ = t13
-        t16 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_diff_ + h_s3 * (t5 - exp_avg_diff_),
-                t5 - (t5 - exp_avg_diff_) * (1.0 - h_s3))
+            new_exp_avg_ = t19
+        t22 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_diff_ + h_s3 * (t11 - exp_avg_diff_),
+                t11 - (t11 - exp_avg_diff_) * (1.0 - h_s3))
         if f_nonfinite_skip:
-            t17 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t16)
+            t23 = tl.where(r_nonfinite_c != 0, exp_avg_diff_, t22)
         if f_nonfinite_skip:
-            new_exp_avg_diff_ = t17
+            new_exp_avg_diff_ = t23
         else:
-            new_exp_avg_diff_ = t16
+            new_exp_avg_diff_ = t22
         if f_nonfinite_skip:
-            t19 = tl.where(r_nonfinite_c != 0, previous_grad_, t2)
+            t25 = tl.where(r_nonfinite_c != 0, previous_grad_, t8)
         if f_nonfinite_skip:
-            new_previous_grad_ = t19
+            new_previous_grad_ = t25
         else:
-            new_previous_grad_ = t2
-        t21 = (t13 * h_s4)
-        t22 = (h_betas_1 * t16)
-        t23 = (t22 * h_s5)
-        t24 = (t21 + t23)
-        t25 = (t10 * h_s6)
-        t26 = _sqrt(t25)
-        t27 = (t26 + h_eps)
-        t28 = _div(t24, t27)
-        t29 = (h_weight_decay * param_)
-        t30 = (t28 + t29)
+            new_previous_grad_ = t8
+        t27 = (t19 * h_s4)
+        t28 = (h_betas_1 * t22)
+        t29 = (t28 * h_s5)
+        t30 = (t27 + t29)
+        t31 = (t16 * h_s6)
+        t32 = _sqrt(t31)
+        t33 = (t32 + h_eps)
+        t34 = _div(t30, t33)
+        t35 = (h_weight_decay * param_)
+        t36 = (t34 + t35)
         if not f_weight_decouple2:
-            t31 = (t30 * h_s7)
+            t37 = (t36 * h_s7)
         if f_weight_decouple2:
-            t32 = t30
+            t38 = t36
         else:
-            t32 = t31
-        t33 = (h_lr * t32)
-        t34 = (param_ - t33)
+            t38 = t37
+        t39 = (h_lr * t38)
+        t40 = (param_ - t39)
         if f_nonfinite_skip:
-            t35 = tl.where(r_nonfinite_c != 0, param_, t34)
+            t41 = tl.where(r_nonfinite_c != 0, param_, t40)
         if f_nonfinite_skip:
-            new_param_ = t35
+            new_param_ = t41
         else:
-            new_param_ = t34
+            new_param_ = t40
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_diff_addr, offs, new_exp_avg_diff_, mask, EXP_AVG_DIFF_T)
         _store(previous_grad_addr, offs, new_previous_grad_, mask, PREVIOUS_GRAD_T)
         _store(param_addr, offs, new_param_, mask, PARAM_T)
+
+    @triton.jit
+    def _reduce_kernel(
+            # data-pointer tables, one per role
+            grad_ptrs,
+            # each block's tensor and first element
+            numels, block_tensor, block_start,
+            # out: [reductions, blocks] float64
+            partials,
+            # element types, compute type, block size
+            GRAD_T: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+        # One block's partial sums of grad_norm_sq: row r of partials holds reduction r.
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels + i)
+        grad_addr = tl.load(grad_ptrs + i).to(tl.pointer_type(GRAD_T))
+        grad_ = tl.load(grad_addr + offs, mask=mask).to(CDT)
+        t0 = (grad_ * grad_)
+        tl.store(partials + pid, tl.sum(tl.where(mask, t0, 0.0), axis=0).to(tl.float64))
 
     _TABLES = _Tables(['param', 'grad', 'previous_grad', 'exp_avg', 'exp_avg_diff', 'exp_avg_sq'],
             stored=['exp_avg', 'exp_avg_diff', 'exp_avg_sq', 'param', 'previous_grad'])
@@ -480,11 +554,13 @@ else:
                 t.ptrs['exp_avg_diff'], t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
                 h_betas_1=float(scalars['betas_1']), h_betas_2=float(scalars['betas_2']),
-                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_s1=float(scalars['s1']),
+                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']),
+                h_max_grad_norm=float(scalars['max_grad_norm']), h_s1=float(scalars['s1']),
                 h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
                 h_s5=float(scalars['s5']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
                 h_weight_decay=float(scalars['weight_decay']),
-                r_nonfinite_ptr=reduced['nonfinite'], f_condition=bool(flags['condition']),
+                r_grad_norm_sq_ptr=reduced['grad_norm_sq'], r_nonfinite_ptr=reduced['nonfinite'],
+                f_clips=bool(flags['clips']), f_condition=bool(flags['condition']),
                 f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
                 f_weight_decouple2=bool(flags['weight_decouple2']),
                 PARAM_T=t.dtypes['param'], GRAD_T=t.dtypes['grad'],
@@ -494,14 +570,27 @@ else:
             t.finish()
 
     def _triton_reduce(bucket, scalars, flags, reduced=None, level=0):
-        """No reductions in this kernel."""
-        return {}
+        """A pass of the sums over the bucket: float64 device tensors."""
+        total = None
+        for t in _TABLES.launches(bucket, _reduce_kernel):
+            partials = t.partials(1)
+            _reduce_kernel[(t.blocks,)](
+                t.ptrs['grad'],
+                t.numels, t.block_tensor, t.block_start,
+                partials=partials,
+                GRAD_T=t.dtypes['grad'], CDT=t.compute, BLOCK=t.block, num_warps=t.num_warps)
+            sums = partials.view(1, t.blocks).sum(dim=1)
+            total = sums if total is None else total + sums
+        if total is None:  # no elements
+            total = _TABLES.zeros(bucket, 1)
+        return {'grad_norm_sq': total[0]}
 
 
 # --- the step: its kernels and matrix calls, in order ---
 
-_KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
-        triton=_triton_step, triton_reduce=_triton_reduce)
+_KERNEL = _Kernel('', _update, _UPDATE_ARGS,
+        reduce={'grad_norm_sq': (_reduce_grad_norm_sq, _REDUCE_ARGS['grad_norm_sq'])},
+        foreach=_foreach_update, triton=_triton_step, triton_reduce=_triton_reduce)
 
 
 def _step(run):
@@ -525,7 +614,8 @@ class Adan(CurvOptimizer):
       beta of iterate ema
     - ``weight_decay=0``: read by ``let decayed`` and ``update``
     - ``weight_decouple=False``: read by ``update``
-    - ``eps=1e-08``: the eps of damping add
+    - ``max_grad_norm=0.0``: the threshold of clip global_norm (on = gradient)
+    - ``eps=1e-08``: the eps of damping add; the eps of clip global_norm (on = gradient)
 
     Keyword-only arguments:
 
@@ -544,11 +634,14 @@ class Adan(CurvOptimizer):
 
     BACKEND = 'auto'
     HYPERS = (_Hyper('lr', 0.001), _Hyper('betas', (0.98, 0.92, 0.99)), _Hyper('weight_decay', 0),
-            _Hyper('weight_decouple', False), _Hyper('eps', 1e-08))
+            _Hyper('weight_decouple', False), _Hyper('max_grad_norm', 0.0), _Hyper('eps', 1e-08))
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
         _Validator('betas', 2, 'unit', 'the beta of iterate ema'),
         _Validator('eps', None, 'nonneg', 'the eps of damping add'),
+        _Validator('max_grad_norm', None, 'nonneg',
+                'the threshold of clip global_norm (on = gradient)'),
+        _Validator('eps', None, 'nonneg', 'the eps of clip global_norm (on = gradient)'),
     )
     BUFFERS = (
         _Buffer('previous_grad', None, lambda h: 0.0),
@@ -562,12 +655,12 @@ class Adan(CurvOptimizer):
     PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.001, betas=(0.98, 0.92, 0.99), weight_decay=0,
-            weight_decouple=False, eps=1e-08, *, maximize=False, foreach=None, fused=None,
-            capturable=False, differentiable=False, state_dtype=None, nonfinite='propagate',
-            curvature_group=None):
+            weight_decouple=False, max_grad_norm=0.0, eps=1e-08, *, maximize=False, foreach=None,
+            fused=None, capturable=False, differentiable=False, state_dtype=None,
+            nonfinite='propagate', curvature_group=None):
         """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay,
-                'weight_decouple': weight_decouple, 'eps': eps, 'maximize': maximize,
-                'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'weight_decouple': weight_decouple, 'max_grad_norm': max_grad_norm, 'eps': eps,
+                'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype,
                 'nonfinite': nonfinite, 'curvature_group': curvature_group})

@@ -12,36 +12,51 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     g     = g + weight_decay * theta   (if not weight_decouple)
-    theta = theta * (1 - lr * weight_decay)   (if weight_decouple)
+    theta = theta * (1 - (weight_decay if fixed_decay else lr * weight_decay))   (if
+        weight_decouple)
+    fraction = step / t_alpha_beta3
+    mixed_log = (1 - fraction) * log(betas[2]) + fraction * log(betas[0])
+    slow_beta = exp(log(betas[0]) * log(betas[2]) / mixed_log)
+    alpha_t = if(given(t_alpha_beta3), min(step * alpha / t_alpha_beta3, alpha), alpha)
+    beta3_t = if(given(t_alpha_beta3), min(slow_beta, betas[2]), betas[2])
     exp_avg = lerp(exp_avg, grad, 1 - betas[0])   (state: exp_avg on the right is the stored value)
-    exp_avg_slow = lerp(exp_avg_slow, grad, 1 - betas[2])   (state: exp_avg_slow on the right is the
+    exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_t)   (state: exp_avg_slow on the right is the
         stored value)
     c     = g * g
     C     = betas[1] * C + (1 - betas[1]) * c
     C     = C / (1 - betas[1]^t)
     P     = sqrt(C) + eps
-    m     = exp_avg / (1 - betas[0] ^ step) + alpha * exp_avg_slow
+    m     = exp_avg / (1 - betas[0] ^ step) + alpha_t * exp_avg_slow
     d     = m / P
     theta = theta - lr * d
 """
 
 # The spec:
-#   # AdEMAMix (Pagliardini et al., 2024), as pytorch_optimizer's AdEMAMix without the
-#   # warmup (t_alpha_beta3 = None): Adam whose numerator mixes the bias-corrected fast EMA
-#   # with a slow, uncorrected EMA (beta3 near 1) weighted by alpha,
-#   # d = (m1 / (1 - beta1^t) + alpha m2) / (sqrt(v / (1 - beta2^t)) + eps).
+#   # AdEMAMix (Pagliardini et al., 2024), as pytorch_optimizer's AdEMAMix: Adam whose
+#   # numerator mixes the bias-corrected fast EMA with a slow, uncorrected EMA (beta3 near 1)
+#   # weighted by alpha, d = (m1 / (1 - beta1^t) + alpha_t m2) / (sqrt(v / (1 - beta2^t)) + eps).
+#   # With t_alpha_beta3 = T given, alpha and the slow EMA's beta3 warm up over T steps:
+#   # alpha_t = min(t alpha / T, alpha), and beta3_t = min(exp(log b1 log b3 / ((1 - t/T) log b3
+#   # + (t/T) log b1)), b3), a half-life growing linearly from beta1's to beta3's; T = None
+#   # (the default) keeps alpha and beta3. fixed_decay: decoupled decay theta (1 - wd), not
+#   # theta (1 - lr wd).
 #   optimizer AdEMAMix
-#   hyper lr = 1e-3, betas = (0.9, 0.999, 0.9999), weight_decay = 0, weight_decouple = false
-#   hyper alpha = 5.0, eps = 1e-8
+#   hyper lr = 1e-3, betas = (0.9, 0.999, 0.9999), weight_decay = 0, weight_decouple = false,
+#         fixed_decay = false, alpha = 5.0, t_alpha_beta3 = none, eps = 1e-8
+#   let fraction = step / t_alpha_beta3
+#   let mixed_log = (1 - fraction) * log(betas[2]) + fraction * log(betas[0])
+#   let slow_beta = exp(log(betas[0]) * log(betas[2]) / mixed_log)
+#   let alpha_t = if(given(t_alpha_beta3), min(step * alpha / t_alpha_beta3, alpha), alpha)
+#   let beta3_t = if(given(t_alpha_beta3), min(slow_beta, betas[2]), betas[2])
 #   state exp_avg = lerp(exp_avg, grad, 1 - betas[0])
-#   state exp_avg_slow = lerp(exp_avg_slow, grad, 1 - betas[2])
-#   momentum = exp_avg / (1 - betas[0]^step) + alpha * exp_avg_slow
+#   state exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_t)
+#   momentum = exp_avg / (1 - betas[0]^step) + alpha_t * exp_avg_slow
 #   curvature empirical_fisher
 #   structure diagonal
 #   iterate   ema(betas[1]) bias_corrected
 #   length    gradient_norm
 #   damping   add(eps)
-#   decay     l2(weight_decay, decoupled = weight_decouple)
+#   decay     l2(weight_decay, decoupled = weight_decouple, fixed = fixed_decay)
 
 import math
 
@@ -60,30 +75,59 @@ def _host(h, step):
     h_betas_2 = h['betas_2']
     h_weight_decay = h['weight_decay']
     h_weight_decouple = h['weight_decouple']
+    h_fixed_decay = h['fixed_decay']
     h_alpha = h['alpha']
+    h_t_alpha_beta3 = h['t_alpha_beta3']
     h_eps = h['eps']
     h_step = step
     h_curvature_bias_correction = (1.0 - (h_betas_1 ** h_step))
-    h_s1 = (1.0 - h_betas_1)
-    h_s2 = (1.0 - h_betas_0)
-    h_s3 = (1.0 - h_betas_2)
-    h_s4 = (1.0 - (h_lr * h_weight_decay))
-    h_s5 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
-    h_s6 = (1.0 / h_curvature_bias_correction)
+    if not math.isnan(h_t_alpha_beta3):
+        h_alpha_t = min(((h_step * h_alpha) / h_t_alpha_beta3), h_alpha)
+    else:
+        h_alpha_t = h_alpha
+    if not math.isnan(h_t_alpha_beta3):
+        h_fraction = (h_step / h_t_alpha_beta3)
+    else:
+        h_fraction = math.nan
+    if not math.isnan(h_t_alpha_beta3):
+        h_mixed_log_part0 = ((1.0 - h_fraction) * math.log(h_betas_2))
+        h_mixed_log_part1 = (h_fraction * math.log(h_betas_0))
+        h_mixed_log = (h_mixed_log_part0 + h_mixed_log_part1)
+    else:
+        h_mixed_log = math.nan
+    if not math.isnan(h_t_alpha_beta3):
+        h_slow_beta = math.exp(((math.log(h_betas_0) * math.log(h_betas_2)) / h_mixed_log))
+    else:
+        h_slow_beta = math.nan
+    if not math.isnan(h_t_alpha_beta3):
+        h_beta3_t = min(h_slow_beta, h_betas_2)
+    else:
+        h_beta3_t = h_betas_2
+    h_s6 = (1.0 - h_betas_1)
+    h_s7 = (1.0 - h_betas_0)
+    h_s8 = (1.0 - h_beta3_t)
+    h_s9 = (1.0 - h_weight_decay)
+    h_s10 = (1.0 - (h_lr * h_weight_decay))
+    h_s11 = (1.0 / (1.0 - (h_betas_0 ** h_step)))
+    h_s12 = (1.0 / h_curvature_bias_correction)
     scalars = {'lr': h_lr, 'betas_0': h_betas_0, 'betas_1': h_betas_1, 'betas_2': h_betas_2,
-            'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple, 'alpha': h_alpha,
+            'weight_decay': h_weight_decay, 'weight_decouple': h_weight_decouple,
+            'fixed_decay': h_fixed_decay, 'alpha': h_alpha, 't_alpha_beta3': h_t_alpha_beta3,
             'eps': h_eps, 'step': h_step, 'curvature_bias_correction': h_curvature_bias_correction,
-            's1': h_s1, 's2': h_s2, 's3': h_s3, 's4': h_s4, 's5': h_s5, 's6': h_s6}
+            'alpha_t': h_alpha_t, 'fraction': h_fraction, 'mixed_log': h_mixed_log,
+            'slow_beta': h_slow_beta, 'beta3_t': h_beta3_t, 's6': h_s6, 's7': h_s7, 's8': h_s8,
+            's9': h_s9, 's10': h_s10, 's11': h_s11, 's12': h_s12}
     flags = {'has_weight_decay': bool((h_weight_decay != 0.0)),
+            'decay_fixed': bool((h_fixed_decay != 0.0)),
             'decoupled_decay': bool((h_weight_decouple != 0.0)), 'maximize': bool(h['maximize'])}
     return scalars, flags
 
 
 # --- torch: the CPU path, and the reference for every other backend ---
 
-def _update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, h_eps, h_lr, h_s1,
-        h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay,
-        f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h_betas_1, h_eps, h_lr,
+        h_s10, h_s11, h_s12, h_s6, h_s7, h_s8, h_s9, h_weight_decay, r_nonfinite, f_decay_fixed,
+        f_decoupled_decay, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
     param_ = None if param is None else param.to(cdt)
@@ -102,36 +146,40 @@ def _update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, 
         t5 = t2 if f_decoupled_decay else t4
     t6 = t5 if f_has_weight_decay else t2
     t7 = (t6 * t6)
-    t8 = (t7 * h_s1)
+    t8 = (t7 * h_s6)
     t9 = (t0 + t8)
     if f_nonfinite_skip:
         t10 = torch.where(r_nonfinite != 0, exp_avg_sq_, t9)
     new_exp_avg_sq_ = t10 if f_nonfinite_skip else t9
-    t12 = torch.lerp(exp_avg_, t6, h_s2)
+    t12 = torch.lerp(exp_avg_, t6, h_s7)
     if f_nonfinite_skip:
         t13 = torch.where(r_nonfinite != 0, exp_avg_, t12)
     new_exp_avg_ = t13 if f_nonfinite_skip else t12
-    t15 = torch.lerp(exp_avg_slow_, t6, h_s3)
+    t15 = torch.lerp(exp_avg_slow_, t6, h_s8)
     if f_nonfinite_skip:
         t16 = torch.where(r_nonfinite != 0, exp_avg_slow_, t15)
     new_exp_avg_slow_ = t16 if f_nonfinite_skip else t15
+    if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+        t18 = (param_ * h_s9)
+    if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+        t19 = (param_ * h_s10)
     if f_decoupled_decay and f_has_weight_decay:
-        t18 = (param_ * h_s4)
+        t20 = t18 if f_decay_fixed else t19
     if f_has_weight_decay:
-        t19 = t18 if f_decoupled_decay else param_
-    t20 = t19 if f_has_weight_decay else param_
-    t21 = (t12 * h_s5)
-    t22 = (h_alpha * t15)
-    t23 = (t21 + t22)
-    t24 = (t9 * h_s6)
-    t25 = torch.sqrt(t24)
-    t26 = (t25 + h_eps)
-    t27 = (t23 / t26)
-    t28 = (h_lr * t27)
-    t29 = (t20 - t28)
+        t21 = t20 if f_decoupled_decay else param_
+    t22 = t21 if f_has_weight_decay else param_
+    t23 = (t12 * h_s11)
+    t24 = (h_alpha_t * t15)
+    t25 = (t23 + t24)
+    t26 = (t9 * h_s12)
+    t27 = torch.sqrt(t26)
+    t28 = (t27 + h_eps)
+    t29 = (t25 / t28)
+    t30 = (h_lr * t29)
+    t31 = (t22 - t30)
     if f_nonfinite_skip:
-        t30 = torch.where(r_nonfinite != 0, param_, t29)
-    new_param_ = t30 if f_nonfinite_skip else t29
+        t32 = torch.where(r_nonfinite != 0, param_, t31)
+    new_param_ = t32 if f_nonfinite_skip else t31
     exp_avg_sq.copy_(new_exp_avg_sq_)
     exp_avg.copy_(new_exp_avg_)
     exp_avg_slow.copy_(new_exp_avg_slow_)
@@ -139,10 +187,11 @@ def _update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, 
 
 
 _UPDATE_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_slow', 'exp_avg_sq'],
-        'scalars': ['alpha', 'betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6',
+        'scalars': ['alpha_t', 'betas_1', 'eps', 'lr', 's10', 's11', 's12', 's6', 's7', 's8', 's9',
                 'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+        'flags': ['decay_fixed', 'decoupled_decay', 'has_weight_decay', 'maximize',
+                'nonfinite_skip']}
 _REDUCE_ARGS = {}
 
 
@@ -157,9 +206,9 @@ def _foreach_cast(tensors, cdt):
     return [t.to(cdt) for t in tensors]
 
 
-def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_betas_1, h_eps,
-        h_lr, h_s1, h_s2, h_s3, h_s4, h_s5, h_s6, h_weight_decay, r_nonfinite, f_decoupled_decay,
-        f_has_weight_decay, f_maximize, f_nonfinite_skip):
+def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h_betas_1, h_eps,
+        h_lr, h_s10, h_s11, h_s12, h_s6, h_s7, h_s8, h_s9, h_weight_decay, r_nonfinite,
+        f_decay_fixed, f_decoupled_decay, f_has_weight_decay, f_maximize, f_nonfinite_skip):
     """A bucket's step: ``update`` over lists, one foreach op per node."""
     if not param:
         return
@@ -170,8 +219,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_b
     exp_avg_slow_ = _foreach_cast(exp_avg_slow, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -181,39 +231,44 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_b
         if f_has_weight_decay:
             t4 = t2 if f_decoupled_decay else t3
         t5 = t4 if f_has_weight_decay else t2
-        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s6)
         t6 = t0
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(exp_avg_sq_, t6)]
-        t8 = torch._foreach_lerp(exp_avg_, t5, h_s2)
+        t8 = torch._foreach_lerp(exp_avg_, t5, h_s7)
         new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t8)]
-        t10 = torch._foreach_lerp(exp_avg_slow_, t5, h_s3)
+        t10 = torch._foreach_lerp(exp_avg_slow_, t5, h_s8)
         new_exp_avg_slow_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(exp_avg_slow_, t10)]
+        if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t12 = torch._foreach_mul(param_, _s_s9)
+        if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t13 = torch._foreach_mul(param_, _s_s10)
         if f_decoupled_decay and f_has_weight_decay:
-            t12 = torch._foreach_mul(param_, _s_s4)
+            t14 = t12 if f_decay_fixed else t13
         if f_has_weight_decay:
-            t13 = t12 if f_decoupled_decay else param_
-        t14 = t13 if f_has_weight_decay else param_
-        torch._foreach_mul_(t8, _s_s5)
-        t15 = t8
-        torch._foreach_add_(t15, t10, alpha=h_alpha)
-        t16 = t15
-        torch._foreach_mul_(t6, _s_s6)
-        t17 = t6
-        torch._foreach_sqrt_(t17)
+            t15 = t14 if f_decoupled_decay else param_
+        t16 = t15 if f_has_weight_decay else param_
+        torch._foreach_mul_(t8, _s_s11)
+        t17 = t8
+        torch._foreach_add_(t17, t10, alpha=h_alpha_t)
         t18 = t17
-        torch._foreach_add_(t18, h_eps)
-        t19 = t18
-        t20 = torch._foreach_addcdiv(t14, t16, t19, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t20)]
+        torch._foreach_mul_(t6, _s_s12)
+        t19 = t6
+        torch._foreach_sqrt_(t19)
+        t20 = t19
+        torch._foreach_add_(t20, h_eps)
+        t21 = t20
+        t22 = torch._foreach_addcdiv(t16, t18, t21, value=-h_lr)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t22)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(exp_avg_slow, new_exp_avg_slow_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -224,27 +279,31 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_b
         if f_has_weight_decay:
             t4 = t2 if f_decoupled_decay else t3
         t5 = t4 if f_has_weight_decay else t2
-        torch._foreach_addcmul_(t0, t5, t5, value=h_s1)
+        torch._foreach_addcmul_(t0, t5, t5, value=h_s6)
         new_exp_avg_sq_ = t0
-        torch._foreach_lerp_(exp_avg_, t5, h_s2)
+        torch._foreach_lerp_(exp_avg_, t5, h_s7)
         new_exp_avg_ = exp_avg_
-        torch._foreach_lerp_(exp_avg_slow_, t5, h_s3)
+        torch._foreach_lerp_(exp_avg_slow_, t5, h_s8)
         new_exp_avg_slow_ = exp_avg_slow_
+        if f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t9 = torch._foreach_mul(param_, _s_s9)
+        if not f_decay_fixed and f_decoupled_decay and f_has_weight_decay:
+            t10 = torch._foreach_mul(param_, _s_s10)
         if f_decoupled_decay and f_has_weight_decay:
-            t9 = torch._foreach_mul(param_, _s_s4)
+            t11 = t9 if f_decay_fixed else t10
         if f_has_weight_decay:
-            t10 = t9 if f_decoupled_decay else param_
-        t11 = t10 if f_has_weight_decay else param_
-        t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
-        torch._foreach_add_(t12, new_exp_avg_slow_, alpha=h_alpha)
-        t13 = t12
-        t14 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
-        torch._foreach_sqrt_(t14)
+            t12 = t11 if f_decoupled_decay else param_
+        t13 = t12 if f_has_weight_decay else param_
+        t14 = torch._foreach_mul(new_exp_avg_, _s_s11)
+        torch._foreach_add_(t14, new_exp_avg_slow_, alpha=h_alpha_t)
         t15 = t14
-        torch._foreach_add_(t15, h_eps)
-        t16 = t15
-        torch._foreach_addcdiv_(t11, t13, t16, value=-h_lr)
-        new_param_ = t11
+        t16 = torch._foreach_mul(new_exp_avg_sq_, _s_s12)
+        torch._foreach_sqrt_(t16)
+        t17 = t16
+        torch._foreach_add_(t17, h_eps)
+        t18 = t17
+        torch._foreach_addcdiv_(t13, t15, t18, value=-h_lr)
+        new_param_ = t13
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if new_exp_avg_ is not exp_avg:
@@ -256,10 +315,11 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha, h_b
 
 
 _FOREACH_ARGS = {'tensors': ['param', 'grad', 'exp_avg', 'exp_avg_slow', 'exp_avg_sq'],
-        'scalars': ['alpha', 'betas_1', 'eps', 'lr', 's1', 's2', 's3', 's4', 's5', 's6',
+        'scalars': ['alpha_t', 'betas_1', 'eps', 'lr', 's10', 's11', 's12', 's6', 's7', 's8', 's9',
                 'weight_decay'],
         'reduced': ['nonfinite'],
-        'flags': ['decoupled_decay', 'has_weight_decay', 'maximize', 'nonfinite_skip']}
+        'flags': ['decay_fixed', 'decoupled_decay', 'has_weight_decay', 'maximize',
+                'nonfinite_skip']}
 
 # --- triton: fused multi-tensor kernels ---
 
@@ -309,14 +369,15 @@ else:
             # each block's tensor and first element
             numels, block_tensor, block_start,
             # host scalars (runtime values)
-            h_alpha: tl.float64, h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64,
-            h_s1: tl.float64, h_s2: tl.float64, h_s3: tl.float64, h_s4: tl.float64,
-            h_s5: tl.float64, h_s6: tl.float64, h_weight_decay: tl.float64,
+            h_alpha_t: tl.float64, h_betas_1: tl.float64, h_eps: tl.float64, h_lr: tl.float64,
+            h_s10: tl.float64, h_s11: tl.float64, h_s12: tl.float64, h_s6: tl.float64,
+            h_s7: tl.float64, h_s8: tl.float64, h_s9: tl.float64, h_weight_decay: tl.float64,
             # global sums (0-d float64)
             r_nonfinite_ptr,
             # host flags (compile-time)
-            f_decoupled_decay: tl.constexpr, f_has_weight_decay: tl.constexpr,
-            f_maximize: tl.constexpr, f_nonfinite_skip: tl.constexpr,
+            f_decay_fixed: tl.constexpr, f_decoupled_decay: tl.constexpr,
+            f_has_weight_decay: tl.constexpr, f_maximize: tl.constexpr,
+            f_nonfinite_skip: tl.constexpr,
             # element types, compute type, block size
             PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr,
             EXP_AVG_SLOW_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr, CDT: tl.constexpr,
@@ -332,16 +393,17 @@ else:
         exp_avg_addr = tl.load(exp_avg_ptrs + i).to(tl.pointer_type(EXP_AVG_T))
         exp_avg_slow_addr = tl.load(exp_avg_slow_ptrs + i).to(tl.pointer_type(EXP_AVG_SLOW_T))
         exp_avg_sq_addr = tl.load(exp_avg_sq_ptrs + i).to(tl.pointer_type(EXP_AVG_SQ_T))
-        h_alpha = tl.cast(h_alpha, CDT)
+        h_alpha_t = tl.cast(h_alpha_t, CDT)
         h_betas_1 = tl.cast(h_betas_1, CDT)
         h_eps = tl.cast(h_eps, CDT)
         h_lr = tl.cast(h_lr, CDT)
-        h_s1 = tl.cast(h_s1, CDT)
-        h_s2 = tl.cast(h_s2, CDT)
-        h_s3 = tl.cast(h_s3, CDT)
-        h_s4 = tl.cast(h_s4, CDT)
-        h_s5 = tl.cast(h_s5, CDT)
+        h_s10 = tl.cast(h_s10, CDT)
+        h_s11 = tl.cast(h_s11, CDT)
+        h_s12 = tl.cast(h_s12, CDT)
         h_s6 = tl.cast(h_s6, CDT)
+        h_s7 = tl.cast(h_s7, CDT)
+        h_s8 = tl.cast(h_s8, CDT)
+        h_s9 = tl.cast(h_s9, CDT)
         h_weight_decay = tl.cast(h_weight_decay, CDT)
         r_nonfinite = tl.load(r_nonfinite_ptr)
         r_nonfinite_c = tl.cast(r_nonfinite, CDT)
@@ -371,7 +433,7 @@ else:
         else:
             t6 = t2
         t7 = (t6 * t6)
-        t8 = (t7 * h_s1)
+        t8 = (t7 * h_s6)
         t9 = (t0 + t8)
         if f_nonfinite_skip:
             t10 = tl.where(r_nonfinite_c != 0, exp_avg_sq_, t9)
@@ -379,49 +441,60 @@ else:
             new_exp_avg_sq_ = t10
         else:
             new_exp_avg_sq_ = t9
-        t12 = tl.where(tl.abs(h_s2) < 0.5, exp_avg_ + h_s2 * (t6 - exp_avg_),
-                t6 - (t6 - exp_avg_) * (1.0 - h_s2))
+        t12 = tl.where(tl.abs(h_s7) < 0.5, exp_avg_ + h_s7 * (t6 - exp_avg_),
+                t6 - (t6 - exp_avg_) * (1.0 - h_s7))
         if f_nonfinite_skip:
             t13 = tl.where(r_nonfinite_c != 0, exp_avg_, t12)
         if f_nonfinite_skip:
             new_exp_avg_ = t13
         else:
             new_exp_avg_ = t12
-        t15 = tl.where(tl.abs(h_s3) < 0.5, exp_avg_slow_ + h_s3 * (t6 - exp_avg_slow_),
-                t6 - (t6 - exp_avg_slow_) * (1.0 - h_s3))
+        t15 = tl.where(tl.abs(h_s8) < 0.5, exp_avg_slow_ + h_s8 * (t6 - exp_avg_slow_),
+                t6 - (t6 - exp_avg_slow_) * (1.0 - h_s8))
         if f_nonfinite_skip:
             t16 = tl.where(r_nonfinite_c != 0, exp_avg_slow_, t15)
         if f_nonfinite_skip:
             new_exp_avg_slow_ = t16
         else:
             new_exp_avg_slow_ = t15
+        if f_decay_fixed:
+            if f_decoupled_decay:
+                if f_has_weight_decay:
+                    t18 = (param_ * h_s9)
+        if not f_decay_fixed:
+            if f_decoupled_decay:
+                if f_has_weight_decay:
+                    t19 = (param_ * h_s10)
         if f_decoupled_decay:
             if f_has_weight_decay:
-                t18 = (param_ * h_s4)
+                if f_decay_fixed:
+                    t20 = t18
+                else:
+                    t20 = t19
         if f_has_weight_decay:
             if f_decoupled_decay:
-                t19 = t18
+                t21 = t20
             else:
-                t19 = param_
+                t21 = param_
         if f_has_weight_decay:
-            t20 = t19
+            t22 = t21
         else:
-            t20 = param_
-        t21 = (t12 * h_s5)
-        t22 = (h_alpha * t15)
-        t23 = (t21 + t22)
-        t24 = (t9 * h_s6)
-        t25 = _sqrt(t24)
-        t26 = (t25 + h_eps)
-        t27 = _div(t23, t26)
-        t28 = (h_lr * t27)
-        t29 = (t20 - t28)
+            t22 = param_
+        t23 = (t12 * h_s11)
+        t24 = (h_alpha_t * t15)
+        t25 = (t23 + t24)
+        t26 = (t9 * h_s12)
+        t27 = _sqrt(t26)
+        t28 = (t27 + h_eps)
+        t29 = _div(t25, t28)
+        t30 = (h_lr * t29)
+        t31 = (t22 - t30)
         if f_nonfinite_skip:
-            t30 = tl.where(r_nonfinite_c != 0, param_, t29)
+            t32 = tl.where(r_nonfinite_c != 0, param_, t31)
         if f_nonfinite_skip:
-            new_param_ = t30
+            new_param_ = t32
         else:
-            new_param_ = t29
+            new_param_ = t31
         _store(exp_avg_sq_addr, offs, new_exp_avg_sq_, mask, EXP_AVG_SQ_T)
         _store(exp_avg_addr, offs, new_exp_avg_, mask, EXP_AVG_T)
         _store(exp_avg_slow_addr, offs, new_exp_avg_slow_, mask, EXP_AVG_SLOW_T)
@@ -437,12 +510,13 @@ else:
                 t.ptrs['param'], t.ptrs['grad'], t.ptrs['exp_avg'], t.ptrs['exp_avg_slow'],
                 t.ptrs['exp_avg_sq'],
                 t.numels, t.block_tensor, t.block_start,
-                h_alpha=float(scalars['alpha']), h_betas_1=float(scalars['betas_1']),
-                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']), h_s1=float(scalars['s1']),
-                h_s2=float(scalars['s2']), h_s3=float(scalars['s3']), h_s4=float(scalars['s4']),
-                h_s5=float(scalars['s5']), h_s6=float(scalars['s6']),
+                h_alpha_t=float(scalars['alpha_t']), h_betas_1=float(scalars['betas_1']),
+                h_eps=float(scalars['eps']), h_lr=float(scalars['lr']),
+                h_s10=float(scalars['s10']), h_s11=float(scalars['s11']),
+                h_s12=float(scalars['s12']), h_s6=float(scalars['s6']), h_s7=float(scalars['s7']),
+                h_s8=float(scalars['s8']), h_s9=float(scalars['s9']),
                 h_weight_decay=float(scalars['weight_decay']),
-                r_nonfinite_ptr=reduced['nonfinite'],
+                r_nonfinite_ptr=reduced['nonfinite'], f_decay_fixed=bool(flags['decay_fixed']),
                 f_decoupled_decay=bool(flags['decoupled_decay']),
                 f_has_weight_decay=bool(flags['has_weight_decay']),
                 f_maximize=bool(flags['maximize']), f_nonfinite_skip=bool(flags['nonfinite_skip']),
@@ -478,12 +552,15 @@ class AdEMAMix(CurvOptimizer):
 
     - ``params``: an iterable of tensors or of param-group dicts
     - ``lr=0.001``: the learning rate
-    - ``betas=(0.9, 0.999, 0.9999)``: betas[0] is read by ``state exp_avg`` and ``momentum``;
-      betas[1] is the beta of iterate ema; betas[2] is read by ``state exp_avg_slow``
+    - ``betas=(0.9, 0.999, 0.9999)``: betas[0] is read by ``let mixed_log``, ``let slow_beta``,
+      ``state exp_avg`` and ``momentum``; betas[1] is the beta of iterate ema; betas[2] is read by
+      ``let mixed_log``, ``let slow_beta`` and ``let beta3_t``
     - ``weight_decay=0``: the rate of decay l2
     - ``weight_decouple=False``: whether decay l2 is decoupled (applied to the parameter, not the
       gradient)
-    - ``alpha=5.0``: read by ``momentum``
+    - ``fixed_decay=False``: the fixed of decay l2
+    - ``alpha=5.0``: read by ``let alpha_t``
+    - ``t_alpha_beta3=None``: read by ``let fraction``, ``let alpha_t`` and ``let beta3_t``
     - ``eps=1e-08``: the eps of damping add
 
     Keyword-only arguments:
@@ -503,8 +580,10 @@ class AdEMAMix(CurvOptimizer):
 
     BACKEND = 'auto'
     HYPERS = (_Hyper('lr', 0.001), _Hyper('betas', (0.9, 0.999, 0.9999)),
-            _Hyper('weight_decay', 0), _Hyper('weight_decouple', False), _Hyper('alpha', 5.0),
+            _Hyper('weight_decay', 0), _Hyper('weight_decouple', False),
+            _Hyper('fixed_decay', False), _Hyper('alpha', 5.0), _Hyper('t_alpha_beta3', None),
             _Hyper('eps', 1e-08))
+    OPTIONAL = ('t_alpha_beta3',)
     VALIDATORS = (
         _Validator('lr', None, 'nonneg', 'the learning rate'),
         _Validator('betas', 1, 'unit', 'the beta of iterate ema'),
@@ -522,12 +601,13 @@ class AdEMAMix(CurvOptimizer):
     PROGRAM = _PROGRAM
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999, 0.9999), weight_decay=0,
-            weight_decouple=False, alpha=5.0, eps=1e-08, *, maximize=False, foreach=None,
-            fused=None, capturable=False, differentiable=False, state_dtype=None,
-            nonfinite='propagate', curvature_group=None):
+            weight_decouple=False, fixed_decay=False, alpha=5.0, t_alpha_beta3=None, eps=1e-08, *,
+            maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+            state_dtype=None, nonfinite='propagate', curvature_group=None):
         """The arguments are listed in the class docstring."""
         self._construct(params, {'lr': lr, 'betas': betas, 'weight_decay': weight_decay,
-                'weight_decouple': weight_decouple, 'alpha': alpha, 'eps': eps,
-                'maximize': maximize, 'foreach': foreach, 'fused': fused, 'capturable': capturable,
+                'weight_decouple': weight_decouple, 'fixed_decay': fixed_decay, 'alpha': alpha,
+                't_alpha_beta3': t_alpha_beta3, 'eps': eps, 'maximize': maximize,
+                'foreach': foreach, 'fused': fused, 'capturable': capturable,
                 'differentiable': differentiable, 'state_dtype': state_dtype,
                 'nonfinite': nonfinite, 'curvature_group': curvature_group})
