@@ -7,8 +7,8 @@ rather than memory bandwidth sets the pace): parameters
 updated per second, and the ratio of each method's step time to
 ``torch.optim.Adam(fused=True)`` (the anchor) and to the same optimizer's
 ``foreach`` implementation (``vs ref``; torch.optim.Muon for Muon; the matrix calls of
-Adafactor and Muon also once per tensor, ``opt.batch_externs = False``), all measured in one process with the methods'
-rounds interleaved (so background load hits them alike). On CUDA it also
+Adafactor and Muon also once per tensor, ``opt.batch_externs = False``), all measured
+in one process with the methods' rounds interleaved (so background load hits them alike). On CUDA it also
 prints the achieved bandwidth as a fraction of a device-to-device copy
 measured in the same run.
 
