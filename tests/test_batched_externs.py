@@ -62,7 +62,7 @@ def _spy(monkeypatch, module, name, size=lambda args: len(args[0])):
 # --- batched == per tensor ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name, shapes, hypers", [
-    ("adafactor", SHAPES, dict(lr=0.05, weight_decay=0.05)),
+    ("adafactor", SHAPES + [(32,)], dict(lr=0.05, weight_decay=0.05)),
     ("muon", MATRICES + [(32,)], dict(lr=0.05)),
     ("shampoo", MATRICES + [(32,)], dict(lr=0.05, momentum=0.9)),
 ])

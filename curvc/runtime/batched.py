@@ -124,13 +124,13 @@ def polar_many(states: list, statistics: list, values: list, *, steps: float, a:
 
 def factored_many(states: list, statistics: list, values: list, param: list | None = None,
                   **kw) -> list:
-    """``matrix.factored`` of every value (its keywords in ``kw``); tensors of order >= 2
-    and one shape stacked: the means, V and its spectral function one call per group,
+    """``matrix.factored`` of every value (its keywords in ``kw``); tensors of one shape
+    stacked (order >= 1): the means, V and its spectral function one call per group,
     the per-tensor accumulators and norms by foreach ops (the same operations as the
     per-tensor function, in its order: bitwise its result)."""
     from curvc.runtime import matrix
     out = [None] * len(values)
-    many, alone = groups(values, lambda v: v.dim() >= 2 and v.numel() > 0)
+    many, alone = groups(values, lambda v: v.dim() >= 1 and v.numel() > 0)
     for i in alone:
         out[i] = matrix.factored(states[i], statistics[i], values[i],
                                  None if param is None else param[i], **kw)
@@ -139,9 +139,9 @@ def factored_many(states: list, statistics: list, values: list, param: list | No
         accs = matrix.factored_state([states[i] for i in ix], v0, kw["init"])
         if kw["update"]:
             stacked = torch.stack([statistics[i] for i in ix])
-            matrix.accumulate_statistics(accs, matrix.factored_statistics(stacked),
+            matrix.accumulate_statistics(accs, matrix.factored_statistics(stacked, v0.dim()),
                                          kw["accumulate"], kw["beta"], kw["weight"])
-        v = matrix.factored_diagonal(accs, kw["eps"])
+        v = matrix.factored_diagonal(accs[0] if len(accs) == 1 else accs, kw["eps"])
         shape = (len(ix),) + (1,) * v0.dim()
 
         def norms(x):

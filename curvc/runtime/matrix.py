@@ -339,7 +339,8 @@ def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
         return value  # a zero-size tensor: nothing to precondition
     accs = factored_state([state], value, init)
     if update:
-        accumulate_statistics(accs, factored_statistics(statistic), accumulate, beta, weight)
+        accumulate_statistics(accs, factored_statistics(statistic, value.dim()), accumulate,
+                              beta, weight)
     v = factored_diagonal(accs[0] if len(accs) == 1 else accs, eps)
     return factored_applied(v, value, param, length=length, clipped=clipped,
                             relative=relative, exponent=exponent, eps_inside=eps_inside,
@@ -362,10 +363,11 @@ def factored_state(states: list, value: torch.Tensor, init: float) -> list:
     return out
 
 
-def factored_statistics(statistic: torch.Tensor) -> list:
-    """The statistic's means over the last dim and the one before (order >= 2; a leading
-    dimension may count tensors), or the statistic itself (one key per accumulator)."""
-    if statistic.dim() >= 2:
+def factored_statistics(statistic: torch.Tensor, order: int) -> list:
+    """The statistic's means over the last dim and the one before (a tensor of ``order``
+    >= 2; a leading dimension may count tensors), or the statistic itself (one entry per
+    accumulator key)."""
+    if order >= 2:
         return [statistic.mean(dim=-1, keepdim=True), statistic.mean(dim=-2, keepdim=True)]
     return [statistic]
 
