@@ -180,34 +180,61 @@ def render(plan: Plan, suffix: str = "") -> str:
     return buf.getvalue()
 
 
+def _extern_call(ext: Extern) -> tuple:
+    """(signature, keyword arguments as source, statistic, value, the parameter or None,
+    the stage's own tensor operands as (keyword, input) pairs) of an extern's call."""
+    stage = ext.stage
+    host = PythonHost()
+    params = [host.render_inline(e, lambda x: scalar_name(x.name)) for e in ext.params]
+    scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
+    sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [],
+           "flags": list(stage.flags)}
+    kw = stage.keywords(params, _flag_or_true)
+    operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
+    named = getattr(stage, "operands", ())  # the stage's own tensors, by keyword
+    cut = len(operands) - len(named)
+    operands, extra = operands[:cut], operands[cut:]
+    # one tensor when the statistic and the value are the same
+    param = ext.inputs[-1] if stage.reads_param else None
+    return sig, kw, operands[0], operands[-1], param, list(zip(named, extra))
+
+
 def render_extern(ext: Extern, buf: IndentedBuffer) -> dict:
     """``_<name>(state, <inputs>, <scalars>, <flags>)``: one tensor's call into
     curvc.runtime.matrix, which keeps the factors in ``state`` (the tensor's optimizer
     state) and returns the preconditioned value. Returns what its signature takes."""
     stage = ext.stage
-    host = PythonHost()
-    params = [host.render_inline(e, lambda x: scalar_name(x.name)) for e in ext.params]
-    scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
-    flags = list(stage.flags)
-    sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [], "flags": flags}
-    kw = stage.keywords(params, _flag_or_true)
+    sig, kw, statistic, value, param, named = _extern_call(ext)
     buf.writeline(f"def _{ext.name}({signature_text(sig)}):")
     with buf.indent():
         doc = textwrap.wrap(stage.doc, buf.room - 6)
         buf.writelines(['"""' + doc[0]] + doc[1:-1] + [doc[-1] + '"""'] if len(doc) > 1
                        else ['"""' + doc[0] + '"""'])
-        fn = stage.function
-        operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
-        named = getattr(stage, "operands", ())  # the stage's own tensors, by keyword
-        cut = len(operands) - len(named)
-        operands, extra = operands[:cut], operands[cut:]
-        statistic, value = operands[0], operands[-1]  # one tensor when they are the same
-        param = f"{ext.inputs[-1]}.to(cdt), " if stage.reads_param else ""
-        param += "".join(f"{k}={x}.to(cdt), " for k, x in zip(named, extra))
+        rest = f"{param}.to(cdt), " if param else ""
+        rest += "".join(f"{k}={x}.to(cdt), " for k, x in named)
         # a kernel's temporaries are in the compute dtype already; a raw input may not be
         buf.writeline(f"cdt = torch.promote_types({value}.dtype, torch.float32)")
         # the statistic is None on a step that does not accumulate (an estimate not due)
-        buf.writeline(f"return matrix.{fn}(state, None if {statistic} is None else "
-                      f"{statistic}.to(cdt), {value}.to(cdt), {param}" + ", ".join(kw) + ")")
+        buf.writeline(f"return matrix.{stage.function}(state, None if {statistic} is None "
+                      f"else {statistic}.to(cdt), {value}.to(cdt), {rest}" + ", ".join(kw) + ")")
     return sig
+
+
+def render_extern_many(ext: Extern, buf: IndentedBuffer) -> None:
+    """``_<name>_many``: ``_<name>`` on lists of tensors (one list per tensor role, the same
+    scalars and flags), for a stage with a batched form (``stage.many``, a function of
+    curvc.runtime.batched that matrix exports)."""
+    sig, kw, statistic, value, param, named = _extern_call(ext)
+
+    def cast(x):  # each tensor in its compute dtype, as the per-tensor call casts it
+        return f"matrix.in_compute({x}, {value})"
+    rest = f"{cast(param)}, " if param else ""
+    rest += "".join(f"{k}={cast(x)}, " for k, x in named)
+    buf.writeline(f"def _{ext.name}_many({signature_text(sig)}):")
+    with buf.indent():
+        buf.writeline('"""The same on lists of tensors: one batched call per group of one '
+                      'shape and dtype."""')
+        buf.writeline(f"return matrix.{ext.stage.many}(state, {cast(statistic)}, "
+                      f"{cast(value)}, {rest}" + ", ".join(kw) + ")")
+
 

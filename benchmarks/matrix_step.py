@@ -5,12 +5,19 @@
 * L-BFGS vs ``torch.optim.LBFGS`` (a whole ``step(closure)``: forward and
   backward passes included, as users see it), with and without strong Wolfe;
 * K-FAC (no installable reference): its step against ``torch.optim.SGD``'s
-  with momentum, the price of the statistics and the inverses.
+  with momentum, the price of the statistics and the inverses;
+* on a small transformer's 2-D weights (``--layers`` blocks of width ``--dim``: four
+  d x d attention matrices and the 4d x d, d x 4d MLP pair each, so many tensors of
+  one shape), the batched externs (``curvc.runtime.batched``) against the per-tensor
+  loop (``opt.batch_externs = False``) and the references: Muon vs ``torch.optim.Muon``,
+  Adafactor (with the blocks' norm vectors) vs ``torch.optim.Adafactor`` (foreach and
+  for-loop), Shampoo with roots every step vs ``pytorch_optimizer.Shampoo``.
 
 Median of interleaved rounds in one process; the ratio is curvc / reference
 (below 1: curvc is faster).
 
     python benchmarks/matrix_step.py [--width 512] [--rounds 15] [--only shampoo]
+    python benchmarks/matrix_step.py --only blocks [--dim 128] [--layers 4]
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ def interleaved(runs: dict, rounds: int) -> dict:
 
 
 def row(name: str, ours: float, ref: float, ref_name: str) -> None:
-    print(f"{name:28} {ours * 1e3:9.2f} {ref * 1e3:9.2f}  {ours / ref:6.2f}x  vs {ref_name}")
+    print(f"{name:36} {ours * 1e3:9.2f} {ref * 1e3:9.2f}  {ours / ref:6.2f}x  vs {ref_name}")
 
 
 def main():
@@ -45,15 +52,22 @@ def main():
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=("shampoo", "lbfgs", "kfac"), default=None,
+    ap.add_argument("--only", choices=("shampoo", "lbfgs", "kfac", "blocks"), default=None,
                     help="one optimizer's rows (all by default)")
+    ap.add_argument("--dim", type=int, default=64, help="the transformer blocks' width")
+    ap.add_argument("--layers", type=int, default=4, help="the transformer blocks")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's intra-op threads (a shared box: 1 keeps small ops off "
+                         "a busy second core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 256)
     y = torch.randint(0, 10, (args.batch,))
     loss_of = lambda m: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"MLP 256-{args.width}-{args.width}-10, batch {args.batch}")
-    print(f"\n{'step':28} {'curvc ms':>9} {'ref ms':>9}  {'ratio':>7}")
+    print(f"\n{'step':36} {'curvc ms':>9} {'ref ms':>9}  {'ratio':>7}")
 
     want = lambda name: args.only in (None, name)  # noqa: E731
     import pytorch_optimizer as po
@@ -107,6 +121,75 @@ def main():
             return run
         t = interleaved({"ours": train(model, kfac), "ref": train(sgd_model, sgd)}, args.rounds)
         row(f"K-FAC (+fwd/bwd), inv every {every}", t["ours"], t["ref"], "torch.optim.SGD")
+
+
+    if want("blocks"):
+        blocks(args.dim, args.layers, args.rounds)
+
+
+def block_shapes(d: int, layers: int, vectors: bool = False) -> list[tuple[int, ...]]:
+    """A transformer's weights: per block q, k, v, o (d x d), the MLP's 4d x d and d x 4d,
+    and with ``vectors`` its two norms' weights (d)."""
+    one = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)] + ([(d,), (d,)] if vectors else [])
+    return one * layers
+
+
+def _with_grads(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return ps
+
+
+def _muon_in_float32():
+    """specs/muon.curv with its Newton-Schulz iteration in float32 (torch's is bf16 only)."""
+    import pathlib
+    import tempfile
+    spec = pathlib.Path(__file__).resolve().parent.parent / "specs" / "muon.curv"
+    text = spec.read_text().replace("eps = eps)", "eps = eps, precision = float32)")
+    assert "float32" in text, "specs/muon.curv's structure clause changed"
+    path = pathlib.Path(tempfile.mkdtemp()) / "muon32.curv"
+    path.write_text(text)
+    Muon32 = curvc.load(str(path))
+    return lambda ps: Muon32(ps, lr=0.02, fused=False)
+
+
+def _per_tensor(opt):
+    opt.batch_externs = False  # the extern once per tensor
+    return opt
+
+
+def blocks(d: int, layers: int, rounds: int) -> None:
+    """The batched externs on a transformer's weights (the module docstring)."""
+    import pytorch_optimizer as po
+    print(f"\n{layers} transformer blocks of width {d}, fused=False (eager kernels around the "
+          "extern)")
+    print(f"{'step':36} {'curvc ms':>9} {'ref ms':>9}  {'ratio':>7}")
+    cases = [
+        ("Muon", block_shapes(d, layers), lambda ps: curvc.load("muon")(ps, lr=0.02, fused=False),
+         [("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=0.02))]),
+        ("Muon, float32 iteration", block_shapes(d, layers), _muon_in_float32(), []),
+        ("Adafactor", block_shapes(d, layers, vectors=True),
+         lambda ps: curvc.load("adafactor")(ps, lr=0.01, fused=False),
+         [("torch.optim.Adafactor foreach",
+           lambda ps: torch.optim.Adafactor(ps, lr=0.01, foreach=True)),
+          ("torch.optim.Adafactor for-loop",
+           lambda ps: torch.optim.Adafactor(ps, lr=0.01, foreach=False))]),
+        ("Shampoo, roots every step", block_shapes(d, layers),
+         lambda ps: curvc.load("shampoo")(ps, lr=1e-3, update_freq=1, fused=False),
+         [("pytorch_optimizer.Shampoo",
+           lambda ps: po.Shampoo(ps, lr=1e-3, preconditioning_compute_steps=1))]),
+    ]
+    for name, shapes, ours, refs in cases:
+        opts = {"batched": ours(_with_grads(shapes)),
+                "per tensor": _per_tensor(ours(_with_grads(shapes)))}
+        opts.update({label: make(_with_grads(shapes)) for label, make in refs})
+        t = interleaved({k: o.step for k, o in opts.items()}, rounds)
+        row(f"{name}, batched", t["batched"], t["per tensor"], "curvc per tensor")
+        for label, _ in refs:
+            row(f"{name}, batched", t["batched"], t[label], label)
+            row("  the same, per tensor", t["per tensor"], t[label], label)
 
 
 if __name__ == "__main__":

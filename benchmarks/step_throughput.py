@@ -6,8 +6,9 @@ Prints, for Adam, Adagrad, SignGD, Lion, Adafactor and Muon (its 2-D tensors onl
 rather than memory bandwidth sets the pace): parameters
 updated per second, and the ratio of each method's step time to
 ``torch.optim.Adam(fused=True)`` (the anchor) and to the same optimizer's
-``foreach`` implementation, all measured in one process with the methods'
-rounds interleaved (so background load hits them alike). On CUDA it also
+``foreach`` implementation (``vs ref``; torch.optim.Muon for Muon; the matrix calls of
+Adafactor and Muon also once per tensor, ``opt.batch_externs = False``), all measured
+in one process with the methods' rounds interleaved (so background load hits them alike). On CUDA it also
 prints the achieved bandwidth as a fraction of a device-to-device copy
 measured in the same run.
 
@@ -91,15 +92,25 @@ def methods(name: str, device: str, eager: bool = False):
         out.append(("torch Adafactor for-loop",
                     lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=False)))
         out.append(("curvc Adafactor", lambda ps: ours(ps, lr=1e-2, fused=True)))
+        out.append(("curvc Adafactor, per-tensor extern",
+                    lambda ps: _per_tensor(ours(ps, lr=1e-2, fused=True))))
     elif name == "Muon":
         out.append(("torch Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3)))
         out.append(("curvc Muon", lambda ps: ours(ps, lr=1e-3, fused=True)))
+        out.append(("curvc Muon, per-tensor extern",
+                    lambda ps: _per_tensor(ours(ps, lr=1e-3, fused=True))))
     else:
         if po is not None:
             out.append(("pytorch_optimizer SignSGD foreach",
                         lambda ps: po.SignSGD(ps, lr=1e-3, momentum=0.9, foreach=True)))
         out.append(("curvc SignGD", lambda ps: ours(ps, lr=1e-3, momentum=0.9, fused=True)))
     return out
+
+
+def _per_tensor(opt):
+    """The optimizer with its matrix call once per tensor (no batched extern)."""
+    opt.batch_externs = False
+    return opt
 
 
 def bench(name, shapes, device, dtype, rounds, warmup, eager=False):
@@ -126,10 +137,12 @@ def bench(name, shapes, device, dtype, rounds, warmup, eager=False):
             if r >= warmup:
                 e["times"].append(time.perf_counter() - t)
     anchor = entries[0]["times"]
-    foreach = next((e["times"] for e in entries if "foreach" in e["label"]), None)
+    # the same optimizer's foreach implementation, else its reference (torch Muon)
+    foreach = next((e["times"] for e in entries if "foreach" in e["label"]),
+                   entries[1]["times"] if len(entries) > 1 else None)
     print(f"\n{name} on {len(shapes)} tensors, {numel / 1e6:.1f}M parameters ({device}, {dtype})")
     print(f"  {'method':36} {'median ms':>10} {'Mparam/s':>10} {'vs fused Adam':>14} "
-          f"{'vs foreach':>11} {'first step s':>13}")
+          f"{'vs ref':>11} {'first step s':>13}")
     for e in entries:
         med = statistics.median(e["times"])
         per_round = statistics.median(t / a for t, a in zip(e["times"], anchor))

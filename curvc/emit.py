@@ -127,6 +127,10 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
                 lines = pprint.pformat(sig, width=buf.room - len(head), compact=True,
                                        sort_dicts=False).split("\n")
                 buf.writelines([head + lines[0]] + [" " * len(head) + x for x in lines[1:]])
+            if getattr(step.stage, "many", None):  # its batched form (runtime.batched)
+                buf.writeline()
+                buf.writeline()
+                torch_backend.render_extern_many(step, buf)
         buf.writeline()
         buf.writeline()
     buf.writeline("# --- foreach: the same kernels for many small tensors at once ---")
@@ -169,8 +173,10 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
             items.append("counts_step=False")
         buf.writelines(wrap_items(f"_KERNEL{x} = _Kernel(", items, ")", buf.room))
     for e in program.externs:
-        buf.writeline(f"_EXTERN_{e.name} = _Extern({e.name!r}, _{e.name}, _EXTERN_ARGS_{e.name}, "
-                      f"{e.output!r})")
+        items = [repr(e.name), f"_{e.name}", f"_EXTERN_ARGS_{e.name}", repr(e.output)]
+        if getattr(e.stage, "many", None):
+            items.append(f"many=_{e.name}_many")
+        buf.writelines(wrap_items(f"_EXTERN_{e.name} = _Extern(", items, ")", buf.room))
     buf.writeline()
     buf.writeline()
     buf.writeline("def _step(run):")

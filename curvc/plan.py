@@ -228,6 +228,11 @@ class KroneckerStage:
     reads_param = False  # the extern's tensors: the statistic and the value only
 
     @property
+    def many(self) -> str | None:
+        """The batched form's function (``curvc.runtime.batched``, through matrix)."""
+        return "kronecker_many" if self.function == "kronecker" else None
+
+    @property
     def flags(self) -> tuple[str, ...]:
         return tuple(sorted({f for f in (self.refresh, self.accumulate_when) if f}))
 
@@ -273,6 +278,7 @@ class FactoredStage:
     clipped: bool = False
     relative: bool = False
     function: str = "factored"
+    many = "factored_many"  # the batched form (curvc.runtime.batched)
     refresh = None  # V is recomputed from R and C every step
     params: tuple[str, ...] = ("beta", "weight", "init", "exponent", "eps_inside", "eps_after",
                                "floor", "eps", "bias_correction", "clip", "scale_eps")
@@ -311,6 +317,7 @@ class PolarStage:
     name: str
     precision: str  # 'bfloat16' | 'float32' | 'float64'
     function: str = "polar"
+    many = "polar_many"  # the batched form (curvc.runtime.batched)
     params: tuple[str, ...] = ("steps", "a", "b", "c", "eps")
     refresh: str | None = None  # no roots kept, so nothing to refresh or accumulate
     accumulate_when: str | None = None

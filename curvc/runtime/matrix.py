@@ -196,11 +196,31 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
     """
     if value.numel() == 0:
         return value  # a zero-size tensor (Linear(4, 0)): nothing to precondition
+    modes, due, e = kronecker_factors(
+        state, statistic, value, factors=factors, roots=roots, accumulate=accumulate,
+        update=update, refresh=refresh, beta=beta, init=init, exponent=exponent,
+        bias_correction=bias_correction, max_dim=max_dim, per_mode=per_mode, weight=weight,
+        factor_root=factor_root)
+    how = root_function(length)
+    for root_key, corrected in due:
+        state[root_key] = _refreshed(how, corrected, e, eps_inside, eps_after, floor,
+                                     state.get(root_key))
+    return kronecker_applied(state, value, modes, length)
+
+
+def kronecker_factors(state: dict, statistic: torch.Tensor, value: torch.Tensor, *,
+                      factors: str, roots: str, accumulate: str, update: bool, refresh: bool,
+                      beta: float, init: float, exponent: float, bias_correction: float,
+                      max_dim: float, per_mode: bool, weight: float | None = None,
+                      factor_root: float = 0.0) -> tuple[list, list, float]:
+    """``kronecker``'s first part: every mode's factor accumulated. Returns (the modes with
+    a factor, as (mode, root key); the roots due, as (root key, bias-corrected factor);
+    the roots' exponent)."""
     order = value.dim()
     e = exponent / order if per_mode and order else exponent
     if per_mode and factor_root:
         e = 2.0 * exponent / factor_root
-    modes = []
+    modes, due = [], []
     for i, d in enumerate(value.shape):
         if d > max_dim:
             continue
@@ -219,11 +239,22 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
             else:  # instant: this step's statistic only
                 torch.mm(u, ut, out=factor)
         if refresh or root_key not in state:
-            corrected = factor / bias_correction if bias_correction != 1.0 else factor
-            how = checked_eigenbasis if length == "eigen_sign" else checked_inverse_root
-            state[root_key] = _refreshed(how, corrected, e, eps_inside, eps_after, floor,
-                                         state.get(root_key))
-        modes.append((i, state[root_key].to(value.dtype)))
+            due.append((root_key, factor / bias_correction if bias_correction != 1.0
+                        else factor))
+        modes.append((i, root_key))
+    return modes, due, e
+
+
+def root_function(length: str):
+    """What a factor's root is for a length: its eigenbasis and spectral function
+    (``eigen_sign``), or the matrix function itself."""
+    return checked_eigenbasis if length == "eigen_sign" else checked_inverse_root
+
+
+def kronecker_applied(state: dict, value: torch.Tensor, modes: list, length: str):
+    """``kronecker``'s last part: the value through the roots of ``modes`` ((mode, root
+    key) pairs, the roots in ``state``)."""
+    modes = [(i, state[key].to(value.dtype)) for i, key in modes]
     if length == "eigen_sign":
         return _eigen_sign(value, modes)
     out = value
@@ -309,43 +340,87 @@ def factored(state: dict, statistic: torch.Tensor | None, value: torch.Tensor,
     """
     if value.numel() == 0:
         return value  # a zero-size tensor: nothing to precondition
+    accs = factored_state([state], value, init)
+    if update:
+        accumulate_statistics(accs, factored_statistics(statistic, value.dim()), accumulate,
+                              beta, weight)
+    v = factored_diagonal(accs[0] if len(accs) == 1 else accs, eps)
+    return factored_applied(v, value, param, length=length, clipped=clipped,
+                            relative=relative, exponent=exponent, eps_inside=eps_inside,
+                            eps_after=eps_after, floor=floor, bias_correction=bias_correction,
+                            clip=clip, scale_eps=scale_eps, norms=torch.linalg.vector_norm)
 
-    def accumulated(key: str, shape, new):
-        acc = state.get(key)
-        if acc is None:
-            acc = state[key] = torch.full(shape, float(init), dtype=value.dtype,
-                                          device=value.device)
-        if update:
-            if accumulate == "ema":  # beta acc + weight new: an EMA, or a sum at 1 and 1
-                acc.mul_(beta).add_(new(), alpha=weight)
-            elif accumulate == "sum":
-                acc.add_(new())
-            else:  # instant: this step's statistics only
-                acc.copy_(new())
-        return acc
 
+def factored_state(states: list, value: torch.Tensor, init: float) -> list:
+    """The accumulators of tensors shaped like ``value``, one list per key (``row_var`` and
+    ``col_var`` for order >= 2, ``variance`` below), each created at ``init`` on first use."""
     shape = tuple(value.shape)
-    if value.dim() >= 2:
-        row = accumulated("row_var", shape[:-1] + (1,),
-                          lambda: statistic.mean(dim=-1, keepdim=True))
-        col = accumulated("col_var", shape[:-2] + (1, shape[-1]),
-                          lambda: statistic.mean(dim=-2, keepdim=True))
-        # V = R C / max(mean(R), eps): the rank-1 fit whose row and column means are R and C;
-        # a zero mean (a tensor whose statistic was always 0) gives V = 0, the pseudo-inverse
-        scale = row.mean(dim=-2, keepdim=True).clamp(min=eps)
-        tiny = torch.finfo(value.dtype).tiny
-        v = torch.where(scale > 0, (row @ col) / scale.clamp(min=tiny), 0.0)
-    else:  # order < 2 has no rows and columns to factor: the plain diagonal
-        v = accumulated("variance", shape, lambda: statistic)
+    keys = ((("row_var", shape[:-1] + (1,)), ("col_var", shape[:-2] + (1, shape[-1])))
+            if value.dim() >= 2 else (("variance", shape),))
+    out = []
+    for key, sh in keys:
+        for state in states:
+            if key not in state:
+                state[key] = torch.full(sh, float(init), dtype=value.dtype, device=value.device)
+        out.append([state[key] for state in states])
+    return out
+
+
+def factored_statistics(statistic: torch.Tensor, order: int) -> list:
+    """The statistic's means over the last dim and the one before (a tensor of ``order``
+    >= 2; a leading dimension may count tensors), or the statistic itself (one entry per
+    accumulator key)."""
+    if order >= 2:
+        return [statistic.mean(dim=-1, keepdim=True), statistic.mean(dim=-2, keepdim=True)]
+    return [statistic]
+
+
+def accumulate_statistics(accs: list, news: list, accumulate: str, beta: float,
+                          weight: float) -> None:
+    """Each key's accumulators (a list of tensors) take the new statistics (``news``: one
+    tensor per key, its leading dimension one entry per accumulator when there are many)."""
+    for acc, new in zip(accs, news):
+        new = [new] if len(acc) == 1 and new.dim() == acc[0].dim() else list(new.unbind(0))
+        if accumulate == "ema":  # beta acc + weight new: an EMA, or a sum at 1 and 1
+            torch._foreach_mul_(acc, beta)
+            torch._foreach_add_(acc, new, alpha=weight)
+        elif accumulate == "sum":
+            torch._foreach_add_(acc, new)
+        else:  # instant: this step's statistics only
+            torch._foreach_copy_(acc, new)
+
+
+def factored_diagonal(accs, eps: float) -> torch.Tensor:
+    """V from the accumulators: R C / max(mean(R), eps) for a (row, column) pair of lists
+    (the rank-1 fit whose row and column means are R and C; a zero mean, a statistic that
+    was always 0, gives V = 0, the pseudo-inverse), the accumulator itself for one list;
+    stacked when the lists hold several tensors."""
+    if not isinstance(accs[0], list):
+        return accs[0] if len(accs) == 1 else torch.stack(accs)
+    rows, cols = accs
+    row = rows[0] if len(rows) == 1 else torch.stack(rows)
+    col = cols[0] if len(cols) == 1 else torch.stack(cols)
+    scale = row.mean(dim=-2, keepdim=True).clamp(min=eps)
+    tiny = torch.finfo(row.dtype).tiny
+    return torch.where(scale > 0, (row @ col) / scale.clamp(min=tiny), 0.0)
+
+
+def factored_applied(v: torch.Tensor, value: torch.Tensor, param, *, length: str,
+                     clipped: bool, relative: bool, exponent: float, eps_inside: float,
+                     eps_after: float, floor: float, bias_correction: float, clip: float,
+                     scale_eps: float, norms, numel: int | None = None) -> torch.Tensor:
+    """The step from V: f(V) times the value (or its sign), then the per-tensor RMS clip and
+    relative scale; ``norms(x)`` is each tensor's 2-norm of x, shaped to broadcast against
+    it (``numel`` elements per tensor: all of the value's by default)."""
     if bias_correction != 1.0:
         v = v / bias_correction
     f = spectral(v + eps_inside if eps_inside else v, exponent, eps_after, floor)
     u = f * (torch.sign(value) if length == "eigen_sign" else value)
-    root_n = math.sqrt(value.numel())
+    root_n = math.sqrt(value.numel() if numel is None else numel)
     if clipped:  # d / max(1, RMS(d) / clip)
-        u = u / (torch.linalg.vector_norm(u) / (root_n * clip)).clamp(min=1.0)
+        u = u / (norms(u) / (root_n * clip)).clamp(min=1.0)
     if relative:  # the relative step's per-tensor part: max(scale_eps, RMS(param))
-        u = u * (torch.linalg.vector_norm(param) / root_n).clamp(min=scale_eps)
+        u = u * (norms(param) / root_n).clamp(min=scale_eps)
     return u
 
 
@@ -409,3 +484,6 @@ def polar(state: dict, statistic: torch.Tensor | None, value: torch.Tensor, *, s
 from curvc.runtime.eigenbasis import eigenbasis  # noqa: E402,F401
 # Distributed Shampoo's blocking and grafting (curvc.runtime.blocks), beside the others
 from curvc.runtime.blocks import blocked_kronecker  # noqa: E402
+# The batched forms of the functions above (curvc.runtime.batched), for generated modules
+from curvc.runtime.batched import (factored_many, in_compute, kronecker_many,  # noqa: E402,F401
+                                   polar_many)

@@ -78,6 +78,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
     # False on an instance: every rank computes every block.
     matrix_split = True
+    # An extern with a batched form (program.Extern.many) runs one torch call per group of
+    # same-shaped tensors (runtime.batched); False on an instance: one call per tensor.
+    batch_externs = True
     # The ranks a non-finite step's skip (or raise) is decided over (runtime.distributed.
     # decision_groups): None, the default group when torch.distributed runs; False, none
     # (a DTensor's shards still decide together); or a ProcessGroup. Not a hyperparameter:

@@ -4,8 +4,9 @@ A generated module defines one ``Kernel`` per fused elementwise pass and one
 ``Extern`` per matrix call (``curvc.schedule`` decides them), and a function
 ``_step(run)`` that calls them in program order: ``run.kernel(k)`` runs a kernel
 over every bucket (its global reductions first), ``run.extern(e)`` calls a
-matrix function on every tensor. ``Program`` holds them for ``CurvOptimizer``,
-which knows nothing else about the optimizer it steps.
+matrix function on every tensor (``Extern.many`` on all of them at once where the
+structure has a batched form and ``opt.batch_externs`` holds). ``Program`` holds
+them for ``CurvOptimizer``, which knows nothing else about the optimizer it steps.
 
 A *signature* (``Kernel.args``, ``Extern.args``) lists a generated function's
 parameters by role, in order: ``tensors`` (per-tensor values), then ``scalars``
@@ -87,12 +88,15 @@ class Kernel:
 @dataclass(frozen=True)
 class Extern:
     """A per-tensor matrix function: ``fn(state, *inputs, *scalars, *flags)`` returns
-    the tensor ``output``."""
+    the tensor ``output``. ``many``, where the structure has a batched form, is the same
+    call on lists (one per tensor role, then the same scalars and flags), returning the
+    list of outputs (``curvc.runtime.batched``)."""
 
     name: str
     fn: Callable
     args: dict
     output: str
+    many: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,12 @@ class Runner:
 
     def extern(self, e: Extern) -> None:
         sig = e.args
-        for _, bucket, scalars, flags in self.work:
+        work = self.work
+        if e.many is not None and self.opt.batch_externs:
+            from curvc.runtime import batched
+            batched.run(e, [w for w in work if not w[1].shards])
+            work = [w for w in work if w[1].shards]  # DTensor shards: the loop below
+        for _, bucket, scalars, flags in work:
             extra = [scalars[n] for n in sig["scalars"]] + [flags[n] for n in sig["flags"]]
             rows = bucket.args(sig["tensors"])
             if bucket.shards:  # DTensor shards: the call on the whole tensors (sharded.py)

@@ -109,6 +109,16 @@ _EXTERN_ARGS_factored = {'tensors': ['state', 'matrix_statistic', 'matrix_value'
         'scalars': ['curvature_weight', 'd', 'eps_0', 'eps_1', 's3'], 'reduced': [], 'flags': []}
 
 
+def _factored_many(state, matrix_statistic, matrix_value, param, h_curvature_weight, h_d, h_eps_0,
+        h_eps_1, h_s3):
+    """The same on lists of tensors: one batched call per group of one shape and dtype."""
+    return matrix.factored_many(state, matrix.in_compute(matrix_statistic, matrix_value),
+            matrix.in_compute(matrix_value, matrix_value), matrix.in_compute(param, matrix_value),
+            accumulate='ema', update=True, length='root', clipped=True, relative=True, beta=h_s3,
+            weight=h_curvature_weight, init=0.0, exponent=0.5, eps_inside=0.0, eps_after=0.0,
+            floor=h_eps_0, eps=h_eps_0, bias_correction=1.0, clip=h_d, scale_eps=h_eps_1)
+
+
 def _update_tail(param, grad, matrix_step, h_lr_t, h_s2, r_nonfinite, f_has_weight_decay,
         f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
@@ -362,7 +372,8 @@ _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         temporaries=('matrix_statistic', 'matrix_value'), counts_step=False)
 _KERNEL_tail = _Kernel('tail', _update_tail, _UPDATE_ARGS_tail, reduce={},
         foreach=_foreach_update_tail, triton=_triton_step_tail, triton_reduce=_triton_reduce_tail)
-_EXTERN_factored = _Extern('factored', _factored, _EXTERN_ARGS_factored, 'matrix_step')
+_EXTERN_factored = _Extern('factored', _factored, _EXTERN_ARGS_factored, 'matrix_step',
+        many=_factored_many)
 
 
 def _step(run):

@@ -145,6 +145,15 @@ _EXTERN_ARGS_polar = {'tensors': ['state', 'matrix_statistic'],
                       'flags': []}
 
 
+def _polar_many(state, matrix_statistic, h_eps, h_ns_coefficients_0, h_ns_coefficients_1,
+        h_ns_coefficients_2, h_ns_steps):
+    """The same on lists of tensors: one batched call per group of one shape and dtype."""
+    return matrix.polar_many(state, matrix.in_compute(matrix_statistic, matrix_statistic),
+            matrix.in_compute(matrix_statistic, matrix_statistic), steps=h_ns_steps,
+            a=h_ns_coefficients_0, b=h_ns_coefficients_1, c=h_ns_coefficients_2, eps=h_eps,
+            precision='bfloat16')
+
+
 def _update_tail(param, grad, matrix_step, h_lr_step, h_s2, r_nonfinite, f_has_weight_decay,
         f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
@@ -445,7 +454,7 @@ _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         temporaries=('matrix_statistic',), counts_step=False)
 _KERNEL_tail = _Kernel('tail', _update_tail, _UPDATE_ARGS_tail, reduce={},
         foreach=_foreach_update_tail, triton=_triton_step_tail, triton_reduce=_triton_reduce_tail)
-_EXTERN_polar = _Extern('polar', _polar, _EXTERN_ARGS_polar, 'matrix_step')
+_EXTERN_polar = _Extern('polar', _polar, _EXTERN_ARGS_polar, 'matrix_step', many=_polar_many)
 
 
 def _step(run):

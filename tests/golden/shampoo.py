@@ -121,6 +121,15 @@ _EXTERN_ARGS_kronecker = {'tensors': ['state', 'matrix_statistic', 'matrix_value
         'scalars': ['matrix_eps'], 'reduced': [], 'flags': ['refresh_roots']}
 
 
+def _kronecker_many(state, matrix_statistic, matrix_value, h_matrix_eps, f_refresh_roots):
+    """The same on lists of tensors: one batched call per group of one shape and dtype."""
+    return matrix.kronecker_many(state, matrix.in_compute(matrix_statistic, matrix_value),
+            matrix.in_compute(matrix_value, matrix_value), factors='pre_cond',
+            roots='inv_pre_cond', accumulate='sum', update=True, refresh=f_refresh_roots,
+            length='root', beta=0.0, init=h_matrix_eps, exponent=0.5, eps_inside=0.0,
+            eps_after=0.0, floor=0.0, bias_correction=1.0, max_dim=8192.0, per_mode=True)
+
+
 def _update_tail(param, grad, matrix_step, h_lr, r_nonfinite, f_nonfinite_skip):
     """One tensor's step: every value computed from old state, then stored."""
     cdt = torch.promote_types(param.dtype, torch.float32)
@@ -441,7 +450,8 @@ _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         temporaries=('matrix_statistic', 'matrix_value'), counts_step=False)
 _KERNEL_tail = _Kernel('tail', _update_tail, _UPDATE_ARGS_tail, reduce={},
         foreach=_foreach_update_tail, triton=_triton_step_tail, triton_reduce=_triton_reduce_tail)
-_EXTERN_kronecker = _Extern('kronecker', _kronecker, _EXTERN_ARGS_kronecker, 'matrix_step')
+_EXTERN_kronecker = _Extern('kronecker', _kronecker, _EXTERN_ARGS_kronecker, 'matrix_step',
+        many=_kronecker_many)
 
 
 def _step(run):
