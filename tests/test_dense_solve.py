@@ -49,6 +49,22 @@ def test_a_positive_definite_newton_step_is_solved_without_the_eigendecompositio
     assert not eigh_calls
 
 
+@pytest.mark.parametrize("eps_after, factorizations", [(0.0, 1), (0.3, 2)])
+def test_the_certificates_factor_solves_unless_the_damping_after_is_too_far_from_it(
+        monkeypatch, eps_after, factorizations):
+    # Refining against C + eps_after I on C - tI's factor shrinks the error by
+    # (t + eps_after) / (w_min - t): ~1e-13 undamped, but 0.3 / 0.05 > 1 diverges, so
+    # the residual check hands that one to a factor of C + eps_after I itself.
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: calls.append(1) or real(m))
+    C, g = _spd(seed=6)
+    d = dense.definite_solve(torch.tensor(C), torch.tensor(g), eps_after)
+    np.testing.assert_allclose(d.numpy(), np.linalg.solve(C + eps_after * np.eye(len(g)), g),
+                               rtol=1e-10)
+    assert len(calls) == factorizations
+
+
 def test_a_positive_definite_normalized_step_is_solved_to_unit_length(eigh_calls):
     C, g = _spd(seed=1)
     d = dense.direction(torch.tensor(C), torch.tensor(g), _settings("normalized"))
