@@ -117,7 +117,7 @@ def decision_groups(opt) -> list:
                 continue
             for dim, placement in enumerate(p.placements):
                 group = p.device_mesh.get_group(dim)
-                if isinstance(placement, sharded.Shard) and all(group is not g for g in groups) \
+                if sharded.is_shard(placement) and all(group is not g for g in groups) \
                         and torch.distributed.get_world_size(group) > 1:
                     groups.append(group)
     _DECISION_GROUPS[opt] = (key, groups)

@@ -27,16 +27,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sys
+
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # a torch without DTensor: nothing is ever sharded
-    DTensor = Replicate = Shard = None
+# DTensor's module is read only once something has imported it: a DTensor cannot exist
+# before, and importing it here would add seconds (sympy) to every `import curvc`.
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 
 def is_sharded(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    module = sys.modules.get(_DTENSOR_MODULE)
+    return module is not None and isinstance(t, getattr(module, "DTensor", ()))
+
+
+def is_shard(placement) -> bool:
+    """Whether a DTensor placement splits its dimension (Shard), not replicates it."""
+    from torch.distributed.tensor import Shard
+    return isinstance(placement, Shard)
 
 
 def layout(p: torch.Tensor):
@@ -63,11 +71,13 @@ class Sharding:
 
     def whole(self, local: torch.Tensor) -> torch.Tensor:
         """The whole tensor from every rank's shard (an all-gather)."""
+        from torch.distributed.tensor import DTensor
         return DTensor.from_local(local, self.mesh, self.placements, run_check=False,
                                   shape=self.shape, stride=self.stride).full_tensor()
 
 
 def sharding_of(p) -> Sharding:
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     for placement in p.placements:
         if type(placement) not in (Shard, Replicate):
@@ -108,7 +118,7 @@ def whole_sums(bucket, part: dict) -> dict:
     if not shards or not part:
         return part
     sharding = shards[0]
-    dims = [i for i, pl in enumerate(sharding.placements) if isinstance(pl, Shard)]
+    dims = [i for i, pl in enumerate(sharding.placements) if is_shard(pl)]
     if not dims:
         return part
     names = sorted(part)
@@ -190,7 +200,7 @@ def _owner_map(opt, ranks: int) -> dict:
 def _split_group(sharding: Sharding):
     """The group to split a bucket's matrix work over: the ranks its tensors are
     sharded across (one sharded mesh dimension), or None to compute everywhere."""
-    dims = [i for i, pl in enumerate(sharding.placements) if isinstance(pl, Shard)]
+    dims = [i for i, pl in enumerate(sharding.placements) if is_shard(pl)]
     if len(dims) != 1:
         return None
     group = sharding.mesh.get_group(dims[0])
