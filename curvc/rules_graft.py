@@ -90,8 +90,19 @@ def _rule_step_momentum_follows_the_step(opt: ir.Optimizer) -> None:
                      "and a momentum of the step averages the decay into the step")
 
 
+def _rule_fixed_decay_is_decoupled(opt: ir.Optimizer) -> None:
+    """``fixed`` changes decoupled decay only: coupled l2 with it would drop it silently."""
+    from curvc.rules import _clash
+    d = opt.decay
+    if d.kind == "l2" and d.fixed not in (None, ir.Const(False)) and \
+            d.decoupled in (None, ir.Const(False)):
+        raise _clash(d, "decay l2(fixed = ...)", d, "decoupled = false",
+                     "fixed keeps lr out of decoupled decay, theta (1 - wd); coupled decay "
+                     "adds wd * theta to the gradient, which fixed does not change")
+
+
 RULES = (_rule_graft_needs_a_direction, _rule_factor_root_needs_factor_roots,
-         _rule_step_momentum_follows_the_step)
+         _rule_step_momentum_follows_the_step, _rule_fixed_decay_is_decoupled)
 
 
 def _blocked(opt: ir.Optimizer) -> bool:

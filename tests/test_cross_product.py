@@ -135,7 +135,7 @@ def test_required_arguments_are_hyperparameters_with_sensible_values():
                 and s.forms["clip"] == "global_norm")
     assert "iterate_history = 5" in spec.source
     assert "iterate   secant(history = iterate_history)" in spec.source
-    assert "clip_threshold = 1" in spec.source
+    assert "clip_threshold = 0.01" in spec.source  # >= 0 (0: no clip); 0.01 clips
 
 
 def test_the_codegen_refusals_met_are_the_listed_ones(outcomes):

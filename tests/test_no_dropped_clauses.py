@@ -171,7 +171,8 @@ def same_meaning(a: Variant, b: Variant, spec: dict) -> str | None:
     if a.axis == "decay" and pair == {"l2", "decoupled"}:
         l2, dec = (a, b) if a.form == "l2" else (b, a)
         if dict(l2.args).get("decoupled") == "true" and \
-                dict(l2.args).get("rate") == dict(dec.args).get("rate"):
+                dict(l2.args).get("rate") == dict(dec.args).get("rate") and \
+                dict(l2.args).get("fixed") == dict(dec.args).get("fixed"):
             return "`l2(rate, decoupled = true)` is defined as `decoupled(rate)`"
     if a.axis == "damping" and pair == {"add", "inside"} and a.args == b.args \
             and spec["structure"].form in ("scalar", "diagonal") \
