@@ -9,6 +9,8 @@ streams of tests/_ddp_worker.py) and saves, per case, to OUT/<case>_<rank>.pt:
   steps, the whole parameters and the state keys this rank's local optimizer keeps;
 * kfac_resumed: the same (setting ``every``), ``consolidate_state_dict`` to rank 0 at
   half time, saved there and loaded on every rank into a fresh model and ZeRO;
+* scaled_<spec>: K-FAC (setting ``every``) or Adam under ZeRO with a GradScaler (a power
+  of two, so the scaled run is the unscaled one up to rounding), parameters;
 * untracked: the error of a K-FAC local optimizer stepped without ``track``;
 * ownerless: the error of K-FAC under ZeRO with a rank that owns no tensor;
 * estimated_<spec>: a per-tensor estimator (AdaHessian, Sophia-H, Sophia) under ZeRO, its
@@ -106,6 +108,26 @@ def kfac_resumed(rank, where: Path):
             "saved_keys": keys}
 
 
+SCALED = {"kfac": KFAC["every"], "adam": dict(lr=0.01, betas=(0.8, 0.9), weight_decay=1e-3)}
+
+
+def scaled(spec, rank):
+    module = w.model()
+    net = DistributedDataParallel(module)
+    opt = ZeroRedundancyOptimizer(module.parameters(), optimizer_class=curvc.load(spec),
+                                  **SCALED[spec])
+    if spec == "kfac":
+        opt.optim.track(module)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6)
+    for xb, yb in w.data(rank)[:STEPS]:
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(net(xb), yb)).backward()
+        scaler.step(opt)
+        scaler.update()
+    return {"params": [p.detach().clone() for p in module.parameters()],
+            "scale": scaler.get_scale()}
+
+
 def untracked(rank):
     module = w.model()
     net = DistributedDataParallel(module)
@@ -197,6 +219,8 @@ def main():
         for setting in KFAC:
             torch.save(kfac(setting, rank), out / f"kfac_{setting}_{rank}.pt")
         torch.save(kfac_resumed(rank, out / "kfac.ckpt"), out / f"kfac_resumed_{rank}.pt")
+        for spec in SCALED:
+            torch.save(scaled(spec, rank), out / f"scaled_{spec}_{rank}.pt")
         torch.save(untracked(rank), out / f"untracked_{rank}.pt")
         torch.save(ownerless(rank), out / f"ownerless_{rank}.pt")
         for spec in ESTIMATED:

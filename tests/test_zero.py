@@ -97,6 +97,19 @@ def test_kfac_under_zero_equals_one_process_on_both_ranks_batches(setting, out):
     _assert_equal_to(_load(out, f"kfac_{setting}", 0)["params"], want, start, 1e-10)
 
 
+@pytest.mark.parametrize("spec", sorted(z.SCALED))
+def test_a_grad_scaler_under_zero_gives_the_unscaled_run(spec, out):
+    """The scaler's scale reaches ZeRO's local optimizer: K-FAC's output-gradient factor,
+    recorded from the scaled backward pass, is unscaled as in one process (it carried
+    the scale squared when the scaler unscaled ZeRO's gradients behind its back)."""
+    _same_on_both_ranks(out, f"scaled_{spec}")
+    assert _load(out, f"scaled_{spec}", 0)["scale"] == 2.0 ** 12  # no step was skipped
+    want = _one_process(spec, z.SCALED[spec], w.model,
+                        list(zip(w.data(0), w.data(1)))[:z.STEPS])
+    start = [p.detach() for p in w.model().parameters()]
+    _assert_equal_to(_load(out, f"scaled_{spec}", 0)["params"], want, start, 1e-10)
+
+
 def _zero_partition(sizes, ranks=2):
     """ZeroRedundancyOptimizer's documented partition: the largest tensor first, each to
     the rank with the fewest elements so far (the lowest rank on a tie)."""

@@ -11,7 +11,8 @@ Two things can make a step one to skip:
   gradients itself nor sync: it sets ``opt.grad_scale`` (the scale, or None
   after ``scaler.unscale_(opt)``) and ``opt.found_inf`` (a 0-d device tensor)
   and calls ``opt.step()``, which unscales and skips the step when found_inf
-  is set, whatever the policy.
+  is set, whatever the policy. ZeroRedundancyOptimizer is marked the same way when it
+  builds a compiled local optimizer, which then reads both from it (runtime/zero.py).
 
 A skip is decided on the device where the plan is elementwise: the
 ``keep_on_nonfinite`` pass (curvc/passes.py) makes every store ``old if flagged
@@ -52,7 +53,7 @@ import math
 import torch
 
 from curvc.plan import NONFINITE_FLAG, NONFINITE_VALUE
-from curvc.runtime import distributed, sharded
+from curvc.runtime import distributed, sharded, zero
 
 MODES = ("propagate", "skip", "raise")
 
@@ -67,8 +68,9 @@ class StepGuard:
     def __init__(self, opt):
         self.opt = opt
         self.mode = opt.defaults.get("nonfinite", "propagate")
-        self.scaler_found = getattr(opt, "found_inf", None)  # set by GradScaler.step
-        self.scale = getattr(opt, "grad_scale", None) if self.scaler_found is not None else None
+        found, scale = zero.scaler_inputs(opt)  # set by GradScaler.step
+        self.scaler_found = found
+        self.scale = scale if found is not None else None
         self.active = self.mode != "propagate" or self.scaler_found is not None
         self._found: dict = {}  # device -> 0-d float32, nonzero where a value is not finite
         self._total = None
@@ -94,8 +96,14 @@ class StepGuard:
                  if p.grad is not None
                  and not (p.grad.is_sparse or torch.is_complex(p.grad))]  # refused later
         if self.scale is not None:
+            # ZeRO's local optimizer unscales every rank's gradients, as the scaler would
+            # have: a K-FAC layer it steps may have its bias on another rank.
+            partition = zero.all_params(self.opt)
+            unscaled = named if partition is None else [
+                (None, p, _local(p.grad)) for p in partition if p.grad is not None
+                and not (p.grad.is_sparse or torch.is_complex(p.grad))]
             groups: dict = {}
-            for _, p, g in named:
+            for _, p, g in unscaled:
                 groups.setdefault((g.device, g.dtype), []).append(g)
             for (device, _), grads in groups.items():
                 inv = self._inverse_scale(device)

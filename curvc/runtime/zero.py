@@ -30,6 +30,12 @@ tensor from its owner. Under DDP every rank still holds every parameter and its
   tensors' (``CurvatureSources._estimated``, ``_averaged``). With ``curvature_group=
   False`` each rank estimates its own tensors only, from its own data.
 
+A GradScaler: ZeRO is marked ``_step_supports_amp_scaling`` (``adopt``), so
+``scaler.step(zero)`` sets its scale and ``found_inf`` on ZeRO instead of unscaling its
+gradients; the local optimizer reads them there (``scaler_inputs``) and unscales every
+rank's gradients and the estimates of the scaled backward pass itself (K-FAC's output
+gradients carry the scale squared), as it does stepped by the scaler directly.
+
 A rank that owns no tensor (more ranks than tensors) would never count a step, and so
 disagree with the others on which steps refresh: refused at construction where the
 curvature is averaged.
@@ -94,6 +100,12 @@ def adopt(opt, source) -> None:
                 "but every rank must enter each refresh's average of the curvature; use "
                 "fewer ranks or DistributedDataParallel alone")
     opt.__dict__["_zero"] = weakref.ref(owner)
+    # A GradScaler then hands ZeRO its scale and found_inf (as to a compiled optimizer) and
+    # does not unscale ZeRO's gradients itself: the local optimizer reads both from ZeRO
+    # (``scaler_inputs``) and unscales its own tensors and the estimates of the scaled
+    # backward pass (K-FAC's output gradients carry the scale squared), which a scaler
+    # unscaling the gradients behind the local optimizer's back would leave scaled.
+    owner._step_supports_amp_scaling = True
     if getattr(opt, "_group_choice", None) is None:
         opt._group_choice = owner.process_group
 
@@ -111,3 +123,12 @@ def all_params(opt) -> list | None:
     if owner is None:
         return None
     return [p for g in owner.param_groups for p in g["params"]]
+
+
+def scaler_inputs(opt):
+    """What a GradScaler set for this step, (found_inf, grad_scale), on ``opt`` or, for
+    ZeRO's local optimizer, on the ZeroRedundancyOptimizer it steps for."""
+    ref = opt.__dict__.get("_zero")
+    owner = ref() if ref is not None else None
+    carrier = opt if owner is None or getattr(opt, "found_inf", None) is not None else owner
+    return getattr(carrier, "found_inf", None), getattr(carrier, "grad_scale", None)
