@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from curvc.plan import Load, Op, Plan, Reduced, Scalar, Const, Select, walk
+from curvc.plan import Load, Op, Plan, Reduced, Scalar, Const, Select, reads_only, walk
 
 # The fused ops (made by ``fuse``): operands are lists, the last a host scalar.
 FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
@@ -27,12 +27,7 @@ def _host_scalar(e) -> bool:
 
 def _is_list(e) -> bool:
     """Whether ``e`` is a list in this backend: downstream of a load, of no reduction."""
-    found = False
-    for n in walk(e):
-        if isinstance(n, Reduced):
-            return False
-        found = found or isinstance(n, Load)
-    return found
+    return reads_only(e, Load, Reduced)
 
 
 def fuse(plan: Plan) -> Plan:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select, walk
+from curvc.plan import Const, Expr, Load, Op, Plan, Reduced, Scalar, Select, reads_only, walk
 
 Guard = frozenset  # of (flag, bool)
 
@@ -228,12 +228,7 @@ def plan_roots(plan: Plan) -> list[tuple[Expr, Guard, str]]:
 
 def _wide(e: Expr) -> bool:
     """A 0-d value of the reductions only (float64): no tensor is loaded under it."""
-    found = False
-    for n in walk(e):
-        if isinstance(n, Load):
-            return False
-        found = found or isinstance(n, Reduced)
-    return found
+    return reads_only(e, Reduced, Load)
 
 
 def narrowed(plan: Plan) -> Plan:

@@ -106,6 +106,18 @@ NONFINITE_FLAG = "nonfinite_skip"
 NONFINITE_VALUE = "nonfinite"
 
 
+def reads_only(expr: Expr, wanted: type, excluded: type) -> bool:
+    """Whether a node of type ``wanted`` is under ``expr`` and none of ``excluded``: a
+    value of the loaded tensors alone (``Load``, not ``Reduced``), or of the reductions
+    alone (the other way round)."""
+    found = False
+    for n in walk(expr):
+        if isinstance(n, excluded):
+            return False
+        found = found or isinstance(n, wanted)
+    return found
+
+
 def walk(expr: Expr):
     """Every node of an expression, children before parents, each once."""
     seen = set()
