@@ -34,6 +34,9 @@ NEWER = {
     "adabelief": dict(lr=3e-3, betas=(0.85, 0.99), weight_decay=0.01, rectify=True),
 }
 NEWER_BIAS_LR = 2e-3
+# Runs of a shipped spec with attributes set on the optimizer: K-FAC with every rank
+# computing every layer's inverses, to compare with the default split of them.
+VARIANTS = {"kfac_unsplit": ("kfac", {"matrix_split": False})}
 
 
 def groups(net):
@@ -60,12 +63,28 @@ def model():
 
 
 def train(spec: str, rank: int):
+    from curvc.runtime import kfac
     net = torch.nn.parallel.DistributedDataParallel(model())
+    spec, attrs = VARIANTS.get(spec, (spec, {}))
     cls = curvc.load(spec)
     if spec in NEWER:
         opt = cls(groups(net.module), **NEWER[spec])
     else:
         opt = cls(net, lr=0.01)  # the model: K-FAC hooks its layers
+    for k, v in attrs.items():
+        setattr(opt, k, v)
+    computed = []  # the factors this rank inverted (K-FAC), by shape
+    operator = kfac.factor_operator
+    kfac.factor_operator = lambda f, st: computed.append(tuple(f.shape)) or operator(f, st)
+    try:
+        _steps(net, opt, rank)
+    finally:
+        kfac.factor_operator = operator
+    return {"params": [p.detach().clone() for p in net.module.parameters()],
+            "state": opt.state_dict()["state"], "inverted": computed}
+
+
+def _steps(net, opt, rank: int) -> None:
     for xb, yb in data(rank):
         opt.zero_grad()
         logits = net(xb)
@@ -74,8 +93,6 @@ def train(spec: str, rank: int):
             opt.estimate_curvature(logits=logits, loss=loss)
         loss.backward()
         opt.step()
-    return {"params": [p.detach().clone() for p in net.module.parameters()],
-            "state": opt.state_dict()["state"]}
 
 
 def main():

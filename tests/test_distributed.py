@@ -43,7 +43,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    specs = CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS
+    specs = CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS + ["kfac_unsplit"]
     _gloo().run_ranks(WORKER, out, *specs)
     return {(s, r): torch.load(out / f"{s}_{r}.pt", weights_only=False)
             for s in specs for r in range(2)}
@@ -54,7 +54,8 @@ def _tensors(state: dict) -> list:
             if isinstance(v, torch.Tensor)]
 
 
-@pytest.mark.parametrize("spec", CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS)
+@pytest.mark.parametrize("spec", CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS
+                         + ["kfac_unsplit"])
 def test_replicas_stay_identical(spec, runs):
     a, b = runs[(spec, 0)], runs[(spec, 1)]
     for p, q in zip(a["params"], b["params"]):
@@ -63,6 +64,20 @@ def test_replicas_stay_identical(spec, runs):
     assert len(sa) == len(sb) > 0
     for x, y in zip(sa, sb):
         assert torch.equal(x, y)
+
+
+def test_kfac_inverts_each_layer_on_one_rank_and_equals_every_rank_inverting(runs):
+    """The model's two layers: (S 16, A 65) and (S 10, A 16 + 1 = 17). Split, each rank
+    inverts one layer's two factors per refresh, together every factor the unsplit run
+    inverts on each rank; the broadcast operators give the same training."""
+    split = [runs[("kfac", r)]["inverted"] for r in range(2)]
+    every = [runs[("kfac_unsplit", r)]["inverted"] for r in range(2)]
+    assert every[0] == every[1] and len(every[0]) > 0
+    assert set(split[0]).isdisjoint(split[1])
+    assert sorted(split[0] + split[1]) == sorted(every[0])
+    assert {len(s) for s in split} == {len(every[0]) // 2}
+    for p, q in zip(runs[("kfac", 0)]["params"], runs[("kfac_unsplit", 0)]["params"]):
+        assert (p - q).norm() <= 1e-12 * q.norm()
 
 
 def _worker():

@@ -260,10 +260,11 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
         layers = [m for m in averaged if any(p in out for p in _layer_params(m))]
     batch = _batch_factors(opt, tracker, averaged, group) if accumulate else {}
     op_keys = ("kfac_A_basis", "kfac_S_basis") if st.sign else ("kfac_A_inv", "kfac_S_inv")
+    views, refresh = {}, []
     for module in layers:
         # the state of the weight, or of the bias where another rank owns the weight (ZeRO)
         w = module.weight if module.weight in out else module.bias
-        state = dict(opt.state.get(w, {}))  # a view to compute from; written back via updates
+        state = views[module] = dict(opt.state.get(w, {}))  # written back via updates
         if accumulate:
             a_t, s_t = batch[module]
             if grad_scale is not None:
@@ -274,19 +275,76 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
             if st.bias_corrected:
                 state["kfac_count"] = state.get("kfac_count", 0) + 1
                 updates.append((w, "kfac_count", state["kfac_count"]))
+        if "kfac_A" in state and (invert or op_keys[0] not in state):
+            refresh.append(module)
+    # Under DDP every rank holds the same factors: each layer's operators are computed by
+    # one rank and broadcast (kfac-pytorch's split of the inverses), unless opt.matrix_split
+    # is False. Under ZeRO each rank steps only its own layers already.
+    split = group if partitioned is None and getattr(opt, "matrix_split", True) else None
+    ops = _operators(refresh, views, st, split, layers)
+    for module in layers:
+        w = module.weight if module.weight in out else module.bias
+        state = views[module]
         if "kfac_A" not in state:
             continue  # no statistics yet: the plain gradient
-        if invert or op_keys[0] not in state:
-            # Bias correction: an EMA from zero over n batches sums weights 1 - beta^n.
-            scale = 1.0 / (1.0 - st.beta ** state["kfac_count"]) if st.bias_corrected else 1.0
-            for key, op_key in zip(("kfac_A", "kfac_S"), op_keys):
-                factor = state[key] * scale if st.bias_corrected else state[key]
-                state[op_key] = factor_operator(factor, st)
-                updates.append((w, op_key, state[op_key]))
+        if module in ops:
+            for op_key, op in zip(op_keys, ops[module]):
+                state[op_key] = op
+                updates.append((w, op_key, op))
         v = preconditioned(kfac_layers.gradient_matrix(module), state[op_keys[1]],
                            state[op_keys[0]], st.sign)
         out.update({p: d for p, d in kfac_layers.split_step(module, v).items() if p in out})
     return out, updates
+
+
+def _operators(refresh: list, views: dict, st: Settings, group, layers: list) -> dict:
+    """{layer: (f(A), f(S))} for each layer of ``refresh``, from its factors in ``views``.
+
+    With a ``group``, the layers are shared out over its ranks (``sharded.owners`` over
+    all of ``layers``, the largest first, so a layer keeps its owner from step to step):
+    each rank computes its own, and each owner broadcasts its operators in one flat
+    buffer per dtype. The factors are equal on every rank, so the result is what every
+    rank would have computed, and the ranks' states stay identical."""
+    def compute(module):
+        state = views[module]
+        # Bias correction: an EMA from zero over n batches sums weights 1 - beta^n.
+        scale = 1.0 / (1.0 - st.beta ** state["kfac_count"]) if st.bias_corrected else 1.0
+        return tuple(factor_operator(state[key] * scale if st.bias_corrected else state[key],
+                                     st).to(state[key].dtype) for key in ("kfac_A", "kfac_S"))
+
+    if group is None or not refresh:
+        return {m: compute(m) for m in refresh}
+    from curvc.runtime.sharded import owners
+    dist = torch.distributed
+    ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    of = dict(zip(layers, owners([_factor_dims(m) for m in layers], ranks)))
+    ops = {m: compute(m) for m in refresh if of[m] == me}
+    for r in range(ranks):
+        theirs = [m for m in refresh if of[m] == r]
+        by_dtype: dict = {}
+        for m in theirs:
+            by_dtype.setdefault(views[m]["kfac_A"].dtype, []).append(m)
+        for dtype in sorted(by_dtype, key=str):
+            mods = by_dtype[dtype]
+            like = [views[m][key] for m in mods for key in ("kfac_A", "kfac_S")]
+            if r == me:
+                flat = torch.cat([x.reshape(-1) for m in mods for x in ops[m]])
+            else:
+                flat = torch.empty(sum(x.numel() for x in like), dtype=dtype,
+                                   device=like[0].device)
+            dist.broadcast(flat, group=group, group_src=r)
+            if r != me:
+                pieces = iter(flat.split([x.numel() for x in like]))
+                for m in mods:
+                    ops[m] = tuple(next(pieces).view(views[m][k].shape).clone() for k in
+                                   ("kfac_A", "kfac_S"))
+    return ops
+
+
+def _factor_dims(module: torch.nn.Module) -> tuple[int, int]:
+    """(rows of S, rows of A): the output size, and the input size with the bias."""
+    w = module.weight
+    return w.shape[0], w[0].numel() + (module.bias is not None)
 
 
 def _layer_params(module: torch.nn.Module) -> list:
