@@ -174,7 +174,10 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
         assert all(torch.equal(x, y) for x, y in zip(after, frozen)), "inputs were modified"
         for k, (pa, pb) in enumerate(zip(params_a, params_b)):
             assert pa.dtype == dtype and pa.shape == pb.shape
-            rel_close(pa, pb, f"step {step}: param {k} {tuple(pa.shape)}")
+            # float32: 1e-6 is about 8 ulps, and AVX-512's vector kernels round a 0-d
+            # AdamW step about 10 ulps from the scalar path's after 4 steps
+            rel_close(pa, pb, f"step {step}: param {k} {tuple(pa.shape)}",
+                      rel=1e-6 if pa.dtype == torch.float64 else 4e-6)
         for name, va in state_a.items():
             for k, (ta, tb) in enumerate(zip(va, state_b[name])):
                 assert ta.dtype == sdtype
