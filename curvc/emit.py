@@ -80,11 +80,11 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     if plan.matrix:
         buf.writeline("from curvc.runtime import matrix")
     # private names: the module's public names are the class and names.MODULE_IMPORTS
-    contract = ["Buffer", "Hyper", "Validator"]
-    contract += ["Estimator"] if plan.estimator is not None else []
-    contract += ["Kernel", "Program"] if plan.secant is None else []
-    contract += ["WholeModel"] if plan.secant is not None or plan.dense is not None else []
-    contract += ["Extern"] if plan.matrix else []
+    program = schedule.split(plan)
+    contract = ["Buffer", "Hyper", "Program", "Validator"]
+    contract += ["Kernel"] if program.kernels else []
+    contract += ["Source"] if program.source is not None else []
+    contract += ["Extern"] if program.externs else []
     buf.writelines(wrap_items("from curvc.runtime.program import (",
                               [f"{n} as _{n}" for n in sorted(contract)], ")", buf.room))
     buf.writeline()
@@ -96,8 +96,10 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
         _emit_dense(plan, buf)
     if plan.secant is not None:
         _emit_secant(plan, buf)
+        _emit_source(program.source, buf)
+        buf.writeline("_PROGRAM = _Program(None, (), source=_SOURCE)  # the source drives it")
     else:
-        _emit_program(schedule.split(plan), backend, buf)
+        _emit_program(program, backend, buf)
     buf.writeline()
     buf.writeline()
     _emit_class(opt, plan, backend, buf)
@@ -115,6 +117,8 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
     buf.writeline("# --- torch: the CPU path, and the reference for every other backend ---")
     buf.writeline()
     for step in program.steps:
+        if isinstance(step, schedule.Source):
+            continue  # the runtime's (curvc.runtime.estimators); its node is below
         if isinstance(step, schedule.Kernel):
             buf.splice(torch_backend.render(step.plan, _suffix(step)))
         else:
@@ -152,8 +156,10 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
                       + " = None")
     buf.writeline()
     buf.writeline()
-    buf.writeline("# --- the step: its kernels and matrix calls, in order ---")
+    buf.writeline("# --- the step: its curvature source, kernels and matrix calls, in order ---")
     buf.writeline()
+    if program.source is not None:
+        _emit_source(program.source, buf)
     for k in kernels:
         x = _suffix(k)
         reduce = "{" + ", ".join(f"{r.name!r}: (_reduce_{r.name}{x}, _REDUCE_ARGS{x}[{r.name!r}])"
@@ -181,11 +187,19 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
     buf.writeline()
     buf.writeline("def _step(run):")
     with buf.indent():
-        buf.writeline('"""One optimizer step: each kernel over every tensor (its global sums '
-                      'first),')
-        buf.writeline('then the next; a matrix call runs per tensor between kernels."""')
+        if program.source is not None:
+            buf.writeline('"""One optimizer step: the curvature handed to every tensor, then each')
+            buf.writeline('kernel over every tensor (its global sums first), then the next; a '
+                          'matrix call')
+            buf.writeline('runs per tensor between kernels."""')
+        else:
+            buf.writeline('"""One optimizer step: each kernel over every tensor (its global sums '
+                          'first),')
+            buf.writeline('then the next; a matrix call runs per tensor between kernels."""')
         for step in program.steps:
-            if isinstance(step, schedule.Kernel):
+            if isinstance(step, schedule.Source):
+                buf.writeline("run.source(_SOURCE)  # computed before the step, handed over here")
+            elif isinstance(step, schedule.Kernel):
                 buf.writeline(f"run.kernel(_KERNEL{_suffix(step)})")
             else:
                 buf.writeline(f"run.extern(_EXTERN_{step.name})")
@@ -196,7 +210,24 @@ def _emit_program(program: schedule.Program, backend: str, buf: IndentedBuffer) 
     args = ["_step", tup([f"_KERNEL{x}" for x in suffixes])]
     if program.externs:
         args.append(tup([f"_EXTERN_{e.name}" for e in program.externs]))
+    if program.source is not None:
+        args.append("source=_SOURCE")
     buf.writelines(wrap_items("_PROGRAM = _Program(", args, ")", buf.room))
+
+
+def _emit_source(src: schedule.Source, buf: IndentedBuffer) -> None:
+    """The program's curvature source node (curvc.runtime.program.Source): its entry of
+    curvc.runtime.estimators, and its arguments from the hyperparameters and host h."""
+    if src.settings is not None:  # a whole-model stage: its settings function, above
+        args = f"_{src.settings}"
+    else:
+        host = PythonHost()
+        args = "lambda h: {" + ", ".join(
+            f"{k!r}: {v!r}" if v is None or isinstance(v, (str, bool)) else
+            f"{k!r}: {host.render_inline(v, lambda x: f'h[{x.name!r}]')}"
+            for k, v in src.args) + "}"
+    buf.writeline(f"_SOURCE = _Source({src.kind!r}, {src.scope!r}, {src.output!r}, "
+                  f"{src.when!r}, {args})")
 
 
 def _wrap_text(text: str, width: int, prefix: str = "", hang: str = "    ") -> list[str]:
@@ -238,7 +269,6 @@ def _emit_secant(plan: Plan, buf: IndentedBuffer) -> None:
                     ("tolerance_grad", "float", sec.tolerance_grad),
                     ("tolerance_change", "float", sec.tolerance_change),
                     ("clip", "float", sec.clip), ("rms_clip", "float", sec.rms_clip)])
-    buf.writeline("_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)")
 
 
 def _emit_dense(plan: Plan, buf: IndentedBuffer) -> None:
@@ -371,23 +401,8 @@ def _emit_class(opt: ir.Optimizer, plan: Plan, backend: str, buf: IndentedBuffer
                 init = host.render_inline(b.init, lambda x: f"h[{x.name!r}]")
                 buf.writeline(f"_Buffer({b.name!r}, {b.when!r}, lambda h: {init}),")
         buf.writeline(")")
-        buf.writeline(f"INPUTS = {tuple(plan.inputs)!r}")
         if plan.shaped:  # host values read the tensor's shape (rows, cols)
             buf.writeline("SHAPED = True")
-        est = plan.estimator
-        if est is None:
-            buf.writeline("ESTIMATOR = None")
-        else:
-            args = ", ".join(
-                f"{k!r}: {v!r}" if v is None or isinstance(v, (str, bool)) else
-                f"{k!r}: {host.render_inline(v, lambda x: f'h[{x.name!r}]')}"
-                for k, v in est.args)
-            buf.writeline(f"ESTIMATOR = _Estimator({est.kind!r}, {est.input!r}, {est.when!r}, "
-                          f"lambda h: {{{args}}})")
-        if plan.secant is not None:  # the closure driver, with its settings
-            buf.writeline("WHOLE_MODEL = _WholeModel('secant', _secant)")
-        if plan.dense is not None:  # the matrix's source, with the stage's settings
-            buf.writeline(f"WHOLE_MODEL = _WholeModel({plan.dense.curvature!r}, _dense)")
         buf.writeline("host = staticmethod(_host)")
         buf.writeline("PROGRAM = _PROGRAM")
         buf.writeline()

@@ -181,7 +181,7 @@ def lower_kfac(s: Step) -> Expr:
         start = Const(0.0) if it.bias_corrected else op("ne", beta, 1.0)
         args += (("weight", weight), ("start", start))
     natural = s.input("natural_gradient")
-    s.estimator = Estimator("kfac", natural.name, args)
+    s.estimator = Estimator("kfac", natural.name, args, scope="layer")
     if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g)
         natural = axes._normalized(s, Load("grad"), natural)
     return Select("maximize", op("neg", natural), natural)

@@ -194,13 +194,16 @@ class Estimator:
 
     It fills the elementwise input ``input`` on steps where the host flag
     ``when`` is true (every step when None). ``args`` are host expressions
-    (or enum words) the estimator function takes as keywords.
+    (or enum words) the estimator function takes as keywords. ``scope`` is what one
+    of its computations spans: each tensor alone, or each layer (K-FAC's factors
+    read the layer's inputs and output gradients).
     """
 
-    kind: str  # a key of curvc.runtime.estimators.PLAN_INPUTS
+    kind: str  # with scope, a key of curvc.runtime.estimators.SOURCES
     input: str
     args: tuple[tuple[str, object], ...]
     when: str | None = None
+    scope: str = "tensor"  # 'tensor' | 'layer' 
 
 
 @dataclass(frozen=True)

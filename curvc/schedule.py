@@ -20,6 +20,11 @@ content) reads it from a temporary the head wrote before the store. Each
 kernel is itself a ``Plan`` (the same host code, its own stores, buffers and
 inputs), so every elementwise backend renders it unchanged: foreach, the fused
 CPU path, Triton. A plan without an extern is a one-kernel program.
+
+A curvature the kernels read as an input (a Hessian diagonal, K-FAC's per-layer
+natural gradient, the dense matrix's step) comes from a **source** node at the head
+of the program, with its scope (tensor, layer, model) and the arguments it is
+computed with; a closure driver's program (L-BFGS) is its source alone.
 """
 from __future__ import annotations
 
@@ -59,8 +64,28 @@ class Extern:
 
 
 @dataclass(frozen=True)
+class Source:
+    """The curvature the kernels read as their input ``output`` (None: the source is
+    the whole step), from the runtime's source ``(kind, scope)`` on steps where the flag
+    ``when`` holds (every step when None). Its arguments are ``args``, host expressions
+    or words by keyword, or, for a whole-model stage, the settings function of
+    ``settings`` ('dense' or 'secant': the stage's fields, rendered by emit)."""
+
+    kind: str
+    scope: str  # 'tensor' | 'layer' | 'model'
+    output: str | None
+    when: str | None = None
+    args: tuple[tuple[str, object], ...] = ()
+    settings: str | None = None
+
+
+@dataclass(frozen=True)
 class Program:
-    steps: tuple  # Kernel | Extern, in execution order
+    steps: tuple  # Source | Kernel | Extern, in execution order
+
+    @property
+    def source(self) -> Source | None:
+        return next((s for s in self.steps if isinstance(s, Source)), None)
 
     @property
     def kernels(self) -> tuple[Kernel, ...]:
@@ -97,11 +122,33 @@ def _kernel_plan(plan: Plan, stores, reductions, extra_inputs=(), temporaries=()
                    reductions=tuple(reductions), matrix=())
 
 
+def source_of(plan: Plan) -> Source | None:
+    """The plan's curvature source as the program's first node (None: the gradient alone)."""
+    if plan.secant is not None:
+        return Source("secant", "model", None, settings="secant")
+    if plan.dense is not None:  # the matrix's step d, read every step (refreshed less often)
+        output, = plan.inputs
+        return Source(plan.dense.curvature, "model", output, settings="dense")
+    est = plan.estimator
+    if est is not None:
+        return Source(est.kind, est.scope, est.input, est.when, est.args)
+    return None
+
+
 def split(plan: Plan) -> Program:
     """The plan as a program (see the module docstring)."""
+    source = source_of(plan)
+    if plan.secant is not None:  # a closure driver: no kernels
+        return Program((source,))
+    head = (source,) if source is not None else ()
+    return Program(head + _kernels(plan))
+
+
+def _kernels(plan: Plan) -> tuple:
+    """The plan's kernels and its extern, in order."""
     externs = {n for st in plan.stores for n in walk(st.value) if isinstance(n, Precondition)}
     if not externs:
-        return Program((Kernel("", plan),))
+        return (Kernel("", plan),)
     if len(externs) > 1:
         raise AssertionError("a plan with more than one matrix stage")  # lowering makes one
     node = externs.pop()
@@ -154,5 +201,5 @@ def split(plan: Plan) -> Program:
         assert "param" not in overwritten, "the head stores the parameter"
         inputs += ("param",)
     extern = Extern(node.stage, stage, inputs, OUTPUT, tuple(params))
-    return Program((Kernel("head", head, tuple(temps.values()), last=False), extern,
-                    Kernel("tail", tail)))
+    return (Kernel("head", head, tuple(temps.values()), last=False), extern,
+            Kernel("tail", tail))

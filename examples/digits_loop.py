@@ -102,7 +102,10 @@ def needs_closure(Opt) -> bool:
 
 
 def estimator_of(Opt):
-    return Opt.ESTIMATOR[0] if Opt.ESTIMATOR else None
+    """The name of a per-tensor or per-layer curvature source (None: none, or the whole
+    model's)."""
+    source = Opt.curvature_source()
+    return source.kind if source is not None and not source.whole_model else None
 
 
 def make_model(arch: str, Opt) -> torch.nn.Module:

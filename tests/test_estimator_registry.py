@@ -43,9 +43,11 @@ def _finds_its_source(ir, opt):
         assert source is None
         return
     assert source is not None and source.kind == kind
-    table = estimators.WHOLE_MODEL if ir.structure.kind in ("dense", "low_rank") \
-        else estimators.PLAN_INPUTS
-    assert table[kind] is source
+    node = type(opt).PROGRAM.source  # the program names its entry by (kind, scope)
+    scope = {"dense": estimators.MODEL, "low_rank": estimators.MODEL}.get(
+        ir.structure.kind, estimators.LAYER if kind == "kfac" else estimators.TENSOR)
+    assert (node.kind, node.scope) == (kind, scope)
+    assert estimators.SOURCES[kind, scope] is source
 
 
 SPEC = """optimizer Probe

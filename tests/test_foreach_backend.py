@@ -129,7 +129,7 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
     params_a = make_params(dtype, gen)
     params_b = [p.clone() for p in params_a]
     state_a: dict[str, list | None] = {}
-    est = cls.ESTIMATOR
+    est = cls.PROGRAM.source
     for step in range(1, STEPS + 1):
         scalars, flags = cls.host(h, float(step))
         for name, when, _ in cls.BUFFERS:  # allocated lazily, random positive values
@@ -140,7 +140,7 @@ def test_foreach_matches_update(spec, variant, dtype, state_dtype):
                  for p in params_a]
         inputs = {}
         if est is not None:
-            _, name, when, _ = est
+            name, when = est.output, est.when
             inputs[name] = ([positive_like(p, gen) for p in params_a]
                             if when is None or flags[when] else None)
         frozen = [g.clone() for g in grads] + [t.clone() for v in inputs.values() if v for t in v]

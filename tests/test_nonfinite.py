@@ -52,10 +52,16 @@ def curvature_kind(opt) -> str | None:
     return source.kind if source is not None else None
 
 
+def hooks_layers(Opt) -> bool:
+    """Whether the optimizer takes the model (K-FAC: its statistics come from hooks)."""
+    source = Opt.curvature_source()
+    return source is not None and source.hooks_layers
+
+
 def make(name: str, model, backend: str = "torch", **kw):
     Opt = curvc.load(name, backend=backend)
     routed = issubclass(Opt, RoutedOptimizer)  # no pipeline of one reads the model
-    params = model if not routed and Opt._estimator_kind() == "kfac" else model.parameters()
+    params = model if not routed and hooks_layers(Opt) else model.parameters()
     return Opt(params, **kw)
 
 
@@ -276,7 +282,8 @@ def _has_stores(name) -> bool:
     cls = curvc.load(name, backend="torch")
     if _routed(name):  # its pipelines are shipped specs, tested as such
         return False
-    return cls.WHOLE_MODEL is None  # whole-model steps have no stores
+    source = cls.curvature_source()
+    return source is None or not source.whole_model  # whole-model steps have no stores
 
 
 @pytest.mark.parametrize("name", [n for n in SPECS if _has_stores(n)])
@@ -286,7 +293,7 @@ def test_propagate_is_bitwise_the_step_without_the_skip_pass(name, tmp_path, mon
     runs = []
     for cls in (Unguarded, curvc.load(name, backend="torch")):
         model = tiny_model()
-        opt = cls(model if cls._estimator_kind() == "kfac" else model.parameters())
+        opt = cls(model if hooks_layers(cls) else model.parameters())
         for i, batch in enumerate(tiny_batches(4)):
             train_step(opt, model, batch, i)
         runs.append(snapshot(model, opt))

@@ -5,7 +5,7 @@ or a model-wide matrix.
 
 A mixin of ``CurvOptimizer`` (curvc/runtime/optimizer.py), which holds the torch.optim
 bookkeeping; the plan's elementwise step runs in ``elementwise_step``. What each
-method needs from a generated class is its ``ESTIMATOR``, ``dense`` and ``host``.
+method needs from a generated class is its program's ``source`` and ``host``.
 """
 from __future__ import annotations
 
@@ -27,12 +27,6 @@ class CurvatureSources:
     """
 
     @classmethod
-    def _estimator_kind(cls) -> str | None:
-        """The plan's estimator's name, for callers outside the runtime (the runtime
-        itself asks ``_source()``)."""
-        return cls.ESTIMATOR.kind if cls.ESTIMATOR is not None else None
-
-    @classmethod
     def curvature_source(cls) -> estimators.Source | None:
         """Where this class's curvature comes from: its entry of
         ``curvc.runtime.estimators`` (what it needs from the training loop, e.g.
@@ -50,9 +44,7 @@ class CurvatureSources:
         h = self._flat_hypers(self.param_groups[0])
         # an argument may be a host value of the step (power_ema's beta_t, a bias correction)
         scalars = (host or self.host(resolved(h), self._next_step()))[0]
-        if self.ESTIMATOR is None:
-            return self.WHOLE_MODEL.settings({**h, **scalars})
-        return self.ESTIMATOR.args({**h, **scalars})
+        return self.PROGRAM.source.args({**h, **scalars})
 
     def track(self, model: torch.nn.Module) -> None:
         """Hook ``model``'s layers so that a layer-statistics source (K-FAC) sees their
@@ -102,7 +94,8 @@ class CurvatureSources:
 
     def _refreshes(self, step: float) -> bool:
         """Whether the source is refreshed on ``step`` (its plan flag; every step without)."""
-        flag = self.ESTIMATOR.when if self.ESTIMATOR is not None else self._source_args()["refresh"]
+        node = self.PROGRAM.source  # a dense matrix refreshes on its settings' flag
+        flag = node.when if node.scope != estimators.MODEL else self._source_args()["refresh"]
         h = self._flat_hypers(self.param_groups[0])
         return flag is None or bool(self.host(resolved(h), step)[1][flag])
 

@@ -200,7 +200,7 @@ def _empirical_fisher_matrix(params, args):
 def _secant_step(opt, closure):
     from curvc.runtime import amp
     return amp.secant_step(opt, closure,
-                           opt.WHOLE_MODEL.settings(opt._flat_hypers(opt.param_groups[0])))
+                           opt.PROGRAM.source.args(opt._flat_hypers(opt.param_groups[0])))
 
 
 # --- the messages --------------------------------------------------------------
@@ -231,7 +231,7 @@ NO_LAYERS = "{name} does not track layers; track() is for K-FAC optimizers"
 # --- the registry ----------------------------------------------------------------
 
 # Sources whose result the plan reads as an elementwise input (Plan.estimator's kind).
-PLAN_INPUTS: dict[str, Source] = {s.kind: s for s in (
+_PLAN_INPUTS = (
     Source("hutchinson", TENSOR, (GRAPH, LOSS), ESTIMATE, _hutchinson,
            SECOND_DERIVATIVES_MISSING,
            "{name}.estimate_curvature(loss=...) needs the loss whose Hessian diagonal it "
@@ -251,13 +251,13 @@ PLAN_INPUTS: dict[str, Source] = {s.kind: s for s in (
            LOGITS_MISSING, LOGITS_MISSING),
     Source("kfac", LAYER, (LAYERS,), PRECONDITIONED, _kfac_natural_gradients, LAYERS_MISSING,
            LAYERS_REQUEST, RuntimeError, tracker=_layer_tracker, records=_kfac_accumulates),
-)}
+)
 
 _MATRIX_STATE = (("curvature", "matrix"),)  # curvc.runtime.dense's accumulated matrix
 
 # Sources of a step over all parameters as one vector: the dense structure's matrix
 # (DenseStage.curvature) and the secant method's closure driver.
-WHOLE_MODEL: dict[str, Source] = {s.kind: s for s in (
+_WHOLE_MODEL = (
     Source("hessian", MODEL, (GRAPH, LOSS), MATRIX, _dense_hessian, HESSIAN_MISSING,
            "{name}.estimate_curvature() needs loss=... for its hessian curvature",
            state=_MATRIX_STATE),
@@ -273,20 +273,18 @@ WHOLE_MODEL: dict[str, Source] = {s.kind: s for s in (
            NOTHING_TO_REQUEST, RuntimeError,
            state=(("d", "vector"), ("prev_flat_grad", "vector"), ("old_dirs", "vectors"),
                   ("old_stps", "vectors"))),
-)}
+)
+
+# Every source, by what a program's source node names: (kind, scope). A curvature has
+# one entry per scope it is computed over (the Fisher's diagonal and its dense matrix).
+SOURCES: dict[tuple[str, str], Source] = {(s.kind, s.scope): s
+                                          for s in (*_PLAN_INPUTS, *_WHOLE_MODEL)}
 
 
 def source_of(cls: type) -> Source | None:
     """The curvature source of an optimizer class (None: the gradient alone,
-    elementwise), found once per class from what its generated module declares."""
+    elementwise), found once per class from its program's source node."""
     if "_curvature_source" not in cls.__dict__:
-        cls._curvature_source = _find(cls)
+        node = cls.PROGRAM.source if cls.PROGRAM is not None else None
+        cls._curvature_source = None if node is None else SOURCES[node.kind, node.scope]
     return cls._curvature_source
-
-
-def _find(cls: type) -> Source | None:
-    if cls.ESTIMATOR is not None:
-        return PLAN_INPUTS[cls.ESTIMATOR.kind]
-    if cls.WHOLE_MODEL is not None:
-        return WHOLE_MODEL[cls.WHOLE_MODEL.source]
-    return None

@@ -33,7 +33,7 @@ from curvc.plan import SHAPE
 from curvc.runtime import amp, sharded, zero
 from curvc.runtime.curvature_sources import CurvatureSources
 from curvc.runtime.elementwise_step import ElementwiseSteps
-from curvc.runtime.program import Program, Runner, WholeModel, resolved
+from curvc.runtime.program import Program, Runner, resolved
 
 _TORCH_COMPAT = ("foreach", "fused", "capturable", "differentiable")
 
@@ -46,6 +46,7 @@ class Bucket:
     step: float
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+    keys: list = field(default_factory=list)  # the parameters as state keys them (not sharded)
     steps: list = field(default_factory=list)  # the per-parameter step counters to bump
     tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
     shards: list | None = None  # DTensor parameters: where each local shard sits (sharded.py)
@@ -69,12 +70,9 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     OPTIONAL: tuple = ()
     VALIDATORS: tuple = ()  # program.Validator
     BUFFERS: tuple = ()  # program.Buffer
-    INPUTS: tuple = ()  # elementwise inputs a runtime estimator provides
-    ESTIMATOR: tuple | None = None  # program.Estimator
-    WHOLE_MODEL: WholeModel | None = None  # a step over all parameters as one vector
     host: Callable = None
     SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
-    PROGRAM: Program | None = None  # kernels and matrix calls (None: a closure driver)
+    PROGRAM: Program | None = None  # its curvature source, kernels and matrix calls
     # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
     # False on an instance: every rank computes every block.
     matrix_split = True
@@ -293,26 +291,25 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             if at not in per_step:
                 per_step[at] = self.host({**resolved(h, p.dtype), **dict(zip(SHAPE, at[2:]))},
                                          step)
-            flags = per_step[at][1]
-            inputs = [self._input(n, p, flags) for n in self.INPUTS]
-            todo.append((p, g, at, flags, inputs))
+            self._check_input(p, per_step[at][1])  # run.source hands it to the kernels
+            todo.append((p, g, at))
         buckets: dict[tuple, Bucket] = {}
         names = self.BUFFER_NAMES
-        for p, g, at, flags, inputs in todo:
+        for p, g, at in todo:
+            flags = per_step[at][1]
             state = self._init_state(p, group, h, flags)
             step = at[0]
             key = (p.device, p.dtype, at, sharded.layout(p))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
-                    n: [] for n in (*names, *self.INPUTS, "state")})
+                    n: [] for n in (*names, "state")})
             b.params.append(p)
             b.grads.append(g)
+            b.keys.append(p)
             b.steps.append(state["step"])
             for n in names:
                 b.tensors[n].append(state.get(n))
-            for n, t in zip(self.INPUTS, inputs):
-                b.tensors[n].append(t)
             b.tensors["state"].append(state)  # matrix stages keep their factors there
         for b in buckets.values():
             sharded.localize(b)  # FSDP2: the step runs on each rank's local shard
@@ -326,14 +323,13 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
                                f"optimize torch.view_as_real(p) instead")
 
-    def _input(self, name: str, p: torch.Tensor, flags: dict) -> torch.Tensor | None:
-        when = self.ESTIMATOR.when if self.ESTIMATOR is not None else None  # None: every step
-        if when is not None and not flags[when]:
-            return None  # not read on this step
-        est = self._estimates.get(p)
-        if est is None:
+    def _check_input(self, p: torch.Tensor, flags: dict) -> None:
+        """Refuses a step on which the program reads ``p``'s curvature and has none."""
+        node = self.PROGRAM.source
+        if node is None or node.output is None or node.when is not None and not flags[node.when]:
+            return
+        if p not in self._estimates:
             raise RuntimeError(self._missing_input())
-        return est
 
     @torch.no_grad()
     def step(self, closure=None, *, curvature=None):

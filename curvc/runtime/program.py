@@ -1,12 +1,19 @@
 """The contract between a generated module and the runtime: its step as a program.
 
-A generated module defines one ``Kernel`` per fused elementwise pass and one
-``Extern`` per matrix call (``curvc.schedule`` decides them), and a function
-``_step(run)`` that calls them in program order: ``run.kernel(k)`` runs a kernel
+A generated module defines one ``Kernel`` per fused elementwise pass, one
+``Extern`` per matrix call and at most one ``Source`` of curvature (``curvc.schedule``
+decides them), and a function ``_step(run)`` that calls them in program order:
+``run.source(s)`` hands every tensor the source's output (a Hessian diagonal, K-FAC's
+per-layer natural gradient, the dense matrix's step), ``run.kernel(k)`` runs a kernel
 over every bucket (its global reductions first), ``run.extern(e)`` calls a
 matrix function on every tensor (``Extern.many`` on all of them at once where the
 structure has a batched form and ``opt.batch_externs`` holds). ``Program`` holds
 them for ``CurvOptimizer``, which knows nothing else about the optimizer it steps.
+
+A source is computed before the program runs, while nothing has changed yet (so a
+refused or skipped step loses nothing), by its entry of ``curvc.runtime.estimators``;
+``run.source`` is where its result enters the step's dataflow. A program without
+``run`` is a closure driver's (the secant method): its source is the whole step.
 
 A *signature* (``Kernel.args``, ``Extern.args``) lists a generated function's
 parameters by role, in order: ``tensors`` (per-tensor values), then ``scalars``
@@ -47,23 +54,18 @@ class Buffer(NamedTuple):
     init: Callable
 
 
-class Estimator(NamedTuple):
-    """The curvature source the plan reads (``curvc.runtime.estimators``): it fills the
-    input ``input`` on steps where the flag ``when`` holds, with ``args(h)``."""
+class Source(NamedTuple):
+    """A curvature source of the step: ``(kind, scope)`` names its entry of
+    ``curvc.runtime.estimators`` (scope: 'tensor', 'layer' or 'model', what one of its
+    computations spans); it yields the kernels' input ``output`` (None: it is the whole
+    step) on steps where the flag ``when`` holds (every step when None); ``args(h)``
+    gives its arguments from the group's hyperparameters and this step's host scalars."""
 
     kind: str
-    input: str
+    scope: str
+    output: str | None
     when: str | None
     args: Callable
-
-
-class WholeModel(NamedTuple):
-    """A step over all parameters as one flat vector: ``source`` names its entry of
-    ``curvc.runtime.estimators.WHOLE_MODEL`` (a matrix curvature, or a closure driver),
-    ``settings(h)`` gives that source's settings from the group's hyperparameters."""
-
-    source: str
-    settings: Callable
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,19 @@ class Extern:
 
 @dataclass(frozen=True)
 class Program:
-    """A generated optimizer's step: ``run(runner)`` calls its kernels and externs."""
+    """A generated optimizer's step: ``run(runner)`` calls its source, kernels and
+    externs (``run`` None: ``source`` drives the whole step itself)."""
 
-    run: Callable
+    run: Callable | None
     kernels: tuple[Kernel, ...]
     externs: tuple[Extern, ...] = ()
+    source: Source | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The kernels' inputs a source provides (besides param, grad and state)."""
+        return () if self.source is None or self.source.output is None else \
+            (self.source.output,)
 
     @property
     def keeps_state_outside_kernels(self) -> bool:
@@ -136,6 +146,17 @@ class Runner:
                     torch._foreach_add_(bucket.steps, 1.0)  # host-side counters, one call
             else:
                 opt._torch_step(k, group, bucket, scalars, flags, red)
+
+    def source(self, s: Source) -> None:
+        """Every tensor's share of the source's output (None on a step that does not
+        read it), computed before the step by ``CurvOptimizer``."""
+        for _, bucket, _, flags in self.work:
+            wanted = s.when is None or flags[s.when]
+            column = [self.opt._estimates[p] if wanted else None for p in bucket.keys]
+            if bucket.shards:  # FSDP2: this rank's shard of each (curvc.runtime.sharded)
+                from curvc.runtime import sharded
+                column = sharded.local_tensors(column)
+            bucket.tensors[s.output] = column
 
     def extern(self, e: Extern) -> None:
         sig = e.args

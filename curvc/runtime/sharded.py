@@ -107,7 +107,12 @@ def localize(bucket) -> None:
     bucket.grads = [g._local_tensor for g in bucket.grads]
     for name, column in bucket.tensors.items():
         if name != "state":
-            bucket.tensors[name] = [t._local_tensor if is_sharded(t) else t for t in column]
+            bucket.tensors[name] = local_tensors(column)
+
+
+def local_tensors(column: list) -> list:
+    """Each DTensor of ``column`` as this rank's local shard (others as they are)."""
+    return [t._local_tensor if is_sharded(t) else t for t in column]
 
 
 def whole_sums(bucket, part: dict) -> dict:

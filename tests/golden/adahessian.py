@@ -47,8 +47,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Source as _Source, Validator as _Validator)
 
 
 def _host(h, step):
@@ -448,19 +448,24 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
+_SOURCE = _Source('hutchinson', 'tensor', 'curvature_estimate', 'estimate',
+        lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher',
+                'spatial_average': True})
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
 
 
 def _step(run):
-    """One optimizer step: each kernel over every tensor (its global sums first),
-    then the next; a matrix call runs per tensor between kernels."""
+    """One optimizer step: the curvature handed to every tensor, then each
+    kernel over every tensor (its global sums first), then the next; a matrix call
+    runs per tensor between kernels."""
+    run.source(_SOURCE)  # computed before the step, handed over here
     run.kernel(_KERNEL)
 
 
-_PROGRAM = _Program(_step, (_KERNEL,))
+_PROGRAM = _Program(_step, (_KERNEL,), source=_SOURCE)
 
 
 class AdaHessian(CurvOptimizer):
@@ -512,10 +517,6 @@ class AdaHessian(CurvOptimizer):
         _Buffer('exp_avg_sq', None, lambda h: 0.0),
         _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
-    INPUTS = ('curvature_estimate',)
-    ESTIMATOR = _Estimator('hutchinson', 'curvature_estimate', 'estimate',
-            lambda h: {'samples': h['n_samples'], 'distribution': 'rademacher',
-                    'spatial_average': True})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -487,7 +487,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
@@ -548,8 +548,6 @@ class Adam(CurvOptimizer):
         _Buffer('max_exp_avg_sq', 'keep_max', lambda h: 0.0),
         _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

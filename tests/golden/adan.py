@@ -586,7 +586,7 @@ else:
         return {'grad_norm_sq': total[0]}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS,
         reduce={'grad_norm_sq': (_reduce_grad_norm_sq, _REDUCE_ARGS['grad_norm_sq'])},
@@ -649,8 +649,6 @@ class Adan(CurvOptimizer):
         _Buffer('exp_avg_diff', None, lambda h: 0.0),
         _Buffer('exp_avg_sq', None, lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

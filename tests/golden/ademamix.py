@@ -530,7 +530,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
@@ -595,8 +595,6 @@ class AdEMAMix(CurvOptimizer):
         _Buffer('exp_avg_slow', None, lambda h: 0.0),
         _Buffer('exp_avg_sq', None, lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -771,7 +771,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         foreach=_foreach_update_head, triton=_triton_step_head, triton_reduce=_triton_reduce_head,
@@ -861,8 +861,6 @@ class DistributedShampoo(CurvOptimizer):
         _Buffer('graft_exp_avg_sq', None, lambda h: 0.0),
         _Buffer('step_momentum_buffer', 'has_step_momentum_buffer', lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -339,7 +339,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         foreach=_foreach_update_head, triton=_triton_step_head, triton_reduce=_triton_reduce_head,
@@ -399,8 +399,6 @@ class EigenAdagrad(CurvOptimizer):
     )
     BUFFERS = (
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -449,7 +449,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         foreach=_foreach_update_head, triton=_triton_step_head, triton_reduce=_triton_reduce_head,
@@ -515,8 +515,6 @@ class EKFACLike(CurvOptimizer):
     BUFFERS = (
         _Buffer('exp_avg', 'has_exp_avg', lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -45,8 +45,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Source as _Source, Validator as _Validator)
 
 
 def _host(h, step):
@@ -330,19 +330,25 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
+_SOURCE = _Source('kfac', 'layer', 'natural_gradient', None,
+        lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
+                'invert': 'refresh_roots', 'iterate': 'ema', 'init': 0.0, 'bias_corrected': False,
+                'exponent': 1.0, 'damping_after': 0.0, 'floor': 0.0, 'sign': False})
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
 
 
 def _step(run):
-    """One optimizer step: each kernel over every tensor (its global sums first),
-    then the next; a matrix call runs per tensor between kernels."""
+    """One optimizer step: the curvature handed to every tensor, then each
+    kernel over every tensor (its global sums first), then the next; a matrix call
+    runs per tensor between kernels."""
+    run.source(_SOURCE)  # computed before the step, handed over here
     run.kernel(_KERNEL)
 
 
-_PROGRAM = _Program(_step, (_KERNEL,))
+_PROGRAM = _Program(_step, (_KERNEL,), source=_SOURCE)
 
 
 class KFAC(CurvOptimizer):
@@ -390,12 +396,6 @@ class KFAC(CurvOptimizer):
     BUFFERS = (
         _Buffer('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
     )
-    INPUTS = ('natural_gradient',)
-    ESTIMATOR = _Estimator('kfac', 'natural_gradient', None,
-            lambda h: {'beta': h['stat_decay'], 'damping': h['damping'], 'accumulate': 'refresh',
-                    'invert': 'refresh_roots', 'iterate': 'ema', 'init': 0.0,
-                    'bias_corrected': False, 'exponent': 1.0, 'damping_after': 0.0, 'floor': 0.0,
-                    'sign': False})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -544,7 +544,7 @@ else:
         return {'norm_sq': per_tensor0, 'norm_sq2': per_tensor1}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS,
         reduce={'norm_sq': (_reduce_norm_sq, _REDUCE_ARGS['norm_sq']),
@@ -602,8 +602,6 @@ class Lamb(CurvOptimizer):
         _Buffer('exp_avg', None, lambda h: 0.0),
         _Buffer('exp_avg_sq', None, lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -491,7 +491,7 @@ else:
         return {'norm_sq': per_tensor0, 'norm_sq2': per_tensor1}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS,
         reduce={'norm_sq': (_reduce_norm_sq, _REDUCE_ARGS['norm_sq']),
@@ -546,9 +546,7 @@ class LARS(CurvOptimizer):
     BUFFERS = (
         _Buffer('momentum_buffer', None, lambda h: 0.0),
     )
-    INPUTS = ()
     SHAPED = True
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -40,8 +40,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Validator as _Validator,
-        WholeModel as _WholeModel)
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Program as _Program,
+        Source as _Source, Validator as _Validator)
 
 
 def _host(h, step):
@@ -72,7 +72,8 @@ def _secant(h):
     return settings
 
 
-_PROGRAM = None  # the secant driver steps it (curvc.runtime.secant)
+_SOURCE = _Source('secant', 'model', None, None, _secant)
+_PROGRAM = _Program(None, (), source=_SOURCE)  # the source drives it
 
 
 class LBFGS(CurvOptimizer):
@@ -116,9 +117,6 @@ class LBFGS(CurvOptimizer):
     )
     BUFFERS = (
     )
-    INPUTS = ()
-    ESTIMATOR = None
-    WHOLE_MODEL = _WholeModel('secant', _secant)
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

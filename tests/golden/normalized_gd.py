@@ -275,7 +275,7 @@ else:
         return {'norm_sq': total[0]}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS,
         reduce={'norm_sq': (_reduce_norm_sq, _REDUCE_ARGS['norm_sq'])}, foreach=_foreach_update,
@@ -321,8 +321,6 @@ class NormalizedGD(CurvOptimizer):
     )
     BUFFERS = (
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -396,7 +396,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
@@ -452,8 +452,6 @@ class RMSprop(CurvOptimizer):
         _Buffer('grad_avg', None, lambda h: 0.0),
         _Buffer('momentum_buffer', None, lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -347,7 +347,7 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
@@ -401,8 +401,6 @@ class SGD(CurvOptimizer):
     BUFFERS = (
         _Buffer('momentum_buffer', 'has_momentum_buffer', lambda h: 0.0),
     )
-    INPUTS = ()
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

@@ -598,7 +598,7 @@ else:
         return {'rms_sq': per_tensor0}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
 _KERNEL_head = _Kernel('head', _update_head, _UPDATE_ARGS_head, reduce={},
         foreach=_foreach_update_head, triton=_triton_step_head, triton_reduce=_triton_reduce_head,
@@ -678,9 +678,7 @@ class SOAP(CurvOptimizer):
     BUFFERS = (
         _Buffer('exp_avg', None, lambda h: 0.0),
     )
-    INPUTS = ()
     SHAPED = True
-    ESTIMATOR = None
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

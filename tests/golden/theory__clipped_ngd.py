@@ -38,7 +38,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator, WholeModel as _WholeModel)
+        Program as _Program, Source as _Source, Validator as _Validator)
 
 
 def _host(h, step):
@@ -235,19 +235,22 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
+_SOURCE = _Source('hessian', 'model', 'preconditioned', None, _dense)
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
 
 
 def _step(run):
-    """One optimizer step: each kernel over every tensor (its global sums first),
-    then the next; a matrix call runs per tensor between kernels."""
+    """One optimizer step: the curvature handed to every tensor, then each
+    kernel over every tensor (its global sums first), then the next; a matrix call
+    runs per tensor between kernels."""
+    run.source(_SOURCE)  # computed before the step, handed over here
     run.kernel(_KERNEL)
 
 
-_PROGRAM = _Program(_step, (_KERNEL,))
+_PROGRAM = _Program(_step, (_KERNEL,), source=_SOURCE)
 
 
 class ClippedNGD(CurvOptimizer):
@@ -282,9 +285,6 @@ class ClippedNGD(CurvOptimizer):
     )
     BUFFERS = (
     )
-    INPUTS = ('preconditioned',)
-    ESTIMATOR = None
-    WHOLE_MODEL = _WholeModel('hessian', _dense)
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 

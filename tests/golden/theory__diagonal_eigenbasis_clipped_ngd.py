@@ -36,8 +36,8 @@ import math
 import torch
 
 from curvc.runtime import CurvOptimizer
-from curvc.runtime.program import (Buffer as _Buffer, Estimator as _Estimator, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
+        Program as _Program, Source as _Source, Validator as _Validator)
 
 
 def _host(h, step):
@@ -281,19 +281,22 @@ else:
         return {}
 
 
-# --- the step: its kernels and matrix calls, in order ---
+# --- the step: its curvature source, kernels and matrix calls, in order ---
 
+_SOURCE = _Source('fisher', 'tensor', 'curvature_estimate', None, lambda h: {'samples': 1.0})
 _KERNEL = _Kernel('', _update, _UPDATE_ARGS, reduce={}, foreach=_foreach_update,
         triton=_triton_step, triton_reduce=_triton_reduce)
 
 
 def _step(run):
-    """One optimizer step: each kernel over every tensor (its global sums first),
-    then the next; a matrix call runs per tensor between kernels."""
+    """One optimizer step: the curvature handed to every tensor, then each
+    kernel over every tensor (its global sums first), then the next; a matrix call
+    runs per tensor between kernels."""
+    run.source(_SOURCE)  # computed before the step, handed over here
     run.kernel(_KERNEL)
 
 
-_PROGRAM = _Program(_step, (_KERNEL,))
+_PROGRAM = _Program(_step, (_KERNEL,), source=_SOURCE)
 
 
 class DiagonalEigenbasisClippedNGD(CurvOptimizer):
@@ -328,8 +331,6 @@ class DiagonalEigenbasisClippedNGD(CurvOptimizer):
     )
     BUFFERS = (
     )
-    INPUTS = ('curvature_estimate',)
-    ESTIMATOR = _Estimator('fisher', 'curvature_estimate', None, lambda h: {'samples': 1.0})
     host = staticmethod(_host)
     PROGRAM = _PROGRAM
 
