@@ -163,6 +163,23 @@ def _bias_correction(nums: Numbers, buffer: str, name: str) -> list[str]:
             for b, beta, n, switch in nums.counts if b == buffer]
 
 
+def _corrected(nums: Numbers, buffer: str, eq: list[str], name: str, value: str) -> str:
+    """The value this step reads of a state: ``value`` divided by its bias correction, as
+    ``name_hat``, so the state itself (the one the next step averages) stays uncorrected."""
+    lines = [(beta, n, switch) for b, beta, n, switch in nums.counts if b == buffer]
+    if not lines and value == name:
+        return name
+    hat = f"{name}_hat"
+    for beta, n, switch in lines:
+        grouped = f"({value})" if " " in value else value
+        eq.append(f"{hat:<5} = {grouped} / (1 - {beta}^{n})"
+                  + (f" if {switch} else {value}" if switch else ""))
+        value = hat
+    if not lines:
+        eq.append(f"{hat:<5} = {value}")
+    return hat
+
+
 def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
     m = opt.momentum
     if m.kind == "expression":
@@ -170,8 +187,7 @@ def _momentum(opt: ir.Optimizer, eq: list[str], nums: Numbers) -> str:
         return "m"
     if m.kind == "ema":
         eq.append(f"m     = {_v(m.beta)} * m + (1 - {_v(m.beta)}) * g")
-        eq += _bias_correction(nums, "momentum", "m")
-        return "m"
+        return _corrected(nums, "momentum", eq, "m", "m")
     if m.kind == "heavy_ball":
         damp = "" if m.dampening == ir.Const(0.0) else f"(1 - {_v(m.dampening)}) * "
         eq.append(f"b     = {_v(m.beta)} * b + {damp}g   (b = g at t = 1)")
@@ -208,6 +224,11 @@ def _step_momentum(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     return eq
 
 
+def period(every, delayed: bool = False) -> str:
+    """The steps a refresh every k steps runs on (lower_step.every_flag's)."""
+    return f"when t - 1 is a {'positive ' if delayed else ''}multiple of {_v(every)}"
+
+
 def _estimate(opt: ir.Optimizer) -> str:
     c = opt.curvature
     if c.kind == "expression":
@@ -224,16 +245,19 @@ def _estimate(opt: ir.Optimizer) -> str:
     if c.scale is not None and c.scale != ir.Const(1.0):
         est = f"{_v(c.scale)} * {est}"
     if c.every is not None:
-        est += f"   (estimated every {_v(c.every)} steps, reused in between)"
+        est += f"   (estimated {period(c.every)}, reused in between)"
     return est
 
 
 def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C",
-                nums: Numbers = Numbers()) -> str:
+                nums: Numbers = Numbers(), hat: bool = False) -> str:
+    """The iterate's lines for state ``name`` averaging ``new``; returns the name the step
+    reads (``hat``: the kept maximum and the bias correction as ``name_hat``, the state
+    itself left as the next step averages it)."""
     it = opt.iterate
     every = ""
     if it.every is not None:
-        every = f"   (every {_v(it.every)} steps{', the first after ' + _v(it.every) if it.delayed else ''})"
+        every = f"   ({period(it.every, it.delayed)})"
     if it.kind == "ema":
         eq.append(f"{name}     = {_v(it.beta)} * {name} + (1 - {_v(it.beta)}) * {new}{every}")
     elif it.kind == "ema_or_sum":
@@ -247,7 +271,17 @@ def _accumulate(opt: ir.Optimizer, eq: list[str], new: str, name: str = "C",
         eq.append(f"{name}     = {name} + {new}{every}{init.replace(', ', '   (') + ')' if init else ''}")
     else:
         eq.append(f"{name}     = {new}{every}")
-    if it.keep_max is not None and not (isinstance(it.keep_max, ir.Const) and not it.keep_max.value):
+    keep = it.keep_max is not None and not (isinstance(it.keep_max, ir.Const)
+                                             and not it.keep_max.value)
+    if hat:
+        read = name
+        if keep:
+            always = isinstance(it.keep_max, ir.Const)
+            eq.append(f"{name}_max = max({name}_max, {name})"
+                      + ("" if always else f"   (only if {_v(it.keep_max)})"))
+            read = f"{name}_max" if always else f"{name}_max if {_v(it.keep_max)} else {name}"
+        return _corrected(nums, "curvature", eq, name, read)
+    if keep:
         eq.append(f"{name}_max = max({name}_max, {name});  {name} = {name}_max   (only if {_v(it.keep_max)})")
     eq += _bias_correction(nums, "curvature", name)
     return name
@@ -275,26 +309,33 @@ def _elementwise(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     newton = acc_name = None  # clip length's Newton step
     if not constant:
         eq.append(f"c     = {_estimate(opt)}")
-        acc_name = _accumulate(opt, eq, 'c', nums=nums)
+        acc_name = _accumulate(opt, eq, 'c', nums=nums, hat=True)
         eq.append(f"P     = {_preconditioner(nums.root, acc_name)}")
         r = nums.root
         newton = _preconditioner(Root(None, r.inside, r.after, r.floor), acc_name)
     m = _momentum(opt, eq, nums)
     ln = opt.length.kind
     u = f"{m}" if constant else f"{m} / P"
+    # an undamped P (a coordinate the curvature has not seen, g * g at g = 0) divides as
+    # the pseudo-inverse: the plan's div_or_zero
+    pinv = "" if constant or not nums.root.pseudo_inverse else \
+        "0 where P is not positive: the pseudo-inverse"
     if ln == "eigen_sign":
-        eq.append("d     = sign(" + m + ")" + ("" if constant else " / P"))
+        eq.append("d     = sign(" + m + ")" + ("" if constant else " / P")
+                  + (f"   ({pinv})" if pinv else ""))
     elif ln == "normalized":
         norm = f"sqrt(sum({m} * {m}))" if constant else f"sqrt(sum({m} * {m} / P))"
-        eq.append(f"d     = {u} / {norm}   (sum over {_over(opt.length)}; d = 0 where it is 0)")
+        eq.append(f"d     = {u} / {norm}   (sum over {_over(opt.length)}; "
+                  + (f"{pinv}; " if pinv else "") + "d = 0 where the sum is 0)")
     else:
-        eq.append(f"d     = {u}")
+        eq.append(f"d     = {u}" + (f"   ({pinv})" if pinv else ""))
     if opt.graft.kind != "none":
         eq += graft.direction(opt, m) + graft.rescale(opt, "over each tensor")
     if opt.clip.kind == "length":
         wrap = newton and newton != acc_name  # damped: parenthesized
         eq.append(f"n     = {m}" + ((f" / ({newton})" if wrap else f" / {newton}") if newton else "")
-                  + "   (the Newton step: the damped curvature, no root)")
+                  + "   (the Newton step: the damped curvature, no root"
+                  + (f"; {pinv.replace('P', newton, 1)})" if pinv and newton else ")"))
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

@@ -36,8 +36,7 @@ def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
           "S     = ds ds^T    (gradients at layer outputs)"]
     every = ""
     if it.every is not None:
-        every = f"every {base._v(it.every)} steps" + (
-            f", the first after {base._v(it.every)}" if it.delayed else "")
+        every = base.period(it.every, it.delayed)
     for name, new in (("A", "a a^T"), ("S", "ds ds^T")):
         if it.kind == "instant" and not every:
             break  # the batch's factors, as defined above

@@ -26,6 +26,8 @@ class Root:
     inside: str | None = None
     after: str | None = None
     floor: str | None = None
+    # an undamped P divides as the pseudo-inverse does: 0 where P is not positive
+    pseudo_inverse: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,11 @@ def _elementwise_root(plan: Plan, text: _PlanText) -> Root | None:
     """P read off the step: the tensor the (preconditioned) update is divided by."""
     # the outermost such division (walk yields children first): a spec's own arithmetic
     # inside the momentum (NAdam's mu_next / (1 - mu_product mu_next)) comes before it
-    p = next((n.args[1] for n in reversed(list(walk(_param_update(plan)))) if isinstance(n, Op)
-              and n.op in ("div", "div_or_zero") and _reads_tensor(n.args[1])), None)
-    if p is None:
+    division = next((n for n in reversed(list(walk(_param_update(plan)))) if isinstance(n, Op)
+                     and n.op in ("div", "div_or_zero") and _reads_tensor(n.args[1])), None)
+    if division is None:
         return None
+    p = division.args[1]
     after = floor = inside = exponent = None
     if isinstance(p, Op) and p.op in ("add", "maximum") and not _reads_tensor(p.args[1]):
         after, floor = (text(p.args[1]), None) if p.op == "add" else (None, text(p.args[1]))
@@ -140,7 +143,7 @@ def _elementwise_root(plan: Plan, text: _PlanText) -> Root | None:
         exponent, p = text(p.args[1], exponent=True) or "0", p.args[0]
     if exponent and isinstance(p, Op) and p.op == "add" and not _reads_tensor(p.args[1]):
         inside = text(p.args[1])
-    return Root(exponent, inside, after, floor)
+    return Root(exponent, inside, after, floor, division.op == "div_or_zero")
 
 
 def _dense_exponent(st: DenseStage) -> Expr:

@@ -124,7 +124,7 @@ def test_explain_prints_the_equations(cli, spec):
 def test_explain_adam_spells_out_its_update(cli):
     out = cli("explain", "specs/adam.curv").stdout
     for line in ("c     = g * g", "C     = betas[1] * C + (1 - betas[1]) * c",
-                 "P     = sqrt(C) + eps", "d     = m / P", "theta = theta - lr * d"):
+                 "P     = sqrt(C_hat) + eps", "d     = m_hat / P", "theta = theta - lr * d"):
         assert line in out
 
 

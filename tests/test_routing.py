@@ -249,7 +249,7 @@ def test_explain_and_table_show_each_pipeline_and_its_rule():
     assert "route muon       when ndim == 2 and not use_adamw" in out
     assert "pipeline adamw = AdamW" in out and "every parameter no rule takes" in out
     assert "theta = theta - adamw_lr * d" in out  # AdamW's equations in the routed names
-    assert "P     = sqrt(C) + adamw_eps" in out
+    assert "P     = sqrt(C_hat) + adamw_eps" in out
     assert "Newton-Schulz in bfloat16" in out
     assert "fixed at its spec's defaults: ns_coefficients=(3.4445, -4.775, 2.0315)" in out
     table = CliRunner().invoke(app, ["table"]).output

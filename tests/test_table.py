@@ -75,8 +75,8 @@ def test_curvc_table_prints_one_row_per_shipped_spec_in_the_papers_order():
 
 
 @pytest.mark.parametrize("name, fragments", [
-    ("adam", ["C     = betas[1] * C + (1 - betas[1]) * c", "P     = sqrt(C) + eps",
-              "m     = m / (1 - betas[0]^t)", "theta = theta - lr * d"]),
+    ("adam", ["C     = betas[1] * C + (1 - betas[1]) * c", "P     = sqrt(C_hat) + eps",
+              "m_hat = m / (1 - betas[0]^t)", "theta = theta - lr * d"]),
     ("shampoo", ["L     = L + G G^T", "R     = R + G^T G", "^-1/4"]),
     ("kfac", ["A     = stat_decay * A", "(S + damping I)^-1"]),
     ("lbfgs", ["two-loop recursion"]),

@@ -12,14 +12,14 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     theta = theta * (1 - lr * weight_decay)
-    c     = (z * (H z),  z ~ rademacher, mean of n_samples probes)^2   (estimated every update_each
-        steps, reused in between)
+    c     = (z * (H z),  z ~ rademacher, mean of n_samples probes)^2   (estimated when t - 1 is a
+        multiple of update_each, reused in between)
     C     = betas[1] * C + (1 - betas[1]) * c
-    C     = C / (1 - betas[1]^t)
-    P     = C^(hessian_power/2) + eps
+    C_hat = C / (1 - betas[1]^t)
+    P     = C_hat^(hessian_power/2) + eps
     m     = betas[0] * m + (1 - betas[0]) * g
-    m     = m / (1 - betas[0]^t)
-    d     = m / P
+    m_hat = m / (1 - betas[0]^t)
+    d     = m_hat / P
     theta = theta - lr * d
 """
 

@@ -15,12 +15,12 @@ Update, per step t (elementwise unless noted):
     theta = theta * (1 - lr * weight_decay)   (if decoupled_weight_decay)
     c     = g * g
     C     = betas[1] * C + (1 - betas[1]) * c
-    C_max = max(C_max, C);  C = C_max   (only if amsgrad)
-    C     = C / (1 - betas[1]^t)
-    P     = sqrt(C) + eps
+    C_max = max(C_max, C)   (only if amsgrad)
+    C_hat = (C_max if amsgrad else C) / (1 - betas[1]^t)
+    P     = sqrt(C_hat) + eps
     m     = betas[0] * m + (1 - betas[0]) * g
-    m     = m / (1 - betas[0]^t)
-    d     = m / P
+    m_hat = m / (1 - betas[0]^t)
+    d     = m_hat / P
     theta = theta - lr * d
 """
 

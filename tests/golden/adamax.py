@@ -19,7 +19,7 @@ Update, per step t (elementwise unless noted):
     C     = c
     P     = C
     m     = exp_avg / (1 - betas[0] ^ step)
-    d     = m / P
+    d     = m / P   (0 where P is not positive: the pseudo-inverse)
     theta = theta - lr * d
 """
 

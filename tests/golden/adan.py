@@ -22,8 +22,8 @@ Update, per step t (elementwise unless noted):
     nesterov = betas[1] * exp_avg_diff / (1 - betas[1] ^ step)
     c     = nesterov_grad * nesterov_grad
     C     = betas[2] * C + (1 - betas[2]) * c
-    C     = C / (1 - betas[2]^t)
-    P     = sqrt(C) + eps
+    C_hat = C / (1 - betas[2]^t)
+    P     = sqrt(C_hat) + eps
     m     = exp_avg / (1 - betas[0] ^ step) + nesterov
     d     = m / P
     decayed = direction + weight_decay * param

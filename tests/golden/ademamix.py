@@ -24,8 +24,8 @@ Update, per step t (elementwise unless noted):
         stored value)
     c     = g * g
     C     = betas[1] * C + (1 - betas[1]) * c
-    C     = C / (1 - betas[1]^t)
-    P     = sqrt(C) + eps
+    C_hat = C / (1 - betas[1]^t)
+    P     = sqrt(C_hat) + eps
     m     = exp_avg / (1 - betas[0] ^ step) + alpha_t * exp_avg_slow
     d     = m / P
     theta = theta - lr * d

@@ -23,14 +23,14 @@ Update, per step t (elementwise unless noted):
     L, R  = L / (1 - betas[1]^t), R / (1 - betas[1]^t)   (for the roots only; if
         use_bias_correction)
     m     = betas[0] * m + (1 - betas[0]) * g
-    m     = m / (1 - betas[0]^t)   (if use_bias_correction)
-    d     = (L + epsilon I)^-1/4 m (R + epsilon I)^-1/4   (order-k tensors: ^-1/(2k) per mode)
+    m_hat = m / (1 - betas[0]^t) if use_bias_correction else m
+    d     = (L + epsilon I)^-1/4 m_hat (R + epsilon I)^-1/4   (order-k tensors: ^-1/(2k) per mode)
             (every factor ^-1/inv_root_override instead, whatever the order, when inv_root_override
                 > 0)
             (roots recomputed on step start_preconditioning_step
              and the multiples of precondition_frequency after it)
     V     = grafting_beta2 * V + (1 - grafting_beta2) * g * g   (graft adam)
-    d_g   = m / (sqrt(V / (1 - grafting_beta2^t)) + grafting_epsilon)
+    d_g   = m_hat / (sqrt(V / (1 - grafting_beta2^t)) + grafting_epsilon)
     d     = d * ||d_g|| / (||d|| + 1e-16)   (norms over each block)
     d     = d_g   (steps t < start_preconditioning_step: the grafted step alone)
     d     = d + weight_decay * theta   (if use_decoupled_weight_decay; decoupled decay joins the

@@ -19,8 +19,8 @@ Update, per step t (elementwise unless noted):
     V     = stat_decay * V + (1 - stat_decay) * G' * G'   (V kept in the basis)
     V     = V / (1 - stat_decay^r)
     m     = momentum * m + (1 - momentum) * g
-    m     = m / (1 - momentum^t)
-    M'    = Q_L^T m Q_R   (the value rotated into the basis)
+    m_hat = m / (1 - momentum^t)
+    M'    = Q_L^T m_hat Q_R   (the value rotated into the basis)
     D'    = M' / (V + damping)
     d     = Q_L D' Q_R^T   (rotated back)
     L     = factor_decay * L + (1 - factor_decay) * G G^T   (after the step; L_0 = 0)

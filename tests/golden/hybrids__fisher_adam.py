@@ -13,11 +13,11 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = betas[1] * C + (1 - betas[1]) * c
-    C     = C / (1 - betas[1]^t)
-    P     = sqrt(C) + eps
+    C_hat = C / (1 - betas[1]^t)
+    P     = sqrt(C_hat) + eps
     m     = betas[0] * m + (1 - betas[0]) * g
-    m     = m / (1 - betas[0]^t)
-    d     = m / P
+    m_hat = m / (1 - betas[0]^t)
+    d     = m_hat / P
     theta = theta - lr * d
 """
 

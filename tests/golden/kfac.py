@@ -13,8 +13,10 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)
     S     = ds ds^T    (gradients at layer outputs)
-    A     = stat_decay * A + (1 - stat_decay) * a a^T   (A_0 = I, every stat_every steps)
-    S     = stat_decay * S + (1 - stat_decay) * ds ds^T   (S_0 = I, every stat_every steps)
+    A     = stat_decay * A + (1 - stat_decay) * a a^T   (A_0 = I, when t - 1 is a multiple of
+        stat_every)
+    S     = stat_decay * S + (1 - stat_decay) * ds ds^T   (S_0 = I, when t - 1 is a multiple of
+        stat_every)
     g     = (S + damping I)^-1 [grad W, grad b] (A + damping I)^-1   (per layer; roots every
         inverse_every steps)
             (g = grad outside nn.Linear and nn.Conv2d layers)

@@ -48,12 +48,12 @@
       theta = theta * (1 - adamw_lr * adamw_weight_decay)
       c     = g * g
       C     = adamw_betas[1] * C + (1 - adamw_betas[1]) * c
-      C_max = max(C_max, C);  C = C_max   (only if amsgrad)
-      C     = C / (1 - adamw_betas[1]^t)
-      P     = sqrt(C) + adamw_eps
+      C_max = max(C_max, C)   (only if amsgrad)
+      C_hat = (C_max if amsgrad else C) / (1 - adamw_betas[1]^t)
+      P     = sqrt(C_hat) + adamw_eps
       m     = adamw_betas[0] * m + (1 - adamw_betas[0]) * g
-      m     = m / (1 - adamw_betas[0]^t)
-      d     = m / P
+      m_hat = m / (1 - adamw_betas[0]^t)
+      d     = m_hat / P
       theta = theta - adamw_lr * d
 
     its hyperparameters: lr = adamw_lr, betas = adamw_betas, eps = adamw_eps, weight_decay =

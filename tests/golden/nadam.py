@@ -20,8 +20,8 @@ Update, per step t (elementwise unless noted):
     nesterov = mu_next / (1 - mu_product * mu_next) * exp_avg
     c     = g * g
     C     = betas[1] * C + (1 - betas[1]) * c
-    C     = C / (1 - betas[1]^t)
-    P     = sqrt(C) + eps
+    C_hat = C / (1 - betas[1]^t)
+    P     = sqrt(C_hat) + eps
     m     = (1 - mu) / (1 - mu_product) * grad + nesterov
     d     = m / P
     theta = theta - lr * d

@@ -11,7 +11,7 @@ Iterative Approximation: -
 Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
-    d     = g / sqrt(sum(g * g))   (sum over all parameters; d = 0 where it is 0)
+    d     = g / sqrt(sum(g * g))   (sum over all parameters; d = 0 where the sum is 0)
     theta = theta - lr * d
 """
 

@@ -13,7 +13,7 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     theta = theta * (1 - lr * weight_decay)
     c     = rho * B * grad L(theta; y^ ~ softmax(logits))^2
-    C     = betas[1] * C + (1 - betas[1]) * c   (every k steps, the first after k)
+    C     = betas[1] * C + (1 - betas[1]) * c   (when t - 1 is a positive multiple of k)
     P     = C + 1e-15
     m     = betas[0] * m + (1 - betas[0]) * g
     d     = m / P

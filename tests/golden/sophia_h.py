@@ -13,7 +13,7 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     theta = theta * (1 - lr * weight_decay)
     c     = z * (H z),  z ~ gaussian, mean of num_samples probes
-    C     = betas[1] * C + (1 - betas[1]) * c   (every update_period steps)
+    C     = betas[1] * C + (1 - betas[1]) * c   (when t - 1 is a multiple of update_period)
     P     = max(C, eps)
     m     = betas[0] * m + (1 - betas[0]) * g
     d     = m / P

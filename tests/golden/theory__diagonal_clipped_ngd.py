@@ -14,8 +14,10 @@ Update, per step t (elementwise unless noted):
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = c
     P     = C
-    d     = g / P / sqrt(sum(g * g / P))   (sum over all parameters; d = 0 where it is 0)
-    n     = g / C   (the Newton step: the damped curvature, no root)
+    d     = g / P / sqrt(sum(g * g / P))   (sum over all parameters; 0 where P is not positive: the
+        pseudo-inverse; d = 0 where the sum is 0)
+    n     = g / C   (the Newton step: the damped curvature, no root; 0 where C is not positive: the
+        pseudo-inverse)
     d     = sign(n) * min(|n|, threshold * |d|)   (clip length: per coordinate of the curvature's
         eigenbasis, the Newton step capped at threshold times the length's)
     theta = theta - lr * d

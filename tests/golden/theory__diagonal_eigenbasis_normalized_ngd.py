@@ -15,7 +15,7 @@ Update, per step t (elementwise unless noted):
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = c
     P     = sqrt(C)
-    d     = sign(g) / P
+    d     = sign(g) / P   (0 where P is not positive: the pseudo-inverse)
     theta = theta - lr * d
 """
 

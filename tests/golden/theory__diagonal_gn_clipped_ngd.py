@@ -14,8 +14,9 @@ Update, per step t (elementwise unless noted):
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = c
     P     = sqrt(C)
-    d     = g / P
-    n     = g / C   (the Newton step: the damped curvature, no root)
+    d     = g / P   (0 where P is not positive: the pseudo-inverse)
+    n     = g / C   (the Newton step: the damped curvature, no root; 0 where C is not positive: the
+        pseudo-inverse)
     d     = sign(n) * min(|n|, threshold * |d|)   (clip length: per coordinate of the curvature's
         eigenbasis, the Newton step capped at threshold times the length's)
     theta = theta - lr * d

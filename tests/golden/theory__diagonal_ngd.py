@@ -14,7 +14,7 @@ Update, per step t (elementwise unless noted):
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = c
     P     = C
-    d     = g / P
+    d     = g / P   (0 where P is not positive: the pseudo-inverse)
     theta = theta - lr * d
 """
 

@@ -14,7 +14,8 @@ Update, per step t (elementwise unless noted):
     c     = E_{y ~ p(y|x)} [g_y * g_y]
     C     = c
     P     = C
-    d     = g / P / sqrt(sum(g * g / P))   (sum over all parameters; d = 0 where it is 0)
+    d     = g / P / sqrt(sum(g * g / P))   (sum over all parameters; 0 where P is not positive: the
+        pseudo-inverse; d = 0 where the sum is 0)
     theta = theta - lr * d
 """
 
