@@ -178,41 +178,72 @@ def _accumulate_line(opt: ir.Optimizer, name: str, new: str) -> str:
     return eq[0]
 
 
-def _dense_inverse(root: Root) -> str:
+def _dense_inverse(root: Root, h: str = "H") -> str:
     """(H + eps_inside I)^-e, or (H^e + eps_after I)^-1, as the plan damps it."""
     e = root.exponent
     if root.after:
-        return f"(H{'' if e == '1' else '^' + e} + {root.after} I)^-1"
-    h = f"(H + {root.inside} I)" if root.inside else "H"
-    return f"{h}^-{e}"
+        return f"({h}{'' if e == '1' else '^' + e} + {root.after} I)^-1"
+    m = f"({h} + {root.inside} I)" if root.inside else h
+    return f"{m}^-{e}"
+
+
+def _spectral(root: Root) -> str:
+    """f(lambda), the function of each eigenvalue that curvc.runtime.dense.direction takes
+    (lambda of H + eps_inside I), as text; the pseudo-inverse's zero is added by the caller."""
+    e = root.exponent
+    power = "lambda" if e == "1" else f"lambda^({e})"
+    return f"1 / ({power} + {root.after})" if root.after else f"1 / {power}"
+
+
+# the pseudo-inverse's rule (curvc.runtime.dense.direction): an eigenvalue at rounding
+# level of the largest, or below, gives 0, so an indefinite H takes no step uphill
+_PSEUDO_INVERSE = "where lambda > N * eps64 * max|lambda|, else 0"
+_PSEUDO_INVERSE_NOTE = ("        (N the number of parameters, eps64 = 2^-52: the pseudo-inverse "
+                        "drops eigenvalues at rounding level or below)")
 
 
 def dense(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
+    """The whole n x n curvature's step: the paper's form of d, then the exact one
+    (H's eigendecomposition and the function of its eigenvalues the code takes)."""
     eq: list[str] = []
     c = opt.curvature.kind
+    # the empirical Fisher's matrix is the step's gradient's outer product (estimators.py)
     src = {"hessian": "grad^2 f(theta)", "fisher": "E_{y ~ p(y|x)} [g_y g_y^T]",
-           "empirical_fisher": "E_data [g g^T]"}.get(c, c)
-    eq.append(_accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}")
+           "empirical_fisher": "g g^T"}.get(c, c)
+    line = _accumulate_line(opt, "H", src) if opt.iterate.kind != "instant" else f"H     = {src}"
+    eq.append(re.sub(r"\(H_0 = (\S+)\)", lambda m: "(H_0 = 0)" if m[1] == "0" else
+                     f"(H_0 = {m[1]} I)", line))  # curvc.runtime.dense.start
     if c == "fisher":
-        eq[-1] += "   (H ~ F, the paper's NGD)"
-    eq += base._bias_correction(nums, "curvature", "H")  # the stored H stays uncorrected
+        ngd = "H ~ F, the paper's NGD"
+        eq[-1] = eq[-1][:-1] + f"; {ngd})" if eq[-1].endswith(")") and "   (" in eq[-1] \
+            else eq[-1] + f"   ({ngd})"
+    h = base._corrected(nums, "curvature", eq, "H", "H")  # the stored H stays uncorrected
+    r = nums.matrix
+    damped = f"{h} + {r.inside} I" if r.inside else h
+    eq.append(f"Q, lambda = eigh({damped})")
+    eq.append(f"f     = {_spectral(r)} {_PSEUDO_INVERSE}")
+    eq.append(_PSEUDO_INVERSE_NOTE)
     m = "g"  # the matrix preconditions the gradient; decay and momentum then apply to d
     ln = opt.length.kind
-    inv = _dense_inverse(nums.matrix)
-    if ln == "none":
-        eq.append(f"d     = {inv} {m}")
-    elif ln == "normalized":
-        eq.append(f"d     = {inv} {m} / sqrt({m}^T {inv} {m})     (||d||_H = 1)")
-    elif ln == "gradient_norm":
-        eq.append(f"d     = {inv} {m}                         (||d_i||_H = g_i)")
+    inv = _dense_inverse(r, h)
+    if ln == "normalized":
+        eq.append(f"u     = {inv} {m} = Q diag(f) Q^T {m}")
+        eq.append(f"d     = {inv} {m} / sqrt({m}^T {inv} {m}) = u / sqrt({m}^T u)   "
+                  f"(||d||_H = 1; 0 where {m}^T u is not positive)")
+    elif ln == "eigen_sign":
+        eq.append(f"d     = {inv} Q sign(Q^T {m}) = Q diag(f) sign(Q^T {m})   (||d_i||_H = 1; "
+                  "sign 0 at rounding level of the largest entry)")
     else:
-        eq.append("H     = Q diag(lambda) Q^T")
-        eq.append(f"d     = {inv} Q sign(Q^T {m})             (||d_i||_H = 1)")
+        eq.append(f"d     = {inv} {m} = Q diag(f) Q^T {m}"
+                  + ("   (||d_i||_H = g_i)" if ln == "gradient_norm" else ""))
     if opt.clip.kind == "length":  # in H's eigenbasis, before decay and momentum read d
-        r = nums.matrix
-        eq.append(f"n     = {_dense_inverse(Root('1', r.inside, r.after))} {m}   "
-                  "(the Newton step)")
-        eq += base._clip(opt)
+        newton = Root("1", r.inside, r.after)
+        eq.append(f"n     = {_dense_inverse(newton, h)} {m} = Q diag(f_n) Q^T {m},   "
+                  f"f_n = {_spectral(newton)} {_PSEUDO_INVERSE}   (the Newton step)")
+        t = base._v(opt.clip.threshold)
+        eq.append(f"d     = Q (sign(Q^T n) * min(|Q^T n|, {t} * |Q^T d|))   (clip length: "
+                  f"in the curvature's eigenbasis, the Newton step capped at {t} times the "
+                  "length's)")
     dec = opt.decay
     if dec.kind == "l2" and dec.decoupled != ir.Const(True):
         switch = dec.decoupled is not None and dec.decoupled != ir.Const(False)

@@ -113,7 +113,7 @@ def test_explain_shows_decay_and_momentum_on_the_dense_step():
     """explain prints the order the step runs: the matrix on g, then decay and momentum on d."""
     text = explain(curvc.to_ir(SPEC.format(decay="l2")))
     lines = [line.strip() for line in text.splitlines()]
-    order = [lines.index(x) for x in ("d     = (H + lam I)^-1 g", "d     = d + wd * theta",
+    order = [lines.index(x) for x in ("d     = (H + lam I)^-1 g = Q diag(f) Q^T g", "d     = d + wd * theta",
                                       "b     = beta * b + d   (b = d at t = 1)", "d     = b",
                                       "theta = theta - lr_t * d")]
     assert order == sorted(order), text

@@ -162,7 +162,7 @@ def test_explain_shows_the_dense_iterate_and_its_correction():
     text = explain(curvc.to_ir(SPEC.format(**spec)))
     assert "H     = beta * H + (1 - beta) * grad^2 f(theta)   (H = H + grad^2 f(theta) " \
            "when beta = 1)" in text, text
-    assert "H     = H / (1 - beta^t)" in text, text
+    assert "H_hat = H / (1 - beta^t)" in text, text  # what the step reads; H stays as kept
     assert "no correction at beta = 1, a sum" in text, text
     spec, _ = CASES["hessian-power_ema-every-delayed"]
     text = explain(curvc.to_ir(SPEC.format(**spec)))

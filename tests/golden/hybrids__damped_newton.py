@@ -12,7 +12,11 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    d     = (H + lam I)^-1 g
+    Q, lambda = eigh(H + lam I)
+    f     = 1 / lambda where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    d     = (H + lam I)^-1 g = Q diag(f) Q^T g
     theta = theta - lr * d
 """
 

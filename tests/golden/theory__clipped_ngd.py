@@ -12,9 +12,16 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    d     = H^-1 g / sqrt(g^T H^-1 g)     (||d||_H = 1)
-    n     = H^-1 g   (the Newton step)
-    d     = sign(n) * min(|n|, threshold * |d|)   (clip length: per coordinate of the curvature's
+    Q, lambda = eigh(H)
+    f     = 1 / lambda where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    u     = H^-1 g = Q diag(f) Q^T g
+    d     = H^-1 g / sqrt(g^T H^-1 g) = u / sqrt(g^T u)   (||d||_H = 1; 0 where g^T u is not
+        positive)
+    n     = H^-1 g = Q diag(f_n) Q^T g,   f_n = 1 / lambda where lambda > N * eps64 * max|lambda|,
+        else 0   (the Newton step)
+    d     = Q (sign(Q^T n) * min(|Q^T n|, threshold * |Q^T d|))   (clip length: in the curvature's
         eigenbasis, the Newton step capped at threshold times the length's)
     theta = theta - lr * d
 """

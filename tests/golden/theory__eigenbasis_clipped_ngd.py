@@ -12,10 +12,15 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    H     = Q diag(lambda) Q^T
-    d     = H^-1/2 Q sign(Q^T g)             (||d_i||_H = 1)
-    n     = H^-1 g   (the Newton step)
-    d     = sign(n) * min(|n|, threshold * |d|)   (clip length: per coordinate of the curvature's
+    Q, lambda = eigh(H)
+    f     = 1 / lambda^(1/2) where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    d     = H^-1/2 Q sign(Q^T g) = Q diag(f) sign(Q^T g)   (||d_i||_H = 1; sign 0 at rounding level
+        of the largest entry)
+    n     = H^-1 g = Q diag(f_n) Q^T g,   f_n = 1 / lambda where lambda > N * eps64 * max|lambda|,
+        else 0   (the Newton step)
+    d     = Q (sign(Q^T n) * min(|Q^T n|, threshold * |Q^T d|))   (clip length: in the curvature's
         eigenbasis, the Newton step capped at threshold times the length's)
     theta = theta - lr * d
 """

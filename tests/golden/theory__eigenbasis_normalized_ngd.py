@@ -12,8 +12,12 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    H     = Q diag(lambda) Q^T
-    d     = H^-1/2 Q sign(Q^T g)             (||d_i||_H = 1)
+    Q, lambda = eigh(H)
+    f     = 1 / lambda^(1/2) where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    d     = H^-1/2 Q sign(Q^T g) = Q diag(f) sign(Q^T g)   (||d_i||_H = 1; sign 0 at rounding level
+        of the largest entry)
     theta = theta - lr * d
 """
 

@@ -12,7 +12,11 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    d     = H^-1/2 g                         (||d_i||_H = g_i)
+    Q, lambda = eigh(H)
+    f     = 1 / lambda^(1/2) where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    d     = H^-1/2 g = Q diag(f) Q^T g   (||d_i||_H = g_i)
     theta = theta - lr * d
 """
 

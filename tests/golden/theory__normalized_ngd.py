@@ -12,7 +12,13 @@ Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
     H     = grad^2 f(theta)
-    d     = H^-1 g / sqrt(g^T H^-1 g)     (||d||_H = 1)
+    Q, lambda = eigh(H)
+    f     = 1 / lambda where lambda > N * eps64 * max|lambda|, else 0
+            (N the number of parameters, eps64 = 2^-52: the pseudo-inverse drops eigenvalues at
+                rounding level or below)
+    u     = H^-1 g = Q diag(f) Q^T g
+    d     = H^-1 g / sqrt(g^T H^-1 g) = u / sqrt(g^T u)   (||d||_H = 1; 0 where g^T u is not
+        positive)
     theta = theta - lr * d
 """
 

@@ -1,0 +1,322 @@
+"""Explain's printed equations, run: the reader tests/test_explain_executes.py uses.
+
+``Explained(lines, hypers, shapes).step(t, theta, grad, estimate)`` runs one step of
+the lines ``curvc.explain.equations`` prints, translated mechanically into Python over
+torch tensors (flat vectors over all parameters; H an n x n matrix); the conventions
+are the test module's docstring's.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+# how explain names the source's estimate; each becomes E (what step(curvature=E) hands)
+_SOURCE_PHRASES = (
+    r"E_\{y ~ p\(y\|x\)\} \[g_y \* g_y\]",
+    r"B \* grad L\(theta; y\^ ~ softmax\(logits\)\)\^2",
+    r"z \* \(H z\),  z ~ \w+, mean of \w+ probes",
+    r"diag\(grad\^2 f\(theta\)\)",
+    # the dense structure's n x n matrices
+    r"grad\^2 f\(theta\)",
+    r"E_\{y ~ p\(y\|x\)\} \[g_y g_y\^T\]",
+)
+
+_DESCRIPTIVE = (
+    r"the Newton step: the damped curvature, no root",
+    r"clip length: per coordinate of the curvature's eigenbasis, the Newton step capped at "
+    r"\S+ times the length's",
+    r"before decay, curvature and momentum read it",  # the order of the lines says it
+    r"the Newton step",
+    r"clip length: in the curvature's eigenbasis, the Newton step capped at \S+ times the "
+    r"length's",  # the line rotates into the eigenbasis itself
+    r"\|\|d(_i)?\|\|_H = (g_i|1)",  # what the length means, shown by the lines
+    r"H ~ F, the paper's NGD",
+)
+
+
+@dataclass
+class Statement:
+    target: str
+    expr: str
+    where: list[tuple[str, str]] = field(default_factory=list)  # (name, expr) first
+    when: list = field(default_factory=list)  # predicates of (env) -> bool
+    negate: str | None = None  # a flag: the value negated where it is set
+    first: str | None = None  # the value at t = 1
+    alternative: tuple[str, str] | None = None  # (hyper, expr): expr where hyper = 1
+    refresh: bool = False  # runs on refresh steps only
+    scopes: set = field(default_factory=set)  # the reductions the line may use
+    pseudo_inverse: str | None = None  # divisions by this name are the pseudo-inverse
+    zero_sum: bool = False  # a division by a sum's root is 0 where the sum is 0
+    positive: str | None = None  # the value is 0 where this is not positive
+    rounding_sign: bool = False  # sign() is 0 at rounding level of the largest entry
+    corrects: tuple[str, str] | None = None  # (beta, what it divides): a bias correction
+
+
+class _Rewrite(ast.NodeTransformer):
+    """Divisions as the line's notes define them."""
+
+    def __init__(self, st: Statement):
+        self.st = st
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if getattr(node.func, "id", "") == "_if":  # only the branch taken is computed
+            c, a, b = node.args
+            node.args = [c] + [ast.Lambda(ast.arguments([], [], None, [], [], None, []), x)
+                               for x in (a, b)]
+        return node
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        if not isinstance(node.op, ast.Div):
+            return node
+        right = node.right
+        if self.st.pseudo_inverse and isinstance(right, ast.Name) \
+                and right.id == self.st.pseudo_inverse:
+            return ast.Call(ast.Name("_pinv", ast.Load()), [node.left, right], [])
+        if self.st.zero_sum and any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "sum"
+                                    for n in ast.walk(right)):
+            return ast.Call(ast.Name("_div_or_zero", ast.Load()), [node.left, right], [])
+        return node
+
+
+def _python(text: str) -> str:
+    for phrase in _SOURCE_PHRASES:
+        text = re.sub(phrase, "E", text)
+    text = text.replace("grad f(theta)", "_gradient")
+    # the dense structure: matrix products written by juxtaposition, a spectral function
+    text = text.replace("g g^T", "_outer(g)")
+    text = re.sub(r"^(.*) where (.*), else (.*)$", r"_where(\2, \1, \3)", text)
+    text = re.sub(r"\blambda\b", "_lam", text)
+    text = re.sub(r"max\|(\w+)\|", r"_amax(\1)", text)
+    text = re.sub(r"Q diag\((\w+)\) Q\^T (\w+)", r"(Q @ (\1 * (Q.T @ \2)))", text)
+    text = re.sub(r"Q diag\((\w+)\) sign\(Q\^T (\w+)\)", r"(Q @ (\1 * _sign0(Q.T @ \2)))",
+                  text)
+    text = re.sub(r"Q\^T (\w+)", r"(Q.T @ \1)", text)
+    text = re.sub(r"\bQ \(", "Q @ (", text)
+    text = re.sub(r"\b(\w+)\^T (\w+)", r"(\1 @ \2)", text)
+    text = re.sub(r"(\w+(?:\[\d+\])?) I\b", r"\1 * _I", text)
+    text = re.sub(r"\bif\(", "_if(", text)
+    text = re.sub(r"\bold\((\w+)\)", r"_old_\1", text)
+    text = re.sub(r"\bgiven\((\w+)\)", r"(\1 is not None)", text)
+    text = re.sub(r"\|\|([^|]+)\|\|", r"_norm(\1)", text)
+    text = re.sub(r"\|([^|]+)\|", r"abs(\1)", text)
+    return text.replace("^", "**").replace(" mod ", " % ")
+
+
+def _note(st: Statement, clause: str, period: dict) -> None:
+    """What one note of a line means (a clause of its parentheses)."""
+    if clause == "negated when maximize=True":
+        st.negate = "maximize"
+    elif m := re.fullmatch(r"if not (\w+)", clause):
+        st.when.append(lambda env, n=m[1]: not env[n])
+    elif m := re.fullmatch(r"(?:only )?if (\w+)", clause):
+        st.when.append(lambda env, n=m[1]: bool(env[n]))
+    elif m := re.fullmatch(r"none where (\w+) = 0", clause):
+        st.when.append(lambda env, n=m[1]: env[n] != 0)
+    elif m := re.fullmatch(rf"{st.target}_0 = (.+)", clause):
+        period.setdefault("init", {})[st.target] = _python(m[1])
+    elif m := re.fullmatch(rf"{st.target} = (.+) at t = 1", clause):
+        st.first = _python(m[1])
+    elif m := re.fullmatch(rf"{st.target} = (.+) when (\w+) = 1", clause):
+        st.alternative = (m[2], _python(m[1]))
+    elif m := re.fullmatch(r"(?:estimated )?when t - 1 is a (positive )?multiple of (\w+)"
+                           r"(?:, reused in between)?", clause):
+        st.refresh = True
+        new = (m[2], bool(m[1]))
+        assert period.setdefault("every", new) == new, "two refresh periods in one step"
+    elif clause in ("norm over all parameters", "sum over all parameters"):
+        st.scopes.add("global")
+    elif clause == "RMS over each tensor":
+        st.scopes.add("tensor")
+    elif m := re.fullmatch(r"0 where (\w+) is not positive: the pseudo-inverse", clause):
+        st.pseudo_inverse = m[1]
+    elif m := re.fullmatch(rf"state: {st.target} on the right is the stored value"
+                           r"(?:, (.+) at t = 0)?", clause):
+        if m[1]:
+            period.setdefault("init", {})[st.target] = _python(m[1])
+    elif clause == "sign 0 at rounding level of the largest entry":
+        st.rounding_sign = True
+    elif m := re.fullmatch(r"0 where (.+) is not positive", clause):
+        st.positive = _python(m[1])
+    elif clause == "d = 0 where the sum is 0":
+        st.zero_sum = True
+    elif not any(re.fullmatch(d, clause) for d in _DESCRIPTIVE):
+        raise AssertionError(f"explain prints a note this test cannot execute: {clause!r}")
+
+
+def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
+    period: dict = {}
+    out = []
+    for line in lines:
+        if line.startswith("        "):  # a note on the whole update
+            if m := re.fullmatch(r"\s+\((\w+) = (.+), the refreshes so far\)", line):
+                period["count"] = (m[1], _python(m[2]))
+                continue
+            if m := re.fullmatch(r"\s+\(no correction at (\S+) = 1, a sum\)", line):
+                period["uncorrected"] = m[1]  # a bias correction by 1 - beta^t is skipped
+                continue
+            assert re.fullmatch(r"\s+\(N the number of parameters, eps64 = 2\^-52: the "
+                                r"pseudo-inverse drops eigenvalues at rounding level or "
+                                r"below\)", line), \
+                f"explain prints a note this test cannot execute: {line.strip()!r}"
+            period["constants"] = True  # N and eps64, bound for the whole step
+            continue
+        m = re.fullmatch(r"(\w+(?:, \w+)*)\s*= (.*?)(?:\s{3,}\((.*)\))?", line)
+        assert m, f"not an assignment: {line!r}"
+        target, rhs, note = m[1], m[2], m[3]
+        main, *where = rhs.split(",   ")
+        main = main.split(" = ")[-1]  # A = B: the last member is the one to compute
+        st = Statement(re.sub(r"\blambda\b", "_lam", target), _python(main))
+        if c := re.fullmatch(r"(.*) / \(1 - (\S+)\^\w+\)", main):  # a bias correction
+            st.corrects = (c[2], _python(c[1]))
+        for w in where:
+            name, expr = w.split(" = ", 1)
+            st.where.append((name.strip(), _python(expr)))
+        for clause in (note.split("; ") if note else ()):
+            _note(st, clause, period)
+        tree = _Rewrite(st).visit(ast.parse(st.expr, mode="eval"))
+        st.expr = ast.unparse(ast.fix_missing_locations(tree))
+        out.append(st)
+    return out, period
+
+
+def _eval(expr: str, scope: dict):
+    # the names as globals: the lambdas of a lazy if() see them too
+    return eval(expr, {"__builtins__": {}, **scope})  # noqa: S307 - explain's text, translated
+
+
+class Explained:
+    """An optimizer run from explain's text alone."""
+
+    def __init__(self, lines: list[str], hypers: dict, shapes: list[tuple]):
+        self.statements, self.period = _statements(lines)
+        self.sizes = [torch.Size(s).numel() for s in shapes]
+        self.h = hypers
+        self.ndim = torch.cat([torch.full((n,), float(len(s)), dtype=torch.float64)
+                               for n, s in zip(self.sizes, shapes)])
+        self.env: dict = {}
+        self.started = False
+
+    @property
+    def reads_estimate(self) -> bool:
+        return any(re.search(r"\bE\b", st.expr) for st in self.statements)
+
+    def refreshes(self, t: int) -> bool:
+        if "every" not in self.period:
+            return True
+        k, delayed = self.period["every"]
+        k = int(self.h[k])
+        return (t - 1) % k == 0 and (t > 1 or not delayed)
+
+    def _functions(self, st: Statement) -> dict:
+        cuts = self.sizes
+
+        def total(x):
+            return x.sum() if torch.is_tensor(x) else x * sum(cuts)
+
+        def rms(x):
+            return torch.cat([p.pow(2).mean().sqrt().expand(p.numel())
+                              for p in torch.split(x, cuts)])
+
+        def both(f):
+            return lambda a, b: f(torch.as_tensor(a, dtype=torch.float64),
+                                  torch.as_tensor(b, dtype=torch.float64))
+        def per_tensor(f):
+            def each(x):
+                x = torch.as_tensor(x, dtype=torch.float64).expand(sum(cuts))
+                return torch.cat([f(p).expand(p.numel()) for p in torch.split(x, cuts)])
+            return each
+
+        def choose(c, a, b):
+            if not torch.is_tensor(c) or c.dim() == 0:
+                return a() if bool(c) else b()
+            return torch.where(c, torch.as_tensor(a()), torch.as_tensor(b()))
+
+        def scalar(f):
+            return lambda x: f(torch.as_tensor(x, dtype=torch.float64))
+        n = sum(cuts)
+        rounding = 1e-10  # generous: what is at rounding level in float64 is far below it
+
+        def sign0(x):
+            return torch.sign(torch.where(x.abs() > rounding * x.abs().max(), x, 0.0))
+
+        def eigh(a):
+            w, q = torch.linalg.eigh(a)
+            return q, w
+        fns = dict(_outer=lambda v: torch.outer(v, v), _I=torch.eye(n, dtype=torch.float64),
+                   _where=lambda c, a, b: torch.where(c, torch.as_tensor(a), b),
+                   _amax=lambda x: x.abs().max(), eigh=eigh, N=n, eps64=2.0 ** -52,
+                   _sign0=sign0 if st.rounding_sign else torch.sign)
+        fns.update(sqrt=scalar(torch.sqrt), sign=scalar(torch.sign), abs=scalar(torch.abs),
+                   exp=scalar(torch.exp), log=scalar(torch.log), clamp=torch.clamp,
+                   max=both(torch.maximum), min=both(torch.minimum),
+                   lerp=lambda a, b, w: a + w * (b - a), _if=choose,
+                   # the expression language's reductions: one per parameter tensor
+                   norm=per_tensor(lambda p: p.pow(2).sum().sqrt()),
+                   rms=per_tensor(lambda p: p.pow(2).mean().sqrt()),
+                   _pinv=lambda a, b: torch.where(b > 0, a / b, 0.0),
+                   _div_or_zero=lambda a, b: torch.where(b != 0, a / b, 0.0))
+        if "global" in st.scopes:
+            fns.update(sum=total, _norm=lambda x: total(x * x).sqrt())
+        if "tensor" in st.scopes:
+            fns["RMS"] = rms
+        return fns
+
+    def step(self, t: int, theta, grad, estimate) -> torch.Tensor:
+        env = self.env
+        if not self.started:
+            self.started = True
+            zero = torch.zeros_like(theta)
+            n = theta.numel()
+            for st in self.statements:  # H, the dense structure's curvature: n x n
+                env.setdefault(st.target, zero.new_zeros(n, n)
+                               if re.fullmatch(r"H(_\w+)?", st.target) else zero)
+            env.setdefault("d", zero)
+            env.update(self.h)
+            for name, expr in self.period.get("init", {}).items():
+                env[name] = env[name] + _eval(expr, {**env, **self._functions(Statement("", ""))})
+        env.update(t=t, step=t, theta=theta, param=theta, _gradient=grad, ndim=self.ndim)
+        for st in self.statements:  # old(x): x as stored before this step
+            env[f"_old_{st.target}"] = env[st.target]
+        env.pop("E", None)
+        refresh = self.refreshes(t)
+        if refresh and estimate is not None:
+            env["E"] = estimate
+        if "count" in self.period:
+            name, expr = self.period["count"]
+            env[name] = _eval(expr, env)
+        for st in self.statements:
+            if (st.refresh or re.search(r"\bE\b", st.expr)) and not refresh:
+                continue
+            if not all(w(env) for w in st.when):
+                continue
+            # the expression language's names for the step's values as they stand
+            scope = {**env, **self._functions(st), "grad": env["g"], "direction": env["d"]}
+            for name, expr in st.where:
+                scope[name] = _eval(expr, scope)
+            expr = st.expr
+            if st.first is not None and t == 1:
+                expr = st.first
+            elif st.alternative is not None and self.h[st.alternative[0]] == 1:
+                expr = st.alternative[1]
+            elif st.corrects and self.period.get("uncorrected") == st.corrects[0] \
+                    and _eval(st.corrects[0], scope) == 1:
+                expr = st.corrects[1]
+            try:
+                value = _eval(expr, scope)
+            except TypeError:  # a let of an optional hyperparameter that is None: unset
+                assert any(v is None for v in self.h.values()), expr
+                value = None
+            if st.negate and env[st.negate]:
+                value = -value
+            if st.positive is not None:
+                value = torch.where(_eval(st.positive, scope) > 0, value, 0.0)
+            if "," in st.target:
+                env.update(zip(st.target.split(", "), value))
+            else:
+                env[st.target] = value
+        return env["theta"]
