@@ -79,8 +79,7 @@ def table_row(opt: ir.Optimizer, plan: Plan | None = None) -> dict[str, str]:
     return dict(zip(TABLE_COLUMNS, (length, ca, sa, ", ".join(ia))))
 
 
-def _v(a) -> str:
-    return str(a) if a is not None else "?"
+_v = explain_exprs.arg_text
 
 
 def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:

@@ -5,6 +5,21 @@ from __future__ import annotations
 from curvc import ir
 
 
+# The symbols explain's equations assign (g, d, theta, ...): a hyperparameter of one of
+# these names is printed "(hyperparameter d)", so that Adafactor's clip threshold d reads
+# d = d / max(1, RMS(d) / (hyperparameter d)), not d = d / max(1, RMS(d) / d).
+SYMBOLS = frozenset("A C E G H L M N P Q R S V X b c d f g m n s t u y theta".split())
+
+
+def arg_text(a) -> str:
+    """A clause argument (number or hyperparameter) as explain prints it; '?' if absent."""
+    if a is None:
+        return "?"
+    if isinstance(a, ir.HyperRef) and a.index is None and a.name in SYMBOLS:
+        return f"(hyperparameter {a.name})"
+    return str(a)
+
+
 def _line(name: str, text: str) -> str:
     return f"{name:<5} = {text}"
 

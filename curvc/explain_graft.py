@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from curvc import ir
+from curvc.explain_exprs import arg_text as _v
 from curvc.lower_graft import NORM_GUARD
-
-
-def _v(a) -> str:
-    return str(a) if a is not None else "?"
 
 
 def _on(a) -> bool:

@@ -87,6 +87,7 @@ def _python(text: str) -> str:
     for phrase in _SOURCE_PHRASES:
         text = re.sub(phrase, "E", text)
     text = text.replace("grad f(theta)", "_gradient")
+    text = re.sub(r"\(hyperparameter (\w+)\)", r"_hyper_\1", text)  # a name explain also uses
     # the dense structure: matrix products written by juxtaposition, a spectral function
     text = text.replace("g g^T", "_outer(g)")
     text = re.sub(r"^(.*) where (.*), else (.*)$", r"_where(\2, \1, \3)", text)
@@ -277,6 +278,7 @@ class Explained:
                                if re.fullmatch(r"H(_\w+)?", st.target) else zero)
             env.setdefault("d", zero)
             env.update(self.h)
+            env.update({f"_hyper_{k}": v for k, v in self.h.items()})
             for name, expr in self.period.get("init", {}).items():
                 env[name] = env[name] + _eval(expr, {**env, **self._functions(Statement("", ""))})
         env.update(t=t, step=t, theta=theta, param=theta, _gradient=grad, ndim=self.ndim)

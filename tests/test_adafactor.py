@@ -230,7 +230,7 @@ def test_explain_shows_the_factored_rule():
                  "beta_t = 1 - t^beta2_decay",
                  "V     = R C^T / max(mean_i R_i, eps[0])",
                  "P     = max(sqrt(V), eps[0])",
-                 "d     = d / max(1, RMS(d) / d)   (RMS over each tensor)",
+                 "d     = d / max(1, RMS(d) / (hyperparameter d))   (RMS over each tensor)",
                  "lr_t  = min(lr, 1/sqrt(t)) * max(eps[1], RMS(theta))",
                  "theta = theta * (1 - lr * weight_decay)",
                  "order < 2 keeps the diagonal", "machine_eps"):

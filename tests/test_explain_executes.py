@@ -112,6 +112,7 @@ VARIANTS = {
     "dense_sum_normalized": [dict(), dict(init=0.0)],
     "ema_or_sum_corrected": [dict(), dict(beta=1.0)],
     "dense_ema_or_sum_corrected": [dict(), dict(beta=1.0)],
+    "clip_named_d": [dict(), dict(d=2.0)],
     "every_keep_max_pow": [dict(), dict(power=0.5, k=3, amsgrad=True, maximize=True)],
     "sign_fisher_clip": [dict(), dict(max_norm=0.0)],
     "sum_normalized_hb": [dict(), dict(momentum=0.0, lr_decay=0.1, weight_decay=0.1)],
@@ -189,3 +190,11 @@ def test_explain_computes_what_the_code_computes(label, source, hypers):
             f"step {t}: the code's step and explain's differ by {err:.3g} "
             f"(the step's size {scale:.3g})\n" + "\n".join(lines))
         theta = got.clone()
+
+
+def test_a_hyperparameter_named_like_an_equation_symbol_is_printed_as_one():
+    """Adafactor's clip threshold is called d, as the step is: d = d / max(1, RMS(d) / d)
+    would read as the step divided by itself."""
+    opt = curvc.to_ir(resources.shipped_specs()["adafactor"].read_text())
+    assert "d     = d / max(1, RMS(d) / (hyperparameter d))   (RMS over each tensor)" in \
+        explain.equations(opt)

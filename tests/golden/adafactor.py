@@ -21,7 +21,7 @@ Update, per step t (elementwise unless noted):
     V     = R C^T / max(mean_i R_i, eps[0])   (V = 0 where that is 0)
     P     = max(sqrt(V), eps[0])
     d     = g / P
-    d     = d / max(1, RMS(d) / d)   (RMS over each tensor)
+    d     = d / max(1, RMS(d) / (hyperparameter d))   (RMS over each tensor)
     theta = theta - lr_t * d
 """
 
