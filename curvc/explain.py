@@ -365,7 +365,7 @@ def _factored(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         eq.append(f"d     = {m} / P")
     if ln == "normalized":
         eq.append(f"d     = d / sqrt(sum({m} * d))   "
-                  "(sum over all parameters; d = 0 where it is 0)")
+                  "(sum over all parameters; d = 0 where the sum is 0)")
     eq += _clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq

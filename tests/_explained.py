@@ -53,6 +53,8 @@ class Statement:
     positive: str | None = None  # the value is 0 where this is not positive
     rounding_sign: bool = False  # sign() is 0 at rounding level of the largest entry
     corrects: tuple[str, str] | None = None  # (beta, what it divides): a bias correction
+    zero_only: bool = False  # the pseudo-inverse's divisor gives 0 where it is 0 (not < 0)
+    before_step: bool = False  # theta as it was before this step
 
 
 class _Rewrite(ast.NodeTransformer):
@@ -76,7 +78,8 @@ class _Rewrite(ast.NodeTransformer):
         right = node.right
         if self.st.pseudo_inverse and isinstance(right, ast.Name) \
                 and right.id == self.st.pseudo_inverse:
-            return ast.Call(ast.Name("_pinv", ast.Load()), [node.left, right], [])
+            fn = "_div_or_zero" if self.st.zero_only else "_pinv"
+            return ast.Call(ast.Name(fn, ast.Load()), [node.left, right], [])
         if self.st.zero_sum and any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "sum"
                                     for n in ast.walk(right)):
             return ast.Call(ast.Name("_div_or_zero", ast.Load()), [node.left, right], [])
@@ -90,6 +93,9 @@ def _python(text: str) -> str:
     text = re.sub(r"\(hyperparameter (\w+)\)", r"_hyper_\1", text)  # a name explain also uses
     # the dense structure: matrix products written by juxtaposition, a spectral function
     text = text.replace("g g^T", "_outer(g)")
+    # the factored structure: per tensor, means over the last dim (j) and the one before (i)
+    text = text.replace("mean_j c_ij", "_rows(c)").replace("mean_i c_ij", "_cols(c)")
+    text = re.sub(r"R C\^T / max\(mean_i R_i, ([^()]+)\)", r"_rank1(R, C, \1)", text)
     text = re.sub(r"^(.*) where (.*), else (.*)$", r"_where(\2, \1, \3)", text)
     text = re.sub(r"\blambda\b", "_lam", text)
     text = re.sub(r"max\|(\w+)\|", r"_amax(\1)", text)
@@ -110,14 +116,15 @@ def _python(text: str) -> str:
 
 def _note(st: Statement, clause: str, period: dict) -> None:
     """What one note of a line means (a clause of its parentheses)."""
+    clause = re.sub(r"\(hyperparameter (\w+)\)", r"\1", clause)  # conditions name hypers
     if clause == "negated when maximize=True":
         st.negate = "maximize"
     elif m := re.fullmatch(r"if not (\w+)", clause):
-        st.when.append(lambda env, n=m[1]: not env[n])
+        st.when.append(lambda env, n=m[1]: not env[f"_hyper_{n}"])
     elif m := re.fullmatch(r"(?:only )?if (\w+)", clause):
-        st.when.append(lambda env, n=m[1]: bool(env[n]))
+        st.when.append(lambda env, n=m[1]: bool(env[f"_hyper_{n}"]))
     elif m := re.fullmatch(r"none where (\w+) = 0", clause):
-        st.when.append(lambda env, n=m[1]: env[n] != 0)
+        st.when.append(lambda env, n=m[1]: env[f"_hyper_{n}"] != 0)
     elif m := re.fullmatch(rf"{st.target}_0 = (.+)", clause):
         period.setdefault("init", {})[st.target] = _python(m[1])
     elif m := re.fullmatch(rf"{st.target} = (.+) at t = 1", clause):
@@ -133,12 +140,19 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         st.scopes.add("global")
     elif clause == "RMS over each tensor":
         st.scopes.add("tensor")
+    elif clause == "RMS over each tensor, before this step":
+        st.scopes.add("tensor")
+        st.before_step = True
     elif m := re.fullmatch(r"0 where (\w+) is not positive: the pseudo-inverse", clause):
         st.pseudo_inverse = m[1]
     elif m := re.fullmatch(rf"state: {st.target} on the right is the stored value"
                            r"(?:, (.+) at t = 0)?", clause):
         if m[1]:
             period.setdefault("init", {})[st.target] = _python(m[1])
+    elif clause == "V = 0 where that is 0" and st.target == "V":
+        period["rank1_zero"] = True  # a zero mean of R gives V = 0, not 0/0
+    elif m := re.fullmatch(r"d = 0 where (\w+) is 0", clause):
+        period["zero_divisor"] = m[1]  # the step's later divisions by it
     elif clause == "sign 0 at rounding level of the largest entry":
         st.rounding_sign = True
     elif m := re.fullmatch(r"0 where (.+) is not positive", clause):
@@ -156,6 +170,15 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         if line.startswith("        "):  # a note on the whole update
             if m := re.fullmatch(r"\s+\((\w+) = (.+), the refreshes so far\)", line):
                 period["count"] = (m[1], _python(m[2]))
+                continue
+            if re.fullmatch(r"\s+\(a tensor of order k >= 2 is factored over its last two "
+                            r"dims, m x n;", line):
+                period["factored"] = "opened"
+                continue
+            if period.get("factored") == "opened" and re.fullmatch(
+                    r"\s+order < 2 keeps the diagonal, as Adafactor does: V = the accumulated "
+                    r"c\)", line):
+                period["factored"] = True  # R holds the accumulated c of an order < 2 tensor
                 continue
             if m := re.fullmatch(r"\s+\(no correction at (\S+) = 1, a sum\)", line):
                 period["uncorrected"] = m[1]  # a bias correction by 1 - beta^t is skipped
@@ -179,6 +202,8 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
             st.where.append((name.strip(), _python(expr)))
         for clause in (note.split("; ") if note else ()):
             _note(st, clause, period)
+        if st.pseudo_inverse is None and period.get("zero_divisor") and st.target != "P":
+            st.pseudo_inverse, st.zero_only = period["zero_divisor"], True
         tree = _Rewrite(st).visit(ast.parse(st.expr, mode="eval"))
         st.expr = ast.unparse(ast.fix_missing_locations(tree))
         out.append(st)
@@ -195,6 +220,7 @@ class Explained:
 
     def __init__(self, lines: list[str], hypers: dict, shapes: list[tuple]):
         self.statements, self.period = _statements(lines)
+        self.shapes = [tuple(s) for s in shapes]
         self.sizes = [torch.Size(s).numel() for s in shapes]
         self.h = hypers
         self.ndim = torch.cat([torch.full((n,), float(len(s)), dtype=torch.float64)
@@ -212,6 +238,40 @@ class Explained:
         k, delayed = self.period["every"]
         k = int(self.h[k])
         return (t - 1) % k == 0 and (t > 1 or not delayed)
+
+    def _segments(self, x, sizes):
+        return zip(self.shapes, torch.split(x, sizes))
+
+    def _factored_sizes(self):
+        """The flat sizes of R and C over all tensors (an order < 2 tensor: R its c)."""
+        rows = [torch.Size(s[:-1]).numel() if len(s) >= 2 else torch.Size(s).numel()
+                for s in self.shapes]
+        cols = [torch.Size(s[:-2]).numel() * s[-1] if len(s) >= 2 else 0 for s in self.shapes]
+        return rows, cols
+
+    def _factored(self) -> dict:
+        rows, cols = self._factored_sizes()
+        zero = self.period.get("rank1_zero", False)
+
+        def means(dim):
+            def of(x):
+                out = [v.view(sh).mean(dim).reshape(-1) if len(sh) >= 2 else
+                       (v if dim == -1 else v[:0]) for sh, v in self._segments(x, self.sizes)]
+                return torch.cat(out)
+            return of
+
+        def rank1(r, c, eps):
+            out = []
+            for sh, rt, ct in zip(self.shapes, torch.split(r, rows), torch.split(c, cols)):
+                if len(sh) < 2:
+                    out.append(rt)
+                    continue
+                rt, ct = rt.view(*sh[:-1], 1), ct.view(*sh[:-2], 1, sh[-1])
+                scale = rt.mean(-2, keepdim=True).clamp(min=eps)
+                v = rt * ct / scale
+                out.append((torch.where(scale > 0, v, 0.0) if zero else v).reshape(-1))
+            return torch.cat(out)
+        return dict(_rows=means(-1), _cols=means(-2), _rank1=rank1)
 
     def _functions(self, st: Statement) -> dict:
         cuts = self.sizes
@@ -252,6 +312,8 @@ class Explained:
                    _where=lambda c, a, b: torch.where(c, torch.as_tensor(a), b),
                    _amax=lambda x: x.abs().max(), eigh=eigh, N=n, eps64=2.0 ** -52,
                    _sign0=sign0 if st.rounding_sign else torch.sign)
+        if self.period.get("factored") is True:
+            fns.update(self._factored())
         fns.update(sqrt=scalar(torch.sqrt), sign=scalar(torch.sign), abs=scalar(torch.abs),
                    exp=scalar(torch.exp), log=scalar(torch.log), clamp=torch.clamp,
                    max=both(torch.maximum), min=both(torch.minimum),
@@ -277,6 +339,9 @@ class Explained:
                 env.setdefault(st.target, zero.new_zeros(n, n)
                                if re.fullmatch(r"H(_\w+)?", st.target) else zero)
             env.setdefault("d", zero)
+            if self.period.get("factored") is True:  # R and C: per-row and per-column means
+                rows, cols = self._factored_sizes()
+                env["R"], env["C"] = zero.new_zeros(sum(rows)), zero.new_zeros(sum(cols))
             env.update(self.h)
             env.update({f"_hyper_{k}": v for k, v in self.h.items()})
             for name, expr in self.period.get("init", {}).items():
@@ -298,6 +363,8 @@ class Explained:
                 continue
             # the expression language's names for the step's values as they stand
             scope = {**env, **self._functions(st), "grad": env["g"], "direction": env["d"]}
+            if st.before_step:
+                scope["theta"] = env["param"]
             for name, expr in st.where:
                 scope[name] = _eval(expr, scope)
             expr = st.expr

@@ -1,7 +1,7 @@
 """`curvc explain` is executable: its equations, run as written, step as the compiled code.
 
-For the elementwise structures (scalar and diagonal) and the dense one (the whole n x n
-curvature), the lines explain prints (every generated module's header carries the same)
+For the elementwise structures (scalar and diagonal), the factored one (Adafactor's
+row and column means) and the dense one (the whole n x n curvature), the lines explain prints (every generated module's header carries the same)
 are translated here mechanically into Python over torch tensors and run beside the
 compiled optimizer for a few steps, from the same gradients and curvature estimates:
 each step must agree with the code's to 1e-9 of its size. The specs: every accepted
@@ -44,6 +44,7 @@ from _explained import Explained  # tests/_explained.py
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
 STEPS = 6
+STRUCTURES = ("scalar", "diagonal", "dense", "factored")  # whose explain is executed
 SIGNED = ("hessian", "hutchinson")  # sources whose estimate takes either sign
 SPECS = Path(__file__).parent / "specs"
 
@@ -52,7 +53,7 @@ SPECS = Path(__file__).parent / "specs"
 def _cross_product() -> list[tuple[str, str, dict]]:
     out = []
     for spec in coverage.cross_product():
-        if spec.forms["structure"] not in ("scalar", "diagonal", "dense"):
+        if spec.forms["structure"] not in STRUCTURES:
             continue
         if coverage.classify(spec).key == coverage.ACCEPTED:
             out.append((spec.label, spec.source, {}))
@@ -113,6 +114,10 @@ VARIANTS = {
     "ema_or_sum_corrected": [dict(), dict(beta=1.0)],
     "dense_ema_or_sum_corrected": [dict(), dict(beta=1.0)],
     "clip_named_d": [dict(), dict(d=2.0)],
+    # lr above 1/sqrt(t) and an eps that is not negligible: the relative step's min and
+    # the floor both bite
+    "adafactor": [dict(), dict(weight_decay=0.1, maximize=True, d=0.5),
+                  dict(lr=1.0, eps=(0.3, 1e-3))],
     "every_keep_max_pow": [dict(), dict(power=0.5, k=3, amsgrad=True, maximize=True)],
     "sign_fisher_clip": [dict(), dict(max_norm=0.0)],
     "sum_normalized_hb": [dict(), dict(momentum=0.0, lr_decay=0.1, weight_decay=0.1)],
@@ -132,10 +137,10 @@ def _named() -> list[tuple[str, str, dict]]:
 CASES = _named() + _cross_product()
 
 
-def test_every_shipped_elementwise_and_dense_spec_is_executed_here():
+def test_every_shipped_spec_of_the_executed_structures_is_here():
     for name, path in resources.shipped_specs().items():
         opt = curvc.to_ir(path.read_text())
-        if not routing.is_routed(opt) and opt.structure.kind in ("scalar", "diagonal", "dense"):
+        if not routing.is_routed(opt) and opt.structure.kind in STRUCTURES:
             assert name in VARIANTS, name
 
 
@@ -150,7 +155,10 @@ def test_explain_computes_what_the_code_computes(label, source, hypers):
     opt = cls(params, **hypers)
     h = dict(opt.param_groups[0])
     h.pop("params")
-    # the flags a spec does not name are off (maximize, ...) unless set
+    # machine_eps (None in the constructor) is the parameters' torch.finfo(dtype).eps, as
+    # explain's footer says
+    h = {k: tuple(torch.finfo(torch.float64).eps if x is None else x for x in v)
+         if isinstance(v, tuple) else v for k, v in h.items()}
     lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
     run = Explained(lines, h, SHAPES)
     theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
