@@ -41,6 +41,7 @@ from curvc import coverage, explain, resources, routing
 from curvc.compiler import _load_cached
 
 from _explained import Explained  # tests/_explained.py
+from test_foreach_backend import VARIANTS as FOREACH_VARIANTS
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
 STEPS = 6
@@ -93,17 +94,8 @@ VARIANTS = {
     "lars": [dict(), dict(nesterov=True, weight_decay=0.1, dampening=0.1),
              dict(momentum=0.0, weight_decay=0.1)],
     "radam": [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)],
-    "nadam": [dict(weight_decay=0.1), dict(decoupled_weight_decay=True, weight_decay=0.1,
-                                           maximize=True)],
-    "adabelief": [dict(weight_decay=0.1), dict(rectify=True, ams_bound=True, maximize=True),
-                  dict(rectify=True, degenerated_to_sgd=False, weight_decouple=False,
-                       weight_decay=0.1)],
-    "adan": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                          maximize=True), dict(max_grad_norm=0.5)],
-    "ademamix": [dict(weight_decay=0.1), dict(weight_decouple=True, weight_decay=0.1,
-                                              maximize=True),
-                 dict(t_alpha_beta3=3.0, weight_decouple=True, fixed_decay=True,
-                      weight_decay=0.1)],
+    # flags both ways, a product state, optional hyperparameters: the foreach test's
+    **{name: FOREACH_VARIANTS[name] for name in ("nadam", "adabelief", "adan", "ademamix")},
     # the dense rows, and the dense matrix under every other axis (tests/specs)
     "newton": [dict()], "ngd": [dict()], "normalized_ngd": [dict()],
     "clipped_ngd": [dict(), dict(threshold=0.3)], "eigenbasis_normalized_ngd": [dict()],
