@@ -85,6 +85,10 @@ _v = explain_exprs.arg_text
 def equations(opt: ir.Optimizer, plan: Plan | None = None) -> list[str]:
     """The update rule, one assignment per line, in the order the step runs; its numbers
     from ``plan``, the spec's lowered plan (lowered here when not given)."""
+    return explain_exprs.resolve_names(_equations(opt, plan))
+
+
+def _equations(opt: ir.Optimizer, plan: Plan | None) -> list[str]:
     nums = numbers(opt, plan)
     eq: list[str] = []
     lr = "lr"

@@ -2,22 +2,39 @@
 in the spec's own syntax (``language.show_apply``), in the order the step needs them."""
 from __future__ import annotations
 
+import re
+
 from curvc import ir
 
 
-# The symbols explain's equations assign (g, d, theta, ...): a hyperparameter of one of
-# these names is printed "(hyperparameter d)", so that Adafactor's clip threshold d reads
-# d = d / max(1, RMS(d) / (hyperparameter d)), not d = d / max(1, RMS(d) / d).
+# The symbols explain's equations assign (g, d, theta, ...). A hyperparameter of one of
+# these names is marked while the lines are built and, where the same name is also printed
+# as a symbol, shown as "(hyperparameter d)" (resolve_names): Adafactor's clip threshold d
+# reads d = d / max(1, RMS(d) / (hyperparameter d)), not d = d / max(1, RMS(d) / d), while a
+# threshold c, where no c is printed, stays c.
 SYMBOLS = frozenset("A C E G H L M N P Q R S V X b c d f g m n s t u y theta".split())
+_MARK = "\x00"
+_MARKED = re.compile(_MARK + r"(\w+)" + _MARK)
 
 
 def arg_text(a) -> str:
-    """A clause argument (number or hyperparameter) as explain prints it; '?' if absent."""
+    """A clause argument (number or hyperparameter) as explain prints it; '?' if absent.
+    A name explain also uses as a symbol comes back marked, for ``resolve_names``."""
     if a is None:
         return "?"
     if isinstance(a, ir.HyperRef) and a.index is None and a.name in SYMBOLS:
-        return f"(hyperparameter {a.name})"
+        return f"{_MARK}{a.name}{_MARK}"
     return str(a)
+
+
+def resolve_names(lines: list[str]) -> list[str]:
+    """``lines`` with each marked hyperparameter written as its name, or as
+    "(hyperparameter NAME)" where the lines print NAME as a symbol too."""
+    bare = _MARKED.sub("", "\n".join(lines))
+    clash = {n for n in set(_MARKED.findall("\n".join(lines)))
+             if re.search(rf"(?<![\w.]){n}(?!\w)", bare)}
+    return [_MARKED.sub(lambda m: f"(hyperparameter {m[1]})" if m[1] in clash else m[1], s)
+            for s in lines]
 
 
 def _line(name: str, text: str) -> str:

@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import _gloo
 import curvc
 
 STEPS, BATCH = 20, 32
@@ -103,8 +104,10 @@ def main():
     try:
         for spec in specs:
             torch.save(train(spec, rank), f"{out}/{spec}_{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _gloo.leave()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import _ddp_worker as w
+import _gloo
 import curvc
 
 STEPS = 10
@@ -228,8 +229,10 @@ def main():
                        out / f"nan_{where}_{spec}_{how}_{rank}.pt")
         for where, spec in sorted({(where, spec) for where, spec, _ in NONFINITE}):
             torch.save(dropped(where, spec, rank), out / f"dropped_{where}_{spec}_{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _gloo.leave()
 
 
 if __name__ == "__main__":

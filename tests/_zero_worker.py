@@ -30,6 +30,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import _ddp_worker as w
+import _gloo
 import curvc
 
 STEPS = 12
@@ -231,8 +232,10 @@ def main():
         for spec in WHOLE:
             torch.save(refused(spec), out / f"refused_{spec}_{rank}.pt")
             torch.save(ddp(spec, rank), out / f"ddp_{spec}_{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _gloo.leave()
 
 
 if __name__ == "__main__":

@@ -79,7 +79,11 @@ def test_batched_externs_are_bitwise_the_per_tensor_loop(name, shapes, hypers):
         sa, sb = a.state[x], b.state[y]
         assert set(sa) == set(sb)
         for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
+            u, v = sa[key], sb[key]
+            if name == "shampoo" and u.is_floating_point():  # bmm vs mm, as above
+                assert (u - v).abs().max() <= 8 * torch.finfo(u.dtype).eps * v.abs().max(), key
+            else:
+                assert torch.equal(u, v), key
 
 
 def test_stacked_roots_of_odd_sizes_are_the_per_tensor_roots_to_rounding():

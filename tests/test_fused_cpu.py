@@ -205,7 +205,9 @@ def test_fused_true_on_dtensor_parameters_takes_the_eager_path_and_matches_torch
             ropt.step()
         err = ((ours.full_tensor() - ref).abs().max() / ref.abs().max()).item()
         dist.destroy_process_group()
-        print(err)
+        print(err, flush=True)
+        import os
+        os._exit(0)  # skip teardown, where gloo's threads now and then abort (_gloo.leave)
     """)
     assert float(out) <= 1e-6
 

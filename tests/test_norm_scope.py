@@ -347,7 +347,9 @@ for spec, scope in ((tensor_spec, "tensor"), (group_spec, "group")):
                for x, gr in zip(ref, gs)]
     errs.append(max(float((p.detach().full_tensor() - r).abs().max()) for p, r in zip(ours, ref)))
 dist.destroy_process_group()
-print(max(errs))
+print(max(errs), flush=True)
+import os
+os._exit(0)  # skip teardown, where gloo's threads now and then abort (see tests/_gloo.leave)
 '''
 
 

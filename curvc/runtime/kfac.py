@@ -333,11 +333,13 @@ def _operators(refresh: list, views: dict, st: Settings, group, layers: list) ->
                 flat = torch.empty(sum(x.numel() for x in like), dtype=dtype,
                                    device=like[0].device)
             dist.broadcast(flat, group=group, group_src=r)
-            if r != me:
-                pieces = iter(flat.split([x.numel() for x in like]))
-                for m in mods:
-                    ops[m] = tuple(next(pieces).view(views[m][k].shape).clone() for k in
-                                   ("kfac_A", "kfac_S"))
+            # the owner takes its operators back from the buffer too: the same contiguous
+            # layout on every rank, so the products that read them round alike (a strided
+            # and a contiguous operand take different matmul kernels on AVX-512 CPUs)
+            pieces = iter(flat.split([x.numel() for x in like]))
+            for m in mods:
+                ops[m] = tuple(next(pieces).view(views[m][k].shape).clone() for k in
+                               ("kfac_A", "kfac_S"))
     return ops
 
 
