@@ -27,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -37,6 +39,21 @@ from curvc import compiler, language, routing
 from curvc.errors import CurvError
 
 ROOT = Path(__file__).resolve().parent.parent
+@pytest.fixture(scope="module", autouse=True)
+def _generated_modules_out_of_sight():
+    """Hypothesis seeds its generators with constants it parses out of every local module
+    in sys.modules. Late in the suite those include thousands of generated optimizer
+    modules (cache.run_source registers each): parsing them took a minute, and the
+    examples drawn depended on which tests ran before. They are set aside while this
+    file runs, and put back."""
+    hidden = {k: m for k, m in sys.modules.items() if k.startswith("curvc_generated.")}
+    for k in hidden:
+        del sys.modules[k]
+    yield
+    for k, m in hidden.items():
+        sys.modules.setdefault(k, m)
+
+
 SHIPPED = [p.read_text() for p in sorted((ROOT / "specs").rglob("*.curv"))]
 FILE = "fuzz.curv"
 

@@ -255,7 +255,7 @@ def _plain_dense_cpu(rows) -> bool:
                 if t is not dtype:
                     return False
                 continue
-            if type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu" or \
+            if type(t) not in _PLAIN or t.dtype != dtype or not t.is_cpu or \
                     t.layout != torch.strided or not t.is_contiguous():
                 return False
     return True

@@ -278,42 +278,49 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         h = self._flat_hypers(group)
         per_step: dict[tuple, tuple[dict, dict]] = {}
         todo = []
+        states, shaped = self.state, self.SHAPED
+        reads_input = self._reads_input()
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            self._check_grad(p, g)
-            state = self.state.get(p, {})
-            step = float(state["step"]) + 1.0 if "step" in state else 1.0
+            if g.is_sparse or p.is_complex() or g.is_complex():
+                self._check_grad(p, g)  # raises, naming the case
+            state = states.get(p)
+            step = float(state["step"]) + 1.0 if state and "step" in state else 1.0
             # machine_eps resolves per dtype; Muon's lr adjustment per matrix shape, ndim per order
-            at = (step, p.dtype, *_matrix_shape(p), float(p.dim())) if self.SHAPED \
+            at = (step, p.dtype, *_matrix_shape(p), float(p.dim())) if shaped \
                 else (step, p.dtype)
-            if at not in per_step:
-                per_step[at] = self.host({**resolved(h, p.dtype), **dict(zip(SHAPE, at[2:]))},
-                                         step)
-            self._check_input(p, per_step[at][1])  # run.source hands it to the kernels
+            host = per_step.get(at)
+            if host is None:
+                host = per_step[at] = self.host(
+                    {**resolved(h, p.dtype), **dict(zip(SHAPE, at[2:]))}, step)
+            if reads_input:
+                self._check_input(p, host[1])  # run.source hands it to the kernels
             todo.append((p, g, at))
         buckets: dict[tuple, Bucket] = {}
         names = self.BUFFER_NAMES
+        # DTensor's module, if anything imported it: otherwise no tensor is sharded
+        dtensors = sharded.loaded()
         for p, g, at in todo:
-            flags = per_step[at][1]
-            state = self._init_state(p, group, h, flags)
-            step = at[0]
-            key = (p.device, p.dtype, at, sharded.layout(p))
+            state = self._init_state(p, group, h, per_step[at][1])
+            key = (p.device, at, sharded.layout(p) if dtensors else None)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(p.device, p.dtype, step, tensors={
+                b = buckets[key] = Bucket(p.device, p.dtype, at[0], tensors={
                     n: [] for n in (*names, "state")})
             b.params.append(p)
             b.grads.append(g)
             b.keys.append(p)
             b.steps.append(state["step"])
+            tensors = b.tensors
             for n in names:
-                b.tensors[n].append(state.get(n))
-            b.tensors["state"].append(state)  # matrix stages keep their factors there
-        for b in buckets.values():
-            sharded.localize(b)  # FSDP2: the step runs on each rank's local shard
-        return [(b, *per_step[key[2]]) for key, b in buckets.items()]
+                tensors[n].append(state.get(n))
+            tensors["state"].append(state)  # matrix stages keep their factors there
+        if dtensors:
+            for b in buckets.values():
+                sharded.localize(b)  # FSDP2: the step runs on each rank's local shard
+        return [(b, *per_step[key[1]]) for key, b in buckets.items()]
 
     def _check_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
         if g.is_sparse:
@@ -322,6 +329,11 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         if torch.is_complex(p) or torch.is_complex(g):
             raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
                                f"optimize torch.view_as_real(p) instead")
+
+    def _reads_input(self) -> bool:
+        """Whether the program's source hands the kernels a curvature input (on some steps)."""
+        node = self.PROGRAM.source
+        return node is not None and node.output is not None
 
     def _check_input(self, p: torch.Tensor, flags: dict) -> None:
         """Refuses a step on which the program reads ``p``'s curvature and has none."""

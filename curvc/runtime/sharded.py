@@ -36,6 +36,11 @@ import torch
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
 
+def loaded() -> bool:
+    """Whether DTensor's module has been imported (before that, no tensor is a DTensor)."""
+    return _DTENSOR_MODULE in sys.modules
+
+
 def is_sharded(t) -> bool:
     module = sys.modules.get(_DTENSOR_MODULE)
     return module is not None and isinstance(t, getattr(module, "DTensor", ()))
