@@ -7,10 +7,13 @@ median over rounds, with
 
 * split: each layer's two factor operators computed by one owner rank and broadcast
   (the default, ``curvc.runtime.kfac``);
-* every rank: ``opt.matrix_split = False``, each rank computes every layer's inverses,
-  the work one rank does alone.
+* split steps: ``opt.matrix_split = "step"``, the inverses split as above and each
+  layer's step f(S) G f(A) computed by the same owner and broadcast too;
+* every rank: ``opt.matrix_split = False``, each rank computes every layer's inverses
+  and steps, the work one rank does alone.
 
-Rounds of the two alternate in one run. Prints both and their ratio (rank 0's).
+Rounds of the three alternate in one run. Prints each and its ratio to every rank's
+(rank 0's).
 
     python benchmarks/kfac_ddp_inverses.py [--width 384] [--layers 4] [--rounds 10]
 """
@@ -41,10 +44,11 @@ def run(rank: int, world: int, port: int, args) -> None:
                             init_method=f"tcp://127.0.0.1:{port}")
     x = torch.randn(64, args.width, generator=torch.Generator().manual_seed(rank))
     runs = {}
-    for name in ("split", "every rank"):
+    how = {"split": True, "split steps": "step", "every rank": False}
+    for name in how:
         net = torch.nn.parallel.DistributedDataParallel(model(args.width, args.layers))
         opt = curvc.load("kfac")(net, lr=1e-6, stat_every=1, inverse_every=1)
-        opt.matrix_split = name == "split"
+        opt.matrix_split = how[name]
         runs[name] = (net, opt)
 
     def step(net, opt):
@@ -66,8 +70,9 @@ def run(rank: int, world: int, port: int, args) -> None:
         print(f"K-FAC training step (inverses refreshed), {args.layers} x "
               f"Linear({args.width}), DDP on {world} gloo ranks, median of {args.rounds}:")
         for k, v in med.items():
-            print(f"  {k:>10}: {v * 1e3:8.1f} ms")
-        print(f"  every rank / split: {med['every rank'] / med['split']:.2f}x")
+            print(f"  {k:>11}: {v * 1e3:8.1f} ms")
+        for k in ("split", "split steps"):
+            print(f"  every rank / {k}: {med['every rank'] / med[k]:.2f}x")
     dist.destroy_process_group()
 
 

@@ -37,7 +37,8 @@ NEWER = {
 NEWER_BIAS_LR = 2e-3
 # Runs of a shipped spec with attributes set on the optimizer: K-FAC with every rank
 # computing every layer's inverses, to compare with the default split of them.
-VARIANTS = {"kfac_unsplit": ("kfac", {"matrix_split": False})}
+VARIANTS = {"kfac_unsplit": ("kfac", {"matrix_split": False}),
+            "kfac_step_split": ("kfac", {"matrix_split": "step"})}
 
 
 def groups(net):
@@ -75,14 +76,16 @@ def train(spec: str, rank: int):
     for k, v in attrs.items():
         setattr(opt, k, v)
     computed = []  # the factors this rank inverted (K-FAC), by shape
-    operator = kfac.factor_operator
+    stepped = []  # the layers' steps f(S) G f(A) this rank computed, by the gradient's shape
+    operator, step = kfac.factor_operator, kfac.preconditioned
     kfac.factor_operator = lambda f, st: computed.append(tuple(f.shape)) or operator(f, st)
+    kfac.preconditioned = lambda g, *a: stepped.append(tuple(g.shape)) or step(g, *a)
     try:
         _steps(net, opt, rank)
     finally:
-        kfac.factor_operator = operator
+        kfac.factor_operator, kfac.preconditioned = operator, step
     return {"params": [p.detach().clone() for p in net.module.parameters()],
-            "state": opt.state_dict()["state"], "inverted": computed}
+            "state": opt.state_dict()["state"], "inverted": computed, "stepped": stepped}
 
 
 def _steps(net, opt, rank: int) -> None:

@@ -82,6 +82,10 @@ def make(name, net):
         opt = curvc.load(spec)(net.parameters(), **MATRIX[spec])
         opt.matrix_split = False
         return opt
+    if name == "kfac_step_split":  # each layer's step on its owner too, broadcast
+        opt = curvc.load("kfac")(net, **MATRIX["kfac"])
+        opt.matrix_split = "step"
+        return opt
     return curvc.load(name)(net if name == "kfac" else net.parameters(), **MATRIX[name])
 
 
@@ -216,7 +220,7 @@ def main():
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
         for name in ("torch_adam", "adam", "adam_unfused", "adam_fused", "shampoo",
-                     "shampoo_replicated", "kfac", "distributed_shampoo",
+                     "shampoo_replicated", "kfac", "kfac_step_split", "distributed_shampoo",
                      "distributed_shampoo_replicated"):
             torch.save(fsdp(name, rank), out / f"fsdp_{name}_{rank}.pt")
         for spec in ZERO_SPECS:

@@ -23,6 +23,8 @@ import curvc
 WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
 CURVATURE_SPECS = ["sophia", "adahessian", "sophia_h", "kfac"]
 GRADIENT_SPECS = ["adam", "shampoo"]
+# K-FAC with every rank computing everything, and with its steps split too
+KFAC_VARIANTS = ["kfac_unsplit", "kfac_step_split"]
 NEWER_SPECS = ["lion", "lamb", "lars", "adafactor", "muon", "soap", "distributed_shampoo",
                "adan", "adabelief"]
 
@@ -43,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    specs = CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS + ["kfac_unsplit"]
+    specs = CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS + KFAC_VARIANTS
     _gloo().run_ranks(WORKER, out, *specs)
     return {(s, r): torch.load(out / f"{s}_{r}.pt", weights_only=False)
             for s in specs for r in range(2)}
@@ -55,7 +57,7 @@ def _tensors(state: dict) -> list:
 
 
 @pytest.mark.parametrize("spec", CURVATURE_SPECS + GRADIENT_SPECS + NEWER_SPECS
-                         + ["kfac_unsplit"])
+                         + KFAC_VARIANTS)
 def test_replicas_stay_identical(spec, runs):
     a, b = runs[(spec, 0)], runs[(spec, 1)]
     for p, q in zip(a["params"], b["params"]):
@@ -77,6 +79,22 @@ def test_kfac_inverts_each_layer_on_one_rank_and_equals_every_rank_inverting(run
     assert sorted(split[0] + split[1]) == sorted(every[0])
     assert {len(s) for s in split} == {len(every[0]) // 2}
     for p, q in zip(runs[("kfac", 0)]["params"], runs[("kfac_unsplit", 0)]["params"]):
+        assert (p - q).norm() <= 1e-12 * q.norm()
+
+
+def test_kfac_step_split_computes_each_layers_step_on_one_rank(runs):
+    """matrix_split = "step": each layer's step f(S) G f(A) is computed by the rank that
+    inverts its factors, and broadcast. Each rank computes one layer's step per step,
+    together every step the unsplit run computes on each rank; the inverses split as by
+    default; the training is the unsplit run's."""
+    steps = [runs[("kfac_step_split", r)]["stepped"] for r in range(2)]
+    every = runs[("kfac_unsplit", 0)]["stepped"]
+    assert runs[("kfac_unsplit", 1)]["stepped"] == every and len(every) > 0
+    assert sorted(steps[0] + steps[1]) == sorted(every)
+    assert set(steps[0]).isdisjoint(steps[1]) and len(steps[0]) == len(every) // 2
+    inverted = [runs[("kfac_step_split", r)]["inverted"] for r in range(2)]
+    assert inverted == [runs[("kfac", r)]["inverted"] for r in range(2)]
+    for p, q in zip(runs[("kfac_step_split", 0)]["params"], runs[("kfac_unsplit", 0)]["params"]):
         assert (p - q).norm() <= 1e-12 * q.norm()
 
 

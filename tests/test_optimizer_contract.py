@@ -233,3 +233,20 @@ def test_a_deep_copied_optimizer_steps_and_a_kfac_copy_asks_for_its_model(Adam):
     weight.grad = torch.zeros_like(weight)
     with pytest.raises(RuntimeError, match=r"opt\.track\(model\)"):
         kfac.step()  # the copy has no hooks on any model
+
+
+@pytest.mark.parametrize("value", [True, False, "step"])
+def test_matrix_split_takes_its_three_settings(value):
+    opt = curvc.load("shampoo")([torch.nn.Parameter(torch.ones(2, 2))])
+    assert opt.matrix_split is True  # the default
+    opt.matrix_split = value
+    assert opt.matrix_split == value
+
+
+@pytest.mark.parametrize("value", ["steps", 1, None, "false"])
+def test_matrix_split_refuses_anything_else_and_keeps_its_setting(value):
+    opt = curvc.load("kfac")(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    opt.matrix_split = "step"
+    with pytest.raises(ValueError, match=r"matrix_split must be True, False or 'step'"):
+        opt.matrix_split = value
+    assert opt.matrix_split == "step"

@@ -34,6 +34,7 @@ for eigen_sign; ``kfac_count`` for a bias correction), so checkpoints carry them
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, fields
 
@@ -279,20 +280,35 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
             refresh.append(module)
     # Under DDP every rank holds the same factors: each layer's operators are computed by
     # one rank and broadcast (kfac-pytorch's split of the inverses), unless opt.matrix_split
-    # is False. Under ZeRO each rank steps only its own layers already.
-    split = group if partitioned is None and getattr(opt, "matrix_split", True) else None
+    # is False; with "step", their steps too (below). Under ZeRO each rank steps only its
+    # own layers already.
+    how = getattr(opt, "matrix_split", True)
+    split = group if partitioned is None and how else None
     ops = _operators(refresh, views, st, split, layers)
-    for module in layers:
-        w = module.weight if module.weight in out else module.bias
-        state = views[module]
-        if "kfac_A" not in state:
-            continue  # no statistics yet: the plain gradient
+    stepped = [m for m in layers if "kfac_A" in views[m]]  # the rest: the plain gradient
+    for module in stepped:
         if module in ops:
+            w = module.weight if module.weight in out else module.bias
             for op_key, op in zip(op_keys, ops[module]):
-                state[op_key] = op
+                views[module][op_key] = op
                 updates.append((w, op_key, op))
-        v = preconditioned(kfac_layers.gradient_matrix(module), state[op_keys[1]],
-                           state[op_keys[0]], st.sign)
+    # matrix_split = "step": each layer's step f(S) G f(A) too is computed by its owner
+    # alone and broadcast (kfac-pytorch's memory-optimised layout): 1/N of the products
+    # per rank, for a gradient-sized broadcast per step
+    of = _owners(layers, split) if split is not None and how == "step" else None
+    me = torch.distributed.get_rank(split) if of is not None else None
+    # split, every rank still reads every gradient: under FSDP2 that is an all-gather
+    gathered = {m: kfac_layers.gradient_matrix(m) for m in stepped} if of is not None else {}
+    steps = {m: (preconditioned(gathered.pop(m, None) if of is not None
+                                else kfac_layers.gradient_matrix(m),
+                                views[m][op_keys[1]], views[m][op_keys[0]], st.sign),)
+             for m in stepped if of is None or of[m] == me}
+    gathered.clear()
+    if of is not None:
+        steps = _from_owners(steps, stepped, of, split, lambda m: [
+            (_factor_dims(m), views[m][op_keys[1]].dtype, views[m][op_keys[1]].device)])
+    for module in stepped:
+        v = steps[module][0]
         out.update({p: d for p, d in kfac_layers.split_step(module, v).items() if p in out})
     return out, updates
 
@@ -314,33 +330,48 @@ def _operators(refresh: list, views: dict, st: Settings, group, layers: list) ->
 
     if group is None or not refresh:
         return {m: compute(m) for m in refresh}
+    of = _owners(layers, group)
+    me = torch.distributed.get_rank(group)
+    mine = {m: compute(m) for m in refresh if of[m] == me}
+    return _from_owners(mine, refresh, of, group, lambda m: [
+        (views[m][k].shape, views[m][k].dtype, views[m][k].device) for k in ("kfac_A", "kfac_S")])
+
+
+def _owners(layers: list, group) -> dict:
+    """{layer: the rank of ``group`` that computes it}: ``sharded.owners`` over all of
+    ``layers``, the largest first, so that a layer keeps its owner from step to step."""
     from curvc.runtime.sharded import owners
+    ranks = torch.distributed.get_world_size(group)
+    return dict(zip(layers, owners([_factor_dims(m) for m in layers], ranks)))
+
+
+def _from_owners(mine: dict, wanted: list, of: dict, group, like) -> dict:
+    """{layer: tensors} for every layer of ``wanted``, each computed by its owner (``of``;
+    this rank's in ``mine``) and broadcast, one flat buffer per owner and dtype.
+    ``like(layer)`` is the (shape, dtype, device) of each of its tensors, known on
+    every rank. The owner takes its tensors back from the buffer too: the same
+    contiguous layout on every rank, so the products that read them round alike (a
+    strided and a contiguous operand take different matmul kernels on AVX-512 CPUs)."""
     dist = torch.distributed
-    ranks, me = dist.get_world_size(group), dist.get_rank(group)
-    of = dict(zip(layers, owners([_factor_dims(m) for m in layers], ranks)))
-    ops = {m: compute(m) for m in refresh if of[m] == me}
-    for r in range(ranks):
-        theirs = [m for m in refresh if of[m] == r]
+    me, out = dist.get_rank(group), {}
+    for r in range(dist.get_world_size(group)):
         by_dtype: dict = {}
-        for m in theirs:
-            by_dtype.setdefault(views[m]["kfac_A"].dtype, []).append(m)
+        for m in wanted:
+            if of[m] == r:
+                by_dtype.setdefault(like(m)[0][1], []).append(m)
         for dtype in sorted(by_dtype, key=str):
             mods = by_dtype[dtype]
-            like = [views[m][key] for m in mods for key in ("kfac_A", "kfac_S")]
+            shapes = [x for m in mods for x in like(m)]
             if r == me:
-                flat = torch.cat([x.reshape(-1) for m in mods for x in ops[m]])
+                flat = torch.cat([x.reshape(-1) for m in mods for x in mine[m]])
             else:
-                flat = torch.empty(sum(x.numel() for x in like), dtype=dtype,
-                                   device=like[0].device)
+                flat = torch.empty(sum(math.prod(s) for s, _, _ in shapes), dtype=dtype,
+                                   device=shapes[0][2])
             dist.broadcast(flat, group=group, group_src=r)
-            # the owner takes its operators back from the buffer too: the same contiguous
-            # layout on every rank, so the products that read them round alike (a strided
-            # and a contiguous operand take different matmul kernels on AVX-512 CPUs)
-            pieces = iter(flat.split([x.numel() for x in like]))
+            pieces = iter(flat.split([math.prod(s) for s, _, _ in shapes]))
             for m in mods:
-                ops[m] = tuple(next(pieces).view(views[m][k].shape).clone() for k in
-                               ("kfac_A", "kfac_S"))
-    return ops
+                out[m] = tuple(next(pieces).view(s).clone() for s, _, _ in like(m))
+    return out
 
 
 def _factor_dims(module: torch.nn.Module) -> tuple[int, int]:

@@ -73,9 +73,6 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     host: Callable = None
     SHAPED = False  # host values read the tensor's shape (plan.SHAPE): computed per shape
     PROGRAM: Program | None = None  # its curvature source, kernels and matrix calls
-    # FSDP2: each matrix block computed by one owner rank and broadcast (runtime.sharded);
-    # False on an instance: every rank computes every block.
-    matrix_split = True
     # An extern with a batched form (program.Extern.many) runs one torch call per group of
     # same-shaped tensors (runtime.batched); False on an instance: one call per tensor.
     batch_externs = True
@@ -180,6 +177,21 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         if index is not None:
             default = default[index] if isinstance(default, tuple) else 0.0
         return default is None
+
+    @property
+    def matrix_split(self) -> bool | str:
+        """How matrix work is shared over the ranks. True (the default): under FSDP2 each
+        matrix block is computed by one owner rank and broadcast (runtime.sharded), and
+        under DDP so are a layer-statistics source's per-layer operators; "step": that
+        source's per-layer preconditioned steps too; False: every rank computes
+        everything."""
+        return self.__dict__.get("_matrix_split", True)
+
+    @matrix_split.setter
+    def matrix_split(self, value) -> None:
+        if value is not True and value is not False and value != "step":
+            raise ValueError(f"matrix_split must be True, False or 'step', not {value!r}")
+        self.__dict__["_matrix_split"] = value
 
     def _flat_hypers(self, group: dict) -> dict:
         h = {"maximize": bool(group.get("maximize", False))}
