@@ -295,21 +295,23 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
     # matrix_split = "step": each layer's step f(S) G f(A) too is computed by its owner
     # alone and broadcast (kfac-pytorch's memory-optimised layout): 1/N of the products
     # per rank, for a gradient-sized broadcast per step
-    of = _owners(layers, split) if split is not None and how == "step" else None
-    me = torch.distributed.get_rank(split) if of is not None else None
-    # split, every rank still reads every gradient: under FSDP2 that is an all-gather
-    gathered = {m: kfac_layers.gradient_matrix(m) for m in stepped} if of is not None else {}
-    steps = {m: (preconditioned(gathered.pop(m, None) if of is not None
-                                else kfac_layers.gradient_matrix(m),
-                                views[m][op_keys[1]], views[m][op_keys[0]], st.sign),)
-             for m in stepped if of is None or of[m] == me}
-    gathered.clear()
-    if of is not None:
-        steps = _from_owners(steps, stepped, of, split, lambda m: [
-            (_factor_dims(m), views[m][op_keys[1]].dtype, views[m][op_keys[1]].device)])
+    def step(m, g):
+        return preconditioned(g, views[m][op_keys[1]], views[m][op_keys[0]], st.sign)
+
+    if split is not None and how == "step":
+        of, me = _owners(layers, split), torch.distributed.get_rank(split)
+        # every rank reads every gradient: under FSDP2 that is an all-gather all must join
+        grads = {m: kfac_layers.gradient_matrix(m) for m in stepped}
+        mine = {m: (step(m, grads[m]),) for m in stepped if of[m] == me}
+        del grads
+        steps = {m: v for m, (v,) in _from_owners(mine, stepped, of, split, lambda m: [
+            (_factor_dims(m), views[m][op_keys[1]].dtype, views[m][op_keys[1]].device)
+        ]).items()}
+    else:
+        steps = {m: step(m, kfac_layers.gradient_matrix(m)) for m in stepped}
     for module in stepped:
-        v = steps[module][0]
-        out.update({p: d for p, d in kfac_layers.split_step(module, v).items() if p in out})
+        out.update({p: d for p, d in kfac_layers.split_step(module, steps[module]).items()
+                    if p in out})
     return out, updates
 
 

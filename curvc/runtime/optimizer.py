@@ -348,9 +348,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
         return node is not None and node.output is not None
 
     def _check_input(self, p: torch.Tensor, flags: dict) -> None:
-        """Refuses a step on which the program reads ``p``'s curvature and has none."""
-        node = self.PROGRAM.source
-        if node is None or node.output is None or node.when is not None and not flags[node.when]:
+        """Refuses a step on which the program reads ``p``'s curvature and has none (only
+        called where ``_reads_input``)."""
+        when = self.PROGRAM.source.when
+        if when is not None and not flags[when]:
             return
         if p not in self._estimates:
             raise RuntimeError(self._missing_input())
