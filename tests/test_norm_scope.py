@@ -53,7 +53,7 @@ def _run(opt_of, steps: int = STEPS, groups=((0, 2), (2, 4)), group_kw=({}, {}))
     return [p.detach() for p in ps]
 
 
-def _close(ours, ref, tol=TOL):
+def assert_close(ours, ref, tol=TOL):
     for a, b in zip(ours, ref):
         assert a.shape == b.shape
         err = (a - b).abs().max() / max(b.abs().max(), 1e-12)
@@ -91,7 +91,7 @@ def test_normalized_gradient_descent_divides_by_the_norm_of_its_scope(tmp_path, 
         # d_i = g_i / sqrt(sum over the scope of g_j . g_j)
         norms = [_norm([g[j] for j in js]) for js in _scopes(scope)]
         theta = [x - lr[i] * g[i] / norms[i] for i, x in enumerate(theta)]
-    _close(ours, theta)
+    assert_close(ours, theta)
 
 
 def test_a_tensor_scope_normalized_step_has_unit_length_per_tensor(tmp_path):
@@ -140,7 +140,7 @@ def test_the_step_clip_scales_by_the_norm_of_its_scope(tmp_path, scope):
         buf = g if buf is None else [0.6 * b + x for b, x in zip(buf, g)]
         norms = [_norm([buf[j] for j in js]) for js in _scopes(scope)]
         theta = [x - lr[i] * buf[i] * min(1.0, c[i] / norms[i]) for i, x in enumerate(theta)]
-    _close(ours, theta)
+    assert_close(ours, theta)
 
 
 def test_tensor_and_global_clips_differ(tmp_path):
@@ -187,7 +187,7 @@ def test_gradient_clip_then_adam_equals_clip_grad_norm_then_torch_adam(tmp_path,
     max_norm = 3 here), well inside the tolerance."""
     Opt = _load(tmp_path, ADAM.format(scope=scope))
     ours = _run(lambda groups: Opt(groups, eps=1e-3, max_norm=3.0), group_kw=ADAM_GROUPS)
-    _close(ours, _torch_clip_then_adam(scope, 3.0))
+    assert_close(ours, _torch_clip_then_adam(scope, 3.0))
 
 
 def test_the_gradient_clip_is_not_vacuous(tmp_path):
@@ -213,7 +213,7 @@ def test_elementwise_gradient_clip_equals_clip_grad_value_then_torch_adam(tmp_pa
             p.grad = g
         torch.nn.utils.clip_grad_value_(theta, 0.9)
         ref.step()
-    _close(ours, [p.detach() for p in theta])
+    assert_close(ours, [p.detach() for p in theta])
 
 
 # --- both clips in one spec ----------------------------------------------------------
@@ -240,7 +240,7 @@ def test_a_gradient_clip_and_a_step_clip_compose(tmp_path, fused):
         g = [x * min(1.0, c[i] / gn[i]) for i, x in enumerate(g)]
         buf = g if buf is None else [0.5 * b + x for b, x in zip(buf, g)]
         theta = [x - 0.1 * buf[i] * min(1.0, s[i] / _norm([buf[i]])) for i, x in enumerate(theta)]
-    _close(ours, theta)
+    assert_close(ours, theta)
 
 
 def test_the_fused_cpu_path_takes_each_tensors_own_norm(tmp_path):
@@ -248,7 +248,7 @@ def test_the_fused_cpu_path_takes_each_tensors_own_norm(tmp_path):
     tensor's scalar vector. Against the eager path, 3 steps."""
     Opt = _load(tmp_path, BOTH)
     runs = [_run(lambda groups, f=f: Opt(groups, fused=f), steps=3) for f in (False, True)]
-    _close(runs[1], runs[0], 1e-12)
+    assert_close(runs[1], runs[0], 1e-12)
 
 
 # --- the language ----------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_a_group_scope_spans_the_buckets_of_its_group(tmp_path):
         first = _norm(grads[:2])
         theta = [theta[0] - 0.2 * grads[0] / first, theta[1] - 0.2 * grads[1] / first,
                  theta[2] - 0.3 * grads[2] / _norm(grads[2:])]
-    _close([p.detach().double() for p in ps], theta, 1e-5)
+    assert_close([p.detach().double() for p in ps], theta, 1e-5)
 
 
 SHAMPOO = """hyper lr = 0.05, c = 1.5
@@ -432,7 +432,7 @@ def test_a_gradient_clip_before_shampoo_is_shampoo_of_the_clipped_gradient(tmp_p
             q.grad = gr * min(1.0, c[i] / _norm([gr]))  # g_i min(1, c / ||g_i||)
         opt.step()
         ref.step()
-    _close([p.detach() for p in ps], [q.detach() for q in qs], 1e-9)
+    assert_close([p.detach() for p in ps], [q.detach() for q in qs], 1e-9)
 
 
 def test_a_skipped_step_leaves_everything_as_it_was(tmp_path):

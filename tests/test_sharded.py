@@ -44,7 +44,7 @@ def _load(out, case, rank=0):
     return torch.load(out / f"{case}_{rank}.pt", weights_only=False)
 
 
-def _close(got, want, tol):
+def assert_close(got, want, tol):
     assert len(got) == len(want) > 0
     for a, b in zip(got, want):
         assert a.shape == b.shape
@@ -65,15 +65,15 @@ def _one_process(spec, steps=s.STEPS, drop=None, **kw):
     return [p.detach() for p in net.parameters()]
 
 
-def _same_on_both_ranks(out, case):
+def assert_same_on_both_ranks(out, case):
     for a, b in zip(_load(out, case, 0)["params"], _load(out, case, 1)["params"]):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["adam", "adam_unfused", "adam_fused"])
 def test_fsdp2_compiled_adam_equals_torch_adam(name, out):
-    _same_on_both_ranks(out, f"fsdp_{name}")
-    _close(_load(out, f"fsdp_{name}")["params"], _load(out, "fsdp_torch_adam")["params"], 1e-5)
+    assert_same_on_both_ranks(out, f"fsdp_{name}")
+    assert_close(_load(out, f"fsdp_{name}")["params"], _load(out, "fsdp_torch_adam")["params"], 1e-5)
 
 
 def test_fsdp2_fused_true_compiles_the_local_shards_step(out):
@@ -91,21 +91,21 @@ def test_fsdp2_torch_adam_reference_is_data_parallel_adam(out):
         torch.nn.functional.cross_entropy(net(torch.cat([x0, x1])),
                                           torch.cat([y0, y1])).backward()
         opt.step()
-    _close(_load(out, "fsdp_torch_adam")["params"], [p.detach() for p in net.parameters()], 1e-5)
+    assert_close(_load(out, "fsdp_torch_adam")["params"], [p.detach() for p in net.parameters()], 1e-5)
 
 
 @pytest.mark.parametrize("case", ["shampoo", "shampoo_replicated", "kfac", "kfac_step_split",
                                   "distributed_shampoo", "distributed_shampoo_replicated"])
 def test_fsdp2_matrix_specs_equal_one_process_on_the_whole_batch(case, out):
-    _same_on_both_ranks(out, f"fsdp_{case}")
+    assert_same_on_both_ranks(out, f"fsdp_{case}")
     spec = case.removesuffix("_replicated").removesuffix("_step_split")
-    _close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-9)
+    assert_close(_load(out, f"fsdp_{case}")["params"], _one_process(spec, **s.MATRIX[spec]), 1e-9)
 
 
 def test_fsdp2_distributed_shampoo_splits_equal_every_rank_computing_every_block(out):
     """Grafted, blocked Distributed Shampoo: the split roots (each tensor's blocks on its
     owner, broadcast) give what every rank computing every block gives."""
-    _close(_load(out, "fsdp_distributed_shampoo")["params"],
+    assert_close(_load(out, "fsdp_distributed_shampoo")["params"],
            _load(out, "fsdp_distributed_shampoo_replicated")["params"], 1e-12)
 
 
@@ -125,8 +125,8 @@ def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(spec, out):
 
 @pytest.mark.parametrize("spec", s.ZERO_SPECS)
 def test_zero_redundancy_equals_one_process(spec, out):
-    _same_on_both_ranks(out, f"zero_{spec}")
-    _close(_load(out, f"zero_{spec}")["params"], _one_process(spec, lr=0.01), 1e-5)
+    assert_same_on_both_ranks(out, f"zero_{spec}")
+    assert_close(_load(out, f"zero_{spec}")["params"], _one_process(spec, lr=0.01), 1e-5)
 
 
 @pytest.mark.parametrize("name", ["adam", "shampoo"])
@@ -141,13 +141,13 @@ def test_dcp_checkpoint_under_fsdp2_resumes_identically(name, out):
 
 def test_ddp_checkpoint_saved_on_rank_0_resumes_on_every_rank(out):
     a, b = _load(out, "ddp_ckpt", 0), _load(out, "ddp_ckpt", 1)
-    _same_on_both_ranks(out, "ddp_ckpt")
+    assert_same_on_both_ranks(out, "ddp_ckpt")
     sa = [v for k in sorted(a["state"]) for _, v in sorted(a["state"][k].items())]
     sb = [v for k in sorted(b["state"]) for _, v in sorted(b["state"][k].items())]
     assert len(sa) == len(sb) > 0
     for x, y in zip(sa, sb):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-    _close(a["params"], _one_process("shampoo", **s.MATRIX["shampoo"]), 1e-5)
+    assert_close(a["params"], _one_process("shampoo", **s.MATRIX["shampoo"]), 1e-5)
 
 
 NAN_CASES = pytest.mark.parametrize("where, spec, how", s.NONFINITE,
@@ -184,7 +184,7 @@ def test_the_run_after_a_skipped_step_is_the_run_without_its_batch(where, spec, 
 
 @pytest.mark.parametrize("where, spec", sorted({c[:2] for c in s.NONFINITE}))
 def test_the_run_without_the_poisoned_batch_equals_one_process(where, spec, out):
-    _same_on_both_ranks(out, f"dropped_{where}_{spec}")
+    assert_same_on_both_ranks(out, f"dropped_{where}_{spec}")
     kw = {**dict(lr=0.01), **s.MATRIX.get(spec, {})}
-    _close(_load(out, f"dropped_{where}_{spec}")["params"],
+    assert_close(_load(out, f"dropped_{where}_{spec}")["params"],
            _one_process(spec, steps=s.NAN_STEPS, drop=s.POISONED, **kw), 1e-10)
