@@ -5,7 +5,9 @@
 * L-BFGS vs ``torch.optim.LBFGS`` (a whole ``step(closure)``: forward and
   backward passes included, as users see it), with and without strong Wolfe;
 * K-FAC (no installable reference): its step against ``torch.optim.SGD``'s
-  with momentum, the price of the statistics and the inverses;
+  with momentum, the price of the statistics and the inverses, and against the
+  floor of that price (``kfac_matmuls``: the same statistics and products in raw
+  torch, which no K-FAC that gathers statistics every step can go below);
 * on a small transformer's 2-D weights (``--layers`` blocks of width ``--dim``: four
   d x d attention matrices and the 4d x d, d x 4d MLP pair each, so many tensors of
   one shape), the batched externs (``curvc.runtime.batched``) against the per-tensor
@@ -109,7 +111,7 @@ def main():
 
     for every in (1, 10) if want("kfac") else ():
         model = make_model(args.width)
-        sgd_model = copy.deepcopy(model)
+        sgd_model, floor_model = copy.deepcopy(model), copy.deepcopy(model)
         kfac = curvc.load("kfac")(model, lr=1e-3, stat_every=1, inverse_every=every)
         sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -119,12 +121,49 @@ def main():
                 loss_of(m).backward()
                 opt.step()
             return run
-        t = interleaved({"ours": train(model, kfac), "ref": train(sgd_model, sgd)}, args.rounds)
+        runs = {"ours": train(model, kfac), "ref": train(sgd_model, sgd)}
+        if every == 10:
+            runs["floor"] = kfac_matmuls(floor_model, loss_of)
+        t = interleaved(runs, args.rounds)
         row(f"K-FAC (+fwd/bwd), inv every {every}", t["ours"], t["ref"], "torch.optim.SGD")
-
+        if every == 10:
+            row("  its matmuls alone, no inverse", t["floor"], t["ref"], "torch.optim.SGD")
+            row(f"K-FAC (+fwd/bwd), inv every {every}", t["ours"], t["floor"],
+                "its matmuls alone")
 
     if want("blocks"):
         blocks(args.dim, args.layers, args.rounds)
+
+
+def kfac_matmuls(model: torch.nn.Module, loss_of):
+    """A train step of SGD with momentum plus the matrix products K-FAC cannot skip, in
+    raw torch: per Linear layer the statistics a^T a and ds^T ds of this batch, and the
+    step S' G A' by two fixed (identity) operators. No EMA, no inverse, no bookkeeping:
+    the floor of a K-FAC step that gathers statistics every step."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    rows: dict = {}
+
+    def hook(module, args, output):
+        x = args[0].detach()
+        output.register_hook(lambda ds: rows.__setitem__(module, (x, ds)))
+    for m in layers:
+        m.register_forward_hook(hook)
+    ops = {m: (torch.eye(m.out_features), torch.eye(m.in_features + 1)) for m in layers}
+
+    def run():
+        opt.zero_grad()
+        loss_of(model).backward()
+        for m in layers:
+            x, ds = rows[m]
+            a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            a.T @ a, ds.T @ ds  # noqa: B018 (the statistics' cost)
+            g = torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1)
+            d = ops[m][0] @ g @ ops[m][1]
+            m.weight.grad.copy_(d[:, :-1])
+            m.bias.grad.copy_(d[:, -1])
+        opt.step()
+    return run
 
 
 def block_shapes(d: int, layers: int, vectors: bool = False) -> list[tuple[int, ...]]:

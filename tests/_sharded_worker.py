@@ -9,7 +9,8 @@ its own batches (the same streams as there) and saves, per case, the whole param
 * fsdp_<name>: under FSDP2 (fully_shard per layer and the root), STEPS steps of
   torch.optim.Adam, compiled Adam (default, fused=False, fused=True), two param groups
   and non-default hyperparameters; Shampoo and Distributed Shampoo (blocks, Adam
-  grafting), their roots split over the ranks and computed on every rank; K-FAC;
+  grafting), their roots split over the ranks and computed on every rank; K-FAC; with
+  the optimizer's object and tensor broadcasts counted per step;
 * zero_<spec>: under DDP with ZeroRedundancyOptimizer(optimizer_class=curvc.load(spec))
   (K-FAC, the estimators and the refused whole-model specs: tests/_zero_worker.py);
 * dcp_<spec>: under FSDP2, STEPS steps straight, and STEPS // 2 steps, a DCP save of the
@@ -105,10 +106,41 @@ def whole(net):
 def fsdp(name, rank):
     net = sharded_model()
     opt = make(name, net)
-    train(net, opt, w.data(rank)[:STEPS])
+    collectives = []  # per step: (object broadcasts, tensor broadcasts) of the optimizer
+    with counted(("broadcast_object_list", "broadcast")) as count:
+        opt.register_step_pre_hook(lambda *_: count.clear())
+        opt.register_step_post_hook(lambda *_: collectives.append(
+            (count["broadcast_object_list"], count["broadcast"])))
+        train(net, opt, w.data(rank)[:STEPS])
     compiled = type(opt).__dict__.get("_fused_kernels", {})  # the fused CPU kernels it built
     return {"params": whole(net), "fused": sum(k is not None for k in compiled.values()),
-            "keys": [sorted(opt.state[p]) for p in net.parameters()]}
+            "keys": [sorted(opt.state[p]) for p in net.parameters()],
+            "collectives": collectives}
+
+
+class counted:
+    """Counts the calls of the named torch.distributed functions while in the block."""
+
+    def __init__(self, names):
+        self.names, self.saved = names, {}
+
+    def __enter__(self):
+        from collections import Counter
+        self.count = Counter()
+        for n in self.names:
+            self.saved[n] = fn = getattr(dist, n)
+            setattr(dist, n, self._counting(n, fn))
+        return self.count
+
+    def _counting(self, name, fn):
+        def call(*args, **kw):
+            self.count[name] += 1
+            return fn(*args, **kw)
+        return call
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(dist, n, fn)
 
 
 def zero(spec, rank):

@@ -123,6 +123,17 @@ def test_fsdp2_shampoo_splits_its_blocks_over_the_ranks(spec, out):
     assert all(any("pre_cond" in k for k in ks) for ks in everywhere[0])
 
 
+@pytest.mark.parametrize("spec", ["shampoo", "distributed_shampoo"])
+def test_split_blocks_share_their_results_in_one_buffer_per_owner(spec, out):
+    """The result layouts cross once (a first-step object broadcast per owner); every later
+    step's only broadcasts are one flat buffer per owner and dtype, not one per block."""
+    split = _load(out, f"fsdp_{spec}")["collectives"]
+    assert split[0][0] > 0 and all(objects == 0 for objects, _ in split[1:])
+    blocks = sum(1 for p in w.model().parameters())  # each tensor a block with an owner
+    assert all(0 < tensors <= 2 < blocks for _, tensors in split[1:])
+    assert all(c == (0, 0) for c in _load(out, f"fsdp_{spec}_replicated")["collectives"])
+
+
 @pytest.mark.parametrize("spec", s.ZERO_SPECS)
 def test_zero_redundancy_equals_one_process(spec, out):
     assert_same_on_both_ranks(out, f"zero_{spec}")

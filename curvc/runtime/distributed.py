@@ -18,6 +18,7 @@ parameters, where each rank's estimate belongs to its own shard); or a
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -88,6 +89,41 @@ def _check_same_tensors(tensors: list, group, ranks: int) -> None:
             "parameters (as under ZeroRedundancyOptimizer, each rank its own partition; "
             f"tensors and elements per rank: {[e.tolist() for e in every]}). Pass "
             "curvature_group=False to keep each rank's estimate of its own parameters")
+
+
+# -- matrix work split over the ranks: each result computed by its owner, then shared ----
+
+def from_owners(mine: dict, wanted: list, of: dict, group, like, copy: bool = True) -> dict:
+    """{key: tensors} for every key of ``wanted``, each computed by its owner (``of[key]``,
+    a rank of ``group``; this rank's results in ``mine``) and broadcast: one flat buffer
+    per owner and dtype, not one collective per tensor. ``like(key)`` is the (shape,
+    dtype, device) of each of its tensors, known on every rank.
+
+    The owner takes its tensors back from the buffer too: the same contiguous layout on
+    every rank, so the products that read them round alike (a strided and a contiguous
+    operand take different matmul kernels on AVX-512 CPUs). ``copy``: each tensor its
+    own storage (for state that outlives the step); otherwise views of the buffer."""
+    dist = torch.distributed
+    me, out = dist.get_rank(group), {}
+    for r in range(dist.get_world_size(group)):
+        by_dtype: dict = {}
+        for key in wanted:
+            if of[key] == r:
+                by_dtype.setdefault(like(key)[0][1], []).append(key)
+        for dtype in sorted(by_dtype, key=str):
+            keys = by_dtype[dtype]
+            shapes = [x for key in keys for x in like(key)]
+            if r == me:
+                flat = torch.cat([x.reshape(-1) for key in keys for x in mine[key]])
+            else:
+                flat = torch.empty(sum(math.prod(s) for s, _, _ in shapes), dtype=dtype,
+                                   device=shapes[0][2])
+            dist.broadcast(flat, group=group, group_src=r)
+            pieces = iter(flat.split([math.prod(s) for s, _, _ in shapes]))
+            for key in keys:
+                got = [next(pieces).view(s) for s, _, _ in like(key)]
+                out[key] = tuple(x.clone() for x in got) if copy else tuple(got)
+    return out
 
 
 # -- the non-finite skip decision, made the same on every rank ---------------------------

@@ -34,7 +34,6 @@ for eigen_sign; ``kfac_count`` for a bias correction), so checkpoints carry them
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, fields
 
@@ -115,7 +114,8 @@ class LayerTracker:
         dtype = module.weight.dtype
         a_t, s_t = kfac_layers.layer_factors(module, x.to(dtype), ds.to(dtype))
         old = self._sums.get(module)
-        self._sums[module] = (a_t, s_t) if old is None else (old[0] + a_t, old[1] + s_t)
+        # the sums are the tracker's own, so a later call adds in place
+        self._sums[module] = (a_t, s_t) if old is None else (old[0].add_(a_t), old[1].add_(s_t))
 
     def factors(self, module: torch.nn.Module):
         """(A_t, S_t) summed over the layer's calls since the last step, or None."""
@@ -174,7 +174,8 @@ def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> t
         old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device) * start
     if st.iterate == "sum":
         return old + new
-    return old * st.beta + new * (1.0 - st.beta if st.weight is None else st.weight)
+    # one new tensor, not three (the batch's ``new`` may be the tracker's, kept for a retry)
+    return old.mul(st.beta).add_(new, alpha=1.0 - st.beta if st.weight is None else st.weight)
 
 
 def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,9 +305,9 @@ def natural_gradients(opt, tracker: LayerTracker, params: list[torch.Tensor], *,
         grads = {m: kfac_layers.gradient_matrix(m) for m in stepped}
         mine = {m: (step(m, grads[m]),) for m in stepped if of[m] == me}
         del grads
-        steps = {m: v for m, (v,) in _from_owners(mine, stepped, of, split, lambda m: [
+        steps = {m: v for m, (v,) in distributed.from_owners(mine, stepped, of, split, lambda m: [
             (_factor_dims(m), views[m][op_keys[1]].dtype, views[m][op_keys[1]].device)
-        ]).items()}
+        ], copy=False).items()}  # transient: views of the broadcast buffer
     else:
         steps = {m: step(m, kfac_layers.gradient_matrix(m)) for m in stepped}
     for module in stepped:
@@ -335,7 +336,7 @@ def _operators(refresh: list, views: dict, st: Settings, group, layers: list) ->
     of = _owners(layers, group)
     me = torch.distributed.get_rank(group)
     mine = {m: compute(m) for m in refresh if of[m] == me}
-    return _from_owners(mine, refresh, of, group, lambda m: [
+    return distributed.from_owners(mine, refresh, of, group, lambda m: [
         (views[m][k].shape, views[m][k].dtype, views[m][k].device) for k in ("kfac_A", "kfac_S")])
 
 
@@ -345,35 +346,6 @@ def _owners(layers: list, group) -> dict:
     from curvc.runtime.sharded import owners
     ranks = torch.distributed.get_world_size(group)
     return dict(zip(layers, owners([_factor_dims(m) for m in layers], ranks)))
-
-
-def _from_owners(mine: dict, wanted: list, of: dict, group, like) -> dict:
-    """{layer: tensors} for every layer of ``wanted``, each computed by its owner (``of``;
-    this rank's in ``mine``) and broadcast, one flat buffer per owner and dtype.
-    ``like(layer)`` is the (shape, dtype, device) of each of its tensors, known on
-    every rank. The owner takes its tensors back from the buffer too: the same
-    contiguous layout on every rank, so the products that read them round alike (a
-    strided and a contiguous operand take different matmul kernels on AVX-512 CPUs)."""
-    dist = torch.distributed
-    me, out = dist.get_rank(group), {}
-    for r in range(dist.get_world_size(group)):
-        by_dtype: dict = {}
-        for m in wanted:
-            if of[m] == r:
-                by_dtype.setdefault(like(m)[0][1], []).append(m)
-        for dtype in sorted(by_dtype, key=str):
-            mods = by_dtype[dtype]
-            shapes = [x for m in mods for x in like(m)]
-            if r == me:
-                flat = torch.cat([x.reshape(-1) for m in mods for x in mine[m]])
-            else:
-                flat = torch.empty(sum(math.prod(s) for s, _, _ in shapes), dtype=dtype,
-                                   device=shapes[0][2])
-            dist.broadcast(flat, group=group, group_src=r)
-            pieces = iter(flat.split([math.prod(s) for s, _, _ in shapes]))
-            for m in mods:
-                out[m] = tuple(next(pieces).view(s).clone() for s, _, _ in like(m))
-    return out
 
 
 def _factor_dims(module: torch.nn.Module) -> tuple[int, int]:

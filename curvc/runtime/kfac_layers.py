@@ -68,7 +68,8 @@ def layer_factors(module: torch.nn.Module, x: torch.Tensor, ds: torch.Tensor):
     a, ds, terms = _rows(module, x, ds)
     if module.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return a.T @ a / a.shape[0], ds.T @ ds * terms
+    # scaled in place: a k x k pass fewer each (at k = 513 an extra pass is ~0.1 ms)
+    return torch.mm(a.T, a).div_(a.shape[0]), torch.mm(ds.T, ds).mul_(terms)
 
 
 def _rows(module, x, ds):

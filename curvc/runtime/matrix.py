@@ -14,7 +14,8 @@ The roots are the expensive part (an eigendecomposition, O(d^3)); they are
 recomputed only when the plan's refresh flag holds and kept in the state in
 between, in the state's dtype. A float64 factor's root is computed in float64;
 a float32 factor's in float32 first (about twice as fast), checked, and
-recomputed in float64 if that eigendecomposition failed (see ``_refreshed_root``).
+recomputed in float64 if that eigendecomposition failed (see ``_refreshed``); K-FAC's
+damped inverse likewise (``inverse_root``).
 """
 from __future__ import annotations
 
@@ -24,25 +25,49 @@ import warnings
 import torch
 
 
-def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0, *,
-                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """(A + eps I)^-exponent of a symmetric positive semi-definite A, computed in ``dtype``.
+def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0) -> torch.Tensor:
+    """(A + eps I)^-exponent of a symmetric positive semi-definite A.
 
-    Through the eigendecomposition. Eigenvalues that are not positive (directions
-    the statistics never saw, with no damping) get 0: the pseudo-inverse root,
-    rather than an infinity that would poison the parameter.
+    Through the eigendecomposition, in float64. Eigenvalues that are not positive
+    (directions the statistics never saw, with no damping) get 0: the pseudo-inverse
+    root, rather than an infinity that would poison the parameter.
+
+    The plain inverse (exponent 1: K-FAC, Newton-like steps) is a Cholesky
+    factorization first, several times cheaper than an eigendecomposition: in
+    float32 for a matrix of at most float32 precision where that can be trusted
+    (``_cholesky_inverse``), else in float64; it fails exactly when the matrix is
+    not positive definite, where the pseudo-inverse takes over.
     """
-    a = damped_symmetric(matrix, eps, dtype)
     if exponent == 1.0:
-        # The plain inverse (K-FAC, Newton-like steps): a Cholesky factorization
-        # is several times cheaper than an eigendecomposition, and fails exactly
-        # when the matrix is not positive definite, where the pseudo-inverse below
-        # takes over.
-        chol, info = torch.linalg.cholesky_ex(a)
-        if not info.item():
-            return torch.cholesky_inverse(chol).to(matrix.dtype)
-    w, q = torch.linalg.eigh(a)
+        for dtype in _root_dtypes(matrix.dtype):
+            inverse = _cholesky_inverse(matrix, eps, dtype)
+            if inverse is not None:
+                return inverse.to(matrix.dtype)
+    w, q = torch.linalg.eigh(damped_symmetric(matrix, eps, torch.float64))
     return _root_of(w, q, exponent).to(matrix.dtype)
+
+
+# A float32 inverse is kept where LAPACK's bound on its relative error, n eps kappa,
+# is below this; kappa is estimated from the Cholesky pivots (max / min of diag(L)^2,
+# a lower bound on the condition number). Beyond it the inverse is computed in float64.
+_FLOAT32_INVERSE_ERROR = 1e-2
+
+
+def _cholesky_inverse(matrix: torch.Tensor, eps: float,
+                      dtype: torch.dtype) -> torch.Tensor | None:
+    """(A + eps I)^-1 by Cholesky in ``dtype``, or None: not positive definite, or, in
+    float32, not finite or too ill-conditioned for float32 to give its digits."""
+    chol, info = torch.linalg.cholesky_ex(damped_symmetric(matrix, eps, dtype))
+    if info.item():
+        return None
+    if dtype == torch.float64:
+        return torch.cholesky_inverse(chol)
+    pivots = chol.diagonal().square()
+    limit = _FLOAT32_INVERSE_ERROR / (matrix.shape[0] * torch.finfo(dtype).eps)
+    if not pivots.max() <= limit * pivots.min():  # `not <=`: NaN fails too
+        return None
+    inverse = torch.cholesky_inverse(chol)
+    return inverse if bool(torch.isfinite(inverse).all()) else None
 
 
 def damped_symmetric(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:

@@ -160,24 +160,47 @@ def extern_rows(bucket, fn, rows, extra, opt=None) -> list:
               for sh, row in zip(bucket.shards, rows)]
     if group is None:
         return [sh.local(fn(*row, *extra)) for sh, row in zip(bucket.shards, wholes)]
-    dist = torch.distributed
-    ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    from curvc.runtime.distributed import from_owners
+    ranks, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     of = _owner_map(opt, ranks)
-    owner = [of[id(sh.param)] for sh in bucket.shards]
-    results = [fn(*row, *extra) if owner[j] == me else None for j, row in enumerate(wholes)]
-    for r in range(ranks):  # each owner's results, to every rank of the group
-        mine = [j for j in range(len(rows)) if owner[j] == r]
-        if not mine:
-            continue
-        meta = [[(results[j].shape, results[j].dtype) for j in mine] if r == me else None]
-        dist.broadcast_object_list(meta, group=group, group_src=r)
-        for j, (shape, dtype) in zip(mine, meta[0]):
-            if results[j] is None:
-                results[j] = torch.empty(shape, dtype=dtype, device=bucket.device)
-            else:
-                results[j] = results[j].contiguous()
-            dist.broadcast(results[j], group=group, group_src=r)
-    return [sh.local(x) for sh, x in zip(bucket.shards, results)]
+    owner = {j: of[id(sh.param)] for j, sh in enumerate(bucket.shards)}
+    mine = {j: (fn(*row, *extra).contiguous(),) for j, row in enumerate(wholes)
+            if owner[j] == me}
+    layouts = _result_layouts(opt, fn, wholes, extra, owner, mine, group)
+    got = from_owners(mine, list(owner), owner, group,
+                      lambda j: [(*layouts[j], bucket.device)], copy=False)
+    return [sh.local(got[j][0]) for j, sh in enumerate(bucket.shards)]
+
+
+def _result_layouts(opt, fn, wholes: list, extra: tuple, owner: dict, mine: dict,
+                    group) -> dict:
+    """{row: (shape, dtype)} of ``fn``'s result on each row, known on every rank.
+
+    A result's layout is a function of its tensors' layouts (an extern's scalars and
+    flags, a step's hyperparameters and refresh decisions, change its values only), so
+    each owner broadcasts its rows' layouts once per input signature and every later
+    step with that signature reuses them: a step's only collectives are then the
+    results' flat buffers."""
+    def sig(x):
+        return (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x)
+    key = (fn, id(group), tuple(owner.values()),
+           tuple(tuple(sig(x) for x in row) for row in wholes), tuple(sig(x) for x in extra))
+    cache = opt.__dict__.setdefault("_sharded_layouts", {})
+    me = torch.distributed.get_rank(group)
+    layouts = cache.get(key)
+    if layouts is None:
+        layouts = {}
+        for r in sorted(set(owner.values())):
+            rows = [j for j in owner if owner[j] == r]
+            meta = [[(mine[j][0].shape, mine[j][0].dtype) for j in rows] if r == me else None]
+            torch.distributed.broadcast_object_list(meta, group=group, group_src=r)
+            layouts.update(zip(rows, meta[0]))
+        cache[key] = layouts
+    for j, (x,) in mine.items():  # the invariant the cache rests on: the buffer's sizes
+        if (x.shape, x.dtype) != tuple(layouts[j]):
+            raise RuntimeError(f"curvc: a matrix call's result changed layout for the same "
+                               f"inputs ({tuple(layouts[j])} -> {(x.shape, x.dtype)})")
+    return layouts
 
 
 def owners(shapes: list, ranks: int) -> list[int]:
