@@ -132,7 +132,7 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     else:
         eq.append(f"d     = {root(left)} {m} {root(right)}{every}"
                   + (f"   ({per_mode})" if per_mode else ""))
-    eq += overridden + schedule
+    eq += overridden + schedule + ([] if root_.inside else list(_ROUNDING))
     if opt.graft.kind != "none":
         per = "over each block" if graft._on(opt.structure.block) else "over each tensor"
         eq += graft.direction(opt, m) + graft.rescale(opt, per)
@@ -141,6 +141,11 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     eq += base._clip(opt)
     eq.append(f"theta = theta - {lr} * d")
     return eq
+
+
+# matrix.at_rounding: a singular factor's null space is 0, not the inverse root of noise
+_ROUNDING = ("        (a factor that starts at 0: each eigenvalue within n eps of its largest is 0,",
+             "         n the factor's size and eps its precision's)")
 
 
 def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:

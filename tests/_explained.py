@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from _explained_kronecker import Identity, Kronecker
 
 # how explain names the source's estimate; each becomes E (what step(curvature=E) hands)
 _SOURCE_PHRASES = (
@@ -55,6 +56,8 @@ class Statement:
     corrects: tuple[str, str] | None = None  # (beta, what it divides): a bias correction
     zero_only: bool = False  # the pseudo-inverse's divisor gives 0 where it is 0 (not < 0)
     before_step: bool = False  # theta as it was before this step
+    mode_exponent: object = None  # Kronecker: k -> each mode's root exponent, order k
+    roots_every: str | None = None  # Kronecker: the roots' refresh period (a hyper)
 
 
 class _Rewrite(ast.NodeTransformer):
@@ -102,10 +105,17 @@ def _python(text: str) -> str:
     text = re.sub(r"Q diag\((\w+)\) Q\^T (\w+)", r"(Q @ (\1 * (Q.T @ \2)))", text)
     text = re.sub(r"Q diag\((\w+)\) sign\(Q\^T (\w+)\)", r"(Q @ (\1 * _sign0(Q.T @ \2)))",
                   text)
+    # the Kronecker structure (tests/_explained_kronecker.py): modes' Gram matrices, roots
+    text = text.replace("G G^T", "_gram_first(G)").replace("G^T G", "_gram_rest(G)")
+    text = re.sub(r"\bL\^-\d+/\d+ (\w+) R\^-\d+/\d+", r"_kron(L, \1, R)", text)
+    text = re.sub(r"Q_L \[w_L\^-\d+/\d+ w_R\^-\d+/\d+ \* sign\(Q_L\^T (\w+) Q_R\)\] Q_R\^T",
+                  r"_eigen_sign(Q_L, w_L, Q_R, w_R, \1)", text)
+    text = text.replace("the eigenvectors and eigenvalues of L and R", "_eigens(L, R)")
     text = re.sub(r"Q\^T (\w+)", r"(Q.T @ \1)", text)
     text = re.sub(r"\bQ \(", "Q @ (", text)
     text = re.sub(r"\b(\w+)\^T (\w+)", r"(\1 @ \2)", text)
     text = re.sub(r"(\w+(?:\[\d+\])?) I\b", r"\1 * _I", text)
+    text = re.sub(r"\bI\b", "_I", text)
     text = re.sub(r"\bif\(", "_if(", text)
     text = re.sub(r"\bold\((\w+)\)", r"_old_\1", text)
     text = re.sub(r"\bgiven\((\w+)\)", r"(\1 is not None)", text)
@@ -159,6 +169,14 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         st.positive = _python(m[1])
     elif clause == "d = 0 where the sum is 0":
         st.zero_sum = True
+    elif m := re.fullmatch(r"order-k tensors: \^-1/(\(2k\)|k) per mode", clause):
+        st.mode_exponent = (lambda k: 1 / (2 * k)) if m[1] == "(2k)" else (lambda k: 1 / k)
+    elif m := re.fullmatch(r"roots recomputed every (\w+) steps", clause):
+        st.roots_every = m[1]
+    elif clause == "over all parameters: ||d||_P = 1":
+        st.scopes.add("global")
+    elif clause == "sign 0 at rounding level":  # per tensor (_explained_kronecker.ROUNDING)
+        pass
     elif not any(re.fullmatch(d, clause) for d in _DESCRIPTIVE):
         raise AssertionError(f"explain prints a note this test cannot execute: {clause!r}")
 
@@ -168,6 +186,17 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
     out = []
     for line in lines:
         if line.startswith("        "):  # a note on the whole update
+            if period.get("kronecker") and re.fullmatch(
+                    r"\s+g unfolded along mode i \(modes longer than max_dim keep none\)", line):
+                continue  # the G line's second half (SHAPES' modes are all short)
+            if re.fullmatch(r"\s+\(a factor that starts at 0: each eigenvalue within n eps of "
+                            r"its largest is 0,", line):
+                period["kron_rounding"] = "opened"
+                continue
+            if period.get("kron_rounding") == "opened" and re.fullmatch(
+                    r"\s+n the factor's size and eps its precision's\)", line):
+                period["kron_rounding"] = True  # _explained_kronecker.at_rounding
+                continue
             if m := re.fullmatch(r"\s+\((\w+) = (.+), the refreshes so far\)", line):
                 period["count"] = (m[1], _python(m[2]))
                 continue
@@ -192,6 +221,12 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         m = re.fullmatch(r"(\w+(?:, \w+)*)\s*= (.*?)(?:\s{3,}\((.*)\))?", line)
         assert m, f"not an assignment: {line!r}"
         target, rhs, note = m[1], m[2], m[3]
+        if rhs.startswith("g as a matrix; an order-k tensor has one factor per mode i, "
+                          "from G_(i),"):
+            period["kronecker"] = True
+            out.append(Statement("G", "g"))
+            continue
+        note = note.replace(")   (", "; ") if note else note  # two notes, one line
         main, *where = rhs.split(",   ")
         main = main.split(" = ")[-1]  # A = B: the last member is the one to compute
         st = Statement(re.sub(r"\blambda\b", "_lam", target), _python(main))
@@ -204,6 +239,9 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
             _note(st, clause, period)
         if st.pseudo_inverse is None and period.get("zero_divisor") and st.target != "P":
             st.pseudo_inverse, st.zero_only = period["zero_divisor"], True
+        if "_kron(" in st.expr or "_eigen_sign(" in st.expr:  # the matrix's p is order 2's
+            p = re.search(r"\^-(\d+)/(\d+)", main)
+            assert st.mode_exponent and st.mode_exponent(2) == int(p[1]) / int(p[2]), line
         tree = _Rewrite(st).visit(ast.parse(st.expr, mode="eval"))
         st.expr = ast.unparse(ast.fix_missing_locations(tree))
         out.append(st)
@@ -227,6 +265,7 @@ class Explained:
                                for n, s in zip(self.sizes, shapes)])
         self.env: dict = {}
         self.started = False
+        self.kron = Kronecker(self.shapes)
 
     @property
     def reads_estimate(self) -> bool:
@@ -273,6 +312,16 @@ class Explained:
             return torch.cat(out)
         return dict(_rows=means(-1), _cols=means(-2), _rank1=rank1)
 
+    def _kronecker(self, st: Statement) -> dict:
+        kron = self.kron
+        kron.rounding = self.period.get("kron_rounding") is True and self.kron.from_zero
+        every = st.roots_every
+        t = self.env.get("t", 1)
+        refresh = every is None or (t - 1) % int(self.h[every]) == 0
+        return dict(_gram_first=kron.gram(True), _gram_rest=kron.gram(False), _I=Identity(),
+                    _kron=kron.preconditioned(st.mode_exponent, refresh), _eigens=kron.eigens,
+                    _eigen_sign=kron.eigen_sign(st.mode_exponent))
+
     def _functions(self, st: Statement) -> dict:
         cuts = self.sizes
 
@@ -314,6 +363,8 @@ class Explained:
                    _sign0=sign0 if st.rounding_sign else torch.sign)
         if self.period.get("factored") is True:
             fns.update(self._factored())
+        if self.period.get("kronecker"):
+            fns.update(self._kronecker(st))
         fns.update(sqrt=scalar(torch.sqrt), sign=scalar(torch.sign), abs=scalar(torch.abs),
                    exp=scalar(torch.exp), log=scalar(torch.log), clamp=torch.clamp,
                    max=both(torch.maximum), min=both(torch.minimum),
@@ -338,6 +389,8 @@ class Explained:
             for st in self.statements:  # H, the dense structure's curvature: n x n
                 env.setdefault(st.target, zero.new_zeros(n, n)
                                if re.fullmatch(r"H(_\w+)?", st.target) else zero)
+            if self.period.get("kronecker"):  # L and R: per tensor, its modes' factors
+                env["L"], env["R"] = self.kron.zeros(True), self.kron.zeros(False)
             env.setdefault("d", zero)
             if self.period.get("factored") is True:  # R and C: per-row and per-column means
                 rows, cols = self._factored_sizes()
@@ -346,6 +399,9 @@ class Explained:
             env.update({f"_hyper_{k}": v for k, v in self.h.items()})
             for name, expr in self.period.get("init", {}).items():
                 env[name] = env[name] + _eval(expr, {**env, **self._functions(Statement("", ""))})
+            if self.period.get("kronecker"):  # the note's condition, as the lines start
+                self.kron.from_zero = all(not m.any() for name in ("L", "R")
+                                          for ms in env[name].mats for m in ms)
         env.update(t=t, step=t, theta=theta, param=theta, _gradient=grad, ndim=self.ndim)
         for st in self.statements:  # old(x): x as stored before this step
             env[f"_old_{st.target}"] = env[st.target]

@@ -48,3 +48,24 @@ def test_a_damped_diagonal_still_divides(tmp_path):
     p.grad = torch.tensor([0.0, 2.0], dtype=torch.float64)
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([0.0, -0.1 * 2.0 / 4.5], dtype=torch.float64))
+
+
+def test_an_instant_kronecker_step_of_a_rank_deficient_factor_is_its_pseudo_inverse(tmp_path):
+    """L = g g^T of a vector is rank 1, R = G^T G of a 3 x 5 matrix rank 3: eigh gives
+    their null spaces eigenvalues of rounding noise, whose inverse roots would be noise
+    the size of 1e17. Counted as 0, d = L^+ g = g / ||g||^2 and L^-1/2 G R^-1/2 =
+    U S^-1 V^T (G = U S V^T), over many draws."""
+    Pinv = _spec(tmp_path, "curvature empirical_fisher\nstructure kronecker\niterate instant\n"
+                           "length none\n")
+    worst = 0.0
+    for seed in range(50):
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+        m = torch.zeros(3, 5, dtype=torch.float64, requires_grad=True)
+        v.grad = torch.randn(7, generator=gen, dtype=torch.float64)
+        m.grad = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+        Pinv([v, m], lr=1.0).step()
+        u, s, vh = torch.linalg.svd(m.grad, full_matrices=False)
+        for got, want in ((v, -v.grad / v.grad.dot(v.grad)), (m, -(u / s) @ vh)):
+            worst = max(worst, ((got.detach() - want).norm() / want.norm()).item())
+    assert worst < 1e-12

@@ -175,13 +175,15 @@ def kronecker_many(states: list, statistics: list, values: list, *, length: str,
         modes, roots, e = matrix.kronecker_factors(state, statistic, value, **kw)
         due += [(state, key, factor, e) for key, factor in roots]
         applied.append((i, modes))
-    refresh_roots(matrix.root_function(length), due, eps_inside, eps_after, floor)
+    refresh_roots(matrix.root_function(length), due, eps_inside, eps_after, floor,
+                  kw["init"])
     for i, modes in applied:
         out[i] = matrix.kronecker_applied(states[i], values[i], modes, length)
     return out
 
 
-def refresh_roots(how, due: list, eps: float, after: float, floor: float) -> None:
+def refresh_roots(how, due: list, eps: float, after: float, floor: float,
+                  start: float = 0.0) -> None:
     """Each (state, key, factor, exponent) of ``due``: ``state[key]``, the factor's root by
     ``how`` (``matrix.checked_inverse_root`` or ``checked_eigenbasis``). Factors of one
     size, dtype, device and exponent are decomposed together; one whose stacked root
@@ -192,17 +194,18 @@ def refresh_roots(how, due: list, eps: float, after: float, floor: float) -> Non
     for j, (_, _, factor, e) in enumerate(due):
         by[(tuple(factor.shape), factor.dtype, factor.device, e)].append(j)
     for (_, _, _, e), ix in by.items():
-        roots = (_stacked_roots(how, [due[j][2] for j in ix], e, eps, after, floor)
+        roots = (_stacked_roots(how, [due[j][2] for j in ix], e, eps, after, floor, start)
                  if len(ix) > 1 else [None])
         for j, root in zip(ix, roots):
             state, key, factor, _ = due[j]
             if root is None:
-                root = matrix._refreshed(how, factor, e, eps, after, floor, state.get(key))
+                root = matrix._refreshed(how, factor, e, eps, after, floor, state.get(key),
+                                         start=start)
             state[key] = root
 
 
 def _stacked_roots(how, factors: list, exponent: float, eps: float, after: float,
-                   floor: float) -> list:
+                   floor: float, start: float = 0.0) -> list:
     """``how`` of each factor from one batched ``eigh``, in the first precision
     ``matrix._refreshed`` tries; None for one that fails ``matrix.checked_eigh``'s checks
     (or every one, if the batched solver raises)."""
@@ -225,7 +228,7 @@ def _stacked_roots(how, factors: list, exponent: float, eps: float, after: float
     limit = matrix._RESIDUAL_SLACK * n * torch.finfo(dtype).eps
     ok = (torch.isfinite(w).all(-1) & torch.isfinite(q).all(-1).all(-1)
           & (residual <= limit * scale))
-    s = matrix.spectral(w, exponent, after, floor)
+    s = matrix.spectral(matrix.at_rounding(w, eps, start), exponent, after, floor)
     if how is matrix.checked_eigenbasis:
         ok &= torch.isfinite(s).all(-1)
         roots = torch.cat([q, s[..., None]], dim=-1)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from curvc.runtime import distributed, kfac_layers
-from curvc.runtime.matrix import damped_symmetric, inverse_root, spectral
+from curvc.runtime.matrix import at_rounding, damped_symmetric, inverse_root, spectral
 
 
 class LayerTracker:
@@ -169,9 +169,7 @@ def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> t
     if st.iterate == "instant":
         return new
     if old is None:  # the start: I (K-FAC's EMA), init * I (a sum), 0 (a debiased EMA)
-        start = 0.0 if st.bias_corrected else (st.init if st.iterate == "sum" else 1.0)
-        start = start if st.start is None else st.start
-        old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device) * start
+        old = torch.eye(new.shape[0], dtype=new.dtype, device=new.device) * _start(st)
     if st.iterate == "sum":
         return old + new
     # one new tensor, not three (the batch's ``new`` may be the tracker's, kept for a retry)
@@ -181,14 +179,24 @@ def _accumulated(old: torch.Tensor | None, new: torch.Tensor, st: Settings) -> t
 def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(lambda), Q) of the factor damped inside, in float64 (as ``inverse_root``)."""
     w, q = torch.linalg.eigh(damped_symmetric(factor, st.damping, torch.float64))
-    return spectral(w, st.exponent, st.damping_after, st.floor), q
+    return spectral(at_rounding(w, st.damping, _start(st)), st.exponent, st.damping_after,
+                    st.floor), q
+
+
+def _start(st: Settings) -> float:
+    """The multiple of I a factor starts from (``_accumulated``): an instant factor has
+    none, so it can be singular (``matrix.at_rounding``)."""
+    if st.iterate == "instant":
+        return 0.0
+    start = 0.0 if st.bias_corrected else (st.init if st.iterate == "sum" else 1.0)
+    return start if st.start is None else st.start
 
 
 def factor_operator(factor: torch.Tensor, st: Settings) -> torch.Tensor:
     """What the step multiplies a factor's side by: f(F) = Q f(Lambda) Q^T, or (sign)
     the eigenbasis with each column scaled by f(lambda), Q diag(f(lambda))."""
     if not (st.sign or st.damping_after or st.floor):  # (F + damping I)^-exponent, Cholesky for 1
-        return inverse_root(factor, st.exponent, st.damping)
+        return inverse_root(factor, st.exponent, st.damping, _start(st))
     f, q = _eigen(factor, st)
     return (q * f).to(factor.dtype) if st.sign else ((q * f) @ q.T).to(factor.dtype)
 

@@ -25,7 +25,8 @@ import warnings
 import torch
 
 
-def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0) -> torch.Tensor:
+def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0,
+                 start: float = 0.0) -> torch.Tensor:
     """(A + eps I)^-exponent of a symmetric positive semi-definite A.
 
     Through the eigendecomposition, in float64. Eigenvalues that are not positive
@@ -44,7 +45,7 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0) -> tor
             if inverse is not None:
                 return inverse.to(matrix.dtype)
     w, q = torch.linalg.eigh(damped_symmetric(matrix, eps, torch.float64))
-    return _root_of(w, q, exponent).to(matrix.dtype)
+    return _root_of(w, q, exponent, inside=eps, start=start).to(matrix.dtype)
 
 
 # A float32 inverse is kept where LAPACK's bound on its relative error, n eps kappa,
@@ -99,10 +100,29 @@ def spectral(w: torch.Tensor, exponent: float, after: float = 0.0,
     return torch.where(denominator > 0, 1.0 / denominator.clamp(min=tiny), 0.0)
 
 
+def at_rounding(w: torch.Tensor, inside: float = 0.0, start: float = 0.0) -> torch.Tensor:
+    """A factor's eigenvalues, where the factor can be singular (no damping ``inside``
+    and a ``start`` of 0: L_0 = 0), with each within n eps of the largest (n the
+    factor's size, eps its precision's) set to exactly 0; otherwise as they are.
+
+    A Gram matrix of fewer rows than columns (a vector's g g^T, an instant factor) is
+    singular, and its null space comes out of eigh as eigenvalues of either sign at
+    rounding level. Taken as they come, a noise eigenvalue of 1e-17 would give the
+    inverse root of noise, 1e17 for an inverse, along a direction g has no component
+    in but its own rounding: the step would be noise. Counted as exactly 0 (numpy's
+    pinv rule, the dense structure's), the pseudo-inverse gives 0 there. A damped or
+    started factor has no null space (every eigenvalue is at least the damping or the
+    start's share), and its small eigenvalues are kept as computed."""
+    if inside or start:
+        return w
+    level = w.abs().amax(-1, keepdim=True) * (w.shape[-1] * torch.finfo(w.dtype).eps)
+    return torch.where(w.abs() <= level, torch.zeros_like(w), w)
+
+
 def _root_of(w: torch.Tensor, q: torch.Tensor, exponent: float, after: float = 0.0,
-             floor: float = 0.0) -> torch.Tensor:
-    """Q f(diag(w)) Q^T for the spectral function f (``spectral``)."""
-    return (q * spectral(w, exponent, after, floor)) @ q.T
+             floor: float = 0.0, inside: float = 0.0, start: float = 0.0) -> torch.Tensor:
+    """Q f(diag(w)) Q^T for the spectral function f (``spectral``) of w ``at_rounding``."""
+    return (q * spectral(at_rounding(w, inside, start), exponent, after, floor)) @ q.T
 
 
 class InaccurateRoot(RuntimeError):
@@ -145,10 +165,10 @@ def checked_eigh(matrix: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple:
 
 def checked_inverse_root(matrix: torch.Tensor, exponent: float, eps: float,
                          dtype: torch.dtype, after: float = 0.0,
-                         floor: float = 0.0) -> torch.Tensor:
+                         floor: float = 0.0, start: float = 0.0) -> torch.Tensor:
     """``Q f(w) Q^T`` (``spectral``) from ``checked_eigh``, refusing a non-finite one."""
     w, q = checked_eigh(matrix, eps, dtype)
-    root = _root_of(w, q, exponent, after, floor)
+    root = _root_of(w, q, exponent, after, floor, inside=eps, start=start)
     if not torch.isfinite(root).all():
         raise InaccurateRoot("it is not finite")
     return root.to(matrix.dtype)
@@ -156,11 +176,11 @@ def checked_inverse_root(matrix: torch.Tensor, exponent: float, eps: float,
 
 def checked_eigenbasis(matrix: torch.Tensor, exponent: float, eps: float,
                        dtype: torch.dtype, after: float = 0.0,
-                       floor: float = 0.0) -> torch.Tensor:
+                       floor: float = 0.0, start: float = 0.0) -> torch.Tensor:
     """``[Q, f(w)]`` as one d x (d + 1) matrix (so a state entry holds both): the
     eigenbasis and the spectral function of its eigenvalues."""
     w, q = checked_eigh(matrix, eps, dtype)
-    scale = spectral(w, exponent, after, floor)
+    scale = spectral(at_rounding(w, eps, start), exponent, after, floor)
     if not torch.isfinite(scale).all():
         raise InaccurateRoot("its eigenvalues' root is not finite")
     return torch.cat([q, scale[:, None]], dim=1).to(matrix.dtype)
@@ -229,7 +249,7 @@ def kronecker(state: dict, statistic: torch.Tensor, value: torch.Tensor, *, fact
     how = root_function(length)
     for root_key, corrected in due:
         state[root_key] = _refreshed(how, corrected, e, eps_inside, eps_after, floor,
-                                     state.get(root_key))
+                                     state.get(root_key), start=init)
     return kronecker_applied(state, value, modes, length)
 
 
@@ -321,7 +341,8 @@ def _eigen_sign(value: torch.Tensor, modes: list) -> torch.Tensor:
 
 
 def _refreshed(how, factor: torch.Tensor, exponent: float, eps: float, after: float,
-               floor: float, previous: torch.Tensor | None) -> torch.Tensor:
+               floor: float, previous: torch.Tensor | None,
+               start: float = 0.0) -> torch.Tensor:
     """The factor's new root (``how``: ``checked_inverse_root`` or ``checked_eigenbasis``):
     in float32 first for a factor of at most float32 precision, then in float64 if
     that failed (``InaccurateRoot``, or a solver that did not converge); if float64
@@ -329,7 +350,7 @@ def _refreshed(how, factor: torch.Tensor, exponent: float, eps: float, after: fl
     reasons = []
     for dtype in _root_dtypes(factor.dtype):
         try:
-            return how(factor, exponent, eps, dtype, after, floor)
+            return how(factor, exponent, eps, dtype, after, floor, start)
         except RuntimeError as e:  # torch.linalg.LinAlgError and InaccurateRoot are
             reasons.append(f"in {dtype}: {e}")
     if previous is None:

@@ -19,6 +19,8 @@ Update, per step t (elementwise unless noted):
     b     = momentum * b + g   (b = g at t = 1)
     d     = L^-1/4 b R^-1/4   (roots recomputed every update_freq steps)   (order-k tensors:
         ^-1/(2k) per mode)
+            (a factor that starts at 0: each eigenvalue within n eps of its largest is 0,
+             n the factor's size and eps its precision's)
     theta = theta - lr * d
 """
 
