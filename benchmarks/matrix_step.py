@@ -1,7 +1,9 @@
 """Step time of the compiled matrix-structured optimizers against their references.
 
 * Shampoo vs ``pytorch_optimizer.Shampoo`` (optimizer step only: the same
-  gradients are handed to both), roots every step and every 10 steps;
+  gradients are handed to both), roots every step and every 10 steps, and against
+  the floor of a Shampoo step (``shampoo_matmuls``: its statistics, float32
+  eigendecompositions and products in raw torch);
 * L-BFGS vs ``torch.optim.LBFGS`` (a whole ``step(closure)``: forward and
   backward passes included, as users see it), with and without strong Wolfe;
 * K-FAC (no installable reference): its step against ``torch.optim.SGD``'s
@@ -15,8 +17,9 @@
   Adafactor (with the blocks' norm vectors) vs ``torch.optim.Adafactor`` (foreach and
   for-loop), Shampoo with roots every step vs ``pytorch_optimizer.Shampoo``.
 
-Median of interleaved rounds in one process; the ratio is curvc / reference
-(below 1: curvc is faster).
+Median of interleaved rounds in one process, per step; a row refreshing every k
+steps times rounds of k steps, each holding one refresh. The ratio is curvc /
+reference (below 1: curvc is faster).
 
     python benchmarks/matrix_step.py [--width 512] [--rounds 15] [--only shampoo]
     python benchmarks/matrix_step.py --only blocks [--dim 128] [--layers 4]
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import time
 
 import torch
 from curvature_step import timed_rounds  # benchmarks/ is on sys.path when run as a script
@@ -40,9 +44,36 @@ def make_model(width: int, seed: int = 0) -> torch.nn.Module:
                                torch.nn.Linear(width, 10))
 
 
-def interleaved(runs: dict, rounds: int) -> dict:
-    """Median seconds of each run, rounds interleaved (curvature_step's timer)."""
-    return {k: statistics.median(v) for k, v in timed_rounds(runs, rounds).items()}
+def interleaved(runs: dict, rounds: int, steps: int = 1) -> dict:
+    """Median seconds per step of each run, rounds interleaved (curvature_step's timer).
+    ``steps``: each round runs that many steps, so that a round of a method refreshing
+    every ``steps`` steps holds exactly one refresh (a median of single steps would
+    leave the refreshes out)."""
+    def many(fn):
+        def run():
+            for _ in range(steps):
+                fn()
+        return run
+    times = timed_rounds({k: many(fn) for k, fn in runs.items()}, rounds)
+    return {k: statistics.median(v) / steps for k, v in times.items()}
+
+
+def fresh_rounds(makers: dict, rounds: int, steps: int) -> dict:
+    """Median seconds per step: each round, each method's ``setup()`` (untimed) gives a
+    fresh step function, run ``steps`` times (one refresh of a method that refreshes
+    every ``steps`` steps, wherever its period starts), methods interleaved. From a fresh
+    start each round, as pytorch_optimizer.Shampoo's factors break down (non-finite SVD
+    input) within 20 steps on one repeated gradient."""
+    times: dict = {k: [] for k in makers}
+    for r in range(rounds + 1):  # one warm-up round
+        for name, setup in makers.items():
+            run = setup()
+            t = time.perf_counter()
+            for _ in range(steps):
+                run()
+            if r:
+                times[name].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def row(name: str, ours: float, ref: float, ref_name: str) -> None:
@@ -76,20 +107,40 @@ def main():
     # fused=None: the elementwise head and tail around the matrix call are one compiled
     # pass each (the bucket is large); fused=False: the same kernels as eager foreach ops.
     for every in (1, 10) if want("shampoo") else ():
-        models = [make_model(args.width) for _ in range(3)]
-        loss_of(models[0]).backward()
-        for m in models[1:]:
-            for p, q in zip(m.parameters(), models[0].parameters()):
-                p.grad = q.grad.clone()
+        model = make_model(args.width)
+        loss_of(model).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
         kw = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4, update_freq=every)
-        ours = curvc.load("shampoo")(models[0].parameters(), **kw)
-        eager = curvc.load("shampoo")(models[2].parameters(), fused=False, **kw)
-        ref = po.Shampoo(models[1].parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                         preconditioning_compute_steps=every)
-        ours.step(), eager.step()  # the fused pass compiles once, outside the timing
-        t = interleaved({"ours": ours.step, "eager": eager.step, "ref": ref.step}, args.rounds)
+
+        def fresh(make):
+            """A new model (from the same start) and optimizer, its gradients ``grads``
+            again before each step (the reference adds its weight decay into .grad)."""
+            def setup():
+                m = copy.deepcopy(model)
+                params = list(m.parameters())
+                opt = make(params)
+
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+
+                def run():
+                    for p, g in zip(params, grads):
+                        p.grad.copy_(g)
+                    opt.step()
+                return run
+            return setup
+        makers = {"ours": fresh(lambda ps: curvc.load("shampoo")(ps, **kw)),
+                  "eager": fresh(lambda ps: curvc.load("shampoo")(ps, fused=False, **kw)),
+                  "ref": fresh(lambda ps: po.Shampoo(ps, lr=1e-3, momentum=0.9,
+                                                     weight_decay=1e-4,
+                                                     preconditioning_compute_steps=every)),
+                  "floor": lambda: shampoo_matmuls(grads, every)}
+        fresh(lambda ps: curvc.load("shampoo")(ps, **kw))()()  # the fused pass compiles once
+        t = fresh_rounds(makers, args.rounds, every)
         row(f"Shampoo, roots every {every}", t["ours"], t["ref"], "pytorch_optimizer.Shampoo")
         row("  the same, fused=False", t["eager"], t["ref"], "pytorch_optimizer.Shampoo")
+        row("  its matmuls and eighs alone", t["floor"], t["ref"], "pytorch_optimizer.Shampoo")
+        row(f"Shampoo, roots every {every}", t["ours"], t["floor"], "its matmuls and eighs")
 
     for ls in (None, "strong_wolfe") if want("lbfgs") else ():
         models = [make_model(args.width) for _ in range(2)]
@@ -124,7 +175,7 @@ def main():
         runs = {"ours": train(model, kfac), "ref": train(sgd_model, sgd)}
         if every == 10:
             runs["floor"] = kfac_matmuls(floor_model, loss_of)
-        t = interleaved(runs, args.rounds)
+        t = interleaved(runs, args.rounds, steps=every)
         row(f"K-FAC (+fwd/bwd), inv every {every}", t["ours"], t["ref"], "torch.optim.SGD")
         if every == 10:
             row("  its matmuls alone, no inverse", t["floor"], t["ref"], "torch.optim.SGD")
@@ -133,6 +184,36 @@ def main():
 
     if want("blocks"):
         blocks(args.dim, args.layers, args.rounds)
+
+
+def shampoo_matmuls(grads: list, every: int):
+    """The arithmetic a Shampoo step cannot skip, in raw torch: per tensor (a vector as
+    one mode) each mode's Gram matrix added into its factor, every ``every`` steps each
+    factor's float32 eigendecomposition and its root Q diag(w^-1/4) Q^T (^-1/2 for a
+    vector), and the step G multiplied along each mode by its root. No momentum, decay,
+    checks or state bookkeeping: the floor of any Shampoo step."""
+    mats = [g if g.dim() == 2 else g.reshape(1, -1) for g in grads]
+    shapes = [[m.shape[0], m.shape[1]] if g.dim() == 2 else [m.shape[1]]
+              for g, m in zip(grads, mats)]
+    factors = [[torch.eye(d) * 1e-6 for d in dims] for dims in shapes]
+    roots = [[torch.eye(d) for d in dims] for dims in shapes]
+    count = [0]
+
+    def run():
+        due = count[0] % every == 0
+        count[0] += 1
+        for g, m, fs, rs in zip(grads, mats, factors, roots):
+            if g.dim() == 2:
+                fs[0].addmm_(m, m.T)
+                fs[1].addmm_(m.T, m)
+            else:
+                fs[0].addmm_(m.T, m)
+            if due:
+                for i, f in enumerate(fs):
+                    w, q = torch.linalg.eigh(f)
+                    rs[i] = (q * w.clamp(min=1e-30).pow(-1 / (2 * len(fs)))) @ q.T
+            _ = rs[0] @ m @ rs[1] if g.dim() == 2 else m @ rs[0]
+    return run
 
 
 def kfac_matmuls(model: torch.nn.Module, loss_of):
