@@ -27,19 +27,28 @@ def _kfac_eigen(name: str, root: Root) -> str:
         else f"{name}^-{root.exponent}"
 
 
+_KFAC_BATCH = (
+    "A_t   = mean_r a_r a_r^T   (a_r: row r of the layer's input, a 1 appended for the bias;",
+    "        a conv's rows its im2col patches, one per example and output position)",
+    "S_t   = T sum_r ds_r ds_r^T   (ds_r: the loss's gradient at row r of the layer's output;",
+    "        T: the rows for a Linear, the examples for a conv)",
+)
+
+
 def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
     """g <- the layer's K-FAC step: its factors, accumulated, damped and rooted."""
     root, it = nums.matrix, opt.iterate
     start = {"ema": "I" if not it.bias_corrected else "0", "sum": f"I * {base._v(it.init)}",
              "ema_or_sum": "0" if it.bias_corrected else f"I, or 0 when {base._v(it.beta)} = 1"}
-    eq = ["A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)",
-          "S     = ds ds^T    (gradients at layer outputs)"]
+    # this batch's factors (curvc.runtime.kfac_layers), named apart from the accumulated
+    eq = list(_KFAC_BATCH)
     every = ""
     if it.every is not None:
         every = base.period(it.every, it.delayed)
-    for name, new in (("A", "a a^T"), ("S", "ds ds^T")):
+    for name, new in (("A", "A_t"), ("S", "S_t")):
         if it.kind == "instant" and not every:
-            break  # the batch's factors, as defined above
+            eq.append(f"{name}     = {new}")
+            continue
         line = _accumulate_line(opt, name, new).split("   (")[0]
         summed = (f"{name} = {name} + {new} when {base._v(it.beta)} = 1"
                   if it.kind == "ema_or_sum" else "")
@@ -55,11 +64,14 @@ def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
         eq.append(f"S     = Q_S diag(s) Q_S^T,  A = Q_A diag(a) Q_A^T   (eigenbases{roots})")
         eq.append(f"g     = Q_S [{_kfac_eigen('s_i', root)} {_kfac_eigen('a_j', root)} "
                   f"sign(Q_S^T {g} Q_A)_ij] Q_A^T")
-        eq.append("        (per layer; an entry within rounding of 0 has sign 0)")
+        eq.append("        (per layer; an entry of Q_S^T G Q_A within 16 (m + n) eps ||G||_F of 0 "
+                  "has sign 0, G m x n)")
     else:
         eq.append(f"g     = {_kfac_factor('S', root)} {g} {_kfac_factor('A', root)}   "
                   f"(per layer{roots})")
     eq.append("        (g = grad outside nn.Linear and nn.Conv2d layers)")
+    if not root.inside:  # matrix.at_rounding, as for the Kronecker factors
+        eq += _ROUNDING
     if opt.length.kind == "normalized":
         eq.append(f"g     = g / sqrt(sum(grad * g))   (sum over {base._over(opt.length)}; "
                   "g = 0 where it is 0)")

@@ -180,6 +180,8 @@ def lower_kfac(s: Step) -> Expr:
         # as `iterate sum`: this batch's weight 1 - beta there, 1 here
         start = Const(0.0) if it.bias_corrected else op("ne", beta, 1.0)
         args += (("weight", weight), ("start", start))
+    elif it.kind == "power_ema":  # beta_1 = 0: the first batch's factor alone, no start
+        args += (("start", Const(0.0)),)
     natural = s.input("natural_gradient")
     s.estimator = Estimator("kfac", natural.name, args, scope="layer")
     if ln.kind == "normalized":  # d = F^-1 g / sqrt(g^T F^-1 g)

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from _explained_kronecker import Identity, Kronecker
+from _explained_kfac import KFAC, KFAC_NOTES, kfac_statements, mean_outer, t_sum_outer
+from _explained_kronecker import Identity, Kronecker, Modes
 
 # how explain names the source's estimate; each becomes E (what step(curvature=E) hands)
 _SOURCE_PHRASES = (
@@ -135,6 +136,9 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         st.when.append(lambda env, n=m[1]: bool(env[f"_hyper_{n}"]))
     elif m := re.fullmatch(r"none where (\w+) = 0", clause):
         st.when.append(lambda env, n=m[1]: env[f"_hyper_{n}"] != 0)
+    elif m := re.fullmatch(rf"{st.target}_0 = (.+), or 0 when (\w+) = 1", clause):
+        period.setdefault("init", {})[st.target] = \
+            f"{_python(m[1])} * (0.0 if _hyper_{m[2]} == 1 else 1.0)"
     elif m := re.fullmatch(rf"{st.target}_0 = (.+)", clause):
         period.setdefault("init", {})[st.target] = _python(m[1])
     elif m := re.fullmatch(rf"{st.target} = (.+) at t = 1", clause):
@@ -175,6 +179,11 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         st.roots_every = m[1]
     elif clause == "over all parameters: ||d||_P = 1":
         st.scopes.add("global")
+    elif clause == "per layer":  # K-FAC's g line: the layers are the lines' own unit
+        pass
+    elif clause == "sum over all parameters; g = 0 where it is 0" or (
+            clause == "g = 0 where it is 0" and st.target == "g"):
+        st.zero_sum = True
     elif clause == "sign 0 at rounding level":  # per tensor (_explained_kronecker.ROUNDING)
         pass
     elif not any(re.fullmatch(d, clause) for d in _DESCRIPTIVE):
@@ -186,6 +195,8 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
     out = []
     for line in lines:
         if line.startswith("        "):  # a note on the whole update
+            if line in KFAC_NOTES:
+                continue
             if period.get("kronecker") and re.fullmatch(
                     r"\s+g unfolded along mode i \(modes longer than max_dim keep none\)", line):
                 continue  # the G line's second half (SHAPES' modes are all short)
@@ -221,6 +232,10 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         m = re.fullmatch(r"(\w+(?:, \w+)*)\s*= (.*?)(?:\s{3,}\((.*)\))?", line)
         assert m, f"not an assignment: {line!r}"
         target, rhs, note = m[1], m[2], m[3]
+        if (kfac := kfac_statements(line, period)) is not None:  # tests/_explained_kfac.py
+            for target, expr, every in kfac:
+                out.append(Statement(target, expr, roots_every=every))
+            continue
         if rhs.startswith("g as a matrix; an order-k tensor has one factor per mode i, "
                           "from G_(i),"):
             period["kronecker"] = True
@@ -235,7 +250,11 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         for w in where:
             name, expr = w.split(" = ", 1)
             st.where.append((name.strip(), _python(expr)))
-        for clause in (note.split("; ") if note else ()):
+        clauses = note.split("; ") if note else []
+        if period.get("kfac"):  # K-FAC joins its notes with ", "
+            clauses = [c for cl in clauses for c in
+                       re.split(r", (?=[AS]_0 = |when t - 1 |[AS] = )", cl)]
+        for clause in clauses:
             _note(st, clause, period)
         if st.pseudo_inverse is None and period.get("zero_divisor") and st.target != "P":
             st.pseudo_inverse, st.zero_only = period["zero_divisor"], True
@@ -256,8 +275,12 @@ def _eval(expr: str, scope: dict):
 class Explained:
     """An optimizer run from explain's text alone."""
 
-    def __init__(self, lines: list[str], hypers: dict, shapes: list[tuple]):
+    def __init__(self, lines: list[str], hypers: dict, shapes: list[tuple],
+                 layers: list[tuple[int, int]] | None = None):
+        """``layers``: K-FAC's, the (out, in) of each Linear, whose weight and bias are
+        the parameters (``shapes``) in order."""
         self.statements, self.period = _statements(lines)
+        self.layers = layers or []
         self.shapes = [tuple(s) for s in shapes]
         self.sizes = [torch.Size(s).numel() for s in shapes]
         self.h = hypers
@@ -266,6 +289,8 @@ class Explained:
         self.env: dict = {}
         self.started = False
         self.kron = Kronecker(self.shapes)
+        self.kfac = KFAC(self.layers, self.sizes)
+        self.kfac_from_zero = False
 
     @property
     def reads_estimate(self) -> bool:
@@ -322,6 +347,19 @@ class Explained:
                     _kron=kron.preconditioned(st.mode_exponent, refresh), _eigens=kron.eigens,
                     _eigen_sign=kron.eigen_sign(st.mode_exponent))
 
+    def _kfac(self, st: Statement) -> dict:
+        every = st.roots_every
+        t = self.env.get("t", 1)
+        refresh = every is None or (t - 1) % int(self.h[every]) == 0
+
+        def number(text):
+            return float(_eval(_python(text), self.env))
+
+        def step(s, a, g, left, right, sign):
+            return self.kfac.step(refresh, number, sign)(s, a, g, left, right)
+        self.kfac.rounding = self.period.get("kron_rounding") is True and self.kfac_from_zero
+        return dict(_kfac=step, _mean_outer=mean_outer, _t_sum_outer=t_sum_outer, _I=Identity())
+
     def _functions(self, st: Statement) -> dict:
         cuts = self.sizes
 
@@ -365,6 +403,8 @@ class Explained:
             fns.update(self._factored())
         if self.period.get("kronecker"):
             fns.update(self._kronecker(st))
+        if self.period.get("kfac"):
+            fns.update(self._kfac(st))
         fns.update(sqrt=scalar(torch.sqrt), sign=scalar(torch.sign), abs=scalar(torch.abs),
                    exp=scalar(torch.exp), log=scalar(torch.log), clamp=torch.clamp,
                    max=both(torch.maximum), min=both(torch.minimum),
@@ -380,8 +420,12 @@ class Explained:
             fns["RMS"] = rms
         return fns
 
-    def step(self, t: int, theta, grad, estimate) -> torch.Tensor:
+    def step(self, t: int, theta, grad, estimate, rows=None) -> torch.Tensor:
+        """``rows``: K-FAC's (a, ds), per layer this batch's input rows (with the 1 for the
+        bias) and output gradients."""
         env = self.env
+        if rows is not None:
+            env["a"], env["ds"] = rows
         if not self.started:
             self.started = True
             zero = torch.zeros_like(theta)
@@ -391,6 +435,9 @@ class Explained:
                                if re.fullmatch(r"H(_\w+)?", st.target) else zero)
             if self.period.get("kronecker"):  # L and R: per tensor, its modes' factors
                 env["L"], env["R"] = self.kron.zeros(True), self.kron.zeros(False)
+            if self.period.get("kfac"):  # A and S: per layer, (in + 1) and out square
+                env["A"] = Modes([[zero.new_zeros(n + 1, n + 1)] for _, n in self.layers])
+                env["S"] = Modes([[zero.new_zeros(o, o)] for o, _ in self.layers])
             env.setdefault("d", zero)
             if self.period.get("factored") is True:  # R and C: per-row and per-column means
                 rows, cols = self._factored_sizes()
@@ -399,6 +446,9 @@ class Explained:
             env.update({f"_hyper_{k}": v for k, v in self.h.items()})
             for name, expr in self.period.get("init", {}).items():
                 env[name] = env[name] + _eval(expr, {**env, **self._functions(Statement("", ""))})
+            if self.period.get("kfac"):  # the rounding note's condition, as they start
+                self.kfac_from_zero = all(not m.any() for name in ("A", "S")
+                                          for ms in env[name].mats for m in ms)
             if self.period.get("kronecker"):  # the note's condition, as the lines start
                 self.kron.from_zero = all(not m.any() for name in ("L", "R")
                                           for ms in env[name].mats for m in ms)
@@ -419,6 +469,8 @@ class Explained:
                 continue
             # the expression language's names for the step's values as they stand
             scope = {**env, **self._functions(st), "grad": env["g"], "direction": env["d"]}
+            if self.period.get("kfac"):  # K-FAC's normalized line: grad is the gradient
+                scope["grad"] = env["_gradient"]
             if st.before_step:
                 scope["theta"] = env["param"]
             for name, expr in st.where:

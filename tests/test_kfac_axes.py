@@ -422,7 +422,7 @@ def test_explain_shows_ema_or_sum_on_the_factors():
                                                  iterate="ema_or_sum(beta) bias_corrected",
                                                  damping="inside(0.05)").replace(
         "hyper lr = 0.05", "hyper lr = 0.05, beta = 0.9")))
-    assert "A     = beta * A + (1 - beta) * a a^T   (A = A + a a^T when beta = 1, A_0 = 0)" \
+    assert "A     = beta * A + (1 - beta) * A_t   (A = A + A_t when beta = 1, A_0 = 0)" \
         in text, text
     assert "A     = A / (1 - beta^n)" in text, text
     assert "(no correction at beta = 1, a sum)" in text, text

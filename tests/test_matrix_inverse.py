@@ -35,12 +35,28 @@ def test_a_well_conditioned_float32_factor_is_inverted_in_float32():
 def test_an_ill_conditioned_float32_factor_is_inverted_in_float64():
     """kappa = 1e5 at n = 96: n eps kappa is about 1, float32 would keep no digit."""
     a = _spd(96, condition=1e5)
-    got = inverse_root(a, 1.0, 0.0)
+    got = inverse_root(a, 1.0, 0.0, start=1.0)  # a started factor: Cholesky's way
     assert torch.equal(got, _cholesky_inverse_in(a, 0.0, torch.float64))
     exact = torch.linalg.inv(a.double())
     in_float32 = _cholesky_inverse_in(a, 0.0, torch.float32)
     error = lambda x: ((x.double() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(got) < error(in_float32) / 10
+
+
+def test_an_undamped_factor_from_zero_takes_the_pseudo_inverse_even_where_cholesky_passes():
+    """S of a softmax layer: its rows' gradients sum to 0 over the classes, so S has the
+    null vector (1, 1, 1), at rounding level after the products. Cholesky can pass on
+    it (a pivot of noise, an inverse of 1e16s); the pseudo-inverse drops that direction."""
+    gen = torch.Generator().manual_seed(3)
+    ds = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    ds = ds - ds.mean(dim=1, keepdim=True)  # each row sums to 0
+    s = ds.T @ ds
+    got = inverse_root(s, 1.0, 0.0)  # no damping, no start: it can be singular
+    w, q = torch.linalg.eigh(s)
+    keep = w > w.abs().max() * 3 * torch.finfo(w.dtype).eps
+    want = (q[:, keep] / w[keep]) @ q[:, keep].T
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    assert got.abs().max() < 1e3
 
 
 def test_a_float64_factor_is_inverted_in_float64():

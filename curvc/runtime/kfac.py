@@ -40,7 +40,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from curvc.runtime import distributed, kfac_layers
-from curvc.runtime.matrix import at_rounding, damped_symmetric, inverse_root, spectral
+from curvc.runtime.matrix import (_SIGN_SLACK, at_rounding, damped_symmetric, inverse_root,
+                                  spectral)
 
 
 class LayerTracker:
@@ -223,9 +224,11 @@ def _sign_above_rounding(c: torch.Tensor, g: torch.Tensor, s_op: torch.Tensor,
     null space of a a^T, or of ds ds^T), so there c_ij is rounding noise, and its
     sign, taken at full size (lambda^-1/2 of a damped zero eigenvalue, a large
     step), would be noise too. The rounding of b_i^T G b_j is at most about
-    (m + n) eps ||G|| ||b_i|| ||b_j||; below that an entry counts as zero.
+    (m + n) eps ||G|| ||b_i|| ||b_j||; below 16 times that an entry counts as zero.
     """
-    eps = torch.finfo(c.dtype).eps * (g.shape[0] + g.shape[1])
+    # the bound itself sits at rounding level: a slack (matrix._SIGN_SLACK) keeps a
+    # rounding-noise entry from straddling it
+    eps = _SIGN_SLACK * torch.finfo(c.dtype).eps * (g.shape[0] + g.shape[1])
     tol = eps * torch.linalg.norm(g) * torch.outer(s_op.norm(dim=0), a_op.norm(dim=0))
     return torch.where(c.abs() > tol, torch.sign(c), torch.zeros_like(c))
 

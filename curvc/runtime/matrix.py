@@ -33,13 +33,16 @@ def inverse_root(matrix: torch.Tensor, exponent: float, eps: float = 0.0,
     (directions the statistics never saw, with no damping) get 0: the pseudo-inverse
     root, rather than an infinity that would poison the parameter.
 
-    The plain inverse (exponent 1: K-FAC, Newton-like steps) is a Cholesky
-    factorization first, several times cheaper than an eigendecomposition: in
-    float32 for a matrix of at most float32 precision where that can be trusted
-    (``_cholesky_inverse``), else in float64; it fails exactly when the matrix is
-    not positive definite, where the pseudo-inverse takes over.
+    The plain inverse (exponent 1: K-FAC, Newton-like steps) of a damped or started
+    factor (``eps`` or ``start`` > 0: positive definite but for rounding) is a Cholesky
+    factorization first, several times cheaper than an eigendecomposition: in float32
+    for a matrix of at most float32 precision where that can be trusted
+    (``_cholesky_inverse``), else in float64; where it fails, the pseudo-inverse takes
+    over. A factor that can be singular (neither) goes to the eigendecomposition at
+    once: Cholesky can succeed on a matrix singular at rounding level, with a pivot of
+    noise and an inverse of 1e17s, where the pseudo-inverse (``at_rounding``) is 0.
     """
-    if exponent == 1.0:
+    if exponent == 1.0 and (eps or start):  # a factor that can be singular: eigh below
         for dtype in _root_dtypes(matrix.dtype):
             inverse = _cholesky_inverse(matrix, eps, dtype)
             if inverse is not None:

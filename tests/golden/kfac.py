@@ -11,11 +11,13 @@ Iterative Approximation: a a^T (x) dL/ds dL/ds^T, momentum
 Update, per step t (elementwise unless noted):
 
     g     = grad f(theta)            (negated when maximize=True)
-    A     = a a^T      (layer inputs, with a 1 for the bias; a conv's im2col patches)
-    S     = ds ds^T    (gradients at layer outputs)
-    A     = stat_decay * A + (1 - stat_decay) * a a^T   (A_0 = I, when t - 1 is a multiple of
+    A_t   = mean_r a_r a_r^T   (a_r: row r of the layer's input, a 1 appended for the bias;
+            a conv's rows its im2col patches, one per example and output position)
+    S_t   = T sum_r ds_r ds_r^T   (ds_r: the loss's gradient at row r of the layer's output;
+            T: the rows for a Linear, the examples for a conv)
+    A     = stat_decay * A + (1 - stat_decay) * A_t   (A_0 = I, when t - 1 is a multiple of
         stat_every)
-    S     = stat_decay * S + (1 - stat_decay) * ds ds^T   (S_0 = I, when t - 1 is a multiple of
+    S     = stat_decay * S + (1 - stat_decay) * S_t   (S_0 = I, when t - 1 is a multiple of
         stat_every)
     g     = (S + damping I)^-1 [grad W, grad b] (A + damping I)^-1   (per layer; roots every
         inverse_every steps)

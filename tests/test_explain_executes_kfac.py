@@ -1,0 +1,96 @@
+"""`curvc explain` is executable for K-FAC too: its lines, run as written on a model's
+layers, step as the compiled code (tests/test_explain_executes.py's conventions, and
+tests/_explained_kfac.py's reading of the per-layer lines).
+
+The model: two Linear layers with biases and a tanh between (float64), a fresh batch of
+8 rows every step, the mean cross-entropy. The explained run gets the step's gradient
+and, per layer, the rows the lines name: the input rows with a 1 appended, and the
+loss's gradient at the layer's output (hooks on the same model). The specs: every
+accepted K-FAC point of the language's cross product and the shipped spec's variants.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvc
+from curvc import coverage, explain, resources
+from curvc.compiler import _load_cached
+
+from _explained import Explained  # tests/_explained.py
+
+STEPS = 6
+LAYERS = [(5, 4), (3, 5)]  # (out, in)
+
+
+def _cases() -> list[tuple[str, str, dict]]:
+    out = [(s.label, s.source, {}) for s in coverage.cross_product()
+           if s.forms["curvature"] == "kfac" and coverage.classify(s).key == coverage.ACCEPTED]
+    spec = resources.shipped_specs()["kfac"].read_text()
+    for i, hypers in enumerate([dict(stat_every=1, inverse_every=1),
+                                dict(stat_every=2, inverse_every=3, momentum=0.5,
+                                     weight_decay=0.1, damping=0.05, stat_decay=0.8)]):
+        out.append((f"shipped-kfac-{i}", spec, hypers))
+    return out
+
+
+CASES = _cases()
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    (o1, i1), (o2, i2) = LAYERS
+    return torch.nn.Sequential(torch.nn.Linear(i1, o1), torch.nn.Tanh(),
+                               torch.nn.Linear(i2, o2)).double()
+
+
+def _rows(model: torch.nn.Module, x, y) -> tuple[list, list]:
+    """The loss's backward pass on (x, y), and per Linear its rows (a, ds)."""
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    seen: dict = {}
+    handles = []
+    for m in linears:
+        def hook(module, args, output):
+            seen[module] = [args[0].detach()]
+            output.register_hook(lambda g, module=module: seen[module].append(g.detach()))
+        handles.append(m.register_forward_hook(hook))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    a = [torch.cat([seen[m][0], seen[m][0].new_ones(len(x), 1)], dim=1) for m in linears]
+    return a, [seen[m][1] for m in linears]
+
+
+def test_the_cases_include_the_shipped_spec_and_the_cross_product():
+    assert sum(label.startswith("shipped-kfac-") for label, _, _ in CASES) == 2
+    assert len(CASES) > 40
+
+
+@pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
+def test_explain_computes_what_the_code_computes_for_kfac(label, source, hypers):
+    opt_ir = curvc.to_ir(source)
+    cls = _load_cached(source, f"<{label}>", "torch")
+    model = _model()
+    params = list(model.parameters())
+    opt = cls(model, **hypers)
+    h = dict(opt.param_groups[0])
+    h.pop("params")
+    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
+    run = Explained(lines, h, [tuple(p.shape) for p in params], layers=LAYERS)
+    gen = torch.Generator().manual_seed(sum(map(ord, label)))
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    for t in range(1, STEPS + 1):
+        x = torch.randn(8, LAYERS[0][1], generator=gen, dtype=torch.float64)
+        y = torch.randint(0, LAYERS[-1][0], (8,), generator=gen)
+        opt.zero_grad()
+        rows = _rows(model, x, y)
+        grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+        opt.step()
+        want = run.step(t, theta, grad, None, rows=rows) - theta
+        got = torch.cat([p.detach().reshape(-1) for p in params])
+        scale = max(want.abs().max().item(), 1e-300)
+        err = (got - theta - want).abs().max().item()
+        assert err <= 1e-9 * scale, (
+            f"step {t}: the code's step and explain's differ by {err:.3g} "
+            f"(the step's size {scale:.3g})\n" + "\n".join(lines))
+        theta = got.clone()
