@@ -250,3 +250,16 @@ def test_matrix_split_refuses_anything_else_and_keeps_its_setting(value):
     with pytest.raises(ValueError, match=r"matrix_split must be True, False or 'step'"):
         opt.matrix_split = value
     assert opt.matrix_split == "step"
+
+
+def test_a_copy_keeps_the_optimizers_settings():
+    """matrix_split, batch_externs and a group choice of False are the instance's own;
+    torch's __getstate__ alone would drop them from a copy."""
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = curvc.load("shampoo")([p], curvature_group=False)
+    opt.matrix_split, opt.batch_externs, opt.nonfinite_group = "step", False, False
+    other = copy.deepcopy(opt)
+    assert other.matrix_split == "step" and other.batch_externs is False
+    assert other.nonfinite_group is False and other._group_choice is False
+    fresh = copy.deepcopy(curvc.load("shampoo")([p]))
+    assert fresh.matrix_split is True and fresh.batch_externs is True

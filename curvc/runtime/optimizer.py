@@ -214,8 +214,18 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
                 h[name] = _number(value)
         return h
 
+    def __getstate__(self):
+        # torch keeps the state and the groups; the instance's plain settings go too (a
+        # ProcessGroup choice stays behind: it belongs to this process's group)
+        state = super().__getstate__()
+        settings = {k: v for k, v in self.__dict__.items() if k in _CARRIED
+                    and (v is None or isinstance(v, (bool, str)))}
+        return {**state, "curvc_settings": settings}
+
     def __setstate__(self, state):
+        settings = state.pop("curvc_settings", {})
         super().__setstate__(state)
+        self.__dict__.update(settings)
         # A copy or an unpickled optimizer: torch's __getstate__ keeps only the state and
         # the groups; a K-FAC copy needs track(model) (hooks belong to one optimizer).
         self.__dict__.setdefault("_estimates", {})
@@ -417,6 +427,10 @@ class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
     def _positions(self) -> dict:
         """Each parameter's position over all param groups (what an error names)."""
         return {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+
+
+# what a copy or a pickle of an optimizer carries besides torch's state and groups
+_CARRIED = ("_matrix_split", "batch_externs", "nonfinite_group", "_group_choice")
 
 
 def _matrix_shape(p: torch.Tensor) -> tuple[float, float]:
