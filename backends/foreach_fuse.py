@@ -1,7 +1,7 @@
 """Pattern fusion for the foreach backend: chains of plan nodes that one
 ``torch._foreach_*`` call computes (``a + b*c*s`` as ``_foreach_addcmul``, ``a + s*b`` as
-``_foreach_add(alpha=s)``, ``a - s*b``, ``a - s*(b/c)`` as ``_foreach_addcdiv``), as
-single ops of the plan. A rewrite of the plan, so the renderer only maps each fused op
+``_foreach_add(alpha=s)``, ``a - s*b``, ``a - s*(b/c)`` as ``_foreach_addcdiv``, with a
+host factor of b folded into its value), as single ops of the plan. A rewrite of the plan, so the renderer only maps each fused op
 to its call (``FUSED``)."""
 from __future__ import annotations
 
@@ -22,7 +22,33 @@ FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
 # (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
 
 def _host_scalar(e) -> bool:
-    return isinstance(e, (Scalar, Const))
+    """A host value: a scalar, a constant, or an expression of them alone (a Python float
+    where the backend renders it, as ``value=`` and ``alpha=`` want)."""
+    return isinstance(e, (Scalar, Const)) or (
+        isinstance(e, (Op, Select)) and all(isinstance(n, (Scalar, Const, Op, Select))
+                                            for n in walk(e)))
+
+
+def _scaled_numerator(n, on, once):
+    """(x, s) where the numerator ``n`` is x times the host scalar s (s = 1 where it is
+    not), the product folded into the addcdiv's value as torch.optim.Adam folds its
+    bias correction into step_size: one pass over the tensors fewer. ``n`` may choose
+    by a flag between such a product and a plain list (Adam's has_exp_avg): x then
+    chooses too, and s by the same flag between its factor and 1. ``on``: the node
+    before its operands were rewritten (its use counts decide)."""
+    def factor(e, o):
+        if isinstance(e, Op) and e.op == "mul" and once(o):
+            for j in (0, 1):
+                if _host_scalar(e.args[1 - j]) and _is_list(e.args[j]):
+                    return e.args[j], e.args[1 - j]
+        return e, None
+    if isinstance(n, Select):
+        (a, sa), (b, sb) = factor(n.then, on.then), factor(n.other, on.other)
+        if sa is None and sb is None:
+            return n, None
+        one = Const(1.0)
+        return Select(n.flag, a, b), Select(n.flag, sa or one, sb or one)
+    return factor(n, on)
 
 
 def _is_list(e) -> bool:
@@ -82,7 +108,8 @@ def _fused(new: Op, old: Op, once) -> Op:
                 d, s = m.args[j], m.args[1 - j]
                 if _host_scalar(s) and isinstance(d, Op) and d.op == "div" and \
                         once(om.args[j]) and all(_is_list(x) for x in d.args):
-                    return Op("subcdiv", (a, *d.args, s))
+                    x, k = _scaled_numerator(d.args[0], om.args[j].args[0], once)
+                    return Op("subcdiv", (a, x, d.args[1], s if k is None else Op("mul", (s, k))))
             for j in (0, 1):  # a - s*b: torch.optim's param.add_(d, alpha=-lr)
                 b, s = m.args[j], m.args[1 - j]
                 if _host_scalar(s) and _is_list(b):

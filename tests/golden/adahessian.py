@@ -172,8 +172,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         if f_estimate:
             new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                     _e1 in zip(curvature_, curvature_estimate_)]
@@ -193,18 +193,17 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         if f_has_weight_decay:
             t9 = torch._foreach_mul(param_, _s_s4)
         t10 = t9 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            torch._foreach_mul_(t7, _s_s5)
-            t11 = t7
-        t12 = t11 if f_has_exp_avg else t6
+        t11 = t7 if f_has_exp_avg else t6
         torch._foreach_mul_(t3, _s_s6)
-        t13 = t3
-        torch._foreach_pow_(t13, h_s7)
+        t12 = t3
+        torch._foreach_pow_(t12, h_s7)
+        t13 = t12
+        torch._foreach_add_(t13, h_eps)
         t14 = t13
-        torch._foreach_add_(t14, h_eps)
-        t15 = t14
-        t16 = torch._foreach_addcdiv(t10, t12, t15, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t16)]
+        t15 = h_s5 if f_has_exp_avg else 1.0
+        t16 = (h_lr * t15)
+        t17 = torch._foreach_addcdiv(t10, t11, t14, value=-t16)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
         if f_estimate:
             torch._foreach_copy_(curvature, new_curvature_)
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
@@ -212,8 +211,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         t1 = curvature_estimate_ if f_estimate else curvature_
@@ -228,15 +227,15 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         if f_has_weight_decay:
             t6 = torch._foreach_mul(param_, _s_s4)
         t7 = t6 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
-        t9 = t8 if f_has_exp_avg else t4
-        t10 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
-        torch._foreach_pow_(t10, h_s7)
+        t8 = new_exp_avg_ if f_has_exp_avg else t4
+        t9 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
+        torch._foreach_pow_(t9, h_s7)
+        t10 = t9
+        torch._foreach_add_(t10, h_eps)
         t11 = t10
-        torch._foreach_add_(t11, h_eps)
-        t12 = t11
-        torch._foreach_addcdiv_(t7, t9, t12, value=-h_lr)
+        t12 = h_s5 if f_has_exp_avg else 1.0
+        t13 = (h_lr * t12)
+        torch._foreach_addcdiv_(t7, t8, t11, value=-t13)
         new_param_ = t7
         if f_estimate:
             torch._foreach_copy_(curvature, curvature_estimate_)

@@ -176,8 +176,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -204,19 +204,18 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         if f_has_weight_decay:
             t13 = t12 if f_decoupled_decay else param_
         t14 = t13 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            torch._foreach_mul_(t10, _s_s5)
-            t15 = t10
-        t16 = t15 if f_has_exp_avg else t5
-        t17 = t8 if f_keep_max else t6
-        torch._foreach_mul_(t17, _s_s6)
+        t15 = t10 if f_has_exp_avg else t5
+        t16 = t8 if f_keep_max else t6
+        torch._foreach_mul_(t16, _s_s6)
+        t17 = t16
+        torch._foreach_sqrt_(t17)
         t18 = t17
-        torch._foreach_sqrt_(t18)
+        torch._foreach_add_(t18, h_eps)
         t19 = t18
-        torch._foreach_add_(t19, h_eps)
-        t20 = t19
-        t21 = torch._foreach_addcdiv(t14, t16, t20, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t21)]
+        t20 = h_s5 if f_has_exp_avg else 1.0
+        t21 = (h_lr * t20)
+        t22 = torch._foreach_addcdiv(t14, t15, t19, value=-t21)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t22)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if f_keep_max:
             torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
@@ -224,8 +223,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -249,16 +248,16 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         if f_has_weight_decay:
             t10 = t9 if f_decoupled_decay else param_
         t11 = t10 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            t12 = torch._foreach_mul(new_exp_avg_, _s_s5)
-        t13 = t12 if f_has_exp_avg else t5
-        t14 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-        t15 = torch._foreach_mul(t14, _s_s6)
-        torch._foreach_sqrt_(t15)
+        t12 = new_exp_avg_ if f_has_exp_avg else t5
+        t13 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+        t14 = torch._foreach_mul(t13, _s_s6)
+        torch._foreach_sqrt_(t14)
+        t15 = t14
+        torch._foreach_add_(t15, h_eps)
         t16 = t15
-        torch._foreach_add_(t16, h_eps)
-        t17 = t16
-        torch._foreach_addcdiv_(t11, t13, t17, value=-h_lr)
+        t17 = h_s5 if f_has_exp_avg else 1.0
+        t18 = (h_lr * t17)
+        torch._foreach_addcdiv_(t11, t12, t16, value=-t18)
         new_param_ = t11
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)

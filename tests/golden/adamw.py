@@ -161,8 +161,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -182,19 +182,18 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         if f_has_weight_decay:
             t9 = torch._foreach_mul(param_, _s_s4)
         t10 = t9 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            torch._foreach_mul_(t7, _s_s5)
-            t11 = t7
-        t12 = t11 if f_has_exp_avg else t2
-        t13 = t5 if f_keep_max else t3
-        torch._foreach_mul_(t13, _s_s6)
+        t11 = t7 if f_has_exp_avg else t2
+        t12 = t5 if f_keep_max else t3
+        torch._foreach_mul_(t12, _s_s6)
+        t13 = t12
+        torch._foreach_sqrt_(t13)
         t14 = t13
-        torch._foreach_sqrt_(t14)
+        torch._foreach_add_(t14, h_eps)
         t15 = t14
-        torch._foreach_add_(t15, h_eps)
-        t16 = t15
-        t17 = torch._foreach_addcdiv(t10, t12, t16, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t17)]
+        t16 = h_s5 if f_has_exp_avg else 1.0
+        t17 = (h_lr * t16)
+        t18 = torch._foreach_addcdiv(t10, t11, t15, value=-t17)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t18)]
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         if f_keep_max:
             torch._foreach_copy_(max_exp_avg_sq, new_max_exp_avg_sq_)
@@ -202,8 +201,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -220,16 +219,16 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         if f_has_weight_decay:
             t6 = torch._foreach_mul(param_, _s_s4)
         t7 = t6 if f_has_weight_decay else param_
-        if f_has_exp_avg:
-            t8 = torch._foreach_mul(new_exp_avg_, _s_s5)
-        t9 = t8 if f_has_exp_avg else t2
-        t10 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
-        t11 = torch._foreach_mul(t10, _s_s6)
-        torch._foreach_sqrt_(t11)
+        t8 = new_exp_avg_ if f_has_exp_avg else t2
+        t9 = new_max_exp_avg_sq_ if f_keep_max else new_exp_avg_sq_
+        t10 = torch._foreach_mul(t9, _s_s6)
+        torch._foreach_sqrt_(t10)
+        t11 = t10
+        torch._foreach_add_(t11, h_eps)
         t12 = t11
-        torch._foreach_add_(t12, h_eps)
-        t13 = t12
-        torch._foreach_addcdiv_(t7, t9, t13, value=-h_lr)
+        t13 = h_s5 if f_has_exp_avg else 1.0
+        t14 = (h_lr * t13)
+        torch._foreach_addcdiv_(t7, t8, t12, value=-t14)
         new_param_ = t7
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)

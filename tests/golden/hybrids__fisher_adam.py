@@ -137,8 +137,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s5], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s5,) = _scalars.unbind()
         t0 = torch._foreach_mul(hessian_, _s_betas_1)
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
         t1 = t0
@@ -150,24 +150,24 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
             t5 = torch._foreach_lerp(exp_avg_, t4, h_s3)
             new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                     _e1 in zip(exp_avg_, t5)]
-            torch._foreach_mul_(t5, _s_s4)
-            t7 = t5
-        t8 = t7 if f_has_exp_avg else t4
+        t7 = t5 if f_has_exp_avg else t4
         torch._foreach_mul_(t1, _s_s5)
-        t9 = t1
-        torch._foreach_sqrt_(t9)
+        t8 = t1
+        torch._foreach_sqrt_(t8)
+        t9 = t8
+        torch._foreach_add_(t9, h_eps)
         t10 = t9
-        torch._foreach_add_(t10, h_eps)
-        t11 = t10
-        t12 = torch._foreach_addcdiv(param_, t8, t11, value=-h_lr)
-        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
+        t11 = h_s4 if f_has_exp_avg else 1.0
+        t12 = (h_lr * t11)
+        t13 = torch._foreach_addcdiv(param_, t7, t10, value=-t12)
+        new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t13)]
         torch._foreach_copy_(hessian, new_hessian_)
         if f_has_exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s5], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s5], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s5,) = _scalars.unbind()
         torch._foreach_mul_(hessian_, _s_betas_1)
         t0 = hessian_
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
@@ -178,14 +178,15 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         if f_has_exp_avg:
             torch._foreach_lerp_(exp_avg_, t3, h_s3)
             new_exp_avg_ = exp_avg_
-            t5 = torch._foreach_mul(new_exp_avg_, _s_s4)
-        t6 = t5 if f_has_exp_avg else t3
-        t7 = torch._foreach_mul(new_hessian_, _s_s5)
-        torch._foreach_sqrt_(t7)
+        t5 = new_exp_avg_ if f_has_exp_avg else t3
+        t6 = torch._foreach_mul(new_hessian_, _s_s5)
+        torch._foreach_sqrt_(t6)
+        t7 = t6
+        torch._foreach_add_(t7, h_eps)
         t8 = t7
-        torch._foreach_add_(t8, h_eps)
-        t9 = t8
-        torch._foreach_addcdiv_(param_, t6, t9, value=-h_lr)
+        t9 = h_s4 if f_has_exp_avg else 1.0
+        t10 = (h_lr * t9)
+        torch._foreach_addcdiv_(param_, t5, t8, value=-t10)
         new_param_ = param_
         if new_hessian_ is not hessian:
             torch._foreach_copy_(hessian, new_hessian_)

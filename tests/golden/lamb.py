@@ -201,8 +201,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s2, _s_s3, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_0, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_0, _s_s2, _s_s3, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -210,10 +210,10 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         t3 = torch._foreach_lerp(exp_avg_sq_, t2, h_s0)
         new_exp_avg_sq_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(exp_avg_sq_, t3)]
-        t5 = h_s1 if f_grad_averaging2 else 1.0
-        t6 = torch._foreach_mul(t1, t5)
-        torch._foreach_add_(t6, exp_avg_, alpha=h_betas_0)
-        t7 = t6
+        t5 = torch._foreach_mul(exp_avg_, _s_betas_0)
+        t6 = h_s1 if f_grad_averaging2 else 1.0
+        torch._foreach_add_(t5, t1, alpha=t6)
+        t7 = t5
         new_exp_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(exp_avg_, t7)]
         if f_has_weight_decay:
             t9 = torch._foreach_mul(param_, _s_s2)
@@ -245,18 +245,19 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
-        (_s_s2, _s_s3, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_0, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
+        (_s_betas_0, _s_s2, _s_s3, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
         t2 = torch._foreach_mul(t1, t1)
         torch._foreach_lerp_(exp_avg_sq_, t2, h_s0)
         new_exp_avg_sq_ = exp_avg_sq_
-        t4 = h_s1 if f_grad_averaging2 else 1.0
-        t5 = torch._foreach_mul(t1, t4)
-        torch._foreach_add_(t5, exp_avg_, alpha=h_betas_0)
-        new_exp_avg_ = t5
+        torch._foreach_mul_(exp_avg_, _s_betas_0)
+        t4 = exp_avg_
+        t5 = h_s1 if f_grad_averaging2 else 1.0
+        torch._foreach_add_(t4, t1, alpha=t5)
+        new_exp_avg_ = t4
         if f_has_weight_decay:
             t7 = torch._foreach_mul(param_, _s_s2)
         t8 = t7 if f_has_weight_decay else param_
@@ -282,7 +283,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         new_param_ = torch._foreach_sub(t8, t26)
         if new_exp_avg_sq_ is not exp_avg_sq:
             torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
-        torch._foreach_copy_(exp_avg, new_exp_avg_)
+        if new_exp_avg_ is not exp_avg:
+            torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
 
 
