@@ -40,7 +40,7 @@ import curvc
 from curvc import coverage, explain, resources, routing
 from curvc.compiler import _load_cached
 
-from _explained import Explained  # tests/_explained.py
+from _explained import Explained, assert_same_step  # tests/_explained.py
 from test_foreach_backend import VARIANTS as FOREACH_VARIANTS
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
@@ -204,13 +204,7 @@ def test_explain_computes_what_the_code_computes(label, source, hypers):
         # itself is compared (to its own size), and a state explain gets wrong shows in
         # a later step
         want = run.step(t, theta, grad, estimate if wants else None) - theta
-        got = torch.cat([p.detach().reshape(-1) for p in params])
-        scale = max(want.abs().max().item(), 1e-300)
-        err = (got - theta - want).abs().max().item()
-        assert err <= 1e-9 * scale, (
-            f"step {t}: the code's step and explain's differ by {err:.3g} "
-            f"(the step's size {scale:.3g})\n" + "\n".join(lines))
-        theta = got.clone()
+        theta = assert_same_step(t, theta, want, params, lines)
 
 
 def test_a_hyperparameter_named_like_an_equation_symbol_is_printed_as_one():

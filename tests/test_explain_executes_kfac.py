@@ -17,7 +17,7 @@ import curvc
 from curvc import coverage, explain, resources
 from curvc.compiler import _load_cached
 
-from _explained import Explained  # tests/_explained.py
+from _explained import Explained, assert_same_step  # tests/_explained.py
 
 STEPS = 6
 LAYERS = [(5, 4), (3, 5)]  # (out, in)
@@ -87,10 +87,4 @@ def test_explain_computes_what_the_code_computes_for_kfac(label, source, hypers)
         grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
         opt.step()
         want = run.step(t, theta, grad, None, rows=rows) - theta
-        got = torch.cat([p.detach().reshape(-1) for p in params])
-        scale = max(want.abs().max().item(), 1e-300)
-        err = (got - theta - want).abs().max().item()
-        assert err <= 1e-9 * scale, (
-            f"step {t}: the code's step and explain's differ by {err:.3g} "
-            f"(the step's size {scale:.3g})\n" + "\n".join(lines))
-        theta = got.clone()
+        theta = assert_same_step(t, theta, want, params, lines)
