@@ -22,7 +22,7 @@ FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
 # (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
 
 def _host_scalar(e) -> bool:
-    """A host value: a scalar, a constant, or an expression of them alone (a Python float
+    """A host value: a Scalar, a Const, or an expression of those alone (a Python float
     where the backend renders it, as ``value=`` and ``alpha=`` want)."""
     return isinstance(e, (Scalar, Const)) or (
         isinstance(e, (Op, Select)) and all(isinstance(n, (Scalar, Const, Op, Select))
@@ -31,10 +31,10 @@ def _host_scalar(e) -> bool:
 
 def _scaled_numerator(n, on, once):
     """(x, s) where the numerator ``n`` is x times the host scalar s (s = 1 where it is
-    not), the product folded into the addcdiv's value as torch.optim.Adam folds its
-    bias correction into step_size: one pass over the tensors fewer. ``n`` may choose
-    by a flag between such a product and a plain list (Adam's has_exp_avg): x then
-    chooses too, and s by the same flag between its factor and 1. ``on``: the node
+    not), the product folded into the addcdiv's value as torch.optim's foreach steps fold
+    a bias correction into their step size: one pass over the tensors fewer. ``n`` may
+    choose by a flag between such a product and a plain list (a momentum that may be
+    off): x then chooses too, and s by the same flag between its factor and 1. ``on``: the node
     before its operands were rewritten (its use counts decide)."""
     def factor(e, o):
         if isinstance(e, Op) and e.op == "mul" and once(o):
