@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from _explained_factored import factored, factored_sizes
 from _explained_kfac import KFAC, KFAC_NOTES, kfac_statements, mean_outer, t_sum_outer
-from _explained_kronecker import Identity, Kronecker, Modes
+from _explained_kronecker import SAMPLED, SAMPLED_NOTES, Identity, Kronecker, Modes
 
 # how explain names the source's estimate; each becomes E (what step(curvature=E) hands)
 _SOURCE_PHRASES = (
@@ -107,6 +108,8 @@ def _python(text: str) -> str:
     text = re.sub(r"Q diag\((\w+)\) sign\(Q\^T (\w+)\)", r"(Q @ (\1 * _sign0(Q.T @ \2)))",
                   text)
     # the Kronecker structure (tests/_explained_kronecker.py): modes' Gram matrices, roots
+    text = text.replace("sum_r G_r G_r^T", "_gram_rows_first(G_r)")
+    text = text.replace("sum_r G_r^T G_r", "_gram_rows_rest(G_r)")
     text = text.replace("G G^T", "_gram_first(G)").replace("G^T G", "_gram_rest(G)")
     text = re.sub(r"\bL\^-\d+/\d+ (\w+) R\^-\d+/\d+", r"_kron(L, \1, R)", text)
     text = re.sub(r"Q_L \[w_L\^-\d+/\d+ w_R\^-\d+/\d+ \* sign\(Q_L\^T (\w+) Q_R\)\] Q_R\^T",
@@ -195,7 +198,10 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
     out = []
     for line in lines:
         if line.startswith("        "):  # a note on the whole update
-            if line in KFAC_NOTES:
+            if line in KFAC_NOTES or line in SAMPLED_NOTES:
+                continue
+            if m := re.fullmatch(r"\s+\(each row times sqrt\((\S+)\)\)", line):
+                period["row_scale"] = m[1]  # Explained.sampled's rows carry it
                 continue
             if period.get("kronecker") and re.fullmatch(
                     r"\s+g unfolded along mode i \(modes longer than max_dim keep none\)", line):
@@ -235,6 +241,10 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         if (kfac := kfac_statements(line, period)) is not None:  # tests/_explained_kfac.py
             for target, expr, every in kfac:
                 out.append(Statement(target, expr, roots_every=every))
+            continue
+        if rows := SAMPLED.get(line):  # the rows the caller samples (Explained.sampled)
+            period["sampled"] = rows
+            out.append(Statement("G_r", "_sampled"))
             continue
         if rhs.startswith("g as a matrix; an order-k tensor has one factor per mode i, "
                           "from G_(i),"):
@@ -303,40 +313,6 @@ class Explained:
         k = int(self.h[k])
         return (t - 1) % k == 0 and (t > 1 or not delayed)
 
-    def _segments(self, x, sizes):
-        return zip(self.shapes, torch.split(x, sizes))
-
-    def _factored_sizes(self):
-        """The flat sizes of R and C over all tensors (an order < 2 tensor: R its c)."""
-        rows = [torch.Size(s[:-1]).numel() if len(s) >= 2 else torch.Size(s).numel()
-                for s in self.shapes]
-        cols = [torch.Size(s[:-2]).numel() * s[-1] if len(s) >= 2 else 0 for s in self.shapes]
-        return rows, cols
-
-    def _factored(self) -> dict:
-        rows, cols = self._factored_sizes()
-        zero = self.period.get("rank1_zero", False)
-
-        def means(dim):
-            def of(x):
-                out = [v.view(sh).mean(dim).reshape(-1) if len(sh) >= 2 else
-                       (v if dim == -1 else v[:0]) for sh, v in self._segments(x, self.sizes)]
-                return torch.cat(out)
-            return of
-
-        def rank1(r, c, eps):
-            out = []
-            for sh, rt, ct in zip(self.shapes, torch.split(r, rows), torch.split(c, cols)):
-                if len(sh) < 2:
-                    out.append(rt)
-                    continue
-                rt, ct = rt.view(*sh[:-1], 1), ct.view(*sh[:-2], 1, sh[-1])
-                scale = rt.mean(-2, keepdim=True).clamp(min=eps)
-                v = rt * ct / scale
-                out.append((torch.where(scale > 0, v, 0.0) if zero else v).reshape(-1))
-            return torch.cat(out)
-        return dict(_rows=means(-1), _cols=means(-2), _rank1=rank1)
-
     def _kronecker(self, st: Statement) -> dict:
         kron = self.kron
         kron.rounding = self.period.get("kron_rounding") is True and self.kron.from_zero
@@ -344,6 +320,7 @@ class Explained:
         t = self.env.get("t", 1)
         refresh = every is None or (t - 1) % int(self.h[every]) == 0
         return dict(_gram_first=kron.gram(True), _gram_rest=kron.gram(False), _I=Identity(),
+                    _gram_rows_first=kron.gram_rows(True), _gram_rows_rest=kron.gram_rows(False),
                     _kron=kron.preconditioned(st.mode_exponent, refresh), _eigens=kron.eigens,
                     _eigen_sign=kron.eigen_sign(st.mode_exponent))
 
@@ -400,7 +377,7 @@ class Explained:
                    _amax=lambda x: x.abs().max(), eigh=eigh, N=n, eps64=2.0 ** -52,
                    _sign0=sign0 if st.rounding_sign else torch.sign)
         if self.period.get("factored") is True:
-            fns.update(self._factored())
+            fns.update(factored(self.shapes, self.period.get("rank1_zero", False)))
         if self.period.get("kronecker"):
             fns.update(self._kronecker(st))
         if self.period.get("kfac"):
@@ -420,12 +397,21 @@ class Explained:
             fns["RMS"] = rms
         return fns
 
-    def step(self, t: int, theta, grad, estimate, rows=None) -> torch.Tensor:
+    @property
+    def sampled(self) -> tuple[str, str] | None:
+        """(which rows, the scale each row's square carries) where the lines sample rows
+        G_r: 'fisher' (per example and drawn label, over sqrt(rows)) or 'gnb' (per draw,
+        sqrt(B / samples) times the batch's mean-loss gradient); the caller makes them."""
+        kind = self.period.get("sampled")
+        return None if kind is None else (kind, self.period.get("row_scale", "1"))
+
+    def step(self, t: int, theta, grad, estimate, rows=None, sampled=None) -> torch.Tensor:
         """``rows``: K-FAC's (a, ds), per layer this batch's input rows (with the 1 for the
-        bias) and output gradients."""
+        bias) and output gradients; ``sampled``: per tensor, the stack of rows G_r."""
         env = self.env
         if rows is not None:
             env["a"], env["ds"] = rows
+        env["_sampled"] = sampled
         if not self.started:
             self.started = True
             zero = torch.zeros_like(theta)
@@ -440,7 +426,7 @@ class Explained:
                 env["S"] = Modes([[zero.new_zeros(o, o)] for o, _ in self.layers])
             env.setdefault("d", zero)
             if self.period.get("factored") is True:  # R and C: per-row and per-column means
-                rows, cols = self._factored_sizes()
+                rows, cols = factored_sizes(self.shapes)
                 env["R"], env["C"] = zero.new_zeros(sum(rows)), zero.new_zeros(sum(cols))
             env.update(self.h)
             env.update({f"_hyper_{k}": v for k, v in self.h.items()})

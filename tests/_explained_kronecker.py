@@ -28,6 +28,17 @@ import torch
 ROUNDING = 1e-10  # generous: what is at rounding level in float64 is far below it
 
 
+# the sampled rows' lines, and what their rows are (Explained.sampled, the caller's)
+SAMPLED = {
+    "G_r   = per example and label y ~ p(y|x) (samples per example), the gradient": "fisher",
+    "G_r   = per draw of labels y ~ p(y|x) for the batch, sqrt(B / samples) times the": "gnb",
+}
+SAMPLED_NOTES = (
+    "        of -log p(y|x), over sqrt(rows): sum_r G_r G_r^T is the mean (the Fisher)",
+    "        gradient of the mean loss on them (Gauss-Newton-Bartlett)",
+)
+
+
 class Identity:
     """``I`` beside a factor: the identity of each factor's own size, times ``scale``."""
 
@@ -104,6 +115,15 @@ class Kronecker:
         def of(flat):
             return Modes([[_unfold(x, i) @ _unfold(x, i).T for i in self._modes(x.shape, first)]
                           for x in self.tensors(flat)])
+        return of
+
+    def gram_rows(self, first: bool):
+        """``sum_r G_r G_r^T`` (mode 0) or ``sum_r G_r^T G_r`` (the others): per tensor, the
+        sum over its stack of rows (R, *shape) of each row's modes' Gram matrices."""
+        def of(rows: list[torch.Tensor]):
+            # mode i of every row at once: the stack unfolded along its dim i + 1
+            return Modes([[_unfold(r, i + 1) @ _unfold(r, i + 1).T
+                           for i in self._modes(r.shape[1:], first)] for r in rows])
         return of
 
     def _factors(self, first: Modes, rest: Modes) -> list[list[torch.Tensor]]:

@@ -44,6 +44,26 @@ def _model() -> torch.nn.Module:
                                torch.nn.Linear(i2, o2)).double()
 
 
+def batches(label: str, rows: int, steps: int):
+    """(t, x, y) for steps t = 1.., a fresh batch of ``rows`` each, seeded by the case."""
+    gen = torch.Generator().manual_seed(sum(map(ord, label)))
+    for t in range(1, steps + 1):
+        yield (t, torch.randn(rows, LAYERS[0][1], generator=gen, dtype=torch.float64),
+               torch.randint(0, LAYERS[-1][0], (rows,), generator=gen))
+
+
+def compiled(label: str, source: str, hypers: dict, takes_model: bool):
+    """(the model, the compiled optimizer on it, explain's lines, the group's
+    hyperparameters) for one case."""
+    opt_ir = curvc.to_ir(source)
+    model = _model()
+    cls = _load_cached(source, f"<{label}>", "torch")
+    opt = cls(model if takes_model else list(model.parameters()), **hypers)
+    h = dict(opt.param_groups[0])
+    h.pop("params")
+    return model, opt, explain.equations(opt_ir, curvc.to_plan(opt_ir)), h
+
+
 def _rows(model: torch.nn.Module, x, y) -> tuple[list, list]:
     """The loss's backward pass on (x, y), and per Linear its rows (a, ds)."""
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
@@ -68,20 +88,11 @@ def test_the_cases_include_the_shipped_spec_and_the_cross_product():
 
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes_for_kfac(label, source, hypers):
-    opt_ir = curvc.to_ir(source)
-    cls = _load_cached(source, f"<{label}>", "torch")
-    model = _model()
+    model, opt, lines, h = compiled(label, source, hypers, takes_model=True)
     params = list(model.parameters())
-    opt = cls(model, **hypers)
-    h = dict(opt.param_groups[0])
-    h.pop("params")
-    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
     run = Explained(lines, h, [tuple(p.shape) for p in params], layers=LAYERS)
-    gen = torch.Generator().manual_seed(sum(map(ord, label)))
     theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-    for t in range(1, STEPS + 1):
-        x = torch.randn(8, LAYERS[0][1], generator=gen, dtype=torch.float64)
-        y = torch.randint(0, LAYERS[-1][0], (8,), generator=gen)
+    for t, x, y in batches(label, 8, STEPS):
         opt.zero_grad()
         rows = _rows(model, x, y)
         grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
