@@ -64,7 +64,7 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict, solve: bool = True) -> 
     w, q = torch.linalg.eigh(a)
     # Eigenvalues at rounding level are zero (numpy's pinv rule): a Fisher of softmax
     # outputs is singular along the logits' shared shift, and 1/1e-17 is no step.
-    positive = w > w.abs().max() * w.numel() * torch.finfo(w.dtype).eps
+    positive = w > matrix.rounding_level(w)
     w = w.clamp(min=torch.finfo(w.dtype).tiny)
     root = {"none": w, "normalized": w, "gradient_norm": w.pow(s["power"] / 2),
             "eigen_sign": w.sqrt()}[s["length"]]

@@ -118,8 +118,15 @@ def at_rounding(w: torch.Tensor, inside: float = 0.0, start: float = 0.0) -> tor
     start's share), and its small eigenvalues are kept as computed."""
     if inside or start:
         return w
-    level = w.abs().amax(-1, keepdim=True) * (w.shape[-1] * torch.finfo(w.dtype).eps)
-    return torch.where(w.abs() <= level, torch.zeros_like(w), w)
+    return torch.where(w.abs() <= rounding_level(w), torch.zeros_like(w), w)
+
+
+def rounding_level(w: torch.Tensor) -> torch.Tensor:
+    """n eps max|w| of each row of eigenvalues (n their number, eps their precision's):
+    an eigenvalue at or below it is rounding noise of a zero one (numpy's pinv cutoff).
+    The one threshold of the matrix structures' pseudo-inverse: the factors' (above)
+    and the dense matrix's (``curvc.runtime.dense``, on its damped eigenvalues)."""
+    return w.abs().amax(-1, keepdim=True) * (w.shape[-1] * torch.finfo(w.dtype).eps)
 
 
 def _root_of(w: torch.Tensor, q: torch.Tensor, exponent: float, after: float = 0.0,
