@@ -70,7 +70,7 @@ def kfac_gradient(opt: ir.Optimizer, nums: Numbers) -> list[str]:
         eq.append(f"g     = {_kfac_factor('S', root)} {g} {_kfac_factor('A', root)}   "
                   f"(per layer{roots})")
     eq.append("        (g = grad outside nn.Linear and nn.Conv2d layers)")
-    if not root.inside:  # matrix.at_rounding, as for the Kronecker factors
+    if not root.inside:  # roots.at_rounding, as for the Kronecker factors
         eq += _ROUNDING
     if opt.length.kind == "normalized":
         eq.append(f"g     = g / sqrt(sum(grad * g))   (sum over {base._over(opt.length)}; "
@@ -155,7 +155,7 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     return eq
 
 
-# matrix.at_rounding: a singular factor's null space is 0, not the inverse root of noise
+# roots.at_rounding: a singular factor's null space is 0, not the inverse root of noise
 _ROUNDING = ("        (a factor that starts at 0: each eigenvalue within n eps of its largest is 0,",
              "         n the factor's size and eps its precision's)")
 

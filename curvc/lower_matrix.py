@@ -147,7 +147,7 @@ def lower_kfac(s: Step) -> Expr:
     length none and normalized (the natural gradient F^-1 g), (F + eps I)^(-power/2)
     for gradient_norm (Shampoo's root: K-FAC <-> Shampoo), and the eigenbasis sign
     step with (lambda + eps)^(-1/2) for eigen_sign; damping add puts eps after the
-    root, (F^e + eps I)^-1, and floor bounds it, max(F^e, eps)^-1 (matrix.spectral).
+    root, (F^e + eps I)^-1, and floor bounds it, max(F^e, eps)^-1 (roots.spectral).
     normalized divides by sqrt(g^T F^-1 g) over all
     parameters, here, as one reduction of the raw and the preconditioned gradient.
     """

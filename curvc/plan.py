@@ -279,7 +279,7 @@ class FactoredStage:
     product V = R C / max(mean(R), eps) (0 where that is 0), divided by
     ``bias_correction``; a tensor of lower order keeps the plain diagonal V itself. The
     step is f(V) times the value (``length='root'``) or its sign (``'eigen_sign'``),
-    f the spectral function of ``curvc.runtime.matrix.spectral`` applied elementwise
+    f the spectral function of ``curvc.runtime.roots.spectral`` applied elementwise
     (exponent, eps_inside, eps_after, floor); then, per tensor, ``clipped``: divided by
     max(1, RMS / clip), and ``relative``: times max(scale_eps, RMS(param)), the
     parameter's RMS before the step (the relative step's per-tensor part). Those norms

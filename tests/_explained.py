@@ -184,8 +184,7 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         st.scopes.add("global")
     elif clause == "per layer":  # K-FAC's g line: the layers are the lines' own unit
         pass
-    elif clause == "sum over all parameters; g = 0 where it is 0" or (
-            clause == "g = 0 where it is 0" and st.target == "g"):
+    elif clause == "g = 0 where it is 0" and st.target == "g":  # K-FAC's normalized g
         st.zero_sum = True
     elif clause == "sign 0 at rounding level":  # per tensor (_explained_kronecker.ROUNDING)
         pass

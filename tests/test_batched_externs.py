@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import curvc
-from curvc.runtime import batched, matrix
+from curvc.runtime import batched, matrix, roots
 
 # two groups of shapes, a singleton, and a vector
 MATRICES = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (8, 8)]
@@ -208,10 +208,10 @@ def test_a_root_that_fails_in_the_stack_keeps_its_previous_one_and_the_others_do
     due = [(states[0], "r", good[0], 0.25), (states[1], "r", good[1], 0.25),
            (states[2], "r", bad, 0.25), (states[3], "r", good[2], 0.25)]
     with pytest.warns(RuntimeWarning, match="previous root is kept"):
-        batched.refresh_roots(matrix.checked_inverse_root, due, 0.0, 0.0, 0.0)
+        batched.refresh_roots(roots.checked_inverse_root, due, 0.0, 0.0, 0.0)
     assert states[2]["r"] is previous
     for state, g in zip((states[0], states[1], states[3]), good):
-        one = matrix.checked_inverse_root(g, 0.25, 0.0, torch.float32)
+        one = roots.checked_inverse_root(g, 0.25, 0.0, torch.float32)
         torch.testing.assert_close(state["r"], one, rtol=0, atol=1e-6)
 
 
@@ -226,10 +226,10 @@ def test_a_float32_stack_that_fails_is_retried_per_factor_in_float64(monkeypatch
     gen = torch.Generator().manual_seed(0)
     factors = [(lambda x: x @ x.T)(torch.randn(5, 8, generator=gen)) for _ in range(3)]
     states = [{} for _ in factors]
-    batched.refresh_roots(matrix.checked_inverse_root,
+    batched.refresh_roots(roots.checked_inverse_root,
                           [(s, "r", f, 0.5) for s, f in zip(states, factors)], 0.0, 0.0, 0.0)
     for s, f in zip(states, factors):
-        assert torch.equal(s["r"], matrix.checked_inverse_root(f, 0.5, 0.0, torch.float32))
+        assert torch.equal(s["r"], roots.checked_inverse_root(f, 0.5, 0.0, torch.float32))
 
 
 @pytest.mark.parametrize("name", ["shampoo", "adafactor", "muon"])

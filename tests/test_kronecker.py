@@ -270,12 +270,12 @@ def _exact_root(a: np.ndarray, exponent: float) -> np.ndarray:
 def test_a_float32_factor_takes_a_float32_root_as_accurate_as_float32_allows(monkeypatch):
     """A backward-stable eigh in float32 errs by dA of order n eps ||A||; the root's
     derivative is bounded by e lambda_min^(-e-1), so ||dR||_F / ||R||_2 <= e kappa n eps."""
-    from curvc.runtime import matrix
+    from curvc.runtime import roots
     n, kappa, e = 64, 1e3, 0.25
     exact = _factor_with_spectrum(np.logspace(0, -3, n))  # condition number kappa
     factor = torch.tensor(exact, dtype=torch.float32)
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed(matrix.checked_inverse_root, factor, e, 0.0, 0.0, 0.0, None)
+    root = roots.refreshed(roots.checked_inverse_root, factor, e, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float32] and root.dtype == torch.float32
     ref = _exact_root(factor.double().numpy(), e)  # the float32 matrix, exactly
     error = np.linalg.norm(root.double().numpy() - ref) / np.linalg.norm(ref, 2)
@@ -285,10 +285,10 @@ def test_a_float32_factor_takes_a_float32_root_as_accurate_as_float32_allows(mon
 
 
 def test_a_float64_factor_keeps_its_root_in_float64(monkeypatch):
-    from curvc.runtime import matrix
+    from curvc.runtime import roots
     factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -3, 16)))
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
+    root = roots.refreshed(roots.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float64]
     np.testing.assert_allclose(root.numpy(), _exact_root(factor.numpy(), 0.25), rtol=1e-10)
 
@@ -296,12 +296,12 @@ def test_a_float64_factor_keeps_its_root_in_float64(monkeypatch):
 def test_a_factor_that_overflows_float32_gets_its_root_from_float64(monkeypatch, recwarn):
     """Sum-accumulated statistics can near float32's largest value, where symmetrizing
     in float32 overflows; float64 holds them, and their root is a normal float32."""
-    from curvc.runtime import matrix
+    from curvc.runtime import roots
     exact = _factor_with_spectrum(np.linspace(2.0e38, 3.0e38, 8))
     factor = torch.tensor(exact, dtype=torch.float32)
     assert torch.isfinite(factor).all()
     calls = _spy_eigh(monkeypatch)
-    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
+    root = roots.refreshed(roots.checked_inverse_root, factor, 0.25, 0.0, 0.0, 0.0, None)
     assert calls == [torch.float32, torch.float64]
     np.testing.assert_allclose(root.double().numpy(), _exact_root(factor.double().numpy(), 0.25),
                                rtol=1e-6)
@@ -314,10 +314,10 @@ def test_a_factor_that_overflows_float32_gets_its_root_from_float64(monkeypatch,
 ], ids=["inaccurate", "nonfinite"])
 def test_a_failed_float32_eigendecomposition_is_retried_in_float64(monkeypatch, recwarn,
                                                                     corrupt):
-    from curvc.runtime import matrix
+    from curvc.runtime import roots
     factor = torch.tensor(_factor_with_spectrum(np.logspace(0, -2, 12)), dtype=torch.float32)
     calls = _spy_eigh(monkeypatch, fail_float32=corrupt)
-    root = matrix._refreshed(matrix.checked_inverse_root, factor, 0.5, 1e-3, 0.0, 0.0, None)
+    root = roots.refreshed(roots.checked_inverse_root, factor, 0.5, 1e-3, 0.0, 0.0, None)
     assert calls == [torch.float32, torch.float64]
     ref = _exact_root(factor.double().numpy() + 1e-3 * np.eye(12), 0.5)
     np.testing.assert_allclose(root.double().numpy(), ref, rtol=1e-5, atol=1e-6)
@@ -355,7 +355,7 @@ def test_shampoo_on_cuda_equals_shampoo_on_cpu_in_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [0.0, 1e-12, 0.37])
 def test_the_damped_factor_is_the_symmetrized_sum_with_eps_identity_to_the_last_bit(dtype, eps):
-    from curvc.runtime.matrix import damped_symmetric
+    from curvc.runtime.roots import damped_symmetric
     g = torch.Generator().manual_seed(3)
     a = torch.randn(17, 5, generator=g)
     factor = a @ a.T + 1e-3 * torch.randn(17, 17, generator=g)  # not quite symmetric

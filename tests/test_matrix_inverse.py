@@ -1,10 +1,10 @@
-"""K-FAC's damped inverse (F + gamma I)^-1 (``curvc.runtime.matrix.inverse_root``, exponent 1):
+"""K-FAC's damped inverse (F + gamma I)^-1 (``curvc.runtime.roots.inverse_root``, exponent 1):
 a Cholesky factorization in float32 for a float32 factor while LAPACK's error bound,
 n eps kappa with kappa estimated from the pivots, stays below 1%; in float64 otherwise."""
 import torch
 
 import curvc
-from curvc.runtime.matrix import inverse_root
+from curvc.runtime.roots import inverse_root
 
 
 def _spd(n: int, condition: float, dtype=torch.float32, seed=0) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """An undamped curvature that is zero somewhere: the step there is 0 (the pseudo-inverse),
-for the diagonal structure as for the matrix ones (``curvc.runtime.matrix.spectral``),
+for the diagonal structure as for the matrix ones (``curvc.runtime.roots.spectral``),
 never 0/0."""
 import pytest
 import torch

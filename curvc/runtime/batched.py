@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from curvc.runtime import roots
+
 
 def run(e, work: list) -> None:
     """Extern ``e`` over ``work`` ((group, bucket, scalars, flags) per bucket) through its
@@ -172,8 +174,8 @@ def kronecker_many(states: list, statistics: list, values: list, *, length: str,
         if value.numel() == 0:
             out[i] = value
             continue
-        modes, roots, e = matrix.kronecker_factors(state, statistic, value, **kw)
-        due += [(state, key, factor, e) for key, factor in roots]
+        modes, refresh, e = matrix.kronecker_factors(state, statistic, value, **kw)
+        due += [(state, key, factor, e) for key, factor in refresh]
         applied.append((i, modes))
     refresh_roots(matrix.root_function(length), due, eps_inside, eps_after, floor,
                   kw["init"])
@@ -185,33 +187,31 @@ def kronecker_many(states: list, statistics: list, values: list, *, length: str,
 def refresh_roots(how, due: list, eps: float, after: float, floor: float,
                   start: float = 0.0) -> None:
     """Each (state, key, factor, exponent) of ``due``: ``state[key]``, the factor's root by
-    ``how`` (``matrix.checked_inverse_root`` or ``checked_eigenbasis``). Factors of one
+    ``how`` (``roots.checked_inverse_root`` or ``checked_eigenbasis``). Factors of one
     size, dtype, device and exponent are decomposed together; one whose stacked root
-    fails the per-matrix checks takes ``matrix._refreshed``'s way alone (float64 retry,
+    fails the per-matrix checks takes ``roots.refreshed``'s way alone (float64 retry,
     the previous root kept)."""
-    from curvc.runtime import matrix
     by = defaultdict(list)
     for j, (_, _, factor, e) in enumerate(due):
         by[(tuple(factor.shape), factor.dtype, factor.device, e)].append(j)
     for (_, _, _, e), ix in by.items():
-        roots = (_stacked_roots(how, [due[j][2] for j in ix], e, eps, after, floor, start)
-                 if len(ix) > 1 else [None])
-        for j, root in zip(ix, roots):
+        stacked = (_stacked_roots(how, [due[j][2] for j in ix], e, eps, after, floor, start)
+                   if len(ix) > 1 else [None])
+        for j, root in zip(ix, stacked):
             state, key, factor, _ = due[j]
             if root is None:
-                root = matrix._refreshed(how, factor, e, eps, after, floor, state.get(key),
-                                         start=start)
+                root = roots.refreshed(how, factor, e, eps, after, floor, state.get(key),
+                                       start=start)
             state[key] = root
 
 
 def _stacked_roots(how, factors: list, exponent: float, eps: float, after: float,
                    floor: float, start: float = 0.0) -> list:
     """``how`` of each factor from one batched ``eigh``, in the first precision
-    ``matrix._refreshed`` tries; None for one that fails ``matrix.checked_eigh``'s checks
+    ``roots.refreshed`` tries; None for one that fails ``roots.checked_eigh``'s checks
     (or every one, if the batched solver raises)."""
-    from curvc.runtime import matrix
     f0 = factors[0]
-    dtype = matrix._root_dtypes(f0.dtype)[0]
+    dtype = roots.root_dtypes(f0.dtype)[0]
     n = f0.shape[0]
     a = torch.stack(factors).to(dtype)
     if eps:
@@ -221,20 +221,20 @@ def _stacked_roots(how, factors: list, exponent: float, eps: float, after: float
         w, q = torch.linalg.eigh(a)
     except RuntimeError:  # torch.linalg.LinAlgError: one did not converge
         return [None] * len(factors)
-    gen = torch.Generator(device=a.device).manual_seed(n)  # matrix.checked_eigh's probes
-    v = torch.randn(n, matrix._PROBES, dtype=dtype, device=a.device, generator=gen)
+    gen = torch.Generator(device=a.device).manual_seed(n)  # roots.checked_eigh's probes
+    v = torch.randn(n, roots.PROBES, dtype=dtype, device=a.device, generator=gen)
     residual = torch.linalg.matrix_norm(a @ v - q @ (w[..., :, None] * (q.mT @ v)))
-    scale = torch.linalg.matrix_norm(a) * math.sqrt(matrix._PROBES)
-    limit = matrix._RESIDUAL_SLACK * n * torch.finfo(dtype).eps
+    scale = torch.linalg.matrix_norm(a) * math.sqrt(roots.PROBES)
+    limit = roots.RESIDUAL_SLACK * n * torch.finfo(dtype).eps
     ok = (torch.isfinite(w).all(-1) & torch.isfinite(q).all(-1).all(-1)
           & (residual <= limit * scale))
-    s = matrix.spectral(matrix.at_rounding(w, eps, start), exponent, after, floor)
-    if how is matrix.checked_eigenbasis:
+    s = roots.spectral(roots.at_rounding(w, eps, start), exponent, after, floor)
+    if how is roots.checked_eigenbasis:
         ok &= torch.isfinite(s).all(-1)
-        roots = torch.cat([q, s[..., None]], dim=-1)
+        out = torch.cat([q, s[..., None]], dim=-1)
     else:
-        roots = (q * s[..., None, :]) @ q.mT
-        ok &= torch.isfinite(roots).all(-1).all(-1)
-    roots = roots.to(f0.dtype)
+        out = (q * s[..., None, :]) @ q.mT
+        ok &= torch.isfinite(out).all(-1).all(-1)
+    out = out.to(f0.dtype)
     # each its own tensor: a view of the stack would carry the whole stack into a checkpoint
-    return [r.clone() if good else None for r, good in zip(roots.unbind(0), ok.tolist())]
+    return [r.clone() if good else None for r, good in zip(out.unbind(0), ok.tolist())]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from curvc.runtime import matrix
+from curvc.runtime import matrix, roots
 
 from curvc.runtime.curvature import batched_rows
 from curvc.runtime.secant import flat_grad
@@ -64,7 +64,7 @@ def direction(c: torch.Tensor, g: torch.Tensor, s: dict, solve: bool = True) -> 
     w, q = torch.linalg.eigh(a)
     # Eigenvalues at rounding level are zero (numpy's pinv rule): a Fisher of softmax
     # outputs is singular along the logits' shared shift, and 1/1e-17 is no step.
-    positive = w > matrix.rounding_level(w)
+    positive = w > roots.rounding_level(w)
     w = w.clamp(min=torch.finfo(w.dtype).tiny)
     root = {"none": w, "normalized": w, "gradient_norm": w.pow(s["power"] / 2),
             "eigen_sign": w.sqrt()}[s["length"]]

@@ -40,8 +40,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from curvc.runtime import distributed, kfac_layers
-from curvc.runtime.matrix import (_SIGN_SLACK, at_rounding, damped_symmetric, inverse_root,
-                                  spectral)
+from curvc.runtime.matrix import SIGN_SLACK
+from curvc.runtime.roots import at_rounding, damped_symmetric, inverse_root, spectral
 
 
 class LayerTracker:
@@ -147,7 +147,7 @@ class Settings:
     when the plan says (``iterate ema_or_sum``: the sum from 0 at beta = 1, weight 1).
     Each factor F then
     becomes ``f(F)`` with f(lambda) = 1 / max((lambda + damping)^exponent +
-    damping_after, floor) (``matrix.spectral``: 0 for a non-positive eigenvalue without
+    damping_after, floor) (``roots.spectral``: 0 for a non-positive eigenvalue without
     damping after or floor, the pseudo-inverse);
     ``sign``: the step is taken in the factors' eigenbases (eigen_sign).
     """
@@ -186,7 +186,7 @@ def _eigen(factor: torch.Tensor, st: Settings) -> tuple[torch.Tensor, torch.Tens
 
 def _start(st: Settings) -> float:
     """The multiple of I a factor starts from (``_accumulated``): an instant factor has
-    none, so it can be singular (``matrix.at_rounding``)."""
+    none, so it can be singular (``roots.at_rounding``)."""
     if st.iterate == "instant":
         return 0.0
     start = 0.0 if st.bias_corrected else (st.init if st.iterate == "sum" else 1.0)
@@ -226,9 +226,9 @@ def _sign_above_rounding(c: torch.Tensor, g: torch.Tensor, s_op: torch.Tensor,
     step), would be noise too. The rounding of b_i^T G b_j is at most about
     (m + n) eps ||G|| ||b_i|| ||b_j||; below 16 times that an entry counts as zero.
     """
-    # the bound itself sits at rounding level: a slack (matrix._SIGN_SLACK) keeps a
+    # the bound itself sits at rounding level: a slack (matrix.SIGN_SLACK) keeps a
     # rounding-noise entry from straddling it
-    eps = _SIGN_SLACK * torch.finfo(c.dtype).eps * (g.shape[0] + g.shape[1])
+    eps = SIGN_SLACK * torch.finfo(c.dtype).eps * (g.shape[0] + g.shape[1])
     tol = eps * torch.linalg.norm(g) * torch.outer(s_op.norm(dim=0), a_op.norm(dim=0))
     return torch.where(c.abs() > tol, torch.sign(c), torch.zeros_like(c))
 
