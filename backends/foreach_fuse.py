@@ -1,8 +1,8 @@
 """Pattern fusion for the foreach backend: chains of plan nodes that one
 ``torch._foreach_*`` call computes (``a + b*c*s`` as ``_foreach_addcmul``, ``a + s*b`` as
 ``_foreach_add(alpha=s)``, ``a - s*b``, ``a - s*(b/c)`` as ``_foreach_addcdiv``, with a
-host factor of b folded into its value), as single ops of the plan. A rewrite of the plan, so the renderer only maps each fused op
-to its call (``FUSED``)."""
+host factor of b folded into its value), as single ops of the plan. A rewrite of the
+plan, so the renderer only maps each fused op to its call (``FUSED``)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,8 +18,9 @@ FUSED = {"addcmul": "{f}addcmul{in_place}({0}, {1}, {2}, value={3})",
 
 
 # _foreach_addcmul, a + b*s one _foreach_add(alpha=s), a - s*b one
-# _foreach_add(alpha=-s), a - s*(b/c) one _foreach_addcdiv. Rounding may differ from the separate ops in the last bit
-# (ATen evaluates value*b*c, or an FMA), as torch's own foreach optimizers do.
+# _foreach_add(alpha=-s), a - s*(b/c) one _foreach_addcdiv. Rounding may differ from the
+# separate ops in the last bit (ATen evaluates value*b*c, or an FMA), as torch's own
+# foreach optimizers do.
 
 def _host_scalar(e) -> bool:
     """A host value: a Scalar, a Const, or an expression of those alone (a Python float
@@ -34,8 +35,8 @@ def _scaled_numerator(n, on, once):
     not), the product folded into the addcdiv's value as torch.optim's foreach steps fold
     a bias correction into their step size: one pass over the tensors fewer. ``n`` may
     choose by a flag between such a product and a plain list (a momentum that may be
-    off): x then chooses too, and s by the same flag between its factor and 1. ``on``: the node
-    before its operands were rewritten (its use counts decide)."""
+    off): x then chooses too, and s by the same flag between its factor and 1. ``on``:
+    the node before its operands were rewritten (its use counts decide)."""
     def factor(e, o):
         if isinstance(e, Op) and e.op == "mul" and once(o):
             for j in (0, 1):

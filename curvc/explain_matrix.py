@@ -156,8 +156,9 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
 
 
 # roots.at_rounding: a singular factor's null space is 0, not the inverse root of noise
-_ROUNDING = ("        (a factor that starts at 0: each eigenvalue within n eps of its largest is 0,",
-             "         n the factor's size and eps its precision's)")
+_ROUNDING = (
+    "        (a factor that starts at 0: each eigenvalue within n eps of its largest is 0,",
+    "         n the factor's size and eps its precision's)")
 
 
 def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
