@@ -161,7 +161,9 @@ class ForeachRenderer(TorchRenderer):
         if op in ("add", "mul"):  # commutative: write into whichever operand dies
             for x, y, ky in ((a, b, kb), (b, a, ka)):
                 if x in dying:
-                    return x, [f"{_F}{op}_({x}, {self.scalar_tensor(y) if op == 'mul' else y})"]
+                    if ky == SCALAR:
+                        y = self.scalar_tensor(y) if op == "mul" else self.added(y, x)
+                    return x, [f"{_F}{op}_({x}, {y})"]
         elif op == "sub":
             if a in dying:
                 return a, [f"{_F}sub_({a}, {b})"]
@@ -196,6 +198,18 @@ class ForeachRenderer(TorchRenderer):
         self.scalar_tensors[name] = self.scalar_leaves[name]
         return self.scalar_leaves[name]
 
+    def added(self, name: str, to: str) -> str:
+        """The second operand of ``_foreach_add(to, ...)`` for the host scalar ``name``.
+
+        A 0-d tensor with an explicit ``alpha=1`` takes ATen's tensor-scalar overload,
+        several times faster than a Python number or a bare 0-d tensor (which both wrap
+        per entry), and ``x + 1 * s`` rounds as ``x + s``. Not into a wide list: a
+        float64 entry there would see ``s`` rounded to the compute dtype.
+        """
+        if to in self.wide or name not in self.scalar_leaves:
+            return name
+        return f"{self.scalar_tensor(name)}, alpha=1"
+
     def kind(self, name: str) -> str:
         return self.kinds.get(name, SCALAR)
 
@@ -224,8 +238,8 @@ class ForeachRenderer(TorchRenderer):
         if op in ("add", "mul"):  # list (+|*) list, list, scalar or 0-d tensor; commutative
             if ka != LIST:
                 a, b, ka, kb = b, a, kb, ka
-            if op == "mul" and kb == SCALAR:
-                b = self.scalar_tensor(b)
+            if kb == SCALAR:
+                b = self.scalar_tensor(b) if op == "mul" else self.added(b, a)
             return f"{_F}{op}({a}, {b})"
         if op == "sub":
             if ka == LIST and kb != TENSOR:

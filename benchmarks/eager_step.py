@@ -5,7 +5,9 @@ Prints, measured in one process with the methods' rounds interleaved:
 * a 784-256-256-10 MLP (269K parameters in 6 tensors, weight decay 0.01):
   curvc Adam with ``fused=False`` over ``torch.optim.Adam(foreach=True)``;
 * the digits example's MLP (64-64-10, 4.8K parameters): curvc's and torch's
-  default Adam, each over ``torch.optim.Adam(fused=True)``.
+  default Adam, each over ``torch.optim.Adam(fused=True)``;
+* MLPs 64-w-w-10 from 1.5K to 1.1M parameters: curvc's default Adam over torch's
+  (the eager path below 2^18 elements, the fused one from there).
 
     python benchmarks/eager_step.py [--threads 1] [--rounds 20]
 """
@@ -50,6 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--widths", type=int, nargs="*", default=[16, 128, 256, 512, 1024],
+                    help="hidden widths of the default-against-default rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Adam = curvc.load("adam", backend="torch")
@@ -67,6 +71,15 @@ def main():
               "curvc default": lambda ps: Adam(ps, lr=1e-3)}, digits, args.rounds, 50)
     print(f"digits MLP (4.8K): curvc default {t['curvc default'] / t['torch fused']:.2f}x, "
           f"torch default {t['torch default'] / t['torch fused']:.2f}x torch fused Adam")
+    # the defaults over sizes: the eager path below _LARGE elements, the fused one above
+    for width in args.widths:
+        mlp = [(width, 64), (width,), (width, width), (width,), (10, width), (10,)]
+        n = sum(torch.Size(s).numel() for s in mlp)
+        t = race({"torch default": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+                  "curvc default": lambda ps: Adam(ps, lr=1e-3)}, mlp, args.rounds, 20)
+        print(f"MLP 64-{width}-{width}-10 ({n} parameters): curvc default "
+              f"{t['curvc default'] / t['torch default']:.2f}x torch default Adam "
+              f"({t['torch default'] * 1e6:.0f} us)")
 
 
 if __name__ == "__main__":

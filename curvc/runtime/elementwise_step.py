@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from curvc.runtime import amp, sharded
+from curvc.runtime.program import count_steps
 
 if TYPE_CHECKING:
     from curvc.runtime.optimizer import Bucket
@@ -35,22 +36,35 @@ class ElementwiseSteps:
             return False
         return self.BACKEND == "triton" or bucket.device.type == "cuda"
 
-    def _fused(self, group: dict, bucket: Bucket) -> bool:
-        """fused=True: one compiled pass per tensor; None: so when the bucket is large."""
+    def _fused(self, group: dict, bucket: Bucket, size: int | None = None) -> bool:
+        """fused=True: one compiled pass per tensor; None: so when the bucket is large
+        (``size`` elements, counted here if not given)."""
         fused = group.get("fused")
-        return bool(fused) or (fused is None and _large(bucket))
+        if fused is not None:
+            return bool(fused)
+        return (_size(bucket) if size is None else size) >= _LARGE
 
     def _torch_step(self, k: Kernel, group: dict, bucket: Bucket, scalars: dict, flags: dict,
                     reduced: dict) -> None:
         spec = k.args
-        rows = bucket.args(spec["tensors"])
-        if self._fused(group, bucket) and _plain_dense_cpu(rows):
-            if self._fused_step(k, rows, bucket.steps, scalars, flags, reduced):
+        size = _size(bucket)
+        if self._fused(group, bucket, size):
+            rows = bucket.args(spec["tensors"])
+            if _plain_dense_cpu(rows) and \
+                    self._fused_step(k, rows, bucket.steps, scalars, flags, reduced):
                 return  # the compiled pass bumped the step counters
         if k.counts_step:
-            torch._foreach_add_(bucket.steps, 1.0)
+            count_steps(bucket.steps)
         # A tensor-scope reduction is one value per tensor (row): each call takes its rows'.
         per_tensor = _per_tensor(spec, reduced)
+        if k.foreach is not None and not per_tensor and size <= _BATCH:
+            columns = bucket.columns(spec["tensors"])
+            if 0 not in map(torch.Tensor.dim, bucket.params) and _plain_columns(columns):
+                # one call with every tensor whole: what the loop below does for a bucket
+                # this small, without its per-tensor bookkeeping (a small model's step)
+                k.foreach(*columns, *_arguments(spec, scalars, reduced, flags))
+                return
+        rows = bucket.args(spec["tensors"])
 
         def args_of(owners):
             if not per_tensor:
@@ -268,5 +282,14 @@ def _all_plain(rows) -> bool:
     return all(t is None or type(t) in _PLAIN for row in rows for t in row)
 
 
-def _large(bucket: Bucket) -> bool:
-    return sum(p.numel() for p in bucket.params) >= _LARGE
+_PLAIN_OR_ABSENT = frozenset((*_PLAIN, type(None)))
+
+
+def _plain_columns(columns) -> bool:
+    """``_all_plain`` over a bucket's columns (lists per role), without a Python loop
+    per tensor."""
+    return all(_PLAIN_OR_ABSENT.issuperset(map(type, c)) for c in columns)
+
+
+def _size(bucket: Bucket) -> int:
+    return sum(map(torch.Tensor.numel, bucket.params))

@@ -51,11 +51,15 @@ class Bucket:
     tensors: dict = field(default_factory=dict)  # buffer or input name -> list (None if absent)
     shards: list | None = None  # DTensor parameters: where each local shard sits (sharded.py)
 
+    def columns(self, names) -> list[list]:
+        """One list per role, in ``names`` order (param and grad included): a foreach
+        function's tensor arguments. The bucket's own lists, which callees only read."""
+        return [self.params if n == "param" else self.grads if n == "grad" else self.tensors[n]
+                for n in names]
+
     def args(self, names):
         """Per-tensor argument lists, in ``names`` order (param and grad included)."""
-        cols = [self.params if n == "param" else self.grads if n == "grad" else self.tensors[n]
-                for n in names]
-        return list(zip(*cols))
+        return list(zip(*self.columns(names)))
 
 
 class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):

@@ -233,9 +233,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
     exp_avg_var_ = _foreach_cast(exp_avg_var, cdt)
     max_exp_avg_var_ = _foreach_cast(max_exp_avg_var, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -250,7 +250,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         t8 = torch._foreach_sub(t4, t5)
         torch._foreach_addcmul_(t7, t8, t8, value=h_s5)
         t9 = t7
-        torch._foreach_add_(t9, h_eps)
+        torch._foreach_add_(t9, _s_eps, alpha=1)
         t10 = t9
         new_exp_avg_var_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(exp_avg_var_, t10)]
@@ -274,7 +274,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         torch._foreach_sqrt_(t21)
         t22 = t21
         if f_condition and f_rectify2:
-            t23 = torch._foreach_add(t22, h_eps)
+            t23 = torch._foreach_add(t22, _s_eps, alpha=1)
             torch._foreach_div_(t20, t23)
             t24 = t20
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
@@ -286,7 +286,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if not f_rectify2:
             torch._foreach_mul_(t22, _s_s9)
             t28 = t22
-            torch._foreach_add_(t28, h_eps)
+            torch._foreach_add_(t28, _s_eps, alpha=1)
             t29 = t28
             t30 = torch._foreach_div(t19, t29)
         t31 = t27 if f_rectify2 else t30
@@ -297,9 +297,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         torch._foreach_copy_(max_exp_avg_var, new_max_exp_avg_var_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -315,7 +315,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         t7 = torch._foreach_sub(t4, new_exp_avg_)
         torch._foreach_addcmul_(t6, t7, t7, value=h_s5)
         t8 = t6
-        torch._foreach_add_(t8, h_eps)
+        torch._foreach_add_(t8, _s_eps, alpha=1)
         new_exp_avg_var_ = t8
         torch._foreach_maximum_(max_exp_avg_var_, new_exp_avg_var_)
         new_max_exp_avg_var_ = max_exp_avg_var_
@@ -334,7 +334,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         t18 = new_max_exp_avg_var_ if f_ams_bound2 else new_exp_avg_var_
         t19 = torch._foreach_sqrt(t18)
         if f_condition and f_rectify2:
-            t20 = torch._foreach_add(t19, h_eps)
+            t20 = torch._foreach_add(t19, _s_eps, alpha=1)
             torch._foreach_div_(t17, t20)
             t21 = t17
         if not f_condition and not f_degenerated_to_sgd2 and f_rectify2:
@@ -346,7 +346,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         if not f_rectify2:
             torch._foreach_mul_(t19, _s_s9)
             t25 = t19
-            torch._foreach_add_(t25, h_eps)
+            torch._foreach_add_(t25, _s_eps, alpha=1)
             t26 = t25
             t27 = torch._foreach_div(t16, t26)
         t28 = t24 if f_rectify2 else t27

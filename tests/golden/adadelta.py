@@ -133,6 +133,8 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
     square_avg_ = _foreach_cast(square_avg, cdt)
     acc_delta_ = _foreach_cast(acc_delta, cdt)
     if f_nonfinite_skip:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -143,12 +145,12 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         t5 = torch._foreach_lerp(square_avg_, t4, h_s0)
         new_square_avg_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                 _e1 in zip(square_avg_, t5)]
-        t7 = torch._foreach_add(acc_delta_, h_eps)
+        t7 = torch._foreach_add(acc_delta_, _s_eps, alpha=1)
         torch._foreach_sqrt_(t7)
         t8 = t7
         torch._foreach_mul_(t8, t3)
         t9 = t8
-        torch._foreach_add_(t5, h_eps)
+        torch._foreach_add_(t5, _s_eps, alpha=1)
         t10 = t5
         torch._foreach_sqrt_(t10)
         t11 = t10
@@ -164,6 +166,8 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         torch._foreach_copy_(acc_delta, new_acc_delta_)
         torch._foreach_copy_(param, new_param_)
     else:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -173,12 +177,12 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         t4 = torch._foreach_mul(t3, t3)
         torch._foreach_lerp_(square_avg_, t4, h_s0)
         new_square_avg_ = square_avg_
-        t6 = torch._foreach_add(acc_delta_, h_eps)
+        t6 = torch._foreach_add(acc_delta_, _s_eps, alpha=1)
         torch._foreach_sqrt_(t6)
         t7 = t6
         torch._foreach_mul_(t7, t3)
         t8 = t7
-        t9 = torch._foreach_add(new_square_avg_, h_eps)
+        t9 = torch._foreach_add(new_square_avg_, _s_eps, alpha=1)
         torch._foreach_sqrt_(t9)
         t10 = t9
         torch._foreach_div_(t8, t10)

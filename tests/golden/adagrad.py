@@ -117,6 +117,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
     if f_nonfinite_skip:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -129,13 +131,15 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
         new_sum_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(sum_, t5)]
         torch._foreach_sqrt_(t5)
         t7 = t5
-        torch._foreach_add_(t7, h_eps)
+        torch._foreach_add_(t7, _s_eps, alpha=1)
         t8 = t7
         t9 = torch._foreach_addcdiv(param_, t3, t8, value=-h_lr_t)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t9)]
         torch._foreach_copy_(sum, new_sum_)
         torch._foreach_copy_(param, new_param_)
     else:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -146,7 +150,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
         torch._foreach_add_(sum_, t4)
         new_sum_ = sum_
         t6 = torch._foreach_sqrt(new_sum_)
-        torch._foreach_add_(t6, h_eps)
+        torch._foreach_add_(t6, _s_eps, alpha=1)
         t7 = t6
         torch._foreach_addcdiv_(param_, t3, t7, value=-h_lr_t)
         new_param_ = param_

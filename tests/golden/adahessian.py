@@ -172,8 +172,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
         if f_estimate:
             new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                     _e1 in zip(curvature_, curvature_estimate_)]
@@ -198,7 +198,7 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         t12 = t3
         torch._foreach_pow_(t12, h_s7)
         t13 = t12
-        torch._foreach_add_(t13, h_eps)
+        torch._foreach_add_(t13, _s_eps, alpha=1)
         t14 = t13
         t15 = h_s5 if f_has_exp_avg else 1.0
         t16 = (h_lr * t15)
@@ -211,8 +211,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         t1 = curvature_estimate_ if f_estimate else curvature_
@@ -231,7 +231,7 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
         t9 = torch._foreach_mul(new_exp_avg_sq_, _s_s6)
         torch._foreach_pow_(t9, h_s7)
         t10 = t9
-        torch._foreach_add_(t10, h_eps)
+        torch._foreach_add_(t10, _s_eps, alpha=1)
         t11 = t10
         t12 = h_s5 if f_has_exp_avg else 1.0
         t13 = (h_lr * t12)

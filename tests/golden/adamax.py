@@ -130,8 +130,8 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_inf_ = _foreach_cast(exp_inf, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s1], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s1,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_eps, h_s1], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_eps, _s_s1,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_inf_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -140,7 +140,7 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
             t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
         t4 = t3 if f_has_weight_decay else t2
         t5 = torch._foreach_abs(t4)
-        torch._foreach_add_(t5, h_eps)
+        torch._foreach_add_(t5, _s_eps, alpha=1)
         t6 = t5
         torch._foreach_maximum_(t0, t6)
         t7 = t0
@@ -156,8 +156,8 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s1], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s1,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_eps, h_s1], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_eps, _s_s1,) = _scalars.unbind()
         torch._foreach_mul_(exp_inf_, _s_betas_1)
         t0 = exp_inf_
         if f_maximize:
@@ -167,7 +167,7 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
             t3 = torch._foreach_add(t2, param_, alpha=h_weight_decay)
         t4 = t3 if f_has_weight_decay else t2
         t5 = torch._foreach_abs(t4)
-        torch._foreach_add_(t5, h_eps)
+        torch._foreach_add_(t5, _s_eps, alpha=1)
         t6 = t5
         torch._foreach_maximum_(t0, t6)
         new_exp_inf_ = t0

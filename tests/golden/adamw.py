@@ -161,8 +161,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -188,7 +188,7 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         t13 = t12
         torch._foreach_sqrt_(t13)
         t14 = t13
-        torch._foreach_add_(t14, h_eps)
+        torch._foreach_add_(t14, _s_eps, alpha=1)
         t15 = t14
         t16 = h_s5 if f_has_exp_avg else 1.0
         t17 = (h_lr * t16)
@@ -201,8 +201,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -224,7 +224,7 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
         t10 = torch._foreach_mul(t9, _s_s6)
         torch._foreach_sqrt_(t10)
         t11 = t10
-        torch._foreach_add_(t11, h_eps)
+        torch._foreach_add_(t11, _s_eps, alpha=1)
         t12 = t11
         t13 = h_s5 if f_has_exp_avg else 1.0
         t14 = (h_lr * t13)

@@ -219,9 +219,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
     exp_avg_slow_ = _foreach_cast(exp_avg_slow, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12,) = _scalars.unbind()
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -257,7 +257,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
         t19 = t6
         torch._foreach_sqrt_(t19)
         t20 = t19
-        torch._foreach_add_(t20, h_eps)
+        torch._foreach_add_(t20, _s_eps, alpha=1)
         t21 = t20
         t22 = torch._foreach_addcdiv(t16, t18, t21, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t22)]
@@ -266,9 +266,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
         torch._foreach_copy_(exp_avg_slow, new_exp_avg_slow_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12,) = _scalars.unbind()
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -300,7 +300,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
         t16 = torch._foreach_mul(new_exp_avg_sq_, _s_s12)
         torch._foreach_sqrt_(t16)
         t17 = t16
-        torch._foreach_add_(t17, h_eps)
+        torch._foreach_add_(t17, _s_eps, alpha=1)
         t18 = t17
         torch._foreach_addcdiv_(t13, t15, t18, value=-h_lr)
         new_param_ = t13

@@ -313,8 +313,9 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
     matrix_value_ = _foreach_cast(matrix_value, cdt)
     matrix_graft_ = _foreach_cast(matrix_graft, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8], dtype=cdt, device=param[0].device)
-        (_s_s6, _s_grafting_beta2, _s_s8,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], dtype=cdt,
+                device=param[0].device)
+        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -333,7 +334,7 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
         t10 = torch._foreach_mul(t9, _s_s8)
         torch._foreach_sqrt_(t10)
         t11 = t10
-        torch._foreach_add_(t11, h_grafting_epsilon)
+        torch._foreach_add_(t11, _s_grafting_epsilon, alpha=1)
         t12 = t11
         new_matrix_graft_ = torch._foreach_div(new_matrix_value_, t12)
         if f_has_exp_avg:
@@ -348,8 +349,9 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(graft_exp_avg_sq, new_graft_exp_avg_sq_)
     else:
-        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8], dtype=cdt, device=param[0].device)
-        (_s_s6, _s_grafting_beta2, _s_s8,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], dtype=cdt,
+                device=param[0].device)
+        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -370,7 +372,7 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
         t10 = torch._foreach_mul(new_graft_exp_avg_sq_, _s_s8)
         torch._foreach_sqrt_(t10)
         t11 = t10
-        torch._foreach_add_(t11, h_grafting_epsilon)
+        torch._foreach_add_(t11, _s_grafting_epsilon, alpha=1)
         t12 = t11
         new_matrix_graft_ = torch._foreach_div(new_matrix_value_, t12)
         torch._foreach_copy_(matrix_statistic, new_matrix_statistic_)

@@ -137,8 +137,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s5], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s5, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s5, _s_eps,) = _scalars.unbind()
         t0 = torch._foreach_mul(hessian_, _s_betas_1)
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
         t1 = t0
@@ -155,7 +155,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t8 = t1
         torch._foreach_sqrt_(t8)
         t9 = t8
-        torch._foreach_add_(t9, h_eps)
+        torch._foreach_add_(t9, _s_eps, alpha=1)
         t10 = t9
         t11 = h_s4 if f_has_exp_avg else 1.0
         t12 = (h_lr * t11)
@@ -166,8 +166,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s5], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s5,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_s5, h_eps], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_s5, _s_eps,) = _scalars.unbind()
         torch._foreach_mul_(hessian_, _s_betas_1)
         t0 = hessian_
         torch._foreach_add_(t0, curvature_estimate_, alpha=h_s2)
@@ -182,7 +182,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t6 = torch._foreach_mul(new_hessian_, _s_s5)
         torch._foreach_sqrt_(t6)
         t7 = t6
-        torch._foreach_add_(t7, h_eps)
+        torch._foreach_add_(t7, _s_eps, alpha=1)
         t8 = t7
         t9 = h_s4 if f_has_exp_avg else 1.0
         t10 = (h_lr * t9)

@@ -109,6 +109,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
     if f_nonfinite_skip:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -119,7 +121,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         t5 = torch._foreach_sign(t1)
         torch._foreach_sqrt_(t3)
         t6 = t3
-        torch._foreach_add_(t6, h_eps)
+        torch._foreach_add_(t6, _s_eps, alpha=1)
         t7 = t6
         torch._foreach_div_(t5, t7)
         t8 = t5
@@ -132,6 +134,8 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         torch._foreach_copy_(sum, new_sum_)
         torch._foreach_copy_(param, new_param_)
     else:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -140,7 +144,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr, h_rho, h_s0, r_nonfinite, f_m
         new_sum_ = sum_
         t4 = torch._foreach_sign(t1)
         t5 = torch._foreach_sqrt(new_sum_)
-        torch._foreach_add_(t5, h_eps)
+        torch._foreach_add_(t5, _s_eps, alpha=1)
         t6 = t5
         torch._foreach_div_(t4, t6)
         t7 = t4

@@ -201,8 +201,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_0, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_0, _s_s2, _s_s3, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_0, h_s2, h_eps, h_s3, h_lr], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -220,7 +221,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         t10 = t9 if f_has_weight_decay else param_
         torch._foreach_sqrt_(t3)
         t11 = t3
-        torch._foreach_add_(t11, h_eps)
+        torch._foreach_add_(t11, _s_eps, alpha=1)
         t12 = t11
         torch._foreach_div_(t7, t12)
         t13 = t7
@@ -245,8 +246,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_0, h_s2, h_s3, h_lr], dtype=cdt, device=param[0].device)
-        (_s_betas_0, _s_s2, _s_s3, _s_lr,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_0, h_s2, h_eps, h_s3, h_lr], dtype=cdt,
+                device=param[0].device)
+        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -262,7 +264,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
             t7 = torch._foreach_mul(param_, _s_s2)
         t8 = t7 if f_has_weight_decay else param_
         t9 = torch._foreach_sqrt(new_exp_avg_sq_)
-        torch._foreach_add_(t9, h_eps)
+        torch._foreach_add_(t9, _s_eps, alpha=1)
         t10 = t9
         t11 = torch._foreach_div(new_exp_avg_, t10)
         t12 = torch._foreach_sqrt(r_norm_sq)

@@ -184,9 +184,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,) = _scalars.unbind()
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -232,7 +232,7 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         t23 = t6
         torch._foreach_sqrt_(t23)
         t24 = t23
-        torch._foreach_add_(t24, h_eps)
+        torch._foreach_add_(t24, _s_eps, alpha=1)
         t25 = t24
         t26 = torch._foreach_addcdiv(t14, t22, t25, value=-h_lr)
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t26)]
@@ -241,9 +241,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8], dtype=cdt,
+        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], dtype=cdt,
                 device=param[0].device)
-        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,) = _scalars.unbind()
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:
@@ -285,7 +285,7 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         t20 = torch._foreach_mul(new_exp_avg_sq_, _s_s8)
         torch._foreach_sqrt_(t20)
         t21 = t20
-        torch._foreach_add_(t21, h_eps)
+        torch._foreach_add_(t21, _s_eps, alpha=1)
         t22 = t21
         torch._foreach_addcdiv_(t11, t19, t22, value=-h_lr)
         new_param_ = t11

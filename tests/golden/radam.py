@@ -167,8 +167,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s5, h_s6, h_s7], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s5, h_s6, h_eps, h_s7], dtype=cdt, device=param[0].device)
+        (_s_s5, _s_s6, _s_eps, _s_s7,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -193,7 +193,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
         if f_condition:
             torch._foreach_sqrt_(t8)
             t14 = t8
-            torch._foreach_add_(t14, h_eps)
+            torch._foreach_add_(t14, _s_eps, alpha=1)
             t15 = t14
             torch._foreach_reciprocal_(t15)
             torch._foreach_mul_(t15, _s_s7)
@@ -207,8 +207,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s5, h_s6, h_s7], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_s7,) = _scalars.unbind()
+        _scalars = torch.tensor([h_s5, h_s6, h_eps, h_s7], dtype=cdt, device=param[0].device)
+        (_s_s5, _s_s6, _s_eps, _s_s7,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -230,7 +230,7 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
         t11 = torch._foreach_mul(new_exp_avg_, _s_s6)
         if f_condition:
             t12 = torch._foreach_sqrt(new_exp_avg_sq_)
-            torch._foreach_add_(t12, h_eps)
+            torch._foreach_add_(t12, _s_eps, alpha=1)
             t13 = t12
             torch._foreach_reciprocal_(t13)
             torch._foreach_mul_(t13, _s_s7)

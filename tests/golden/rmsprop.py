@@ -149,6 +149,8 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
     grad_avg_ = _foreach_cast(grad_avg, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -169,7 +171,7 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         t11 = t5
         torch._foreach_sqrt_(t11)
         t12 = t11
-        torch._foreach_add_(t12, h_eps)
+        torch._foreach_add_(t12, _s_eps, alpha=1)
         t13 = t12
         t14 = torch._foreach_div(t3, t13)
         t15 = torch._foreach_add(t14, momentum_buffer_, alpha=h_momentum)
@@ -183,6 +185,8 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
+        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
+        (_s_eps,) = _scalars.unbind()
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -200,7 +204,7 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         t9 = torch._foreach_sub(new_square_avg_, t8)
         torch._foreach_sqrt_(t9)
         t10 = t9
-        torch._foreach_add_(t10, h_eps)
+        torch._foreach_add_(t10, _s_eps, alpha=1)
         t11 = t10
         t12 = torch._foreach_div(t3, t11)
         new_momentum_buffer_ = torch._foreach_add(t12, momentum_buffer_, alpha=h_momentum)

@@ -151,8 +151,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_rho, h_s2], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_rho, _s_s2,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, 1e-15], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_rho, _s_s2, _c5,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
@@ -172,7 +172,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t9 = t8 if f_has_weight_decay else param_
         t10 = t6 if f_has_exp_avg else t5
         t11 = t2 if f_refresh else hessian_
-        t12 = torch._foreach_add(t11, 1e-15)
+        t12 = torch._foreach_add(t11, _c5, alpha=1)
         t13 = torch._foreach_div(t10, t12)
         torch._foreach_clamp_max_(t13, 1.0)
         t14 = t13
@@ -186,8 +186,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_rho, h_s2], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_rho, _s_s2,) = _scalars.unbind()
+        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, 1e-15], dtype=cdt, device=param[0].device)
+        (_s_betas_1, _s_rho, _s_s2, _c5,) = _scalars.unbind()
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
@@ -204,7 +204,7 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
         t7 = t6 if f_has_weight_decay else param_
         t8 = new_exp_avg_ if f_has_exp_avg else t4
         t9 = new_hessian_ if f_refresh else hessian_
-        t10 = torch._foreach_add(t9, 1e-15)
+        t10 = torch._foreach_add(t9, _c5, alpha=1)
         t11 = torch._foreach_div(t8, t10)
         torch._foreach_clamp_max_(t11, 1.0)
         t12 = t11
