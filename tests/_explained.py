@@ -484,14 +484,14 @@ class Explained:
         return env["theta"]
 
 
-def assert_same_step(t: int, theta, want, params, lines) -> torch.Tensor:
-    """The code's step (``params`` now, from ``theta``) equals explain's ``want`` to 1e-9
-    of its size; returns the code's parameters, the next step's start (each side keeps
-    its own state: a state explain gets wrong shows in a later step)."""
+def assert_same_step(t: int, theta, want, params, lines, rtol: float = 1e-9) -> torch.Tensor:
+    """The code's step (``params`` now, from ``theta``) equals explain's ``want`` to
+    ``rtol`` of its size; returns the code's parameters, the next step's start (each side
+    keeps its own state: a state explain gets wrong shows in a later step)."""
     got = torch.cat([p.detach().reshape(-1) for p in params])
     scale = max(want.abs().max().item(), 1e-300)
     err = (got - theta - want).abs().max().item()
-    assert err <= 1e-9 * scale, (
+    assert err <= rtol * scale, (
         f"step {t}: the code's step and explain's differ by {err:.3g} "
         f"(the step's size {scale:.3g})\n" + "\n".join(lines))
     return got.clone()

@@ -99,6 +99,8 @@ class Kronecker:
         self.roots = None  # F^-e of every (tensor, mode), kept between refreshes
         self.rounding = False  # the note that eigenvalues at rounding level count as 0
         self.from_zero = False  # the note's condition: the factors start at 0
+        # the largest condition number (over the eigenvalues kept) among the roots in use
+        self.conditioning = 1.0
 
     def tensors(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view(s) for s, v in zip(self.shapes, torch.split(flat, self.sizes))]
@@ -133,13 +135,18 @@ class Kronecker:
         """``L^-p X R^-p``, the roots recomputed where ``refresh`` holds."""
         def apply(first: Modes, x: torch.Tensor, rest: Modes) -> torch.Tensor:
             if refresh or self.roots is None:
-                self.roots = []
+                self.roots, self.conditioning = [], 1.0
                 for fs in self._factors(first, rest):
                     e = exponent(len(fs))
                     roots = []
                     for f in fs:
                         w, q = torch.linalg.eigh(f)
-                        roots.append((q * _root(w, e, self.rounding)) @ q.T)
+                        root = _root(w, e, self.rounding)
+                        kept = w[root != 0]
+                        if kept.numel():
+                            self.conditioning = max(self.conditioning,
+                                                    (kept.max() / kept.min()).item())
+                        roots.append((q * root) @ q.T)
                     self.roots.append(roots)
             out = []
             for t, roots in zip(self.tensors(x), self.roots):

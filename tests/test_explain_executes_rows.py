@@ -80,4 +80,9 @@ def test_explain_computes_what_the_code_computes_for_sampled_rows(label, source,
         sampled = _rows(kind, float(h.get(scale, scale)), model, x, list(draws))
         opt.step()
         want = run.step(t, theta, grad, None, sampled=sampled) - theta
-        theta = assert_same_step(t, theta, want, params, lines)
+        # A factor of a few sampled rows can be ill-conditioned (kappa 1e10 and more): its
+        # smallest kept eigenvalue, and so its root, is then known to n eps kappa only,
+        # whichever side computes it (two LAPACK builds round it differently).
+        n = max(max(s) for s in run.shapes)
+        rtol = 1e-9 + n * torch.finfo(torch.float64).eps * run.kron.conditioning
+        theta = assert_same_step(t, theta, want, params, lines, rtol)
