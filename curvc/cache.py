@@ -33,7 +33,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from curvc.errors import MESSAGES
 from curvc.version import __version__
@@ -215,6 +215,19 @@ class _SourceLoader:
         return self.text
 
 
+class Generated(NamedTuple):
+    """What remakes a class ``run_source`` made: its module lives in sys.modules only, so
+    no import finds it by name, and a pickled instance carries this instead."""
+
+    key: str
+    class_name: str
+    text: str
+    filename: str
+
+
+_RUN: dict[str, type] = {}  # key -> the first class run_source made for it in this process
+
+
 def run_source(text: str, class_name: str, key: str, filename: str) -> type:
     """Execute a generated module's text as a fresh module; return its optimizer class."""
     name = f"curvc_generated.{module_name(class_name)}_{key[:16]}"
@@ -233,7 +246,30 @@ def run_source(text: str, class_name: str, key: str, filename: str) -> type:
     except BaseException:
         del sys.modules[name]
         raise
-    return getattr(module, class_name)
+    cls = getattr(module, class_name)
+    cls._generated = Generated(key, class_name, text, filename)
+    _RUN.setdefault(key, cls)
+    return cls
+
+
+class PicklesByModuleText:
+    """Mixin of the runtime's optimizer bases: an instance of a class ``run_source`` made
+    pickles (and deep-copies) as ``generated_instance`` of its ``Generated`` and torch's
+    state; a compiled file's class, or a user's subclass, pickles by name as usual."""
+
+    def __reduce_ex__(self, protocol):
+        made = type(self).__dict__.get("_generated")
+        if made is None:
+            return super().__reduce_ex__(protocol)
+        return generated_instance, tuple(made), self.__getstate__()
+
+
+def generated_instance(key: str, class_name: str, text: str, filename: str):
+    """A bare instance of a generated class (unpickling fills it in with __setstate__):
+    of the class this process already made for ``key``, else of the pickled module's text
+    run now. That text is the code the pickled optimizer ran, so its state fits it."""
+    cls = _RUN.get(key) or run_source(text, class_name, key, filename)
+    return cls.__new__(cls)
 
 
 def load_class(key: str, build: Callable[[], tuple[str, str]]) -> type:

@@ -263,3 +263,62 @@ def test_a_copy_keeps_the_optimizers_settings():
     assert other.nonfinite_group is False and other._group_choice is False
     fresh = copy.deepcopy(curvc.load("shampoo")([p]))
     assert fresh.matrix_split is True and fresh.batch_externs is True
+
+
+def _pickled_run(spec: str):
+    """A Shampoo-like optimizer stepped twice on a seeded 3 x 4 parameter, and its pickle
+    (torch.save: the whole optimizer, its parameters with it)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = curvc.load(spec)([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(3, 4)
+        opt.step()
+    blob = io.BytesIO()
+    torch.save(opt, blob)
+    return opt, p, blob.getvalue()
+
+
+_NEXT_STEPS = """
+import io, sys, torch
+opt = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)
+p = opt.param_groups[0]["params"][0]
+torch.manual_seed(1)
+for _ in range(3):
+    p.grad = torch.randn(3, 4)
+    opt.step()
+sys.stdout.write(repr([type(opt).__name__, float(opt.state[p]["step"]), p.tolist()]))
+"""
+
+
+@pytest.mark.parametrize("spec", ["adam", "shampoo", "muon_adamw"])
+def test_a_pickled_optimizer_resumes_in_this_process_and_in_a_fresh_one(spec):
+    """A class curvc.load made lives in sys.modules only; its pickle carries the module's
+    text, so torch.save(opt) loads anywhere curvc is installed, and steps on exactly."""
+    import subprocess
+    opt, p, blob = _pickled_run(spec)
+    twin = torch.load(io.BytesIO(blob), weights_only=False)
+    assert type(twin) is type(opt)  # this process's class, not a second copy of it
+    torch.manual_seed(1)
+    for _ in range(3):
+        p.grad = torch.randn(3, 4)
+        opt.step()
+    want = [type(opt).__name__, float(opt.state[p]["step"]), p.tolist()]
+    out = subprocess.run([sys.executable, "-c", _NEXT_STEPS], input=blob, capture_output=True,
+                         check=True, env={**os.environ, "CURVC_QUIET": "1"})
+    assert eval(out.stdout.decode()) == want
+    q = twin.param_groups[0]["params"][0]
+    torch.manual_seed(1)
+    for _ in range(3):
+        q.grad = torch.randn(3, 4)
+        twin.step()
+    assert torch.equal(q, p)
+
+
+def test_a_compiled_files_class_pickles_by_its_import_name(tmp_path, monkeypatch):
+    import pickle
+    curvc.compile_file("adam", tmp_path / "built_for_pickle")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from built_for_pickle.adam import Adam as Built
+    opt = Built([torch.nn.Parameter(torch.ones(2))])
+    assert type(pickle.loads(pickle.dumps(opt))) is Built

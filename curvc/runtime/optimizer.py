@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from curvc.cache import PicklesByModuleText
 from curvc.constraints import CONSTRAINTS
 from curvc.plan import SHAPE
 from curvc.runtime import amp, sharded, zero
@@ -62,7 +63,8 @@ class Bucket:
         return list(zip(*self.columns(names)))
 
 
-class CurvOptimizer(CurvatureSources, ElementwiseSteps, torch.optim.Optimizer):
+class CurvOptimizer(PicklesByModuleText, CurvatureSources, ElementwiseSteps,
+                   torch.optim.Optimizer):
     """Base of every curvc-compiled optimizer. Not used directly."""
 
     # Filled in by the generated subclass.

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from curvc.cache import PicklesByModuleText
 from curvc.names import CONSTRUCTOR_KEYWORDS
 from curvc.runtime import amp
 
@@ -43,7 +44,7 @@ def pipeline_class(source: str, file: str, backend: str) -> type:
     return compiler._load_cached(source, file, backend)
 
 
-class RoutedOptimizer(torch.optim.Optimizer):
+class RoutedOptimizer(PicklesByModuleText, torch.optim.Optimizer):
     """Base of every routed spec's class. Not used directly."""
 
     HYPERS: tuple = ()  # (name, default)
