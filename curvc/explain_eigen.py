@@ -10,15 +10,22 @@ def eigenbasis(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     st = opt.structure
     v = base._v
     beta = v(st.factor_beta)
-    merge = "" if st.merge_dims == ir.Const(False) else \
-        f"; adjacent dims merged into modes up to max_dim (if {v(st.merge_dims)})"
     vectors = {ir.Const(True): "", ir.Const(False): ", and vectors,"}.get(
         st.vectors, f", and vectors unless {v(st.vectors)},")
     eq = ["G     = g as a matrix; an order-k tensor has one basis Q_i per mode i (modes",
-          f"        longer than max_dim{vectors} keep Q_i = I{merge})",
-          "Q_L, Q_R = the bases of the factors L and R as of the previous step",
+          f"        longer than max_dim = {v(st.max_dim)}{vectors} keep Q_i = I)"]
+    if st.merge_dims != ir.Const(False):
+        condition = "" if st.merge_dims == ir.Const(True) else f", if {v(st.merge_dims)}"
+        eq += [f"        (adjacent dims merged first while their product stays <= max_dim"
+               f"{condition}:", "        a tensor merged into one mode is a vector)"]
+        if st.layout != ir.Const("channels_first"):
+            word = "" if st.layout == ir.Const("channels_last") else \
+                f" when {v(st.layout)} = channels_last"
+            eq.append(f"        (a 4-D tensor's dims, N H W C, merged as N C H W{word})")
+    eq += ["Q_L, Q_R = the bases of the factors L and R as of the previous step",
           "G'    = Q_L^T G Q_R   (the gradient rotated into the basis)"]
-    base._accumulate(opt, eq, "G' * G'", "V", nums=nums)
+    # V stays as accumulated (the next step averages it); a bias correction is V_hat's
+    read = base._accumulate(opt, eq, "G' * G'", "V", nums=nums, hat=True)
     eq[-1 - len(base._bias_correction(nums, "curvature", "V"))] += "   (V kept in the basis)"
     root = nums.matrix or Root("1")
     if root.exponent == "1":  # P = V itself (length none)
@@ -26,7 +33,7 @@ def eigenbasis(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     m = base._momentum(opt, eq, nums)
     m = "G" if m == "g" else m
     eq.append(f"M'    = Q_L^T {m} Q_R   (the value rotated into the basis)")
-    p = base._preconditioner(root, "V")
+    p = base._preconditioner(root, read)
     what = "sign(M')" if opt.length.kind == "eigen_sign" else "M'"
     eq.append(f"D'    = {what} / ({p})" + ("   (0 where that is 0)"
                                            if not (root.inside or root.after or root.floor) else ""))

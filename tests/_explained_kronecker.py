@@ -66,6 +66,8 @@ class Modes:
     __rmul__ = __mul__
 
     def __add__(self, other):
+        if isinstance(other, (int, float)):  # a start of 0 (L_0 = 0)
+            return self._map(lambda m: m + other)
         if isinstance(other, Identity):
             return self._map(lambda m: m + other.scale * torch.eye(m.shape[0], dtype=m.dtype))
         return Modes([[a + b for a, b in zip(x, y)] for x, y in zip(self.mats, other.mats)])

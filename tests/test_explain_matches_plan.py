@@ -136,7 +136,9 @@ def _check_eigenbasis_lines(plan, lines):
     if args["eps_after"]:
         p = re.fullmatch(r"(.*) \+ \S+", p).group(1)
     e = args["exponent"]
-    inner = r"V \+ \S+" if args["eps_inside"] else "V"
+    # a bias-corrected V is read as V_hat (V itself stays as the next step averages it)
+    v = "V" if args["bias_correction"] in (1, 1.0) else "V_hat"
+    inner = rf"{v} \+ \S+" if args["eps_inside"] else v
     want = {0.5: rf"sqrt\({inner}\)", 1.0: inner}.get(
         e, (rf"\({inner}\)" if args["eps_inside"] else inner) + r"\^\((\S+)\)")
     m = re.fullmatch(want, p)

@@ -13,7 +13,7 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     g     = g + weight_decay * theta
     G     = g as a matrix; an order-k tensor has one basis Q_i per mode i (modes
-            longer than max_dim keep Q_i = I)
+            longer than max_dim = 8192 keep Q_i = I)
     Q_L, Q_R = the bases of the factors L and R as of the previous step
     G'    = Q_L^T G Q_R   (the gradient rotated into the basis)
     V     = V + G' * G'   (V_0 = 0)   (V kept in the basis)

@@ -13,15 +13,15 @@ Update, per step t (elementwise unless noted):
     g     = grad f(theta)            (negated when maximize=True)
     theta = theta * (1 - lr * weight_decay)
     G     = g as a matrix; an order-k tensor has one basis Q_i per mode i (modes
-            longer than max_dim keep Q_i = I)
+            longer than max_dim = 8192 keep Q_i = I)
     Q_L, Q_R = the bases of the factors L and R as of the previous step
     G'    = Q_L^T G Q_R   (the gradient rotated into the basis)
     V     = stat_decay * V + (1 - stat_decay) * G' * G'   (V kept in the basis)
-    V     = V / (1 - stat_decay^r)
+    V_hat = V / (1 - stat_decay^r)
     m     = momentum * m + (1 - momentum) * g
     m_hat = m / (1 - momentum^t)
     M'    = Q_L^T m_hat Q_R   (the value rotated into the basis)
-    D'    = M' / (V + damping)
+    D'    = M' / (V_hat + damping)
     d     = Q_L D' Q_R^T   (rotated back)
     L     = factor_decay * L + (1 - factor_decay) * G G^T   (after the step; L_0 = 0)
     R     = factor_decay * R + (1 - factor_decay) * G^T G

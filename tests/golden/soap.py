@@ -15,8 +15,11 @@ Update, per step t (elementwise unless noted):
         right is the stored value)
     t     = max(step - 1, 1)
     G     = g as a matrix; an order-k tensor has one basis Q_i per mode i (modes
-            longer than max_dim, and vectors unless precondition_1d, keep Q_i = I; adjacent dims
-                merged into modes up to max_dim (if merge_dims))
+            longer than max_dim = max_precondition_dim, and vectors unless precondition_1d, keep Q_i
+                = I)
+            (adjacent dims merged first while their product stays <= max_dim, if merge_dims:
+            a tensor merged into one mode is a vector)
+            (a 4-D tensor's dims, N H W C, merged as N C H W when data_format = channels_last)
     Q_L, Q_R = the bases of the factors L and R as of the previous step
     G'    = Q_L^T G Q_R   (the gradient rotated into the basis)
     V     = betas[1] * V + (1 - betas[1]) * G' * G'   (V kept in the basis)
