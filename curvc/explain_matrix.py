@@ -138,7 +138,8 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
 
     if opt.length.kind == "eigen_sign":
         eq.append(f"Q_L, w_L, Q_R, w_R = the eigenvectors and eigenvalues of L and R{every}")
-        scale = root("w_L").replace("I", "1") + " " + root("w_R").replace("I", "1")
+        # on eigenvalues the identity is 1: (w_L + eps)^-1/4, not (w_L + eps I)^-1/4
+        scale = " ".join(re.sub(r" I(?=[),])", "", root(w)) for w in ("w_L", "w_R"))
         eq.append(f"d     = Q_L [{scale} * sign(Q_L^T {m} Q_R)] Q_R^T"
                   f"   (sign 0 at rounding level; {per_mode})")
     else:

@@ -14,7 +14,8 @@ import torch
 from _explained_eigen import Eigen, eigen_note, eigen_statements, in_basis, primed
 from _explained_factored import factored, factored_sizes
 from _explained_kfac import KFAC, KFAC_NOTES, kfac_statements, mean_outer, t_sum_outer
-from _explained_kronecker import SAMPLED, SAMPLED_NOTES, Identity, Kronecker, Modes
+from _explained_kronecker import (SAMPLED, SAMPLED_NOTES, Identity, Kronecker, Modes,
+                                  damped_kronecker)
 from _explained_text import Statement, _note, _python, _Rewrite
 
 
@@ -89,7 +90,8 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         note = note.replace(")   (", "; ") if note else note  # two notes, one line
         main, *where = rhs.split(",   ")
         main = main.split(" = ")[-1]  # A = B: the last member is the one to compute
-        st = statement(re.sub(r"\blambda\b", "_lam", target), _python(main))
+        damped = damped_kronecker(main) if period.get("kronecker") else None
+        st = statement(re.sub(r"\blambda\b", "_lam", target), damped or _python(main))
         st.in_basis = st.in_basis and "eigen" in period
         if c := re.fullmatch(r"(.*) / \(1 - (\S+)\^\w+\)", main):  # a bias correction
             st.corrects = (c[2], _python(c[1]))
@@ -153,6 +155,9 @@ class Explained:
 
     def _kronecker(self, st: Statement) -> dict:
         kron = self.kron
+
+        def number(text):
+            return float(_eval(_python(text), self.env))
         kron.rounding = self.period.get("kron_rounding") is True and self.kron.from_zero
         every = st.roots_every
         t = self.env.get("step", 1)
@@ -160,6 +165,8 @@ class Explained:
         return dict(_gram_first=kron.gram(True), _gram_rest=kron.gram(False), _I=Identity(),
                     _gram_rows_first=kron.gram_rows(True), _gram_rows_rest=kron.gram_rows(False),
                     _kron=kron.preconditioned(st.mode_exponent, refresh), _eigens=kron.eigens,
+                    _kron_f=kron.spectral(st.mode_exponent, refresh, number),
+                    _eigen_sign_f=kron.eigen_sign_f(st.mode_exponent, number),
                     _eigen_sign=kron.eigen_sign(st.mode_exponent))
 
     def _kfac(self, st: Statement) -> dict:
@@ -293,6 +300,7 @@ class Explained:
         if "count" in self.period:
             name, expr = self.period["count"]
             env[name] = _eval(expr, env)
+        saved: dict = {}  # a scratch line's names as stored, until a line reads them
         for st in self.statements:
             if (st.refresh or re.search(r"\bE\b", st.expr)) and not refresh:
                 continue
@@ -326,10 +334,16 @@ class Explained:
                 value = -value
             if st.positive is not None:
                 value = torch.where(_eval(st.positive, scope) > 0, value, 0.0)
+            reads = saved and any(re.search(rf"\b{n}\b", expr) for n in saved)
+            if st.scratch:
+                saved.update({n: env[n] for n in st.target.split(", ") if n not in saved})
             if "," in st.target:
                 env.update(zip(st.target.split(", "), value))
             else:
                 env[st.target] = value
+            if reads and not st.scratch:  # read where they were meant for: stored ones again
+                env.update(saved)
+                saved = {}
         return env["theta"]
 
 

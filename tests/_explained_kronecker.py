@@ -22,6 +22,7 @@ How tests/_explained.py reads them (``explain``'s own words, taken literally):
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -74,6 +75,9 @@ class Modes:
 
     __radd__ = __add__
 
+    def __truediv__(self, a):
+        return self._map(lambda m: m / a)
+
 
 def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
     return x.movedim(mode, 0).reshape(x.shape[mode], -1)
@@ -84,12 +88,60 @@ def _along(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.tensordot(m, x.movedim(mode, 0), dims=1).movedim(0, mode)
 
 
+def _at_rounding(w: torch.Tensor) -> torch.Tensor:
+    """Explain's note: an eigenvalue within n eps of the largest counts as 0."""
+    return torch.where(w.abs() <= w.abs().max() * w.numel() * torch.finfo(w.dtype).eps, 0.0, w)
+
+
 def _root(w: torch.Tensor, e: float, rounding: bool) -> torch.Tensor:
-    """w^-e, 0 where w is not positive; with ``rounding`` (explain's note), an eigenvalue
-    within n eps of the largest counts as 0 first."""
+    """w^-e, 0 where w is not positive; with ``rounding``, ``_at_rounding`` first."""
     if rounding:
-        w = torch.where(w.abs() <= w.abs().max() * w.numel() * torch.finfo(w.dtype).eps, 0.0, w)
+        w = _at_rounding(w)
     return torch.where(w > 0, w.clamp(min=1e-300) ** -e, 0.0)
+
+
+_FACTOR = r"(F|\(F \+ (\S+?)(?: I)?\))"  # a factor, or it damped inside (no I: eigenvalues)
+
+
+def factor_function(text: str, number):
+    """(the exponent printed, f(w, e)) for one factor's printed function, its name
+    replaced by F: ``X^-e``, ``(X^e + a I)^-1`` or ``max(X^e [+ a I], b)^-1`` with X
+    ``F`` or ``(F + c I)``; f(w, e) is it on eigenvalues w with the exponent e of the
+    tensor's order (0 where a root's base or the whole is not positive)."""
+    if m := re.fullmatch(rf"{_FACTOR}\^-(\S+)", text):
+        inside, e, after, floor, inverse_root = m[2], m[3], None, None, True
+    else:
+        m = re.fullmatch(rf"max\({_FACTOR}\^(\S+?)(?: \+ (\S+?)(?: I)?)?, (\S+)\)\^-1", text) \
+            or re.fullmatch(rf"\({_FACTOR}\^(\S+?) \+ (\S+?)(?: I)?\)\^-1()", text)
+        assert m, f"a Kronecker factor this test cannot read: {text!r}"
+        inside, e, after, floor, inverse_root = m[2], m[3], m[4], m[5] or None, False
+    inside, after = (number(x) if x else 0.0 for x in (inside, after))
+    floor = number(floor) if floor else None
+
+    def f(w: torch.Tensor, exponent: float) -> torch.Tensor:
+        base = w + inside
+        if inverse_root:
+            return torch.where(base > 0, base.clamp(min=1e-300) ** -exponent, 0.0)
+        root = torch.where(base > 0, base.clamp(min=1e-300) ** exponent, 0.0) + after
+        if floor is not None:
+            root = torch.maximum(root, torch.tensor(floor, dtype=root.dtype))
+        return torch.where(root > 0, 1.0 / root.clamp(min=1e-300), 0.0)
+    return number(e), f
+
+
+def damped_kronecker(main: str) -> str | None:
+    """The call for a Kronecker step whose factors' functions are not plain inverse roots
+    (damping inside, after, a floor), or whose scale in the eigenbasis is damped; None
+    for any other text."""
+    side = r"(\S*\(\S.*?\)\^-1|\(L \+ \S+ I\)\^-\S+|\(R \+ \S+ I\)\^-\S+)"
+    if m := re.fullmatch(rf"{side} (\w+) {side}", main):
+        left, right = (re.sub(r"\b[LR]\b", "F", x) for x in (m[1], m[3]))
+        return f"_kron_f(L, {m[2]}, R, {left!r}, {right!r})"
+    if (m := re.fullmatch(r"Q_L \[(.+?) ((?:max\()?\(?w_R.*?) \* sign\(Q_L\^T (\w+) Q_R\)\] "
+                          r"Q_R\^T", main)) and not re.fullmatch(r"w_L\^-\S+", m[1]):
+        left, right = (re.sub(r"\bw_[LR]\b", "F", x) for x in (m[1], m[2]))
+        return f"_eigen_sign_f(Q_L, w_L, Q_R, w_R, {m[3]}, {left!r}, {right!r})"
+    return None
 
 
 class Kronecker:
@@ -158,6 +210,31 @@ class Kronecker:
             return torch.cat(out)
         return apply
 
+    def spectral(self, exponent, refresh: bool, number):
+        """``f_L(L) X f_R(R)`` for the printed functions of the two sides (with the
+        exponent of each tensor's order), recomputed where ``refresh`` holds."""
+        def apply(first: Modes, x: torch.Tensor, rest: Modes, left: str, right: str):
+            if refresh or self.roots is None:
+                (e_l, f_l), (e_r, f_r) = factor_function(left, number), \
+                    factor_function(right, number)
+                assert e_l == e_r == exponent(2), (left, right)  # printed for order 2
+                self.roots = []
+                for fs in self._factors(first, rest):
+                    roots = []
+                    for i, f in enumerate(fs):
+                        w, q = torch.linalg.eigh(f)
+                        if self.rounding:
+                            w = _at_rounding(w)
+                        roots.append((q * (f_l if i == 0 else f_r)(w, exponent(len(fs)))) @ q.T)
+                    self.roots.append(roots)
+            out = []
+            for t, roots in zip(self.tensors(x), self.roots):
+                for i, r in enumerate(roots):
+                    t = _along(t, r, i)
+                out.append(t.reshape(-1))
+            return torch.cat(out)
+        return apply
+
     def eigens(self, first: Modes, rest: Modes):
         """(Q_L, w_L, Q_R, w_R): per (tensor, mode) its eigenvectors and eigenvalues."""
         out = [([], []), ([], [])]
@@ -168,7 +245,18 @@ class Kronecker:
                 out[which][1].append([w for w, _ in pairs])
         return (Modes(out[0][0]), Modes(out[0][1]), Modes(out[1][0]), Modes(out[1][1]))
 
-    def eigen_sign(self, exponent):
+    def eigen_sign_f(self, exponent, number):
+        """``eigen_sign`` with the two sides' printed functions of the eigenvalues."""
+        def apply(q_l, w_l, q_r, w_r, x, left: str, right: str):
+            (e_l, f_l), (e_r, f_r) = factor_function(left, number), \
+                factor_function(right, number)
+            assert e_l == e_r == exponent(2), (left, right)  # printed for order 2
+            return self.eigen_sign(exponent, (f_l, f_r))(q_l, w_l, q_r, w_r, x)
+        return apply
+
+    def eigen_sign(self, exponent, functions=None):
+        """``Q_L [s * sign(Q_L^T X Q_R)] Q_R^T``, s the sides' functions of the eigenvalues
+        (``functions``: f(w, e) for L's mode and the others'; the inverse roots if None)."""
         def apply(q_l, w_l, q_r, w_r, x):
             out = []
             for t, qs, ws in zip(self.tensors(x), self._factors(q_l, q_r),
@@ -180,7 +268,11 @@ class Kronecker:
                 for i, w in enumerate(ws):
                     shape = [1] * len(ws)
                     shape[i] = w.numel()
-                    scale = scale * _root(w, e, self.rounding).view(shape)
+                    if functions is None:
+                        f = _root(w, e, self.rounding)
+                    else:
+                        f = functions[min(i, 1)](_at_rounding(w) if self.rounding else w, e)
+                    scale = scale * f.view(shape)
                 big = t.abs().max()
                 t = scale * torch.sign(torch.where(t.abs() > ROUNDING * big, t, 0.0))
                 for i, q in enumerate(qs):

@@ -53,6 +53,7 @@ class Statement:
     mode_exponent: object = None  # Kronecker: k -> each mode's root exponent, order k
     roots_every: str | None = None  # Kronecker: the roots' refresh period (a hyper)
     in_basis: bool = False  # the eigenbasis: not computed on the first step (no basis yet)
+    scratch: bool = False  # its values only for the next line reading them (then restored)
 
 
 class _Rewrite(ast.NodeTransformer):
@@ -179,6 +180,8 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         pass
     elif clause == "g = 0 where it is 0" and st.target == "g":  # K-FAC's normalized g
         st.zero_sum = True
+    elif clause == "for the roots only":  # Kronecker's bias correction: L, R stay as summed
+        st.scratch = True
     elif clause == "sign 0 at rounding level":  # per tensor (_explained_kronecker.ROUNDING)
         pass
     elif not any(re.fullmatch(d, clause) for d in _DESCRIPTIVE):

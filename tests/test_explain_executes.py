@@ -31,6 +31,7 @@ How the text is read (the conventions a reader of explain needs too):
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,22 @@ def _named() -> list[tuple[str, str, dict]]:
     return out
 
 
-CASES = _named() + _cross_product()
+def _kronecker_damped() -> list[tuple[str, str, dict]]:
+    """The Kronecker step under each damping form and a bias-corrected EMA (axes the
+    cross product leaves at their defaults): every iterate, length and damping."""
+    out = []
+    for it, ln, dmp in itertools.product(("ema(0.9) bias_corrected", "sum", "ema(0.9)"),
+                                         ("gradient_norm", "none", "eigen_sign"),
+                                         ("add(eps)", "inside(eps)", "floor(eps)")):
+        source = ("optimizer KroneckerDamped\nhyper lr = 1e-2, eps = 0.3\n"
+                  "curvature empirical_fisher\nstructure kronecker\n"
+                  f"iterate {it}\nlength {ln}\ndamping {dmp}\n")
+        label = f"kronecker-{it.split('(')[0]}{'-bc' if 'bias' in it else ''}-{ln}-{dmp}"
+        out.append((label, source, {}))
+    return out
+
+
+CASES = _named() + _cross_product() + _kronecker_damped()
 
 
 def test_every_shipped_spec_of_the_executed_structures_is_here():
