@@ -225,7 +225,8 @@ class Generated(NamedTuple):
     filename: str
 
 
-_RUN: dict[str, type] = {}  # key -> the first class run_source made for it in this process
+# key -> the class run_source made for it last in this process (what curvc.load returns)
+_RUN: dict[str, type] = {}
 
 
 def run_source(text: str, class_name: str, key: str, filename: str) -> type:
@@ -248,7 +249,7 @@ def run_source(text: str, class_name: str, key: str, filename: str) -> type:
         raise
     cls = getattr(module, class_name)
     cls._generated = Generated(key, class_name, text, filename)
-    _RUN.setdefault(key, cls)
+    _RUN[key] = cls
     return cls
 
 
