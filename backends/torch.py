@@ -187,7 +187,9 @@ def _extern_call(ext: Extern) -> tuple:
     host = PythonHost()
     params = [host.render_inline(e, lambda x: scalar_name(x.name)) for e in ext.params]
     scalars = sorted({n.name for e in ext.params for n in walk(e) if isinstance(n, Scalar)})
-    sig = {"tensors": ["state", *ext.inputs], "scalars": scalars, "reduced": [],
+    # an input in two roles (a graft's step that is the value itself: graft sgd) is one
+    # parameter, which the call passes in both
+    sig = {"tensors": ["state", *dict.fromkeys(ext.inputs)], "scalars": scalars, "reduced": [],
            "flags": list(stage.flags)}
     kw = stage.keywords(params, _flag_or_true)
     operands = ext.inputs[:-1] if stage.reads_param else ext.inputs
