@@ -31,7 +31,8 @@ def blocking(opt: ir.Optimizer, of: str) -> list[str]:
         out += [f"G     = {of} without its size-1 dims, neighbours merged from the last",
                 f"        while their product <= {n}{_when(st.merge_dims)}"]
     if _on(st.block):
-        out += [f"G     = each block of G, every dim cut into pieces of at most {n}"
+        whole = "G" if out else of  # the merged view, or the tensor itself
+        out += [f"G     = each block of {whole}, every dim cut into pieces of at most {n}"
                 f"{_when(st.block)}:",
                 "        each block has its own factors (below), and m, d_g, d are cut alike"]
     return out

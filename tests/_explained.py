@@ -13,6 +13,7 @@ import re
 import torch
 from _explained_eigen import Eigen, eigen_note, eigen_statements, in_basis, primed
 from _explained_factored import factored, factored_sizes
+from _explained_graft import block_norm, blocks, graft_note, graft_statements
 from _explained_kfac import KFAC, KFAC_NOTES, kfac_statements, mean_outer, t_sum_outer
 from _explained_kronecker import (SAMPLED, SAMPLED_NOTES, Identity, Kronecker, Modes,
                                   damped_kronecker)
@@ -55,7 +56,7 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
             if m := re.fullmatch(r"\s+\(no correction at (\S+) = 1, a sum\)", line):
                 period["uncorrected"] = m[1]  # a bias correction by 1 - beta^t is skipped
                 continue
-            if eigen_note(line, period):  # tests/_explained_eigen.py
+            if eigen_note(line, period) or graft_note(line, period):  # their modules
                 continue
             assert re.fullmatch(r"\s+\(N the number of parameters, eps64 = 2\^-52: the "
                                 r"pseudo-inverse drops eigenvalues at rounding level or "
@@ -68,6 +69,9 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
                              else basis)
         if (eig := eigen_statements(line, period, statement)) is not None:
             out += eig  # tests/_explained_eigen.py
+            continue
+        if (cut := graft_statements(line, period, statement)) is not None:
+            out += cut  # tests/_explained_graft.py
             continue
         if "eigen" in period:
             line = primed(line)
@@ -93,7 +97,10 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
         damped = damped_kronecker(main) if period.get("kronecker") else None
         st = statement(re.sub(r"\blambda\b", "_lam", target), damped or _python(main))
         st.in_basis = st.in_basis and "eigen" in period
-        if c := re.fullmatch(r"(.*) / \(1 - (\S+)\^\w+\)", main):  # a bias correction
+        parts = [re.fullmatch(r"(.*) / \(1 - (\S+)\^\w+\)", x) for x in main.split(", ")]
+        if "," in target and all(parts):  # L, R = L / (1 - b^t), R / (1 - b^t): both
+            st.corrects = (parts[0][2], ", ".join(_python(c[1]) for c in parts))
+        elif c := re.fullmatch(r"(.*) / \(1 - (\S+)\^\w+\)", main):  # a bias correction
             st.corrects = (c[2], _python(c[1]))
         for w in where:
             name, expr = w.split(" = ", 1)
@@ -137,6 +144,19 @@ class Explained:
         self.env: dict = {}
         self.started = False
         self.kron = Kronecker(self.shapes)
+        self.tensor_index = [torch.arange(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
+                             for i in range(len(self.sizes))]
+        self.block_index = self.tensor_index  # the tensors, unless cut into blocks
+        if "blocks" in self.period:  # Distributed Shampoo's merged, cut tensors
+            cut = self.period["blocks"]
+
+            def value(text):
+                return float(_eval(_python(text), hypers))
+            merge = cut.get("merge") and (cut.get("merge_if") is None or hypers[cut["merge_if"]])
+            block = "block" in cut and (cut["block_if"] is None or hypers[cut["block_if"]])
+            self.block_index, shapes = blocks(self.shapes, value(cut["merge_max"]) if merge
+                                              else None, value(cut["block"]) if block else None)
+            self.kron = Kronecker(shapes, self.block_index)
         self.kfac = KFAC(self.layers, self.sizes)
         self.kfac_from_zero = False
         self.eigen = Eigen(self.shapes, self.period.get("eigen", {}),
@@ -162,11 +182,18 @@ class Explained:
         every = st.roots_every
         t = self.env.get("step", 1)
         refresh = every is None or (t - 1) % int(self.h[every]) == 0
+        if "roots_from" in self.period:  # on step S, then the multiples of k after it
+            start, k = (int(number(x)) for x in self.period["roots_from"])
+            refresh = t == start or (t > start and t % k == 0)
+        exponent, printed = st.mode_exponent, True
+        if "root_override" in self.period and number(self.period["root_override"][1]) > 0:
+            p, r = self.period["root_override"]
+            exponent, printed = (lambda k: number(p) / number(r)), False
         return dict(_gram_first=kron.gram(True), _gram_rest=kron.gram(False), _I=Identity(),
                     _gram_rows_first=kron.gram_rows(True), _gram_rows_rest=kron.gram_rows(False),
                     _kron=kron.preconditioned(st.mode_exponent, refresh), _eigens=kron.eigens,
-                    _kron_f=kron.spectral(st.mode_exponent, refresh, number),
-                    _eigen_sign_f=kron.eigen_sign_f(st.mode_exponent, number),
+                    _kron_f=kron.spectral(exponent, refresh, number, printed),
+                    _eigen_sign_f=kron.eigen_sign_f(exponent, number),
                     _eigen_sign=kron.eigen_sign(st.mode_exponent))
 
     def _kfac(self, st: Statement) -> dict:
@@ -244,6 +271,10 @@ class Explained:
             fns.update(sum=total, _norm=lambda x: total(x * x).sqrt())
         if "tensor" in st.scopes:
             fns["RMS"] = rms
+        if "block" in st.scopes:
+            fns["_norm"] = block_norm(self.block_index)
+        if "tensor norm" in st.scopes:
+            fns["_norm"] = block_norm(self.tensor_index)
         return fns
 
     @property
@@ -320,7 +351,7 @@ class Explained:
             expr = st.expr
             if st.first is not None and t == 1:
                 expr = st.first
-            elif st.alternative is not None and self.h[st.alternative[0]] == 1:
+            elif st.alternative is not None and _eval(st.alternative[0], scope) == 1:
                 expr = st.alternative[1]
             elif st.corrects and self.period.get("uncorrected") == st.corrects[0] \
                     and _eval(st.corrects[0], scope) == 1:

@@ -147,9 +147,12 @@ def damped_kronecker(main: str) -> str | None:
 class Kronecker:
     """The functions the Kronecker lines call, over tensors of the given shapes."""
 
-    def __init__(self, shapes: list[tuple]):
+    def __init__(self, shapes: list[tuple], index: list | None = None):
+        """``index``: per tensor (a block, tests/_explained_graft.py), its coordinates in
+        the flat vector; None: the tensors one after the other."""
         self.shapes = shapes
         self.sizes = [math.prod(s) for s in shapes]
+        self.index = index
         self.roots = None  # F^-e of every (tensor, mode), kept between refreshes
         self.rounding = False  # the note that eigenvalues at rounding level count as 0
         self.from_zero = False  # the note's condition: the factors start at 0
@@ -157,7 +160,18 @@ class Kronecker:
         self.conditioning = 1.0
 
     def tensors(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        if self.index is not None:
+            return [flat[i].view(s) for i, s in zip(self.index, self.shapes)]
         return [v.view(s) for s, v in zip(self.shapes, torch.split(flat, self.sizes))]
+
+    def flat(self, parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The tensors (flattened) as one vector again: ``tensors``' inverse."""
+        if self.index is None:
+            return torch.cat(parts)
+        out = torch.empty_like(like)
+        for i, x in zip(self.index, parts):
+            out[i] = x
+        return out
 
     def zeros(self, first: bool) -> Modes:
         return Modes([[torch.zeros(s[i], s[i], dtype=torch.float64) for i in self._modes(s, first)]
@@ -207,32 +221,39 @@ class Kronecker:
                 for i, r in enumerate(roots):
                     t = _along(t, r, i)
                 out.append(t.reshape(-1))
-            return torch.cat(out)
+            return self.flat(out, x)
         return apply
 
-    def spectral(self, exponent, refresh: bool, number):
+    def spectral(self, exponent, refresh: bool, number, printed: bool = True):
         """``f_L(L) X f_R(R)`` for the printed functions of the two sides (with the
         exponent of each tensor's order), recomputed where ``refresh`` holds."""
         def apply(first: Modes, x: torch.Tensor, rest: Modes, left: str, right: str):
             if refresh or self.roots is None:
                 (e_l, f_l), (e_r, f_r) = factor_function(left, number), \
                     factor_function(right, number)
-                assert e_l == e_r == exponent(2), (left, right)  # printed for order 2
-                self.roots = []
+                # printed for order 2 (unless every factor's exponent is overridden)
+                assert not printed or e_l == e_r == exponent(2), (left, right)
+                self.roots, self.conditioning = [], 1.0
                 for fs in self._factors(first, rest):
                     roots = []
                     for i, f in enumerate(fs):
                         w, q = torch.linalg.eigh(f)
                         if self.rounding:
                             w = _at_rounding(w)
-                        roots.append((q * (f_l if i == 0 else f_r)(w, exponent(len(fs)))) @ q.T)
+                        e = exponent(len(fs))
+                        fw = (f_l if i == 0 else f_r)(w, e)
+                        kept = fw[fw != 0]  # its spread, back to the eigenvalues' scale
+                        if kept.numel():
+                            self.conditioning = max(self.conditioning,
+                                                    (kept.max() / kept.min()).item() ** (1 / e))
+                        roots.append((q * fw) @ q.T)
                     self.roots.append(roots)
             out = []
             for t, roots in zip(self.tensors(x), self.roots):
                 for i, r in enumerate(roots):
                     t = _along(t, r, i)
                 out.append(t.reshape(-1))
-            return torch.cat(out)
+            return self.flat(out, x)
         return apply
 
     def eigens(self, first: Modes, rest: Modes):
@@ -278,5 +299,5 @@ class Kronecker:
                 for i, q in enumerate(qs):
                     t = _along(t, q, i)
                 out.append(t.reshape(-1))
-            return torch.cat(out)
+            return self.flat(out, x)
         return apply

@@ -29,6 +29,8 @@ _DESCRIPTIVE = (
     r"H ~ F, the paper's NGD",
     r"V kept in the basis",  # the eigenbasis lines: the V lines run in the basis anyway
     r"after the step",  # the factors' lines: they follow the step's lines
+    r"graft \w+",  # which pipeline d_g is: its lines say it
+    r"decoupled decay joins the step", r"the momentum of the step",  # the lines' order says it
 )
 
 
@@ -140,8 +142,8 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         period.setdefault("init", {})[st.target] = _python(m[1])
     elif m := re.fullmatch(rf"{st.target} = (.+) at t = 1", clause):
         st.first = _python(m[1])
-    elif m := re.fullmatch(rf"{st.target} = (.+) when (\w+) = 1", clause):
-        st.alternative = (m[2], _python(m[1]))
+    elif m := re.fullmatch(rf"{st.target} = (.+) when (\w+(?:\[\d+\])?) = 1", clause):
+        st.alternative = (_python(m[2]), _python(m[1]))
     elif m := re.fullmatch(r"(?:estimated )?when t - 1 is a (positive )?multiple of (\w+)"
                            r"(?:, reused in between)?", clause):
         st.refresh = True
@@ -180,6 +182,12 @@ def _note(st: Statement, clause: str, period: dict) -> None:
         pass
     elif clause == "g = 0 where it is 0" and st.target == "g":  # K-FAC's normalized g
         st.zero_sum = True
+    elif m := re.fullmatch(r"steps t < (\w+): the grafted step alone", clause):
+        st.when.append(lambda env, n=_python(m[1]): env["step"] < eval(n, {}, env))
+    elif clause == "norms over each block":
+        st.scopes.add("block")
+    elif clause == "norms over each tensor":
+        st.scopes.add("tensor norm")
     elif clause == "for the roots only":  # Kronecker's bias correction: L, R stay as summed
         st.scratch = True
     elif clause == "sign 0 at rounding level":  # per tensor (_explained_kronecker.ROUNDING)

@@ -58,7 +58,6 @@ NOT_EXECUTED = {
     # executed in tests/test_explain_executes_eigen.py (its shapes keep the bases unique)
     "soap": "Adam in the eigenbasis", "eigen_adagrad": "Adagrad in the eigenbasis",
     "ekfac_like": "a damped step in the eigenbasis",
-    "distributed_shampoo": "blocks and grafting (curvc/explain_graft.py's lines)",
 }
 SIGNED = ("hessian", "hutchinson")  # sources whose estimate takes either sign
 SPECS = Path(__file__).parent / "specs"
@@ -118,6 +117,20 @@ VARIANTS = {
     # (0: a singular factor's rounding-level eigenvalues count as 0)
     "shampoo": [dict(), dict(update_freq=2, momentum=0.9, weight_decay=0.1, maximize=True,
                              matrix_eps=0.3), dict(matrix_eps=0.0)],
+    # merged dims (all three tensors become vectors), blocks of 2 (and of 3 unmerged: (3,
+    # 4) in two blocks, (5,) in two), the roots' schedule from a later start (the graft
+    # alone before it), an overridden root, bias correction off, L2 decay, the step's
+    # momentum with and without Nesterov, the EMA of the factors. Not epsilon's default
+    # 1e-12: the merged vectors' factors of rank t < n then have kappa 1e13, and the two
+    # sides' rounding alone differs by 1e-9 of the step.
+    "distributed_shampoo": [
+        dict(epsilon=1e-6), dict(max_preconditioner_dim=2, momentum=0.5, use_nesterov=True),
+        dict(max_preconditioner_dim=3, use_merge_dims=False, start_preconditioning_step=3,
+             precondition_frequency=2, weight_decay=0.1, momentum=0.5),
+        dict(inv_root_override=2, use_bias_correction=False, betas=(0.8, 0.9),
+             use_decoupled_weight_decay=False, weight_decay=0.1, epsilon=1e-3),
+        dict(betas=(0.9, 0.95), max_preconditioner_dim=4, start_preconditioning_step=2,
+             grafting_beta2=0.9, grafting_epsilon=1e-3)],
     # the dense rows, and the dense matrix under every other axis (tests/specs)
     "newton": [dict()], "ngd": [dict()], "normalized_ngd": [dict()],
     "clipped_ngd": [dict(), dict(threshold=0.3)], "eigenbasis_normalized_ngd": [dict()],
@@ -163,7 +176,23 @@ def _kronecker_damped() -> list[tuple[str, str, dict]]:
     return out
 
 
-CASES = _named() + _cross_product() + _kronecker_damped()
+def _grafted() -> list[tuple[str, str, dict]]:
+    """Each graft on the Kronecker step, per tensor and (block = true) per block of 2,
+    from a later start: the grafted pipelines' lines and their norms' scopes."""
+    out = []
+    for graft, block in itertools.product(("sgd(start = 2)", "adagrad(0.1, start = 3)",
+                                           "rmsprop(0.9, 0.1)", "adam(0.9, 0.1, start = 2)"),
+                                          (False, True)):
+        source = ("optimizer Grafted\nhyper lr = 1e-2, eps = 0.1\n"
+                  "curvature empirical_fisher\n"
+                  f"structure kronecker{'(max_dim = 2, block = true)' if block else ''}\n"
+                  f"iterate sum\nlength gradient_norm\ndamping inside(eps)\n"
+                  f"momentum ema(0.5)\ngraft {graft}\n")
+        out.append((f"graft-{graft.split('(')[0]}{'-blocks' if block else ''}", source, {}))
+    return out
+
+
+CASES = _named() + _cross_product() + _kronecker_damped() + _grafted()
 
 
 def test_every_shipped_spec_of_the_executed_structures_is_here():
