@@ -150,7 +150,7 @@ def _adjusted(opt: ir.Optimizer, lr: str, eq: list[str]) -> str:
     a = opt.schedule.adjust
     if a is None or a == ir.Const("none"):
         return lr
-    shape = "        (rows x cols: the tensor as a matrix, a vector 1 x n)"
+    shape = "        (rows x cols: the tensor as a matrix, shape[0] x the rest; a vector 1 x n)"
     if isinstance(a, ir.Const):
         eq += [f"lr_s  = {lr} * {_ADJUSTED[a.value]}   (per tensor; decay keeps {lr})", shape]
     else:

@@ -166,8 +166,7 @@ def _polar(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
     """The polar factor by Newton-Schulz: what L^-1/4 G R^-1/4 is for L = G G^T, R = G^T G."""
     p = nums.polar
     eq: list[str] = []
-    m = base._momentum(opt, eq, nums)
-    m = "G" if m == "g" else m
+    m = base._momentum(opt, eq, nums)  # g itself is read as a matrix too (the next line)
     eq += [f"d     = U V^T for {m} = U S V^T (= L^-1/4 {m} R^-1/4, L = {m} {m}^T, R = {m}^T {m}),",
            f"        by Newton-Schulz in {p['precision']} ({m} as a matrix: a vector is 1 x n):",
            f"X     = {m} / max(||{m}||_F, {p['eps']})   (transposed first when it has more rows "

@@ -14,6 +14,7 @@ import torch
 from _explained_eigen import Eigen, eigen_note, eigen_statements, in_basis, primed
 from _explained_factored import factored, factored_sizes
 from _explained_graft import block_norm, blocks, graft_note, graft_statements
+from _explained_polar import Polar, polar_note, polar_statements
 from _explained_kfac import KFAC, KFAC_NOTES, kfac_statements, mean_outer, t_sum_outer
 from _explained_kronecker import (SAMPLED, SAMPLED_NOTES, Identity, Kronecker, Modes,
                                   damped_kronecker)
@@ -56,7 +57,8 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
             if m := re.fullmatch(r"\s+\(no correction at (\S+) = 1, a sum\)", line):
                 period["uncorrected"] = m[1]  # a bias correction by 1 - beta^t is skipped
                 continue
-            if eigen_note(line, period) or graft_note(line, period):  # their modules
+            if eigen_note(line, period) or graft_note(line, period) or \
+                    polar_note(line, period):  # their modules
                 continue
             assert re.fullmatch(r"\s+\(N the number of parameters, eps64 = 2\^-52: the "
                                 r"pseudo-inverse drops eigenvalues at rounding level or "
@@ -72,6 +74,9 @@ def _statements(lines: list[str]) -> tuple[list[Statement], dict]:
             continue
         if (cut := graft_statements(line, period, statement)) is not None:
             out += cut  # tests/_explained_graft.py
+            continue
+        if (polar := polar_statements(line, period, statement)) is not None:
+            out += polar  # tests/_explained_polar.py
             continue
         if "eigen" in period:
             line = primed(line)
@@ -159,6 +164,7 @@ class Explained:
             self.kron = Kronecker(shapes, self.block_index)
         self.kfac = KFAC(self.layers, self.sizes)
         self.kfac_from_zero = False
+        self.polar = Polar(self.shapes, self.period, hypers)
         self.eigen = Eigen(self.shapes, self.period.get("eigen", {}),
                            lambda text: float(_eval(_python(text), self.env)), hypers)
 
@@ -254,6 +260,8 @@ class Explained:
             fns.update(self._kronecker(st))
         if self.period.get("kfac"):
             fns.update(self._kfac(st))
+        if "polar" in self.period or "adjust" in self.period:
+            fns.update(self.polar.functions())
         if "eigen" in self.period:
             # the step itself (a spec's `let t` may take the name t)
             every, t = self.period["eigen"].get("every"), self.env.get("step", 1)

@@ -54,7 +54,7 @@ KRONECKER_SOURCES = ("empirical_fisher",)
 # shipped Kronecker specs whose lines are not run here, and why (numbers checked only)
 NOT_EXECUTED = {
     "kfac": "K-FAC's factors are of layer inputs and output gradients (a model)",
-    "muon": "Newton-Schulz in bfloat16",
+    "muon": "Newton-Schulz: tests/test_explain_executes_polar.py runs it in float64",
     # executed in tests/test_explain_executes_eigen.py (its shapes keep the bases unique)
     "soap": "Adam in the eigenbasis", "eigen_adagrad": "Adagrad in the eigenbasis",
     "ekfac_like": "a damped step in the eigenbasis",

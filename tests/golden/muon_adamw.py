@@ -21,7 +21,7 @@
       theta = theta * (1 - lr * weight_decay)
       lr_s  = lr * s(rows, cols)   (per tensor; decay keeps lr), s by adjust_lr_fn:
               none: 1, original: sqrt(max(1, rows/cols)), match_rms_adamw: 0.2 sqrt(max(rows, cols))
-              (rows x cols: the tensor as a matrix, a vector 1 x n)
+              (rows x cols: the tensor as a matrix, shape[0] x the rest; a vector 1 x n)
       momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)   (state: momentum_buffer on the
           right is the stored value)
       readout = if(nesterov, lerp(grad, momentum_buffer, momentum), momentum_buffer)
