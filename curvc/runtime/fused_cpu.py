@@ -28,6 +28,8 @@ import types
 import numpy as np
 import torch
 
+from curvc.runtime import vector_isa
+
 _HINT = 1 << 20  # elements of the scratch tensors the kernel is compiled on
 
 
@@ -76,7 +78,8 @@ class FusedUpdate:
             torch._dynamo.mark_dynamic(t, 0)
         s = torch.zeros(max(n_scalars, 1), dtype=sdtype)
         step = torch.zeros((), dtype=torch.float32)
-        self._via_dynamo(*scratch, s, step)
+        with vector_isa.probed():  # inductor's ISA probe: once per machine, not per process
+            self._via_dynamo(*scratch, s, step)
         self._direct = self._raw = None
         if len(captured) == 1:
             inputs, compiled = captured[0]
