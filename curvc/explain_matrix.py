@@ -104,8 +104,9 @@ def kronecker(opt: ir.Optimizer, lr: str, nums: Numbers) -> list[str]:
         if opt.curvature.scale is not None:
             eq.append(f"        (each row times sqrt({base._v(opt.curvature.scale)}))")
         gram_l, gram_r = "sum_r G_r G_r^T", "sum_r G_r^T G_r"
-    eq.append(_accumulate_line(opt, "L", gram_l).replace("_0 = ", "_0 = I * "))
-    eq.append(_accumulate_line(opt, "R", gram_r).replace("_0 = ", "_0 = I * "))
+    for name, gram in (("L", gram_l), ("R", gram_r)):  # a start other than 0 is s I
+        line = _accumulate_line(opt, name, gram)
+        eq.append(line if line.endswith("_0 = 0)") else line.replace("_0 = ", "_0 = I * "))
     for _, beta, n, switch in (c for c in nums.counts if c[0] == "curvature"):
         eq.append(f"L, R  = L / (1 - {beta}^{n}), R / (1 - {beta}^{n})   (for the roots only"
                   + (f"; if {switch})" if switch else ")"))
