@@ -395,11 +395,11 @@ def _render_body(plan: Plan, buf: IndentedBuffer) -> None:
     body = IndentedBuffer()
     _emit_statements(body, sched.stmts, sched, r)
     if r.scalar_tensors:
-        # one host-to-device copy for all of them; the names in parentheses, so they wrap
+        # one buffer for all of them (curvc.runtime.program.host_scalars); the names in
+        # parentheses, so they wrap
         names = ", ".join(r.scalar_tensors.values())
         values = ", ".join(r.scalar_tensors)
-        buf.writeline(f"_scalars = torch.tensor([{values}], dtype=cdt, device=param[0].device)")
-        buf.writeline(f"({names},) = _scalars.unbind()")
+        buf.writeline(f"({names},) = _host_scalars([{values}], cdt, param[0].device)")
     buf.splice(body.getvalue().rstrip("\n"))
     for st in plan.stores:
         value = sched.names[st.value]

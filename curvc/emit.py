@@ -82,7 +82,7 @@ def emit(opt: ir.Optimizer, plan: Plan, backend: str = "auto") -> str:
     # private names: the module's public names are the class and names.MODULE_IMPORTS
     program = schedule.split(plan)
     contract = ["Buffer", "Hyper", "Program", "Validator"]
-    contract += ["Kernel"] if program.kernels else []
+    contract += ["Kernel", "host_scalars"] if program.kernels else []
     contract += ["Source"] if program.source is not None else []
     contract += ["Extern"] if program.externs else []
     buf.writelines(wrap_items("from curvc.runtime.program import (",

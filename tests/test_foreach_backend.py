@@ -20,6 +20,7 @@ from curvc.backends import foreach as foreach_backend
 from curvc.backends import torch as torch_backend
 from curvc.backends.render import IndentedBuffer
 from curvc.compiler import _load_cached, read, to_ir, to_plan
+from curvc.runtime import program
 from curvc.runtime.elementwise_step import _arguments
 from curvc.plan import Buffer, Const, Load, Op, Plan, Reduced, Reduction, Scalar, Select, Store
 
@@ -270,7 +271,8 @@ def test_synthetic_operators(dtype, flag):
     plan, exprs = _synthetic_plan()
     buf = IndentedBuffer()
     torch_backend.render_update(plan, buf)
-    ns = {"torch": torch, "math": __import__("math")}
+    # what a generated module's imports give the rendering
+    ns = {"torch": torch, "math": __import__("math"), "_host_scalars": program.host_scalars}
     exec(buf.getvalue(), ns)
     exec(foreach_backend.render(plan), ns)
     update, foreach_update = ns["_update"], ns["_foreach_update"]
@@ -310,7 +312,7 @@ def test_synthetic_beyond_update():
     exprs = {"ls": Op("div_or_zero", (c, s)), "lz": Op("div_or_zero", (c, z)),
              "fill_s": Op("mul", (s, Const(2.0))), "fill_r": Op("sqrt", (r,)), "fill_c": Const(3.0),
              "fill_sel": Select("f", Const(1.0), r)}
-    ns = {"torch": torch}
+    ns = {"torch": torch, "_host_scalars": program.host_scalars}
     exec(foreach_backend.render(_plan(exprs)), ns)
     gen = torch.Generator().manual_seed(3)
     c_list = [torch.randn(sh, generator=gen) for sh in [(), (4,), (2, 3)]]
@@ -356,3 +358,30 @@ def test_eager_path_on_awkward_layouts_matches_torch_adam():
         scale = q.detach().abs().max().item() if q.numel() else 1.0
         err = (p.detach() - q.detach()).abs().max().item() if q.numel() else 0.0
         assert p.shape == q.shape and err <= 1e-6 * (scale or 1.0), (tuple(p.shape), err)
+
+
+def test_host_scalars_round_as_a_new_tensor_does_and_each_thread_has_its_own():
+    """The foreach functions' host scalars (curvc.runtime.program.host_scalars) are views
+    of a reused buffer: each call's values, rounded to the dtype as torch.tensor rounds
+    them, and a thread's calls never see another thread's values."""
+    import threading
+    values = [0.1, 1 / 3, 1e-40, float("inf"), -2.5]
+    for dtype in (torch.float32, torch.float64):
+        got = program.host_scalars(values, dtype, torch.device("cpu"))
+        assert torch.equal(torch.stack(got), torch.tensor(values, dtype=dtype))
+    assert program.host_scalars([2.0], torch.float32, torch.device("meta"))[0].is_meta
+    seen, start = {}, threading.Barrier(2)
+
+    def run(k: float):
+        start.wait()
+        for i in range(2000):
+            (a, b) = program.host_scalars([k, k + i], torch.float64, torch.device("cpu"))
+            if (a.item(), b.item()) != (k, k + i):
+                seen[k] = (a.item(), b.item(), i)
+                return
+    threads = [threading.Thread(target=run, args=(k,)) for k in (10.0, 20.0)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not seen

@@ -23,6 +23,7 @@ called positionally, since its parameter names are the backend's own.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -177,6 +178,24 @@ class Runner:
 
 
 _ONE = torch.tensor(1.0)
+_SCALAR_BUFFERS = threading.local()
+
+
+def host_scalars(values: list, dtype: torch.dtype, device: torch.device) -> tuple:
+    """A foreach call's host scalars as 0-d tensors of the compute dtype, which foreach
+    ops take without wrapping a number per list entry. On the CPU they are views of one
+    buffer per thread, count and dtype, filled in place through numpy (0.4 us, against
+    4.6 for a new tensor; a float rounds to the dtype alike either way). Only the call
+    that asked reads them, before the thread's next call overwrites them."""
+    if device.type != "cpu":
+        return torch.tensor(values, dtype=dtype, device=device).unbind()
+    cache = _SCALAR_BUFFERS.__dict__
+    entry = cache.get((len(values), dtype))
+    if entry is None:
+        buffer = torch.empty(len(values), dtype=dtype)
+        entry = cache[len(values), dtype] = (buffer.numpy(), buffer.unbind())
+    entry[0][:] = values
+    return entry[1]
 
 
 def count_steps(steps: list) -> None:

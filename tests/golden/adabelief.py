@@ -71,7 +71,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -233,9 +233,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
     exp_avg_var_ = _foreach_cast(exp_avg_var, cdt)
     max_exp_avg_var_ = _foreach_cast(max_exp_avg_var, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,
+                ) = _host_scalars([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], cdt,
+                        param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -297,9 +297,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_var, max_exp_avg_var, h_betas_
         torch._foreach_copy_(max_exp_avg_var, new_max_exp_avg_var_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s6, _s_s7, _s_s8, _s_rt, _c9, _s_s9,
+                ) = _host_scalars([h_betas_1, h_eps, h_s6, h_s7, h_s8, h_rt, 0.0, h_s9], cdt,
+                        param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -45,7 +45,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -133,8 +133,7 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
     square_avg_ = _foreach_cast(square_avg, cdt)
     acc_delta_ = _foreach_cast(acc_delta, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -166,8 +165,7 @@ def _foreach_update(param, grad, square_avg, acc_delta, h_eps, h_lr, h_s0, h_wei
         torch._foreach_copy_(acc_delta, new_acc_delta_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -39,7 +39,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -117,8 +117,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
     grad_ = _foreach_cast(grad, cdt)
     sum_ = _foreach_cast(sum, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -138,8 +137,7 @@ def _foreach_update(param, grad, sum, h_eps, h_lr_t, h_weight_decay, r_nonfinite
         torch._foreach_copy_(sum, new_sum_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

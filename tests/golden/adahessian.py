@@ -48,7 +48,8 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Source as _Source, Validator as _Validator)
+        Program as _Program, Source as _Source, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -172,8 +173,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s4, h_s6, h_eps], cdt, param[0].device)
         if f_estimate:
             new_curvature_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0,
                     _e1 in zip(curvature_, curvature_estimate_)]
@@ -211,8 +212,8 @@ def _foreach_update(param, grad, curvature_estimate, curvature, exp_avg_sq, exp_
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s4, h_s6, h_eps], cdt, param[0].device)
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         t1 = curvature_estimate_ if f_estimate else curvature_

@@ -45,7 +45,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -176,8 +176,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
     max_exp_avg_sq_ = _foreach_cast(max_exp_avg_sq, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s4, h_s6, h_eps], cdt, param[0].device)
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -223,8 +223,8 @@ def _foreach_update(param, grad, exp_avg_sq, max_exp_avg_sq, exp_avg, h_betas_1,
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s4, h_s6, h_eps], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_s4, _s_s6, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s4, _s_s6, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s4, h_s6, h_eps], cdt, param[0].device)
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:

@@ -43,7 +43,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -130,8 +130,7 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_inf_ = _foreach_cast(exp_inf, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_eps, h_s1], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_eps, _s_s1,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s1,) = _host_scalars([h_betas_1, h_eps, h_s1], cdt, param[0].device)
         t0 = torch._foreach_mul(exp_inf_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -156,8 +155,7 @@ def _foreach_update(param, grad, exp_avg, exp_inf, h_betas_1, h_eps, h_lr, h_s0,
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_eps, h_s1], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_eps, _s_s1,) = _scalars.unbind()
+        (_s_betas_1, _s_eps, _s_s1,) = _host_scalars([h_betas_1, h_eps, h_s1], cdt, param[0].device)
         torch._foreach_mul_(exp_inf_, _s_betas_1)
         t0 = exp_inf_
         if f_maximize:

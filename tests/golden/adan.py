@@ -66,7 +66,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -221,11 +221,11 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
     exp_avg_diff_ = _foreach_cast(exp_avg_diff, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor(
-                [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7, h_lr],
-                dtype=cdt, device=param[0].device)
         (_s_betas_2, _c5, _s_betas_1, _s_s1, _s_s4, _s_s5, _s_s6, _s_weight_decay, _s_s7, _s_lr,
-                ) = _scalars.unbind()
+                ) = _host_scalars(
+                        [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7,
+                                h_lr],
+                        cdt, param[0].device)
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_2)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -279,11 +279,11 @@ def _foreach_update(param, grad, previous_grad, exp_avg, exp_avg_diff, exp_avg_s
         torch._foreach_copy_(previous_grad, new_previous_grad_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor(
-                [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7, h_lr],
-                dtype=cdt, device=param[0].device)
         (_s_betas_2, _c5, _s_betas_1, _s_s1, _s_s4, _s_s5, _s_s6, _s_weight_decay, _s_s7, _s_lr,
-                ) = _scalars.unbind()
+                ) = _host_scalars(
+                        [h_betas_2, 0.0, h_betas_1, h_s1, h_s4, h_s5, h_s6, h_weight_decay, h_s7,
+                                h_lr],
+                        cdt, param[0].device)
         torch._foreach_mul_(exp_avg_sq_, _s_betas_2)
         t0 = exp_avg_sq_
         if f_maximize:

@@ -64,7 +64,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -219,9 +219,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
     exp_avg_slow_ = _foreach_cast(exp_avg_slow, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], cdt,
+                        param[0].device)
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -266,9 +266,9 @@ def _foreach_update(param, grad, exp_avg, exp_avg_slow, exp_avg_sq, h_alpha_t, h
         torch._foreach_copy_(exp_avg_slow, new_exp_avg_slow_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_s9, _s_s10, _s_s11, _s_s12, _s_eps,
+                ) = _host_scalars([h_betas_1, h_s9, h_s10, h_s11, h_s12, h_eps], cdt,
+                        param[0].device)
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:

@@ -88,7 +88,8 @@ import torch
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
 from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+        Kernel as _Kernel, Program as _Program, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -313,9 +314,9 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
     matrix_value_ = _foreach_cast(matrix_value, cdt)
     matrix_graft_ = _foreach_cast(matrix_graft, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], dtype=cdt,
-                device=param[0].device)
-        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,) = _scalars.unbind()
+        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,
+                ) = _host_scalars([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], cdt,
+                        param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -349,9 +350,9 @@ def _foreach_update_head(param, grad, exp_avg, graft_exp_avg_sq, matrix_statisti
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(graft_exp_avg_sq, new_graft_exp_avg_sq_)
     else:
-        _scalars = torch.tensor([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], dtype=cdt,
-                device=param[0].device)
-        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,) = _scalars.unbind()
+        (_s_s6, _s_grafting_beta2, _s_s8, _s_grafting_epsilon,
+                ) = _host_scalars([h_s6, h_grafting_beta2, h_s8, h_grafting_epsilon], cdt,
+                        param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -58,7 +58,8 @@ import torch
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
 from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+        Kernel as _Kernel, Program as _Program, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -188,8 +189,7 @@ def _foreach_update_head(param, grad, exp_avg, matrix_statistic, matrix_value, h
     matrix_statistic_ = _foreach_cast(matrix_statistic, cdt)
     matrix_value_ = _foreach_cast(matrix_value, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s4], dtype=cdt, device=param[0].device)
-        (_s_s4,) = _scalars.unbind()
+        (_s_s4,) = _host_scalars([h_s4], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         new_matrix_statistic_ = t0 if f_maximize else grad_
@@ -205,8 +205,7 @@ def _foreach_update_head(param, grad, exp_avg, matrix_statistic, matrix_value, h
         if f_has_exp_avg:
             torch._foreach_copy_(exp_avg, new_exp_avg_)
     else:
-        _scalars = torch.tensor([h_s4], dtype=cdt, device=param[0].device)
-        (_s_s4,) = _scalars.unbind()
+        (_s_s4,) = _host_scalars([h_s4], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         new_matrix_statistic_ = t0 if f_maximize else grad_
@@ -236,8 +235,7 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr, h_s3, r_nonfinite, f_ha
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s3], dtype=cdt, device=param[0].device)
-        (_s_s3,) = _scalars.unbind()
+        (_s_s3,) = _host_scalars([h_s3], cdt, param[0].device)
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s3)
         t1 = t0 if f_has_weight_decay else param_
@@ -245,8 +243,7 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr, h_s3, r_nonfinite, f_ha
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t2)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s3], dtype=cdt, device=param[0].device)
-        (_s_s3,) = _scalars.unbind()
+        (_s_s3,) = _host_scalars([h_s3], cdt, param[0].device)
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s3)
         t1 = t0 if f_has_weight_decay else param_

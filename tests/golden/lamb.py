@@ -54,7 +54,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -201,9 +201,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_0, h_s2, h_eps, h_s3, h_lr], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,) = _scalars.unbind()
+        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,
+                ) = _host_scalars([h_betas_0, h_s2, h_eps, h_s3, h_lr], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -246,9 +245,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_betas_0, h_eps, h_lr, h_
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_0, h_s2, h_eps, h_s3, h_lr], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,) = _scalars.unbind()
+        (_s_betas_0, _s_s2, _s_eps, _s_s3, _s_lr,
+                ) = _host_scalars([h_betas_0, h_s2, h_eps, h_s3, h_lr], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

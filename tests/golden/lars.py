@@ -55,7 +55,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -186,9 +186,9 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_trus
     grad_ = _foreach_cast(grad, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_momentum, h_weight_decay, h_trust_coefficient, h_s0, h_lr],
-                dtype=cdt, device=param[0].device)
-        (_s_momentum, _s_weight_decay, _s_trust_coefficient, _s_s0, _s_lr,) = _scalars.unbind()
+        (_s_momentum, _s_weight_decay, _s_trust_coefficient, _s_s0, _s_lr,
+                ) = _host_scalars([h_momentum, h_weight_decay, h_trust_coefficient, h_s0, h_lr],
+                        cdt, param[0].device)
         t0 = torch._foreach_mul(momentum_buffer_, _s_momentum)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -228,9 +228,9 @@ def _foreach_update(param, grad, momentum_buffer, h_lr, h_momentum, h_s0, h_trus
         torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_momentum, h_weight_decay, h_trust_coefficient, h_s0, h_lr],
-                dtype=cdt, device=param[0].device)
-        (_s_momentum, _s_weight_decay, _s_trust_coefficient, _s_s0, _s_lr,) = _scalars.unbind()
+        (_s_momentum, _s_weight_decay, _s_trust_coefficient, _s_s0, _s_lr,
+                ) = _host_scalars([h_momentum, h_weight_decay, h_trust_coefficient, h_s0, h_lr],
+                        cdt, param[0].device)
         torch._foreach_mul_(momentum_buffer_, _s_momentum)
         t0 = momentum_buffer_
         if f_maximize:

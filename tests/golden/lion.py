@@ -35,7 +35,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -109,8 +109,7 @@ def _foreach_update(param, grad, exp_avg, h_betas_0, h_lr, h_s0, h_s1, r_nonfini
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        (_s_s1,) = _host_scalars([h_s1], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -127,8 +126,7 @@ def _foreach_update(param, grad, exp_avg, h_betas_0, h_lr, h_s0, h_s1, r_nonfini
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        (_s_s1,) = _host_scalars([h_s1], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -58,7 +58,8 @@ import torch
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
 from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+        Kernel as _Kernel, Program as _Program, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -239,8 +240,7 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s2, r_nonfinite,
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
-        (_s_s2,) = _scalars.unbind()
+        (_s_s2,) = _host_scalars([h_s2], cdt, param[0].device)
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_
@@ -248,8 +248,7 @@ def _foreach_update_tail(param, grad, matrix_step, h_lr_step, h_s2, r_nonfinite,
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t2)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s2], dtype=cdt, device=param[0].device)
-        (_s_s2,) = _scalars.unbind()
+        (_s_s2,) = _host_scalars([h_s2], cdt, param[0].device)
         if f_has_weight_decay:
             t0 = torch._foreach_mul(param_, _s_s2)
         t1 = t0 if f_has_weight_decay else param_

@@ -55,7 +55,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -184,9 +184,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,
+                ) = _host_scalars([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], cdt,
+                        param[0].device)
         t0 = torch._foreach_mul(exp_avg_sq_, _s_betas_1)
         if f_maximize:
             t1 = torch._foreach_neg(grad_)
@@ -241,9 +241,9 @@ def _foreach_update(param, grad, mu_product, exp_avg, exp_avg_sq, h_betas_1, h_e
         torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], dtype=cdt,
-                device=param[0].device)
-        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,) = _scalars.unbind()
+        (_s_betas_1, _s_mu2, _s_s6, _s_s7, _s_mu_next, _s_s8, _s_eps,
+                ) = _host_scalars([h_betas_1, h_mu2, h_s6, h_s7, h_mu_next, h_s8, h_eps], cdt,
+                        param[0].device)
         torch._foreach_mul_(exp_avg_sq_, _s_betas_1)
         t0 = exp_avg_sq_
         if f_maximize:

@@ -52,7 +52,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -167,8 +167,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     exp_avg_sq_ = _foreach_cast(exp_avg_sq, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s5, h_s6, h_eps, h_s7], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_eps, _s_s7,) = _scalars.unbind()
+        (_s_s5, _s_s6, _s_eps, _s_s7,
+                ) = _host_scalars([h_s5, h_s6, h_eps, h_s7], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -207,8 +207,8 @@ def _foreach_update(param, grad, exp_avg, exp_avg_sq, h_eps, h_lr, h_s3, h_s4, h
         torch._foreach_copy_(exp_avg_sq, new_exp_avg_sq_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s5, h_s6, h_eps, h_s7], dtype=cdt, device=param[0].device)
-        (_s_s5, _s_s6, _s_eps, _s_s7,) = _scalars.unbind()
+        (_s_s5, _s_s6, _s_eps, _s_s7,
+                ) = _host_scalars([h_s5, h_s6, h_eps, h_s7], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -46,7 +46,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -149,8 +149,7 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
     grad_avg_ = _foreach_cast(grad_avg, cdt)
     momentum_buffer_ = _foreach_cast(momentum_buffer, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -185,8 +184,7 @@ def _foreach_update(param, grad, square_avg, grad_avg, momentum_buffer, h_eps, h
         torch._foreach_copy_(momentum_buffer, new_momentum_buffer_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_eps], dtype=cdt, device=param[0].device)
-        (_s_eps,) = _scalars.unbind()
+        (_s_eps,) = _host_scalars([h_eps], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -46,7 +46,8 @@ import torch
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
 from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+        Kernel as _Kernel, Program as _Program, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):

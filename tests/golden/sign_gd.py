@@ -36,7 +36,7 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Validator as _Validator)
+        Program as _Program, Validator as _Validator, host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -114,8 +114,7 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_e
     grad_ = _foreach_cast(grad, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        (_s_s1,) = _host_scalars([h_s1], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -134,8 +133,7 @@ def _foreach_update(param, grad, exp_avg, h_lr, h_s0, h_s1, r_nonfinite, f_has_e
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s1], dtype=cdt, device=param[0].device)
-        (_s_s1,) = _scalars.unbind()
+        (_s_s1,) = _host_scalars([h_s1], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

@@ -78,7 +78,8 @@ import torch
 from curvc.runtime import CurvOptimizer
 from curvc.runtime import matrix
 from curvc.runtime.program import (Buffer as _Buffer, Extern as _Extern, Hyper as _Hyper,
-        Kernel as _Kernel, Program as _Program, Validator as _Validator)
+        Kernel as _Kernel, Program as _Program, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -289,9 +290,9 @@ def _foreach_update_tail(param, grad, matrix_step, h_eps, h_lr, h_s3, h_s4, h_s5
     grad_ = _foreach_cast(grad, cdt)
     matrix_step_ = _foreach_cast(matrix_step, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_s3, h_s4, h_s5, h_s6, h_weight_decay, 0.0, h_lr], dtype=cdt,
-                device=param[0].device)
-        (_s_s3, _s_s4, _s_s5, _s_s6, _s_weight_decay, _c7, _s_lr,) = _scalars.unbind()
+        (_s_s3, _s_s4, _s_s5, _s_s6, _s_weight_decay, _c7, _s_lr,
+                ) = _host_scalars([h_s3, h_s4, h_s5, h_s6, h_weight_decay, 0.0, h_lr], cdt,
+                        param[0].device)
         if f_condition and f_normalize_gradient2:
             t0 = torch._foreach_mul(r_rms_sq, _s_s3)
             t1 = torch._foreach_sqrt(t0)
@@ -316,9 +317,9 @@ def _foreach_update_tail(param, grad, matrix_step, h_eps, h_lr, h_s3, h_s4, h_s5
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t15)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_s3, h_s4, h_s5, h_s6, h_weight_decay, 0.0, h_lr], dtype=cdt,
-                device=param[0].device)
-        (_s_s3, _s_s4, _s_s5, _s_s6, _s_weight_decay, _c7, _s_lr,) = _scalars.unbind()
+        (_s_s3, _s_s4, _s_s5, _s_s6, _s_weight_decay, _c7, _s_lr,
+                ) = _host_scalars([h_s3, h_s4, h_s5, h_s6, h_weight_decay, 0.0, h_lr], cdt,
+                        param[0].device)
         if f_condition and f_normalize_gradient2:
             t0 = torch._foreach_mul(r_rms_sq, _s_s3)
             t1 = torch._foreach_sqrt(t0)

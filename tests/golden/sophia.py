@@ -46,7 +46,8 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Source as _Source, Validator as _Validator)
+        Program as _Program, Source as _Source, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -151,8 +152,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
     hessian_ = _foreach_cast(hessian, cdt)
     exp_avg_ = _foreach_cast(exp_avg, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, 1e-15], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_rho, _s_s2, _c5,) = _scalars.unbind()
+        (_s_betas_1, _s_rho, _s_s2, _c5,
+                ) = _host_scalars([h_betas_1, h_rho, h_s2, 1e-15], cdt, param[0].device)
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)
@@ -186,8 +187,8 @@ def _foreach_update(param, grad, curvature_estimate, hessian, exp_avg, h_betas_1
             torch._foreach_copy_(exp_avg, new_exp_avg_)
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_betas_1, h_rho, h_s2, 1e-15], dtype=cdt, device=param[0].device)
-        (_s_betas_1, _s_rho, _s_s2, _c5,) = _scalars.unbind()
+        (_s_betas_1, _s_rho, _s_s2, _c5,
+                ) = _host_scalars([h_betas_1, h_rho, h_s2, 1e-15], cdt, param[0].device)
         if f_refresh:
             t0 = torch._foreach_mul(hessian_, _s_betas_1)
             t1 = torch._foreach_mul(curvature_estimate_, _s_rho)

@@ -38,7 +38,8 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Source as _Source, Validator as _Validator)
+        Program as _Program, Source as _Source, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
@@ -107,8 +108,7 @@ def _foreach_update(param, grad, curvature_estimate, h_lr, h_threshold, r_nonfin
     grad_ = _foreach_cast(grad, cdt)
     curvature_estimate_ = _foreach_cast(curvature_estimate, cdt)
     if f_nonfinite_skip:
-        _scalars = torch.tensor([h_threshold], dtype=cdt, device=param[0].device)
-        (_s_threshold,) = _scalars.unbind()
+        (_s_threshold,) = _host_scalars([h_threshold], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_
@@ -131,8 +131,7 @@ def _foreach_update(param, grad, curvature_estimate, h_lr, h_threshold, r_nonfin
         new_param_ = [torch.where(r_nonfinite != 0, _e0, _e1) for _e0, _e1 in zip(param_, t12)]
         torch._foreach_copy_(param, new_param_)
     else:
-        _scalars = torch.tensor([h_threshold], dtype=cdt, device=param[0].device)
-        (_s_threshold,) = _scalars.unbind()
+        (_s_threshold,) = _host_scalars([h_threshold], cdt, param[0].device)
         if f_maximize:
             t0 = torch._foreach_neg(grad_)
         t1 = t0 if f_maximize else grad_

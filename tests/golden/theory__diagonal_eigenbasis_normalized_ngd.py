@@ -33,7 +33,8 @@ import torch
 
 from curvc.runtime import CurvOptimizer
 from curvc.runtime.program import (Buffer as _Buffer, Hyper as _Hyper, Kernel as _Kernel,
-        Program as _Program, Source as _Source, Validator as _Validator)
+        Program as _Program, Source as _Source, Validator as _Validator,
+        host_scalars as _host_scalars)
 
 
 def _host(h, step):
