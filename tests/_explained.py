@@ -397,3 +397,43 @@ def assert_same_step(t: int, theta, want, params, lines, rtol: float = 1e-9) -> 
         f"step {t}: the code's step and explain's differ by {err:.3g} "
         f"(the step's size {scale:.3g})\n" + "\n".join(lines))
     return got.clone()
+
+
+def case(label: str, source: str, hypers: dict, shapes: list[tuple]):
+    """One spec beside its lines: (its IR, the compiled optimizer over seeded float64
+    parameters of ``shapes``, the parameters, the generator that seeded them (for the
+    gradients next), explain's lines, the lines' runner). The runner's hyperparameters
+    are the group's as explain's footer reads them: a fallback's value where it is None
+    (``shampoo_beta = betas[1]``), machine_eps the parameters' torch.finfo(dtype).eps."""
+    import curvc
+    from curvc import explain
+    from curvc.compiler import _load_cached
+    opt_ir = curvc.to_ir(source)
+    cls = _load_cached(source, f"<{label}>", "torch")
+    gen = torch.Generator().manual_seed(sum(map(ord, label)))
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
+              for s in shapes]
+    opt = cls(params, **hypers)
+    h = dict(opt.param_groups[0])
+    h.pop("params")
+    for name, (other, index) in cls.FALLBACKS.items():
+        if h[name] is None:
+            h[name] = h[other] if index is None else h[other][index]
+    h = {k: tuple(torch.finfo(torch.float64).eps if x is None else x for x in v)
+         if isinstance(v, tuple) else v for k, v in h.items()}
+    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
+    return opt_ir, opt, params, gen, lines, Explained(lines, h, shapes)
+
+
+def compare_steps(opt, params, gen, lines, run: Explained, steps: int) -> None:
+    """``steps`` steps of the code and of the lines on the same random gradients, each
+    from the code's parameters (``assert_same_step``)."""
+    sizes = [p.numel() for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    for t in range(1, steps + 1):
+        grad = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
+        for p, g in zip(params, torch.split(grad, sizes)):
+            p.grad = g.reshape(p.shape).clone()
+        opt.step()
+        want = run.step(t, theta, grad, None) - theta
+        theta = assert_same_step(t, theta, want, params, lines)

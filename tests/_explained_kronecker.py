@@ -201,27 +201,13 @@ class Kronecker:
 
     def preconditioned(self, exponent, refresh: bool):
         """``L^-p X R^-p``, the roots recomputed where ``refresh`` holds."""
+        def inverse_root(w, e):
+            return torch.where(w > 0, w.clamp(min=1e-300) ** -e, 0.0)
+
         def apply(first: Modes, x: torch.Tensor, rest: Modes) -> torch.Tensor:
             if refresh or self.roots is None:
-                self.roots, self.conditioning = [], 1.0
-                for fs in self._factors(first, rest):
-                    e = exponent(len(fs))
-                    roots = []
-                    for f in fs:
-                        w, q = torch.linalg.eigh(f)
-                        root = _root(w, e, self.rounding)
-                        kept = w[root != 0]
-                        if kept.numel():
-                            self.conditioning = max(self.conditioning,
-                                                    (kept.max() / kept.min()).item())
-                        roots.append((q * root) @ q.T)
-                    self.roots.append(roots)
-            out = []
-            for t, roots in zip(self.tensors(x), self.roots):
-                for i, r in enumerate(roots):
-                    t = _along(t, r, i)
-                out.append(t.reshape(-1))
-            return self.flat(out, x)
+                self._roots(first, rest, exponent, (inverse_root, inverse_root))
+            return self._applied(x)
         return apply
 
     def spectral(self, exponent, refresh: bool, number, printed: bool = True):
@@ -233,28 +219,34 @@ class Kronecker:
                     factor_function(right, number)
                 # printed for order 2 (unless every factor's exponent is overridden)
                 assert not printed or e_l == e_r == exponent(2), (left, right)
-                self.roots, self.conditioning = [], 1.0
-                for fs in self._factors(first, rest):
-                    roots = []
-                    for i, f in enumerate(fs):
-                        w, q = torch.linalg.eigh(f)
-                        if self.rounding:
-                            w = _at_rounding(w)
-                        e = exponent(len(fs))
-                        fw = (f_l if i == 0 else f_r)(w, e)
-                        kept = fw[fw != 0]  # its spread, back to the eigenvalues' scale
-                        if kept.numel():
-                            self.conditioning = max(self.conditioning,
-                                                    (kept.max() / kept.min()).item() ** (1 / e))
-                        roots.append((q * fw) @ q.T)
-                    self.roots.append(roots)
-            out = []
-            for t, roots in zip(self.tensors(x), self.roots):
-                for i, r in enumerate(roots):
-                    t = _along(t, r, i)
-                out.append(t.reshape(-1))
-            return self.flat(out, x)
+                self._roots(first, rest, exponent, (f_l, f_r))
+            return self._applied(x)
         return apply
+
+    def _roots(self, first: Modes, rest: Modes, exponent, functions) -> None:
+        """Per tensor, every mode's f(F) = Q f(w) Q^T (``functions``: mode 0's f(w, e),
+        the other modes'), with their largest condition number over the kept w."""
+        self.roots, self.conditioning = [], 1.0
+        for fs in self._factors(first, rest):
+            e, roots = exponent(len(fs)), []
+            for i, f in enumerate(fs):
+                w, q = torch.linalg.eigh(f)
+                fw = functions[min(i, 1)](_at_rounding(w) if self.rounding else w, e)
+                kept = fw[fw != 0]  # its spread, back to the eigenvalues' scale
+                if kept.numel():
+                    self.conditioning = max(self.conditioning,
+                                            (kept.max() / kept.min()).item() ** (1 / e))
+                roots.append((q * fw) @ q.T)
+            self.roots.append(roots)
+
+    def _applied(self, x: torch.Tensor) -> torch.Tensor:
+        """The roots in use along every mode of each tensor of x."""
+        out = []
+        for t, roots in zip(self.tensors(x), self.roots):
+            for i, r in enumerate(roots):
+                t = _along(t, r, i)
+            out.append(t.reshape(-1))
+        return self.flat(out, x)
 
     def eigens(self, first: Modes, rest: Modes):
         """(Q_L, w_L, Q_R, w_R): per (tensor, mode) its eigenvectors and eigenvalues."""

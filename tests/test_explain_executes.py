@@ -39,9 +39,8 @@ import torch
 
 import curvc
 from curvc import coverage, explain, resources, routing
-from curvc.compiler import _load_cached
 
-from _explained import Explained, assert_same_step  # tests/_explained.py
+from _explained import assert_same_step, case  # tests/_explained.py
 from test_foreach_backend import VARIANTS as FOREACH_VARIANTS
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
@@ -204,21 +203,8 @@ def test_every_shipped_spec_of_the_executed_structures_is_here():
 
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes(label, source, hypers):
-    opt_ir = curvc.to_ir(source)
-    cls = _load_cached(source, f"<{label}>", "torch")
-    gen = torch.Generator().manual_seed(sum(map(ord, label)))
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
-              for s in SHAPES]
+    opt_ir, opt, params, gen, lines, run = case(label, source, hypers, SHAPES)
     sizes = [p.numel() for p in params]
-    opt = cls(params, **hypers)
-    h = dict(opt.param_groups[0])
-    h.pop("params")
-    # machine_eps (None in the constructor) is the parameters' torch.finfo(dtype).eps, as
-    # explain's footer says
-    h = {k: tuple(torch.finfo(torch.float64).eps if x is None else x for x in v)
-         if isinstance(v, tuple) else v for k, v in h.items()}
-    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
-    run = Explained(lines, h, SHAPES)
     theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     signed = opt_ir.curvature.kind in SIGNED
     dense = opt_ir.structure.kind == "dense"

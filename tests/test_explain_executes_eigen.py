@@ -14,13 +14,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
-import curvc
-from curvc import explain, resources
-from curvc.compiler import _load_cached
+from curvc import resources
 
-from _explained import Explained, assert_same_step  # tests/_explained.py
+from _explained import case, compare_steps  # tests/_explained.py
 
 # Every factor's eigenvalues are distinct from its first step on, or a zero one is simple
 # (its eigenvector unique up to a sign): with a repeated one the basis inside its
@@ -84,25 +81,5 @@ def test_the_cases_cover_the_shipped_eigenbasis_specs_and_the_axes():
 
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes_in_the_eigenbasis(label, source, hypers):
-    opt_ir = curvc.to_ir(source)
-    cls = _load_cached(source, f"<{label}>", "torch")
-    gen = torch.Generator().manual_seed(sum(map(ord, label)))
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
-              for s in SHAPES]
-    sizes = [p.numel() for p in params]
-    opt = cls(params, **hypers)
-    h = dict(opt.param_groups[0])
-    h.pop("params")
-    for name, (other, index) in cls.FALLBACKS.items():  # `shampoo_beta = betas[1]`
-        if h[name] is None:
-            h[name] = h[other] if index is None else h[other][index]
-    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
-    run = Explained(lines, h, SHAPES)
-    theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-    for t in range(1, STEPS + 1):
-        grad = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
-        for p, g in zip(params, torch.split(grad, sizes)):
-            p.grad = g.reshape(p.shape).clone()
-        opt.step()
-        want = run.step(t, theta, grad, None) - theta
-        theta = assert_same_step(t, theta, want, params, lines)
+    _, opt, params, gen, lines, run = case(label, source, hypers, SHAPES)
+    compare_steps(opt, params, gen, lines, run, STEPS)

@@ -12,13 +12,10 @@ iteration) and a vector (one row).
 from __future__ import annotations
 
 import pytest
-import torch
 
-import curvc
-from curvc import coverage, explain, resources
-from curvc.compiler import _load_cached
+from curvc import coverage, resources
 
-from _explained import Explained, assert_same_step  # tests/_explained.py
+from _explained import case, compare_steps  # tests/_explained.py
 
 SHAPES = [(3, 4), (5,), (4, 2)]
 STEPS = 5
@@ -47,22 +44,5 @@ def test_the_cases_are_muon_and_the_cross_products_points():
 
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes_for_newton_schulz(label, source, hypers):
-    opt_ir = curvc.to_ir(source)
-    cls = _load_cached(source, f"<{label}>", "torch")
-    gen = torch.Generator().manual_seed(sum(map(ord, label)))
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
-              for s in SHAPES]
-    sizes = [p.numel() for p in params]
-    opt = cls(params, **hypers)
-    h = dict(opt.param_groups[0])
-    h.pop("params")
-    lines = explain.equations(opt_ir, curvc.to_plan(opt_ir))
-    run = Explained(lines, h, SHAPES)
-    theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-    for t in range(1, STEPS + 1):
-        grad = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
-        for p, g in zip(params, torch.split(grad, sizes)):
-            p.grad = g.reshape(p.shape).clone()
-        opt.step()
-        want = run.step(t, theta, grad, None) - theta
-        theta = assert_same_step(t, theta, want, params, lines)
+    _, opt, params, gen, lines, run = case(label, source, hypers, SHAPES)
+    compare_steps(opt, params, gen, lines, run, STEPS)
