@@ -370,6 +370,9 @@ def test_host_scalars_round_as_a_new_tensor_does_and_each_thread_has_its_own():
         got = program.host_scalars(values, dtype, torch.device("cpu"))
         assert torch.equal(torch.stack(got), torch.tensor(values, dtype=dtype))
     assert program.host_scalars([2.0], torch.float32, torch.device("meta"))[0].is_meta
+    with torch.device("meta"):  # a default device elsewhere: the CPU buffer stays on the CPU
+        assert program.host_scalars([2.0, 3.0, 4.0], torch.float32,
+                                    torch.device("cpu"))[2].item() == 4.0
     seen, start = {}, threading.Barrier(2)
 
     def run(k: float):

@@ -177,7 +177,7 @@ class Runner:
             bucket.tensors[e.output] = [e.fn(*row, *extra) for row in rows]
 
 
-_ONE = torch.tensor(1.0)
+_ONE = torch.tensor(1.0, device="cpu")  # the step counters' device, whatever the default
 _SCALAR_BUFFERS = threading.local()
 
 
@@ -192,7 +192,7 @@ def host_scalars(values: list, dtype: torch.dtype, device: torch.device) -> tupl
     cache = _SCALAR_BUFFERS.__dict__
     entry = cache.get((len(values), dtype))
     if entry is None:
-        buffer = torch.empty(len(values), dtype=dtype)
+        buffer = torch.empty(len(values), dtype=dtype, device="cpu")  # not the default device
         entry = cache[len(values), dtype] = (buffer.numpy(), buffer.unbind())
     entry[0][:] = values
     return entry[1]
