@@ -78,7 +78,11 @@ class FusedUpdate:
             torch._dynamo.mark_dynamic(t, 0)
         s = torch.zeros(max(n_scalars, 1), dtype=sdtype)
         step = torch.zeros((), dtype=torch.float32)
-        with vector_isa.probed():  # inductor's ISA probe: once per machine, not per process
+        # Inductor's ISA probe once per machine, not per process; no size and stride
+        # asserts in the generated call (2 us a tensor): _fused_step passes only plain
+        # contiguous CPU tensors of the row's dtypes, flattened, of one length.
+        from torch._inductor import config as inductor_config
+        with vector_isa.probed(), inductor_config.patch(size_asserts=False):
             self._via_dynamo(*scratch, s, step)
         self._direct = self._raw = None
         if len(captured) == 1:
