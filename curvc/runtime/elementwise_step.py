@@ -38,35 +38,32 @@ class ElementwiseSteps:
             return False
         return self.BACKEND == "triton" or bucket.device.type == "cuda"
 
-    def _fused(self, group: dict, bucket: Bucket, size: int | None = None) -> bool:
+    def _fused(self, group: dict, size: int) -> bool:
         """fused=True: one compiled pass per tensor; None: so when the bucket is large
-        (``size`` elements, counted here if not given)."""
+        (``size`` elements)."""
         fused = group.get("fused")
-        if fused is not None:
-            return bool(fused)
-        return (_size(bucket) if size is None else size) >= _LARGE
+        return bool(fused) if fused is not None else size >= _LARGE
 
     def _torch_step(self, k: Kernel, group: dict, bucket: Bucket, scalars: dict, flags: dict,
                     reduced: dict) -> None:
         spec = k.args
-        size = _size(bucket)
-        if self._fused(group, bucket, size):
-            rows = bucket.args(spec["tensors"])
-            if _plain_dense_cpu(bucket.columns(spec["tensors"])) and \
-                    self._fused_step(k, rows, bucket.steps, scalars, flags, reduced):
-                return  # the compiled pass bumped the step counters
+        size = sum(map(torch.Tensor.numel, bucket.params))
+        columns = bucket.columns(spec["tensors"])
+        if self._fused(group, size) and _plain_dense_cpu(columns) and self._fused_step(
+                k, list(zip(*columns)), bucket.steps, scalars, flags, reduced):
+            return  # the compiled pass bumped the step counters
         if k.counts_step:
             count_steps(bucket.steps)
         # A tensor-scope reduction is one value per tensor (row): each call takes its rows'.
         per_tensor = _per_tensor(spec, reduced)
-        if k.foreach is not None and not per_tensor and size <= _BATCH:
-            columns = bucket.columns(spec["tensors"])
-            if 0 not in map(torch.Tensor.dim, bucket.params) and _plain_columns(columns):
-                # one call with every tensor whole: what the loop below does for a bucket
-                # this small, without its per-tensor bookkeeping (a small model's step)
-                k.foreach(*columns, *_arguments(spec, scalars, reduced, flags))
-                return
-        rows = bucket.args(spec["tensors"])
+        plain = _plain_columns(columns)
+        if k.foreach is not None and plain and not per_tensor and size <= _BATCH and \
+                0 not in map(torch.Tensor.dim, bucket.params):
+            # one call with every tensor whole: what the loop below does for a bucket
+            # this small, without its per-tensor bookkeeping (a small model's step)
+            k.foreach(*columns, *_arguments(spec, scalars, reduced, flags))
+            return
+        rows = list(zip(*columns))
 
         def args_of(owners):
             if not per_tensor:
@@ -76,7 +73,7 @@ class ElementwiseSteps:
             return _arguments(spec, scalars, {**reduced, **{n: [reduced[n][j] for j in owners]
                                                             for n in per_tensor}}, flags)
         update = k.update
-        if k.foreach is None or not _all_plain(rows):
+        if k.foreach is None or not plain:
             # Subclasses (DTensor) take per-tensor ops: their foreach coverage varies.
             for j, tensors in enumerate(rows):
                 update(*tensors, *args_of(j))
@@ -285,18 +282,10 @@ _is_none = functools.partial(operator.is_, None)
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def _all_plain(rows) -> bool:
-    return all(t is None or type(t) in _PLAIN for row in rows for t in row)
-
-
 _PLAIN_OR_ABSENT = frozenset((*_PLAIN, type(None)))
 
 
 def _plain_columns(columns) -> bool:
-    """``_all_plain`` over a bucket's columns (lists per role), without a Python loop
-    per tensor."""
+    """Whether every tensor of a bucket's columns (lists per role) is a plain tensor or
+    absent, checked in C (``map``): subclasses (DTensor) take per-tensor ops."""
     return all(_PLAIN_OR_ABSENT.issuperset(map(type, c)) for c in columns)
-
-
-def _size(bucket: Bucket) -> int:
-    return sum(map(torch.Tensor.numel, bucket.params))
