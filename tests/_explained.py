@@ -425,15 +425,21 @@ def case(label: str, source: str, hypers: dict, shapes: list[tuple]):
     return opt_ir, opt, params, gen, lines, Explained(lines, h, shapes)
 
 
-def compare_steps(opt, params, gen, lines, run: Explained, steps: int) -> None:
+def compare_steps(opt, params, gen, lines, run: Explained, steps: int) -> list[float]:
     """``steps`` steps of the code and of the lines on the same random gradients, each
-    from the code's parameters (``assert_same_step``)."""
+    from the code's parameters (``assert_same_step``); returns each step's difference
+    relative to the step's size, and the step's size (a test asserts on both)."""
     sizes = [p.numel() for p in params]
     theta = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    out = []
     for t in range(1, steps + 1):
         grad = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
         for p, g in zip(params, torch.split(grad, sizes)):
             p.grad = g.reshape(p.shape).clone()
         opt.step()
         want = run.step(t, theta, grad, None) - theta
-        theta = assert_same_step(t, theta, want, params, lines)
+        got = assert_same_step(t, theta, want, params, lines)
+        scale = want.abs().max().item()
+        out.append(((got - theta - want).abs().max().item() / max(scale, 1e-300), scale))
+        theta = got
+    return out

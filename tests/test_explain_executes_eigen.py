@@ -82,4 +82,6 @@ def test_the_cases_cover_the_shipped_eigenbasis_specs_and_the_axes():
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes_in_the_eigenbasis(label, source, hypers):
     _, opt, params, gen, lines, run = case(label, source, hypers, SHAPES)
-    compare_steps(opt, params, gen, lines, run, STEPS)
+    steps = compare_steps(opt, params, gen, lines, run, STEPS)
+    assert len(steps) == STEPS and max(err for err, _ in steps) <= 1e-9
+    assert any(size > 0 for _, size in steps)  # the code moved the parameters: not 0 = 0

@@ -45,4 +45,6 @@ def test_the_cases_are_muon_and_the_cross_products_points():
 @pytest.mark.parametrize("label,source,hypers", CASES, ids=[c[0] for c in CASES])
 def test_explain_computes_what_the_code_computes_for_newton_schulz(label, source, hypers):
     _, opt, params, gen, lines, run = case(label, source, hypers, SHAPES)
-    compare_steps(opt, params, gen, lines, run, STEPS)
+    steps = compare_steps(opt, params, gen, lines, run, STEPS)
+    assert len(steps) == STEPS and max(err for err, _ in steps) <= 1e-9
+    assert any(size > 0 for _, size in steps)  # the code moved the parameters: not 0 = 0
